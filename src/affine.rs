@@ -1,0 +1,298 @@
+//! Asymmetric 8-bit affine quantization, bit-identical to PyTorch's `quint8`.
+//!
+//! A value `x` is stored as a code `q` in `0..=255` with parameters `scale` (f32) and `zero_point` (u8):
+//! `q = clamp(round_half_even(x * (1/scale)) + zero_point, 0, 255)` and `x̂ = (q - zero_point) as f32 * scale`.
+//! Parameters come from the min/max of the data, widened to include 0 so that 0.0 is exact
+//! (`docs/formats.md` §1; [`crate::reference::affine`] is the executable spec).
+//!
+//! # Where the parameters live
+//! A tensor of shape `[d0, .., dn]` is seen as a `[rows, cols]` matrix with `cols = dn` (see [`crate::shape`]).
+//! [`AffineTensor::scales`] and [`AffineTensor::zero_points`] hold one entry per
+//! * [`Granularity::PerTensor`]: the whole tensor (1 entry);
+//! * [`Granularity::PerChannel`]: each row, i.e. each output channel of an `[out, in]` weight (`rows` entries);
+//! * [`Granularity::PerGroup`]`(g)`: each run of `g` consecutive elements along a row, the last group of a row
+//!   possibly shorter (`rows * ceil(cols / g)` entries, row-major: entry `r * ceil(cols / g) + j` is group `j`
+//!   of row `r`). Groups never cross rows.
+
+use crate::cpu::Path;
+use crate::element::{check_finite, Element};
+use crate::{shape, DType, Error, Result};
+
+/// Which elements share one scale and zero point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Granularity {
+    /// One scale and zero point for the whole tensor.
+    PerTensor,
+    /// One per row (output channel) of the `[rows, cols]` view.
+    PerChannel,
+    /// One per group of this many consecutive elements along a row (≥ 1).
+    PerGroup(usize),
+}
+
+/// Largest accepted group size.
+pub const MAX_GROUP_SIZE: usize = 1 << 20;
+
+impl Granularity {
+    /// Checks the group size: 1 ≤ g ≤ [`MAX_GROUP_SIZE`].
+    pub fn validate(self) -> Result<()> {
+        match self {
+            Granularity::PerGroup(g) if g == 0 || g > MAX_GROUP_SIZE => {
+                Err(Error::invalid("group_size", g, format!("an integer in 1..={MAX_GROUP_SIZE}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Number of elements per parameter entry along a row of `cols` elements (≥ 1 even for empty rows).
+    pub(crate) fn group_len(self, cols: usize) -> usize {
+        match self {
+            Granularity::PerTensor | Granularity::PerChannel => cols.max(1),
+            Granularity::PerGroup(g) => g.min(cols.max(1)),
+        }
+    }
+
+    /// Number of parameter entries for a `[rows, cols]` matrix.
+    pub fn num_params(self, rows: usize, cols: usize) -> usize {
+        match self {
+            Granularity::PerTensor => 1,
+            Granularity::PerChannel => rows,
+            Granularity::PerGroup(g) => rows * cols.div_ceil(g.max(1)),
+        }
+    }
+}
+
+impl std::fmt::Display for Granularity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Granularity::PerTensor => f.write_str("tensor"),
+            Granularity::PerChannel => f.write_str("channel"),
+            Granularity::PerGroup(g) => write!(f, "group:{g}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Granularity {
+    type Err = Error;
+    /// Parses `tensor`, `channel` or `group:G`.
+    fn from_str(s: &str) -> Result<Granularity> {
+        let expected = "`tensor`, `channel` or `group:G` with G a positive integer";
+        let g = match s {
+            "tensor" => Granularity::PerTensor,
+            "channel" => Granularity::PerChannel,
+            _ => match s.strip_prefix("group:").map(str::parse::<usize>) {
+                Some(Ok(g)) => Granularity::PerGroup(g),
+                _ => return Err(Error::invalid("granularity", format!("{s:?}"), expected)),
+            },
+        };
+        g.validate()?;
+        Ok(g)
+    }
+}
+
+/// One scale and zero point.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AffineParams {
+    /// Step between neighbouring codes (> 0, at least `f32::EPSILON`).
+    pub scale: f32,
+    /// The code that represents 0.0 exactly.
+    pub zero_point: u8,
+}
+
+impl AffineParams {
+    /// Parameters for an empty range: scale 1, zero point 0.
+    pub const EMPTY: AffineParams = AffineParams { scale: 1.0, zero_point: 0 };
+}
+
+/// A tensor quantized to 8-bit affine codes, with its parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AffineTensor {
+    pub(crate) shape: Vec<usize>,
+    pub(crate) granularity: Granularity,
+    pub(crate) codes: Vec<u8>,
+    pub(crate) scales: Vec<f32>,
+    pub(crate) zero_points: Vec<u8>,
+}
+
+impl AffineTensor {
+    /// Builds a tensor from its parts, checking every length and that scales are finite and positive.
+    pub fn from_parts(
+        shape: Vec<usize>,
+        granularity: Granularity,
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+        zero_points: Vec<u8>,
+    ) -> Result<AffineTensor> {
+        granularity.validate()?;
+        let (rows, cols) = shape::check_len("codes", codes.len(), &shape)?;
+        let n = granularity.num_params(rows, cols);
+        if scales.len() != n {
+            return Err(Error::shape(format!("number of scales for shape {shape:?}, {granularity}"), scales.len(), n));
+        }
+        if zero_points.len() != n {
+            return Err(Error::shape(
+                format!("number of zero points for shape {shape:?}, {granularity}"),
+                zero_points.len(),
+                n,
+            ));
+        }
+        if let Some(i) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(Error::invalid("scales", format!("{} at index {i}", scales[i]), "finite positive scales"));
+        }
+        Ok(AffineTensor { shape, granularity, codes, scales, zero_points })
+    }
+
+    /// Shape of the original tensor.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// How parameters are shared (see the module docs for the layout).
+    pub fn granularity(&self) -> Granularity {
+        self.granularity
+    }
+    /// The codes, one byte per element, row-major.
+    pub fn codes(&self) -> &[u8] {
+        &self.codes
+    }
+    /// One scale per tensor / row / group (module docs).
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+    /// One zero point per tensor / row / group, aligned with [`scales`](Self::scales).
+    pub fn zero_points(&self) -> &[u8] {
+        &self.zero_points
+    }
+    /// `(rows, cols)` of the matrix view.
+    pub fn matrix_dims(&self) -> (usize, usize) {
+        shape::as_matrix(&self.shape).unwrap_or((1, self.codes.len()))
+    }
+    /// The parameters of entry `i`.
+    pub fn params(&self, i: usize) -> AffineParams {
+        AffineParams { scale: self.scales[i], zero_point: self.zero_points[i] }
+    }
+    /// Storage cost in bits per weight: 8 for the code plus 40 (f32 scale + u8 zero point) per entry.
+    pub fn bits_per_weight(&self) -> f64 {
+        let n = self.codes.len().max(1) as f64;
+        8.0 + 40.0 * self.scales.len() as f64 / n
+    }
+
+    /// Dequantizes to a new vector through the fastest path.
+    pub fn dequantize<T: Element>(&self) -> Result<Vec<T>> {
+        self.dequantize_with(Path::best())
+    }
+
+    /// Dequantizes to a new vector through `path`.
+    pub fn dequantize_with<T: Element>(&self, path: Path) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); self.codes.len()];
+        self.dequantize_into_with(&mut out, path)?;
+        Ok(out)
+    }
+
+    /// Dequantizes into `out` (length = number of elements) through the fastest path.
+    pub fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<()> {
+        self.dequantize_into_with(out, Path::best())
+    }
+
+    /// Dequantizes into `out` through `path`. Every path writes the same bits.
+    pub fn dequantize_into_with<T: Element>(&self, out: &mut [T], path: Path) -> Result<()> {
+        if out.len() != self.codes.len() {
+            return Err(Error::shape("length of `out`", out.len(), self.codes.len()));
+        }
+        path.check()?;
+        crate::cpu::affine::dequantize(self, out, path);
+        Ok(())
+    }
+
+    /// Dtype-erased dequantization into bytes (little-endian) of `dtype`.
+    pub fn dequantize_to_bytes(&self, dtype: DType) -> Result<Vec<u8>> {
+        Ok(match dtype {
+            DType::F32 => bytemuck::cast_slice(&self.dequantize::<f32>()?).to_vec(),
+            DType::F16 => bytemuck::cast_slice(&self.dequantize::<half::f16>()?).to_vec(),
+            DType::BF16 => bytemuck::cast_slice(&self.dequantize::<half::bf16>()?).to_vec(),
+        })
+    }
+}
+
+/// Validates the inputs shared by every quantize entry point and returns `(rows, cols)`.
+pub(crate) fn check_inputs<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<(usize, usize)> {
+    granularity.validate()?;
+    let dims = shape::check_len("x", x.len(), shape)?;
+    check_finite("x", x)?;
+    Ok(dims)
+}
+
+/// Computes the parameters PyTorch's min/max observers would choose for `x` seen as `shape`, through the
+/// fastest path. Errors on NaN/Inf, a length that does not match `shape`, or a bad group size.
+pub fn calibrate<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<Vec<AffineParams>> {
+    calibrate_with(x, shape, granularity, Path::best())
+}
+
+/// [`calibrate`] through an explicit `path`.
+pub fn calibrate_with<T: Element>(
+    x: &[T],
+    shape: &[usize],
+    granularity: Granularity,
+    path: Path,
+) -> Result<Vec<AffineParams>> {
+    let (rows, cols) = check_inputs(x, shape, granularity)?;
+    path.check()?;
+    Ok(crate::cpu::affine::calibrate(x, rows, cols, granularity, path))
+}
+
+/// Calibrates and quantizes `x` (row-major, `shape`) through the fastest path.
+pub fn quantize<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<AffineTensor> {
+    quantize_with(x, shape, granularity, Path::best())
+}
+
+/// [`quantize`] through an explicit `path`; every path returns the same tensor.
+pub fn quantize_with<T: Element>(
+    x: &[T],
+    shape: &[usize],
+    granularity: Granularity,
+    path: Path,
+) -> Result<AffineTensor> {
+    let params = calibrate_with(x, shape, granularity, path)?;
+    quantize_with_params_unchecked(x, shape, granularity, &params, path)
+}
+
+/// Quantizes `x` with given parameters (one per entry, in the layout of the module docs).
+pub fn quantize_with_params<T: Element>(
+    x: &[T],
+    shape: &[usize],
+    granularity: Granularity,
+    params: &[AffineParams],
+    path: Path,
+) -> Result<AffineTensor> {
+    let (rows, cols) = check_inputs(x, shape, granularity)?;
+    path.check()?;
+    let n = granularity.num_params(rows, cols);
+    if params.len() != n {
+        return Err(Error::shape(format!("number of params for shape {shape:?}, {granularity}"), params.len(), n));
+    }
+    if let Some(i) = params.iter().position(|p| !(p.scale.is_finite() && p.scale > 0.0)) {
+        return Err(Error::invalid(
+            "params",
+            format!("scale {} at index {i}", params[i].scale),
+            "finite positive scales",
+        ));
+    }
+    quantize_with_params_unchecked(x, shape, granularity, params, path)
+}
+
+fn quantize_with_params_unchecked<T: Element>(
+    x: &[T],
+    shape: &[usize],
+    granularity: Granularity,
+    params: &[AffineParams],
+    path: Path,
+) -> Result<AffineTensor> {
+    let (rows, cols) = shape::as_matrix(shape)?;
+    let mut codes = vec![0u8; x.len()];
+    crate::cpu::affine::quantize(x, rows, cols, granularity, params, &mut codes, path);
+    Ok(AffineTensor {
+        shape: shape.to_vec(),
+        granularity,
+        codes,
+        scales: params.iter().map(|p| p.scale).collect(),
+        zero_points: params.iter().map(|p| p.zero_point).collect(),
+    })
+}

@@ -1,0 +1,1 @@
+//! (in progress) see issue 3.

@@ -1,0 +1,3 @@
+//! Reading and writing quantized tensors in safetensors files.
+
+pub mod bnb;

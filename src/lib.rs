@@ -1,0 +1,42 @@
+//! # lowbit
+//!
+//! Low-bit quantization kernels for LLM inference, exact and fast on every CPU.
+//!
+//! * [`affine`]: asymmetric 8-bit affine quantization (scale + zero point; per tensor, per output channel,
+//!   per group), bit-identical to PyTorch's `quint8` (`MinMaxObserver` + `quantize_per_tensor` /
+//!   `quantize_per_channel`).
+//! * [`nf4`]: NF4 (and bitsandbytes FP4) blockwise 4-bit quantization, with [`double_quant`] of the block
+//!   scales, bit-compatible with bitsandbytes / QLoRA checkpoints ([`io::bnb`]).
+//!
+//! The [`reference`] module is the executable specification: plain scalar loops that follow
+//! `docs/formats.md` rule by rule. Every fast path in [`cpu`] (portable SIMD, AVX2, AVX-512, threads) gives the
+//! same codes, parameters and dequantized bits as the reference, which the test suite checks.
+//!
+//! ```
+//! use lowbit::affine::{quantize, Granularity};
+//!
+//! let w: Vec<f32> = (0..8 * 64).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+//! let q = quantize(&w, &[8, 64], Granularity::PerChannel)?;
+//! assert_eq!(q.scales().len(), 8); // one scale and one zero point per row
+//! let back: Vec<f32> = q.dequantize()?;
+//! for (x, y) in w.iter().zip(&back) {
+//!     assert!((x - y).abs() <= q.scales()[0].max(q.scales()[7]));
+//! }
+//! # Ok::<(), lowbit::Error>(())
+//! ```
+#![deny(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod affine;
+pub mod cpu;
+pub mod double_quant;
+pub mod element;
+mod error;
+pub mod io;
+pub mod nf4;
+pub mod reference;
+pub mod shape;
+
+pub use element::{DType, Element};
+pub use error::{Error, Result};
+pub use half::{bf16, f16};

@@ -1,0 +1,7 @@
+//! The executable specification: plain scalar loops, one file per format, never optimised.
+//!
+//! Each function follows `docs/formats.md` rule by rule. Every fast path is tested against these.
+
+pub mod affine;
+pub mod double_quant;
+pub mod nf4;
