@@ -1,3 +1,175 @@
-//! Reading and writing quantized tensors in safetensors files.
+//! Reading and writing tensors in safetensors files.
+//!
+//! * [`SafetensorsFile`] memory-maps a file and validates its header (no unbounded allocation on corrupt
+//!   input: safetensors checks every offset against the file length before anything is read).
+//! * [`write_safetensors`] writes to a temporary file next to the destination and renames it into place, so a
+//!   failed write never leaves a partial output.
+//! * [`bnb`]: the bitsandbytes 4-bit layout.
 
 pub mod bnb;
+
+use crate::{DType, Error, Result};
+use safetensors::{Dtype, SafeTensors};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// An owned tensor ready to be written: dtype, shape and little-endian bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorData {
+    /// safetensors element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Raw little-endian bytes (`numel * dtype size`).
+    pub data: Vec<u8>,
+}
+
+impl TensorData {
+    /// A tensor from a slice of plain values (`f32`, `u8`, `f16`, ...).
+    pub fn from_slice<T: bytemuck::Pod>(dtype: Dtype, shape: Vec<usize>, values: &[T]) -> TensorData {
+        TensorData { dtype, shape, data: bytemuck::cast_slice(values).to_vec() }
+    }
+
+    /// Copies a tensor view (e.g. one read from a [`SafetensorsFile`]).
+    pub fn from_view(view: &safetensors::tensor::TensorView<'_>) -> TensorData {
+        TensorData { dtype: view.dtype(), shape: view.shape().to_vec(), data: view.data().to_vec() }
+    }
+}
+
+impl safetensors::View for &TensorData {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// The lowbit [`DType`] for a floating safetensors dtype (`F32`, `F16`, `BF16`), or `None`.
+pub fn float_dtype(d: Dtype) -> Option<DType> {
+    match d {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// The safetensors dtype for a lowbit [`DType`].
+pub fn safetensors_dtype(d: DType) -> Dtype {
+    match d {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+    }
+}
+
+/// Decodes a floating tensor view (F32/F16/BF16, any alignment) to f32.
+pub fn view_to_f32(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+    let data = view.data();
+    let out = match view.dtype() {
+        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => {
+            return Err(Error::format(
+                format!("tensor `{name}`"),
+                format!("dtype {other:?}, expected F32, F16 or BF16"),
+            ))
+        }
+    };
+    Ok(out)
+}
+
+/// A memory-mapped safetensors file.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    // Declared before the map it borrows from is dropped (see `tensors`).
+    map: memmap2::Mmap,
+}
+
+impl SafetensorsFile {
+    /// Maps `path` read-only. The file is never modified.
+    pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the map is read-only; lowbit never writes the file. As with every mmap, another process
+        // truncating the file while it is mapped is outside what Rust can guard against (documented).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let f = SafetensorsFile { path, map };
+        f.tensors()?; // validate the header now
+        Ok(f)
+    }
+
+    /// The path this file was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The parsed file (header validated against the file length).
+    pub fn tensors(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.map)
+            .map_err(|e| Error::format(format!("safetensors file {}", self.path.display()), e.to_string()))
+    }
+
+    /// The `__metadata__` string map of the header (empty if absent).
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        let (_, meta) = SafeTensors::read_metadata(&self.map)
+            .map_err(|e| Error::format(format!("safetensors file {}", self.path.display()), e.to_string()))?;
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+}
+
+/// Parses safetensors bytes already in memory.
+pub fn parse_safetensors(bytes: &[u8]) -> Result<SafeTensors<'_>> {
+    SafeTensors::deserialize(bytes).map_err(|e| Error::format("safetensors buffer", e.to_string()))
+}
+
+/// Serializes tensors and metadata to safetensors bytes.
+pub fn serialize_safetensors(
+    tensors: &[(String, TensorData)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+        .map_err(|e| Error::format("safetensors output", e.to_string()))
+}
+
+/// Writes tensors to `path` atomically: a temporary file in the same directory, then a rename.
+/// Refuses to replace an existing file unless `overwrite` is true.
+pub fn write_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &[(String, TensorData)],
+    metadata: Option<HashMap<String, String>>,
+    overwrite: bool,
+) -> Result<()> {
+    let path = path.as_ref();
+    if !overwrite && path.exists() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "output exists; pass --force (overwrite) to replace it",
+            ),
+        ));
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let result = safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata, &tmp)
+        .map_err(|e| Error::format(format!("writing {}", tmp.display()), e.to_string()))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
