@@ -40,12 +40,16 @@ pub(crate) fn quantize_run_portable(x: &[f32], p: AffineParams, out: &mut [u8]) 
     let inv = f32x8::splat(1.0f32 / p.scale);
     let zp = f32x8::splat(p.zero_point as f32);
     let (lo, hi) = (f32x8::splat(0.0), f32x8::splat(255.0));
+    // Round half to even without an instruction for it: for |v| <= 2^22, (v + 1.5·2^23) - 1.5·2^23 rounds v
+    // to an integer in the current (nearest-even) mode. Larger |v| saturate to 0 or 255 either way.
+    let (limit, magic) = (f32x8::splat(4_194_304.0), f32x8::splat(12_582_912.0));
     let mut xs = x.chunks_exact(8);
     let mut os = out.chunks_exact_mut(8);
     for (c, o) in (&mut xs).zip(&mut os) {
         let v = f32x8::new(c.try_into().expect("chunk of 8"));
-        // round(x * inv) is an integer; adding zp in f32 is exact below 2^24 and saturates the same way above.
-        let q = ((v * inv).round() + zp).fast_max(lo).fast_min(hi).to_array();
+        let r = ((v * inv).fast_max(-limit).fast_min(limit) + magic) - magic;
+        // r is an integer; adding zp in f32 is exact, then the clamp saturates like the reference.
+        let q = (r + zp).fast_max(lo).fast_min(hi).to_array();
         for (d, s) in o.iter_mut().zip(q) {
             *d = s as u8;
         }
@@ -94,7 +98,8 @@ fn quantize_run(isa: Isa, x: &[f32], p: AffineParams, out: &mut [u8]) {
     }
 }
 
-fn dequantize_run(isa: Isa, codes: &[u8], p: AffineParams, out: &mut [f32]) {
+fn dequantize_run(isa: Isa, codes: &[u8], p: AffineParams, out: &mut [f32], stream: bool) {
+    let _ = stream;
     match isa {
         Isa::Scalar => {
             for (d, &s) in out.iter_mut().zip(codes) {
@@ -102,7 +107,7 @@ fn dequantize_run(isa: Isa, codes: &[u8], p: AffineParams, out: &mut [f32]) {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => super::affine_x86::dequantize_run(isa, codes, p, out),
+        Isa::Avx2 | Isa::Avx512 => super::affine_x86::dequantize_run(isa, codes, p, out, stream),
         _ => dequantize_run_portable(codes, p, out),
     }
 }
@@ -138,13 +143,13 @@ fn quantize_elems<T: Element>(isa: Isa, x: &[T], p: AffineParams, out: &mut [u8]
     }
 }
 
-fn dequantize_elems<T: Element>(isa: Isa, codes: &[u8], p: AffineParams, out: &mut [T]) {
+fn dequantize_elems<T: Element>(isa: Isa, codes: &[u8], p: AffineParams, out: &mut [T], stream: bool) {
     if let Some(of) = as_f32_mut(out) {
-        return dequantize_run(isa, codes, p, of);
+        return dequantize_run(isa, codes, p, of, stream);
     }
     let mut buf = [0.0f32; CHUNK];
     for (c, o) in codes.chunks(CHUNK).zip(out.chunks_mut(CHUNK)) {
-        dequantize_run(isa, c, p, &mut buf[..c.len()]);
+        dequantize_run(isa, c, p, &mut buf[..c.len()], false);
         T::narrow_slice(&buf[..c.len()], o);
     }
 }
@@ -241,10 +246,11 @@ pub(crate) fn quantize<T: Element>(
 pub(crate) fn dequantize<T: Element>(t: &AffineTensor, out: &mut [T], path: Path) {
     let (_, cols) = t.matrix_dims();
     let codes = &t.codes[..];
+    let stream = codes.len() * 4 >= STREAM_MIN_BYTES;
     match t.granularity {
         Granularity::PerTensor => {
             let p = t.params(0);
-            let job = |(c, o): (&[u8], &mut [T])| dequantize_elems(path.isa, c, p, o);
+            let job = |(c, o): (&[u8], &mut [T])| dequantize_elems(path.isa, c, p, o, stream);
             if use_threads(path, codes.len()) {
                 par_rows(codes.chunks(PAR_CHUNK).zip(out.chunks_mut(PAR_CHUNK)).collect(), job);
             } else {
@@ -259,7 +265,7 @@ pub(crate) fn dequantize<T: Element>(t: &AffineTensor, out: &mut [T], path: Path
             let per_row = g.num_params(1, cols);
             let job = |(((c, o), s), z): (((&[u8], &mut [T]), &[f32]), &[u8])| {
                 for (((cc, oo), &scale), &zero_point) in c.chunks(gl).zip(o.chunks_mut(gl)).zip(s).zip(z) {
-                    dequantize_elems(path.isa, cc, AffineParams { scale, zero_point }, oo);
+                    dequantize_elems(path.isa, cc, AffineParams { scale, zero_point }, oo, stream);
                 }
             };
             let it = codes
@@ -277,6 +283,9 @@ pub(crate) fn dequantize<T: Element>(t: &AffineTensor, out: &mut [T], path: Path
 }
 
 // ---------------------------------------------------------------- threading helpers
+
+/// Outputs at least this large (bytes) are far past the last-level cache: streaming stores pay off.
+const STREAM_MIN_BYTES: usize = 48 << 20;
 
 /// Elements per task when a single run (per-tensor granularity) is split across threads.
 const PAR_CHUNK: usize = 1 << 16;

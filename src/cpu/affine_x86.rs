@@ -1,16 +1,239 @@
-//! AVX2 / AVX-512 versions of the affine run kernels (same names as the portable ones).
+//! AVX2 / AVX-512 versions of the affine run kernels (same names and results as the portable ones in
+//! `affine.rs`). Callers have checked `Isa::is_available()` before choosing `Isa::Avx2` / `Isa::Avx512`.
+//!
+//! Exactness: quantize multiplies by the f32 reciprocal, rounds with round-to-nearest-even
+//! (`roundscale`/`round` with `_MM_FROUND_TO_NEAREST_INT`), adds the zero point in f32 (exact: both are
+//! integers below 2^24, and beyond that the clamp saturates the same way) and clamps to [0, 255] before the
+//! conversion, so the code is the reference's. Dequantize converts the code and the zero point to f32 exactly,
+//! subtracts (exact) and multiplies once: the reference's single rounding.
 
 use crate::affine::AffineParams;
 use crate::cpu::Isa;
+use std::arch::x86_64::*;
 
-pub(crate) fn minmax(_isa: Isa, x: &[f32]) -> (f32, f32) {
-    super::affine::minmax_portable(x)
+/// Outputs at least this long (in elements) are written with non-temporal stores, which skip reading the
+/// destination into cache; only worth it when the whole output is far larger than the last-level cache.
+pub(crate) const STREAM_MIN_RUN: usize = 4096;
+
+/// Min and max of a non-empty slice.
+pub(crate) fn minmax(isa: Isa, x: &[f32]) -> (f32, f32) {
+    match isa {
+        // SAFETY: the caller selected Avx512 only after `Isa::Avx512.is_available()` returned true.
+        Isa::Avx512 => unsafe { minmax_avx512(x) },
+        // SAFETY: as above for AVX2.
+        _ => unsafe { minmax_avx2(x) },
+    }
 }
 
-pub(crate) fn quantize_run(_isa: Isa, x: &[f32], p: AffineParams, out: &mut [u8]) {
-    super::affine::quantize_run_portable(x, p, out)
+/// Codes for one run with one parameter pair.
+pub(crate) fn quantize_run(isa: Isa, x: &[f32], p: AffineParams, out: &mut [u8]) {
+    debug_assert_eq!(x.len(), out.len());
+    match isa {
+        // SAFETY: feature availability checked by the caller; lengths are equal (checked by the driver).
+        Isa::Avx512 => unsafe { quantize_avx512(x, p, out) },
+        // SAFETY: as above for AVX2.
+        _ => unsafe { quantize_avx2(x, p, out) },
+    }
 }
 
-pub(crate) fn dequantize_run(_isa: Isa, codes: &[u8], p: AffineParams, out: &mut [f32]) {
-    super::affine::dequantize_run_portable(codes, p, out)
+/// Dequantized values for one run; `stream` asks for non-temporal stores.
+pub(crate) fn dequantize_run(isa: Isa, codes: &[u8], p: AffineParams, out: &mut [f32], stream: bool) {
+    debug_assert_eq!(codes.len(), out.len());
+    match isa {
+        // SAFETY: feature availability checked by the caller; lengths are equal (checked by the driver).
+        Isa::Avx512 => unsafe { dequantize_avx512(codes, p, out, stream && out.len() >= STREAM_MIN_RUN) },
+        // SAFETY: as above for AVX2.
+        _ => unsafe { dequantize_avx2(codes, p, out, stream && out.len() >= STREAM_MIN_RUN) },
+    }
+}
+
+fn scalar_minmax(x: &[f32], acc: (f32, f32)) -> (f32, f32) {
+    x.iter().fold(acc, |(l, h), &v| (l.min(v), h.max(v)))
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn minmax_avx512(x: &[f32]) -> (f32, f32) {
+    let n = x.len();
+    let p = x.as_ptr();
+    let mut lo = [_mm512_set1_ps(f32::INFINITY); 4];
+    let mut hi = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for k in 0..4 {
+            // SAFETY: i + 16k + 16 <= n, unaligned load.
+            let v = unsafe { _mm512_loadu_ps(p.add(i + 16 * k)) };
+            lo[k] = _mm512_min_ps(lo[k], v);
+            hi[k] = _mm512_max_ps(hi[k], v);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n.
+        let v = unsafe { _mm512_loadu_ps(p.add(i)) };
+        lo[0] = _mm512_min_ps(lo[0], v);
+        hi[0] = _mm512_max_ps(hi[0], v);
+        i += 16;
+    }
+    let l = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
+    let h = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
+    scalar_minmax(&x[i..], (_mm512_reduce_min_ps(l), _mm512_reduce_max_ps(h)))
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn minmax_avx2(x: &[f32]) -> (f32, f32) {
+    let n = x.len();
+    let p = x.as_ptr();
+    let mut lo = [_mm256_set1_ps(f32::INFINITY); 4];
+    let mut hi = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for k in 0..4 {
+            // SAFETY: i + 8k + 8 <= n, unaligned load.
+            let v = unsafe { _mm256_loadu_ps(p.add(i + 8 * k)) };
+            lo[k] = _mm256_min_ps(lo[k], v);
+            hi[k] = _mm256_max_ps(hi[k], v);
+        }
+        i += 32;
+    }
+    let l = _mm256_min_ps(_mm256_min_ps(lo[0], lo[1]), _mm256_min_ps(lo[2], lo[3]));
+    let h = _mm256_max_ps(_mm256_max_ps(hi[0], hi[1]), _mm256_max_ps(hi[2], hi[3]));
+    let mut la = [0.0f32; 8];
+    let mut ha = [0.0f32; 8];
+    // SAFETY: storing 8 floats into 8-element arrays.
+    unsafe {
+        _mm256_storeu_ps(la.as_mut_ptr(), l);
+        _mm256_storeu_ps(ha.as_mut_ptr(), h);
+    }
+    let acc = (la.into_iter().fold(f32::INFINITY, f32::min), ha.into_iter().fold(f32::NEG_INFINITY, f32::max));
+    scalar_minmax(&x[i..], acc)
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_avx512(x: &[f32], p: AffineParams, out: &mut [u8]) {
+    const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let n = x.len();
+    let inv = _mm512_set1_ps(1.0f32 / p.scale);
+    let zp = _mm512_set1_ps(p.zero_point as f32);
+    let (lo, hi) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
+    let code = |v: __m512| {
+        let r = _mm512_roundscale_ps::<RN>(_mm512_mul_ps(v, inv));
+        let q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, zp), lo), hi);
+        _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(q))
+    };
+    let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n for both slices (equal lengths); unaligned load/store.
+        unsafe { _mm_storeu_si128(op.add(i) as *mut __m128i, code(_mm512_loadu_ps(xp.add(i)))) };
+        i += 16;
+    }
+    if i < n {
+        let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        // SAFETY: masked load/store touch only the n - i remaining elements.
+        unsafe { _mm_mask_storeu_epi8(op.add(i) as *mut i8, m, code(_mm512_maskz_loadu_ps(m, xp.add(i)))) };
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_avx2(x: &[f32], p: AffineParams, out: &mut [u8]) {
+    const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let n = x.len();
+    let inv = _mm256_set1_ps(1.0f32 / p.scale);
+    let zp = _mm256_set1_ps(p.zero_point as f32);
+    let (lo, hi) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0));
+    let code = |v: __m256| {
+        let r = _mm256_round_ps::<RN>(_mm256_mul_ps(v, inv));
+        _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zp), lo), hi))
+    };
+    let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+    let fix = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut i = 0;
+    while i + 32 <= n {
+        // SAFETY: i + 32 <= n for both slices; unaligned loads/stores.
+        unsafe {
+            let a = code(_mm256_loadu_ps(xp.add(i)));
+            let b = code(_mm256_loadu_ps(xp.add(i + 8)));
+            let c = code(_mm256_loadu_ps(xp.add(i + 16)));
+            let d = code(_mm256_loadu_ps(xp.add(i + 24)));
+            // Values are already in 0..=255, so the saturating packs are exact; the permute undoes the
+            // per-128-bit-lane interleaving of the packs.
+            let ab = _mm256_packus_epi32(a, b);
+            let cd = _mm256_packus_epi32(c, d);
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), fix);
+            _mm256_storeu_si256(op.add(i) as *mut __m256i, bytes);
+        }
+        i += 32;
+    }
+    super::affine::quantize_run_portable(&x[i..], p, &mut out[i..]);
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn dequantize_avx512(codes: &[u8], p: AffineParams, out: &mut [f32], stream: bool) {
+    let n = codes.len();
+    let scale = _mm512_set1_ps(p.scale);
+    let zp = _mm512_set1_ps(p.zero_point as f32);
+    let value = |c: __m128i| _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c)), zp), scale);
+    let (cp, op) = (codes.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    if stream {
+        // Scalar head until the output is 64-byte aligned, then aligned streaming stores.
+        let head = (op.align_offset(64)).min(n);
+        super::affine::dequantize_run_portable(&codes[..head], p, &mut out[..head]);
+        i = head;
+        while i + 64 <= n {
+            // SAFETY: i + 64 <= n; op + i is 64-byte aligned (head above, steps of 64 floats).
+            unsafe {
+                for k in 0..4 {
+                    let v = value(_mm_loadu_si128(cp.add(i + 16 * k) as *const __m128i));
+                    _mm512_stream_ps(op.add(i + 16 * k), v);
+                }
+            }
+            i += 64;
+        }
+        // Orders the streaming stores before any later store or a hand-off to another thread.
+        _mm_sfence();
+    }
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n; unaligned load/store.
+        unsafe { _mm512_storeu_ps(op.add(i), value(_mm_loadu_si128(cp.add(i) as *const __m128i))) };
+        i += 16;
+    }
+    if i < n {
+        let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+        // SAFETY: masked load/store touch only the n - i remaining elements.
+        unsafe { _mm512_mask_storeu_ps(op.add(i), m, value(_mm_maskz_loadu_epi8(m, cp.add(i) as *const i8))) };
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_avx2(codes: &[u8], p: AffineParams, out: &mut [f32], stream: bool) {
+    let n = codes.len();
+    let scale = _mm256_set1_ps(p.scale);
+    let zp = _mm256_set1_ps(p.zero_point as f32);
+    let value = |c: __m128i| _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), zp), scale);
+    let (cp, op) = (codes.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    if stream {
+        let head = (op.align_offset(32)).min(n);
+        super::affine::dequantize_run_portable(&codes[..head], p, &mut out[..head]);
+        i = head;
+        while i + 32 <= n {
+            // SAFETY: i + 32 <= n; op + i is 32-byte aligned; each 8-byte load stays inside `codes`.
+            unsafe {
+                for k in 0..4 {
+                    let v = value(_mm_loadl_epi64(cp.add(i + 8 * k) as *const __m128i));
+                    _mm256_stream_ps(op.add(i + 8 * k), v);
+                }
+            }
+            i += 32;
+        }
+        // Orders the streaming stores before later stores or a hand-off to another thread.
+        _mm_sfence();
+    }
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n; 8-byte load and 8-float store inside the slices.
+        unsafe { _mm256_storeu_ps(op.add(i), value(_mm_loadl_epi64(cp.add(i) as *const __m128i))) };
+        i += 8;
+    }
+    super::affine::dequantize_run_portable(&codes[i..], p, &mut out[i..]);
 }
