@@ -264,6 +264,37 @@ pub fn quantize_with_params<T: Element>(
 ) -> Result<AffineTensor> {
     let (rows, cols) = check_inputs(x, shape, granularity)?;
     path.check()?;
+    check_params(params, shape, granularity, rows, cols)?;
+    quantize_with_params_unchecked(x, shape, granularity, params, path)
+}
+
+/// Quantizes `x` with given parameters into a caller-provided `codes` buffer (length = number of elements),
+/// so that repeated calls reuse one allocation. Same codes as [`quantize_with_params`].
+pub fn quantize_with_params_into<T: Element>(
+    x: &[T],
+    shape: &[usize],
+    granularity: Granularity,
+    params: &[AffineParams],
+    codes: &mut [u8],
+    path: Path,
+) -> Result<()> {
+    let (rows, cols) = check_inputs(x, shape, granularity)?;
+    path.check()?;
+    check_params(params, shape, granularity, rows, cols)?;
+    if codes.len() != x.len() {
+        return Err(Error::shape("length of `codes`", codes.len(), x.len()));
+    }
+    crate::cpu::affine::quantize(x, rows, cols, granularity, params, codes, path);
+    Ok(())
+}
+
+fn check_params(
+    params: &[AffineParams],
+    shape: &[usize],
+    granularity: Granularity,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     let n = granularity.num_params(rows, cols);
     if params.len() != n {
         return Err(Error::shape(format!("number of params for shape {shape:?}, {granularity}"), params.len(), n));
@@ -275,7 +306,7 @@ pub fn quantize_with_params<T: Element>(
             "finite positive scales",
         ));
     }
-    quantize_with_params_unchecked(x, shape, granularity, params, path)
+    Ok(())
 }
 
 fn quantize_with_params_unchecked<T: Element>(
