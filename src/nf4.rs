@@ -29,7 +29,7 @@
 
 use crate::cpu::Path;
 use crate::double_quant::DoubleQuantScales;
-use crate::element::{check_finite, Element};
+use crate::element::Element;
 use crate::{shape, DType, Error, Result};
 
 /// The NF4 (NormalFloat) table of QLoRA, `bitsandbytes.functional.get_4bit_type("nf4")`: quantiles of a standard
@@ -375,7 +375,9 @@ pub fn quantize_4bit_with<T: Element>(
 ) -> Result<FourBitTensor> {
     check_blocksize(blocksize)?;
     shape::check_len("x", x.len(), shape)?;
-    check_finite("x", x)?;
+    if let Some((index, value)) = crate::cpu::nf4::first_non_finite(x) {
+        return Err(Error::NonFinite { arg: "x".to_string(), index, value });
+    }
     path.check()?;
     let (packed, absmax) = crate::cpu::nf4::quantize(x, blocksize, format.table(), path);
     let scales = if double_quant {

@@ -11,6 +11,8 @@ pub(crate) mod affine;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod affine_x86;
 pub(crate) mod nf4;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod nf4_x86;
 
 /// An instruction-set level for CPU kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
