@@ -1,0 +1,55 @@
+//! A progress bar on stderr, shown only when stderr is a terminal (so logs and pipes stay clean).
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+
+/// Progress over a number of steps (tensors, demo runs); a no-op when stderr is not a terminal.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    /// A bar of `len` steps, or nothing when stderr is not a terminal.
+    pub fn new(len: u64, what: &str) -> Progress {
+        if !std::io::stderr().is_terminal() || len == 0 {
+            return Progress { bar: None };
+        }
+        let bar = ProgressBar::new(len);
+        let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        bar.set_style(style);
+        bar.set_prefix(what.to_string());
+        Progress { bar: Some(bar) }
+    }
+
+    /// Shows what the current step is working on.
+    pub fn set_message(&self, msg: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(msg.to_string());
+        }
+    }
+
+    /// Marks one step done.
+    pub fn inc(&self) {
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+
+    /// Prints a line above the bar (or plainly on stdout when there is no bar).
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => println!("{line}"),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Plain-text tables: left-aligned text columns, right-aligned number columns.
+
+/// How a column is aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Align {
+    /// Text.
+    Left,
+    /// Numbers.
+    Right,
+}
+
+/// A table with a header row; widths are computed when rendered.
+pub struct Table {
+    columns: Vec<(String, Align)>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// A table with these column headers and alignments.
+    pub fn new(columns: &[(&str, Align)]) -> Table {
+        Table { columns: columns.iter().map(|(h, a)| (h.to_string(), *a)).collect(), rows: Vec::new() }
+    }
+
+    /// Adds a row (missing cells are blank, extra cells are ignored).
+    pub fn push(&mut self, row: Vec<String>) {
+        self.rows.push(row);
+    }
+
+    /// Renders the header, a rule and every row, each line ending in `\n`.
+    pub fn render(&self) -> String {
+        let widths: Vec<usize> = (0..self.columns.len())
+            .map(|i| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(i))
+                    .map(|c| c.chars().count())
+                    .chain([self.columns[i].0.chars().count()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &mut dyn Iterator<Item = &str>| -> String {
+            let mut s = String::new();
+            for (i, (w, (_, align))) in widths.iter().zip(&self.columns).enumerate() {
+                let c = cells.next().unwrap_or("");
+                if i > 0 {
+                    s.push_str("  ");
+                }
+                match align {
+                    Align::Left => s.push_str(&format!("{c:<w$}")),
+                    Align::Right => s.push_str(&format!("{c:>w$}")),
+                }
+            }
+            s.truncate(s.trim_end().len());
+            s.push('\n');
+            s
+        };
+        let mut out = line(&mut self.columns.iter().map(|(h, _)| h.as_str()));
+        out.push_str(&"-".repeat(widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1)));
+        out.push('\n');
+        for r in &self.rows {
+            out.push_str(&line(&mut r.iter().map(String::as_str)));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligns_columns() {
+        let mut t = Table::new(&[("name", Align::Left), ("n", Align::Right)]);
+        t.push(vec!["a".into(), "10".into()]);
+        t.push(vec!["bbb".into(), "2".into()]);
+        assert_eq!(t.render(), "name   n\n--------\na     10\nbbb    2\n");
+    }
+}

@@ -1,0 +1,411 @@
+//! End-to-end tests of the `lowbit` binary: quantize → inspect → dequantize round trips, corrupt inputs,
+//! output protection and the demo.
+
+use lowbit::affine::Granularity;
+use lowbit::io::{SafetensorsFile, TensorData};
+use safetensors::Dtype;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn lowbit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lowbit")).args(args).output().expect("run lowbit")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[track_caller]
+fn assert_ok(o: &Output) {
+    assert!(o.status.success(), "status {:?}\nstdout:\n{}\nstderr:\n{}", o.status, stdout(o), stderr(o));
+}
+
+/// A failure with exit status 1 and a one-line `error: ...` message, never a panic.
+#[track_caller]
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "stdout:\n{}\nstderr:\n{err}", stdout(o));
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err}");
+}
+
+/// Deterministic values with a spread of magnitudes, an exact zero and some negative runs.
+fn values(n: usize, salt: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(salt.wrapping_mul(97)) >> 8;
+            let v = (h % 20001) as f32 / 10000.0 - 1.0; // [-1, 1]
+            if i % 17 == 0 {
+                0.0
+            } else {
+                v * (1.0 + (i % 5) as f32)
+            }
+        })
+        .collect()
+}
+
+struct Weight {
+    name: &'static str,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// The values as the file holds them, widened to f32 exactly.
+    x: Vec<f32>,
+}
+
+fn weights() -> Vec<Weight> {
+    let f32w = values(16 * 100, 1);
+    let bf16w: Vec<f32> = values(8 * 64, 2).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+    let f16w: Vec<f32> = values(2 * 3 * 40, 3).iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+    vec![
+        Weight { name: "layers.0.mlp.weight", dtype: Dtype::F32, shape: vec![16, 100], x: f32w },
+        Weight { name: "layers.0.attn.weight", dtype: Dtype::BF16, shape: vec![8, 64], x: bf16w },
+        Weight { name: "conv.weight", dtype: Dtype::F16, shape: vec![2, 3, 40], x: f16w },
+    ]
+}
+
+fn encode(w: &Weight) -> TensorData {
+    let data: Vec<u8> = match w.dtype {
+        Dtype::F32 => w.x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::BF16 => w.x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+        Dtype::F16 => w.x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        _ => unreachable!(),
+    };
+    TensorData { dtype: w.dtype, shape: w.shape.clone(), data }
+}
+
+/// Tensors that must be copied unchanged: a 1-D bias, a 2-D integer tensor and a scalar.
+fn plain_tensors() -> Vec<(String, TensorData)> {
+    let bias: Vec<f32> = values(16, 9);
+    vec![
+        ("layers.0.mlp.bias".into(), TensorData::from_slice(Dtype::F32, vec![16], &bias)),
+        ("position_ids".into(), TensorData::from_slice(Dtype::I64, vec![2, 3], &[0i64, 1, 2, 3, 4, 5])),
+        ("temperature".into(), TensorData::from_slice(Dtype::F32, vec![], &[0.5f32])),
+    ]
+}
+
+fn write_model(path: &Path) {
+    let mut tensors: Vec<(String, TensorData)> = weights().iter().map(|w| (w.name.to_string(), encode(w))).collect();
+    tensors.extend(plain_tensors());
+    let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+    lowbit::io::write_safetensors(path, &tensors, Some(meta), false).unwrap();
+}
+
+fn f32s(view: &safetensors::tensor::TensorView<'_>) -> Vec<f32> {
+    lowbit::io::view_to_f32("test", view).unwrap()
+}
+
+/// Index of the scale entry that element `i` of a `[rows, cols]` tensor uses.
+fn entry_of(g: Granularity, cols: usize, i: usize) -> usize {
+    match g {
+        Granularity::PerTensor => 0,
+        Granularity::PerChannel => i / cols,
+        Granularity::PerGroup(gs) => (i / cols) * cols.div_ceil(gs) + (i % cols) / gs,
+    }
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn round_trip_every_granularity() {
+    let dir = tmp();
+    let input = dir.path().join("model.safetensors");
+    write_model(&input);
+    let input_bytes = std::fs::read(&input).unwrap();
+
+    for gran in ["tensor", "channel", "group:32", "group:7"] {
+        let g: Granularity = gran.parse().unwrap();
+        let q_path = dir.path().join(format!("q-{}.safetensors", gran.replace(':', "")));
+        let o = lowbit(&["quantize", "--scheme", "int8", "--granularity", gran, s(&input), "-o", s(&q_path)]);
+        assert_ok(&o);
+        assert!(stdout(&o).contains("quantized 3 tensor(s)"), "{}", stdout(&o));
+
+        // The file holds the documented layout and metadata, equal to the library's own quantization.
+        let qf = SafetensorsFile::open(&q_path).unwrap();
+        let qst = qf.tensors().unwrap();
+        let meta = qf.metadata().unwrap();
+        assert_eq!(meta["lowbit.scheme"], "int8");
+        assert_eq!(meta["lowbit.granularity"], gran);
+        assert_eq!(meta["format"], "pt", "input metadata is kept");
+        assert_eq!(meta["lowbit.dtype.layers.0.mlp.weight"], "float32");
+        assert_eq!(meta["lowbit.dtype.layers.0.attn.weight"], "bfloat16");
+        assert_eq!(meta["lowbit.dtype.conv.weight"], "float16");
+        assert_eq!(qst.len(), 3 * 3 + 3);
+        let mut expected = Vec::new();
+        for w in weights() {
+            let q = lowbit::affine::quantize(&w.x, &w.shape, g).unwrap();
+            let codes = qst.tensor(w.name).unwrap();
+            assert_eq!((codes.dtype(), codes.shape()), (Dtype::U8, &w.shape[..]));
+            assert_eq!(codes.data(), q.codes(), "{gran} {}", w.name);
+            let scale = qst.tensor(&format!("{}.scale", w.name)).unwrap();
+            assert_eq!((scale.dtype(), scale.shape()), (Dtype::F32, &[q.scales().len()][..]));
+            assert_eq!(f32s(&scale), q.scales());
+            let zp = qst.tensor(&format!("{}.zero_point", w.name)).unwrap();
+            assert_eq!((zp.dtype(), zp.shape()), (Dtype::U8, &[q.scales().len()][..]));
+            assert_eq!(zp.data(), q.zero_points());
+            expected.push((w, q));
+        }
+        let src = SafetensorsFile::open(&input).unwrap();
+        for (name, _) in plain_tensors() {
+            let a = qst.tensor(&name).unwrap();
+            let b = src.tensors().unwrap().tensor(&name).unwrap().clone();
+            assert_eq!((a.dtype(), a.shape(), a.data()), (b.dtype(), b.shape(), b.data()), "{name} copied");
+        }
+
+        // inspect lists the formats and, with --compare, the error against the original.
+        let o = lowbit(&["inspect", s(&q_path), "--compare", s(&input)]);
+        assert_ok(&o);
+        let listing = stdout(&o);
+        assert!(listing.contains(&format!("int8 {gran} (from bf16)")), "{listing}");
+        assert!(listing.contains("SQNR dB") && listing.contains("plain"), "{listing}");
+        assert!(!listing.contains(".zero_point"), "parameter entries are folded: {listing}");
+        assert!(listing.contains("6 tensor(s) in 12 entries; 3 quantized"), "{listing}");
+
+        // dequantize: default f32, bit-identical to the library, within scale/2 of the original.
+        let d_path = dir.path().join(format!("d-{}.safetensors", gran.replace(':', "")));
+        assert_ok(&lowbit(&["dequantize", s(&q_path), "-o", s(&d_path)]));
+        let df = SafetensorsFile::open(&d_path).unwrap();
+        let dst = df.tensors().unwrap();
+        assert_eq!(dst.len(), 6, "parameter entries dropped");
+        assert!(df.metadata().unwrap().keys().all(|k| !k.starts_with("lowbit.")));
+        for (w, q) in &expected {
+            let v = dst.tensor(w.name).unwrap();
+            assert_eq!((v.dtype(), v.shape()), (Dtype::F32, &w.shape[..]));
+            let got = f32s(&v);
+            let lib: Vec<f32> = q.dequantize().unwrap();
+            assert!(got.iter().zip(&lib).all(|(a, b)| a.to_bits() == b.to_bits()), "{gran} {}", w.name);
+            let cols = *w.shape.last().unwrap();
+            for (i, (&x, &y)) in w.x.iter().zip(&got).enumerate() {
+                let scale = q.scales()[entry_of(g, cols, i)];
+                assert!((x - y).abs() <= scale / 2.0 * (1.0 + 1e-5), "{gran} {}[{i}]: {x} vs {y}", w.name);
+            }
+        }
+        for (name, _) in plain_tensors() {
+            let a = dst.tensor(&name).unwrap();
+            let b = src.tensors().unwrap().tensor(&name).unwrap().clone();
+            assert_eq!((a.dtype(), a.shape(), a.data()), (b.dtype(), b.shape(), b.data()), "{name} copied");
+        }
+
+        // --dtype bf16 gives the library's bf16 bits.
+        let b_path = dir.path().join(format!("b-{}.safetensors", gran.replace(':', "")));
+        assert_ok(&lowbit(&["dequantize", s(&q_path), "-o", s(&b_path), "--dtype", "bf16"]));
+        let bf = SafetensorsFile::open(&b_path).unwrap();
+        for (w, q) in &expected {
+            let v = bf.tensors().unwrap().tensor(w.name).unwrap().clone();
+            assert_eq!(v.dtype(), Dtype::BF16);
+            assert_eq!(v.data(), &q.dequantize_to_bytes(lowbit::DType::BF16).unwrap()[..]);
+        }
+    }
+    assert_eq!(std::fs::read(&input).unwrap(), input_bytes, "the input is never modified");
+}
+
+fn corrupt_files(dir: &Path) -> Vec<(&'static str, PathBuf)> {
+    let good = dir.join("good.safetensors");
+    write_model(&good);
+    let bytes = std::fs::read(&good).unwrap();
+    let mut out = Vec::new();
+    let mut add = |name: &'static str, data: Vec<u8>| {
+        let p = dir.join(format!("{name}.safetensors"));
+        std::fs::write(&p, data).unwrap();
+        out.push((name, p));
+    };
+    add("truncated", bytes[..bytes.len() / 2].to_vec());
+    add("header-only", bytes[..20].to_vec());
+    add("empty", Vec::new());
+    let mut garbage = u64::MAX.to_le_bytes().to_vec();
+    garbage.extend(b"{ this is not json");
+    add("huge-header-length", garbage);
+    let mut bad_json = 16u64.to_le_bytes().to_vec();
+    bad_json.extend(b"{\"a\": [1, 2, 3]}");
+    add("garbage-header", bad_json);
+    out.push(("missing", dir.join("does-not-exist.safetensors")));
+    out
+}
+
+#[test]
+fn corrupt_files_fail_cleanly_without_output() {
+    let dir = tmp();
+    for (what, path) in corrupt_files(dir.path()) {
+        let out = dir.path().join(format!("out-{what}.safetensors"));
+        let needle = if what == "missing" { "does-not-exist" } else { "malformed" };
+        assert_clean_failure(&lowbit(&["quantize", s(&path), "-o", s(&out)]), needle);
+        assert_clean_failure(&lowbit(&["dequantize", s(&path), "-o", s(&out)]), needle);
+        assert_clean_failure(&lowbit(&["inspect", s(&path)]), needle);
+        assert!(!out.exists(), "{what}: no output file");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp") || n.starts_with("out-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// One bad file: name, tensors, metadata, and a phrase the error must contain.
+type Case = (&'static str, Vec<(String, TensorData)>, std::collections::HashMap<String, String>, &'static str);
+
+/// A well-formed safetensors file whose int8 entries are inconsistent.
+#[test]
+fn inconsistent_int8_files_fail_cleanly() {
+    let dir = tmp();
+    let codes = TensorData::from_slice(Dtype::U8, vec![2, 4], &[0u8; 8]);
+    let meta = |g: &str| -> std::collections::HashMap<String, String> {
+        [("lowbit.scheme", "int8"), ("lowbit.granularity", g), ("lowbit.dtype.w", "float32")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let cases: Vec<Case> = vec![
+        (
+            "wrong-count",
+            vec![
+                ("w".into(), codes.clone()),
+                ("w.scale".into(), TensorData::from_slice(Dtype::F32, vec![3], &[1f32; 3])),
+                ("w.zero_point".into(), TensorData::from_slice(Dtype::U8, vec![3], &[0u8; 3])),
+            ],
+            meta("channel"),
+            "number of scales",
+        ),
+        (
+            "negative-scale",
+            vec![
+                ("w".into(), codes.clone()),
+                ("w.scale".into(), TensorData::from_slice(Dtype::F32, vec![1], &[-1f32])),
+                ("w.zero_point".into(), TensorData::from_slice(Dtype::U8, vec![1], &[0u8])),
+            ],
+            meta("tensor"),
+            "positive",
+        ),
+        ("missing-params", vec![("w".into(), codes.clone())], meta("tensor"), "w.scale"),
+        ("bad-granularity", vec![("w".into(), codes.clone())], meta("group:0"), "lowbit.granularity"),
+        (
+            "codes-not-u8",
+            vec![
+                ("w".into(), TensorData::from_slice(Dtype::F32, vec![2, 4], &[0f32; 8])),
+                ("w.scale".into(), TensorData::from_slice(Dtype::F32, vec![1], &[1f32])),
+                ("w.zero_point".into(), TensorData::from_slice(Dtype::U8, vec![1], &[0u8])),
+            ],
+            meta("tensor"),
+            "expected U8",
+        ),
+    ];
+    for (what, tensors, meta, needle) in cases {
+        let p = dir.path().join(format!("{what}.safetensors"));
+        lowbit::io::write_safetensors(&p, &tensors, Some(meta), false).unwrap();
+        let out = dir.path().join(format!("out-{what}.safetensors"));
+        assert_clean_failure(&lowbit(&["dequantize", s(&p), "-o", s(&out)]), needle);
+        assert_clean_failure(&lowbit(&["inspect", s(&p)]), needle);
+        assert!(!out.exists(), "{what}");
+    }
+}
+
+#[test]
+fn existing_output_is_refused_without_force() {
+    let dir = tmp();
+    let input = dir.path().join("model.safetensors");
+    write_model(&input);
+    let out = dir.path().join("out.safetensors");
+    std::fs::write(&out, b"keep me").unwrap();
+    assert_clean_failure(&lowbit(&["quantize", s(&input), "-o", s(&out)]), "--force");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+
+    assert_ok(&lowbit(&["quantize", s(&input), "-o", s(&out), "--force"]));
+    let q = SafetensorsFile::open(&out).unwrap();
+    assert_eq!(q.metadata().unwrap()["lowbit.granularity"], "channel", "channel is the default");
+
+    let deq = dir.path().join("deq.safetensors");
+    std::fs::write(&deq, b"keep me too").unwrap();
+    assert_clean_failure(&lowbit(&["dequantize", s(&out), "-o", s(&deq)]), "--force");
+    assert_eq!(std::fs::read(&deq).unwrap(), b"keep me too");
+    assert_ok(&lowbit(&["dequantize", s(&out), "-o", s(&deq), "--force"]));
+
+    // Writing over the input is refused even with --force.
+    let before = std::fs::read(&input).unwrap();
+    assert_clean_failure(&lowbit(&["quantize", s(&input), "-o", s(&input), "--force"]), "is the input");
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = tmp();
+    let input = dir.path().join("model.safetensors");
+    write_model(&input);
+    let out = dir.path().join("out.safetensors");
+
+    // A plain file has nothing to dequantize; a quantized file is not quantized again.
+    assert_clean_failure(&lowbit(&["dequantize", s(&input), "-o", s(&out)]), "no quantized tensors");
+    assert_ok(&lowbit(&["quantize", s(&input), "-o", s(&out)]));
+    let again = dir.path().join("again.safetensors");
+    assert_clean_failure(&lowbit(&["quantize", s(&out), "-o", s(&again)]), "already quantized");
+    assert!(!again.exists());
+
+    // NaN in a weight names the tensor.
+    let nan = dir.path().join("nan.safetensors");
+    let mut x = values(4 * 8, 5);
+    x[11] = f32::NAN;
+    let t = vec![("bad.weight".to_string(), TensorData::from_slice(Dtype::F32, vec![4, 8], &x))];
+    lowbit::io::write_safetensors(&nan, &t, None, false).unwrap();
+    let nan_out = dir.path().join("nan-out.safetensors");
+    assert_clean_failure(&lowbit(&["quantize", s(&nan), "-o", s(&nan_out)]), "bad.weight");
+    assert!(!nan_out.exists());
+
+    // The parameters of a weight would collide with an existing tensor.
+    let clash = dir.path().join("clash.safetensors");
+    let t = vec![
+        ("w".to_string(), TensorData::from_slice(Dtype::F32, vec![2, 2], &[1f32, 2., 3., 4.])),
+        ("w.scale".to_string(), TensorData::from_slice(Dtype::F32, vec![1], &[1f32])),
+    ];
+    lowbit::io::write_safetensors(&clash, &t, None, false).unwrap();
+    assert_clean_failure(&lowbit(&["quantize", s(&clash), "-o", s(&nan_out)]), "w.scale");
+
+    // --compare against a file lacking the tensor.
+    assert_clean_failure(&lowbit(&["inspect", s(&out), "--compare", s(&nan)]), "not in the original");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["quantize", "a", "-o", "b", "--granularity", "group:0"][..],
+        &["quantize", "a", "-o", "b", "--granularity", "row"][..],
+        &["quantize", "a", "-o", "b", "--scheme", "int3"][..],
+        &["dequantize", "a", "-o", "b", "--dtype", "f8"][..],
+        &["quantize", "a"][..],
+        &["frobnicate"][..],
+    ] {
+        let o = lowbit(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn help_documents_the_layout() {
+    let o = lowbit(&["quantize", "--help"]);
+    assert_ok(&o);
+    let help = stdout(&o);
+    for needle in ["NAME.scale", "NAME.zero_point", "lowbit.granularity", "lowbit.dtype.NAME"] {
+        assert!(help.contains(needle), "{needle}: {help}");
+    }
+}
+
+#[test]
+fn demo_small_matches_reference_on_every_path() {
+    let o = lowbit(&["demo", "--size", "96"]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(out.contains("CPU ISA:"), "{out}");
+    for g in ["int8 tensor", "int8 channel", "int8 group:128", "int8 group:32"] {
+        assert!(out.contains(g), "{g}: {out}");
+    }
+    assert!(!out.contains("MISMATCH"), "{out}");
+    assert!(out.contains("match the scalar reference"), "{out}");
+}
