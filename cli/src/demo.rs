@@ -9,6 +9,7 @@ use crate::progress::Progress;
 use crate::stats::{fmt_db, ErrorStats};
 use lowbit::affine::Granularity;
 use lowbit::cpu::{Isa, Path};
+use lowbit::nf4::BlockScales;
 use std::time::{Duration, Instant};
 
 /// Seed of the synthetic weight: the matrix is the same on every machine and every run.
@@ -62,6 +63,34 @@ impl Format for Int8 {
     }
 }
 
+/// NF4 (bitsandbytes / QLoRA), optionally with double-quantized block scales.
+struct Nf4 {
+    blocksize: usize,
+    double_quant: bool,
+}
+
+impl Format for Nf4 {
+    fn label(&self) -> String {
+        format!("nf4 block:{}{}", self.blocksize, if self.double_quant { " +dq" } else { "" })
+    }
+
+    fn run(&self, x: &[f32], shape: &[usize], path: Path, out: &mut [f32]) -> lowbit::Result<Run> {
+        let t = Instant::now();
+        let q = lowbit::nf4::quantize_nf4_with(x, shape, self.blocksize, self.double_quant, path)?;
+        let quantize = t.elapsed();
+        let t = Instant::now();
+        q.dequantize_into_with(out, path)?;
+        let dequantize = t.elapsed();
+        let mut parts = vec![("packed codes", q.packed().to_vec()), ("absmax", f32_bits(&q.absmax()))];
+        if let BlockScales::Double(d) = q.scales() {
+            parts.push(("absmax codes", d.codes().to_vec()));
+            parts.push(("nested absmax", f32_bits(d.nested_absmax())));
+            parts.push(("nested offset", f32_bits(&[d.offset()])));
+        }
+        Ok(Run { quantize, dequantize, bits_per_weight: q.bits_per_weight(), parts })
+    }
+}
+
 fn f32_bits(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|s| s.to_bits().to_le_bytes()).collect()
 }
@@ -73,6 +102,8 @@ pub fn formats() -> Vec<Box<dyn Format>> {
         Box::new(Int8(Granularity::PerChannel)),
         Box::new(Int8(Granularity::PerGroup(128))),
         Box::new(Int8(Granularity::PerGroup(32))),
+        Box::new(Nf4 { blocksize: 64, double_quant: false }),
+        Box::new(Nf4 { blocksize: 64, double_quant: true }),
     ]
 }
 
