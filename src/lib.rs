@@ -33,6 +33,8 @@ pub mod double_quant;
 pub mod element;
 mod error;
 pub mod io;
+pub mod linear;
+pub mod lora;
 pub mod nf4;
 pub mod reference;
 pub mod shape;

@@ -10,6 +10,9 @@
 pub(crate) mod affine;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod affine_x86;
+pub(crate) mod linear;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod linear_x86;
 pub(crate) mod nf4;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod nf4_x86;

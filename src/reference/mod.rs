@@ -4,4 +4,5 @@
 
 pub mod affine;
 pub mod double_quant;
+pub mod linear;
 pub mod nf4;

@@ -1,0 +1,225 @@
+//! Every fused QuantLinear path against the f64 reference, for every weight format.
+//!
+//! Tolerance (stated, not tuned): the fused kernels use exactly the reference's dequantized weights, so the
+//! only error is f32 accumulation. For any summation order, a sum of K products computed in f32 (with or
+//! without FMA) differs from the exact sum by at most γ_K·Σ|x_k·w_k| with γ_K = K·u/(1−K·u), u = ε/2. We allow
+//! (K + 3)·ε·Σ|x_k·w_k| for the base product (K·u for the dot product, a few more roundings for the bias and
+//! the final additions — ε = 2u makes this a generous but principled bound), plus, for each LoRA term,
+//! (K + r + 3)·ε·|s|·Σ_r (Σ_k|x_k·A_rk|)·|B_or| (the shrink's K-term sum, the expand's r-term sum, the scaling),
+//! plus ε·|bias|. The reference itself is computed in f64 and rounded once.
+
+use lowbit::affine::{self, Granularity};
+use lowbit::cpu::Path;
+use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit::lora::LoraAdapter;
+use lowbit::nf4;
+use proptest::prelude::*;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Format {
+    Int8(Granularity),
+    Nf4 { blocksize: usize, dq: bool },
+}
+
+fn make_layer(format: Format, out: usize, inp: usize, bias: bool, ranks: &[usize], rng: &mut Rng) -> QuantLinear {
+    let w = rng.vec(out * inp, 0.5);
+    let weight = match format {
+        Format::Int8(g) => QuantWeight::Int8(affine::quantize(&w, &[out, inp], g).unwrap()),
+        Format::Nf4 { blocksize, dq } => {
+            QuantWeight::FourBit(nf4::quantize_nf4(&w, &[out, inp], blocksize, dq).unwrap())
+        }
+    };
+    let bias = bias.then(|| rng.vec(out, 1.0));
+    let mut layer = QuantLinear::new(weight, bias).unwrap();
+    for (i, &r) in ranks.iter().enumerate() {
+        let a = rng.vec(r * inp, 0.3);
+        let b = rng.vec(out * r, 0.3);
+        let ad = LoraAdapter::new(format!("adapter{i}"), r, a, b, 2.0 * r as f32, i % 2 == 1).unwrap();
+        layer.add_adapter(ad).unwrap();
+    }
+    layer
+}
+
+/// Per-element error bound described in the module docs.
+fn bounds(layer: &QuantLinear, x: &[f32], rows_adapters: &[Vec<usize>]) -> Vec<f64> {
+    let (out, inp) = (layer.out_features(), layer.in_features());
+    let w = layer.weight().dequantize_reference();
+    let eps = f32::EPSILON as f64;
+    let mut b = Vec::new();
+    for (r, ads) in rows_adapters.iter().enumerate() {
+        let xr = &x[r * inp..(r + 1) * inp];
+        for o in 0..out {
+            let s_base: f64 =
+                xr.iter().zip(&w[o * inp..(o + 1) * inp]).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            let mut bound = (inp as f64 + 3.0) * eps * s_base;
+            if let Some(bias) = layer.bias() {
+                bound += eps * (bias[o] as f64).abs();
+            }
+            for &a in ads {
+                let ad = &layer.adapters()[a];
+                let rank = ad.rank();
+                let mut s_lora = 0.0;
+                for k in 0..rank {
+                    let t: f64 = xr
+                        .iter()
+                        .zip(&ad.a()[k * inp..(k + 1) * inp])
+                        .map(|(&x, &a)| (x as f64 * a as f64).abs())
+                        .sum();
+                    s_lora += t * (ad.b()[o * rank + k] as f64).abs();
+                }
+                bound += (inp + rank + 3) as f64 * eps * (ad.scaling() as f64).abs() * s_lora;
+            }
+            b.push(bound + 1e-30);
+        }
+    }
+    b
+}
+
+fn check(got: &[f32], want: &[f32], bound: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len());
+    for (i, ((&g, &w), &b)) in got.iter().zip(want).zip(bound).enumerate() {
+        let err = (g as f64 - w as f64).abs();
+        // The reference is rounded to f32 once: allow that half-ulp too.
+        let allowed = b + (w.abs() as f64) * f32::EPSILON as f64 * 0.5;
+        assert!(err <= allowed, "{what}: element {i}: got {g}, reference {w}, |err| {err:e} > bound {allowed:e}");
+    }
+}
+
+fn format_strategy() -> impl Strategy<Value = Format> {
+    prop_oneof![
+        Just(Format::Int8(Granularity::PerTensor)),
+        Just(Format::Int8(Granularity::PerChannel)),
+        (1usize..80).prop_map(|g| Format::Int8(Granularity::PerGroup(g))),
+        (prop_oneof![Just(32usize), Just(64), Just(128), Just(256)], any::<bool>())
+            .prop_map(|(blocksize, dq)| Format::Nf4 { blocksize, dq }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn fused_paths_match_reference(
+        format in format_strategy(),
+        out in 1usize..40,
+        inp in 1usize..300,
+        m in prop_oneof![Just(1usize), Just(2), Just(3), Just(4), Just(5), Just(8), Just(17), Just(64)],
+        bias: bool,
+        ranks in proptest::collection::vec(1usize..65, 0..3),
+        seed: u64,
+    ) {
+        let mut rng = Rng(seed | 1);
+        let layer = make_layer(format, out, inp, bias, &ranks, &mut rng);
+        let x = rng.vec(m * inp, 1.0);
+        let want = layer.forward_reference(&x).unwrap();
+        let all: Vec<usize> = (0..ranks.len()).collect();
+        let bound = bounds(&layer, &x, &vec![all; m]);
+        for path in Path::all_available() {
+            let got = layer.forward_with(&x, path).unwrap();
+            check(&got, &want, &bound, &format!("{format:?} {out}x{inp} M={m} {path}"));
+        }
+        // Multi-adapter batch: ids mixed and absent.
+        let ids: Vec<Option<usize>> = (0..m).map(|r| if ranks.is_empty() || r % 3 == 2 { None } else { Some(r % ranks.len()) }).collect();
+        let want = layer.forward_batch_reference(&x, &ids).unwrap();
+        let rows: Vec<Vec<usize>> = ids.iter().map(|id| id.iter().copied().collect()).collect();
+        let bound = bounds(&layer, &x, &rows);
+        for path in Path::all_available() {
+            let got = layer.forward_batch_with(&x, &ids, path).unwrap();
+            check(&got, &want, &bound, &format!("batch {format:?} {out}x{inp} M={m} {path}"));
+        }
+    }
+}
+
+#[test]
+fn nf4_blocks_crossing_rows_and_odd_sizes() {
+    // in = 100 is not a multiple of 64: blocks cross row boundaries, rows start on odd nibbles (in odd below).
+    for (out, inp) in [(1, 1), (3, 100), (7, 33), (130, 97), (65, 257)] {
+        let mut rng = Rng(42 + out as u64);
+        for format in [Format::Nf4 { blocksize: 64, dq: false }, Format::Nf4 { blocksize: 32, dq: true }] {
+            let layer = make_layer(format, out, inp, true, &[3, 16], &mut rng);
+            for m in [1, 4, 5] {
+                let x = rng.vec(m * inp, 2.0);
+                let want = layer.forward_reference(&x).unwrap();
+                let bound = bounds(&layer, &x, &vec![vec![0, 1]; m]);
+                for path in Path::all_available() {
+                    check(&layer.forward_with(&x, path).unwrap(), &want, &bound, &format!("{out}x{inp} M={m} {path}"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn thread_count_does_not_change_results() {
+    let mut rng = Rng(7);
+    let layer = make_layer(Format::Nf4 { blocksize: 64, dq: true }, 300, 520, true, &[8], &mut rng);
+    let x = rng.vec(9 * 520, 1.0);
+    let run = |threads| {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| layer.forward(&x).unwrap())
+    };
+    let one = run(1);
+    assert_eq!(one, run(2));
+    assert_eq!(one, run(3));
+}
+
+#[test]
+fn half_inputs_are_widened_exactly() {
+    let mut rng = Rng(9);
+    let layer = make_layer(Format::Int8(Granularity::PerChannel), 20, 70, false, &[4], &mut rng);
+    let x: Vec<lowbit::bf16> = rng.vec(3 * 70, 1.0).into_iter().map(lowbit::bf16::from_f32).collect();
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    assert_eq!(layer.forward(&x).unwrap(), layer.forward(&xf).unwrap());
+}
+
+#[test]
+fn disabled_adapters_do_not_apply() {
+    let mut rng = Rng(11);
+    let mut layer = make_layer(Format::Nf4 { blocksize: 64, dq: false }, 16, 64, false, &[4], &mut rng);
+    let x = rng.vec(64, 1.0);
+    let with = layer.forward(&x).unwrap();
+    layer.set_adapter_enabled("adapter0", false).unwrap();
+    let without = layer.forward(&x).unwrap();
+    assert_ne!(with, without);
+    let base = QuantLinear::new(layer.weight().clone(), None).unwrap().forward(&x).unwrap();
+    assert_eq!(without, base);
+    assert!(layer.forward_batch(&x, &[Some(0)]).is_err(), "a disabled adapter cannot be selected");
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let mut rng = Rng(13);
+    let mut layer = make_layer(Format::Int8(Granularity::PerTensor), 8, 16, true, &[2], &mut rng);
+    let x = rng.vec(2 * 16, 1.0);
+    assert!(layer.forward(&x[..15]).is_err(), "x not a multiple of in");
+    assert!(layer.forward(&[f32::NAN; 16]).is_err(), "NaN input");
+    assert!(layer.forward_batch(&x, &[Some(0)]).is_err(), "ids length != M");
+    assert!(layer.forward_batch(&x, &[Some(0), Some(1)]).is_err(), "id out of range");
+    assert!(layer.forward_batch(&x, &[None, Some(0)]).is_ok());
+    assert!(layer
+        .add_adapter(LoraAdapter::new("x", 2, vec![0.0; 2 * 15], vec![0.0; 16], 1.0, false).unwrap())
+        .is_err());
+    assert!(layer
+        .add_adapter(LoraAdapter::new("adapter0", 2, vec![0.0; 32], vec![0.0; 16], 1.0, false).unwrap())
+        .is_err());
+    assert!(LoraAdapter::new("z", 0, vec![], vec![], 1.0, false).is_err());
+    assert!(LoraAdapter::new("z", 3, vec![0.0; 4], vec![0.0; 3], 1.0, false).is_err());
+    assert!(LoraAdapter::new("z", 1, vec![f32::INFINITY], vec![0.0], 1.0, false).is_err());
+    let w1 = affine::quantize(&[1.0f32; 4], &[4], Granularity::PerTensor).unwrap();
+    assert!(QuantLinear::new(QuantWeight::Int8(w1), None).is_err(), "1-D weight");
+    let w = affine::quantize(&[1.0f32; 4], &[2, 2], Granularity::PerTensor).unwrap();
+    assert!(QuantLinear::new(QuantWeight::Int8(w), Some(vec![0.0; 3])).is_err(), "bias length");
+    assert_eq!(layer.forward::<f32>(&[]).unwrap(), Vec::<f32>::new(), "M = 0 is an empty batch");
+}
