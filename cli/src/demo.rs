@@ -4,6 +4,7 @@
 //! The formats shown are the entries of [`formats`]; adding a format means one [`Format`] implementation and
 //! one line there.
 
+use crate::console;
 use crate::error::{CliError, Context};
 use crate::progress::Progress;
 use crate::stats::{fmt_db, ErrorStats};
@@ -205,13 +206,14 @@ pub fn run(size: usize) -> Result<(), CliError> {
 
     let available: Vec<String> = Isa::available().iter().map(|i| i.name().to_string()).collect();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    println!(
-        "lowbit demo: synthetic {rows}x{cols} f32 weight ({:.1} MiB; log-normal row scales, ~1/16384 outliers)",
-        (n * 4) as f64 / (1024.0 * 1024.0)
-    );
-    println!("CPU ISA: {} (available: {}); {threads} hardware thread(s)", Isa::best(), available.join(", "));
-    println!("every path is checked against the scalar reference: codes, parameters and dequantized bits");
-    println!();
+    console::out(&format!(
+        "lowbit demo: synthetic {rows}x{cols} f32 weight ({:.1} MiB; log-normal row scales, ~1/16384 outliers)\n\
+         CPU ISA: {} (available: {}); {threads} hardware thread(s)\n\
+         every path is checked against the scalar reference: codes, parameters and dequantized bits\n\n",
+        (n * 4) as f64 / (1024.0 * 1024.0),
+        Isa::best(),
+        available.join(", ")
+    ))?;
 
     // The reference first, then every other path.
     let mut paths = vec![Path::REFERENCE];
@@ -239,8 +241,8 @@ pub fn run(size: usize) -> Result<(), CliError> {
         "SQNR dB",
         "bits/w",
         "check",
-    ]));
-    progress.println(&"-".repeat(110));
+    ]))?;
+    progress.println(&"-".repeat(110))?;
     let mut ref_out = vec![1f32; n];
     let mut out = vec![1f32; n];
     let (mut runs, mut mismatches) = (0usize, 0usize);
@@ -279,13 +281,13 @@ pub fn run(size: usize) -> Result<(), CliError> {
                 &fmt_db(stats.sqnr_db),
                 &format!("{:.3}", run.bits_per_weight),
                 &check,
-            ]));
+            ]))?;
             if reference.is_none() {
                 reference = Some((run, stats));
             }
             progress.inc();
         }
-        progress.println("");
+        progress.println("")?;
     }
     drop(progress);
     if mismatches > 0 {
@@ -293,7 +295,7 @@ pub fn run(size: usize) -> Result<(), CliError> {
             "{mismatches} of {runs} runs disagree with the scalar reference (rows marked MISMATCH)"
         )));
     }
-    println!("all {runs} runs match the scalar reference bit for bit");
+    console::line(&format!("all {runs} runs match the scalar reference bit for bit"))?;
     Ok(())
 }
 

@@ -1,8 +1,9 @@
 //! `lowbit inspect`: lists a file's tensors and formats, optionally with each quantized tensor's error
 //! against the original.
 
+use crate::console;
 use crate::error::{CliError, Context};
-use crate::int8_layout::Int8Layout;
+use crate::quantized::Layout;
 use crate::stats::{fmt_db, ErrorStats};
 use crate::table::{Align, Table};
 use lowbit::io::SafetensorsFile;
@@ -12,7 +13,7 @@ use std::path::Path;
 pub fn run(file: &Path, compare: Option<&Path>) -> Result<(), CliError> {
     let f = SafetensorsFile::open(file)?;
     let st = f.tensors()?;
-    let layout = Int8Layout::from_metadata(&f.metadata()?)?;
+    let layout = Layout::detect(&f.metadata()?, &st)?;
     let original = compare.map(SafetensorsFile::open).transpose()?;
     let original_st = original.as_ref().map(|o| o.tensors()).transpose()?;
 
@@ -28,33 +29,33 @@ pub fn run(file: &Path, compare: Option<&Path>) -> Result<(), CliError> {
     names.sort();
     let (mut n_tensors, mut n_quantized, mut q_weights, mut q_bits) = (0usize, 0usize, 0usize, 0f64);
     for name in &names {
-        if layout.as_ref().is_some_and(|l| l.is_param_entry(name)) {
-            continue;
-        }
-        n_tensors += 1;
         let view = st.tensor(name)?;
-        let quantized = layout.as_ref().and_then(|l| l.weights.get(name).map(|src| (l, *src)));
-        let Some((layout, source)) = quantized else {
-            let bits = view.dtype().bitsize();
-            table.push(vec![
-                name.clone(),
-                format!("{:?}", view.dtype()),
-                format!("{:?}", view.shape()),
-                "plain".into(),
-                format!("{bits}"),
-            ]);
-            continue;
+        let layout = match &layout {
+            Some(l) if l.is_param_entry(name) => continue,
+            Some(l) if l.is_weight(name) => l,
+            _ => {
+                n_tensors += 1;
+                table.push(vec![
+                    name.clone(),
+                    format!("{:?}", view.dtype()),
+                    format!("{:?}", view.shape()),
+                    "plain".into(),
+                    format!("{}", view.dtype().bitsize()),
+                ]);
+                continue;
+            }
         };
         let q = layout.load(&st, name)?;
+        n_tensors += 1;
         n_quantized += 1;
-        q_weights += q.codes().len();
-        q_bits += q.bits_per_weight() * q.codes().len() as f64;
+        q_weights += q.numel();
+        q_bits += q.bits_per_weight() * q.numel() as f64;
         let mut row = vec![
             name.clone(),
             format!("{:?}", view.dtype()),
             format!("{:?}", q.shape()),
-            format!("int8 {} (from {source})", q.granularity()),
-            format!("{:.3}", q.bits_per_weight()),
+            format!("{} (from {})", q.describe(), q.source_dtype()),
+            if q.numel() == 0 { "-".to_string() } else { format!("{:.3}", q.bits_per_weight()) },
         ];
         if let (Some(orig), Some(orig_path)) = (&original_st, compare) {
             let ctx = || format!("comparing `{name}` with {}", orig_path.display());
@@ -67,13 +68,13 @@ pub fn run(file: &Path, compare: Option<&Path>) -> Result<(), CliError> {
                     .context(ctx);
             }
             let x = lowbit::io::view_to_f32(name, &o).context(ctx)?;
-            let x_hat: Vec<f32> = q.dequantize().context(ctx)?;
+            let x_hat = q.dequantize_f32().context(ctx)?;
             let s = ErrorStats::compute(&x, &x_hat);
             row.extend([format!("{:.6e}", s.max_abs), format!("{:.6e}", s.mean_abs), fmt_db(s.sqnr_db)]);
         }
         table.push(row);
     }
-    print!("{}", table.render());
+    console::out(&table.render())?;
     let mut summary = format!("{n_tensors} tensor(s) in {} entries", names.len());
     if n_quantized > 0 {
         summary.push_str(&format!(
@@ -81,6 +82,5 @@ pub fn run(file: &Path, compare: Option<&Path>) -> Result<(), CliError> {
             q_bits / q_weights.max(1) as f64
         ));
     }
-    println!("{summary}");
-    Ok(())
+    console::line(&summary)
 }

@@ -4,6 +4,7 @@
 //! module. Every error is printed as `error: <message>` and exits with status 1; usage errors from clap exit
 //! with status 2.
 
+mod console;
 mod demo;
 mod dequantize;
 mod error;
@@ -12,10 +13,11 @@ mod int8_layout;
 mod output;
 mod progress;
 mod quantize;
+mod quantized;
 mod stats;
 mod table;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use error::CliError;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,17 +43,32 @@ The header's __metadata__ records:
   lowbit.granularity  = tensor | channel | group:G
   lowbit.dtype.NAME   = float32 | float16 | bfloat16   (source dtype of each quantized weight)
 
-`lowbit dequantize` and `lowbit inspect` read this layout back.";
+nf4 layout (scheme `nf4`, bitsandbytes / QLoRA): each quantized weight NAME is written exactly as
+bitsandbytes' Linear4bit state dict stores it, so transformers/bitsandbytes load the file directly:
+
+  NAME                                   U8  [(numel+1)/2, 1]  packed 4-bit codes, first element high nibble
+  NAME.absmax                            F32 [nblocks] (U8 [nblocks] with --double-quant)  block scales
+  NAME.quant_map                         F32 [16]              the NF4 table
+  NAME.nested_absmax                     F32 [ceil(nblocks/256)]  only with --double-quant
+  NAME.nested_quant_map                  F32 [256]             only with --double-quant
+  NAME.quant_state.bitsandbytes__nf4     U8  [len]             JSON: quant_type, blocksize, dtype, shape, ...
+
+Blocks of --blocksize elements (32, 64, 128, ..., 4096; default 64) run over the flattened weight; the JSON
+records the source dtype and shape.
+
+`lowbit dequantize` and `lowbit inspect` read both layouts back.";
 
 const DEQUANTIZE_LONG_ABOUT: &str = "\
-Reads a file written by `lowbit quantize --scheme int8` and writes every quantized weight back under its own
-name as floating point (f32 unless --dtype is given), dropping the NAME.scale and NAME.zero_point entries and
-copying every other tensor unchanged. The input is memory-mapped and never modified.";
+Reads a file written by `lowbit quantize` (int8), or any bitsandbytes 4-bit (NF4/FP4) safetensors
+checkpoint, and writes every quantized weight back under its own name as floating point, dropping the
+quantization entries (NAME.scale/NAME.zero_point; NAME.absmax, NAME.quant_map, NAME.nested_*,
+NAME.quant_state.*) and copying every other tensor unchanged. Without --dtype, int8 weights become f32 and
+4-bit weights take the dtype their quant state records. The input is memory-mapped and never modified.";
 
 const INSPECT_LONG_ABOUT: &str = "\
-Lists the tensors of a safetensors file: name, stored dtype, shape, format (int8 tensor/channel/group:G or
-plain) and storage cost in bits per weight (parameters included). A quantized weight's .scale/.zero_point
-entries are folded into its row.
+Lists the tensors of a safetensors file: name, stored dtype, shape (of the original weight), format (int8
+tensor/channel/group:G, nf4/fp4 block:B [nested], or plain) and storage cost in bits per weight (parameters
+included). A quantized weight's parameter entries are folded into its row.
 
 With --compare ORIGINAL, every quantized tensor is dequantized and compared with the tensor of the same name
 in ORIGINAL: maximum and mean absolute error and the signal-to-quantization-noise ratio
@@ -85,10 +102,16 @@ enum Command {
         /// Quantization scheme.
         #[arg(long, value_enum, default_value_t = Scheme::Int8)]
         scheme: Scheme,
-        /// Which values share a scale and zero point: `tensor`, `channel` (one per row) or `group:G` (G
-        /// consecutive values along a row).
-        #[arg(long, default_value = "channel", value_parser = parse_granularity)]
-        granularity: lowbit::affine::Granularity,
+        /// int8: which values share a scale and zero point: `tensor`, `channel` (one per row, the default) or
+        /// `group:G` (G consecutive values along a row).
+        #[arg(long, value_parser = parse_granularity)]
+        granularity: Option<lowbit::affine::Granularity>,
+        /// nf4: elements per block (32, 64, 128, 256, 512, 1024, 2048 or 4096) [default: 64].
+        #[arg(long, value_parser = parse_blocksize)]
+        blocksize: Option<usize>,
+        /// nf4: double-quantize the block scales (8-bit codes + one f32 per 256 blocks, as QLoRA does).
+        #[arg(long)]
+        double_quant: bool,
         /// Replace OUTPUT if it exists.
         #[arg(long)]
         force: bool,
@@ -124,10 +147,52 @@ enum Command {
 enum Scheme {
     /// Asymmetric 8-bit affine codes with f32 scales and u8 zero points.
     Int8,
+    /// bitsandbytes NF4: 4-bit codes with one f32 (or double-quantized) scale per block.
+    Nf4,
 }
 
 fn parse_granularity(s: &str) -> Result<lowbit::affine::Granularity, String> {
     s.parse().map_err(|e: lowbit::Error| e.to_string())
+}
+
+fn parse_blocksize(s: &str) -> Result<usize, String> {
+    let b: usize = s.parse().map_err(|_| format!("{s:?} is not a block size"))?;
+    lowbit::nf4::check_blocksize(b).map_err(|e| e.to_string())?;
+    Ok(b)
+}
+
+/// Combines the scheme options, rejecting ones that belong to the other scheme (a usage error, exit 2).
+fn quantize_scheme(
+    scheme: Scheme,
+    granularity: Option<lowbit::affine::Granularity>,
+    blocksize: Option<usize>,
+    double_quant: bool,
+) -> quantize::Scheme {
+    let conflict = |arg: &str, scheme: &str| -> ! {
+        let mut cli = Cli::command();
+        cli.build(); // gives the subcommand its full name for the usage line
+        let cmd = cli.find_subcommand_mut("quantize").cloned().unwrap_or(cli);
+        cmd.clone()
+            .error(clap::error::ErrorKind::ArgumentConflict, format!("{arg} does not apply to --scheme {scheme}"))
+            .exit()
+    };
+    match scheme {
+        Scheme::Int8 => {
+            if blocksize.is_some() {
+                conflict("--blocksize", "int8");
+            }
+            if double_quant {
+                conflict("--double-quant", "int8");
+            }
+            quantize::Scheme::Int8(granularity.unwrap_or(lowbit::affine::Granularity::PerChannel))
+        }
+        Scheme::Nf4 => {
+            if granularity.is_some() {
+                conflict("--granularity", "nf4");
+            }
+            quantize::Scheme::Nf4 { blocksize: blocksize.unwrap_or(64), double_quant }
+        }
+    }
 }
 
 fn parse_dtype(s: &str) -> Result<lowbit::DType, String> {
@@ -137,8 +202,9 @@ fn parse_dtype(s: &str) -> Result<lowbit::DType, String> {
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Demo { size } => demo::run(size as usize),
-        Command::Quantize { input, output, scheme: Scheme::Int8, granularity, force } => {
-            quantize::run_int8(&input, &output, granularity, force)
+        Command::Quantize { input, output, scheme, granularity, blocksize, double_quant, force } => {
+            let scheme = quantize_scheme(scheme, granularity, blocksize, double_quant);
+            quantize::run(&input, &output, scheme, force)
         }
         Command::Dequantize { input, output, dtype, force } => dequantize::run(&input, &output, dtype, force),
         Command::Inspect { file, compare } => inspect::run(&file, compare.as_deref()),
@@ -159,7 +225,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -1,5 +1,7 @@
 //! A progress bar on stderr, shown only when stderr is a terminal (so logs and pipes stay clean).
 
+use crate::console;
+use crate::error::CliError;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 
@@ -37,11 +39,11 @@ impl Progress {
         }
     }
 
-    /// Prints a line above the bar (or plainly on stdout when there is no bar).
-    pub fn println(&self, line: &str) {
+    /// Prints a line to stdout without disturbing the bar (which lives on stderr).
+    pub fn println(&self, line: &str) -> Result<(), CliError> {
         match &self.bar {
-            Some(b) => b.println(line),
-            None => println!("{line}"),
+            Some(b) => b.suspend(|| console::line(line)),
+            None => console::line(line),
         }
     }
 }

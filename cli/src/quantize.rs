@@ -1,31 +1,65 @@
-//! `lowbit quantize`: quantizes the floating-point weights of a safetensors file (layout in
-//! [`crate::int8_layout`]).
+//! `lowbit quantize`: quantizes the floating-point weights of a safetensors file, to lowbit's int8 layout
+//! ([`crate::int8_layout`]) or to the bitsandbytes 4-bit layout ([`lowbit::io::bnb`]).
 
+use crate::console;
 use crate::error::{CliError, Context};
-use crate::int8_layout::{self, Int8Layout};
+use crate::int8_layout;
 use crate::output::check_output;
 use crate::progress::Progress;
+use crate::quantized::Layout;
 use lowbit::affine::Granularity;
 use lowbit::io::{float_dtype, SafetensorsFile, TensorData};
-use std::collections::HashSet;
+use lowbit::nf4::FourBitTensor;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+/// What to quantize to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// Asymmetric int8 affine with this granularity (lowbit's layout).
+    Int8(Granularity),
+    /// NF4 blocks in the bitsandbytes layout.
+    Nf4 {
+        /// Elements per block.
+        blocksize: usize,
+        /// Double-quantize the block scales.
+        double_quant: bool,
+    },
+}
+
+impl std::fmt::Display for Scheme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scheme::Int8(g) => write!(f, "int8 {g}"),
+            Scheme::Nf4 { blocksize, double_quant } => {
+                write!(f, "nf4 block:{blocksize}{}", if *double_quant { " with double quantization" } else { "" })
+            }
+        }
+    }
+}
+
 /// Whether a tensor of this dtype and shape is quantized: floating point (F32/F16/BF16) with ≥ 2 dimensions.
-pub fn is_quantizable(dtype: safetensors::Dtype, shape: &[usize]) -> bool {
+pub fn is_quantizable(dtype: Dtype, shape: &[usize]) -> bool {
     float_dtype(dtype).is_some() && shape.len() >= 2
 }
 
-/// Quantizes every quantizable tensor of `input` to int8 with `granularity` and writes `output`.
-pub fn run_int8(input: &Path, output: &Path, granularity: Granularity, force: bool) -> Result<(), CliError> {
+/// Quantizes every quantizable tensor of `input` with `scheme` and writes `output`; other tensors and the
+/// input's metadata are copied.
+pub fn run(input: &Path, output: &Path, scheme: Scheme, force: bool) -> Result<(), CliError> {
     check_output(input, output, force)?;
     let file = SafetensorsFile::open(input)?;
     let st = file.tensors()?;
     let mut metadata = file.metadata()?;
-    if let Some(scheme) = metadata.get(int8_layout::SCHEME_KEY) {
+    if let Some(layout) = Layout::detect(&metadata, &st)? {
+        let what = match layout {
+            Layout::Int8(_) => "lowbit int8",
+            Layout::Bnb(_) => "bitsandbytes 4-bit",
+        };
         return Err(CliError::new(format!(
-            "{} is already quantized (metadata `{}` = {scheme:?}); dequantize it first",
-            input.display(),
-            int8_layout::SCHEME_KEY
+            "{} is already quantized ({what} layout); dequantize it first",
+            input.display()
         )));
     }
     metadata.retain(|k, _| !k.starts_with("lowbit."));
@@ -47,43 +81,77 @@ pub fn run_int8(input: &Path, output: &Path, granularity: Granularity, force: bo
             progress.inc();
             continue;
         }
-        for key in [int8_layout::scale_key(name), int8_layout::zero_point_key(name)] {
-            if all.contains(key.as_str()) {
-                return Err(CliError::new(format!(
-                    "tensor `{name}` cannot be quantized: the input already has a tensor named `{key}`, where its \
-                     parameters would go"
-                )));
-            }
+        let entries = quantize_tensor(name, &view, scheme, &mut metadata).context(|| format!("tensor `{name}`"))?;
+        if let Some((key, _)) = entries.iter().skip(1).find(|(k, _)| all.contains(k.as_str())) {
+            return Err(CliError::new(format!(
+                "tensor `{name}` cannot be quantized: the input already has a tensor named `{key}`, where its \
+                 parameters would go"
+            )));
         }
-        let source = float_dtype(view.dtype()).expect("checked by is_quantizable");
-        let ctx = || format!("tensor `{name}`");
-        let x = lowbit::io::view_to_f32(name, &view).context(ctx)?;
-        let q = lowbit::affine::quantize(&x, view.shape(), granularity).context(ctx)?;
-        for entry in int8_layout::to_tensors(name, &q) {
+        for entry in entries {
             bytes_out += entry.1.data.len();
             out.push(entry);
         }
-        metadata.insert(format!("{}{name}", int8_layout::DTYPE_KEY_PREFIX), source.torch_name().to_string());
         n_quantized += 1;
-        n_params += x.len();
+        n_params += view.shape().iter().product::<usize>();
         progress.inc();
     }
-    metadata.insert(int8_layout::SCHEME_KEY.to_string(), int8_layout::SCHEME_INT8.to_string());
-    metadata.insert(int8_layout::GRANULARITY_KEY.to_string(), granularity.to_string());
-    debug_assert!(Int8Layout::from_metadata(&metadata).is_ok());
+    if let Scheme::Int8(granularity) = scheme {
+        metadata.insert(int8_layout::SCHEME_KEY.to_string(), int8_layout::SCHEME_INT8.to_string());
+        metadata.insert(int8_layout::GRANULARITY_KEY.to_string(), granularity.to_string());
+    }
 
     progress.set_message("writing");
-    lowbit::io::write_safetensors(output, &out, Some(metadata), force)?;
+    let metadata = if metadata.is_empty() { None } else { Some(metadata) };
+    lowbit::io::write_safetensors(output, &out, metadata, force)?;
     drop(progress);
-    println!(
-        "quantized {n_quantized} tensor(s) ({n_params} weights) to int8 {granularity}, copied {} unchanged; \
+    console::line(&format!(
+        "quantized {n_quantized} tensor(s) ({n_params} weights) to {scheme}, copied {} unchanged; \
          {:.2} MiB -> {:.2} MiB; wrote {}",
         names.len() - n_quantized,
         mib(bytes_in),
         mib(bytes_out),
         output.display()
-    );
-    Ok(())
+    ))
+}
+
+/// The entries storing tensor `name` quantized with `scheme` (the codes first), recording what the layout
+/// needs in `metadata`.
+fn quantize_tensor(
+    name: &str,
+    view: &TensorView<'_>,
+    scheme: Scheme,
+    metadata: &mut HashMap<String, String>,
+) -> Result<Vec<(String, TensorData)>, CliError> {
+    let source = float_dtype(view.dtype()).ok_or_else(|| CliError::new("not a floating-point tensor"))?;
+    match scheme {
+        Scheme::Int8(granularity) => {
+            let x = lowbit::io::view_to_f32(name, view)?;
+            let q = lowbit::affine::quantize(&x, view.shape(), granularity)?;
+            metadata.insert(format!("{}{name}", int8_layout::DTYPE_KEY_PREFIX), source.torch_name().to_string());
+            Ok(int8_layout::to_tensors(name, &q).into())
+        }
+        Scheme::Nf4 { blocksize, double_quant } => {
+            let t = quantize_nf4_view(view, blocksize, double_quant)?;
+            Ok(lowbit::io::bnb::to_tensors(name, &t)?)
+        }
+    }
+}
+
+/// NF4-quantizes a floating view in its own element type, so the recorded dtype is the source dtype.
+fn quantize_nf4_view(view: &TensorView<'_>, blocksize: usize, double_quant: bool) -> lowbit::Result<FourBitTensor> {
+    use lowbit::nf4::quantize_nf4;
+    let (d, shape) = (view.data(), view.shape());
+    match view.dtype() {
+        Dtype::F16 => quantize_nf4(&decode(d, lowbit::f16::from_le_bytes), shape, blocksize, double_quant),
+        Dtype::BF16 => quantize_nf4(&decode(d, lowbit::bf16::from_le_bytes), shape, blocksize, double_quant),
+        _ => quantize_nf4(&decode(d, f32::from_le_bytes), shape, blocksize, double_quant),
+    }
+}
+
+/// Decodes little-endian elements of `N` bytes (any alignment).
+fn decode<T, const N: usize>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
+    bytes.chunks_exact(N).map(|c| f(std::array::from_fn(|i| c[i]))).collect()
 }
 
 fn mib(bytes: usize) -> f64 {

@@ -409,3 +409,195 @@ fn demo_small_matches_reference_on_every_path() {
     assert!(!out.contains("MISMATCH"), "{out}");
     assert!(out.contains("match the scalar reference"), "{out}");
 }
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data").join(name)
+}
+
+/// NF4-quantizes a weight in its own element type, as the CLI does (so the recorded dtype is the source's).
+fn nf4_of(w: &Weight, blocksize: usize, dq: bool) -> lowbit::nf4::FourBitTensor {
+    use lowbit::nf4::quantize_nf4;
+    match w.dtype {
+        Dtype::F32 => quantize_nf4(&w.x, &w.shape, blocksize, dq),
+        Dtype::BF16 => {
+            let x: Vec<half::bf16> = w.x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            quantize_nf4(&x, &w.shape, blocksize, dq)
+        }
+        Dtype::F16 => {
+            let x: Vec<half::f16> = w.x.iter().map(|&v| half::f16::from_f32(v)).collect();
+            quantize_nf4(&x, &w.shape, blocksize, dq)
+        }
+        _ => unreachable!(),
+    }
+    .unwrap()
+}
+
+#[test]
+fn nf4_round_trip_writes_the_bitsandbytes_layout() {
+    let dir = tmp();
+    let input = dir.path().join("model.safetensors");
+    write_model(&input);
+    for (blocksize, dq) in [(64, false), (64, true), (32, true)] {
+        let tag = format!("{blocksize}{}", if dq { "dq" } else { "" });
+        let q_path = dir.path().join(format!("nf4-{tag}.safetensors"));
+        let mut args = vec!["quantize", "--scheme", "nf4", s(&input), "-o", s(&q_path)];
+        let bs = blocksize.to_string();
+        if blocksize != 64 {
+            args.extend(["--blocksize", &bs]);
+        }
+        if dq {
+            args.push("--double-quant");
+        }
+        assert_ok(&lowbit(&args));
+
+        // Exactly the entries lowbit::io::bnb writes for the library's own quantization, plus the copies.
+        let qf = SafetensorsFile::open(&q_path).unwrap();
+        let qst = qf.tensors().unwrap();
+        assert!(qf.metadata().unwrap().keys().all(|k| !k.starts_with("lowbit.")), "pure bitsandbytes layout");
+        let mut n_entries = plain_tensors().len();
+        let mut expected = Vec::new();
+        for w in weights() {
+            let t = nf4_of(&w, blocksize, dq);
+            for (key, td) in lowbit::io::bnb::to_tensors(w.name, &t).unwrap() {
+                let v = qst.tensor(&key).unwrap();
+                assert_eq!((v.dtype(), v.shape(), v.data()), (td.dtype, &td.shape[..], &td.data[..]), "{tag} {key}");
+                n_entries += 1;
+            }
+            expected.push((w, t));
+        }
+        assert_eq!(qst.len(), n_entries);
+
+        let o = lowbit(&["inspect", s(&q_path), "--compare", s(&input)]);
+        assert_ok(&o);
+        let listing = stdout(&o);
+        let nested = if dq { " nested" } else { "" };
+        assert!(listing.contains(&format!("nf4 block:{blocksize}{nested} (from bf16)")), "{listing}");
+        assert!(listing.contains("[2, 3, 40]") && !listing.contains(".absmax"), "{listing}");
+
+        // Default dtype: the one each quant state records; values are the library's bits.
+        let d_path = dir.path().join(format!("d-{tag}.safetensors"));
+        assert_ok(&lowbit(&["dequantize", s(&q_path), "-o", s(&d_path)]));
+        let df = SafetensorsFile::open(&d_path).unwrap();
+        let dst = df.tensors().unwrap();
+        assert_eq!(dst.len(), 6, "quantization entries dropped");
+        for (w, t) in &expected {
+            let v = dst.tensor(w.name).unwrap();
+            assert_eq!((v.dtype(), v.shape()), (w.dtype, &w.shape[..]), "{tag} {}", w.name);
+            let lib = match w.dtype {
+                Dtype::F32 => bytemuck::cast_slice::<_, u8>(&t.dequantize::<f32>().unwrap()).to_vec(),
+                Dtype::BF16 => bytemuck::cast_slice::<_, u8>(&t.dequantize::<half::bf16>().unwrap()).to_vec(),
+                _ => bytemuck::cast_slice::<_, u8>(&t.dequantize::<half::f16>().unwrap()).to_vec(),
+            };
+            assert_eq!(v.data(), &lib[..], "{tag} {}", w.name);
+        }
+        let f32_path = dir.path().join(format!("f-{tag}.safetensors"));
+        assert_ok(&lowbit(&["dequantize", s(&q_path), "-o", s(&f32_path), "--dtype", "f32"]));
+        let ff = SafetensorsFile::open(&f32_path).unwrap();
+        for (w, t) in &expected {
+            let v = ff.tensors().unwrap().tensor(w.name).unwrap().clone();
+            assert_eq!(v.dtype(), Dtype::F32);
+            assert_eq!(f32s(&v), t.dequantize::<f32>().unwrap());
+        }
+    }
+}
+
+/// A checkpoint written by bitsandbytes itself (two `Linear4bit` layers: NF4 nested bf16, FP4 f16).
+#[test]
+fn dequantize_real_bitsandbytes_checkpoint() {
+    let dir = tmp();
+    let ckpt = fixture("bnb_linear4bit.safetensors");
+    let expected = SafetensorsFile::open(fixture("bnb_4bit.safetensors")).unwrap();
+    let exp = expected.tensors().unwrap();
+
+    let o = lowbit(&["inspect", s(&ckpt)]);
+    assert_ok(&o);
+    let listing = stdout(&o);
+    assert!(listing.contains("nf4 block:64 nested (from bf16)"), "{listing}");
+    assert!(listing.contains("fp4 block:64 (from f16)"), "{listing}");
+    assert!(listing.contains("4 tensor(s) in 12 entries; 2 quantized"), "{listing}");
+
+    for (dtype, suffix) in [(None, "dequant"), (Some("f32"), "dequant_f32")] {
+        let out = dir.path().join(format!("{suffix}.safetensors"));
+        let mut args = vec!["dequantize", s(&ckpt), "-o", s(&out)];
+        if let Some(d) = dtype {
+            args.extend(["--dtype", d]);
+        }
+        assert_ok(&lowbit(&args));
+        let f = SafetensorsFile::open(&out).unwrap();
+        let st = f.tensors().unwrap();
+        let mut names: Vec<&str> = st.names().into_iter().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "model.layers.0.mlp.down_proj.weight",
+                "model.layers.0.mlp.up_proj.bias",
+                "model.layers.0.mlp.up_proj.weight",
+                "model.norm.weight"
+            ]
+        );
+        for layer in ["down_proj", "up_proj"] {
+            let got = st.tensor(&format!("model.layers.0.mlp.{layer}.weight")).unwrap();
+            let want = exp.tensor(&format!("linear4bit.model.layers.0.mlp.{layer}.{suffix}")).unwrap();
+            assert_eq!((got.dtype(), got.shape()), (want.dtype(), want.shape()), "{layer} {suffix}");
+            assert_eq!(got.data(), want.data(), "{layer} {suffix}: bitsandbytes' reference bits");
+        }
+        let src = SafetensorsFile::open(&ckpt).unwrap();
+        for plain in ["model.layers.0.mlp.up_proj.bias", "model.norm.weight"] {
+            assert_eq!(st.tensor(plain).unwrap().data(), src.tensors().unwrap().tensor(plain).unwrap().data());
+        }
+    }
+}
+
+#[test]
+fn corrupt_bitsandbytes_entries_fail_cleanly() {
+    let dir = tmp();
+    let src = SafetensorsFile::open(fixture("bnb_linear4bit.safetensors")).unwrap();
+    let st = src.tensors().unwrap();
+    let all: Vec<(String, TensorData)> =
+        st.tensors().into_iter().map(|(n, v)| (n.to_string(), TensorData::from_view(&v))).collect();
+    const W: &str = "model.layers.0.mlp.down_proj.weight";
+    type Edit = Box<dyn Fn(&mut Vec<(String, TensorData)>)>;
+    let edits: Vec<(&str, Edit)> = vec![
+        (
+            "short-absmax",
+            Box::new(|t| {
+                let e = t.iter_mut().find(|(n, _)| n == &format!("{W}.absmax")).unwrap();
+                e.1 = TensorData::from_slice(Dtype::F32, vec![3], &[1f32; 3]);
+            }),
+        ),
+        (
+            "bad-json",
+            Box::new(|t| {
+                let e = t.iter_mut().find(|(n, _)| n.ends_with("bitsandbytes__fp4")).unwrap();
+                e.1 = TensorData::from_slice(Dtype::U8, vec![5], b"{oops");
+            }),
+        ),
+        ("no-quant-map", Box::new(|t| t.retain(|(n, _)| n != &format!("{W}.quant_map")))),
+    ];
+    for (what, edit) in edits {
+        let mut t = all.clone();
+        edit(&mut t);
+        let p = dir.path().join(format!("{what}.safetensors"));
+        lowbit::io::write_safetensors(&p, &t, None, false).unwrap();
+        let out = dir.path().join(format!("out-{what}.safetensors"));
+        assert_clean_failure(&lowbit(&["dequantize", s(&p), "-o", s(&out)]), "down_proj");
+        assert_clean_failure(&lowbit(&["inspect", s(&p)]), "down_proj");
+        let q = dir.path().join(format!("q-{what}.safetensors"));
+        assert_clean_failure(&lowbit(&["quantize", s(&p), "-o", s(&q)]), "already quantized");
+        assert!(!out.exists() && !q.exists(), "{what}");
+    }
+}
+
+#[test]
+fn scheme_options_are_checked() {
+    for args in [
+        &["quantize", "a", "-o", "b", "--scheme", "nf4", "--granularity", "channel"][..],
+        &["quantize", "a", "-o", "b", "--blocksize", "64"][..],
+        &["quantize", "a", "-o", "b", "--double-quant"][..],
+        &["quantize", "a", "-o", "b", "--scheme", "nf4", "--blocksize", "48"][..],
+    ] {
+        let o = lowbit(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+}
