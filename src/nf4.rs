@@ -375,11 +375,10 @@ pub fn quantize_4bit_with<T: Element>(
 ) -> Result<FourBitTensor> {
     check_blocksize(blocksize)?;
     shape::check_len("x", x.len(), shape)?;
-    if let Some((index, value)) = crate::cpu::nf4::first_non_finite(x) {
-        return Err(Error::NonFinite { arg: "x".to_string(), index, value });
-    }
     path.check()?;
-    let (packed, absmax) = crate::cpu::nf4::quantize(x, blocksize, format.table(), path);
+    // The kernels see NaN/infinity in their absmax pass (no separate scan) and report the first one.
+    let (packed, absmax) = crate::cpu::nf4::quantize(x, blocksize, format.table(), path)
+        .map_err(|(index, value)| Error::NonFinite { arg: "x".to_string(), index, value })?;
     let scales = if double_quant {
         BlockScales::Double(crate::double_quant::double_quantize(&absmax)?)
     } else {

@@ -37,19 +37,19 @@ fn data(seed: u64, n: usize, bs: usize, kind: u8, exp: i32) -> Vec<f32> {
         match (kind as usize + b) % 7 {
             0 => blk.fill(0.0), // all-zero block
             1 => blk.iter_mut().for_each(|v| {
-                *v = f32::from_bits((r.next() % 0x7f_ffff) as u32) * if r.next() % 2 == 0 { 1.0 } else { -1.0 }
+                *v = f32::from_bits((r.next() % 0x7f_ffff) as u32) * if r.next().is_multiple_of(2) { 1.0 } else { -1.0 }
             }), // subnormals
             2 => {
                 // values exactly on midpoints times a power-of-two absmax (ties must take the lower code)
                 let p = 2f32.powi((r.next() % 40) as i32 - 20);
                 for (i, v) in blk.iter_mut().enumerate() {
                     let m = mids[(r.next() % mids.len() as u64) as usize];
-                    *v = if i == 0 { p } else { m * p * if r.next() % 3 == 0 { -1.0 } else { 1.0 } };
+                    *v = if i == 0 { p } else { m * p * if r.next().is_multiple_of(3) { -1.0 } else { 1.0 } };
                 }
             }
             3 => {
                 let i = (r.next() % blk.len() as u64) as usize; // one huge outlier
-                blk[i] = 3.0e38 * if r.next() % 2 == 0 { 1.0 } else { -1.0 };
+                blk[i] = 3.0e38 * if r.next().is_multiple_of(2) { 1.0 } else { -1.0 };
             }
             _ => {}
         }

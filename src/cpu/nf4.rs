@@ -57,19 +57,10 @@ pub(crate) fn first_non_finite<T: Element>(x: &[T]) -> Option<(usize, f32)> {
 
 // ---------------------------------------------------------------- portable kernels (wide)
 
-/// `max |x|` of a slice (0 when empty).
-pub(crate) fn absmax_portable(x: &[f32]) -> f32 {
-    let mut m = f32x8::splat(0.0);
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        m = m.fast_max(f32x8::new(c.try_into().expect("chunk of 8")).abs());
-    }
-    let mut r = m.to_array().into_iter().fold(0.0f32, f32::max);
-    for &v in tail {
-        r = r.max(v.abs());
-    }
-    r
+/// Largest `|x|` as an f32 bit pattern (0 when empty). Non-negative floats order like their bits, so this is
+/// the exact absmax for finite data, and any value `>= 0x7f80_0000` means a NaN or infinity was seen.
+pub(crate) fn absbits_portable(x: &[f32]) -> u32 {
+    x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff))
 }
 
 /// Codes of one block (or a run of elements inside one block starting at an even offset): writes
@@ -112,7 +103,7 @@ pub(crate) fn dequantize_run_portable(packed: &[u8], absmax: f32, table: &[f32; 
     for (o, p) in out_full.chunks_exact_mut(8).zip(packed[..full / 2].chunks_exact(4)) {
         let v = f32x8::new(std::array::from_fn(|i| {
             let b = p[i / 2];
-            table[if i % 2 == 0 { (b >> 4) as usize } else { (b & 15) as usize }]
+            table[if i.is_multiple_of(2) { (b >> 4) as usize } else { (b & 15) as usize }]
         }));
         o.copy_from_slice(&(v * a).to_array());
     }
@@ -124,12 +115,11 @@ pub(crate) fn dequantize_run_portable(packed: &[u8], absmax: f32, table: &[f32; 
 
 // ---------------------------------------------------------------- per-ISA dispatch
 
-fn absmax_run(isa: Isa, x: &[f32]) -> f32 {
+fn absbits_run(isa: Isa, x: &[f32]) -> u32 {
     match isa {
-        Isa::Scalar => x.iter().fold(0.0f32, |m, v| m.max(v.abs())),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => super::nf4_x86::absmax(isa, x),
-        _ => absmax_portable(x),
+        Isa::Avx2 | Isa::Avx512 => super::nf4_x86::absbits(isa, x),
+        _ => absbits_portable(x),
     }
 }
 
@@ -142,8 +132,16 @@ fn quantize_run(isa: Isa, x: &[f32], absmax: f32, cb: &Codebook, out: &mut [u8])
     }
 }
 
-/// Quantizes a span of whole blocks (the last possibly partial) into `packed` / `absmax`.
-fn quantize_span<T: Element>(isa: Isa, x: &[T], bs: usize, cb: &Codebook, packed: &mut [u8], absmax: &mut [f32]) {
+/// Quantizes a span of whole blocks (the last possibly partial) into `packed` / `absmax`. Stops with `Err` at
+/// the first block holding a NaN or infinity (the absmax pass sees it for free).
+fn quantize_span<T: Element>(
+    isa: Isa,
+    x: &[T],
+    bs: usize,
+    cb: &Codebook,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) -> Result<(), ()> {
     let mut buf = vec![0.0f32; if T::DTYPE == DType::F32 { 0 } else { bs }];
     for ((blk, out), a) in x.chunks(bs).zip(packed.chunks_mut(bs / 2)).zip(absmax.iter_mut()) {
         let xf: &[f32] = if let Some(xf) = as_f32(blk) {
@@ -152,24 +150,39 @@ fn quantize_span<T: Element>(isa: Isa, x: &[T], bs: usize, cb: &Codebook, packed
             T::widen_slice(blk, &mut buf[..blk.len()]);
             &buf[..blk.len()]
         };
-        *a = absmax_run(isa, xf);
+        let bits = absbits_run(isa, xf);
+        if bits >= 0x7f80_0000 {
+            return Err(());
+        }
+        *a = f32::from_bits(bits);
         quantize_run(isa, xf, *a, cb, out);
     }
+    Ok(())
 }
 
-/// Quantizes finite `x` in blocks; returns `(packed, absmax)` identical to [`reference::quantize`].
-pub(crate) fn quantize<T: Element>(x: &[T], bs: usize, table: &[f32; 16], path: Path) -> (Vec<u8>, Vec<f32>) {
+/// Quantizes `x` in blocks; returns `(packed, absmax)` identical to [`reference::quantize`], or the index and
+/// value of the first NaN/infinite element.
+pub(crate) fn quantize<T: Element>(
+    x: &[T],
+    bs: usize,
+    table: &[f32; 16],
+    path: Path,
+) -> Result<(Vec<u8>, Vec<f32>), (usize, f32)> {
     let cb = reference::codebook(table);
     let mut packed = vec![0u8; x.len().div_ceil(2)];
     let mut absmax = vec![0.0f32; x.len().div_ceil(bs)];
-    if use_threads(path, x.len()) {
+    let ok = if use_threads(path, x.len()) {
         let task = PAR_TASK.div_ceil(bs) * bs;
         let items: Vec<_> = x.chunks(task).zip(packed.chunks_mut(task / 2)).zip(absmax.chunks_mut(task / bs)).collect();
-        par_items(items, |((xc, pc), ac)| quantize_span(path.isa, xc, bs, &cb, pc, ac));
+        par_all(items, |((xc, pc), ac)| quantize_span(path.isa, xc, bs, &cb, pc, ac).is_ok())
     } else {
-        quantize_span(path.isa, x, bs, &cb, &mut packed, &mut absmax);
+        quantize_span(path.isa, x, bs, &cb, &mut packed, &mut absmax).is_ok()
+    };
+    if ok {
+        Ok((packed, absmax))
+    } else {
+        Err(first_non_finite(x).unwrap_or((0, f32::NAN)))
     }
-    (packed, absmax)
 }
 
 /// Dequantizes a span that starts at a block boundary: `out.len()` elements.
@@ -236,6 +249,17 @@ fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
 
 fn use_threads(path: Path, n: usize) -> bool {
     cfg!(feature = "rayon") && path.parallel && n >= super::PARALLEL_MIN_ELEMS
+}
+
+/// Runs `job` over every item (in parallel with `rayon`) and reports whether every call returned `true`.
+fn par_all<I: Send, F: Fn(I) -> bool + Sync + Send>(items: Vec<I>, job: F) -> bool {
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        items.into_par_iter().with_min_len(1).map(job).reduce(|| true, |a, b| a && b)
+    }
+    #[cfg(not(feature = "rayon"))]
+    items.into_iter().map(job).fold(true, |a, b| a && b)
 }
 
 /// Runs `job` over every item, in parallel when the `rayon` feature is on. Items own disjoint output and

@@ -17,16 +17,16 @@ use crate::reference::nf4::{self as reference, Codebook};
 use crate::DType;
 use std::arch::x86_64::*;
 
-/// `max |x|` (0 when empty).
-pub(crate) fn absmax(isa: Isa, x: &[f32]) -> f32 {
+/// Largest `|x|` as f32 bits (see `absbits_portable`): exact absmax, `>= 0x7f80_0000` on NaN/infinity.
+pub(crate) fn absbits(isa: Isa, x: &[f32]) -> u32 {
     if isa == Isa::Avx512 && Isa::Avx512.is_available() {
         // SAFETY: AVX-512 F/BW/VL/DQ presence was checked just above.
-        unsafe { absmax_512(x) }
+        unsafe { absbits_512(x) }
     } else if Isa::Avx2.is_available() {
         // SAFETY: AVX2 presence was checked just above.
-        unsafe { absmax_256(x) }
+        unsafe { absbits_256(x) }
     } else {
-        super::nf4::absmax_portable(x)
+        super::nf4::absbits_portable(x)
     }
 }
 
@@ -90,23 +90,22 @@ fn aligned_head<T>(out: &[T], align: usize) -> Option<usize> {
 // ---------------------------------------------------------------- AVX-512
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-unsafe fn absmax_512(x: &[f32]) -> f32 {
+unsafe fn absbits_512(x: &[f32]) -> u32 {
     let mask = _mm512_set1_epi32(0x7fff_ffff);
-    let mut m0 = _mm512_setzero_ps();
-    let mut m1 = _mm512_setzero_ps();
+    let mut m0 = _mm512_setzero_si512();
+    let mut m1 = _mm512_setzero_si512();
     let mut i = 0;
     while i + 32 <= x.len() {
         // SAFETY: i + 32 <= x.len(), unaligned loads.
-        let (a, b) = unsafe { (_mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(x.as_ptr().add(i + 16))) };
-        m0 = _mm512_max_ps(m0, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), mask)));
-        m1 = _mm512_max_ps(m1, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(b), mask)));
+        let (a, b) = unsafe {
+            (_mm512_loadu_si512(x.as_ptr().add(i).cast()), _mm512_loadu_si512(x.as_ptr().add(i + 16).cast()))
+        };
+        m0 = _mm512_max_epu32(m0, _mm512_and_si512(a, mask));
+        m1 = _mm512_max_epu32(m1, _mm512_and_si512(b, mask));
         i += 32;
     }
-    let mut r = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
-    for &v in &x[i..] {
-        r = r.max(v.abs());
-    }
-    r
+    let r = _mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1));
+    x[i..].iter().fold(r, |m, v| m.max(v.to_bits() & 0x7fff_ffff))
 }
 
 /// Sorted-position search: the number of `mids` strictly below each lane of `xn` (mids in lanes 0..15,
@@ -249,26 +248,24 @@ fn bf16_512(y: __m512) -> __m256i {
 // ---------------------------------------------------------------- AVX2
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn absmax_256(x: &[f32]) -> f32 {
-    let mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let mut m0 = _mm256_setzero_ps();
-    let mut m1 = _mm256_setzero_ps();
+unsafe fn absbits_256(x: &[f32]) -> u32 {
+    let mask = _mm256_set1_epi32(0x7fff_ffff);
+    let mut m0 = _mm256_setzero_si256();
+    let mut m1 = _mm256_setzero_si256();
     let mut i = 0;
     while i + 16 <= x.len() {
         // SAFETY: i + 16 <= x.len().
-        let (a, b) = unsafe { (_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i + 8))) };
-        m0 = _mm256_max_ps(m0, _mm256_and_ps(a, mask));
-        m1 = _mm256_max_ps(m1, _mm256_and_ps(b, mask));
+        let (a, b) =
+            unsafe { (_mm256_loadu_si256(x.as_ptr().add(i).cast()), _mm256_loadu_si256(x.as_ptr().add(i + 8).cast())) };
+        m0 = _mm256_max_epu32(m0, _mm256_and_si256(a, mask));
+        m1 = _mm256_max_epu32(m1, _mm256_and_si256(b, mask));
         i += 16;
     }
-    let mut lanes = [0.0f32; 8];
-    // SAFETY: 8-element array.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_max_ps(m0, m1)) };
-    let mut r = lanes.into_iter().fold(0.0f32, f32::max);
-    for &v in &x[i..] {
-        r = r.max(v.abs());
-    }
-    r
+    let mut lanes = [0u32; 8];
+    // SAFETY: 8-element array, unaligned store.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), _mm256_max_epu32(m0, m1)) };
+    let r = lanes.into_iter().fold(0u32, u32::max);
+    x[i..].iter().fold(r, |m, v| m.max(v.to_bits() & 0x7fff_ffff))
 }
 
 /// 16-entry lookup of f32 `lo`/`hi` table halves by the low 4 bits of `idx` (bit 3 picks the half).

@@ -24,9 +24,10 @@ pub fn map_midpoints(map: &[f32; 256]) -> [f32; 255] {
 }
 
 /// Nearest-entry code of a normalised value: the number of midpoints strictly below `xn` (ties go to the lower
-/// code, like `torch.bucketize` with `right=False`).
+/// code, like `torch.bucketize` with `right=False`). The midpoints of a sorted map are sorted, so that count is
+/// the partition point of `m < xn`.
 pub fn code_of(xn: f32, mids: &[f32; 255]) -> u8 {
-    mids.iter().filter(|&&m| xn > m).count() as u8
+    mids.partition_point(|&m| m < xn) as u8
 }
 
 /// Double-quantizes `absmax` with nested blocks of `nested_blocksize` and the sorted `map`; returns

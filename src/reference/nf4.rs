@@ -73,7 +73,7 @@ pub fn quantize<T: Element>(x: &[T], blocksize: usize, table: &[f32; 16]) -> (Ve
         absmax.push(a);
         codes.extend(block.iter().map(|v| code_of(normalise(v.to_f32(), a), &cb)));
     }
-    if codes.len() % 2 == 1 {
+    if !codes.len().is_multiple_of(2) {
         codes.push(pad_code(&cb));
     }
     (pack(&codes), absmax)
