@@ -88,7 +88,7 @@ enum Command {
     /// and print speed and error.
     Demo {
         /// Rows and columns of the synthetic matrix (for quick checks).
-        #[arg(long, default_value_t = 4096, hide = true, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        #[arg(long, default_value_t = 4096, hide = true, value_parser = clap::value_parser!(u32).range(1..=8192))]
         size: u32,
     },
     /// Quantize the floating-point weights of a safetensors file.

@@ -9,6 +9,14 @@ pub fn check_output(input: &Path, output: &Path, force: bool) -> Result<(), CliE
     if output.is_dir() {
         return Err(CliError::new(format!("output {} is a directory; expected a file path", output.display())));
     }
+    let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(CliError::new(format!(
+            "cannot write {}: directory {} does not exist",
+            output.display(),
+            dir.display()
+        )));
+    }
     if !output.exists() {
         return Ok(());
     }

@@ -368,6 +368,10 @@ fn bad_inputs_are_clear_errors() {
     lowbit::io::write_safetensors(&clash, &t, None, false).unwrap();
     assert_clean_failure(&lowbit(&["quantize", s(&clash), "-o", s(&nan_out)]), "w.scale");
 
+    // An output directory that does not exist.
+    let nowhere = dir.path().join("no-such-dir").join("out.safetensors");
+    assert_clean_failure(&lowbit(&["quantize", s(&input), "-o", s(&nowhere)]), "does not exist");
+
     // --compare against a file lacking the tensor.
     assert_clean_failure(&lowbit(&["inspect", s(&out), "--compare", s(&nan)]), "not in the original");
 }
