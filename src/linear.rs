@@ -206,7 +206,7 @@ impl QuantLinear {
 
     /// Validates `x` and the selection and returns `M`.
     pub(crate) fn check_input<T: Element>(&self, x: &[T], sel: AdapterSelection<'_>) -> Result<usize> {
-        if x.len() % self.in_features != 0 {
+        if !x.len().is_multiple_of(self.in_features) {
             return Err(Error::shape(
                 format!("length of x (expected [M, {}] row-major)", self.in_features),
                 x.len(),

@@ -34,14 +34,14 @@ impl LoraAdapter {
         if rank == 0 {
             return Err(Error::invalid("rank", 0, "a LoRA rank of at least 1"));
         }
-        if a.len() % rank != 0 || a.is_empty() {
+        if !a.len().is_multiple_of(rank) || a.is_empty() {
             return Err(Error::shape(
                 format!("length of lora_A of adapter `{name}` (rank {rank})"),
                 a.len(),
                 "a positive multiple of the rank ([rank, in])",
             ));
         }
-        if b.len() % rank != 0 || b.is_empty() {
+        if !b.len().is_multiple_of(rank) || b.is_empty() {
             return Err(Error::shape(
                 format!("length of lora_B of adapter `{name}` (rank {rank})"),
                 b.len(),

@@ -18,7 +18,7 @@ pub fn as_matrix(shape: &[usize]) -> Result<(usize, usize)> {
     let n = numel(shape)?;
     match shape.split_last() {
         None => Ok((1, 1)),
-        Some((&cols, rest)) => Ok((if cols == 0 { numel(rest)? } else { n / cols }, cols)),
+        Some((&cols, rest)) => Ok((n.checked_div(cols).map_or_else(|| numel(rest), Ok)?, cols)),
     }
 }
 

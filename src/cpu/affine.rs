@@ -263,16 +263,14 @@ pub(crate) fn dequantize<T: Element>(t: &AffineTensor, out: &mut [T], path: Path
             }
             let gl = g.group_len(cols);
             let per_row = g.num_params(1, cols);
-            let job = |(((c, o), s), z): (((&[u8], &mut [T]), &[f32]), &[u8])| {
-                for (((cc, oo), &scale), &zero_point) in c.chunks(gl).zip(o.chunks_mut(gl)).zip(s).zip(z) {
+            let job = |(r, (c, o)): (usize, (&[u8], &mut [T]))| {
+                let entries = r * per_row..(r + 1) * per_row;
+                let params = t.scales[entries.clone()].iter().zip(&t.zero_points[entries]);
+                for ((cc, oo), (&scale, &zero_point)) in c.chunks(gl).zip(o.chunks_mut(gl)).zip(params) {
                     dequantize_elems(path.isa, cc, AffineParams { scale, zero_point }, oo, stream);
                 }
             };
-            let it = codes
-                .chunks(cols)
-                .zip(out.chunks_mut(cols))
-                .zip(t.scales.chunks(per_row))
-                .zip(t.zero_points.chunks(per_row));
+            let it = codes.chunks(cols).zip(out.chunks_mut(cols)).enumerate();
             if use_threads(path, codes.len()) {
                 par_rows(it.collect(), job);
             } else {

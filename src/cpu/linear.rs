@@ -4,13 +4,13 @@
 //! results never depend on the thread count. Inside a block the loop runs over chunks of [`KC`] input
 //! features: each `[TILE_ROWS × KC]` tile of `W` is decoded once into L1-resident scratch (values bit-identical
 //! to the reference dequantization) and multiplied against every row of `x` by a register-blocked micro-kernel
-//! (`MR` rows of `x` × `NR` rows of `W`, 16 lanes each). At M = 1 this streams the packed weight once (a GEMV);
+//! (`MR` rows of `x` × `NR` rows of `W`, one SIMD accumulator each). At M = 1 this streams the packed weight once (a GEMV);
 //! at larger M the same decoded tile is reused by all M rows (a GEMM). The LoRA shrink `t = x·Aᵀ` is computed
 //! once per row before the pass; bias and the expand `s·t·Bᵀ` are added in the same output pass.
 //!
-//! The micro-kernels are written as plain fixed-size loops and compiled three times: portable (mul + add), and
-//! inside `#[target_feature]` wrappers for AVX2+FMA and AVX-512 (fused multiply-add), where LLVM vectorizes
-//! them to the full register width. The 4-bit decode uses table lookups in registers on x86
+//! The micro-kernels are generic over a small vector trait [`Vf`] and instantiated three times: portable
+//! (`wide::f32x8`, multiply then add), and inside `#[target_feature]` wrappers with `__m256` (AVX2 + FMA) and
+//! `__m512` (AVX-512), fused multiply-add. The 4-bit decode uses table lookups in registers on x86
 //! (`linear_x86.rs`) and a 256-entry byte→pair table elsewhere.
 
 use crate::affine::Granularity;
@@ -18,19 +18,29 @@ use crate::cpu::{Isa, Path};
 use crate::linear::{AdapterSelection, QuantLinear, QuantWeight};
 
 /// Input features per chunk (the K-blocking of the GEMM).
-pub(crate) const KC: usize = 256;
+pub(crate) const KC: usize = 1024;
 /// Rows of `W` decoded per tile (`TILE_ROWS × KC` f32 = 16 KiB: fits L1 next to the `x` chunk).
 const TILE_ROWS: usize = 16;
 /// Output features per task.
 const OUT_BLOCK: usize = 64;
+/// Up to this many rows of `x`, the weight is swept tile by tile along K (GEMV order).
+const GEMV_MAX_M: usize = 8;
 /// Micro-kernel: rows of `x` × rows of `W`, each a 16-lane accumulator.
 const MR: usize = 4;
 const NR: usize = 4;
-const LANES: usize = 16;
 
-/// Decodes `W[o, k0..k0 + out.len()]` into `out`, bit-identical to the reference dequantization.
+/// Decodes 4-bit weights: `out[i] = table[code(flat + i)] * scales[(flat + i) >> shift]`, bit-identical to
+/// the reference dequantization. `shift = log2(blocksize)`; the range may cross block boundaries.
 pub(crate) trait Decoder {
-    fn four_bit(packed: &[u8], flat: usize, table: &[f32; 16], pairs: &[[f32; 2]; 256], scale: f32, out: &mut [f32]);
+    fn four_bit(
+        packed: &[u8],
+        flat: usize,
+        table: &[f32; 16],
+        pairs: &[[f32; 2]; 256],
+        scales: &[f32],
+        shift: u32,
+        out: &mut [f32],
+    );
 }
 
 /// Portable 4-bit decoding through a 256-entry table of (high nibble, low nibble) values.
@@ -38,8 +48,35 @@ pub(crate) struct PortableDecoder;
 
 impl Decoder for PortableDecoder {
     #[inline(always)]
-    fn four_bit(packed: &[u8], flat: usize, table: &[f32; 16], pairs: &[[f32; 2]; 256], scale: f32, out: &mut [f32]) {
-        four_bit_pairs(packed, flat, table, pairs, scale, out)
+    fn four_bit(
+        packed: &[u8],
+        flat: usize,
+        table: &[f32; 16],
+        pairs: &[[f32; 2]; 256],
+        scales: &[f32],
+        shift: u32,
+        out: &mut [f32],
+    ) {
+        four_bit_segments(packed, flat, table, pairs, scales, shift, out)
+    }
+}
+
+/// Splits a range at block boundaries and decodes each piece with [`four_bit_pairs`].
+#[inline(always)]
+pub(crate) fn four_bit_segments(
+    packed: &[u8],
+    flat: usize,
+    table: &[f32; 16],
+    pairs: &[[f32; 2]; 256],
+    scales: &[f32],
+    shift: u32,
+    out: &mut [f32],
+) {
+    let (mut f, end) = (flat, flat + out.len());
+    while f < end {
+        let seg_end = (((f >> shift) + 1) << shift).min(end);
+        four_bit_pairs(packed, f, table, pairs, scales[f >> shift], &mut out[f - flat..seg_end - flat]);
+        f = seg_end;
     }
 }
 
@@ -93,14 +130,7 @@ fn decode_tile<D: Decoder>(job: &Job<'_>, o0: usize, rows: usize, k0: usize, kc:
         match job.layer.weight() {
             QuantWeight::Int8(t) => {
                 let codes = &t.codes()[o * n_in + k0..o * n_in + k0 + kc];
-                let run = |entry: usize, codes: &[u8], out: &mut [f32]| {
-                    let scale = t.scales()[entry];
-                    let zp = t.zero_points()[entry] as f32;
-                    for (d, &c) in out.iter_mut().zip(codes) {
-                        // (c - zp) is an exact small integer: one rounding, as the reference.
-                        *d = (c as f32 - zp) * scale;
-                    }
-                };
+                let run = |e: usize, c: &[u8], o: &mut [f32]| int8_run(c, t.scales()[e], t.zero_points()[e], o);
                 match t.granularity() {
                     Granularity::PerTensor => run(0, codes, out),
                     Granularity::PerChannel => run(o, codes, out),
@@ -116,135 +146,180 @@ fn decode_tile<D: Decoder>(job: &Job<'_>, o0: usize, rows: usize, k0: usize, kc:
                 }
             }
             QuantWeight::FourBit(t) => {
-                let bs = t.blocksize();
-                let scales = &job.layer.block_scales;
-                let mut f = o * n_in + k0;
-                let end = f + kc;
-                while f < end {
-                    let seg_end = ((f / bs + 1) * bs).min(end);
-                    let off = f - (o * n_in + k0);
-                    D::four_bit(t.packed(), f, t.table(), job.pairs, scales[f / bs], &mut out[off..off + seg_end - f]);
-                    f = seg_end;
-                }
+                let shift = t.blocksize().trailing_zeros();
+                D::four_bit(t.packed(), o * n_in + k0, t.table(), job.pairs, &job.layer.block_scales, shift, out);
             }
         }
     }
 }
 
-/// `acc[i][j] += Σ_k x_i[k] · w_j[k]` over one chunk, 16 lanes per pair, lanes summed in a fixed tree.
+/// `out[i] = (codes[i] - zero_point) * scale`: the exact integer difference times the scale, one rounding.
 #[inline(always)]
-fn micro_kernel<const FMA: bool>(xs: [&[f32]; MR], ws: [&[f32]; NR], kc: usize, acc: &mut [[f32; NR]; MR]) {
-    let mut lanes = [[[0.0f32; LANES]; NR]; MR];
-    let full = kc / LANES * LANES;
-    let mut k = 0;
-    while k < full {
-        for i in 0..MR {
-            let xv: &[f32; LANES] = xs[i][k..k + LANES].try_into().expect("16 lanes");
-            for j in 0..NR {
-                let wv: &[f32; LANES] = ws[j][k..k + LANES].try_into().expect("16 lanes");
-                for l in 0..LANES {
-                    lanes[i][j][l] = fmadd::<FMA>(xv[l], wv[l], lanes[i][j][l]);
-                }
-            }
-        }
-        k += LANES;
-    }
-    for i in 0..MR {
-        for j in 0..NR {
-            for (l, kk) in (full..kc).enumerate() {
-                lanes[i][j][l] = fmadd::<FMA>(xs[i][kk], ws[j][kk], lanes[i][j][l]);
-            }
-            acc[i][j] += sum_lanes(&lanes[i][j]);
-        }
+fn int8_run(codes: &[u8], scale: f32, zero_point: u8, out: &mut [f32]) {
+    let zp = zero_point as f32;
+    for (d, &c) in out.iter_mut().zip(codes) {
+        *d = (c as f32 - zp) * scale;
     }
 }
 
-#[inline(always)]
-fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
+/// A vector of f32 lanes, as the micro-kernels need it. Implemented by `wide::f32x8` (portable, separate
+/// multiply and add) and by `__m256` / `__m512` in `linear_x86.rs` (fused multiply-add).
+pub(crate) trait Vf: Copy {
+    /// Lanes per vector.
+    const LANES: usize;
+    fn zero() -> Self;
+    /// Loads `LANES` floats from `s[0..LANES]` (caller guarantees the length).
+    fn load(s: &[f32]) -> Self;
+    /// `a * b + c`.
+    fn fmadd(a: Self, b: Self, c: Self) -> Self;
+    /// Sum of the lanes in a fixed order.
+    fn hsum(self) -> f32;
+}
+
+impl Vf for wide::f32x8 {
+    const LANES: usize = 8;
+    #[inline(always)]
+    fn zero() -> Self {
+        wide::f32x8::ZERO
+    }
+    #[inline(always)]
+    fn load(s: &[f32]) -> Self {
+        wide::f32x8::new(s[..8].try_into().expect("8 lanes"))
+    }
+    #[inline(always)]
+    fn fmadd(a: Self, b: Self, c: Self) -> Self {
         a * b + c
     }
+    #[inline(always)]
+    fn hsum(self) -> f32 {
+        self.reduce_add()
+    }
 }
 
+/// `acc[i][j] += Σ_k x_i[k] · w_j[k]` over one chunk for `R` rows of `x` and `NR` rows of `W`, one vector
+/// accumulator per pair, lanes summed once per chunk; a scalar tail finishes `kc % LANES`.
 #[inline(always)]
-fn sum_lanes(v: &[f32; LANES]) -> f32 {
-    let mut h = *v;
-    let mut w = LANES / 2;
-    while w > 0 {
-        for l in 0..w {
-            h[l] += h[l + w];
+fn micro_kernel<V: Vf, const R: usize>(xs: [&[f32]; MR], ws: [&[f32]; NR], kc: usize, acc: &mut [[f32; NR]; MR]) {
+    let mut v = [[V::zero(); NR]; R];
+    let full = kc / V::LANES * V::LANES;
+    let mut k = 0;
+    while k < full {
+        let w: [V; NR] = std::array::from_fn(|j| V::load(&ws[j][k..]));
+        for i in 0..R {
+            let xv = V::load(&xs[i][k..]);
+            for j in 0..NR {
+                v[i][j] = V::fmadd(xv, w[j], v[i][j]);
+            }
         }
-        w /= 2;
+        k += V::LANES;
     }
-    h[0]
+    for i in 0..R {
+        for j in 0..NR {
+            let mut tail = 0.0f32;
+            for kk in full..kc {
+                tail += xs[i][kk] * ws[j][kk];
+            }
+            acc[i][j] += v[i][j].hsum() + tail;
+        }
+    }
 }
 
-/// Dot product with 16 lane accumulators (used for the LoRA shrink).
+/// Dot product with one vector accumulator (used for the LoRA shrink and expand).
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    let full = a.len() / LANES * LANES;
-    for (ca, cb) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
-        for l in 0..LANES {
-            lanes[l] = fmadd::<FMA>(ca[l], cb[l], lanes[l]);
+fn dot<V: Vf>(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let full = n / V::LANES * V::LANES;
+    let mut acc = V::zero();
+    let mut k = 0;
+    while k < full {
+        acc = V::fmadd(V::load(&a[k..]), V::load(&b[k..]), acc);
+        k += V::LANES;
+    }
+    let mut tail = 0.0f32;
+    for kk in full..n {
+        tail += a[kk] * b[kk];
+    }
+    acc.hsum() + tail
+}
+
+/// One tile of `W` (rows `t0..t0+TILE_ROWS` of the block, K-chunk at `k0`) decoded and multiplied into `out`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile_pass<V: Vf, D: Decoder>(
+    job: &Job<'_>,
+    o0: usize,
+    ob: usize,
+    t0: usize,
+    k0: usize,
+    tile: &mut [f32],
+    zeros: &[f32; KC],
+    out: &mut [f32],
+) {
+    let (n_in, m) = (job.layer.in_features(), job.m);
+    let kc = KC.min(n_in - k0);
+    let rows = TILE_ROWS.min(ob - t0);
+    decode_tile::<D>(job, o0 + t0, rows, k0, kc, tile);
+    let mut i0 = 0;
+    while i0 < m {
+        let xs: [&[f32]; MR] = std::array::from_fn(|i| {
+            let r = i0 + i;
+            if r < m {
+                &job.x[r * n_in + k0..r * n_in + k0 + kc]
+            } else {
+                &zeros[..kc]
+            }
+        });
+        let mut j0 = 0;
+        while j0 < rows {
+            let ws: [&[f32]; NR] = std::array::from_fn(|j| {
+                if j0 + j < rows {
+                    &tile[(j0 + j) * KC..(j0 + j) * KC + kc]
+                } else {
+                    &zeros[..kc]
+                }
+            });
+            let mut acc = [[0.0f32; NR]; MR];
+            match m - i0 {
+                1 => micro_kernel::<V, 1>(xs, ws, kc, &mut acc),
+                2 => micro_kernel::<V, 2>(xs, ws, kc, &mut acc),
+                3 => micro_kernel::<V, 3>(xs, ws, kc, &mut acc),
+                _ => micro_kernel::<V, MR>(xs, ws, kc, &mut acc),
+            }
+            for (i, acc_row) in acc.iter().enumerate().take((m - i0).min(MR)) {
+                let y_row = &mut out[(i0 + i) * ob..(i0 + i + 1) * ob];
+                for (j, a) in acc_row.iter().enumerate().take((rows - j0).min(NR)) {
+                    y_row[t0 + j0 + j] += a;
+                }
+            }
+            j0 += NR;
         }
+        i0 += MR;
     }
-    for (l, k) in (full..a.len()).enumerate() {
-        lanes[l] = fmadd::<FMA>(a[k], b[k], lanes[l]);
-    }
-    sum_lanes(&lanes)
 }
 
 /// Computes `y[:, o0..o0+ob]` into `out` (`[m, ob]` row-major).
 #[inline(always)]
-pub(crate) fn block_job<const FMA: bool, D: Decoder>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
+pub(crate) fn block_job<V: Vf, D: Decoder>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
     let layer = job.layer;
     let (n_in, m) = (layer.in_features(), job.m);
     let zeros = [0.0f32; KC];
     let mut tile = vec![0.0f32; TILE_ROWS * KC];
-    let mut k0 = 0;
-    while k0 < n_in {
-        let kc = KC.min(n_in - k0);
-        let mut t0 = 0;
-        while t0 < ob {
-            let rows = TILE_ROWS.min(ob - t0);
-            decode_tile::<D>(job, o0 + t0, rows, k0, kc, &mut tile);
-            let mut i0 = 0;
-            while i0 < m {
-                let xs: [&[f32]; MR] = std::array::from_fn(|i| {
-                    let r = i0 + i;
-                    if r < m {
-                        &job.x[r * n_in + k0..r * n_in + k0 + kc]
-                    } else {
-                        &zeros[..kc]
-                    }
-                });
-                let mut j0 = 0;
-                while j0 < rows {
-                    let ws: [&[f32]; NR] = std::array::from_fn(|j| {
-                        if j0 + j < rows {
-                            &tile[(j0 + j) * KC..(j0 + j) * KC + kc]
-                        } else {
-                            &zeros[..kc]
-                        }
-                    });
-                    let mut acc = [[0.0f32; NR]; MR];
-                    micro_kernel::<FMA>(xs, ws, kc, &mut acc);
-                    for (i, acc_row) in acc.iter().enumerate().take((m - i0).min(MR)) {
-                        let y_row = &mut out[(i0 + i) * ob..(i0 + i + 1) * ob];
-                        for (j, a) in acc_row.iter().enumerate().take((rows - j0).min(NR)) {
-                            y_row[t0 + j0 + j] += a;
-                        }
-                    }
-                    j0 += NR;
-                }
-                i0 += MR;
+    // Both orders add the chunks of each output in the same order (k ascending), so they give the same bits.
+    if m <= GEMV_MAX_M {
+        // Few rows of x (all in cache): sweep each tile of W across all of K, so the packed weight is read as a
+        // few long contiguous streams.
+        for t0 in (0..ob).step_by(TILE_ROWS) {
+            for k0 in (0..n_in).step_by(KC) {
+                tile_pass::<V, D>(job, o0, ob, t0, k0, &mut tile, &zeros, out);
             }
-            t0 += TILE_ROWS;
         }
-        k0 += kc;
+    } else {
+        // Many rows: keep one K-chunk of x (m × KC) hot in L2 while every tile of W passes over it.
+        for k0 in (0..n_in).step_by(KC) {
+            for t0 in (0..ob).step_by(TILE_ROWS) {
+                tile_pass::<V, D>(job, o0, ob, t0, k0, &mut tile, &zeros, out);
+            }
+        }
     }
     // Output pass: bias, then each applicable adapter's expand term.
     for r in 0..m {
@@ -262,7 +337,7 @@ pub(crate) fn block_job<const FMA: bool, D: Decoder>(job: &Job<'_>, o0: usize, o
             let s = ad.scaling();
             for (j, y) in y_row.iter_mut().enumerate() {
                 let o = o0 + j;
-                *y += s * dot::<FMA>(t_row, &ad.b()[o * rank..(o + 1) * rank]);
+                *y += s * dot::<V>(t_row, &ad.b()[o * rank..(o + 1) * rank]);
             }
         }
     }
@@ -270,7 +345,7 @@ pub(crate) fn block_job<const FMA: bool, D: Decoder>(job: &Job<'_>, o0: usize, o
 
 /// The LoRA shrink `t = x·Aᵀ` for every adapter used by some row (rows that do not use it stay zero).
 #[inline(always)]
-pub(crate) fn shrink_all<const FMA: bool>(
+pub(crate) fn shrink_all<V: Vf>(
     layer: &QuantLinear,
     x: &[f32],
     m: usize,
@@ -290,7 +365,7 @@ pub(crate) fn shrink_all<const FMA: bool>(
             for r in rows {
                 let xr = &x[r * n_in..(r + 1) * n_in];
                 for k in 0..ad.rank() {
-                    t[r * ad.rank() + k] = dot::<FMA>(xr, &ad.a()[k * n_in..(k + 1) * n_in]);
+                    t[r * ad.rank() + k] = dot::<V>(xr, &ad.a()[k * n_in..(k + 1) * n_in]);
                 }
             }
             Some(t)
@@ -314,7 +389,7 @@ pub(crate) fn forward(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSele
     let shrink = match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => super::linear_x86::shrink_all(isa, layer, x, m, sel),
-        _ => shrink_all::<false>(layer, x, m, sel),
+        _ => shrink_all::<wide::f32x8>(layer, x, m, sel),
     };
     let job = Job { layer, x, m, pairs: &pairs, shrink: &shrink, sel };
     let blocks: Vec<(usize, usize)> = (0..n_out).step_by(OUT_BLOCK).map(|o0| (o0, OUT_BLOCK.min(n_out - o0))).collect();
@@ -323,7 +398,7 @@ pub(crate) fn forward(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSele
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Avx512 => super::linear_x86::block_job(isa, &job, o0, ob, &mut out),
-            _ => block_job::<false, PortableDecoder>(&job, o0, ob, &mut out),
+            _ => block_job::<wide::f32x8, PortableDecoder>(&job, o0, ob, &mut out),
         }
         out
     };

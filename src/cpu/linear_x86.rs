@@ -2,7 +2,9 @@
 //! `#[target_feature]` functions (so LLVM vectorizes them to AVX2 / AVX-512 with FMA), and 4-bit decoders that
 //! look the 16-entry table up in registers.
 
-use super::linear::{block_job as generic_block_job, four_bit_pairs, shrink_all as generic_shrink, Decoder, Job};
+use super::linear::{
+    block_job as generic_block_job, four_bit_segments, shrink_all as generic_shrink, Decoder, Job, Vf,
+};
 use crate::cpu::Isa;
 use crate::linear::{AdapterSelection, QuantLinear};
 use std::arch::x86_64::*;
@@ -35,22 +37,85 @@ pub(crate) fn shrink_all(
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
 unsafe fn block_job_avx512(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
-    generic_block_job::<true, Avx512Decoder>(job, o0, ob, out)
+    generic_block_job::<V512, Avx512Decoder>(job, o0, ob, out)
 }
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_job_avx2(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
-    generic_block_job::<true, Avx2Decoder>(job, o0, ob, out)
+    generic_block_job::<V256, Avx2Decoder>(job, o0, ob, out)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
 unsafe fn shrink_avx512(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSelection<'_>) -> Vec<Option<Vec<f32>>> {
-    generic_shrink::<true>(layer, x, m, sel)
+    generic_shrink::<V512>(layer, x, m, sel)
 }
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn shrink_avx2(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSelection<'_>) -> Vec<Option<Vec<f32>>> {
-    generic_shrink::<true>(layer, x, m, sel)
+    generic_shrink::<V256>(layer, x, m, sel)
+}
+
+/// 16 f32 lanes in an AVX-512 register. Only used inside `block_job_avx512` / `shrink_avx512`, which enable
+/// AVX-512 after a run-time check, so the intrinsics below always run on a CPU that has them.
+#[derive(Clone, Copy)]
+struct V512(__m512);
+
+impl Vf for V512 {
+    const LANES: usize = 16;
+    #[inline(always)]
+    fn zero() -> Self {
+        // SAFETY: AVX-512F is enabled in every caller (see the type's docs).
+        V512(unsafe { _mm512_setzero_ps() })
+    }
+    #[inline(always)]
+    fn load(s: &[f32]) -> Self {
+        assert!(s.len() >= 16);
+        // SAFETY: 16 floats are in bounds (asserted); unaligned load; AVX-512F enabled in every caller.
+        V512(unsafe { _mm512_loadu_ps(s.as_ptr()) })
+    }
+    #[inline(always)]
+    fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: AVX-512F enabled in every caller.
+        V512(unsafe { _mm512_fmadd_ps(a.0, b.0, c.0) })
+    }
+    #[inline(always)]
+    fn hsum(self) -> f32 {
+        // SAFETY: AVX-512F enabled in every caller.
+        unsafe { _mm512_reduce_add_ps(self.0) }
+    }
+}
+
+/// 8 f32 lanes in an AVX register with FMA; only used inside the AVX2 wrappers (run-time checked).
+#[derive(Clone, Copy)]
+struct V256(__m256);
+
+impl Vf for V256 {
+    const LANES: usize = 8;
+    #[inline(always)]
+    fn zero() -> Self {
+        // SAFETY: AVX enabled in every caller.
+        V256(unsafe { _mm256_setzero_ps() })
+    }
+    #[inline(always)]
+    fn load(s: &[f32]) -> Self {
+        assert!(s.len() >= 8);
+        // SAFETY: 8 floats in bounds (asserted); unaligned load; AVX enabled in every caller.
+        V256(unsafe { _mm256_loadu_ps(s.as_ptr()) })
+    }
+    #[inline(always)]
+    fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        // SAFETY: FMA enabled in every caller.
+        V256(unsafe { _mm256_fmadd_ps(a.0, b.0, c.0) })
+    }
+    #[inline(always)]
+    fn hsum(self) -> f32 {
+        // SAFETY: AVX enabled in every caller; fixed reduction order (high half + low half, then pairs).
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(self.0), _mm256_extractf128_ps::<1>(self.0));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+        }
+    }
 }
 
 /// Expands 8 packed bytes (16 codes, first in the high nibble) to 16 bytes in element order.
@@ -62,34 +127,59 @@ unsafe fn nibbles16(bytes: __m128i) -> __m128i {
     _mm_unpacklo_epi8(hi, lo)
 }
 
+/// Decodes the 16-aligned middle of a range 16 codes at a time with `lookup16(8 packed bytes, scale)`; heads
+/// and tails go through the portable segment decoder. Block sizes are multiples of 16, so an aligned group of
+/// 16 codes never crosses a block.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn four_bit_aligned(
+    packed: &[u8],
+    flat: usize,
+    table: &[f32; 16],
+    pairs: &[[f32; 2]; 256],
+    scales: &[f32],
+    shift: u32,
+    out: &mut [f32],
+    mut store16: impl FnMut(&[u8; 8], f32, &mut [f32]),
+) {
+    let n = out.len();
+    let head = ((16 - flat % 16) % 16).min(n);
+    four_bit_segments(packed, flat, table, pairs, scales, shift, &mut out[..head]);
+    let mut i = head;
+    while i + 16 <= n {
+        let f = flat + i;
+        let bytes: &[u8; 8] = packed[f / 2..f / 2 + 8].try_into().expect("8 bytes");
+        store16(bytes, scales[f >> shift], &mut out[i..i + 16]);
+        i += 16;
+    }
+    four_bit_segments(packed, flat + i, table, pairs, scales, shift, &mut out[i..]);
+}
+
 struct Avx512Decoder;
 
 impl Decoder for Avx512Decoder {
     #[inline(always)]
-    fn four_bit(packed: &[u8], flat: usize, table: &[f32; 16], pairs: &[[f32; 2]; 256], scale: f32, out: &mut [f32]) {
-        // SAFETY: only reached from `block_job_avx512`, which has AVX-512 F/BW enabled and was called after a
-        // run-time check; every load reads 8 bytes inside `packed` (checked below) and every store 16 floats
-        // inside `out`.
-        unsafe {
-            let n = out.len();
-            let mut i = 0;
-            if flat & 1 == 1 && n > 0 {
-                four_bit_pairs(packed, flat, table, pairs, scale, &mut out[..1]);
-                i = 1;
-            }
-            let tab = _mm512_loadu_ps(table.as_ptr());
-            let s = _mm512_set1_ps(scale);
-            while i + 16 <= n {
-                let byte = (flat + i) >> 1;
-                debug_assert!(byte + 8 <= packed.len());
-                let b = _mm_loadl_epi64(packed.as_ptr().add(byte) as *const __m128i);
+    fn four_bit(
+        packed: &[u8],
+        flat: usize,
+        table: &[f32; 16],
+        pairs: &[[f32; 2]; 256],
+        scales: &[f32],
+        shift: u32,
+        out: &mut [f32],
+    ) {
+        // SAFETY: only reached from `block_job_avx512`, which enables AVX-512 F/BW after a run-time check.
+        let tab = unsafe { _mm512_loadu_ps(table.as_ptr()) };
+        four_bit_aligned(packed, flat, table, pairs, scales, shift, out, |bytes, scale, dst| {
+            assert!(dst.len() >= 16);
+            // SAFETY: AVX-512 enabled (see above); reads the 8 bytes of `bytes`, writes 16 floats of `dst`.
+            unsafe {
+                let b = _mm_loadl_epi64(bytes.as_ptr() as *const __m128i);
                 let idx = _mm512_cvtepu8_epi32(nibbles16(b));
-                let v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, tab), s);
-                _mm512_storeu_ps(out.as_mut_ptr().add(i), v);
-                i += 16;
+                let v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, tab), _mm512_set1_ps(scale));
+                _mm512_storeu_ps(dst.as_mut_ptr(), v);
             }
-            four_bit_pairs(packed, flat + i, table, pairs, scale, &mut out[i..]);
-        }
+        });
     }
 }
 
@@ -97,36 +187,34 @@ struct Avx2Decoder;
 
 impl Decoder for Avx2Decoder {
     #[inline(always)]
-    fn four_bit(packed: &[u8], flat: usize, table: &[f32; 16], pairs: &[[f32; 2]; 256], scale: f32, out: &mut [f32]) {
-        // SAFETY: only reached from `block_job_avx2` (AVX2 enabled, checked at run time); each load reads 8
-        // bytes inside `packed` and each iteration stores 16 floats inside `out`.
-        unsafe {
-            let n = out.len();
-            let mut i = 0;
-            if flat & 1 == 1 && n > 0 {
-                four_bit_pairs(packed, flat, table, pairs, scale, &mut out[..1]);
-                i = 1;
-            }
-            let lo_tab = _mm256_loadu_ps(table.as_ptr());
-            let hi_tab = _mm256_loadu_ps(table.as_ptr().add(8));
-            let s = _mm256_set1_ps(scale);
-            let lookup = |idx: __m256i| {
-                let lo = _mm256_permutevar8x32_ps(lo_tab, idx);
-                let hi = _mm256_permutevar8x32_ps(hi_tab, idx);
-                // Bit 3 of the code picks the upper half of the table: move it to the sign bit for blendv.
-                _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-            };
-            while i + 16 <= n {
-                let byte = (flat + i) >> 1;
-                debug_assert!(byte + 8 <= packed.len());
-                let codes = nibbles16(_mm_loadl_epi64(packed.as_ptr().add(byte) as *const __m128i));
+    fn four_bit(
+        packed: &[u8],
+        flat: usize,
+        table: &[f32; 16],
+        pairs: &[[f32; 2]; 256],
+        scales: &[f32],
+        shift: u32,
+        out: &mut [f32],
+    ) {
+        // SAFETY: only reached from `block_job_avx2`, which enables AVX2 after a run-time check.
+        let (lo_tab, hi_tab) = unsafe { (_mm256_loadu_ps(table.as_ptr()), _mm256_loadu_ps(table.as_ptr().add(8))) };
+        four_bit_aligned(packed, flat, table, pairs, scales, shift, out, |bytes, scale, dst| {
+            assert!(dst.len() >= 16);
+            // SAFETY: AVX2 enabled (see above); reads the 8 bytes of `bytes`, writes 16 floats of `dst`.
+            unsafe {
+                let lookup = |idx: __m256i| {
+                    let lo = _mm256_permutevar8x32_ps(lo_tab, idx);
+                    let hi = _mm256_permutevar8x32_ps(hi_tab, idx);
+                    // Bit 3 of the code picks the upper half of the table: move it to the sign bit for blendv.
+                    _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+                };
+                let s = _mm256_set1_ps(scale);
+                let codes = nibbles16(_mm_loadl_epi64(bytes.as_ptr() as *const __m128i));
                 let a = _mm256_mul_ps(lookup(_mm256_cvtepu8_epi32(codes)), s);
-                let b = _mm256_mul_ps(lookup(_mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8))), s);
-                _mm256_storeu_ps(out.as_mut_ptr().add(i), a);
-                _mm256_storeu_ps(out.as_mut_ptr().add(i + 8), b);
-                i += 16;
+                let b = _mm256_mul_ps(lookup(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes))), s);
+                _mm256_storeu_ps(dst.as_mut_ptr(), a);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(8), b);
             }
-            four_bit_pairs(packed, flat + i, table, pairs, scale, &mut out[i..]);
-        }
+        });
     }
 }

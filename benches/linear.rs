@@ -1,0 +1,99 @@
+//! QuantLinear forward: fused kernels per format, with and without a rank-16 LoRA adapter, against
+//! "dequantize, then f32 matmul", on 7B–8B model projection shapes.
+//!
+//! Throughput is reported in bytes of packed weight read (`Throughput::Bytes`); GFLOP/s = 2·M·out·in / time.
+//! Single- and multi-threaded runs are separate entries (`threads=1` runs through a one-thread rayon pool).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lowbit::affine::{self, Granularity};
+use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit::lora::LoraAdapter;
+use std::hint::black_box;
+use std::time::Duration;
+use wide::f32x8;
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        })
+        .collect()
+}
+
+fn layer(format: &str, out: usize, inp: usize, rank: Option<usize>) -> QuantLinear {
+    let w = data(out * inp, 1);
+    let weight = match format {
+        "nf4" => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, false).unwrap()),
+        "nf4-dq" => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, true).unwrap()),
+        _ => QuantWeight::Int8(affine::quantize(&w, &[out, inp], Granularity::PerChannel).unwrap()),
+    };
+    let mut l = QuantLinear::new(weight, Some(data(out, 2))).unwrap();
+    if let Some(r) = rank {
+        l.add_adapter(LoraAdapter::new("a", r, data(r * inp, 3), data(out * r, 4), 32.0, false).unwrap()).unwrap();
+    }
+    l
+}
+
+/// The unfused baseline: dequantize the whole weight to f32, then a SIMD f32 matmul.
+fn dequant_then_matmul(l: &QuantLinear, w: &mut [f32], x: &[f32], y: &mut [f32]) {
+    match l.weight() {
+        QuantWeight::FourBit(t) => t.dequantize_into(w).unwrap(),
+        QuantWeight::Int8(t) => t.dequantize_into(w).unwrap(),
+    }
+    let (out, inp) = (l.out_features(), l.in_features());
+    for (r, yr) in y.chunks_mut(out).enumerate() {
+        let xr = &x[r * inp..(r + 1) * inp];
+        for (o, yo) in yr.iter_mut().enumerate() {
+            let wr = &w[o * inp..(o + 1) * inp];
+            let mut acc = f32x8::ZERO;
+            for (a, b) in xr.chunks_exact(8).zip(wr.chunks_exact(8)) {
+                acc = f32x8::new(a.try_into().unwrap()).mul_add(f32x8::new(b.try_into().unwrap()), acc);
+            }
+            *yo = acc.reduce_add();
+        }
+    }
+}
+
+fn bench_linear(c: &mut Criterion) {
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let shapes = [(4096usize, 4096usize), (11008, 4096), (4096, 14336)];
+    for (out, inp) in shapes {
+        let mut g = c.benchmark_group(format!("linear/{out}x{inp}"));
+        g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+        for format in ["nf4", "nf4-dq", "int8-channel"] {
+            for rank in [None, Some(16)] {
+                let l = layer(format, out, inp, rank);
+                g.throughput(Throughput::Bytes(l.weight().packed_bytes() as u64));
+                let batches: &[usize] = if (out, inp) == (4096, 4096) { &[1, 8, 64, 512] } else { &[1] };
+                for &m in batches {
+                    let x = data(m * inp, 5);
+                    let label = format!("{format}{}/M={m}", if rank.is_some() { "+lora16" } else { "" });
+                    g.bench_function(BenchmarkId::new(label.clone(), "threads=all"), |b| {
+                        b.iter(|| l.forward(black_box(&x)).unwrap())
+                    });
+                    if m == 1 {
+                        g.bench_function(BenchmarkId::new(label.clone(), "threads=1"), |b| {
+                            b.iter(|| one.install(|| l.forward(black_box(&x)).unwrap()))
+                        });
+                        if rank.is_none() {
+                            let mut w = vec![0.0f32; out * inp];
+                            let mut y = vec![0.0f32; out];
+                            g.bench_function(
+                                BenchmarkId::new(format!("{format}/dequantize-then-matmul/M=1"), "threads=all"),
+                                |b| b.iter(|| dequant_then_matmul(&l, &mut w, black_box(&x), &mut y)),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench_linear);
+criterion_main!(benches);
