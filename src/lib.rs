@@ -42,3 +42,8 @@ pub mod shape;
 pub use element::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+
+/// The README's Rust examples, compiled and run as doctests so they stay accurate.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
