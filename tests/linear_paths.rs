@@ -223,3 +223,27 @@ fn bad_inputs_are_errors() {
     assert!(QuantLinear::new(QuantWeight::Int8(w), Some(vec![0.0; 3])).is_err(), "bias length");
     assert_eq!(layer.forward::<f32>(&[]).unwrap(), Vec::<f32>::new(), "M = 0 is an empty batch");
 }
+
+#[test]
+fn nf4_rows_of_whole_blocks_take_the_register_gemv() {
+    // in % blocksize == 0 and M <= 4: the x86 paths decode in registers and scale once per block.
+    for (out, inp, blocksize) in [(70, 256, 32), (9, 512, 64), (33, 384, 128), (5, 256, 256)] {
+        let mut rng = Rng(99 + inp as u64);
+        for dq in [false, true] {
+            let layer = make_layer(Format::Nf4 { blocksize, dq }, out, inp, true, &[5], &mut rng);
+            for m in 1..=5 {
+                let x = rng.vec(m * inp, 1.5);
+                let want = layer.forward_reference(&x).unwrap();
+                let bound = bounds(&layer, &x, &vec![vec![0]; m]);
+                for path in Path::all_available() {
+                    check(
+                        &layer.forward_with(&x, path).unwrap(),
+                        &want,
+                        &bound,
+                        &format!("{out}x{inp}/{blocksize} M={m} {path}"),
+                    );
+                }
+            }
+        }
+    }
+}

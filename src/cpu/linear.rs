@@ -168,6 +168,8 @@ pub(crate) trait Vf: Copy {
     /// Lanes per vector.
     const LANES: usize;
     fn zero() -> Self;
+    /// Every lane set to `v`.
+    fn splat(v: f32) -> Self;
     /// Loads `LANES` floats from `s[0..LANES]` (caller guarantees the length).
     fn load(s: &[f32]) -> Self;
     /// `a * b + c`.
@@ -181,6 +183,10 @@ impl Vf for wide::f32x8 {
     #[inline(always)]
     fn zero() -> Self {
         wide::f32x8::ZERO
+    }
+    #[inline(always)]
+    fn splat(v: f32) -> Self {
+        wide::f32x8::splat(v)
     }
     #[inline(always)]
     fn load(s: &[f32]) -> Self {
@@ -297,11 +303,18 @@ fn tile_pass<V: Vf, D: Decoder>(
     }
 }
 
-/// Computes `y[:, o0..o0+ob]` into `out` (`[m, ob]` row-major).
+/// Computes `y[:, o0..o0+ob]` into `out` (`[m, ob]` row-major): the base product through decoded tiles, then
+/// the output pass.
 #[inline(always)]
 pub(crate) fn block_job<V: Vf, D: Decoder>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
-    let layer = job.layer;
-    let (n_in, m) = (layer.in_features(), job.m);
+    tiled_product::<V, D>(job, o0, ob, out);
+    output_pass::<V>(job, o0, ob, out);
+}
+
+/// `out += x · W[o0..o0+ob]ᵀ` through decoded tiles (any format, any alignment).
+#[inline(always)]
+pub(crate) fn tiled_product<V: Vf, D: Decoder>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
+    let (n_in, m) = (job.layer.in_features(), job.m);
     let zeros = [0.0f32; KC];
     let mut tile = vec![0.0f32; TILE_ROWS * KC];
     // Both orders add the chunks of each output in the same order (k ascending), so they give the same bits.
@@ -321,8 +334,13 @@ pub(crate) fn block_job<V: Vf, D: Decoder>(job: &Job<'_>, o0: usize, ob: usize, 
             }
         }
     }
-    // Output pass: bias, then each applicable adapter's expand term.
-    for r in 0..m {
+}
+
+/// Adds the bias and each applicable adapter's expand term `s·t·Bᵀ` to `out` (`[m, ob]`).
+#[inline(always)]
+pub(crate) fn output_pass<V: Vf>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
+    let layer = job.layer;
+    for r in 0..job.m {
         let y_row = &mut out[r * ob..(r + 1) * ob];
         if let Some(b) = layer.bias() {
             for (y, b) in y_row.iter_mut().zip(&b[o0..o0 + ob]) {
