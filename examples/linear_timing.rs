@@ -20,5 +20,22 @@ fn main() -> lowbit::Result<()> {
         }
         println!("{path}: {:.3} ms", t.elapsed().as_secs_f64() * 1e3 / reps as f64);
     }
+    // Memory proxy: one pass summing the packed bytes (what a memory-bound GEMV must read).
+    if let QuantWeight::FourBit(t) = layer.weight() {
+        let t0 = Instant::now();
+        let reps = 20;
+        for _ in 0..reps {
+            let s: u64 =
+                std::hint::black_box(t.packed()).chunks(64).map(|c| c.iter().map(|&b| b as u64).sum::<u64>()).sum();
+            std::hint::black_box(s);
+        }
+        let dt = t0.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "read packed ({} MB): {:.3} ms = {:.1} GB/s",
+            t.packed().len() / 1_000_000,
+            dt * 1e3,
+            t.packed().len() as f64 / dt / 1e9
+        );
+    }
     Ok(())
 }
