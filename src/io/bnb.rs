@@ -17,7 +17,9 @@
 //! Reading validates every entry (presence, dtype, length, JSON fields and types, finite values, exactly one
 //! `quant_state` key per weight, nested parts present together) and compares every length with the bytes
 //! actually present before anything proportional to a claimed shape is allocated, so a corrupt or hostile
-//! file yields an [`Error::Format`], never a panic or an unbounded allocation.
+//! file yields an [`Error::Format`], never a panic or an unbounded allocation. The plain loaders apply
+//! [`Limits::DEFAULT`]; the `*_with_limits` variants take explicit [`Limits`] (largest tensor, JSON size and
+//! depth).
 //!
 //! bitsandbytes decodes with its built-in table for `quant_type` and ignores the stored `quant_map` (its CUDA
 //! GEMV uses the stored one), so a `quant_map` that differs from the built-in table is ambiguous: it is
@@ -39,7 +41,7 @@
 //! ```
 
 use crate::double_quant::DoubleQuantScales;
-use crate::io::{float_dtype, view_to_f32, TensorData};
+use crate::io::{float_dtype, view_to_f32, Limits, TensorData};
 use crate::nf4::{BlockScales, FourBitFormat, FourBitTensor, BLOCK_SIZES};
 use crate::{DType, Error, Result};
 use safetensors::tensor::TensorView;
@@ -148,14 +150,20 @@ impl QuantStateJson {
     /// dimensions or whose element count overflows, some but not all nested fields, a `nested_dtype` other
     /// than `"float32"`, or a non-finite `nested_offset` (or one outside the f32 range).
     pub fn parse(bytes: &[u8], context: &str) -> Result<QuantStateJson> {
+        QuantStateJson::parse_with_limits(bytes, context, &Limits::DEFAULT)
+    }
+
+    /// [`parse`](Self::parse) under explicit limits: the JSON is refused before parsing if it is longer than
+    /// the smaller of [`MAX_QUANT_STATE_LEN`] and [`Limits::max_json_bytes`] or nested deeper than
+    /// [`Limits::max_json_depth`].
+    pub fn parse_with_limits(bytes: &[u8], context: &str, limits: &Limits) -> Result<QuantStateJson> {
         if bytes.len() > MAX_QUANT_STATE_LEN {
             return Err(Error::format(
                 context,
                 format!("{} bytes of JSON, expected at most {MAX_QUANT_STATE_LEN}", bytes.len()),
             ));
         }
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| Error::format(context, format!("invalid JSON: {e}")))?;
+        let value = limits.parse_json(context, bytes)?;
         let obj = value
             .as_object()
             .ok_or_else(|| Error::format(context, format!("JSON is {}, expected an object", json_kind(&value))))?;
@@ -353,7 +361,8 @@ fn check_view(view: &TensorView<'_>, key: &str, dtypes: &[Dtype], len: usize, wh
     if !dtypes.contains(&view.dtype()) {
         return Err(Error::format(ctx, format!("dtype {:?}, expected {}", view.dtype(), dtype_list(dtypes))));
     }
-    let numel: usize = view.shape().iter().product(); // safetensors validated shape against the data length
+    // safetensors validated the shape against the data length; numel is checked anyway.
+    let numel = crate::shape::numel(view.shape()).map_err(|e| Error::format(&ctx, e.to_string()))?;
     if numel != len {
         return Err(Error::format(
             ctx,
@@ -387,6 +396,13 @@ fn f32_values(view: &TensorView<'_>, key: &str) -> Result<Vec<f32>> {
 /// non-finite tables, a `quant_map` different from the built-in table, or nested parts present without the
 /// others.
 pub fn load_weight(file: &SafeTensors<'_>, name: &str) -> Result<FourBitTensor> {
+    load_weight_with_limits(file, name, &Limits::DEFAULT)
+}
+
+/// [`load_weight`] under explicit limits: the quant-state JSON is checked against [`Limits::max_json_bytes`]
+/// and [`Limits::max_json_depth`] before it is parsed, and the weight against [`Limits::max_tensor_bytes`]
+/// (its packed bytes, and `numel × 4` bytes decoded to f32) before anything is copied.
+pub fn load_weight_with_limits(file: &SafeTensors<'_>, name: &str, limits: &Limits) -> Result<FourBitTensor> {
     let ctx = format!("bitsandbytes weight `{name}`");
     let qs_prefix = format!("{name}{QUANT_STATE_INFIX}");
     let mut qs_keys: Vec<&str> = file.names().into_iter().filter(|k| k.starts_with(&qs_prefix)).collect();
@@ -415,7 +431,7 @@ pub fn load_weight(file: &SafeTensors<'_>, name: &str) -> Result<FourBitTensor> 
             format!("dtype {:?}, expected U8 (UTF-8 JSON bytes)", qs_view.dtype()),
         ));
     }
-    let qs = QuantStateJson::parse(qs_view.data(), &format!("quant state `{qs_key}`"))?;
+    let qs = QuantStateJson::parse_with_limits(qs_view.data(), &format!("quant state `{qs_key}`"), limits)?;
     if tag_type != qs.format.name() {
         return Err(Error::format(
             ctx,
@@ -449,6 +465,8 @@ pub fn load_weight(file: &SafeTensors<'_>, name: &str) -> Result<FourBitTensor> 
             ),
         ));
     }
+    // The packed bytes are present (checked above); the decoded tensor must fit the limit too.
+    limits.check_elements(&format!("tensor `{name}` decoded to f32"), numel, 4)?;
 
     let qmap_key = format!("{name}.quant_map");
     let qmap_view = require(file, &qmap_key, name)?;
@@ -537,14 +555,20 @@ pub fn load_weight(file: &SafeTensors<'_>, name: &str) -> Result<FourBitTensor> 
 ///
 /// Errors as [`load_weight`], and when the bias is not a floating tensor of `shape[0]` elements.
 pub fn load_layer(file: &SafeTensors<'_>, prefix: &str) -> Result<Bnb4bitLayer> {
+    load_layer_with_limits(file, prefix, &Limits::DEFAULT)
+}
+
+/// [`load_layer`] under explicit limits (see [`load_weight_with_limits`]).
+pub fn load_layer_with_limits(file: &SafeTensors<'_>, prefix: &str, limits: &Limits) -> Result<Bnb4bitLayer> {
     let name = format!("{prefix}weight");
-    let weight = load_weight(file, &name)?;
+    let weight = load_weight_with_limits(file, &name, limits)?;
     let bias_key = format!("{prefix}bias");
     let bias = match get(file, &bias_key, &name)? {
         None => None,
         Some(b) => {
             let out = weight.shape().first().copied().unwrap_or(1);
             check_view(&b, &bias_key, &[Dtype::F32, Dtype::F16, Dtype::BF16], out, "one per output feature")?;
+            limits.check_tensor_bytes(&format!("tensor `{bias_key}`"), b.data().len())?;
             Some(TensorData::from_view(&b))
         }
     };
@@ -555,9 +579,14 @@ pub fn load_layer(file: &SafeTensors<'_>, prefix: &str) -> Result<Bnb4bitLayer> 
 /// name. Other tensors (embeddings, norms, biases) are ignored. Errors as [`load_weight`] on the first bad
 /// weight.
 pub fn load_checkpoint(file: &SafeTensors<'_>) -> Result<Vec<(String, FourBitTensor)>> {
+    load_checkpoint_with_limits(file, &Limits::DEFAULT)
+}
+
+/// [`load_checkpoint`] under explicit limits (see [`load_weight_with_limits`]).
+pub fn load_checkpoint_with_limits(file: &SafeTensors<'_>, limits: &Limits) -> Result<Vec<(String, FourBitTensor)>> {
     let mut out = BTreeMap::new();
     for name in quantized_weight_names(file) {
-        let t = load_weight(file, &name)?;
+        let t = load_weight_with_limits(file, &name, limits)?;
         out.insert(name, t);
     }
     Ok(out.into_iter().collect())
@@ -619,8 +648,9 @@ pub fn layer_to_tensors(prefix: &str, layer: &Bnb4bitLayer) -> Result<Vec<(Strin
     let mut out = to_tensors(&format!("{prefix}weight"), &layer.weight)?;
     if let Some(b) = &layer.bias {
         let out_features = layer.weight.shape().first().copied().unwrap_or(1);
-        let n: usize = b.shape.iter().product();
-        let ok = float_dtype(b.dtype).is_some_and(|d| b.data.len() == n * d.size()) && n == out_features;
+        let n = crate::shape::numel(&b.shape).unwrap_or(usize::MAX);
+        let ok =
+            float_dtype(b.dtype).is_some_and(|d| n.checked_mul(d.size()) == Some(b.data.len())) && n == out_features;
         if !ok {
             return Err(Error::shape(
                 format!("bias of {prefix}weight (dtype {:?}, shape {:?})", b.dtype, b.shape),

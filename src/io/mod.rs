@@ -5,8 +5,13 @@
 //! * [`write_safetensors`] writes to a temporary file next to the destination and renames it into place, so a
 //!   failed write never leaves a partial output.
 //! * [`bnb`]: the bitsandbytes 4-bit layout.
+//! * [`Limits`]: resource limits for untrusted files (header and JSON size, JSON depth, tensor size), checked
+//!   before anything proportional to a declared size is allocated or parsed.
 
 pub mod bnb;
+mod limits;
+
+pub use limits::Limits;
 
 use crate::{DType, Error, Result};
 use safetensors::{Dtype, SafeTensors};
@@ -93,17 +98,24 @@ pub struct SafetensorsFile {
     path: PathBuf,
     // Declared before the map it borrows from is dropped (see `tensors`).
     map: memmap2::Mmap,
+    limits: Limits,
 }
 
 impl SafetensorsFile {
-    /// Maps `path` read-only. The file is never modified.
+    /// Maps `path` read-only and validates its header under [`Limits::DEFAULT`]. The file is never modified.
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
+        SafetensorsFile::open_with_limits(path, Limits::DEFAULT)
+    }
+
+    /// [`open`](Self::open) with explicit limits (header JSON size and depth, largest tensor; see
+    /// [`parse_safetensors_with_limits`]), kept for later calls to [`tensors`](Self::tensors).
+    pub fn open_with_limits(path: impl AsRef<Path>, limits: Limits) -> Result<SafetensorsFile> {
         let path = path.as_ref().to_path_buf();
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         // SAFETY: the map is read-only; lowbit never writes the file. As with every mmap, another process
         // truncating the file while it is mapped is outside what Rust can guard against (documented).
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let f = SafetensorsFile { path, map };
+        let f = SafetensorsFile { path, map, limits };
         f.tensors()?; // validate the header now
         Ok(f)
     }
@@ -113,23 +125,73 @@ impl SafetensorsFile {
         &self.path
     }
 
-    /// The parsed file (header validated against the file length).
+    /// The limits this file was opened with.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The parsed file (header validated against the file length and the limits).
     pub fn tensors(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.map)
-            .map_err(|e| Error::format(format!("safetensors file {}", self.path.display()), e.to_string()))
+        parse_with_context(&self.map, &self.limits, &format!("safetensors file {}", self.path.display()))
     }
 
     /// The `__metadata__` string map of the header (empty if absent).
     pub fn metadata(&self) -> Result<HashMap<String, String>> {
-        let (_, meta) = SafeTensors::read_metadata(&self.map)
-            .map_err(|e| Error::format(format!("safetensors file {}", self.path.display()), e.to_string()))?;
+        let ctx = format!("safetensors file {}", self.path.display());
+        check_header(&self.map, &self.limits, &ctx)?;
+        let (_, meta) = SafeTensors::read_metadata(&self.map).map_err(|e| Error::format(&ctx, e.to_string()))?;
         Ok(meta.metadata().clone().unwrap_or_default())
     }
 }
 
-/// Parses safetensors bytes already in memory.
+/// Parses safetensors bytes already in memory under [`Limits::DEFAULT`] (see
+/// [`parse_safetensors_with_limits`]).
 pub fn parse_safetensors(bytes: &[u8]) -> Result<SafeTensors<'_>> {
-    SafeTensors::deserialize(bytes).map_err(|e| Error::format("safetensors buffer", e.to_string()))
+    parse_safetensors_with_limits(bytes, &Limits::DEFAULT)
+}
+
+/// Parses safetensors bytes already in memory. Before the header is parsed, its declared length is checked
+/// against [`Limits::max_json_bytes`] and against the bytes actually present, and its nesting against
+/// [`Limits::max_json_depth`]; the `safetensors` crate then checks every tensor's shape (overflow-checked)
+/// and offsets against the buffer; finally every tensor is checked against [`Limits::max_tensor_bytes`].
+/// Nothing is allocated in proportion to a declared size. Errors are [`Error::Format`].
+pub fn parse_safetensors_with_limits<'a>(bytes: &'a [u8], limits: &Limits) -> Result<SafeTensors<'a>> {
+    parse_with_context(bytes, limits, "safetensors buffer")
+}
+
+/// The 8-byte little-endian header length of the safetensors format.
+const HEADER_LEN_BYTES: usize = 8;
+
+/// Checks the header's declared length against the limits and the bytes present, and its JSON depth.
+fn check_header(bytes: &[u8], limits: &Limits, ctx: &str) -> Result<()> {
+    let Some(len) = bytes.get(..HEADER_LEN_BYTES) else {
+        return Err(Error::format(ctx, format!("{} bytes, shorter than the 8-byte header length", bytes.len())));
+    };
+    let declared = u64::from_le_bytes(len.try_into().unwrap_or([0xff; 8]));
+    let present = bytes.len() - HEADER_LEN_BYTES;
+    if declared > limits.max_json_bytes as u64 {
+        return Err(Error::format(
+            ctx,
+            format!(
+                "header declares {declared} bytes of JSON, more than the limit of {} (Limits::max_json_bytes)",
+                limits.max_json_bytes
+            ),
+        ));
+    }
+    if declared > present as u64 {
+        return Err(Error::format(ctx, format!("header declares {declared} bytes but only {present} follow")));
+    }
+    // `declared <= present`, so it fits in usize.
+    limits.check_json(&format!("{ctx} header"), &bytes[HEADER_LEN_BYTES..HEADER_LEN_BYTES + declared as usize])
+}
+
+fn parse_with_context<'a>(bytes: &'a [u8], limits: &Limits, ctx: &str) -> Result<SafeTensors<'a>> {
+    check_header(bytes, limits, ctx)?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::format(ctx, e.to_string()))?;
+    for (name, view) in st.iter() {
+        limits.check_tensor_bytes(&format!("{ctx}: tensor `{name}`"), view.data().len())?;
+    }
+    Ok(st)
 }
 
 /// Serializes tensors and metadata to safetensors bytes.
