@@ -35,6 +35,7 @@ mod error;
 pub mod io;
 pub mod linear;
 pub mod lora;
+pub mod merge;
 pub mod nf4;
 pub mod reference;
 pub mod shape;

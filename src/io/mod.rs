@@ -9,7 +9,9 @@
 //!   before anything proportional to a declared size is allocated or parsed.
 
 pub mod bnb;
+pub mod int8;
 mod limits;
+pub mod peft;
 
 pub use limits::Limits;
 
