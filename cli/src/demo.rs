@@ -1,20 +1,20 @@
 //! `lowbit demo`: quantizes a synthetic weight matrix with every format through every CPU path, checks each
-//! path against the scalar reference bit for bit, and prints speed and error.
+//! path against the scalar reference bit for bit, and prints speed and error; then runs the fused QuantLinear
+//! forward on the same weight ([`crate::demo_linear`]).
 //!
 //! The formats shown are the entries of [`formats`]; adding a format means one [`Format`] implementation and
 //! one line there.
 
 use crate::console;
+use crate::demo_linear;
 use crate::error::{CliError, Context};
 use crate::progress::Progress;
 use crate::stats::{fmt_db, ErrorStats};
+use crate::synthetic::{synthetic_weight, SEED};
 use lowbit::affine::Granularity;
 use lowbit::cpu::{Isa, Path};
 use lowbit::nf4::BlockScales;
 use std::time::{Duration, Instant};
-
-/// Seed of the synthetic weight: the matrix is the same on every machine and every run.
-pub const SEED: u64 = 0x6c6f_7762_6974_0001;
 
 /// One quantize + dequantize through one path.
 pub struct Run {
@@ -106,61 +106,6 @@ pub fn formats() -> Vec<Box<dyn Format>> {
         Box::new(Nf4 { blocksize: 64, double_quant: false }),
         Box::new(Nf4 { blocksize: 64, double_quant: true }),
     ]
-}
-
-/// xorshift64* (Vigna): small, fast and deterministic; plenty for synthetic data.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Standard normal (Box–Muller, one value per call).
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform(); // (0, 1]
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-}
-
-/// A `[rows, cols]` weight that looks like an LLM linear layer: each row has its own scale (log-normal,
-/// median 0.02, a spread of about ×1.8 per standard deviation), values are normal within a row, and about one
-/// element in 16384 is an outlier of 10 to 30 row standard deviations.
-pub fn synthetic_weight(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut rng = Rng::new(seed);
-    let mut w = Vec::with_capacity(rows * cols);
-    for _ in 0..rows {
-        let row_scale = 0.02 * (0.6 * rng.normal()).exp();
-        for _ in 0..cols {
-            let v = if rng.next_u64().is_multiple_of(16384) {
-                let mag = 10.0 + 20.0 * rng.uniform();
-                if rng.next_u64() & 1 == 0 {
-                    mag
-                } else {
-                    -mag
-                }
-            } else {
-                rng.normal()
-            };
-            w.push((v * row_scale) as f32);
-        }
-    }
-    w
 }
 
 /// Where `run` (with dequantized values `out`) first differs from the reference, or `None`.
@@ -290,25 +235,25 @@ pub fn run(size: usize) -> Result<(), CliError> {
         progress.println("")?;
     }
     drop(progress);
+    drop((ref_out, out));
+    let linear = demo_linear::run(&x, size)?;
+    let mut failures = Vec::new();
     if mismatches > 0 {
-        return Err(CliError::new(format!(
-            "{mismatches} of {runs} runs disagree with the scalar reference (rows marked MISMATCH)"
-        )));
+        failures.push(format!("{mismatches} of {runs} quantization runs disagree with the scalar reference"));
     }
-    console::line(&format!("all {runs} runs match the scalar reference bit for bit"))?;
+    if linear.mismatches > 0 {
+        failures.push(format!(
+            "{} of {} QuantLinear runs are outside the stated bound of the f64 reference",
+            linear.mismatches, linear.runs
+        ));
+    }
+    if !failures.is_empty() {
+        return Err(CliError::new(format!("{} (rows marked MISMATCH)", failures.join("; "))));
+    }
+    console::line(&format!(
+        "\nall {runs} quantization runs match the scalar reference bit for bit; all {} QuantLinear runs agree \
+         with the f64 reference within the stated bound",
+        linear.runs
+    ))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn synthetic_weight_is_deterministic_and_plausible() {
-        let a = synthetic_weight(64, 256, SEED);
-        assert_eq!(a, synthetic_weight(64, 256, SEED));
-        assert!(a.iter().all(|v| v.is_finite()));
-        let mean = a.iter().map(|&v| v as f64).sum::<f64>() / a.len() as f64;
-        assert!(mean.abs() < 0.01, "{mean}");
-    }
 }

@@ -4,8 +4,11 @@
 //! module. Every error is printed as `error: <message>` and exits with status 1; usage errors from clap exit
 //! with status 2.
 
+mod agreement;
+mod bench;
 mod console;
 mod demo;
+mod demo_linear;
 mod dequantize;
 mod error;
 mod inspect;
@@ -15,7 +18,9 @@ mod progress;
 mod quantize;
 mod quantized;
 mod stats;
+mod synthetic;
 mod table;
+mod timing;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use error::CliError;
@@ -74,6 +79,16 @@ With --compare ORIGINAL, every quantized tensor is dequantized and compared with
 in ORIGINAL: maximum and mean absolute error and the signal-to-quantization-noise ratio
 SQNR = 10 log10(sum x^2 / sum (x - x_hat)^2) in dB.";
 
+const BENCH_LONG_ABOUT: &str = "\
+Builds a synthetic layer (the demo's LLM-like weight quantized to FORMAT, a bias and, with --lora-rank, a LoRA
+adapter with alpha = 2r), runs the fused forward y = x*W^T + bias + s*(x*A^T)*B^T on a synthetic x [M, IN]
+(2 warm-up runs, then K timed runs) and prints the median time, GFLOP/s (2*M*OUT*IN) and GB/s of packed
+weight read (codes + scales per forward / time).
+
+The result is then compared with the f64 reference forward: max |err|, relative L2 error and the largest
+ratio of error to the stated bound (f32 accumulation error, the bound tests/linear_paths.rs uses). The
+reference is skipped when OUT*IN*M exceeds 2e8. A result outside the bound fails with exit status 1.";
+
 /// Low-bit quantization of LLM weights: int8 affine (PyTorch quint8) and NF4 (bitsandbytes), exact on every CPU.
 #[derive(Parser, Debug)]
 #[command(name = "lowbit", version, about, propagate_version = true)]
@@ -85,7 +100,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Quantize a synthetic 4096x4096 weight through every CPU path, check each against the scalar reference
-    /// and print speed and error.
+    /// and print speed and error; then time the fused QuantLinear forward on it (NF4, NF4+DQ, int8; M = 1
+    /// and 8; with and without a rank-16 LoRA adapter) and check it against the f64 reference.
     Demo {
         /// Rows and columns of the synthetic matrix (for quick checks).
         #[arg(long, default_value_t = 4096, hide = true, value_parser = clap::value_parser!(u32).range(1..=8192))]
@@ -140,6 +156,62 @@ enum Command {
         #[arg(long, value_name = "ORIGINAL")]
         compare: Option<PathBuf>,
     },
+    /// Time the fused QuantLinear forward (dequantize-matmul [+ LoRA]) on a synthetic layer and check it
+    /// against the f64 reference.
+    #[command(long_about = BENCH_LONG_ABOUT)]
+    Bench {
+        /// Weight format.
+        #[arg(long, value_enum)]
+        format: BenchFormat,
+        /// Weight shape `OUTxIN`, e.g. 4096x4096 or 11008x4096.
+        #[arg(long, value_parser = parse_shape, value_name = "OUTxIN")]
+        shape: (usize, usize),
+        /// Rows of the input x (1 = decode, hundreds = prefill).
+        #[arg(long, value_name = "M", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        batch: u32,
+        /// Attach a LoRA adapter of this rank.
+        #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..=4096))]
+        lora_rank: Option<u32>,
+        /// Run in a pool of N threads [default: one per hardware thread].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        threads: Option<u32>,
+        /// Timed iterations (the median is reported).
+        #[arg(long, value_name = "K", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        iters: u32,
+    },
+}
+
+/// Weight formats of `lowbit bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BenchFormat {
+    /// NF4, block 64, f32 block scales.
+    Nf4,
+    /// NF4, block 64, double-quantized block scales (QLoRA).
+    Nf4Dq,
+    /// int8 affine, one scale and zero point per output row.
+    Int8,
+}
+
+impl From<BenchFormat> for synthetic::LayerFormat {
+    fn from(f: BenchFormat) -> synthetic::LayerFormat {
+        match f {
+            BenchFormat::Nf4 => synthetic::LayerFormat::Nf4,
+            BenchFormat::Nf4Dq => synthetic::LayerFormat::Nf4Dq,
+            BenchFormat::Int8 => synthetic::LayerFormat::Int8,
+        }
+    }
+}
+
+/// Parses `OUTxIN` (both ≥ 1).
+fn parse_shape(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("{s:?} is not a shape OUTxIN (e.g. 4096x4096)");
+    let (o, i) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let o: usize = o.trim().parse().map_err(|_| bad())?;
+    let i: usize = i.trim().parse().map_err(|_| bad())?;
+    if o == 0 || i == 0 {
+        return Err(format!("{s:?}: both dimensions must be at least 1"));
+    }
+    Ok((o, i))
 }
 
 /// Quantization schemes of `lowbit quantize`.
@@ -208,6 +280,15 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Dequantize { input, output, dtype, force } => dequantize::run(&input, &output, dtype, force),
         Command::Inspect { file, compare } => inspect::run(&file, compare.as_deref()),
+        Command::Bench { format, shape: (out, inp), batch, lora_rank, threads, iters } => bench::run(bench::Bench {
+            format: format.into(),
+            out,
+            inp,
+            batch: batch as usize,
+            lora_rank: lora_rank.map(|r| r as usize),
+            threads: threads.map(|t| t as usize),
+            iters: iters as usize,
+        }),
     }
 }
 

@@ -412,6 +412,12 @@ fn demo_small_matches_reference_on_every_path() {
     }
     assert!(!out.contains("MISMATCH"), "{out}");
     assert!(out.contains("match the scalar reference"), "{out}");
+    // The QuantLinear rows: 3 formats x M in {1, 8} x without / with a rank-16 adapter.
+    assert!(out.contains("QuantLinear 96x96"), "{out}");
+    let linear = &out[out.find("QuantLinear 96x96").unwrap_or(0)..];
+    let linear_rows = linear.lines().filter(|l| l.ends_with("  ok")).count();
+    assert_eq!(linear_rows, 12, "{out}");
+    assert!(out.contains("all 12 QuantLinear runs agree with the f64 reference"), "{out}");
 }
 
 fn fixture(name: &str) -> PathBuf {
