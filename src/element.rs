@@ -1,4 +1,4 @@
-//! The floating-point element types lowbit reads and writes: `f32`, [`f16`] and [`bf16`].
+//! The floating-point element types lowbit reads and writes: `f32`, [`f16`](struct@half::f16) and [`bf16`].
 //!
 //! Inputs are widened to f32 exactly; outputs are produced in f32 and then rounded to the target type with
 //! round-to-nearest-even (what `half` and PyTorch's `.to(dtype)` do), so every path gives the same bits.
@@ -77,7 +77,7 @@ mod sealed {
 
 /// A floating-point element lowbit can quantize from and dequantize to.
 ///
-/// Sealed: implemented for `f32`, [`f16`] and [`bf16`] only.
+/// Sealed: implemented for `f32`, [`f16`](struct@half::f16) and [`bf16`] only.
 pub trait Element: Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + bytemuck::Pod + sealed::Sealed {
     /// The runtime tag of this type.
     const DTYPE: DType;

@@ -8,7 +8,7 @@
 //! * [`nf4`]: NF4 (and bitsandbytes FP4) blockwise 4-bit quantization, with [`double_quant`] of the block
 //!   scales, bit-compatible with bitsandbytes / QLoRA checkpoints ([`io::bnb`]).
 //!
-//! The [`reference`] module is the executable specification: plain scalar loops that follow
+//! The [`reference`](mod@reference) module is the executable specification: plain scalar loops that follow
 //! `docs/formats.md` rule by rule. Every fast path in [`cpu`] (portable SIMD, AVX2, AVX-512, threads) gives the
 //! same codes, parameters and dequantized bits as the reference, which the test suite checks.
 //!
