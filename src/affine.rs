@@ -221,7 +221,8 @@ pub(crate) fn check_inputs<T: Element>(x: &[T], shape: &[usize], granularity: Gr
 }
 
 /// Computes the parameters PyTorch's min/max observers would choose for `x` seen as `shape`, through the
-/// fastest path. Errors on NaN/Inf, a length that does not match `shape`, or a bad group size.
+/// fastest path. Errors on NaN/Inf, a length that does not match `shape`, a bad group size, or a range
+/// `max - min` too wide for f32 (its scale would be infinite).
 pub fn calibrate<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<Vec<AffineParams>> {
     calibrate_with(x, shape, granularity, Path::best())
 }
@@ -235,7 +236,17 @@ pub fn calibrate_with<T: Element>(
 ) -> Result<Vec<AffineParams>> {
     let (rows, cols) = check_inputs(x, shape, granularity)?;
     path.check()?;
-    Ok(crate::cpu::affine::calibrate(x, rows, cols, granularity, path))
+    let params = crate::cpu::affine::calibrate(x, rows, cols, granularity, path);
+    // A finite range whose width `max - min` overflows f32 (values near ±3.4e38 of both signs) gives an
+    // infinite scale, which would dequantize every element to NaN: refuse it.
+    if let Some(i) = params.iter().position(|p| !p.scale.is_finite()) {
+        return Err(Error::invalid(
+            "x",
+            format!("a range whose width max - min overflows f32 (parameter entry {i}, {granularity})"),
+            "values whose range per entry is at most f32::MAX wide",
+        ));
+    }
+    Ok(params)
 }
 
 /// Calibrates and quantizes `x` (row-major, `shape`) through the fastest path.
