@@ -1,0 +1,43 @@
+//! Arbitrary bytes as a safetensors file → the lowbit int8 layout (`io::int8`) and `io::peft::quant_linears_from`
+//! (which builds `QuantLinear`s from int8 or bitsandbytes files). Must return Ok or Err; an int8 weight that
+//! loads dequantizes to the reference bits on every path and round-trips through `int8::to_tensors`; a
+//! layer that loads runs a forward pass of the right size.
+#![no_main]
+
+mod common;
+
+use libfuzzer_sys::fuzz_target;
+use lowbit::cpu::Path;
+use lowbit::io::{int8, parse_safetensors, parse_safetensors_with_limits, peft, serialize_safetensors};
+
+fuzz_target!(|data: &[u8]| {
+    let limits = common::limits();
+    let Ok(st) = parse_safetensors_with_limits(data, &limits) else { return };
+    let Ok(meta) = int8::read_metadata(data) else { return };
+    if let Ok(Some(layout)) = int8::Int8Layout::from_metadata(&meta) {
+        for name in layout.weights.keys() {
+            let Ok(t) = layout.load(&st, name) else { continue };
+            let want: Vec<f32> = t.dequantize_with(Path::REFERENCE).unwrap();
+            for path in Path::all_available() {
+                assert!(common::bits_eq(&t.dequantize_with::<f32>(path).unwrap(), &want), "path {path}");
+            }
+            let m = int8::metadata(layout.granularity, [(name.as_str(), lowbit::DType::F32)]);
+            let bytes = serialize_safetensors(&int8::to_tensors(name, &t), Some(m)).expect("serialize");
+            let back_st = parse_safetensors(&bytes).expect("our own output parses");
+            let back_meta = int8::read_metadata(&bytes).unwrap();
+            let back_layout = int8::Int8Layout::from_metadata(&back_meta).unwrap().unwrap();
+            assert_eq!(back_layout.load(&back_st, name).expect("our own output loads"), t);
+        }
+    }
+    if let Ok(layers) = peft::quant_linears_from(&st, &meta) {
+        for (_, layer) in &layers {
+            let (out, inp) = (layer.out_features(), layer.in_features());
+            if out.saturating_mul(inp) > 1 << 20 {
+                continue;
+            }
+            let x = vec![0.5f32; inp];
+            let y = layer.forward(&x).expect("a loaded layer runs");
+            assert_eq!(y.len(), out);
+        }
+    }
+});
