@@ -4,6 +4,7 @@
 //! module. Every error is printed as `error: <message>` and exits with status 1; usage errors from clap exit
 //! with status 2.
 
+mod adapter;
 mod agreement;
 mod bench;
 mod console;
@@ -11,8 +12,11 @@ mod demo;
 mod demo_linear;
 mod dequantize;
 mod error;
+mod forward;
 mod inspect;
 mod int8_layout;
+mod layer;
+mod merge;
 mod output;
 mod progress;
 mod quantize;
@@ -78,6 +82,30 @@ included). A quantized weight's parameter entries are folded into its row.
 With --compare ORIGINAL, every quantized tensor is dequantized and compared with the tensor of the same name
 in ORIGINAL: maximum and mean absolute error and the signal-to-quantization-noise ratio
 SQNR = 10 log10(sum x^2 / sum (x - x_hat)^2) in dB.";
+
+const FORWARD_LONG_ABOUT: &str = "\
+Loads the linear layer whose weights are stored under PREFIX in CHECKPOINT: the quantized weight
+PREFIX.weight [out, in] (bitsandbytes 4-bit NF4/FP4 with its quant-state entries, or lowbit int8 with
+PREFIX.weight.scale / PREFIX.weight.zero_point) and the optional bias PREFIX.bias. With --adapter, the PEFT
+LoRA adapter's module for PREFIX (keys base_model.model.PREFIX.lora_A.weight / lora_B.weight) is attached,
+with PEFT's scaling (lora_alpha / r, or / sqrt(r) with use_rslora, rank_pattern and alpha_pattern honoured);
+it is an error if the adapter has no module for PREFIX.
+
+Reads the tensor `x` [M, in] (F32, F16 or BF16) from INPUT, computes
+y = x*dequant(W)^T + bias [+ s*(x*A^T)*B^T] with the fused kernels (f32 accumulation; the same result as
+lowbit::linear::QuantLinear::forward) and writes `y` [M, out] as F32 to OUTPUT. Use it to check a checkpoint
+and adapter against another implementation.";
+
+const MERGE_LONG_ABOUT: &str = "\
+For every module of the PEFT adapter in DIR that has a quantized layer of the same path in BASE, computes
+W' = dequant(W) + s*B*A in f32 and requantizes it in the same format (int8: the same granularity,
+parameters recalibrated; NF4/FP4: the same block size, double quantization and recorded dtype). OUTPUT has
+the base's layout (bitsandbytes 4-bit entries, or lowbit int8 NAME / NAME.scale / NAME.zero_point with the
+same metadata); every other tensor is copied unchanged.
+
+Prints, per merged layer, the error requantization added (requantized W' vs dequant(W) + s*B*A): max abs,
+RMS and SQNR in dB, and lists adapter modules that matched no quantized layer. It is an error if no module
+matches.";
 
 const BENCH_LONG_ABOUT: &str = "\
 Builds a synthetic layer (the demo's LLM-like weight quantized to FORMAT, a bias and, with --lora-rank, a LoRA
@@ -155,6 +183,43 @@ enum Command {
         /// The unquantized original, to report each quantized tensor's error against.
         #[arg(long, value_name = "ORIGINAL")]
         compare: Option<PathBuf>,
+    },
+    /// Run one linear layer of a quantized checkpoint (optionally with a PEFT LoRA adapter) on the tensor `x`
+    /// of an input file and write `y`.
+    #[command(long_about = FORWARD_LONG_ABOUT)]
+    Forward {
+        /// Quantized checkpoint (bitsandbytes 4-bit or lowbit int8).
+        checkpoint: PathBuf,
+        /// Module path of the layer, e.g. model.layers.0.mlp.up_proj (weights PREFIX.weight, PREFIX.bias).
+        #[arg(long, value_name = "PREFIX")]
+        layer: String,
+        /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
+        #[arg(long, value_name = "DIR")]
+        adapter: Option<PathBuf>,
+        /// safetensors file holding the input tensor `x` [M, in] (F32, F16 or BF16).
+        #[arg(long, value_name = "X.safetensors")]
+        input: PathBuf,
+        /// Output safetensors file; receives `y` [M, out] as F32.
+        #[arg(short, long, value_name = "Y.safetensors")]
+        output: PathBuf,
+        /// Replace OUTPUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Merge a PEFT LoRA adapter into the quantized layers of a checkpoint and requantize them.
+    #[command(long_about = MERGE_LONG_ABOUT)]
+    Merge {
+        /// Quantized base checkpoint (bitsandbytes 4-bit or lowbit int8).
+        base: PathBuf,
+        /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+        #[arg(long, value_name = "DIR")]
+        adapter: PathBuf,
+        /// Output safetensors file, in the base's format.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Replace OUTPUT if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Time the fused QuantLinear forward (dequantize-matmul [+ LoRA]) on a synthetic layer and check it
     /// against the f64 reference.
@@ -280,6 +345,15 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Dequantize { input, output, dtype, force } => dequantize::run(&input, &output, dtype, force),
         Command::Inspect { file, compare } => inspect::run(&file, compare.as_deref()),
+        Command::Forward { checkpoint, layer, adapter, input, output, force } => forward::run(forward::Forward {
+            checkpoint: &checkpoint,
+            layer: &layer,
+            adapter: adapter.as_deref(),
+            input: &input,
+            output: &output,
+            force,
+        }),
+        Command::Merge { base, adapter, output, force } => merge::run(&base, &adapter, &output, force),
         Command::Bench { format, shape: (out, inp), batch, lora_rank, threads, iters } => bench::run(bench::Bench {
             format: format.into(),
             out,

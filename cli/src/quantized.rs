@@ -5,6 +5,7 @@ use crate::error::CliError;
 use crate::int8_layout::Int8Layout;
 use lowbit::affine::AffineTensor;
 use lowbit::io::bnb;
+use lowbit::linear::QuantWeight;
 use lowbit::nf4::{BlockScales, FourBitTensor};
 use lowbit::DType;
 use safetensors::SafeTensors;
@@ -68,6 +69,21 @@ impl Layout {
         }
     }
 
+    /// The quantized weight whose parameters `key` stores (`W` for `W.scale`, `W.absmax`,
+    /// `W.quant_state.bitsandbytes__nf4`, ...), or `None` when `key` is not a parameter entry.
+    pub fn owner_of_param_entry<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let suffixes: &[&str] = match self {
+            Layout::Int8(_) => &[".scale", ".zero_point"],
+            Layout::Bnb(_) => {
+                if let Some(w) = bnb::weight_of_quant_state_key(key).filter(|w| self.is_weight(w)) {
+                    return Some(w);
+                }
+                &BNB_SUFFIXES
+            }
+        };
+        suffixes.iter().find_map(|s| key.strip_suffix(s).filter(|w| self.is_weight(w)))
+    }
+
     /// Loads and validates weight `name`.
     pub fn load(&self, st: &SafeTensors<'_>, name: &str) -> Result<Quantized, CliError> {
         match self {
@@ -78,6 +94,14 @@ impl Layout {
 }
 
 impl Quantized {
+    /// The weight as a [`QuantLinear`](lowbit::linear::QuantLinear) takes it.
+    pub fn into_weight(self) -> QuantWeight {
+        match self {
+            Quantized::Int8(q, _) => QuantWeight::Int8(q),
+            Quantized::FourBit(t) => QuantWeight::FourBit(t),
+        }
+    }
+
     /// Shape of the original weight.
     pub fn shape(&self) -> &[usize] {
         match self {
@@ -105,11 +129,8 @@ impl Quantized {
     /// Human description, e.g. `int8 group:128` or `nf4 block:64 nested`.
     pub fn describe(&self) -> String {
         match self {
-            Quantized::Int8(q, _) => format!("int8 {}", q.granularity()),
-            Quantized::FourBit(t) => {
-                let nested = if matches!(t.scales(), BlockScales::Double(_)) { " nested" } else { "" };
-                format!("{} block:{}{nested}", t.format(), t.blocksize())
-            }
+            Quantized::Int8(q, _) => describe_int8(q),
+            Quantized::FourBit(t) => describe_4bit(t),
         }
     }
 
@@ -141,6 +162,23 @@ impl Quantized {
         };
         Ok(bytes)
     }
+}
+
+/// [`Quantized::describe`] for a layer's weight.
+pub fn describe_weight(w: &QuantWeight) -> String {
+    match w {
+        QuantWeight::Int8(q) => describe_int8(q),
+        QuantWeight::FourBit(t) => describe_4bit(t),
+    }
+}
+
+fn describe_int8(q: &AffineTensor) -> String {
+    format!("int8 {}", q.granularity())
+}
+
+fn describe_4bit(t: &FourBitTensor) -> String {
+    let nested = if matches!(t.scales(), BlockScales::Double(_)) { " nested" } else { "" };
+    format!("{} block:{}{nested}", t.format(), t.blocksize())
 }
 
 fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {

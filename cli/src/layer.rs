@@ -1,0 +1,90 @@
+//! Linear layers of a quantized checkpoint: the layer at module path `P` is the quantized 2-D weight
+//! `P.weight` (bitsandbytes 4-bit or lowbit int8, see [`crate::quantized`]) and the optional plain bias
+//! `P.bias` (F32/F16/BF16, one value per output feature).
+
+use crate::error::{CliError, Context};
+use crate::quantized::Layout;
+use lowbit::io::float_dtype;
+use lowbit::linear::QuantLinear;
+use safetensors::SafeTensors;
+
+/// How many layer paths an error message lists before "and N more".
+const LIST_MAX: usize = 8;
+
+/// The module paths of the file's linear layers (quantized weights named `P.weight`), sorted.
+pub fn paths(layout: &Layout) -> Vec<&str> {
+    let mut p: Vec<&str> = layout.weights().into_iter().filter_map(|w| w.strip_suffix(".weight")).collect();
+    p.sort_unstable();
+    p
+}
+
+/// `a`, `b`, `c` and N more.
+pub fn list(items: &[&str]) -> String {
+    let shown: Vec<String> = items.iter().take(LIST_MAX).map(|p| format!("`{p}`")).collect();
+    match items.len().saturating_sub(LIST_MAX) {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
+}
+
+/// A module path as given on the command line: surrounding whitespace and a trailing `.` are ignored.
+pub fn normalize(path: &str) -> &str {
+    let p = path.trim();
+    p.strip_suffix('.').unwrap_or(p)
+}
+
+/// Loads the layer at `path` (see the module docs). Errors name the file (`file_name`) and, when the layer is
+/// missing, list the layers it has.
+pub fn load(st: &SafeTensors<'_>, layout: &Layout, path: &str, file_name: &str) -> Result<QuantLinear, CliError> {
+    let weight_name = format!("{path}.weight");
+    if !layout.is_weight(&weight_name) {
+        let why = match st.tensor(&weight_name) {
+            Ok(v) => format!("`{weight_name}` is not quantized (a plain {:?} tensor)", v.dtype()),
+            Err(_) => format!("it has no quantized tensor `{weight_name}`"),
+        };
+        let have = paths(layout);
+        let have = if have.is_empty() { "none".to_string() } else { list(&have) };
+        return Err(CliError::new(format!("no layer `{path}` in {file_name}: {why}; its quantized layers: {have}")));
+    }
+    let ctx = || format!("layer `{path}` of {file_name}");
+    let weight = layout.load(st, &weight_name).context(ctx)?;
+    let [out, _] = *weight.shape() else {
+        return Err(CliError::new(format!(
+            "`{weight_name}` has shape {:?}; a linear layer's weight is 2-D [out, in]",
+            weight.shape()
+        )))
+        .context(ctx);
+    };
+    let bias_name = format!("{path}.bias");
+    let bias = match st.tensor(&bias_name) {
+        Err(_) => None,
+        Ok(view) => {
+            let numel: usize = view.shape().iter().product();
+            if float_dtype(view.dtype()).is_none() || numel != out {
+                return Err(CliError::new(format!(
+                    "`{bias_name}` is a {:?} tensor of shape {:?}; expected F32, F16 or BF16 with {out} elements \
+                     (one per output feature)",
+                    view.dtype(),
+                    view.shape()
+                )))
+                .context(ctx);
+            }
+            Some(lowbit::io::view_to_f32(&bias_name, &view).context(ctx)?)
+        }
+    };
+    QuantLinear::new(weight.into_weight(), bias).context(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_and_paths() {
+        assert_eq!(normalize(" a.b. "), "a.b");
+        assert_eq!(list(&["a", "b"]), "`a`, `b`");
+        let many: Vec<String> = (0..10).map(|i| format!("l{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(list(&many).ends_with("`l7` and 2 more"), "{}", list(&many));
+    }
+}
