@@ -578,6 +578,30 @@ fn forward_and_merge_on_the_bitsandbytes_peft_fixture() {
     }
 }
 
+#[test]
+fn help_and_usage_errors() {
+    for (cmd, needles) in [
+        ("forward", &["PREFIX.weight", "base_model.model.PREFIX.lora_A.weight", "[M, out] as F32"][..]),
+        ("merge", &["requantizes", "SQNR", "matched no quantized layer"]),
+        ("bench", &["GFLOP/s", "GB/s", "2e8"]),
+    ] {
+        let o = lowbit(&[cmd, "--help"]);
+        assert_ok(&o);
+        for n in needles {
+            assert!(stdout(&o).contains(n), "{cmd}: {n}: {}", stdout(&o));
+        }
+    }
+    for args in [
+        &["forward", "a.safetensors", "--input", "x.safetensors", "-o", "y.safetensors"][..],
+        &["forward", "a.safetensors", "--layer", "l", "-o", "y.safetensors"],
+        &["merge", "a.safetensors", "-o", "y.safetensors"],
+        &["merge", "a.safetensors", "--adapter", "dir"],
+    ] {
+        let o = lowbit(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+}
+
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
