@@ -6,7 +6,14 @@ use std::time::Instant;
 fn main() -> lowbit::Result<()> {
     let (out, inp, m) = (4096usize, 14336usize, 1usize);
     let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 5000.0).collect();
-    let layer = QuantLinear::new(QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, false)?), None)?;
+    let weight = match std::env::var("FORMAT").as_deref() {
+        Ok("int8") => {
+            QuantWeight::Int8(lowbit::affine::quantize(&w, &[out, inp], lowbit::affine::Granularity::PerChannel)?)
+        }
+        Ok("nf4-dq") => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, true)?),
+        _ => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, false)?),
+    };
+    let layer = QuantLinear::new(weight, None)?;
     let x: Vec<f32> = (0..m * inp).map(|i| (i % 17) as f32 / 17.0).collect();
     let only = std::env::var("ONLY").ok();
     for path in Path::all_available()

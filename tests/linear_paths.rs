@@ -247,3 +247,28 @@ fn nf4_rows_of_whole_blocks_take_the_register_gemv() {
         }
     }
 }
+
+#[test]
+fn int8_register_gemv_per_tensor_channel_and_group() {
+    // M <= 4 and groups that are multiples of 16 take the x86 register GEMV; group 24 and M = 5 do not.
+    let grans = [Granularity::PerTensor, Granularity::PerChannel, Granularity::PerGroup(32), Granularity::PerGroup(24)];
+    for g in grans {
+        for (out, inp) in [(1, 1), (17, 100), (40, 257)] {
+            let mut rng = Rng(5 + inp as u64);
+            let layer = make_layer(Format::Int8(g), out, inp, true, &[3], &mut rng);
+            for m in 1..=5 {
+                let x = rng.vec(m * inp, 1.5);
+                let want = layer.forward_reference(&x).unwrap();
+                let bound = bounds(&layer, &x, &vec![vec![0]; m]);
+                for path in Path::all_available() {
+                    check(
+                        &layer.forward_with(&x, path).unwrap(),
+                        &want,
+                        &bound,
+                        &format!("{g} {out}x{inp} M={m} {path}"),
+                    );
+                }
+            }
+        }
+    }
+}

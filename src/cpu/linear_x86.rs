@@ -3,6 +3,7 @@
 //! look the 16-entry table up in registers.
 
 use super::linear::{four_bit_segments, output_pass, shrink_all as generic_shrink, tiled_product, Decoder, Job, Vf};
+use crate::affine::Granularity;
 use crate::cpu::Isa;
 use crate::linear::{AdapterSelection, QuantLinear, QuantWeight};
 use std::arch::x86_64::*;
@@ -56,7 +57,18 @@ unsafe fn block_job_avx2(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
 /// extra ulp of `|w|` per product, inside the bound the tests state.
 #[inline(always)]
 fn fused_gemv<V: Vf, D: Table16<V>>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
-    let QuantWeight::FourBit(t) = job.layer.weight() else { return false };
+    let t = match job.layer.weight() {
+        QuantWeight::FourBit(t) => t,
+        QuantWeight::Int8(_) => {
+            return match job.m {
+                1 => int8_gemv_rows::<V, D, 1>(job, o0, ob, out),
+                2 => int8_gemv_rows::<V, D, 2>(job, o0, ob, out),
+                3 => int8_gemv_rows::<V, D, 3>(job, o0, ob, out),
+                4 => int8_gemv_rows::<V, D, 4>(job, o0, ob, out),
+                _ => false,
+            }
+        }
+    };
     let (n_in, m, bs) = (job.layer.in_features(), job.m, t.blocksize());
     if m == 0 || m > 4 || n_in % bs != 0 {
         return false;
@@ -111,6 +123,61 @@ fn gemv_rows<V: Vf, D: Table16<V>, const R: usize>(
     }
 }
 
+/// int8 GEMV for M ≤ 4: codes are widened in registers and `Σ (q − zp)·x` is accumulated per run of one
+/// scale (the row, or a group whose size is a multiple of 16), then scaled once. `(q − zp)` is exact, so the
+/// only difference to the reference is where the scale's rounding happens (inside the stated bound).
+/// Returns `false` for groups that are not multiples of 16 (the tiled path handles them).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn int8_gemv_rows<V: Vf, D: Table16<V>, const R: usize>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
+    let QuantWeight::Int8(t) = job.layer.weight() else { return false };
+    let n_in = job.layer.in_features();
+    let (run, per_row) = match t.granularity() {
+        Granularity::PerTensor | Granularity::PerChannel => (n_in, 1),
+        Granularity::PerGroup(g) if g % 16 == 0 => (g, n_in.div_ceil(g)),
+        Granularity::PerGroup(_) => return false,
+    };
+    let xs: [&[f32]; R] = std::array::from_fn(|r| &job.x[r * n_in..(r + 1) * n_in]);
+    for j in 0..ob {
+        let o = o0 + j;
+        let codes = &t.codes()[o * n_in..(o + 1) * n_in];
+        let mut total = [0.0f32; R];
+        for (gi, seg) in codes.chunks(run).enumerate() {
+            let entry = match t.granularity() {
+                Granularity::PerTensor => 0,
+                Granularity::PerChannel => o,
+                Granularity::PerGroup(_) => o * per_row + gi,
+            };
+            let (scale, zp) = (t.scales()[entry], t.zero_points()[entry] as f32);
+            let zpv = V::splat(zp);
+            let k0 = gi * run;
+            let mut acc = [V::zero(); R];
+            let full = seg.len() / 16 * 16;
+            for (c, bytes) in seg[..full].chunks_exact(16).enumerate() {
+                let w = D::widen16(bytes.try_into().expect("16 bytes"));
+                let k = k0 + c * 16;
+                for r in 0..R {
+                    for (h, wh) in w.iter().enumerate().take(16 / V::LANES) {
+                        let d = V::fmadd(V::splat(-1.0), zpv, *wh); // q - zp, exact
+                        acc[r] = V::fmadd(V::load(&xs[r][k + h * V::LANES..]), d, acc[r]);
+                    }
+                }
+            }
+            for r in 0..R {
+                let mut tail = 0.0f32;
+                for (kk, &q) in seg[full..].iter().enumerate() {
+                    tail += (q as f32 - zp) * xs[r][k0 + full + kk];
+                }
+                total[r] += (acc[r].hsum() + tail) * scale;
+            }
+        }
+        for r in 0..R {
+            out[r * ob + j] += total[r];
+        }
+    }
+    true
+}
+
 /// A 16-entry table held in registers, and the decode of 16 codes with it.
 pub(crate) trait Table16<V: Vf> {
     /// The table, loaded into registers.
@@ -120,6 +187,8 @@ pub(crate) trait Table16<V: Vf> {
     /// `table[code]` for the 16 codes of 8 packed bytes (first code in the high nibble), as 16 / LANES vectors
     /// (two vectors of 8 for AVX2; for AVX-512 the second vector is unused and zero).
     fn decode(bytes: &[u8; 8], tab: &Self::Tab) -> [V; 2];
+    /// The 16 bytes widened to f32 (exact), as 16 / LANES vectors (unused second vector is zero).
+    fn widen16(bytes: &[u8; 16]) -> [V; 2];
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
@@ -321,6 +390,14 @@ impl Table16<V512> for Avx512Decoder {
             [V512(_mm512_permutexvar_ps(idx, *tab)), V512(_mm512_setzero_ps())]
         }
     }
+    #[inline(always)]
+    fn widen16(bytes: &[u8; 16]) -> [V512; 2] {
+        // SAFETY: reads the 16 bytes of `bytes`; AVX-512F enabled in every caller.
+        unsafe {
+            let b = _mm_loadu_si128(bytes.as_ptr() as *const __m128i);
+            [V512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b))), V512(_mm512_setzero_ps())]
+        }
+    }
 }
 
 impl Table16<V256> for Avx2Decoder {
@@ -341,6 +418,16 @@ impl Table16<V256> for Avx2Decoder {
             };
             let codes = nibbles16(_mm_loadl_epi64(bytes.as_ptr() as *const __m128i));
             [V256(lookup(_mm256_cvtepu8_epi32(codes))), V256(lookup(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes))))]
+        }
+    }
+    #[inline(always)]
+    fn widen16(bytes: &[u8; 16]) -> [V256; 2] {
+        // SAFETY: reads the 16 bytes of `bytes`; AVX2 enabled in every caller.
+        unsafe {
+            let b = _mm_loadu_si128(bytes.as_ptr() as *const __m128i);
+            let lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+            let hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(b)));
+            [V256(lo), V256(hi)]
         }
     }
 }
