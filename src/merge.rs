@@ -2,7 +2,7 @@
 //!
 //! [`merge_adapter`] builds `W'` in f32 (one `[out, in]` buffer, the only full-size f32 copy of the weight:
 //! `dequant(W)` is written into it, then each row gets `s·(B·A)[row]` added in place), then requantizes it:
-//! * int8 affine: the same [`Granularity`](crate::affine::Granularity), parameters recalibrated on `W'`
+//! * int8 affine: the same [`Granularity`], parameters recalibrated on `W'`
 //!   (PyTorch min/max rules, [`crate::affine::quantize`]);
 //! * NF4 / FP4: the same format, block size and double-quantization setting, and the same recorded dtype
 //!   ([`crate::nf4::quantize_4bit`]).
