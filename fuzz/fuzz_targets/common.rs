@@ -103,7 +103,7 @@ pub fn make_values(n: usize, raw: &[u32], fill: Fill, seed: u64) -> Vec<f32> {
             }
             Fill::Sparse { specials } => {
                 let r = s.next_u64();
-                if r % 97 == 0 {
+                if r.is_multiple_of(97) {
                     f32::from_bits(specials[(r >> 8) as usize % 4])
                 } else {
                     (r >> 40) as f32 / (1u64 << 24) as f32 - 0.5
@@ -119,7 +119,7 @@ pub fn make_shape(dims: &[u16], max_numel: usize) -> Vec<usize> {
     let mut shape = Vec::new();
     let mut n = 1usize;
     for &d in dims.iter().take(4) {
-        let cap = if n == 0 { 7 } else { max_numel / n };
+        let cap = max_numel.checked_div(n).unwrap_or(7);
         let d = d as usize % (cap + 1);
         shape.push(d);
         n *= d;
