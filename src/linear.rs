@@ -266,6 +266,23 @@ impl QuantLinear {
         Ok(crate::cpu::linear::forward(self, &xf, m, sel, path))
     }
 
+    /// Per-element bound on `|y − y_ref|` for any f32 path of [`forward`](Self::forward) on `x`, where `y_ref`
+    /// is the exact (f64) result: `(K+3)·ε·Σ|x·w| + ε·|bias| + Σ_adapters (K+r+3)·ε·|s|·Σ_r(Σ_k|x·A|)·|B|`
+    /// (derivation in `reference::linear`). Tests, the demo and the GPU checks compare against it.
+    pub fn error_bound<T: Element>(&self, x: &[T]) -> Result<Vec<f64>> {
+        self.check_input(x, AdapterSelection::Enabled)?;
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        Ok(crate::reference::linear::error_bound(self, &xf, AdapterSelection::Enabled))
+    }
+
+    /// [`error_bound`](Self::error_bound) for [`forward_batch`](Self::forward_batch).
+    pub fn error_bound_batch<T: Element>(&self, x: &[T], adapter_ids: &[Option<usize>]) -> Result<Vec<f64>> {
+        let sel = AdapterSelection::PerRow(adapter_ids);
+        self.check_input(x, sel)?;
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        Ok(crate::reference::linear::error_bound(self, &xf, sel))
+    }
+
     /// The reference (f64-accumulated) forward of [`forward`](Self::forward), for checking other paths.
     pub fn forward_reference<T: Element>(&self, x: &[T]) -> Result<Vec<f32>> {
         self.forward_with(x, Path::REFERENCE)

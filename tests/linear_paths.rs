@@ -1,12 +1,9 @@
 //! Every fused QuantLinear path against the f64 reference, for every weight format.
 //!
-//! Tolerance (stated, not tuned): the fused kernels use exactly the reference's dequantized weights, so the
-//! only error is f32 accumulation. For any summation order, a sum of K products computed in f32 (with or
-//! without FMA) differs from the exact sum by at most γ_K·Σ|x_k·w_k| with γ_K = K·u/(1−K·u), u = ε/2. We allow
-//! (K + 3)·ε·Σ|x_k·w_k| for the base product (K·u for the dot product, a few more roundings for the bias and
-//! the final additions — ε = 2u makes this a generous but principled bound), plus, for each LoRA term,
-//! (K + r + 3)·ε·|s|·Σ_r (Σ_k|x_k·A_rk|)·|B_or| (the shrink's K-term sum, the expand's r-term sum, the scaling),
-//! plus ε·|bias|. The reference itself is computed in f64 and rounded once.
+//! Tolerance (stated, not tuned): `QuantLinear::error_bound`, derived from f32 accumulation error
+//! (`|y − y_ref| ≤ (K+3)·ε·Σ|x·w| + ε·|bias| + Σ (K+r+3)·ε·|s|·Σ_r(Σ_k|x·A|)·|B|`; see
+//! `lowbit::reference::linear::error_bound` for the derivation), plus the half-ulp of the reference's own final
+//! rounding to f32.
 
 use lowbit::affine::{self, Granularity};
 use lowbit::cpu::Path;
@@ -53,41 +50,6 @@ fn make_layer(format: Format, out: usize, inp: usize, bias: bool, ranks: &[usize
     layer
 }
 
-/// Per-element error bound described in the module docs.
-fn bounds(layer: &QuantLinear, x: &[f32], rows_adapters: &[Vec<usize>]) -> Vec<f64> {
-    let (out, inp) = (layer.out_features(), layer.in_features());
-    let w = layer.weight().dequantize_reference();
-    let eps = f32::EPSILON as f64;
-    let mut b = Vec::new();
-    for (r, ads) in rows_adapters.iter().enumerate() {
-        let xr = &x[r * inp..(r + 1) * inp];
-        for o in 0..out {
-            let s_base: f64 =
-                xr.iter().zip(&w[o * inp..(o + 1) * inp]).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
-            let mut bound = (inp as f64 + 3.0) * eps * s_base;
-            if let Some(bias) = layer.bias() {
-                bound += eps * (bias[o] as f64).abs();
-            }
-            for &a in ads {
-                let ad = &layer.adapters()[a];
-                let rank = ad.rank();
-                let mut s_lora = 0.0;
-                for k in 0..rank {
-                    let t: f64 = xr
-                        .iter()
-                        .zip(&ad.a()[k * inp..(k + 1) * inp])
-                        .map(|(&x, &a)| (x as f64 * a as f64).abs())
-                        .sum();
-                    s_lora += t * (ad.b()[o * rank + k] as f64).abs();
-                }
-                bound += (inp + rank + 3) as f64 * eps * (ad.scaling() as f64).abs() * s_lora;
-            }
-            b.push(bound + 1e-30);
-        }
-    }
-    b
-}
-
 fn check(got: &[f32], want: &[f32], bound: &[f64], what: &str) {
     assert_eq!(got.len(), want.len());
     for (i, ((&g, &w), &b)) in got.iter().zip(want).zip(bound).enumerate() {
@@ -125,8 +87,7 @@ proptest! {
         let layer = make_layer(format, out, inp, bias, &ranks, &mut rng);
         let x = rng.vec(m * inp, 1.0);
         let want = layer.forward_reference(&x).unwrap();
-        let all: Vec<usize> = (0..ranks.len()).collect();
-        let bound = bounds(&layer, &x, &vec![all; m]);
+        let bound = layer.error_bound(&x).unwrap();
         for path in Path::all_available() {
             let got = layer.forward_with(&x, path).unwrap();
             check(&got, &want, &bound, &format!("{format:?} {out}x{inp} M={m} {path}"));
@@ -134,8 +95,7 @@ proptest! {
         // Multi-adapter batch: ids mixed and absent.
         let ids: Vec<Option<usize>> = (0..m).map(|r| if ranks.is_empty() || r % 3 == 2 { None } else { Some(r % ranks.len()) }).collect();
         let want = layer.forward_batch_reference(&x, &ids).unwrap();
-        let rows: Vec<Vec<usize>> = ids.iter().map(|id| id.iter().copied().collect()).collect();
-        let bound = bounds(&layer, &x, &rows);
+        let bound = layer.error_bound_batch(&x, &ids).unwrap();
         for path in Path::all_available() {
             let got = layer.forward_batch_with(&x, &ids, path).unwrap();
             check(&got, &want, &bound, &format!("batch {format:?} {out}x{inp} M={m} {path}"));
@@ -153,7 +113,7 @@ fn nf4_blocks_crossing_rows_and_odd_sizes() {
             for m in [1, 4, 5] {
                 let x = rng.vec(m * inp, 2.0);
                 let want = layer.forward_reference(&x).unwrap();
-                let bound = bounds(&layer, &x, &vec![vec![0, 1]; m]);
+                let bound = layer.error_bound(&x).unwrap();
                 for path in Path::all_available() {
                     check(&layer.forward_with(&x, path).unwrap(), &want, &bound, &format!("{out}x{inp} M={m} {path}"));
                 }
@@ -234,7 +194,7 @@ fn nf4_rows_of_whole_blocks_take_the_register_gemv() {
             for m in 1..=5 {
                 let x = rng.vec(m * inp, 1.5);
                 let want = layer.forward_reference(&x).unwrap();
-                let bound = bounds(&layer, &x, &vec![vec![0]; m]);
+                let bound = layer.error_bound(&x).unwrap();
                 for path in Path::all_available() {
                     check(
                         &layer.forward_with(&x, path).unwrap(),
@@ -259,7 +219,7 @@ fn int8_register_gemv_per_tensor_channel_and_group() {
             for m in 1..=5 {
                 let x = rng.vec(m * inp, 1.5);
                 let want = layer.forward_reference(&x).unwrap();
-                let bound = bounds(&layer, &x, &vec![vec![0]; m]);
+                let bound = layer.error_bound(&x).unwrap();
                 for path in Path::all_available() {
                     check(
                         &layer.forward_with(&x, path).unwrap(),
