@@ -32,6 +32,8 @@ pub mod cpu;
 pub mod double_quant;
 pub mod element;
 mod error;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 pub mod io;
 pub mod linear;
 pub mod lora;

@@ -1,0 +1,169 @@
+//! WGSL sources and the tiny preprocessor that specialises them per kernel variant.
+//!
+//! The `.wgsl` files in `shaders/` are embedded with `include_str!`. The preprocessor understands only
+//! `#include "file"` (one of the embedded files), `#if NAME` / `#if !NAME`, `#else` and `#endif` (nestable),
+//! each on its own line; a set of defined names selects the branches. Constants (`WG`, `MAXM`, `RED_LEN`)
+//! are prepended as WGSL `const` declarations, and `enable f16;` when the variant uses f16.
+
+use super::GpuError;
+
+/// Embedded shader files, by the name used in `#include`.
+const FILES: &[(&str, &str)] = &[
+    ("common.wgsl", include_str!("../../shaders/common.wgsl")),
+    ("gemv.wgsl", include_str!("../../shaders/gemv.wgsl")),
+    ("gemm.wgsl", include_str!("../../shaders/gemm.wgsl")),
+    ("shrink.wgsl", include_str!("../../shaders/shrink.wgsl")),
+];
+
+/// Threads per workgroup of the GEMV and shrink kernels.
+pub(crate) const WG: u32 = 64;
+/// Rows of `x` one GEMV workgroup handles (larger M runs several batches along the z dimension).
+pub(crate) const MAXM: u32 = 8;
+/// Rows of `x` and output features per GEMM workgroup tile.
+pub(crate) const GEMM_TILE: u32 = 64;
+
+/// Weight format part of a kernel variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightKind {
+    /// NF4 / FP4 with plain f32 block scales.
+    FourBit,
+    /// NF4 / FP4 with double-quantized scales decoded in the kernel.
+    FourBitDq,
+    /// int8 affine, one scale / zero point for the tensor.
+    Int8Tensor,
+    /// int8 affine, one per output channel.
+    Int8Channel,
+    /// int8 affine, one per group along a row.
+    Int8Group,
+}
+
+/// Which compute program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelOp {
+    /// LoRA shrink `t = x·Aᵀ` (independent of the weight format).
+    Shrink,
+    /// Decode-shaped matrix–vector product (any M, batches of 8 rows).
+    Gemv,
+    /// Tiled matrix–matrix product.
+    Gemm,
+}
+
+/// A kernel variant: the pipeline cache key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    /// Program.
+    pub op: KernelOp,
+    /// Weight format (ignored for [`KernelOp::Shrink`], which always uses [`WeightKind::FourBit`]).
+    pub weight: WeightKind,
+    /// Reduce with subgroup operations (GEMV only; needs `Features::SUBGROUP`).
+    pub subgroups: bool,
+    /// f16 workgroup tiles and products (GEMM only; needs `Features::SHADER_F16`).
+    pub f16: bool,
+}
+
+impl KernelKey {
+    /// A short stable name, e.g. `gemv-nf4dq-sg`.
+    pub fn name(&self) -> String {
+        let op = match self.op {
+            KernelOp::Shrink => return "lora-shrink".into(),
+            KernelOp::Gemv => "gemv",
+            KernelOp::Gemm => "gemm",
+        };
+        let w = match self.weight {
+            WeightKind::FourBit => "4bit",
+            WeightKind::FourBitDq => "4bit-dq",
+            WeightKind::Int8Tensor => "int8-tensor",
+            WeightKind::Int8Channel => "int8-channel",
+            WeightKind::Int8Group => "int8-group",
+        };
+        let mut s = format!("{op}-{w}");
+        if self.subgroups {
+            s.push_str("-subgroup");
+        }
+        if self.f16 {
+            s.push_str("-f16");
+        }
+        s
+    }
+
+    /// The complete WGSL source of this variant.
+    pub fn source(&self) -> Result<String, GpuError> {
+        let mut defs: Vec<&str> = Vec::new();
+        match self.weight {
+            WeightKind::FourBit => defs.push("FOURBIT"),
+            WeightKind::FourBitDq => defs.extend(["FOURBIT", "DQ"]),
+            WeightKind::Int8Tensor => defs.push("GRAN_TENSOR"),
+            WeightKind::Int8Channel => defs.push("GRAN_CHANNEL"),
+            WeightKind::Int8Group => defs.push("GRAN_GROUP"),
+        }
+        if self.subgroups {
+            defs.push("SUBGROUPS");
+        }
+        if self.f16 {
+            defs.push("F16");
+        }
+        let file = match self.op {
+            KernelOp::Shrink => "shrink.wgsl",
+            KernelOp::Gemv => "gemv.wgsl",
+            KernelOp::Gemm => "gemm.wgsl",
+        };
+        let mut out = String::new();
+        if self.f16 {
+            out.push_str("enable f16;\n");
+        }
+        out.push_str(&format!(
+            "const WG: u32 = {WG}u;\nconst MAXM: u32 = {MAXM}u;\nconst RED_LEN: u32 = {}u;\n",
+            WG * MAXM
+        ));
+        preprocess(file, &defs, &mut out, 0)?;
+        Ok(out)
+    }
+}
+
+fn file(name: &str) -> Result<&'static str, GpuError> {
+    FILES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| GpuError::Shader { kernel: name.into(), detail: format!("no embedded shader file {name:?}") })
+}
+
+/// Expands `#include` and `#if`/`#else`/`#endif` of `name` into `out`.
+pub(crate) fn preprocess(name: &str, defs: &[&str], out: &mut String, depth: usize) -> Result<(), GpuError> {
+    let err = |detail: String| GpuError::Shader { kernel: name.into(), detail };
+    if depth > 8 {
+        return Err(err("#include nested too deeply".into()));
+    }
+    // Stack of (this branch active, some branch of this #if taken, parent active).
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    let active = |stack: &[(bool, bool)]| stack.iter().all(|&(a, _)| a);
+    for (ln, line) in file(name)?.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix("#if ") {
+            let rest = rest.trim();
+            let (neg, sym) = match rest.strip_prefix('!') {
+                Some(s) => (true, s.trim()),
+                None => (false, rest),
+            };
+            let cond = defs.contains(&sym) != neg;
+            stack.push((cond, cond));
+        } else if trimmed.starts_with("#else") {
+            let top = stack.last_mut().ok_or_else(|| err(format!("line {}: #else without #if", ln + 1)))?;
+            *top = (!top.1, true);
+        } else if trimmed.starts_with("#endif") {
+            stack.pop().ok_or_else(|| err(format!("line {}: #endif without #if", ln + 1)))?;
+        } else if let Some(rest) = trimmed.strip_prefix("#include ") {
+            if active(&stack) {
+                let inc = rest.trim().trim_matches('"');
+                preprocess(inc, defs, out, depth + 1)?;
+            }
+        } else if active(&stack) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !stack.is_empty() {
+        return Err(err("unterminated #if".into()));
+    }
+    Ok(())
+}
