@@ -170,6 +170,10 @@ pub(crate) trait Vf: Copy {
     fn zero() -> Self;
     /// Every lane set to `v`.
     fn splat(v: f32) -> Self;
+    /// `a * b` lane by lane.
+    fn mul(a: Self, b: Self) -> Self;
+    /// Stores the lanes to `dst[0..LANES]` (caller guarantees the length).
+    fn store(self, dst: &mut [f32]);
     /// Loads `LANES` floats from `s[0..LANES]` (caller guarantees the length).
     fn load(s: &[f32]) -> Self;
     /// `a * b + c`.
@@ -187,6 +191,14 @@ impl Vf for wide::f32x8 {
     #[inline(always)]
     fn splat(v: f32) -> Self {
         wide::f32x8::splat(v)
+    }
+    #[inline(always)]
+    fn mul(a: Self, b: Self) -> Self {
+        a * b
+    }
+    #[inline(always)]
+    fn store(self, dst: &mut [f32]) {
+        dst[..8].copy_from_slice(&self.to_array());
     }
     #[inline(always)]
     fn load(s: &[f32]) -> Self {

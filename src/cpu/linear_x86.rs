@@ -209,6 +209,17 @@ struct V512(__m512);
 impl Vf for V512 {
     const LANES: usize = 16;
     #[inline(always)]
+    fn mul(a: Self, b: Self) -> Self {
+        // SAFETY: AVX-512F is enabled in every caller (see the type's docs).
+        V512(unsafe { _mm512_mul_ps(a.0, b.0) })
+    }
+    #[inline(always)]
+    fn store(self, dst: &mut [f32]) {
+        assert!(dst.len() >= 16);
+        // SAFETY: 16 floats in bounds (asserted); unaligned store; AVX-512F enabled in every caller.
+        unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), self.0) }
+    }
+    #[inline(always)]
     fn splat(v: f32) -> Self {
         // SAFETY: AVX-512F is enabled in every caller (see the type's docs).
         V512(unsafe { _mm512_set1_ps(v) })
@@ -242,6 +253,17 @@ struct V256(__m256);
 
 impl Vf for V256 {
     const LANES: usize = 8;
+    #[inline(always)]
+    fn mul(a: Self, b: Self) -> Self {
+        // SAFETY: AVX enabled in every caller.
+        V256(unsafe { _mm256_mul_ps(a.0, b.0) })
+    }
+    #[inline(always)]
+    fn store(self, dst: &mut [f32]) {
+        assert!(dst.len() >= 8);
+        // SAFETY: 8 floats in bounds (asserted); unaligned store; AVX enabled in every caller.
+        unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), self.0) }
+    }
     #[inline(always)]
     fn splat(v: f32) -> Self {
         // SAFETY: AVX enabled in every caller.
@@ -324,19 +346,30 @@ impl Decoder for Avx512Decoder {
         shift: u32,
         out: &mut [f32],
     ) {
-        // SAFETY: only reached from `block_job_avx512`, which enables AVX-512 F/BW after a run-time check.
-        let tab = unsafe { _mm512_loadu_ps(table.as_ptr()) };
-        four_bit_aligned(packed, flat, table, pairs, scales, shift, out, |bytes, scale, dst| {
-            assert!(dst.len() >= 16);
-            // SAFETY: AVX-512 enabled (see above); reads the 8 bytes of `bytes`, writes 16 floats of `dst`.
-            unsafe {
-                let b = _mm_loadl_epi64(bytes.as_ptr() as *const __m128i);
-                let idx = _mm512_cvtepu8_epi32(nibbles16(b));
-                let v = _mm512_mul_ps(_mm512_permutexvar_ps(idx, tab), _mm512_set1_ps(scale));
-                _mm512_storeu_ps(dst.as_mut_ptr(), v);
-            }
-        });
+        four_bit_registers::<V512, Self>(packed, flat, table, pairs, scales, shift, out)
     }
+}
+
+/// 4-bit decode into `out` through the register table of `D` (aligned groups of 16) and the portable decoder
+/// (heads and tails). Values are `table[q] * scale` with one rounding, as the reference.
+#[inline(always)]
+fn four_bit_registers<V: Vf, D: Table16<V>>(
+    packed: &[u8],
+    flat: usize,
+    table: &[f32; 16],
+    pairs: &[[f32; 2]; 256],
+    scales: &[f32],
+    shift: u32,
+    out: &mut [f32],
+) {
+    let tab = D::load_table(table);
+    four_bit_aligned(packed, flat, table, pairs, scales, shift, out, |bytes, scale, dst| {
+        let w = D::decode(bytes, &tab);
+        let s = V::splat(scale);
+        for (h, wh) in w.iter().enumerate().take(16 / V::LANES) {
+            V::mul(*wh, s).store(&mut dst[h * V::LANES..]);
+        }
+    });
 }
 
 struct Avx2Decoder;
@@ -352,26 +385,7 @@ impl Decoder for Avx2Decoder {
         shift: u32,
         out: &mut [f32],
     ) {
-        // SAFETY: only reached from `block_job_avx2`, which enables AVX2 after a run-time check.
-        let (lo_tab, hi_tab) = unsafe { (_mm256_loadu_ps(table.as_ptr()), _mm256_loadu_ps(table.as_ptr().add(8))) };
-        four_bit_aligned(packed, flat, table, pairs, scales, shift, out, |bytes, scale, dst| {
-            assert!(dst.len() >= 16);
-            // SAFETY: AVX2 enabled (see above); reads the 8 bytes of `bytes`, writes 16 floats of `dst`.
-            unsafe {
-                let lookup = |idx: __m256i| {
-                    let lo = _mm256_permutevar8x32_ps(lo_tab, idx);
-                    let hi = _mm256_permutevar8x32_ps(hi_tab, idx);
-                    // Bit 3 of the code picks the upper half of the table: move it to the sign bit for blendv.
-                    _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-                };
-                let s = _mm256_set1_ps(scale);
-                let codes = nibbles16(_mm_loadl_epi64(bytes.as_ptr() as *const __m128i));
-                let a = _mm256_mul_ps(lookup(_mm256_cvtepu8_epi32(codes)), s);
-                let b = _mm256_mul_ps(lookup(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes))), s);
-                _mm256_storeu_ps(dst.as_mut_ptr(), a);
-                _mm256_storeu_ps(dst.as_mut_ptr().add(8), b);
-            }
-        });
+        four_bit_registers::<V256, Self>(packed, flat, table, pairs, scales, shift, out)
     }
 }
 
