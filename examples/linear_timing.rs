@@ -4,7 +4,8 @@ use lowbit::linear::{QuantLinear, QuantWeight};
 use std::time::Instant;
 
 fn main() -> lowbit::Result<()> {
-    let (out, inp, m) = (4096usize, 14336usize, 1usize);
+    let m: usize = std::env::var("M").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let (out, inp) = (4096usize, 14336usize);
     let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 5000.0).collect();
     let weight = match std::env::var("FORMAT").as_deref() {
         Ok("int8") => {

@@ -218,13 +218,20 @@ impl Vf for wide::f32x8 {
 /// accumulator per pair, lanes summed once per chunk; a scalar tail finishes `kc % LANES`.
 #[inline(always)]
 fn micro_kernel<V: Vf, const R: usize>(xs: [&[f32]; MR], ws: [&[f32]; NR], kc: usize, acc: &mut [[f32; NR]; MR]) {
+    // Every slice holds at least `kc` floats: checked once here, so the loads below need no checks.
+    assert!(xs.iter().take(R).chain(ws.iter()).all(|s| s.len() >= kc));
     let mut v = [[V::zero(); NR]; R];
     let full = kc / V::LANES * V::LANES;
     let mut k = 0;
     while k < full {
-        let w: [V; NR] = std::array::from_fn(|j| V::load(&ws[j][k..]));
+        let mut w = [V::zero(); NR];
+        for j in 0..NR {
+            // SAFETY: k + LANES <= full <= kc <= ws[j].len() (asserted above).
+            w[j] = V::load(unsafe { ws[j].get_unchecked(k..k + V::LANES) });
+        }
         for i in 0..R {
-            let xv = V::load(&xs[i][k..]);
+            // SAFETY: k + LANES <= kc <= xs[i].len() (asserted above).
+            let xv = V::load(unsafe { xs[i].get_unchecked(k..k + V::LANES) });
             for j in 0..NR {
                 v[i][j] = V::fmadd(xv, w[j], v[i][j]);
             }
