@@ -153,6 +153,8 @@ impl GpuContext {
                 power_preference: wgpu::PowerPreference::HighPerformance,
                 force_fallback_adapter: false,
                 compatible_surface: None,
+                // wgpu 30.0.2 added this field; the browser path must name it to compile for wasm32.
+                apply_limit_buckets: false,
             })
             .await
             .map_err(|e| GpuError::NoAdapter { detail: format!("requestAdapter failed: {e}") })?;
