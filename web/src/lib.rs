@@ -282,12 +282,24 @@ impl Layer {
         self.linear.forward_batch_reference(x, &ids).map_err(js_err)
     }
 
-    /// Per-element bound on `|fast − reference|` of the fused f32 kernels (see `web/src/bound.rs`: the bound
-    /// of `tests/linear_paths.rs`, including the reference's own half-ulp rounding). `adapterIds` as in
-    /// `forwardBatch`; pass `undefined` for `forward` (every enabled adapter).
+    /// Per-element bound on `|y − reference|` of the fused f32 kernels on `device` (`"cpu"`: the bound of
+    /// `tests/linear_paths.rs`; `"webgpu"`: that of `tests/gpu_kernels.rs`; see `web/src/bound.rs`), including
+    /// the reference's own half-ulp rounding. `adapterIds` as in `forwardBatch`; `undefined` for `forward`
+    /// (every enabled adapter).
     #[wasm_bindgen(js_name = errorBound)]
-    pub fn error_bound(&self, x: &[f32], m: usize, adapter_ids_: Option<Vec<i32>>) -> Result<Vec<f64>, JsError> {
+    pub fn error_bound(
+        &self,
+        x: &[f32],
+        m: usize,
+        adapter_ids_: Option<Vec<i32>>,
+        device: &str,
+    ) -> Result<Vec<f64>, JsError> {
         check_rows("x", x.len(), m, self.linear.in_features())?;
+        let gpu = match device {
+            "cpu" => false,
+            "webgpu" => true,
+            other => return Err(JsError::new(&format!("device {other:?}: expected \"cpu\" or \"webgpu\""))),
+        };
         let adapters = self.linear.adapters();
         let (rows, want) = match adapter_ids_ {
             None => {
@@ -300,7 +312,7 @@ impl Layer {
                 (ids.into_iter().map(|i| i.into_iter().collect()).collect(), want)
             }
         };
-        Ok(bound::bounds(&self.linear, x, &rows, &want))
+        Ok(bound::bounds(&self.linear, x, &rows, &want, gpu))
     }
 
     /// The weight dequantized to f32 (`[out, in]` row-major) through the fast path.
