@@ -1,0 +1,115 @@
+//! GPU kernel benchmark: GEMV (M = 1) at 4096×4096, 11008×4096 (out×in) and 8192×8192, GEMM at M = 16, 128, 512
+//! (4096×4096), for NF4, NF4 + double quantization and int8 per-channel / per-group(128).
+//!
+//! Reports kernel time from timestamp queries around the compute pass (median of the repetitions; wall time
+//! per forward including readback when the device has no timestamps), GB/s of packed weight bytes (codes +
+//! scales, what a memory-bound GEMV must read) and GFLOP/s (2·M·in·out). A plain `harness = false` binary
+//! (criterion's statistics add nothing to GPU timestamps).
+//!
+//! CPU adapters (lavapipe / llvmpipe) are correctness oracles only: their numbers mean nothing for speed.
+//! Environment: `LOWBIT_BENCH_QUICK=1` runs only the smallest shapes (for smoke tests), `LOWBIT_BENCH_REPS`
+//! sets repetitions (default 20), `LOWBIT_BENCH_F16=1` adds f16 GEMM rows where the device supports them.
+
+use lowbit::affine::{self, Granularity};
+use lowbit::gpu::{GpuContext, GpuLinear, KernelChoice};
+use lowbit::linear::{QuantLinear, QuantWeight};
+use std::time::Instant;
+
+fn weights(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        })
+        .collect()
+}
+
+/// Builds one format's weight from f32 data of shape `[out, in]`.
+type MakeWeight = fn(&[f32], usize, usize) -> QuantWeight;
+
+fn main() {
+    let ctx = match GpuContext::new_blocking() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("skipped: no GPU adapter ({e})");
+            return;
+        }
+    };
+    let info = ctx.adapter_info();
+    println!(
+        "adapter: {} ({:?}, {:?}, driver {} {}), features {:?}",
+        info.name,
+        info.backend,
+        info.device_type,
+        info.driver,
+        info.driver_info,
+        ctx.features()
+    );
+    if ctx.is_cpu_adapter() {
+        println!("NOTE: CPU adapter — numbers below are correctness smoke only, meaningless for speed");
+    }
+    let quick = std::env::var("LOWBIT_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let reps: usize = std::env::var("LOWBIT_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let f16 = std::env::var("LOWBIT_BENCH_F16").is_ok_and(|v| v == "1") && ctx.features().f16;
+    let mut cases: Vec<(usize, usize, usize)> = vec![(1, 4096, 4096), (1, 11008, 4096), (1, 8192, 8192)];
+    cases.extend([16, 128, 512].map(|m| (m, 4096, 4096)));
+    if quick {
+        cases = vec![(1, 256, 256), (16, 256, 256)];
+    }
+    let formats: [(&str, MakeWeight); 4] = [
+        ("nf4-b64", |w, o, i| QuantWeight::FourBit(lowbit::nf4::quantize_nf4(w, &[o, i], 64, false).unwrap())),
+        ("nf4-b64-dq", |w, o, i| QuantWeight::FourBit(lowbit::nf4::quantize_nf4(w, &[o, i], 64, true).unwrap())),
+        ("int8-channel", |w, o, i| QuantWeight::Int8(affine::quantize(w, &[o, i], Granularity::PerChannel).unwrap())),
+        ("int8-group128", |w, o, i| {
+            QuantWeight::Int8(affine::quantize(w, &[o, i], Granularity::PerGroup(128)).unwrap())
+        }),
+    ];
+    println!(
+        "{:<14} {:>5} {:>6} {:>6} {:<24} {:>10} {:>9} {:>9}",
+        "format", "M", "out", "in", "kernel", "time_us", "GB/s", "GFLOP/s"
+    );
+    let mut last_shape = (0, 0);
+    let mut layers: Vec<(String, GpuLinear)> = Vec::new();
+    for &(m, out, inp) in &cases {
+        if (out, inp) != last_shape {
+            let w = weights(out * inp, (out * 31 + inp) as u64);
+            layers = formats
+                .iter()
+                .map(|(name, make)| {
+                    let layer = QuantLinear::new(make(&w, out, inp), None).unwrap();
+                    (name.to_string(), GpuLinear::upload(&ctx, &layer).unwrap())
+                })
+                .collect();
+            last_shape = (out, inp);
+        }
+        let x = weights(m * inp, 7);
+        for (name, gl) in &layers {
+            let mut choices = vec![KernelChoice::default()];
+            if f16 && m > 16 {
+                choices.push(KernelChoice { f16: Some(true), ..Default::default() });
+            }
+            for choice in choices {
+                let key = gl.kernel_for(&ctx, m, choice).unwrap();
+                // Warm-up (pipeline compile, buffer allocation).
+                gl.time_forward_blocking(&ctx, &x, m, choice, 1).unwrap();
+                let t = Instant::now();
+                let (_, ns) = gl.time_forward_blocking(&ctx, &x, m, choice, reps).unwrap();
+                let wall = t.elapsed().as_secs_f64() * 1e9 / reps as f64;
+                let (ns, src) = match ns {
+                    Some(ns) if ns > 0.0 => (ns, ""),
+                    _ => (wall, " (wall)"),
+                };
+                let gbs = gl.packed_bytes() as f64 / ns;
+                let gflops = 2.0 * (m * out * inp) as f64 / ns;
+                println!(
+                    "{name:<14} {m:>5} {out:>6} {inp:>6} {:<24} {:>10.1} {gbs:>9.1} {gflops:>9.1}{src}",
+                    key.name(),
+                    ns / 1e3
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! The GPU conformance tests on the GL backend (llvmpipe via EGL in CI): an adapter without f16 and
+//! subgroups, so the fallback kernels run. "Where available": a missing GL adapter skips, even with
+//! `LOWBIT_REQUIRE_GPU=1`. Runs in its own process (its own test binary). Tolerances: see `gpu_kernels.rs`.
+#![cfg(feature = "gpu")]
+
+use lowbit::gpu::{block_on, GpuLinear, KernelChoice, KernelOp};
+
+#[path = "gpu_common/mod.rs"]
+mod common;
+use common::*;
+
+#[test]
+fn gl_backend_variants() {
+    let Some(ctx) = gl_ctx() else { return };
+    run_matrix(ctx, FORMATS, SHAPES, MS, 4242);
+    // Variants needing features GL lacks are errors, not faults.
+    let mut rng = Rng(5);
+    let layer = make_layer(FORMATS[0], 4, 8, false, &[], &mut rng);
+    let gl = GpuLinear::upload(ctx, &layer).unwrap();
+    let x = rng.vec(8, 1.0);
+    if !ctx.features().f16 {
+        let c = KernelChoice { op: Some(KernelOp::Gemm), subgroups: None, f16: Some(true) };
+        assert!(block_on(gl.forward_with(ctx, &x, 1, None, c)).is_err());
+    }
+    if !ctx.features().subgroups {
+        let c = KernelChoice { op: Some(KernelOp::Gemv), subgroups: Some(true), f16: None };
+        assert!(block_on(gl.forward_with(ctx, &x, 1, None, c)).is_err());
+    }
+}
