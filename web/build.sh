@@ -34,7 +34,7 @@ step "cargo build --release --target wasm32-unknown-unknown (simd128, -Zbuild-st
 # Debian's cargo/rustc by full path: rustup's proxies in ~/.cargo/bin shadow them on PATH. RUSTC_BOOTSTRAP only
 # here, for -Zbuild-std. simd128 comes from web/.cargo/config.toml.
 PATH=/usr/bin:$PATH RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1 \
-  /usr/bin/cargo build --release --target wasm32-unknown-unknown -Zbuild-std=std,panic_abort \
+  /usr/bin/cargo build --locked --release --target wasm32-unknown-unknown -Zbuild-std=std,panic_abort \
   ${features:+--features "$features"}
 
 step "wasm-bindgen --target web --out-dir web/pkg"

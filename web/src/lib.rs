@@ -102,7 +102,12 @@ impl Checkpoint {
     /// `adapterName` to every layer it has weights for. All or nothing. Returns the attach report as JSON
     /// `{"attached": [...], "unmatched_modules": [...], "layers_without_adapter": [...]}`.
     #[wasm_bindgen(js_name = attachPeft)]
-    pub fn attach_peft(&mut self, config_json: &str, adapter_bytes: &[u8], adapter_name: &str) -> Result<String, JsError> {
+    pub fn attach_peft(
+        &mut self,
+        config_json: &str,
+        adapter_bytes: &[u8],
+        adapter_name: &str,
+    ) -> Result<String, JsError> {
         let adapter = parse_peft(config_json, adapter_bytes)?;
         let r = adapter.attach(&mut self.layers, adapter_name).map_err(js_err)?;
         Ok(serde_json::json!({
@@ -229,7 +234,12 @@ impl Layer {
     /// Adds this layer's module of a PEFT adapter (config JSON text + adapter safetensors bytes) under
     /// `adapterName`; returns its adapter id. Throws if the adapter has no module for this layer's path.
     #[wasm_bindgen(js_name = attachPeft)]
-    pub fn attach_peft(&mut self, config_json: &str, adapter_bytes: &[u8], adapter_name: &str) -> Result<usize, JsError> {
+    pub fn attach_peft(
+        &mut self,
+        config_json: &str,
+        adapter_bytes: &[u8],
+        adapter_name: &str,
+    ) -> Result<usize, JsError> {
         let adapter = parse_peft(config_json, adapter_bytes)?;
         let ad = adapter.lora_adapter(&self.path, adapter_name).map_err(js_err)?;
         self.linear_mut().add_adapter(ad).map_err(js_err)

@@ -52,12 +52,19 @@ export function bitMismatches(a, b) {
   return n;
 }
 
-/** Median time (ms) of `fn` (async or not) over repetitions filling about `budgetMs`, after one warm-up. */
-export async function timeIt(fn, budgetMs = 150, maxReps = 50) {
-  await fn();
+/**
+ * Median time (ms) of one call of `fn` (async or not), after one warm-up. Calls are timed in batches of at least
+ * ~5 ms (browsers coarsen performance.now() to 0.1 ms or worse outside cross-origin isolation), filling about
+ * `budgetMs` in all, at least 3 batches.
+ */
+export async function timeIt(fn, budgetMs = 150) {
+  let t = performance.now(); await fn(); const first = performance.now() - t;
+  const per = Math.max(1, Math.min(1000, Math.ceil(5 / Math.max(first, 0.01))));
   const ts = []; const t0 = performance.now();
-  while (ts.length < 3 || (performance.now() - t0 < budgetMs && ts.length < maxReps)) {
-    const t = performance.now(); await fn(); ts.push(performance.now() - t);
+  while (ts.length < 3 || (performance.now() - t0 < budgetMs && ts.length < 50)) {
+    t = performance.now();
+    for (let i = 0; i < per; i++) await fn();
+    ts.push((performance.now() - t) / per);
   }
   ts.sort((a, b) => a - b);
   return ts[ts.length >> 1];

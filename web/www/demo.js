@@ -17,7 +17,7 @@ function addRow(r) {
   rows.push(r);
   const tr = document.createElement('tr');
   const cells = [r.layer, r.m, r.device, r.error ? '—' : `${r.ms.toFixed(3)} ms`, r.error ? '—' : r.gflops.toFixed(2),
-    r.error ? '—' : r.gbs.toFixed(2), r.error ? r.error : r.maxErr.toExponential(2), r.error ? '' : r.worst.toFixed(3)];
+    r.error ? '—' : r.gbs.toFixed(2), r.error ? r.error : r.maxErr.toExponential(2), r.error ? '' : r.worst.toExponential(1)];
   for (const c of cells) { const td = document.createElement('td'); td.textContent = c; tr.appendChild(td); }
   tr.className = r.error ? 'note' : (r.ok ? 'ok' : 'bad');
   $('tbl').tBodies[0].appendChild(tr);
@@ -40,7 +40,7 @@ function drawChart() {
     g.save(); g.translate(x + 2, cv.height - 46); g.rotate(Math.PI / 6);
     g.fillText(`${r.layer.split(' ')[0]} M=${r.m} ${r.device === 'webgpu' ? 'GPU' : 'CPU'}`, 0, 0); g.restore();
   });
-  g.fillStyle = '#e08a2c'; g.fillRect(cv.width - 190, 4, 10, 10); g.fillStyle = '#000'; g.fillText('WASM SIMD (CPU)', cv.width - 176, 13);
+  g.fillStyle = '#e08a2c'; g.fillRect(cv.width - 220, 4, 10, 10); g.fillStyle = '#000'; g.fillText('WASM SIMD (CPU)', cv.width - 206, 13);
   g.fillStyle = '#3b7dd8'; g.fillRect(cv.width - 90, 4, 10, 10); g.fillStyle = '#000'; g.fillText('WebGPU', cv.width - 76, 13);
 }
 
@@ -62,10 +62,16 @@ async function main() {
   await init();
   const info = JSON.parse(lb.buildInfo());
   let gpu;
-  try { gpu = { ok: true, adapter: JSON.parse(await lb.initWebGpu()) }; }
-  catch (e) { gpu = { ok: false, why: String(e && e.message || e) }; }
+  try {
+    gpu = { ok: true, adapter: JSON.parse(await lb.initWebGpu()) };
+    // wgpu's browser backend leaves the adapter name empty: ask the browser for its description.
+    const a = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
+    const i = a && a.info || {};
+    gpu.adapter.name ||= [i.vendor, i.architecture, i.device, i.description].filter(Boolean).join(' ') || 'unnamed adapter';
+    gpu.adapter.fallback = i.isFallbackAdapter ?? a?.isFallbackAdapter;
+  } catch (e) { gpu = { ok: false, why: String(e && e.message || e) }; }
   $('env').textContent = `lowbit-web ${info.version}; CPU kernels: ${info.isa} (WASM SIMD ${info.simd128 ? 'on' : 'off'}), single thread\n` +
-    (gpu.ok ? `WebGPU: ${gpu.adapter.name || '(unnamed adapter)'} — ${gpu.adapter.backend}, ${gpu.adapter.type}${gpu.adapter.driver ? ', ' + gpu.adapter.driver : ''}; f16 ${gpu.adapter.f16}, subgroups ${gpu.adapter.subgroups}`
+    (gpu.ok ? `WebGPU: ${gpu.adapter.name}${gpu.adapter.fallback ? ' (fallback adapter)' : ''} — ${gpu.adapter.type === 'Cpu' ? 'a CPU (software) adapter, ' : ''}${gpu.adapter.backend}${gpu.adapter.driver ? ', ' + gpu.adapter.driver : ''}; f16 ${gpu.adapter.f16}, subgroups ${gpu.adapter.subgroups}`
       : `WebGPU unavailable: ${gpu.why}`);
 
   const r = rng(1);
