@@ -124,3 +124,13 @@ fn bad_inputs_are_errors() {
     let y = gl.forward_blocking(ctx, &x, 3).unwrap();
     assert_eq!(y.len(), 18);
 }
+
+#[test]
+fn absurd_m_is_an_error() {
+    let Some(ctx) = ctx() else { return };
+    let mut rng = Rng(3);
+    let layer = make_layer(FORMATS[0], 2, 8, false, &[], &mut rng);
+    let gl = GpuLinear::upload(ctx, &layer).unwrap();
+    assert!(gl.forward_blocking(ctx, &[0.0; 8], usize::MAX).is_err());
+    assert!(gl.forward_blocking(ctx, &[], 0).unwrap().is_empty());
+}

@@ -575,7 +575,7 @@ impl GpuLinear {
             return Err(Error::shape(
                 format!("length of x for m = {m} rows of in = {}", self.n_in),
                 x.len(),
-                m * self.n_in,
+                m.saturating_mul(self.n_in),
             )
             .into());
         }
