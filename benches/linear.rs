@@ -3,6 +3,11 @@
 //!
 //! Throughput is reported in bytes of packed weight read (`Throughput::Bytes`); GFLOP/s = 2·M·out·in / time.
 //! Single- and multi-threaded runs are separate entries (`threads=1` runs through a one-thread rayon pool).
+//! The memory limits (read / write / copy bandwidth, one and all threads) are measured first and printed to
+//! stderr, from the same code as `lowbit bench --all` (`cli/src/membw.rs`).
+
+#[path = "../cli/src/membw.rs"]
+mod membw;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lowbit::affine::{self, Granularity};
@@ -58,7 +63,27 @@ fn dequant_then_matmul(l: &QuantLinear, w: &mut [f32], x: &[f32], y: &mut [f32])
     }
 }
 
+/// Measures the memory limits in this run and prints them, so that criterion's GB/s can be read as a fraction.
+fn print_limits() {
+    let l = membw::measure(membw::DEFAULT_BYTES, 3);
+    let g = membw::gb_s;
+    eprintln!(
+        "memory limits ({} MiB buffers, GB/s): 1 thread read {:.1} write {:.1} copy {:.1}; \
+         {} threads read {:.1} write {:.1} copy {:.1}. A GEMV's fraction of the limit is its GB/s over `read` \
+         (criterion counts packed weight bytes only; `lowbit bench --all` prints the fractions).",
+        l.bytes >> 20,
+        g(l.single.read),
+        g(l.single.write),
+        g(l.single.copy),
+        l.threads,
+        g(l.all.read),
+        g(l.all.write),
+        g(l.all.copy)
+    );
+}
+
 fn bench_linear(c: &mut Criterion) {
+    print_limits();
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let shapes = [(4096usize, 4096usize), (11008, 4096), (4096, 14336)];
     for (out, inp) in shapes {

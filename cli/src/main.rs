@@ -7,6 +7,7 @@
 mod adapter;
 mod agreement;
 mod bench;
+mod bench_all;
 mod console;
 mod demo;
 mod demo_linear;
@@ -16,6 +17,7 @@ mod forward;
 mod inspect;
 mod int8_layout;
 mod layer;
+mod membw;
 mod merge;
 mod output;
 mod progress;
@@ -115,7 +117,16 @@ weight read (codes + scales per forward / time).
 
 The result is then compared with the f64 reference forward: max |err|, relative L2 error and the largest
 ratio of error to the stated bound (f32 accumulation error, the bound tests/linear_paths.rs uses). The
-reference is skipped when OUT*IN*M exceeds 2e8. A result outside the bound fails with exit status 1.";
+reference is skipped when OUT*IN*M exceeds 2e8. A result outside the bound fails with exit status 1.
+
+With --all, runs a fixed suite instead (about 2 minutes on 2 cores; --quick: a few seconds): quantize and
+dequantize (int8 tensor/channel/group:128, NF4, NF4+DQ; 4096x4096), GEMV (M=1) and GEMM (M=8, 64) for NF4,
+NF4+DQ and int8 channel at 4096x4096 and 4096x14336 with and without a rank-16 LoRA adapter, on the scalar
+path (small cases only), the best instruction set on one thread and on all threads. It first measures the
+memory read, write and copy bandwidth over 256 MiB buffers (one thread, all threads) and prints one Markdown
+table: median ms, GB/s = (bytes read + written) / median, GFLOP/s, and GB/s as a percentage of the measured
+bandwidth in the kernel's dominant direction at the same thread count. --json prints the same as JSON records
+(kernel, format, shape, batch, path, threads, median_s, gb_s, gflop_s, frac_of_limit, limit).";
 
 /// Low-bit quantization of LLM weights: int8 affine (PyTorch quint8) and NF4 (bitsandbytes), exact on every CPU.
 #[derive(Parser, Debug)]
@@ -222,15 +233,25 @@ enum Command {
         force: bool,
     },
     /// Time the fused QuantLinear forward (dequantize-matmul [+ LoRA]) on a synthetic layer and check it
-    /// against the f64 reference.
+    /// against the f64 reference; or, with --all, every kernel on every path against the memory limits.
     #[command(long_about = BENCH_LONG_ABOUT)]
     Bench {
+        /// Run the fixed suite (quantize, dequantize, GEMV, GEMM; every format and path) and print one
+        /// Markdown table with each figure as a fraction of the memory bandwidth measured in the same run.
+        #[arg(long, conflicts_with_all = ["format", "shape", "batch", "lora_rank", "threads", "iters"])]
+        all: bool,
+        /// With --all: print JSON records instead of the table.
+        #[arg(long, conflicts_with_all = ["format", "shape"])]
+        json: bool,
+        /// With --all: the reduced suite (4096x4096 only, M = 1 and 8, no scalar path, shorter timing).
+        #[arg(long, conflicts_with_all = ["format", "shape"])]
+        quick: bool,
         /// Weight format.
-        #[arg(long, value_enum)]
-        format: BenchFormat,
+        #[arg(long, value_enum, required_unless_present = "all")]
+        format: Option<BenchFormat>,
         /// Weight shape `OUTxIN`, e.g. 4096x4096 or 11008x4096.
-        #[arg(long, value_parser = parse_shape, value_name = "OUTxIN")]
-        shape: (usize, usize),
+        #[arg(long, value_parser = parse_shape, value_name = "OUTxIN", required_unless_present = "all")]
+        shape: Option<(usize, usize)>,
         /// Rows of the input x (1 = decode, hundreds = prefill).
         #[arg(long, value_name = "M", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         batch: u32,
@@ -354,15 +375,21 @@ fn run(cli: Cli) -> Result<(), CliError> {
             force,
         }),
         Command::Merge { base, adapter, output, force } => merge::run(&base, &adapter, &output, force),
-        Command::Bench { format, shape: (out, inp), batch, lora_rank, threads, iters } => bench::run(bench::Bench {
-            format: format.into(),
-            out,
-            inp,
-            batch: batch as usize,
-            lora_rank: lora_rank.map(|r| r as usize),
-            threads: threads.map(|t| t as usize),
-            iters: iters as usize,
-        }),
+        Command::Bench { all: true, json, quick, .. } => bench_all::run(bench_all::Suite { json, quick }),
+        Command::Bench { format, shape, batch, lora_rank, threads, iters, .. } => {
+            let (Some(format), Some((out, inp))) = (format, shape) else {
+                return Err(CliError::new("bench needs --format and --shape, or --all"));
+            };
+            bench::run(bench::Bench {
+                format: format.into(),
+                out,
+                inp,
+                batch: batch as usize,
+                lora_rank: lora_rank.map(|r| r as usize),
+                threads: threads.map(|t| t as usize),
+                iters: iters as usize,
+            })
+        }
     }
 }
 

@@ -91,6 +91,11 @@ fn bench_usage_errors() {
         &["bench", "--format", "nf4", "--shape", "4x4", "--batch", "0"],
         &["bench", "--format", "nf4", "--shape", "4x4", "--threads", "0"],
         &["bench", "--shape", "4x4"],
+        &["bench", "--all", "--format", "nf4"],
+        &["bench", "--all", "--shape", "4x4"],
+        &["bench", "--all", "--batch", "8"],
+        &["bench", "--json"],
+        &["bench", "--quick", "--format", "nf4", "--shape", "4x4"],
     ] {
         let o = lowbit(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));

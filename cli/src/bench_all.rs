@@ -1,0 +1,437 @@
+//! `lowbit bench --all`: a fixed suite of every kernel family on every path, held against the memory limits
+//! measured in the same run, printed as one Markdown table (or JSON records with `--json`).
+//!
+//! Suite (default): quantize and dequantize (f32 out) of a 4096×4096 weight in int8 tensor / channel /
+//! group:128, NF4 and NF4 + double quantization; GEMV (M = 1) and GEMM (M = 8, 64) of NF4, NF4 + DQ and int8
+//! channel at 4096×4096 and 4096×14336 (out × in), without and with a rank-16 LoRA adapter. Paths: the scalar
+//! reference (quantize / dequantize, and GEMV M = 1 without LoRA at 4096×4096 only: the larger cases would take
+//! minutes), the best instruction set on one thread, and the best instruction set on every thread of the pool.
+//! `--quick`: 4096×4096 only, M = 1 and 8, no scalar path, shorter timing.
+//!
+//! Cold weights: a GEMV / GEMM case cycles through copies of its layer adding up to twice the last-level cache,
+//! so every call reads its weight from memory, as a model's layer-after-layer forward does (a 4096×4096 NF4
+//! weight is 9 MiB and would otherwise be timed from cache). Quantize / dequantize stream 64 MiB of f32.
+//!
+//! Units. `GB/s` = (bytes read + bytes written) / median time, where the bytes are the kernel's minimum traffic:
+//! its input once and its output once (packed codes + scales, f32 activations, bias, LoRA factors). `GFLOP/s`
+//! = 2·M·out·in (+ 2·M·r·(in + out) for LoRA) / time, for GEMV / GEMM only. `% of limit` divides GB/s by the
+//! measured bandwidth of the same thread count in the kernel's dominant direction: read (GEMV, GEMM), write, or
+//! copy (quantize, dequantize; a copy's figure counts its reads and writes). GEMM at M = 64 is compute-bound,
+//! so its fraction of the memory limit is expected to be low.
+
+use crate::console;
+use crate::error::{CliError, Context};
+use crate::membw::{self, Direction, Limits};
+use crate::synthetic::{self, LayerFormat};
+use lowbit::affine::{self, Granularity};
+use lowbit::cpu::{Isa, Path};
+use lowbit::linear::{QuantLinear, QuantWeight};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+/// Options of `lowbit bench --all`.
+#[derive(Clone, Copy, Debug)]
+pub struct Suite {
+    /// Print JSON records instead of the Markdown table.
+    pub json: bool,
+    /// The reduced suite.
+    pub quick: bool,
+}
+
+/// One measured kernel (or one memory limit, kernel `memory-read` / `memory-write` / `memory-copy`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    /// `quantize`, `dequantize`, `gemv`, `gemm`, with `+lora16` when an adapter is attached.
+    pub kernel: String,
+    /// Weight format, e.g. `int8 group:128`, `nf4`, `nf4+dq`.
+    pub format: String,
+    /// `OUTxIN` of the weight.
+    pub shape: String,
+    /// Rows of x (1 for quantize / dequantize).
+    pub batch: usize,
+    /// Path name (`scalar`, `avx2`, `avx2+threads`).
+    pub path: String,
+    /// Threads the kernel ran on.
+    pub threads: usize,
+    /// Median seconds per call.
+    pub median_s: f64,
+    /// (Bytes read + written) / median, in 10⁹ bytes per second.
+    pub gb_s: f64,
+    /// 10⁹ floating-point operations per second (GEMV / GEMM only).
+    pub gflop_s: Option<f64>,
+    /// `gb_s` over the limit named by `limit`.
+    pub frac_of_limit: f64,
+    /// The limit used: `read`, `write` or `copy`.
+    pub limit: &'static str,
+    /// Bytes (read, written) per call.
+    pub traffic: (f64, f64),
+}
+
+impl Record {
+    /// The record as a JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        let num = |x: f64| if x.is_finite() { serde_json::json!(x) } else { serde_json::Value::Null };
+        serde_json::json!({
+            "kernel": self.kernel,
+            "format": self.format,
+            "shape": self.shape,
+            "batch": self.batch,
+            "path": self.path,
+            "threads": self.threads,
+            "median_s": num(self.median_s),
+            "gb_s": num(self.gb_s),
+            "gflop_s": self.gflop_s.map_or(serde_json::Value::Null, num),
+            "frac_of_limit": num(self.frac_of_limit),
+            "limit": self.limit,
+        })
+    }
+}
+
+/// How long each case is timed.
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    /// Keep calling until this much time has passed …
+    time: Duration,
+    /// … and at least this many timed calls (after one untimed call).
+    min: usize,
+    /// At most this many timed calls.
+    max: usize,
+}
+
+/// Median seconds of `f` under `b`; stops at the first error.
+fn median(b: Budget, mut f: impl FnMut() -> lowbit::Result<()>) -> lowbit::Result<f64> {
+    f()?;
+    let start = Instant::now();
+    let mut t = Vec::new();
+    while t.len() < b.min || (start.elapsed() < b.time && t.len() < b.max) {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// A path and the pool it runs in.
+struct Runner {
+    path: Path,
+    pool: rayon::ThreadPool,
+}
+
+impl Runner {
+    fn new(path: Path, threads: usize) -> Result<Runner, CliError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| CliError::new(format!("starting a pool of {threads} threads: {e}")))?;
+        Ok(Runner { path, pool })
+    }
+
+    fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+}
+
+/// Collects records, deriving the rates and the fraction of the limit.
+struct Recorder {
+    records: Vec<Record>,
+}
+
+impl Recorder {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        kernel: String,
+        format: &str,
+        shape: (usize, usize),
+        batch: usize,
+        r: &Runner,
+        median_s: f64,
+        (read, written): (f64, f64),
+        flops: Option<f64>,
+    ) {
+        let threads = r.threads();
+        self.records.push(Record {
+            kernel,
+            format: format.to_string(),
+            shape: format!("{}x{}", shape.0, shape.1),
+            batch,
+            path: r.path.name(),
+            threads,
+            median_s,
+            gb_s: (read + written) / median_s / 1e9,
+            gflop_s: flops.map(|f| f / median_s / 1e9),
+            frac_of_limit: f64::NAN, // once the limits are known
+            limit: Direction::of(read, written).name(),
+            traffic: (read, written),
+        });
+    }
+}
+
+/// Runs the suite and prints the table (or JSON).
+pub fn run(s: Suite) -> Result<(), CliError> {
+    let all_threads = rayon::current_num_threads();
+    let best = Isa::best();
+    let mut runners = Vec::new();
+    if !s.quick {
+        runners.push(Runner::new(Path::REFERENCE, 1)?);
+    }
+    runners.push(Runner::new(Path::single(best), 1)?);
+    runners.push(Runner::new(Path::best(), all_threads)?);
+    let budget = if s.quick {
+        Budget { time: Duration::from_millis(60), min: 2, max: 50 }
+    } else {
+        Budget { time: Duration::from_millis(300), min: 3, max: 100 }
+    };
+
+    // Measured before and after the kernels, best of both: on a shared machine a single measurement can land
+    // in a busy moment and make every fraction look better than it is.
+    let all_pool = &runners[runners.len() - 1].pool;
+    let before = all_pool.install(|| membw::measure(membw::DEFAULT_BYTES, 3));
+    let mut rec = Recorder { records: Vec::new() };
+    quant_dequant(&mut rec, &runners, budget, 4096, 4096)?;
+    let shapes: &[(usize, usize)] = if s.quick { &[(4096, 4096)] } else { &[(4096, 4096), (4096, 14336)] };
+    let batches: &[usize] = if s.quick { &[1, 8] } else { &[1, 8, 64] };
+    for &(out, inp) in shapes {
+        linear(&mut rec, &runners, budget, (out, inp), batches)?;
+    }
+    let limits = before.max(&all_pool.install(|| membw::measure(membw::DEFAULT_BYTES, 3)));
+    for r in &mut rec.records {
+        let (read, written) = r.traffic;
+        r.frac_of_limit = limits.fraction(r.threads, read, written, r.median_s);
+    }
+    rec.records.splice(0..0, limit_records(&limits));
+
+    if s.json {
+        let v: Vec<serde_json::Value> = rec.records.iter().map(Record::to_json).collect();
+        return console::line(&serde_json::to_string_pretty(&v).map_err(|e| CliError::new(e.to_string()))?);
+    }
+    console::out(&format!(
+        "lowbit bench --all{}: best ISA {best}, {all_threads} thread(s), load average {}\n\
+         memory limits: best of 3 passes over {} MiB buffers, before and after the kernels; GB/s = (bytes read + written) / median;\n\
+         % of limit = GB/s / the measured read, write or copy bandwidth at the same thread count\n\n{}",
+        if s.quick { " --quick" } else { "" },
+        load_average(),
+        limits.bytes >> 20,
+        markdown(&rec.records)
+    ))?;
+    if s.quick {
+        return Ok(());
+    }
+    console::line(
+        "\nnot run: the scalar path for LoRA, GEMM and the 4096x14336 shape (minutes per case; \
+         the scalar rows above show its speed)",
+    )
+}
+
+/// The memory limits as records (`memory-read`, … at one thread and at all threads).
+fn limit_records(l: &Limits) -> Vec<Record> {
+    let mut v = Vec::new();
+    for (threads, b) in [(1, &l.single), (l.threads, &l.all)] {
+        for d in [Direction::Read, Direction::Write, Direction::Copy] {
+            let bw = b.get(d);
+            v.push(Record {
+                kernel: format!("memory-{}", d.name()),
+                format: "u64".into(),
+                shape: format!("{}MiB", l.bytes >> 20),
+                batch: 1,
+                path: if threads == 1 { "1 thread".into() } else { "all threads".into() },
+                threads,
+                median_s: l.bytes as f64 * if d == Direction::Copy { 2.0 } else { 1.0 } / bw,
+                gb_s: bw / 1e9,
+                gflop_s: None,
+                frac_of_limit: 1.0,
+                limit: d.name(),
+                traffic: (0.0, 0.0),
+            });
+        }
+    }
+    v
+}
+
+fn quant_dequant(
+    rec: &mut Recorder,
+    runners: &[Runner],
+    budget: Budget,
+    out: usize,
+    inp: usize,
+) -> Result<(), CliError> {
+    let n = out * inp;
+    let w = synthetic::synthetic_weight(out, inp, synthetic::SEED);
+    let shape = [out, inp];
+    let mut dst = vec![0.0f32; n];
+    let f32_bytes = 4.0 * n as f64;
+    for gran in [Granularity::PerTensor, Granularity::PerChannel, Granularity::PerGroup(128)] {
+        let format = format!("int8 {gran}");
+        let q = affine::quantize(&w, &shape, gran).context(|| format!("quantizing to {format}"))?;
+        let packed = QuantWeight::Int8(q.clone()).packed_bytes() as f64;
+        for r in runners {
+            let t = r
+                .pool
+                .install(|| median(budget, || affine::quantize_with(black_box(&w), &shape, gran, r.path).map(drop)))?;
+            rec.push("quantize".into(), &format, (out, inp), 1, r, t, (f32_bytes, packed), None);
+            let t = r.pool.install(|| median(budget, || q.dequantize_into_with(black_box(&mut dst[..]), r.path)))?;
+            rec.push("dequantize".into(), &format, (out, inp), 1, r, t, (packed, f32_bytes), None);
+        }
+    }
+    for dq in [false, true] {
+        let format = if dq { "nf4+dq" } else { "nf4" };
+        let q = lowbit::nf4::quantize_nf4(&w, &shape, 64, dq).context(|| format!("quantizing to {format}"))?;
+        let packed = QuantWeight::FourBit(q.clone()).packed_bytes() as f64;
+        for r in runners {
+            let t = r.pool.install(|| {
+                median(budget, || lowbit::nf4::quantize_nf4_with(black_box(&w), &shape, 64, dq, r.path).map(drop))
+            })?;
+            rec.push("quantize".into(), format, (out, inp), 1, r, t, (f32_bytes, packed), None);
+            let t = r.pool.install(|| median(budget, || q.dequantize_into_with(black_box(&mut dst[..]), r.path)))?;
+            rec.push("dequantize".into(), format, (out, inp), 1, r, t, (packed, f32_bytes), None);
+        }
+    }
+    Ok(())
+}
+
+const LORA_RANK: usize = 16;
+
+fn linear(
+    rec: &mut Recorder,
+    runners: &[Runner],
+    budget: Budget,
+    (out, inp): (usize, usize),
+    batches: &[usize],
+) -> Result<(), CliError> {
+    let w = synthetic::synthetic_weight(out, inp, synthetic::SEED);
+    for (format, name) in
+        [(LayerFormat::Nf4, "nf4"), (LayerFormat::Nf4Dq, "nf4+dq"), (LayerFormat::Int8, "int8 channel")]
+    {
+        let weight = synthetic::quantize(format, &w, out, inp).context(|| format!("quantizing to {name}"))?;
+        let packed = weight.packed_bytes() as f64;
+        // Enough copies that each call reads its weight from memory, not from the last-level cache.
+        let copies = (cold_bytes() as f64 / packed).ceil().clamp(1.0, 16.0) as usize;
+        for rank in [None, Some(LORA_RANK)] {
+            let layer = synthetic::layer_from(weight.clone(), rank).context(|| format!("building a {name} layer"))?;
+            let layers = vec![layer; copies];
+            for &m in batches {
+                let x = synthetic::input(m, inp);
+                let lora_elems = rank.map_or(0, |r| r * (inp + out));
+                let read = packed + 4.0 * (m * inp + out + lora_elems) as f64;
+                let written = 4.0 * (m * out) as f64;
+                let flops = 2.0 * (m * (out * inp + lora_elems)) as f64;
+                let kernel =
+                    format!("{}{}", if m == 1 { "gemv" } else { "gemm" }, if rank.is_some() { "+lora16" } else { "" });
+                for r in runners {
+                    if r.path.isa == Isa::Scalar && (rank.is_some() || m > 1 || (out, inp) != (4096, 4096)) {
+                        continue;
+                    }
+                    let mut next = 0;
+                    let t = r.pool.install(|| {
+                        median(budget, || {
+                            next = (next + 1) % copies;
+                            forward(&layers[next], &x, r.path)
+                        })
+                    })?;
+                    rec.push(kernel.clone(), name, (out, inp), m, r, t, (read, written), Some(flops));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of weights a GEMV / GEMM case cycles through: twice the last-level cache (Linux sysfs; 32 MiB when
+/// unknown), at least 64 MiB.
+fn cold_bytes() -> usize {
+    let llc = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size")
+        .ok()
+        .and_then(|s| s.trim().strip_suffix('K').and_then(|k| k.parse::<usize>().ok()))
+        .map_or(32 << 20, |k| k << 10);
+    (2 * llc).max(64 << 20)
+}
+
+fn forward(layer: &QuantLinear, x: &[f32], path: Path) -> lowbit::Result<()> {
+    black_box(layer.forward_with(black_box(x), path)?);
+    Ok(())
+}
+
+/// The 1-, 5- and 15-minute load averages (`/proc/loadavg`), or `unknown`.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The records as one Markdown table.
+pub fn markdown(records: &[Record]) -> String {
+    let mut s = String::from(
+        "| kernel | format | shape | batch | path | threads | median ms | GB/s | GFLOP/s | % of limit |\n\
+         |---|---|---|---:|---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in records {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {:.3} | {:.2} | {} | {:.0}% {} |\n",
+            r.kernel,
+            r.format,
+            r.shape,
+            r.batch,
+            r.path,
+            r.threads,
+            r.median_s * 1e3,
+            r.gb_s,
+            r.gflop_s.map_or_else(|| "-".to_string(), |g| format!("{g:.1}")),
+            r.frac_of_limit * 100.0,
+            r.limit,
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record {
+        Record {
+            kernel: "gemv".into(),
+            format: "nf4".into(),
+            shape: "8x16".into(),
+            batch: 1,
+            path: "avx2".into(),
+            threads: 1,
+            median_s: 0.5,
+            gb_s: 2.0,
+            gflop_s: None,
+            frac_of_limit: 0.25,
+            limit: "read",
+            traffic: (1.0, 0.0),
+        }
+    }
+
+    #[test]
+    fn json_records_have_the_documented_fields() {
+        let v = record().to_json();
+        for k in ["kernel", "format", "shape", "batch", "threads", "median_s", "gb_s", "gflop_s", "frac_of_limit"] {
+            assert!(v.get(k).is_some(), "{k} missing in {v}");
+        }
+        assert!(v["gflop_s"].is_null());
+    }
+
+    #[test]
+    fn markdown_has_one_line_per_record() {
+        let t = markdown(&[record(), record()]);
+        assert_eq!(t.lines().count(), 4);
+        assert!(t.contains("| gemv | nf4 | 8x16 | 1 | avx2 | 1 | 500.000 | 2.00 | - | 25% read |"), "{t}");
+    }
+
+    #[test]
+    fn median_runs_at_least_min_times() {
+        let mut calls = 0;
+        let b = Budget { time: Duration::ZERO, min: 3, max: 10 };
+        median(b, || {
+            calls += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls, 4);
+    }
+}
