@@ -34,7 +34,7 @@ for t in "${targets[@]}"; do
     echo "== $t: ${secs}s (corpus/$t, seeds from seeds/$t)"
     # shellcheck disable=SC2086
     nice -n "$nice_level" cargo +"$tc" fuzz run "$t" "corpus/$t" "seeds/$t" -- \
-        -max_total_time="$secs" -timeout=60 -rss_limit_mb=2048 -print_final_stats=1 ${FUZZ_ARGS:-} \
+        -max_total_time="$secs" -timeout=60 -rss_limit_mb=2048 -print_final_stats=1 -len_control=0 ${FUZZ_ARGS:-} \
         >"$log" 2>&1
     rc=$?
     execs=$(grep -m1 '^stat::number_of_executed_units:' "$log" | awk '{print $2}')
