@@ -14,7 +14,7 @@
 //! (`linear_x86.rs`) and a 256-entry byte→pair table elsewhere.
 
 use crate::affine::Granularity;
-use crate::cpu::{Isa, Path};
+use crate::cpu::Path;
 use crate::linear::{AdapterSelection, QuantLinear, QuantWeight};
 
 /// Input features per chunk (the K-blocking of the GEMM).
@@ -165,6 +165,8 @@ fn int8_run(codes: &[u8], scale: f32, zero_point: u8, out: &mut [f32]) {
 
 /// A vector of f32 lanes, as the micro-kernels need it. Implemented by `wide::f32x8` (portable, separate
 /// multiply and add) and by `__m256` / `__m512` in `linear_x86.rs` (fused multiply-add).
+// Some methods are used only by the x86 kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) trait Vf: Copy {
     /// Lanes per vector.
     const LANES: usize;
@@ -426,7 +428,7 @@ pub(crate) fn forward(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSele
     let isa = path.isa;
     let shrink = match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => super::linear_x86::shrink_all(isa, layer, x, m, sel),
+        crate::cpu::Isa::Avx2 | crate::cpu::Isa::Avx512 => super::linear_x86::shrink_all(isa, layer, x, m, sel),
         _ => shrink_all::<wide::f32x8>(layer, x, m, sel),
     };
     let job = Job { layer, x, m, pairs: &pairs, shrink: &shrink, sel };
@@ -435,7 +437,9 @@ pub(crate) fn forward(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSele
         let mut out = vec![0.0f32; m * ob];
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 => super::linear_x86::block_job(isa, &job, o0, ob, &mut out),
+            crate::cpu::Isa::Avx2 | crate::cpu::Isa::Avx512 => {
+                super::linear_x86::block_job(isa, &job, o0, ob, &mut out)
+            }
             _ => block_job::<wide::f32x8, PortableDecoder>(&job, o0, ob, &mut out),
         }
         out
