@@ -12,6 +12,11 @@
 //!
 //! `cargo run --release` in this directory (its own workspace: the lowbit workspace never compiles candle);
 //! `--quick` for the 4096×4096 shape only.
+//!
+//! candle chooses its SIMD at compile time (`#[cfg(target_feature = "avx2")]` in `k_quants.rs`): a default
+//! build runs its scalar code. For the fair comparison build with
+//! `RUSTFLAGS="-C target-cpu=native" CARGO_TARGET_DIR=../target-peers-native cargo run --release` (lowbit
+//! dispatches at run time and is not changed by the flag). Report both.
 
 #[path = "../../cli/src/membw.rs"]
 mod membw;
