@@ -74,17 +74,18 @@ fn fused_gemv<V: Vf, D: Table16<V>>(job: &Job<'_>, o0: usize, ob: usize, out: &m
         return false;
     }
     match m {
-        1 => gemv_rows::<V, D, 1>(job, t.packed(), bs, o0, ob, out),
-        2 => gemv_rows::<V, D, 2>(job, t.packed(), bs, o0, ob, out),
-        3 => gemv_rows::<V, D, 3>(job, t.packed(), bs, o0, ob, out),
-        _ => gemv_rows::<V, D, 4>(job, t.packed(), bs, o0, ob, out),
+        1 => gemv_rows::<V, D, 1, 4>(job, t.packed(), bs, o0, ob, out),
+        2 => gemv_rows::<V, D, 2, 4>(job, t.packed(), bs, o0, ob, out),
+        3 => gemv_rows::<V, D, 3, 2>(job, t.packed(), bs, o0, ob, out),
+        _ => gemv_rows::<V, D, 4, 2>(job, t.packed(), bs, o0, ob, out),
     }
     true
 }
 
+/// `J` weight rows at a time share every load of `x` (at long rows `x` lives in L2, not L1, and would
+/// otherwise be re-read once per output); rows left over are done one at a time.
 #[inline(always)]
-#[allow(clippy::needless_range_loop)]
-fn gemv_rows<V: Vf, D: Table16<V>, const R: usize>(
+fn gemv_rows<V: Vf, D: Table16<V>, const R: usize, const J: usize>(
     job: &Job<'_>,
     packed: &[u8],
     bs: usize,
@@ -92,33 +93,65 @@ fn gemv_rows<V: Vf, D: Table16<V>, const R: usize>(
     ob: usize,
     out: &mut [f32],
 ) {
+    let mut j = 0;
+    while j + J <= ob {
+        gemv_row_group::<V, D, R, J>(job, packed, bs, o0, j, ob, out);
+        j += J;
+    }
+    while j < ob {
+        gemv_row_group::<V, D, R, 1>(job, packed, bs, o0, j, ob, out);
+        j += 1;
+    }
+}
+
+/// Rows `o0 + j0 .. o0 + j0 + J` of the 4-bit GEMV for `R` rows of `x`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn gemv_row_group<V: Vf, D: Table16<V>, const R: usize, const J: usize>(
+    job: &Job<'_>,
+    packed: &[u8],
+    bs: usize,
+    o0: usize,
+    j0: usize,
+    ob: usize,
+    out: &mut [f32],
+) {
     let n_in = job.layer.in_features();
     let QuantWeight::FourBit(t) = job.layer.weight() else { return };
     let tab = D::load_table(t.table());
     let scales = &job.layer.block_scales;
-    let xs: [&[f32]; R] = std::array::from_fn(|r| &job.x[r * n_in..(r + 1) * n_in]);
-    for j in 0..ob {
-        let o = o0 + j;
-        let row_bytes = &packed[o * n_in / 2..(o + 1) * n_in / 2];
-        let mut total = [V::zero(); R];
-        for (b, block) in row_bytes.chunks_exact(bs / 2).enumerate() {
-            let mut acc = [V::zero(); R];
-            for (g, bytes) in block.chunks_exact(8).enumerate() {
-                let w = D::decode(bytes.try_into().expect("8 bytes"), &tab);
-                let k = b * bs + g * 16;
-                for r in 0..R {
-                    for (h, wh) in w.iter().enumerate().take(16 / V::LANES) {
-                        acc[r] = V::fmadd(V::load(&xs[r][k + h * V::LANES..]), *wh, acc[r]);
+    let rows: [&[u8]; J] = std::array::from_fn(|i| {
+        let o = o0 + j0 + i;
+        &packed[o * n_in / 2..(o + 1) * n_in / 2]
+    });
+    let mut total = [[V::zero(); J]; R];
+    for b in 0..n_in / bs {
+        let mut acc = [[V::zero(); J]; R];
+        for g in 0..bs / 16 {
+            let k = b * bs + g * 16;
+            let mut w = [[V::zero(); 2]; J];
+            for i in 0..J {
+                w[i] = D::decode(rows[i][k / 2..k / 2 + 8].try_into().expect("8 bytes"), &tab);
+            }
+            for r in 0..R {
+                for h in 0..16 / V::LANES {
+                    let xv = V::load(&job.x[r * n_in + k + h * V::LANES..]);
+                    for i in 0..J {
+                        acc[r][i] = V::fmadd(xv, w[i][h], acc[r][i]);
                     }
                 }
             }
-            let s = V::splat(scales[(o * n_in) / bs + b]);
+        }
+        for i in 0..J {
+            let s = V::splat(scales[((o0 + j0 + i) * n_in) / bs + b]);
             for r in 0..R {
-                total[r] = V::fmadd(acc[r], s, total[r]);
+                total[r][i] = V::fmadd(acc[r][i], s, total[r][i]);
             }
         }
-        for r in 0..R {
-            out[r * ob + j] += total[r].hsum();
+    }
+    for r in 0..R {
+        for i in 0..J {
+            out[r * ob + j0 + i] += total[r][i].hsum();
         }
     }
 }
