@@ -1,9 +1,10 @@
-//! `lowbit bench`: times the fused QuantLinear forward on a synthetic layer and checks it against the f64
-//! reference.
+//! `lowbit bench`: times the fused QuantLinear forward on a synthetic layer (on the CPU, or with
+//! `--device gpu` on the preferred GPU adapter) and checks it against the f64 reference.
 
 use crate::agreement;
 use crate::console;
 use crate::error::{CliError, Context};
+use crate::gpu::Device;
 use crate::synthetic::{self, LayerFormat};
 use crate::timing::{self, fmt_ms, fmt_rate};
 use lowbit::cpu::Path;
@@ -32,6 +33,8 @@ pub struct Bench {
     pub threads: Option<usize>,
     /// Timed iterations.
     pub iters: usize,
+    /// Where to run the layer.
+    pub device: Device,
 }
 
 /// Runs the benchmark, in a pool of `threads` threads when given. Fails (exit 1) if the fused result is
@@ -48,6 +51,12 @@ pub fn run(b: Bench) -> Result<(), CliError> {
             "--batch {} is too large for {}x{} (x and y would exceed {MAX_WEIGHT} elements)",
             b.batch, b.out, b.inp
         )));
+    }
+    if b.device == Device::Gpu {
+        if b.threads.is_some() {
+            return Err(CliError::new("--threads applies to --device cpu only"));
+        }
+        return bench_gpu(b);
     }
     match b.threads {
         None => bench(b),
@@ -93,20 +102,40 @@ fn bench(b: Bench) -> Result<(), CliError> {
         fmt_rate(packed as f64, t.median),
     ))?;
 
+    check_reference(&layer, &x, &y, false)
+}
+
+/// Compares `y` with the f64 reference (skipped above [`REFERENCE_MAX_MACS`]); `gpu` selects the GPU bound.
+fn check_reference(layer: &lowbit::linear::QuantLinear, x: &[f32], y: &[f32], gpu: bool) -> Result<(), CliError> {
+    let (out, inp) = (layer.out_features(), layer.in_features());
+    let m = x.len() / inp.max(1);
     let macs = out.saturating_mul(inp).saturating_mul(m);
     if macs > REFERENCE_MAX_MACS {
         return console::line(&format!("vs reference: skipped (too large: out*in*M = {macs} > {REFERENCE_MAX_MACS})"));
     }
-    let want = layer.forward_reference(&x)?;
-    let a = agreement::compare(&layer, &x, &y, &want);
+    let want = layer.forward_reference(x)?;
+    #[cfg(feature = "gpu")]
+    let (a, ok, rule) = if gpu {
+        let a = agreement::compare_gpu(layer, x, y, &want);
+        (a, a.ok_gpu(), " (GPU bound)")
+    } else {
+        let a = agreement::compare(layer, x, y, &want);
+        (a, a.ok(), "")
+    };
+    #[cfg(not(feature = "gpu"))]
+    let (a, ok, rule) = {
+        let _ = gpu;
+        let a = agreement::compare(layer, x, y, &want);
+        (a, a.ok(), "")
+    };
     console::line(&format!(
-        "vs reference (f64): max |err| {:.3e}, relative L2 {:.3e}, worst err/bound {:.2e}: {}",
+        "vs reference (f64){rule}: max |err| {:.3e}, relative L2 {:.3e}, worst err/bound {:.2e}: {}",
         a.max_abs,
         a.rel_l2,
         a.worst_ratio,
-        if a.ok() { "ok" } else { "MISMATCH" }
+        if ok { "ok" } else { "MISMATCH" }
     ))?;
-    if !a.ok() {
+    if !ok {
         return Err(CliError::new(format!(
             "{} of {} outputs are outside the stated error bound of the reference",
             a.outside,
@@ -114,4 +143,78 @@ fn bench(b: Bench) -> Result<(), CliError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(not(feature = "gpu"))]
+fn bench_gpu(_b: Bench) -> Result<(), CliError> {
+    Err(crate::gpu::not_built())
+}
+
+/// The benchmark on the preferred GPU adapter: kernel time from timestamp queries when the adapter has them,
+/// else wall time per forward.
+#[cfg(feature = "gpu")]
+fn bench_gpu(b: Bench) -> Result<(), CliError> {
+    use lowbit::gpu::{GpuLinear, KernelChoice};
+    use std::time::Duration;
+
+    let Bench { format, out, inp, batch: m, lora_rank, iters, .. } = b;
+    let ctx = crate::gpu::open()?;
+    let layer = synthetic::layer(format, out, inp, lora_rank).context(|| format!("building a {out}x{inp} layer"))?;
+    let x = synthetic::input(m, inp);
+    let lora = lora_rank.map_or_else(|| "no LoRA".to_string(), |r| format!("LoRA rank {r}"));
+    let packed = layer.weight().packed_bytes();
+    let gpu_layer = GpuLinear::upload(&ctx, &layer).context(|| format!("uploading the {out}x{inp} layer"))?;
+    let choice = KernelChoice::default();
+    let kernel = gpu_layer.kernel_for(&ctx, m, choice)?.name();
+    console::line(&format!(
+        "lowbit bench: {format} weight {out}x{inp} (out x in) + bias, {lora}, M = {m}\n\
+         GPU {}\n\
+         kernel {kernel}; packed weight {:.2} MiB ({:.3} bits/weight, scales included)",
+        crate::gpu::describe(&ctx),
+        packed as f64 / (1024.0 * 1024.0),
+        packed as f64 * 8.0 / (out * inp) as f64,
+    ))?;
+
+    let mut y = Vec::new();
+    for _ in 0..WARMUP {
+        y = gpu_layer.forward_blocking(&ctx, &x, m)?;
+    }
+    let (ty, ns) = gpu_layer.time_forward_blocking(&ctx, &x, m, choice, iters)?;
+    let (median, what) = match ns {
+        Some(ns) => {
+            y = ty;
+            (
+                Duration::from_secs_f64(ns * 1e-9),
+                format!(
+                    "kernel time (GPU timestamp queries): {} ms median of {iters} runs",
+                    fmt_ms(Duration::from_secs_f64(ns * 1e-9))
+                ),
+            )
+        }
+        None => {
+            let t = timing::measure(0, iters, || -> Result<(), CliError> {
+                y = gpu_layer.forward_blocking(&ctx, &x, m)?;
+                Ok(())
+            })?;
+            let what = format!(
+                "wall time per forward (no timestamp queries on this adapter; x upload and y readback included): \
+                 {} ms median (min {}, max {}; {} iterations after {WARMUP} warm-up)",
+                fmt_ms(t.median),
+                fmt_ms(t.min),
+                fmt_ms(t.max),
+                t.iters
+            );
+            (t.median, what)
+        }
+    };
+    let flops = 2.0 * (m * out * inp) as f64;
+    console::line(&format!(
+        "{what}\n\
+         {:>10} GFLOP/s (2*M*out*in = {:.3} GFLOP)\n\
+         {:>10} GB/s of packed weight read",
+        fmt_rate(flops, median),
+        flops / 1e9,
+        fmt_rate(packed as f64, median),
+    ))?;
+    check_reference(&layer, &x, &y, true)
 }

@@ -1,11 +1,13 @@
 //! `lowbit demo`: quantizes a synthetic weight matrix with every format through every CPU path, checks each
 //! path against the scalar reference bit for bit, and prints speed and error; then runs the fused QuantLinear
-//! forward on the same weight ([`crate::demo_linear`]).
+//! forward on the same weight ([`crate::demo_linear`]) and, when a GPU adapter exists, the same forward on the
+//! GPU ([`crate::demo_gpu`]).
 //!
 //! The formats shown are the entries of [`formats`]; adding a format means one [`Format`] implementation and
 //! one line there.
 
 use crate::console;
+use crate::demo_gpu;
 use crate::demo_linear;
 use crate::error::{CliError, Context};
 use crate::progress::Progress;
@@ -237,6 +239,7 @@ pub fn run(size: usize) -> Result<(), CliError> {
     drop(progress);
     drop((ref_out, out));
     let linear = demo_linear::run(&x, size)?;
+    let gpu = demo_gpu::run(&x, size)?;
     let mut failures = Vec::new();
     if mismatches > 0 {
         failures.push(format!("{mismatches} of {runs} quantization runs disagree with the scalar reference"));
@@ -247,13 +250,20 @@ pub fn run(size: usize) -> Result<(), CliError> {
             linear.mismatches, linear.runs
         ));
     }
+    if gpu.mismatches > 0 {
+        failures.push(format!(
+            "{} of {} GPU QuantLinear runs are outside the stated bound of the f64 reference",
+            gpu.mismatches, gpu.runs
+        ));
+    }
     if !failures.is_empty() {
         return Err(CliError::new(format!("{} (rows marked MISMATCH)", failures.join("; "))));
     }
     console::line(&format!(
         "\nall {runs} quantization runs match the scalar reference bit for bit; all {} QuantLinear runs agree \
-         with the f64 reference within the stated bound",
-        linear.runs
+         with the f64 reference within the stated bound{}",
+        linear.runs,
+        if gpu.runs > 0 { format!("; all {} GPU QuantLinear runs too", gpu.runs) } else { String::new() }
     ))?;
     Ok(())
 }

@@ -5,13 +5,14 @@
 use crate::adapter;
 use crate::console;
 use crate::error::{CliError, Context};
+use crate::gpu::Device;
 use crate::layer;
 use crate::output::check_output;
 use crate::quantized::{describe_weight, Layout};
 use lowbit::io::{float_dtype, SafetensorsFile, TensorData};
 use safetensors::Dtype;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Name of the input tensor.
 pub const INPUT: &str = "x";
@@ -32,6 +33,8 @@ pub struct Forward<'a> {
     pub output: &'a Path,
     /// Replace `output` if it exists.
     pub force: bool,
+    /// Where to run the layer.
+    pub device: Device,
 }
 
 /// Runs the layer on `x` and writes `y` `[M, out]` (F32).
@@ -91,18 +94,47 @@ pub fn run(f: Forward<'_>) -> Result<(), CliError> {
         }
     };
     let x = lowbit::io::view_to_f32(INPUT, &view).context(x_ctx)?;
-    let t = Instant::now();
-    let y = layer.forward(&x).context(|| format!("layer `{path}`"))?;
-    let elapsed = t.elapsed();
+    let (y, elapsed, on) = match f.device {
+        Device::Cpu => {
+            let t = Instant::now();
+            let y = layer.forward(&x).context(|| format!("layer `{path}`"))?;
+            (y, t.elapsed(), String::new())
+        }
+        Device::Gpu => gpu_forward(&layer, &x, m).context(|| format!("layer `{path}` on the GPU"))?,
+    };
 
     let tensors = [(OUTPUT.to_string(), TensorData::from_slice(Dtype::F32, vec![m, out], &y))];
     lowbit::io::write_safetensors(f.output, &tensors, None, f.force)?;
     let bias = if layer.bias().is_some() { ", bias" } else { "" };
     console::line(&format!(
         "y [{m}, {out}] f32 = layer `{path}` ({}, [{out}, {inp}]{bias}){with} on x [{m}, {inp}] ({x_dtype}) in \
-         {:.3} ms; wrote {}",
+         {:.3} ms{on}; wrote {}",
         describe_weight(layer.weight()),
         elapsed.as_secs_f64() * 1e3,
         f.output.display()
     ))
+}
+
+/// Uploads `layer` to the preferred GPU adapter and runs it on `x` (`[m, in]`): `y`, the time of the forward
+/// (upload excluded) and ` on GPU <adapter>` for the message.
+#[cfg(feature = "gpu")]
+fn gpu_forward(
+    layer: &lowbit::linear::QuantLinear,
+    x: &[f32],
+    m: usize,
+) -> Result<(Vec<f32>, Duration, String), CliError> {
+    let ctx = crate::gpu::open()?;
+    let gpu_layer = lowbit::gpu::GpuLinear::upload(&ctx, layer)?;
+    let t = Instant::now();
+    let y = gpu_layer.forward_blocking(&ctx, x, m)?;
+    Ok((y, t.elapsed(), format!(" on GPU {}", crate::gpu::describe(&ctx))))
+}
+
+#[cfg(not(feature = "gpu"))]
+fn gpu_forward(
+    _layer: &lowbit::linear::QuantLinear,
+    _x: &[f32],
+    _m: usize,
+) -> Result<(Vec<f32>, Duration, String), CliError> {
+    Err(crate::gpu::not_built())
 }

@@ -10,10 +10,12 @@ mod bench;
 mod bench_all;
 mod console;
 mod demo;
+mod demo_gpu;
 mod demo_linear;
 mod dequantize;
 mod error;
 mod forward;
+mod gpu;
 mod inspect;
 mod int8_layout;
 mod layer;
@@ -30,6 +32,7 @@ mod timing;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use error::CliError;
+use gpu::Device;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -96,7 +99,11 @@ it is an error if the adapter has no module for PREFIX.
 Reads the tensor `x` [M, in] (F32, F16 or BF16) from INPUT, computes
 y = x*dequant(W)^T + bias [+ s*(x*A^T)*B^T] with the fused kernels (f32 accumulation; the same result as
 lowbit::linear::QuantLinear::forward) and writes `y` [M, out] as F32 to OUTPUT. Use it to check a checkpoint
-and adapter against another implementation.";
+and adapter against another implementation.
+
+With --device gpu the layer is uploaded to the preferred GPU adapter (wgpu: Vulkan, Metal, DX12, GL) and run
+by the fused WGSL kernels: the same result up to f32 accumulation order (not bit for bit). It is an error if
+there is no adapter.";
 
 const MERGE_LONG_ABOUT: &str = "\
 For every module of the PEFT adapter in DIR that has a quantized layer of the same path in BASE, computes
@@ -126,7 +133,13 @@ path (small cases only), the best instruction set on one thread and on all threa
 memory read, write and copy bandwidth over 256 MiB buffers (one thread, all threads) and prints one Markdown
 table: median ms, GB/s = (bytes read + written) / median, GFLOP/s, and GB/s as a percentage of the measured
 bandwidth in the kernel's dominant direction at the same thread count. --json prints the same as JSON records
-(kernel, format, shape, batch, path, threads, median_s, gb_s, gflop_s, frac_of_limit, limit).";
+(kernel, format, shape, batch, path, threads, median_s, gb_s, gflop_s, frac_of_limit, limit).
+
+With --device gpu the layer runs on the preferred GPU adapter (fused WGSL kernels): the time is the median
+kernel time from GPU timestamp queries when the adapter has them, else the median wall time of a whole
+forward (x upload and y readback included); the output says which. The check uses the GPU bound of
+tests/gpu_common (the CPU bound plus the double-quantization and bias terms). On a CPU adapter (lavapipe,
+llvmpipe) the figures say nothing about GPU speed.";
 
 /// Low-bit quantization of LLM weights: int8 affine (PyTorch quint8) and NF4 (bitsandbytes), exact on every CPU.
 #[derive(Parser, Debug)]
@@ -140,7 +153,8 @@ struct Cli {
 enum Command {
     /// Quantize a synthetic 4096x4096 weight through every CPU path, check each against the scalar reference
     /// and print speed and error; then time the fused QuantLinear forward on it (NF4, NF4+DQ, int8; M = 1
-    /// and 8; with and without a rank-16 LoRA adapter) and check it against the f64 reference.
+    /// and 8; with and without a rank-16 LoRA adapter) and check it against the f64 reference; then the
+    /// same QuantLinear cases on the GPU (at most 1024x1024) when an adapter exists.
     Demo {
         /// Rows and columns of the synthetic matrix (for quick checks).
         #[arg(long, default_value_t = 4096, hide = true, value_parser = clap::value_parser!(u32).range(1..=8192))]
@@ -216,6 +230,9 @@ enum Command {
         /// Replace OUTPUT if it exists.
         #[arg(long)]
         force: bool,
+        /// Run the layer on the CPU or on the preferred GPU adapter (fused WGSL kernels; f32 accumulation).
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
     },
     /// Merge a PEFT LoRA adapter into the quantized layers of a checkpoint and requantize them.
     #[command(long_about = MERGE_LONG_ABOUT)]
@@ -238,7 +255,7 @@ enum Command {
     Bench {
         /// Run the fixed suite (quantize, dequantize, GEMV, GEMM; every format and path) and print one
         /// Markdown table with each figure as a fraction of the memory bandwidth measured in the same run.
-        #[arg(long, conflicts_with_all = ["format", "shape", "batch", "lora_rank", "threads", "iters"])]
+        #[arg(long, conflicts_with_all = ["format", "shape", "batch", "lora_rank", "threads", "iters", "device"])]
         all: bool,
         /// With --all: print JSON records instead of the table.
         #[arg(long, conflicts_with_all = ["format", "shape"])]
@@ -264,6 +281,10 @@ enum Command {
         /// Timed iterations (the median is reported).
         #[arg(long, value_name = "K", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         iters: u32,
+        /// Run on the CPU or on the preferred GPU adapter (kernel time from GPU timestamp queries where the
+        /// adapter has them, else wall time per forward).
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
     },
 }
 
@@ -366,17 +387,20 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Dequantize { input, output, dtype, force } => dequantize::run(&input, &output, dtype, force),
         Command::Inspect { file, compare } => inspect::run(&file, compare.as_deref()),
-        Command::Forward { checkpoint, layer, adapter, input, output, force } => forward::run(forward::Forward {
-            checkpoint: &checkpoint,
-            layer: &layer,
-            adapter: adapter.as_deref(),
-            input: &input,
-            output: &output,
-            force,
-        }),
+        Command::Forward { checkpoint, layer, adapter, input, output, force, device } => {
+            forward::run(forward::Forward {
+                checkpoint: &checkpoint,
+                layer: &layer,
+                adapter: adapter.as_deref(),
+                input: &input,
+                output: &output,
+                force,
+                device,
+            })
+        }
         Command::Merge { base, adapter, output, force } => merge::run(&base, &adapter, &output, force),
         Command::Bench { all: true, json, quick, .. } => bench_all::run(bench_all::Suite { json, quick }),
-        Command::Bench { format, shape, batch, lora_rank, threads, iters, .. } => {
+        Command::Bench { format, shape, batch, lora_rank, threads, iters, device, .. } => {
             let (Some(format), Some((out, inp))) = (format, shape) else {
                 return Err(CliError::new("bench needs --format and --shape, or --all"));
             };
@@ -388,6 +412,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 lora_rank: lora_rank.map(|r| r as usize),
                 threads: threads.map(|t| t as usize),
                 iters: iters as usize,
+                device,
             })
         }
     }

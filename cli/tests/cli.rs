@@ -415,6 +415,8 @@ fn demo_small_matches_reference_on_every_path() {
     // The QuantLinear rows: 3 formats x M in {1, 8} x without / with a rank-16 adapter.
     assert!(out.contains("QuantLinear 96x96"), "{out}");
     let linear = &out[out.find("QuantLinear 96x96").unwrap_or(0)..];
+    // The GPU section (rows or the skip line; tests/gpu.rs checks it) follows the CPU rows.
+    let linear = &linear[..linear.find("\nGPU").unwrap_or(linear.len())];
     let linear_rows = linear.lines().filter(|l| l.ends_with("  ok")).count();
     assert_eq!(linear_rows, 12, "{out}");
     assert!(out.contains("all 12 QuantLinear runs agree with the f64 reference"), "{out}");
