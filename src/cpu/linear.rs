@@ -254,7 +254,7 @@ fn micro_kernel<V: Vf, const R: usize>(xs: [&[f32]; MR], ws: [&[f32]; NR], kc: u
 
 /// Dot product with one vector accumulator (used for the LoRA shrink and expand).
 #[inline(always)]
-fn dot<V: Vf>(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<V: Vf>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let full = n / V::LANES * V::LANES;
     let mut acc = V::zero();
@@ -383,13 +383,15 @@ pub(crate) fn output_pass<V: Vf>(job: &Job<'_>, o0: usize, ob: usize, out: &mut 
     }
 }
 
-/// The LoRA shrink `t = x·Aᵀ` for every adapter used by some row (rows that do not use it stay zero).
-#[inline(always)]
-pub(crate) fn shrink_all<V: Vf>(
+/// The LoRA shrink `t = x·Aᵀ` for every adapter used by some row (rows that do not use it stay zero). The
+/// `rows × rank` dot products are independent, so they are split over threads (each computed whole by one
+/// thread: the result does not depend on the split).
+fn shrink_all(
     layer: &QuantLinear,
     x: &[f32],
     m: usize,
     sel: AdapterSelection<'_>,
+    path: Path,
 ) -> Vec<Option<Vec<f32>>> {
     let n_in = layer.in_features();
     layer
@@ -397,20 +399,38 @@ pub(crate) fn shrink_all<V: Vf>(
         .iter()
         .enumerate()
         .map(|(a, ad)| {
-            let rows: Vec<usize> = (0..m).filter(|&r| layer.adapters_for_row(sel, r).any(|b| b == a)).collect();
-            if rows.is_empty() {
+            let rank = ad.rank();
+            let items: Vec<(usize, usize)> = (0..m)
+                .filter(|&r| layer.adapters_for_row(sel, r).any(|b| b == a))
+                .flat_map(|r| (0..rank).map(move |k| (r, k)))
+                .collect();
+            if items.is_empty() {
                 return None;
             }
-            let mut t = vec![0.0f32; m * ad.rank()];
-            for r in rows {
-                let xr = &x[r * n_in..(r + 1) * n_in];
-                for k in 0..ad.rank() {
-                    t[r * ad.rank() + k] = dot::<V>(xr, &ad.a()[k * n_in..(k + 1) * n_in]);
-                }
+            let one = |&(r, k): &(usize, usize)| {
+                dot_isa(path.isa, &x[r * n_in..(r + 1) * n_in], &ad.a()[k * n_in..(k + 1) * n_in])
+            };
+            let dots: Vec<f32> = if cfg!(feature = "rayon") && path.parallel && items.len() * n_in >= 1 << 16 {
+                par_map(&items, one)
+            } else {
+                items.iter().map(one).collect()
+            };
+            let mut t = vec![0.0f32; m * rank];
+            for (&(r, k), d) in items.iter().zip(dots) {
+                t[r * rank + k] = d;
             }
             Some(t)
         })
         .collect()
+}
+
+/// One dot product with the kernels for `isa`.
+fn dot_isa(isa: crate::cpu::Isa, a: &[f32], b: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        crate::cpu::Isa::Avx2 | crate::cpu::Isa::Avx512 => super::linear_x86::dot(isa, a, b),
+        _ => dot::<wide::f32x8>(a, b),
+    }
 }
 
 /// Byte → (value of the high nibble, value of the low nibble).
@@ -426,11 +446,7 @@ pub(crate) fn forward(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSele
         QuantWeight::Int8(_) => [[0.0; 2]; 256],
     };
     let isa = path.isa;
-    let shrink = match isa {
-        #[cfg(target_arch = "x86_64")]
-        crate::cpu::Isa::Avx2 | crate::cpu::Isa::Avx512 => super::linear_x86::shrink_all(isa, layer, x, m, sel),
-        _ => shrink_all::<wide::f32x8>(layer, x, m, sel),
-    };
+    let shrink = shrink_all(layer, x, m, sel, path);
     let job = Job { layer, x, m, pairs: &pairs, shrink: &shrink, sel };
     let blocks: Vec<(usize, usize)> = (0..n_out).step_by(OUT_BLOCK).map(|o0| (o0, OUT_BLOCK.min(n_out - o0))).collect();
     let run = |&(o0, ob): &(usize, usize)| {

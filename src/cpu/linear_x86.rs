@@ -2,10 +2,10 @@
 //! `#[target_feature]` functions (so LLVM vectorizes them to AVX2 / AVX-512 with FMA), and 4-bit decoders that
 //! look the 16-entry table up in registers.
 
-use super::linear::{four_bit_segments, output_pass, shrink_all as generic_shrink, tiled_product, Decoder, Job, Vf};
+use super::linear::{dot as generic_dot, four_bit_segments, output_pass, tiled_product, Decoder, Job, Vf};
 use crate::affine::Granularity;
 use crate::cpu::Isa;
-use crate::linear::{AdapterSelection, QuantLinear, QuantWeight};
+use crate::linear::QuantWeight;
 use std::arch::x86_64::*;
 
 /// Runs one output block with the kernels for `isa` (AVX2 or AVX-512, checked available by the caller).
@@ -18,19 +18,13 @@ pub(crate) fn block_job(isa: Isa, job: &Job<'_>, o0: usize, ob: usize, out: &mut
     }
 }
 
-/// The LoRA shrink with the kernels for `isa`.
-pub(crate) fn shrink_all(
-    isa: Isa,
-    layer: &QuantLinear,
-    x: &[f32],
-    m: usize,
-    sel: AdapterSelection<'_>,
-) -> Vec<Option<Vec<f32>>> {
+/// A dot product with the kernels for `isa` (AVX2 or AVX-512, checked available by the caller).
+pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     match isa {
         // SAFETY: availability checked by the caller, as above.
-        Isa::Avx512 => unsafe { shrink_avx512(layer, x, m, sel) },
+        Isa::Avx512 => unsafe { dot_avx512(a, b) },
         // SAFETY: availability checked by the caller, as above.
-        _ => unsafe { shrink_avx2(layer, x, m, sel) },
+        _ => unsafe { dot_avx2(a, b) },
     }
 }
 
@@ -225,13 +219,13 @@ pub(crate) trait Table16<V: Vf> {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-unsafe fn shrink_avx512(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSelection<'_>) -> Vec<Option<Vec<f32>>> {
-    generic_shrink::<V512>(layer, x, m, sel)
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    generic_dot::<V512>(a, b)
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn shrink_avx2(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSelection<'_>) -> Vec<Option<Vec<f32>>> {
-    generic_shrink::<V256>(layer, x, m, sel)
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    generic_dot::<V256>(a, b)
 }
 
 /// 16 f32 lanes in an AVX-512 register. Only used inside `block_job_avx512` / `shrink_avx512`, which enable
