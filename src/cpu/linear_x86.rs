@@ -228,7 +228,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     generic_dot::<V256>(a, b)
 }
 
-/// 16 f32 lanes in an AVX-512 register. Only used inside `block_job_avx512` / `shrink_avx512`, which enable
+/// 16 f32 lanes in an AVX-512 register. Only used inside `block_job_avx512` / `dot_avx512`, which enable
 /// AVX-512 after a run-time check, so the intrinsics below always run on a CPU that has them.
 #[derive(Clone, Copy)]
 struct V512(__m512);
