@@ -7,7 +7,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lowbit::affine::{self, Granularity};
-use lowbit::cpu::{Isa, Path};
+use lowbit::cpu::{Isa, KernelPath};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -25,8 +25,8 @@ fn weights(n: usize) -> Vec<f32> {
 }
 
 /// Paths worth timing: skip levels with no affine kernel of their own (they run the portable one).
-fn paths() -> Vec<Path> {
-    Path::all_available().into_iter().filter(|p| !matches!(p.isa, Isa::Ssse3)).collect()
+fn paths() -> Vec<KernelPath> {
+    KernelPath::all_available().into_iter().filter(|p| !matches!(p.isa, Isa::Ssse3)).collect()
 }
 
 fn bench_size(c: &mut Criterion, label: &str, rows: usize, cols: usize) {

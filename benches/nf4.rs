@@ -6,7 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lowbit::bf16;
-use lowbit::cpu::{Isa, Path};
+use lowbit::cpu::{Isa, KernelPath};
 use lowbit::nf4::quantize_nf4_with;
 use std::hint::black_box;
 use std::time::Duration;
@@ -25,8 +25,8 @@ fn weights(n: usize) -> Vec<f32> {
 }
 
 /// Paths worth timing: skip levels without NF4 kernels of their own (they run the portable one).
-fn paths() -> Vec<Path> {
-    Path::all_available().into_iter().filter(|p| !matches!(p.isa, Isa::Ssse3 | Isa::Scalar) || !p.parallel).collect()
+fn paths() -> Vec<KernelPath> {
+    KernelPath::all_available().into_iter().filter(|p| !matches!(p.isa, Isa::Ssse3 | Isa::Scalar) || !p.parallel).collect()
 }
 
 fn bench_size(c: &mut Criterion, label: &str, rows: usize, cols: usize) {
@@ -40,7 +40,7 @@ fn bench_size(c: &mut Criterion, label: &str, rows: usize, cols: usize) {
     let mut dst = vec![0.0f32; n];
     g.bench_function("copy", |b| b.iter(|| dst.copy_from_slice(black_box(&x))));
 
-    let q = quantize_nf4_with(&x, &shape, 64, false, Path::best()).expect("quantize");
+    let q = quantize_nf4_with(&x, &shape, 64, false, KernelPath::best()).expect("quantize");
     let mut out16 = vec![bf16::ZERO; n];
     for path in paths() {
         if matches!(path.isa, Isa::Ssse3) {

@@ -1,5 +1,5 @@
 //! Times one fused forward per path (a quick look; the criterion bench `linear` is the real measurement).
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::linear::{QuantLinear, QuantWeight};
 use std::time::Instant;
 
@@ -17,9 +17,9 @@ fn main() -> lowbit::Result<()> {
     let layer = QuantLinear::new(weight, None)?;
     let x: Vec<f32> = (0..m * inp).map(|i| (i % 17) as f32 / 17.0).collect();
     let only = std::env::var("ONLY").ok();
-    for path in Path::all_available()
+    for path in KernelPath::all_available()
         .into_iter()
-        .filter(|p| *p != Path::REFERENCE && only.as_deref().is_none_or(|o| o == p.name()))
+        .filter(|p| *p != KernelPath::REFERENCE && only.as_deref().is_none_or(|o| o == p.name()))
     {
         let t = Instant::now();
         let reps: usize = std::env::var("REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);

@@ -14,7 +14,7 @@
 //!   possibly shorter (`rows * ceil(cols / g)` entries, row-major: entry `r * ceil(cols / g) + j` is group `j`
 //!   of row `r`). Groups never cross rows.
 
-use crate::cpu::Path;
+use crate::cpu::KernelPath;
 use crate::element::{check_finite, Element};
 use crate::{shape, DType, Error, Result};
 
@@ -177,11 +177,11 @@ impl AffineTensor {
 
     /// Dequantizes to a new vector through the fastest path.
     pub fn dequantize<T: Element>(&self) -> Result<Vec<T>> {
-        self.dequantize_with(Path::best())
+        self.dequantize_with(KernelPath::best())
     }
 
     /// Dequantizes to a new vector through `path`.
-    pub fn dequantize_with<T: Element>(&self, path: Path) -> Result<Vec<T>> {
+    pub fn dequantize_with<T: Element>(&self, path: KernelPath) -> Result<Vec<T>> {
         let mut out = vec![T::default(); self.codes.len()];
         self.dequantize_into_with(&mut out, path)?;
         Ok(out)
@@ -189,11 +189,11 @@ impl AffineTensor {
 
     /// Dequantizes into `out` (length = number of elements) through the fastest path.
     pub fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<()> {
-        self.dequantize_into_with(out, Path::best())
+        self.dequantize_into_with(out, KernelPath::best())
     }
 
     /// Dequantizes into `out` through `path`. Every path writes the same bits.
-    pub fn dequantize_into_with<T: Element>(&self, out: &mut [T], path: Path) -> Result<()> {
+    pub fn dequantize_into_with<T: Element>(&self, out: &mut [T], path: KernelPath) -> Result<()> {
         if out.len() != self.codes.len() {
             return Err(Error::shape("length of `out`", out.len(), self.codes.len()));
         }
@@ -224,7 +224,7 @@ pub(crate) fn check_inputs<T: Element>(x: &[T], shape: &[usize], granularity: Gr
 /// fastest path. Errors on NaN/Inf, a length that does not match `shape`, a bad group size, or a range
 /// `max - min` too wide for f32 (its scale would be infinite).
 pub fn calibrate<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<Vec<AffineParams>> {
-    calibrate_with(x, shape, granularity, Path::best())
+    calibrate_with(x, shape, granularity, KernelPath::best())
 }
 
 /// [`calibrate`] through an explicit `path`.
@@ -232,7 +232,7 @@ pub fn calibrate_with<T: Element>(
     x: &[T],
     shape: &[usize],
     granularity: Granularity,
-    path: Path,
+    path: KernelPath,
 ) -> Result<Vec<AffineParams>> {
     let (rows, cols) = check_inputs(x, shape, granularity)?;
     path.check()?;
@@ -251,7 +251,7 @@ pub fn calibrate_with<T: Element>(
 
 /// Calibrates and quantizes `x` (row-major, `shape`) through the fastest path.
 pub fn quantize<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<AffineTensor> {
-    quantize_with(x, shape, granularity, Path::best())
+    quantize_with(x, shape, granularity, KernelPath::best())
 }
 
 /// [`quantize`] through an explicit `path`; every path returns the same tensor.
@@ -259,7 +259,7 @@ pub fn quantize_with<T: Element>(
     x: &[T],
     shape: &[usize],
     granularity: Granularity,
-    path: Path,
+    path: KernelPath,
 ) -> Result<AffineTensor> {
     let params = calibrate_with(x, shape, granularity, path)?;
     quantize_with_params_unchecked(x, shape, granularity, &params, path)
@@ -271,7 +271,7 @@ pub fn quantize_with_params<T: Element>(
     shape: &[usize],
     granularity: Granularity,
     params: &[AffineParams],
-    path: Path,
+    path: KernelPath,
 ) -> Result<AffineTensor> {
     let (rows, cols) = check_inputs(x, shape, granularity)?;
     path.check()?;
@@ -287,7 +287,7 @@ pub fn quantize_with_params_into<T: Element>(
     granularity: Granularity,
     params: &[AffineParams],
     codes: &mut [u8],
-    path: Path,
+    path: KernelPath,
 ) -> Result<()> {
     let (rows, cols) = check_inputs(x, shape, granularity)?;
     path.check()?;
@@ -325,7 +325,7 @@ fn quantize_with_params_unchecked<T: Element>(
     shape: &[usize],
     granularity: Granularity,
     params: &[AffineParams],
-    path: Path,
+    path: KernelPath,
 ) -> Result<AffineTensor> {
     let (rows, cols) = shape::as_matrix(shape)?;
     let mut codes = vec![0u8; x.len()];

@@ -26,7 +26,7 @@
 //! ```
 
 use crate::affine::AffineTensor;
-use crate::cpu::Path;
+use crate::cpu::KernelPath;
 use crate::element::{check_finite, Element};
 use crate::lora::LoraAdapter;
 use crate::nf4::FourBitTensor;
@@ -179,11 +179,11 @@ impl QuantLinear {
     /// `y = x·Wᵀ + bias + Σ_enabled s·(x·Aᵀ)·Bᵀ` for `x: [M, in]` row-major (M = `x.len() / in`, any M ≥ 0),
     /// returning `y: [M, out]` in f32, through the fastest path.
     pub fn forward<T: Element>(&self, x: &[T]) -> Result<Vec<f32>> {
-        self.forward_with(x, Path::best())
+        self.forward_with(x, KernelPath::best())
     }
 
     /// [`forward`](Self::forward) through an explicit path.
-    pub fn forward_with<T: Element>(&self, x: &[T], path: Path) -> Result<Vec<f32>> {
+    pub fn forward_with<T: Element>(&self, x: &[T], path: KernelPath) -> Result<Vec<f32>> {
         self.run(x, AdapterSelection::Enabled, path)
     }
 
@@ -191,7 +191,7 @@ impl QuantLinear {
     /// [`add_adapter`](Self::add_adapter)), or no adapter for `None`. The base product is shared by all rows.
     /// Errors on an id out of range or naming a disabled adapter, or `adapter_ids.len() != M`.
     pub fn forward_batch<T: Element>(&self, x: &[T], adapter_ids: &[Option<usize>]) -> Result<Vec<f32>> {
-        self.forward_batch_with(x, adapter_ids, Path::best())
+        self.forward_batch_with(x, adapter_ids, KernelPath::best())
     }
 
     /// [`forward_batch`](Self::forward_batch) through an explicit path.
@@ -199,7 +199,7 @@ impl QuantLinear {
         &self,
         x: &[T],
         adapter_ids: &[Option<usize>],
-        path: Path,
+        path: KernelPath,
     ) -> Result<Vec<f32>> {
         self.run(x, AdapterSelection::PerRow(adapter_ids), path)
     }
@@ -255,12 +255,12 @@ impl QuantLinear {
         })
     }
 
-    fn run<T: Element>(&self, x: &[T], sel: AdapterSelection<'_>, path: Path) -> Result<Vec<f32>> {
+    fn run<T: Element>(&self, x: &[T], sel: AdapterSelection<'_>, path: KernelPath) -> Result<Vec<f32>> {
         let m = self.check_input(x, sel)?;
         path.check()?;
         let mut xf = vec![0.0f32; x.len()];
         T::widen_slice(x, &mut xf);
-        if path == Path::REFERENCE {
+        if path == KernelPath::REFERENCE {
             return Ok(crate::reference::linear::forward(self, &xf, sel));
         }
         Ok(crate::cpu::linear::forward(self, &xf, m, sel, path))
@@ -285,11 +285,11 @@ impl QuantLinear {
 
     /// The reference (f64-accumulated) forward of [`forward`](Self::forward), for checking other paths.
     pub fn forward_reference<T: Element>(&self, x: &[T]) -> Result<Vec<f32>> {
-        self.forward_with(x, Path::REFERENCE)
+        self.forward_with(x, KernelPath::REFERENCE)
     }
 
     /// The reference forward of [`forward_batch`](Self::forward_batch).
     pub fn forward_batch_reference<T: Element>(&self, x: &[T], adapter_ids: &[Option<usize>]) -> Result<Vec<f32>> {
-        self.forward_batch_with(x, adapter_ids, Path::REFERENCE)
+        self.forward_batch_with(x, adapter_ids, KernelPath::REFERENCE)
     }
 }

@@ -10,7 +10,7 @@
 //! The block scales can themselves be compressed to one byte each ([`crate::double_quant`]), as bitsandbytes
 //! does with `compress_statistics=True`; see [`BlockScales`].
 //!
-//! [`crate::reference::nf4`] is the executable spec; every [`crate::cpu::Path`] gives the same bytes and bits.
+//! [`crate::reference::nf4`] is the executable spec; every [`crate::cpu::KernelPath`] gives the same bytes and bits.
 //!
 //! ```
 //! use lowbit::nf4::{quantize_nf4, FourBitFormat};
@@ -27,7 +27,7 @@
 //! # Ok::<(), lowbit::Error>(())
 //! ```
 
-use crate::cpu::Path;
+use crate::cpu::KernelPath;
 use crate::double_quant::DoubleQuantScales;
 use crate::element::Element;
 use crate::{shape, DType, Error, Result};
@@ -286,6 +286,12 @@ impl FourBitTensor {
         self.absmax.clone()
     }
 
+    /// The decoded f32 block scales, borrowed (the one decoded copy the tensor keeps; equal to
+    /// [`absmax`](Self::absmax)). Kernels read these instead of decoding again.
+    pub fn decoded_scales(&self) -> &[f32] {
+        &self.absmax
+    }
+
     /// Storage cost in bits per weight: 4 for the code plus [`BlockScales::storage_bits`] spread over the
     /// elements (32 per block when plain; 8 per block + 32 per nested block + 32 for the offset when
     /// double-quantized). Fixed tables (the 16-entry table, the 256-entry map) are excluded. Block 64:
@@ -300,11 +306,11 @@ impl FourBitTensor {
 
     /// Dequantizes to a new vector through the fastest path.
     pub fn dequantize<T: Element>(&self) -> Result<Vec<T>> {
-        self.dequantize_with(Path::best())
+        self.dequantize_with(KernelPath::best())
     }
 
     /// Dequantizes to a new vector through `path`. Every path returns the same bits.
-    pub fn dequantize_with<T: Element>(&self, path: Path) -> Result<Vec<T>> {
+    pub fn dequantize_with<T: Element>(&self, path: KernelPath) -> Result<Vec<T>> {
         let mut out = vec![T::default(); self.numel()];
         self.dequantize_into_with(&mut out, path)?;
         Ok(out)
@@ -312,12 +318,12 @@ impl FourBitTensor {
 
     /// Dequantizes into `out` (length = number of elements) through the fastest path.
     pub fn dequantize_into<T: Element>(&self, out: &mut [T]) -> Result<()> {
-        self.dequantize_into_with(out, Path::best())
+        self.dequantize_into_with(out, KernelPath::best())
     }
 
     /// Dequantizes into `out` through `path`: `out[i] = T::from_f32(table[code_i] * absmax[i / blocksize])`.
     /// Errors if `out` has the wrong length or the path's instruction set is unavailable.
-    pub fn dequantize_into_with<T: Element>(&self, out: &mut [T], path: Path) -> Result<()> {
+    pub fn dequantize_into_with<T: Element>(&self, out: &mut [T], path: KernelPath) -> Result<()> {
         if out.len() != self.numel() {
             return Err(Error::shape("length of `out`", out.len(), self.numel()));
         }
@@ -334,7 +340,7 @@ pub fn quantize_nf4<T: Element>(
     blocksize: usize,
     double_quant: bool,
 ) -> Result<FourBitTensor> {
-    quantize_4bit_with(FourBitFormat::Nf4, x, shape, blocksize, double_quant, Path::best())
+    quantize_4bit_with(FourBitFormat::Nf4, x, shape, blocksize, double_quant, KernelPath::best())
 }
 
 /// [`quantize_nf4`] through an explicit `path`; every path returns the same tensor.
@@ -343,7 +349,7 @@ pub fn quantize_nf4_with<T: Element>(
     shape: &[usize],
     blocksize: usize,
     double_quant: bool,
-    path: Path,
+    path: KernelPath,
 ) -> Result<FourBitTensor> {
     quantize_4bit_with(FourBitFormat::Nf4, x, shape, blocksize, double_quant, path)
 }
@@ -356,7 +362,7 @@ pub fn quantize_4bit<T: Element>(
     blocksize: usize,
     double_quant: bool,
 ) -> Result<FourBitTensor> {
-    quantize_4bit_with(format, x, shape, blocksize, double_quant, Path::best())
+    quantize_4bit_with(format, x, shape, blocksize, double_quant, KernelPath::best())
 }
 
 /// Quantizes `x` (row-major, `shape`) in blocks of `blocksize` with `format`'s table, optionally
@@ -371,7 +377,7 @@ pub fn quantize_4bit_with<T: Element>(
     shape: &[usize],
     blocksize: usize,
     double_quant: bool,
-    path: Path,
+    path: KernelPath,
 ) -> Result<FourBitTensor> {
     check_blocksize(blocksize)?;
     shape::check_len("x", x.len(), shape)?;

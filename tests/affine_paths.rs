@@ -2,7 +2,7 @@
 //! parameters, codes and dequantized bits, for f32/f16/bf16 inputs and outputs.
 
 use lowbit::affine::{self, AffineParams, AffineTensor, Granularity};
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::reference::affine as reference;
 use lowbit::{bf16, f16, Element};
 use proptest::prelude::*;
@@ -26,7 +26,7 @@ fn check_all_paths<T: Element>(x: &[T], shape: &[usize], g: Granularity) -> Affi
     let want_f16: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
     let want_bf16: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
     let mut first = None;
-    for path in Path::all_available() {
+    for path in KernelPath::all_available() {
         let got_params = affine::calibrate_with(x, shape, g, path).unwrap();
         assert_eq!(got_params, params, "params differ on {path} for {g} {shape:?}");
         let q = affine::quantize_with(x, shape, g, path).unwrap();
@@ -123,7 +123,7 @@ fn large_tensors_take_the_threaded_and_streaming_paths() {
     }
     let x = data(1, 13 << 20, 11);
     let (params, codes, values) = reference_of(&x, &[13, 1 << 20], Granularity::PerTensor);
-    for path in Path::all_available().into_iter().filter(|p| *p != Path::REFERENCE) {
+    for path in KernelPath::all_available().into_iter().filter(|p| *p != KernelPath::REFERENCE) {
         let q = affine::quantize_with(&x, &[13, 1 << 20], Granularity::PerTensor, path).unwrap();
         assert_eq!(q.params(0), params[0]);
         assert!(q.codes() == &codes[..], "codes differ on {path}");
@@ -193,7 +193,7 @@ fn bad_inputs_are_errors_not_panics() {
     let e = affine::quantize(&[1.0, f32::NEG_INFINITY], &[2], Granularity::PerTensor).unwrap_err();
     assert!(e.to_string().contains("index 1"), "{e}");
     let bad_params = [AffineParams { scale: 0.0, zero_point: 0 }];
-    assert!(affine::quantize_with_params(&x, &[4], Granularity::PerTensor, &bad_params, Path::best()).is_err());
+    assert!(affine::quantize_with_params(&x, &[4], Granularity::PerTensor, &bad_params, KernelPath::best()).is_err());
     assert!(AffineTensor::from_parts(vec![2, 2], Granularity::PerChannel, vec![0; 4], vec![1.0], vec![0]).is_err());
     assert!(AffineTensor::from_parts(vec![2, 2], Granularity::PerTensor, vec![0; 3], vec![1.0], vec![0]).is_err());
     assert!(AffineTensor::from_parts(vec![4], Granularity::PerTensor, vec![0; 4], vec![f32::NAN], vec![0]).is_err());

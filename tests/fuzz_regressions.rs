@@ -2,7 +2,7 @@
 //! for the resource limits of `lowbit::io::Limits`. Each test rebuilds the failing input with the public API.
 
 use lowbit::affine::{self, AffineTensor, Granularity};
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::io::{self, bnb, Limits};
 use lowbit::Error;
 
@@ -93,7 +93,7 @@ fn limits_shape_products_that_overflow_are_errors() {
 fn affine_range_overflow_is_an_error_not_an_infinite_scale() {
     let x = [3e38f32, -3e38, 1.0, 0.0];
     for g in [Granularity::PerTensor, Granularity::PerChannel, Granularity::PerGroup(2)] {
-        for path in Path::all_available() {
+        for path in KernelPath::all_available() {
             match affine::quantize_with(&x, &[1, 4], g, path) {
                 Err(Error::InvalidArgument { arg: "x", .. }) => {}
                 other => panic!("{g} {path}: expected an error for an overflowing range, got {other:?}"),

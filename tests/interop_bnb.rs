@@ -10,7 +10,7 @@
 //! Decoding must match bitsandbytes bit for bit everywhere. Encoding (the 4-bit codes) must match except at
 //! exact ties, which are counted and checked to be genuine ties.
 
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::double_quant::{double_quantize, DoubleQuantScales, DYNAMIC_MAP};
 use lowbit::io::{bnb, parse_safetensors, serialize_safetensors, view_to_f32, SafetensorsFile, TensorData};
 use lowbit::nf4::{quantize_4bit_with, BlockScales, FourBitFormat, FourBitTensor, FP4_TABLE, NF4_TABLE};
@@ -123,7 +123,7 @@ fn same_bits<T: Element>(a: &[T], b: &[T]) -> usize {
 fn dequant_mismatches<T: Element>(t: &FourBitTensor, st: &SafeTensors<'_>, key: &str) -> (usize, usize) {
     let want: Vec<T> = typed(st, key);
     let mut bad = 0;
-    for path in Path::all_available() {
+    for path in KernelPath::all_available() {
         let got: Vec<T> = t.dequantize_with(path).unwrap();
         let b = same_bits(&got, &want);
         if b > 0 {
@@ -212,7 +212,7 @@ fn native_cpu_kernel_bug_is_confined_to_partial_row_blocks() {
             DType::F16 => dequant_mismatches::<f16>(&t, &st, &key),
             DType::BF16 => dequant_mismatches::<bf16>(&t, &st, &key),
         };
-        assert!(bad > 0 && bad < n * Path::all_available().len());
+        assert!(bad > 0 && bad < n * KernelPath::all_available().len());
         // The native output is exactly the format's decode with bitsandbytes' row-wise block index.
         let absmax = t.absmax();
         let per_row = cols / c.blocksize;
@@ -287,7 +287,7 @@ fn compare_encoding<T: Element>(
     let want_absmax = f32s(st, &format!("{n}.absmax"));
     let format = format_of(c);
     let table = format.table();
-    for path in Path::all_available() {
+    for path in KernelPath::all_available() {
         let q = quantize_4bit_with(format, &x, &c.shape, c.blocksize, false, path).unwrap();
         let absmax = q.absmax();
         for (b, (&a, &w)) in absmax.iter().zip(&want_absmax).enumerate() {
@@ -511,10 +511,10 @@ fn round_trip_through_safetensors() {
                 [(vec![130, 128], 64), (vec![7, 9], 64), (vec![13, 11], 32), (vec![3, 1024], 4096), (vec![5], 128)]
             {
                 let n: usize = shape.iter().product();
-                let t = quantize_4bit_with(format, &x[..n], &shape, bs, dq, Path::best()).unwrap();
+                let t = quantize_4bit_with(format, &x[..n], &shape, bs, dq, KernelPath::best()).unwrap();
                 round_trip(&format!("m.{format}.{dq}.{n}.weight"), &t);
                 let xb: Vec<bf16> = x[..n].iter().map(|&v| bf16::from_f32(v)).collect();
-                let tb = quantize_4bit_with(format, &xb, &shape, bs, dq, Path::best()).unwrap();
+                let tb = quantize_4bit_with(format, &xb, &shape, bs, dq, KernelPath::best()).unwrap();
                 assert_eq!(tb.dtype(), DType::BF16);
                 round_trip("w", &tb);
             }

@@ -6,7 +6,7 @@
 //! available CPU path.
 
 use lowbit::affine::{calibrate_with, quantize_with, Granularity};
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::io::{view_to_f32, SafetensorsFile};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/torch_quint8.safetensors");
@@ -45,7 +45,7 @@ fn cases(file: &SafetensorsFile) -> Vec<String> {
 }
 
 /// Compares one case through one path; returns a list of human-readable mismatches (empty when exact).
-fn compare(case: &str, x: &[f32], shape: &[usize], g: Granularity, exp: &Expected, path: Path) -> Vec<String> {
+fn compare(case: &str, x: &[f32], shape: &[usize], g: Granularity, exp: &Expected, path: KernelPath) -> Vec<String> {
     let mut bad = Vec::new();
     let params = calibrate_with(x, shape, g, path).unwrap();
     let q = quantize_with(x, shape, g, path).unwrap();
@@ -88,7 +88,7 @@ fn affine_matches_pytorch_bit_for_bit() {
         for (g, kind) in [(Granularity::PerTensor, "tensor"), (Granularity::PerChannel, "channel")] {
             let exp = expected(&st, case, kind);
             assert_eq!(exp.codes.len(), x.len());
-            for path in Path::all_available() {
+            for path in KernelPath::all_available() {
                 bad.extend(compare(case, &x, &shape, g, &exp, path));
                 checked_elements += x.len();
             }

@@ -6,7 +6,7 @@
 //! rounding to f32.
 
 use lowbit::affine::{self, Granularity};
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::linear::{QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
 use lowbit::nf4;
@@ -88,7 +88,7 @@ proptest! {
         let x = rng.vec(m * inp, 1.0);
         let want = layer.forward_reference(&x).unwrap();
         let bound = layer.error_bound(&x).unwrap();
-        for path in Path::all_available() {
+        for path in KernelPath::all_available() {
             let got = layer.forward_with(&x, path).unwrap();
             check(&got, &want, &bound, &format!("{format:?} {out}x{inp} M={m} {path}"));
         }
@@ -96,7 +96,7 @@ proptest! {
         let ids: Vec<Option<usize>> = (0..m).map(|r| if ranks.is_empty() || r % 3 == 2 { None } else { Some(r % ranks.len()) }).collect();
         let want = layer.forward_batch_reference(&x, &ids).unwrap();
         let bound = layer.error_bound_batch(&x, &ids).unwrap();
-        for path in Path::all_available() {
+        for path in KernelPath::all_available() {
             let got = layer.forward_batch_with(&x, &ids, path).unwrap();
             check(&got, &want, &bound, &format!("batch {format:?} {out}x{inp} M={m} {path}"));
         }
@@ -114,7 +114,7 @@ fn nf4_blocks_crossing_rows_and_odd_sizes() {
                 let x = rng.vec(m * inp, 2.0);
                 let want = layer.forward_reference(&x).unwrap();
                 let bound = layer.error_bound(&x).unwrap();
-                for path in Path::all_available() {
+                for path in KernelPath::all_available() {
                     check(&layer.forward_with(&x, path).unwrap(), &want, &bound, &format!("{out}x{inp} M={m} {path}"));
                 }
             }
@@ -195,7 +195,7 @@ fn nf4_rows_of_whole_blocks_take_the_register_gemv() {
                 let x = rng.vec(m * inp, 1.5);
                 let want = layer.forward_reference(&x).unwrap();
                 let bound = layer.error_bound(&x).unwrap();
-                for path in Path::all_available() {
+                for path in KernelPath::all_available() {
                     check(
                         &layer.forward_with(&x, path).unwrap(),
                         &want,
@@ -220,7 +220,7 @@ fn int8_register_gemv_per_tensor_channel_and_group() {
                 let x = rng.vec(m * inp, 1.5);
                 let want = layer.forward_reference(&x).unwrap();
                 let bound = layer.error_bound(&x).unwrap();
-                for path in Path::all_available() {
+                for path in KernelPath::all_available() {
                     check(
                         &layer.forward_with(&x, path).unwrap(),
                         &want,

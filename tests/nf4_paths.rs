@@ -1,7 +1,7 @@
 //! Every CPU path (scalar, portable, AVX2, AVX-512, threaded) gives the reference's bytes and bits: packed codes,
 //! block absmax, double-quantized scales, and dequantized f32 / f16 / bf16 outputs.
 
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::double_quant::{double_quantize, DYNAMIC_MAP, NESTED_BLOCKSIZE};
 use lowbit::nf4::{quantize_4bit_with, BlockScales, FourBitFormat, BLOCK_SIZES};
 use lowbit::reference::{double_quant as ref_dq, nf4 as reference};
@@ -65,7 +65,7 @@ fn check_all_paths<T: Element>(x: &[T], bs: usize, format: FourBitFormat) {
     let dq_ref = ref_dq::decode(&codes_ref, &nested_ref, offset_ref, NESTED_BLOCKSIZE, &DYNAMIC_MAP);
     let out_ref32 = reference::dequantize(&packed_ref, &absmax_ref, bs, n, format.table());
     let out_dq32 = reference::dequantize(&packed_ref, &dq_ref, bs, n, format.table());
-    for path in Path::all_available() {
+    for path in KernelPath::all_available() {
         let q = quantize_4bit_with(format, x, &shape, bs, false, path).unwrap();
         assert_eq!(q.packed(), &packed_ref[..], "packed, {path}, bs {bs}, {format}");
         assert_eq!(bits(&q.absmax()), bits(&absmax_ref), "absmax, {path}");
@@ -144,7 +144,7 @@ fn streaming_stores_with_misaligned_outputs() {
     let q = lowbit::nf4::quantize_nf4(&x, &[n], 64, false).unwrap();
     let expect = reference::dequantize(q.packed(), &q.absmax(), 64, n, q.table());
     let mut buf = vec![0.0f32; n + 3];
-    for path in Path::all_available().into_iter().filter(|p| p.isa != lowbit::cpu::Isa::Scalar) {
+    for path in KernelPath::all_available().into_iter().filter(|p| p.isa != lowbit::cpu::Isa::Scalar) {
         for head in 0..3 {
             buf.fill(f32::NAN);
             q.dequantize_into_with(&mut buf[head..head + n], path).unwrap();

@@ -23,7 +23,7 @@ mod membw;
 
 use candle_core::quantized::k_quants::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType};
 use lowbit::affine::{self, Granularity};
-use lowbit::cpu::{Isa, Path};
+use lowbit::cpu::{Isa, KernelPath};
 use lowbit::linear::{QuantLinear, QuantWeight};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -76,7 +76,7 @@ fn candle_blocks<T: GgmlType>(w: &[f32]) -> Vec<T> {
 }
 
 fn quant_dequant<T: GgmlType>(rows: &mut Vec<Row>, budget: Duration, name: &'static str, w: &[f32], shape: &str) {
-    let one = Path::single(Isa::best());
+    let one = KernelPath::single(Isa::best());
     let (out, inp) = parse(shape);
     let mut dst = vec![0.0f32; w.len()];
     let mut blocks = vec![T::zeros(); w.len() / T::BLCK_SIZE];
@@ -126,7 +126,7 @@ fn gemm<T: GgmlType>(
     let x = data(m * inp, inp, 9);
     let mut y = vec![0.0f32; m * out];
     for (threads, pool) in pools {
-        let path = if threads == "1" { Path::single(Isa::best()) } else { Path::best() };
+        let path = if threads == "1" { KernelPath::single(Isa::best()) } else { KernelPath::best() };
         let l = pool.install(|| time(budget, || drop(black_box(layer.forward_with(black_box(&x), path).unwrap()))));
         let c =
             pool.install(|| time(budget, || k_quants::matmul((m, inp, out), black_box(&x), &blocks, &mut y).unwrap()));

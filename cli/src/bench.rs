@@ -7,7 +7,7 @@ use crate::error::{CliError, Context};
 use crate::gpu::Device;
 use crate::synthetic::{self, LayerFormat};
 use crate::timing::{self, fmt_ms, fmt_rate};
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 
 /// Untimed runs before the timed ones (page faults, rayon's pool, caches).
 const WARMUP: usize = 2;
@@ -72,7 +72,7 @@ fn bench(b: Bench) -> Result<(), CliError> {
     let Bench { format, out, inp, batch: m, lora_rank, iters, .. } = b;
     let layer = synthetic::layer(format, out, inp, lora_rank).context(|| format!("building a {out}x{inp} layer"))?;
     let x = synthetic::input(m, inp);
-    let path = Path::best();
+    let path = KernelPath::best();
     let lora = lora_rank.map_or_else(|| "no LoRA".to_string(), |r| format!("LoRA rank {r}"));
     let packed = layer.weight().packed_bytes();
     console::line(&format!(

@@ -24,7 +24,7 @@ use crate::error::{CliError, Context};
 use crate::membw::{self, Direction, Limits};
 use crate::synthetic::{self, LayerFormat};
 use lowbit::affine::{self, Granularity};
-use lowbit::cpu::{Isa, Path};
+use lowbit::cpu::{Isa, KernelPath};
 use lowbit::linear::{QuantLinear, QuantWeight};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ pub struct Record {
     pub shape: String,
     /// Rows of x (1 for quantize / dequantize).
     pub batch: usize,
-    /// Path name (`scalar`, `avx2`, `avx2+threads`).
+    /// KernelPath name (`scalar`, `avx2`, `avx2+threads`).
     pub path: String,
     /// Threads the kernel ran on.
     pub threads: usize,
@@ -114,12 +114,12 @@ fn median(b: Budget, mut f: impl FnMut() -> lowbit::Result<()>) -> lowbit::Resul
 
 /// A path and the pool it runs in.
 struct Runner {
-    path: Path,
+    path: KernelPath,
     pool: rayon::ThreadPool,
 }
 
 impl Runner {
-    fn new(path: Path, threads: usize) -> Result<Runner, CliError> {
+    fn new(path: KernelPath, threads: usize) -> Result<Runner, CliError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -174,10 +174,10 @@ pub fn run(s: Suite) -> Result<(), CliError> {
     let best = Isa::best();
     let mut runners = Vec::new();
     if !s.quick {
-        runners.push(Runner::new(Path::REFERENCE, 1)?);
+        runners.push(Runner::new(KernelPath::REFERENCE, 1)?);
     }
-    runners.push(Runner::new(Path::single(best), 1)?);
-    runners.push(Runner::new(Path::best(), all_threads)?);
+    runners.push(Runner::new(KernelPath::single(best), 1)?);
+    runners.push(Runner::new(KernelPath::best(), all_threads)?);
     let budget = if s.quick {
         Budget { time: Duration::from_millis(60), min: 2, max: 50 }
     } else {
@@ -347,7 +347,7 @@ fn cold_bytes() -> usize {
     (2 * llc).max(64 << 20)
 }
 
-fn forward(layer: &QuantLinear, x: &[f32], path: Path) -> lowbit::Result<()> {
+fn forward(layer: &QuantLinear, x: &[f32], path: KernelPath) -> lowbit::Result<()> {
     black_box(layer.forward_with(black_box(x), path)?);
     Ok(())
 }

@@ -14,7 +14,7 @@ use crate::progress::Progress;
 use crate::stats::{fmt_db, ErrorStats};
 use crate::synthetic::{synthetic_weight, SEED};
 use lowbit::affine::Granularity;
-use lowbit::cpu::{Isa, Path};
+use lowbit::cpu::{Isa, KernelPath};
 use lowbit::nf4::BlockScales;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ pub trait Format {
     /// Label in the table, e.g. `int8 group:128`.
     fn label(&self) -> String;
     /// Quantizes `x` (row-major, `shape`) through `path`, then dequantizes it into `out` through `path`.
-    fn run(&self, x: &[f32], shape: &[usize], path: Path, out: &mut [f32]) -> lowbit::Result<Run>;
+    fn run(&self, x: &[f32], shape: &[usize], path: KernelPath, out: &mut [f32]) -> lowbit::Result<Run>;
 }
 
 /// Asymmetric int8 affine with a granularity.
@@ -46,7 +46,7 @@ impl Format for Int8 {
         format!("int8 {}", self.0)
     }
 
-    fn run(&self, x: &[f32], shape: &[usize], path: Path, out: &mut [f32]) -> lowbit::Result<Run> {
+    fn run(&self, x: &[f32], shape: &[usize], path: KernelPath, out: &mut [f32]) -> lowbit::Result<Run> {
         let t = Instant::now();
         let q = lowbit::affine::quantize_with(x, shape, self.0, path)?;
         let quantize = t.elapsed();
@@ -77,7 +77,7 @@ impl Format for Nf4 {
         format!("nf4 block:{}{}", self.blocksize, if self.double_quant { " +dq" } else { "" })
     }
 
-    fn run(&self, x: &[f32], shape: &[usize], path: Path, out: &mut [f32]) -> lowbit::Result<Run> {
+    fn run(&self, x: &[f32], shape: &[usize], path: KernelPath, out: &mut [f32]) -> lowbit::Result<Run> {
         let t = Instant::now();
         let q = lowbit::nf4::quantize_nf4_with(x, shape, self.blocksize, self.double_quant, path)?;
         let quantize = t.elapsed();
@@ -163,8 +163,8 @@ pub fn run(size: usize) -> Result<(), CliError> {
     ))?;
 
     // The reference first, then every other path.
-    let mut paths = vec![Path::REFERENCE];
-    paths.extend(Path::all_available().into_iter().filter(|p| *p != Path::REFERENCE));
+    let mut paths = vec![KernelPath::REFERENCE];
+    paths.extend(KernelPath::all_available().into_iter().filter(|p| *p != KernelPath::REFERENCE));
     let formats = formats();
 
     // Start rayon's pool and touch every kernel once, so the first timed run does not pay for it.

@@ -1,7 +1,7 @@
 //! Helpers shared by the fuzz targets (included with `mod common;`; not every target uses every item).
 #![allow(dead_code)]
 
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::io::Limits;
 use lowbit::nf4::FourBitTensor;
 
@@ -34,9 +34,9 @@ pub fn write_safetensors(entries: &[(String, String, Vec<u64>, Vec<u8>)]) -> Vec
 /// Checks everything a successfully loaded 4-bit tensor must satisfy: every path dequantizes to the
 /// reference bits, and writing it back in the bitsandbytes layout and reading that gives the same tensor.
 pub fn check_four_bit(name: &str, t: &FourBitTensor) {
-    let want: Vec<f32> = t.dequantize_with(Path::REFERENCE).expect("reference dequantize of a loaded tensor");
+    let want: Vec<f32> = t.dequantize_with(KernelPath::REFERENCE).expect("reference dequantize of a loaded tensor");
     assert!(want.iter().all(|v| v.is_finite()), "a loaded tensor dequantizes to non-finite values");
-    for path in Path::all_available() {
+    for path in KernelPath::all_available() {
         let got: Vec<f32> = t.dequantize_with(path).expect("dequantize of a loaded tensor");
         assert!(bits_eq(&got, &want), "path {path} differs from the reference");
     }

@@ -8,7 +8,7 @@ mod common;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use lowbit::affine::{AffineTensor, Granularity};
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::double_quant::DoubleQuantScales;
 use lowbit::lora::LoraAdapter;
 use lowbit::nf4::{BlockScales, FourBitFormat, FourBitTensor};
@@ -54,9 +54,9 @@ fn shape_of(s: &[u64]) -> Vec<usize> {
     s.iter().take(8).map(|&d| d as usize).collect()
 }
 
-fn check_dequant(f: impl Fn(Path) -> Vec<f32>) {
-    let want = f(Path::REFERENCE);
-    for path in Path::all_available() {
+fn check_dequant(f: impl Fn(KernelPath) -> Vec<f32>) {
+    let want = f(KernelPath::REFERENCE);
+    for path in KernelPath::all_available() {
         assert!(common::bits_eq(&f(path), &want), "path {path} differs from the reference");
     }
 }

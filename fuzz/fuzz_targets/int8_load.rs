@@ -7,7 +7,7 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::io::{int8, parse_safetensors, parse_safetensors_with_limits, peft, serialize_safetensors};
 
 fuzz_target!(|data: &[u8]| {
@@ -17,8 +17,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some(layout)) = int8::Int8Layout::from_metadata(&meta) {
         for name in layout.weights.keys() {
             let Ok(t) = layout.load(&st, name) else { continue };
-            let want: Vec<f32> = t.dequantize_with(Path::REFERENCE).unwrap();
-            for path in Path::all_available() {
+            let want: Vec<f32> = t.dequantize_with(KernelPath::REFERENCE).unwrap();
+            for path in KernelPath::all_available() {
                 assert!(common::bits_eq(&t.dequantize_with::<f32>(path).unwrap(), &want), "path {path}");
             }
             let m = int8::metadata(layout.granularity, [(name.as_str(), lowbit::DType::F32)]);

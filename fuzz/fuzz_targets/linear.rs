@@ -9,7 +9,7 @@ mod common;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use lowbit::affine::{self, Granularity};
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::linear::{QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
 use lowbit::{bf16, nf4};
@@ -122,7 +122,7 @@ fuzz_target!(|input: Input| {
             }
             Op::Batch { ids } => {
                 let ids: Vec<Option<usize>> = ids.iter().map(|i| i.map(|i| i as usize % 6)).collect();
-                for path in [Path::best(), Path::REFERENCE] {
+                for path in [KernelPath::best(), KernelPath::REFERENCE] {
                     if let Ok(y) = layer.forward_batch_with(&x, &ids, path) {
                         assert_eq!(ids.len() * inp, x.len());
                         assert_eq!(y.len(), ids.len() * out);

@@ -1,5 +1,5 @@
-//! Differential target: every fast path (`Path::all_available()`: SIMD levels, single-threaded and threaded)
-//! against `Path::REFERENCE` on arbitrary inputs.
+//! Differential target: every fast path (`KernelPath::all_available()`: SIMD levels, single-threaded and threaded)
+//! against `KernelPath::REFERENCE` on arbitrary inputs.
 //!
 //! * affine calibrate / quantize / dequantize and NF4 / FP4 quantize (with and without double quantization)
 //!   / dequantize: identical codes, scales and dequantized bits (f32, f16, bf16 outputs), and identical
@@ -13,7 +13,7 @@ mod common;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use lowbit::affine::{self, Granularity};
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::linear::{QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
 use lowbit::nf4::{self, FourBitFormat, FourBitTensor};
@@ -65,9 +65,9 @@ fn same<T: Element>(a: &[T], b: &[T]) -> bool {
     bytemuck::cast_slice::<T, u8>(a) == bytemuck::cast_slice::<T, u8>(b)
 }
 
-fn dequant_all<T: Element>(f: impl Fn(Path) -> Vec<T>) {
-    let want = f(Path::REFERENCE);
-    for path in Path::all_available() {
+fn dequant_all<T: Element>(f: impl Fn(KernelPath) -> Vec<T>) {
+    let want = f(KernelPath::REFERENCE);
+    for path in KernelPath::all_available() {
         assert!(same(&f(path), &want), "dequantize ({:?}) on {path} differs from the reference", T::DTYPE);
     }
 }
@@ -86,9 +86,9 @@ fn check_four_bit_tensor(t: &FourBitTensor) {
 
 fn quant<T: Element>(scheme: Scheme, x: &[T], shape: &[usize]) {
     if let Some(g) = granularity(scheme) {
-        let want_p = affine::calibrate_with(x, shape, g, Path::REFERENCE).map_err(|e| e.to_string());
-        let want = affine::quantize_with(x, shape, g, Path::REFERENCE).map_err(|e| e.to_string());
-        for path in Path::all_available() {
+        let want_p = affine::calibrate_with(x, shape, g, KernelPath::REFERENCE).map_err(|e| e.to_string());
+        let want = affine::quantize_with(x, shape, g, KernelPath::REFERENCE).map_err(|e| e.to_string());
+        for path in KernelPath::all_available() {
             let got_p = affine::calibrate_with(x, shape, g, path).map_err(|e| e.to_string());
             assert_eq!(format!("{got_p:?}"), format!("{want_p:?}"), "calibrate on {path}");
             let got = affine::quantize_with(x, shape, g, path).map_err(|e| e.to_string());
@@ -107,8 +107,8 @@ fn quant<T: Element>(scheme: Scheme, x: &[T], shape: &[usize]) {
         }
     }
     if let Some((format, bs, dq)) = four_bit(scheme) {
-        let want = nf4::quantize_4bit_with(format, x, shape, bs, dq, Path::REFERENCE).map_err(|e| e.to_string());
-        for path in Path::all_available() {
+        let want = nf4::quantize_4bit_with(format, x, shape, bs, dq, KernelPath::REFERENCE).map_err(|e| e.to_string());
+        for path in KernelPath::all_available() {
             let got = nf4::quantize_4bit_with(format, x, shape, bs, dq, path).map_err(|e| e.to_string());
             match (&got, &want) {
                 (Ok(a), Ok(b)) => {
@@ -215,7 +215,7 @@ fn linear(
     let want = layer.forward_reference(&x).unwrap();
     let all: Vec<usize> = (0..layer.adapters().len()).collect();
     let bound = bounds(&layer, &x, &vec![all; m]);
-    for path in Path::all_available() {
+    for path in KernelPath::all_available() {
         let got = layer.forward_with(&x, path).unwrap();
         check_linear(&got, &want, &bound, &format!("forward {out}x{inp} M={m} {path}"));
     }
@@ -225,7 +225,7 @@ fn linear(
     let want = layer.forward_batch_reference(&x, &ids).unwrap();
     let rows: Vec<Vec<usize>> = ids.iter().map(|id| id.iter().copied().collect()).collect();
     let bound = bounds(&layer, &x, &rows);
-    for path in Path::all_available() {
+    for path in KernelPath::all_available() {
         let got = layer.forward_batch_with(&x, &ids, path).unwrap();
         check_linear(&got, &want, &bound, &format!("batch {out}x{inp} M={m} {path}"));
     }

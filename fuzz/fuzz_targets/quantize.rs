@@ -11,7 +11,7 @@ mod common;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use lowbit::affine::{self, AffineTensor, Granularity};
-use lowbit::cpu::Path;
+use lowbit::cpu::KernelPath;
 use lowbit::nf4::{self, BlockScales, FourBitFormat, FourBitTensor};
 use lowbit::{bf16, f16, Element, Error};
 
@@ -45,7 +45,7 @@ struct Input {
 fn run<T: Element>(input: &Input, x: &[T], shape: &[usize], numel: usize) {
     let finite = x.iter().all(|v| v.to_f32().is_finite());
     let len_ok = x.len() == numel;
-    let path = Path::best();
+    let path = KernelPath::best();
     match input.scheme {
         Scheme::Tensor | Scheme::Channel | Scheme::Group(_) => {
             let g = match input.scheme {
@@ -95,7 +95,7 @@ fn check_affine<T: Element>(x: &[T], q: &AffineTensor) {
     if let Err(e) = rebuilt {
         panic!("quantize produced a tensor from_parts rejects: {e}");
     }
-    let want: Vec<f32> = q.dequantize_with(Path::REFERENCE).unwrap();
+    let want: Vec<f32> = q.dequantize_with(KernelPath::REFERENCE).unwrap();
     let (rows, cols) = q.matrix_dims();
     let per_row = match q.granularity() {
         Granularity::PerTensor => 0,
@@ -116,9 +116,9 @@ fn check_affine<T: Element>(x: &[T], q: &AffineTensor) {
         assert!(err <= s + 4.0 * f32::EPSILON * v.abs(), "element {i}: {v} -> {y}, scale {s}");
     }
     let _ = rows;
-    for path in Path::all_available() {
+    for path in KernelPath::all_available() {
         let got: Vec<T> = q.dequantize_with(path).unwrap();
-        let want_t: Vec<T> = q.dequantize_with(Path::REFERENCE).unwrap();
+        let want_t: Vec<T> = q.dequantize_with(KernelPath::REFERENCE).unwrap();
         assert!(bytemuck_eq(&got, &want_t), "affine dequantize path {path} differs");
     }
 }
@@ -134,7 +134,7 @@ fn check_four_bit<T: Element>(x: &[T], q: &FourBitTensor) {
         q.dtype(),
     );
     assert_eq!(rebuilt.as_ref().ok(), Some(q), "from_parts of quantize's own parts");
-    let y: Vec<f32> = q.dequantize_with(Path::REFERENCE).unwrap();
+    let y: Vec<f32> = q.dequantize_with(KernelPath::REFERENCE).unwrap();
     let absmax = q.absmax();
     // True block maxima, to bound the double-quantization error of the scales.
     let bs = q.blocksize();
@@ -159,9 +159,9 @@ fn check_four_bit<T: Element>(x: &[T], q: &FourBitTensor) {
             );
         }
     }
-    for path in Path::all_available() {
+    for path in KernelPath::all_available() {
         let got: Vec<T> = q.dequantize_with(path).unwrap();
-        let want: Vec<T> = q.dequantize_with(Path::REFERENCE).unwrap();
+        let want: Vec<T> = q.dequantize_with(KernelPath::REFERENCE).unwrap();
         assert!(bytemuck_eq(&got, &want), "4-bit dequantize path {path} differs");
     }
 }

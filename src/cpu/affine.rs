@@ -6,7 +6,7 @@
 //! path computes the same f32 arithmetic as [`crate::reference::affine`].
 
 use crate::affine::{AffineParams, AffineTensor, Granularity};
-use crate::cpu::{Isa, Path};
+use crate::cpu::{Isa, KernelPath};
 use crate::element::Element;
 use crate::reference::affine as reference;
 use wide::f32x8;
@@ -170,7 +170,7 @@ pub(crate) fn calibrate<T: Element>(
     rows: usize,
     cols: usize,
     g: Granularity,
-    path: Path,
+    path: KernelPath,
 ) -> Vec<AffineParams> {
     let from = |r: Option<(f32, f32)>| r.map_or(AffineParams::EMPTY, |(l, h)| reference::params_from_range(l, h));
     match g {
@@ -209,7 +209,7 @@ pub(crate) fn quantize<T: Element>(
     g: Granularity,
     params: &[AffineParams],
     codes: &mut [u8],
-    path: Path,
+    path: KernelPath,
 ) {
     let _ = rows;
     match g {
@@ -243,7 +243,7 @@ pub(crate) fn quantize<T: Element>(
 }
 
 /// Dequantized values; identical bits to [`reference::dequantize`] for every path.
-pub(crate) fn dequantize<T: Element>(t: &AffineTensor, out: &mut [T], path: Path) {
+pub(crate) fn dequantize<T: Element>(t: &AffineTensor, out: &mut [T], path: KernelPath) {
     let (_, cols) = t.matrix_dims();
     let codes = &t.codes[..];
     let stream = codes.len() * 4 >= STREAM_MIN_BYTES;
@@ -288,7 +288,7 @@ const STREAM_MIN_BYTES: usize = 48 << 20;
 /// Elements per task when a single run (per-tensor granularity) is split across threads.
 const PAR_CHUNK: usize = 1 << 16;
 
-fn use_threads(path: Path, n: usize) -> bool {
+fn use_threads(path: KernelPath, n: usize) -> bool {
     cfg!(feature = "rayon") && path.parallel && n >= super::PARALLEL_MIN_ELEMS
 }
 

@@ -14,7 +14,7 @@
 //! (`linear_x86.rs`) and a 256-entry byte→pair table elsewhere.
 
 use crate::affine::Granularity;
-use crate::cpu::Path;
+use crate::cpu::KernelPath;
 use crate::linear::{AdapterSelection, QuantLinear, QuantWeight};
 
 /// Input features per chunk (the K-blocking of the GEMM).
@@ -391,7 +391,7 @@ fn shrink_all(
     x: &[f32],
     m: usize,
     sel: AdapterSelection<'_>,
-    path: Path,
+    path: KernelPath,
 ) -> Vec<Option<Vec<f32>>> {
     let n_in = layer.in_features();
     layer
@@ -439,7 +439,7 @@ fn pair_table(table: &[f32; 16]) -> [[f32; 2]; 256] {
 }
 
 /// The fused forward. `x` is `[m, in]` f32, already validated.
-pub(crate) fn forward(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSelection<'_>, path: Path) -> Vec<f32> {
+pub(crate) fn forward(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSelection<'_>, path: KernelPath) -> Vec<f32> {
     let n_out = layer.out_features();
     let pairs = match layer.weight() {
         QuantWeight::FourBit(t) => pair_table(t.table()),

@@ -105,32 +105,32 @@ impl std::fmt::Display for Isa {
 ///
 /// Results never depend on the path: only speed does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Path {
+pub struct KernelPath {
     /// Instruction-set level; an unavailable level is an error when the kernel runs.
     pub isa: Isa,
     /// Split work over rayon's global pool (needs the `rayon` feature; ignored without it).
     pub parallel: bool,
 }
 
-impl Path {
+impl KernelPath {
     /// The scalar reference, single-threaded.
-    pub const REFERENCE: Path = Path { isa: Isa::Scalar, parallel: false };
+    pub const REFERENCE: KernelPath = KernelPath { isa: Isa::Scalar, parallel: false };
 
     /// The fastest path: best instruction set, threaded when the `rayon` feature is on.
-    pub fn best() -> Path {
-        Path { isa: Isa::best(), parallel: cfg!(feature = "rayon") }
+    pub fn best() -> KernelPath {
+        KernelPath { isa: Isa::best(), parallel: cfg!(feature = "rayon") }
     }
 
     /// Single-threaded at the given level.
-    pub const fn single(isa: Isa) -> Path {
-        Path { isa, parallel: false }
+    pub const fn single(isa: Isa) -> KernelPath {
+        KernelPath { isa, parallel: false }
     }
 
     /// Every path this machine can run: each available level, single-threaded, then threaded (with `rayon`).
-    pub fn all_available() -> Vec<Path> {
-        let mut paths: Vec<Path> = Isa::available().into_iter().map(Path::single).collect();
+    pub fn all_available() -> Vec<KernelPath> {
+        let mut paths: Vec<KernelPath> = Isa::available().into_iter().map(KernelPath::single).collect();
         if cfg!(feature = "rayon") {
-            paths.extend(Isa::available().into_iter().skip(1).map(|isa| Path { isa, parallel: true }));
+            paths.extend(Isa::available().into_iter().skip(1).map(|isa| KernelPath { isa, parallel: true }));
         }
         paths
     }
@@ -156,7 +156,7 @@ impl Path {
     }
 }
 
-impl std::fmt::Display for Path {
+impl std::fmt::Display for KernelPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.name())
     }

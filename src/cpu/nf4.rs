@@ -9,7 +9,7 @@
 //! The AVX2 / AVX-512 kernels live in `nf4_x86.rs` with the same names. NEON and wasm `simd128` use the
 //! portable `wide` kernels.
 
-use crate::cpu::{Isa, Path};
+use crate::cpu::{Isa, KernelPath};
 use crate::element::Element;
 use crate::reference::nf4::{self as reference, Codebook};
 use crate::DType;
@@ -166,7 +166,7 @@ pub(crate) fn quantize<T: Element>(
     x: &[T],
     bs: usize,
     table: &[f32; 16],
-    path: Path,
+    path: KernelPath,
 ) -> Result<(Vec<u8>, Vec<f32>), (usize, f32)> {
     let cb = reference::codebook(table);
     let mut packed = vec![0u8; x.len().div_ceil(2)];
@@ -225,7 +225,7 @@ pub(crate) fn dequantize<T: Element>(
     bs: usize,
     table: &[f32; 16],
     out: &mut [T],
-    path: Path,
+    path: KernelPath,
 ) {
     let stream = T::DTYPE == DType::F32 && std::mem::size_of_val(out) >= STREAM_MIN_BYTES;
     if use_threads(path, out.len()) {
@@ -247,7 +247,7 @@ fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
 
 // ---------------------------------------------------------------- threading helpers
 
-fn use_threads(path: Path, n: usize) -> bool {
+fn use_threads(path: KernelPath, n: usize) -> bool {
     cfg!(feature = "rayon") && path.parallel && n >= super::PARALLEL_MIN_ELEMS
 }
 
