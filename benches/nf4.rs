@@ -26,7 +26,10 @@ fn weights(n: usize) -> Vec<f32> {
 
 /// Paths worth timing: skip levels without NF4 kernels of their own (they run the portable one).
 fn paths() -> Vec<KernelPath> {
-    KernelPath::all_available().into_iter().filter(|p| !matches!(p.isa, Isa::Ssse3 | Isa::Scalar) || !p.parallel).collect()
+    KernelPath::all_available()
+        .into_iter()
+        .filter(|p| !matches!(p.isa, Isa::Ssse3 | Isa::Scalar) || !p.parallel)
+        .collect()
 }
 
 fn bench_size(c: &mut Criterion, label: &str, rows: usize, cols: usize) {

@@ -32,6 +32,7 @@ pub mod cpu;
 pub mod double_quant;
 pub mod element;
 mod error;
+pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod io;
@@ -44,6 +45,7 @@ pub mod shape;
 
 pub use element::{DType, Element};
 pub use error::{Error, Result};
+pub use format::scheme::Scheme;
 pub use half::{bf16, f16};
 
 /// The README's Rust examples, compiled and run as doctests so they stay accurate.

@@ -86,18 +86,18 @@ proptest! {
         let mut rng = Rng(seed | 1);
         let layer = make_layer(format, out, inp, bias, &ranks, &mut rng);
         let x = rng.vec(m * inp, 1.0);
-        let want = layer.forward_reference(&x).unwrap();
-        let bound = layer.error_bound(&x).unwrap();
+        let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
+        let bound = layer.error_bound(&x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu).unwrap();
         for path in KernelPath::all_available() {
-            let got = layer.forward_with(&x, path).unwrap();
+            let got = layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap();
             check(&got, &want, &bound, &format!("{format:?} {out}x{inp} M={m} {path}"));
         }
         // Multi-adapter batch: ids mixed and absent.
         let ids: Vec<Option<usize>> = (0..m).map(|r| if ranks.is_empty() || r % 3 == 2 { None } else { Some(r % ranks.len()) }).collect();
-        let want = layer.forward_batch_reference(&x, &ids).unwrap();
-        let bound = layer.error_bound_batch(&x, &ids).unwrap();
+        let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference().adapter_ids(&ids)).unwrap();
+        let bound = layer.error_bound(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&ids), lowbit::linear::BoundTarget::Cpu).unwrap();
         for path in KernelPath::all_available() {
-            let got = layer.forward_batch_with(&x, &ids, path).unwrap();
+            let got = layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&ids).path(path)).unwrap();
             check(&got, &want, &bound, &format!("batch {format:?} {out}x{inp} M={m} {path}"));
         }
     }
@@ -112,10 +112,17 @@ fn nf4_blocks_crossing_rows_and_odd_sizes() {
             let layer = make_layer(format, out, inp, true, &[3, 16], &mut rng);
             for m in [1, 4, 5] {
                 let x = rng.vec(m * inp, 2.0);
-                let want = layer.forward_reference(&x).unwrap();
-                let bound = layer.error_bound(&x).unwrap();
+                let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
+                let bound = layer
+                    .error_bound(&x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu)
+                    .unwrap();
                 for path in KernelPath::all_available() {
-                    check(&layer.forward_with(&x, path).unwrap(), &want, &bound, &format!("{out}x{inp} M={m} {path}"));
+                    check(
+                        &layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap(),
+                        &want,
+                        &bound,
+                        &format!("{out}x{inp} M={m} {path}"),
+                    );
                 }
             }
         }
@@ -155,7 +162,10 @@ fn disabled_adapters_do_not_apply() {
     assert_ne!(with, without);
     let base = QuantLinear::new(layer.weight().clone(), None).unwrap().forward(&x).unwrap();
     assert_eq!(without, base);
-    assert!(layer.forward_batch(&x, &[Some(0)]).is_err(), "a disabled adapter cannot be selected");
+    assert!(
+        layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&[Some(0)])).is_err(),
+        "a disabled adapter cannot be selected"
+    );
 }
 
 #[test]
@@ -165,9 +175,15 @@ fn bad_inputs_are_errors() {
     let x = rng.vec(2 * 16, 1.0);
     assert!(layer.forward(&x[..15]).is_err(), "x not a multiple of in");
     assert!(layer.forward(&[f32::NAN; 16]).is_err(), "NaN input");
-    assert!(layer.forward_batch(&x, &[Some(0)]).is_err(), "ids length != M");
-    assert!(layer.forward_batch(&x, &[Some(0), Some(1)]).is_err(), "id out of range");
-    assert!(layer.forward_batch(&x, &[None, Some(0)]).is_ok());
+    assert!(
+        layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&[Some(0)])).is_err(),
+        "ids length != M"
+    );
+    assert!(
+        layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&[Some(0), Some(1)])).is_err(),
+        "id out of range"
+    );
+    assert!(layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&[None, Some(0)])).is_ok());
     assert!(layer
         .add_adapter(LoraAdapter::new("x", 2, vec![0.0; 2 * 15], vec![0.0; 16], 1.0, false).unwrap())
         .is_err());
@@ -193,11 +209,13 @@ fn nf4_rows_of_whole_blocks_take_the_register_gemv() {
             let layer = make_layer(Format::Nf4 { blocksize, dq }, out, inp, true, &[5], &mut rng);
             for m in 1..=5 {
                 let x = rng.vec(m * inp, 1.5);
-                let want = layer.forward_reference(&x).unwrap();
-                let bound = layer.error_bound(&x).unwrap();
+                let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
+                let bound = layer
+                    .error_bound(&x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu)
+                    .unwrap();
                 for path in KernelPath::all_available() {
                     check(
-                        &layer.forward_with(&x, path).unwrap(),
+                        &layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap(),
                         &want,
                         &bound,
                         &format!("{out}x{inp}/{blocksize} M={m} {path}"),
@@ -218,11 +236,13 @@ fn int8_register_gemv_per_tensor_channel_and_group() {
             let layer = make_layer(Format::Int8(g), out, inp, true, &[3], &mut rng);
             for m in 1..=5 {
                 let x = rng.vec(m * inp, 1.5);
-                let want = layer.forward_reference(&x).unwrap();
-                let bound = layer.error_bound(&x).unwrap();
+                let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
+                let bound = layer
+                    .error_bound(&x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu)
+                    .unwrap();
                 for path in KernelPath::all_available() {
                     check(
-                        &layer.forward_with(&x, path).unwrap(),
+                        &layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap(),
                         &want,
                         &bound,
                         &format!("{g} {out}x{inp} M={m} {path}"),

@@ -165,9 +165,10 @@ fn forward_matches_peft() {
             let want = io_tensor(&format!("{path}.y.{adir}"));
             let w = l.weight().dequantize_reference();
             let (k, n, r) = (l.in_features(), l.out_features(), max_rank(l));
-            for (label, y) in
-                [("forward", l.forward(&x).unwrap()), ("forward_reference", l.forward_reference(&x).unwrap())]
-            {
+            for (label, y) in [
+                ("forward", l.forward(&x).unwrap()),
+                ("forward_reference", l.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap()),
+            ] {
                 assert_eq!(y.len(), want.len());
                 let (mut worst, mut worst_ratio) = (0.0f64, 0.0f64);
                 for m in 0..x.len() / k {

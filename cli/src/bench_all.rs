@@ -348,7 +348,7 @@ fn cold_bytes() -> usize {
 }
 
 fn forward(layer: &QuantLinear, x: &[f32], path: KernelPath) -> lowbit::Result<()> {
-    black_box(layer.forward_with(black_box(x), path)?);
+    black_box(layer.forward_with(black_box(x), lowbit::linear::ForwardOptions::default().path(path))?);
     Ok(())
 }
 

@@ -123,7 +123,7 @@ fuzz_target!(|input: Input| {
             Op::Batch { ids } => {
                 let ids: Vec<Option<usize>> = ids.iter().map(|i| i.map(|i| i as usize % 6)).collect();
                 for path in [KernelPath::best(), KernelPath::REFERENCE] {
-                    if let Ok(y) = layer.forward_batch_with(&x, &ids, path) {
+                    if let Ok(y) = layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&ids).path(path)) {
                         assert_eq!(ids.len() * inp, x.len());
                         assert_eq!(y.len(), ids.len() * out);
                         for id in ids.iter().flatten() {

@@ -212,21 +212,21 @@ fn linear(
         layer.add_adapter(ad).unwrap();
     }
     let x = vals(m * inp);
-    let want = layer.forward_reference(&x).unwrap();
+    let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
     let all: Vec<usize> = (0..layer.adapters().len()).collect();
     let bound = bounds(&layer, &x, &vec![all; m]);
     for path in KernelPath::all_available() {
-        let got = layer.forward_with(&x, path).unwrap();
+        let got = layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap();
         check_linear(&got, &want, &bound, &format!("forward {out}x{inp} M={m} {path}"));
     }
     let n_ad = layer.adapters().len();
     let ids: Vec<Option<usize>> =
         (0..m).map(|r| ids.get(r).copied().flatten().filter(|_| n_ad > 0).map(|i| i as usize % n_ad.max(1))).collect();
-    let want = layer.forward_batch_reference(&x, &ids).unwrap();
+    let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference().adapter_ids(&ids)).unwrap();
     let rows: Vec<Vec<usize>> = ids.iter().map(|id| id.iter().copied().collect()).collect();
     let bound = bounds(&layer, &x, &rows);
     for path in KernelPath::all_available() {
-        let got = layer.forward_batch_with(&x, &ids, path).unwrap();
+        let got = layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&ids).path(path)).unwrap();
         check_linear(&got, &want, &bound, &format!("batch {out}x{inp} M={m} {path}"));
     }
 }

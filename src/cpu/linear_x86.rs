@@ -5,7 +5,7 @@
 use super::linear::{dot as generic_dot, four_bit_segments, output_pass, tiled_product, Decoder, Job, Vf};
 use crate::affine::Granularity;
 use crate::cpu::Isa;
-use crate::linear::QuantWeight;
+use crate::format::layer::QuantWeight;
 use std::arch::x86_64::*;
 
 /// Runs one output block with the kernels for `isa` (AVX2 or AVX-512, checked available by the caller).
@@ -51,7 +51,7 @@ unsafe fn block_job_avx2(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
 /// extra ulp of `|w|` per product, inside the bound the tests state.
 #[inline(always)]
 fn fused_gemv<V: Vf, D: Table16<V>>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
-    let t = match job.layer.weight() {
+    let t = match job.layer.weight {
         QuantWeight::FourBit(t) => t,
         QuantWeight::Int8(_) => {
             return match job.m {
@@ -63,7 +63,7 @@ fn fused_gemv<V: Vf, D: Table16<V>>(job: &Job<'_>, o0: usize, ob: usize, out: &m
             }
         }
     };
-    let (n_in, m, bs) = (job.layer.in_features(), job.m, t.blocksize());
+    let (n_in, m, bs) = (job.layer.in_features, job.m, t.blocksize());
     if m == 0 || m > 4 || n_in % bs != 0 {
         return false;
     }
@@ -110,10 +110,10 @@ fn gemv_row_group<V: Vf, D: Table16<V>, const R: usize, const J: usize>(
     ob: usize,
     out: &mut [f32],
 ) {
-    let n_in = job.layer.in_features();
-    let QuantWeight::FourBit(t) = job.layer.weight() else { return };
+    let n_in = job.layer.in_features;
+    let QuantWeight::FourBit(t) = job.layer.weight else { return };
     let tab = D::load_table(t.table());
-    let scales = &job.layer.block_scales;
+    let scales = job.layer.block_scales();
     let rows: [&[u8]; J] = std::array::from_fn(|i| {
         let o = o0 + j0 + i;
         &packed[o * n_in / 2..(o + 1) * n_in / 2]
@@ -157,8 +157,8 @@ fn gemv_row_group<V: Vf, D: Table16<V>, const R: usize, const J: usize>(
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
 fn int8_gemv_rows<V: Vf, D: Table16<V>, const R: usize>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
-    let QuantWeight::Int8(t) = job.layer.weight() else { return false };
-    let n_in = job.layer.in_features();
+    let QuantWeight::Int8(t) = job.layer.weight else { return false };
+    let n_in = job.layer.in_features;
     let (run, per_row) = match t.granularity() {
         Granularity::PerTensor | Granularity::PerChannel => (n_in, 1),
         Granularity::PerGroup(g) if g % 16 == 0 => (g, n_in.div_ceil(g)),

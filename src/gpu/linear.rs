@@ -163,7 +163,7 @@ impl GpuLinear {
                 }
                 p.log2_bs = log2_exact(t.blocksize());
                 let tmax = t.table().iter().fold(0f32, |a, v| a.max(v.abs()));
-                let smax = layer.block_scales.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let smax = t.decoded_scales().iter().fold(0f32, |a, v| a.max(v.abs()));
                 match t.scales() {
                     BlockScales::Plain(_) => (WeightKind::FourBit, tmax * smax),
                     BlockScales::Double(dq) => {

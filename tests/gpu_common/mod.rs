@@ -217,14 +217,14 @@ pub fn check_layer(ctx: &GpuContext, layer: &QuantLinear, gl: &GpuLinear, ms: &[
         for sel in &sels {
             let (want, rows): (Vec<f32>, Vec<Vec<usize>>) = match sel {
                 None => (
-                    layer.forward_reference(&x).unwrap(),
+                    layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap(),
                     vec![
                         layer.adapters().iter().enumerate().filter(|(_, a)| a.is_enabled()).map(|(i, _)| i).collect();
                         m
                     ],
                 ),
                 Some(ids) => (
-                    layer.forward_batch_reference(&x, ids).unwrap(),
+                    layer.forward_with(&x, lowbit::linear::ForwardOptions::reference().adapter_ids(ids)).unwrap(),
                     ids.iter().map(|id| id.iter().copied().collect()).collect(),
                 ),
             };

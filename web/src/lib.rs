@@ -273,7 +273,7 @@ impl Layer {
     #[wasm_bindgen(js_name = forwardReference)]
     pub fn forward_reference(&self, x: &[f32], m: usize) -> Result<Vec<f32>, JsError> {
         check_rows("x", x.len(), m, self.linear.in_features())?;
-        self.linear.forward_reference(x).map_err(js_err)
+        self.linear.forward_with(x, lowbit::linear::ForwardOptions::reference()).map_err(js_err)
     }
 
     /// Multi-adapter batch on the CPU: row `r` of `x` adds only adapter `adapterIds[r]` (-1: none).
@@ -281,7 +281,7 @@ impl Layer {
     pub fn forward_batch(&self, x: &[f32], m: usize, adapter_ids_: &[i32]) -> Result<Vec<f32>, JsError> {
         check_rows("x", x.len(), m, self.linear.in_features())?;
         let ids = adapter_ids(adapter_ids_, m)?;
-        self.linear.forward_batch(x, &ids).map_err(js_err)
+        self.linear.forward_with(x, lowbit::linear::ForwardOptions::default().adapter_ids(&ids)).map_err(js_err)
     }
 
     /// The reference of `forwardBatch`.
@@ -289,7 +289,7 @@ impl Layer {
     pub fn forward_batch_reference(&self, x: &[f32], m: usize, adapter_ids_: &[i32]) -> Result<Vec<f32>, JsError> {
         check_rows("x", x.len(), m, self.linear.in_features())?;
         let ids = adapter_ids(adapter_ids_, m)?;
-        self.linear.forward_batch_reference(x, &ids).map_err(js_err)
+        self.linear.forward_with(x, lowbit::linear::ForwardOptions::reference().adapter_ids(&ids)).map_err(js_err)
     }
 
     /// Per-element bound on `|y − reference|` of the fused f32 kernels on `device` (`"cpu"`: the bound of
@@ -314,11 +314,11 @@ impl Layer {
         let (rows, want) = match adapter_ids_ {
             None => {
                 let enabled: Vec<usize> = (0..adapters.len()).filter(|&a| adapters[a].is_enabled()).collect();
-                (vec![enabled; m], self.linear.forward_reference(x).map_err(js_err)?)
+                (vec![enabled; m], self.linear.forward_with(x, lowbit::linear::ForwardOptions::reference()).map_err(js_err)?)
             }
             Some(ids) => {
                 let ids = adapter_ids(&ids, m)?;
-                let want = self.linear.forward_batch_reference(x, &ids).map_err(js_err)?;
+                let want = self.linear.forward_with(x, lowbit::linear::ForwardOptions::reference().adapter_ids(&ids)).map_err(js_err)?;
                 (ids.into_iter().map(|i| i.into_iter().collect()).collect(), want)
             }
         };
@@ -366,7 +366,7 @@ impl Layer {
                 match device.as_str() {
                     "cpu" => match &ids {
                         None => linear.forward(&x).map_err(js_err),
-                        Some(ids) => linear.forward_batch(&x, ids).map_err(js_err),
+                        Some(ids) => linear.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(ids)).map_err(js_err),
                     },
                     "webgpu" => webgpu::forward(&linear, &gpu, &x, m, ids.as_deref()).await,
                     other => Err(JsError::new(&format!("device {other:?}: expected \"cpu\" or \"webgpu\""))),
