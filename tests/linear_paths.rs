@@ -252,3 +252,44 @@ fn int8_register_gemv_per_tensor_channel_and_group() {
         }
     }
 }
+
+/// `forward_into` rounds the f32 result to f16 / bf16 nearest-even (the same bits as rounding `forward`'s f32
+/// output), accepts f16 / bf16 `x`, reuses one workspace across layers and shapes, and refuses a `y` of the
+/// wrong length without touching it.
+#[test]
+fn forward_into_writes_f32_f16_bf16_outputs_and_checks_y() {
+    use lowbit::linear::{ForwardOptions, Workspace};
+    use lowbit::{bf16, f16};
+    let mut rng = Rng(0x5eed_f00d);
+    let mut ws = Workspace::default();
+    for (format, out, inp, m) in [
+        (Format::Nf4 { blocksize: 64, dq: true }, 70, 128, 3),
+        (Format::Int8(Granularity::PerGroup(32)), 65, 96, 9),
+        (Format::Int8(Granularity::PerChannel), 129, 64, 1),
+    ] {
+        let layer = make_layer(format, out, inp, true, &[4], &mut rng);
+        let x = rng.vec(m * inp, 1.0);
+        for path in KernelPath::all_available() {
+            let opts = ForwardOptions::default().path(path);
+            let want = layer.forward_with(&x, opts).unwrap();
+            let mut y32 = vec![f32::NAN; m * out];
+            layer.forward_into_with(&x, &mut y32, &mut ws, opts).unwrap();
+            assert_eq!(y32, want, "{format:?} {path}: f32 output");
+            let mut y16 = vec![f16::ZERO; m * out];
+            layer.forward_into_with(&x, &mut y16, &mut ws, opts).unwrap();
+            assert!(y16.iter().zip(&want).all(|(a, b)| a.to_bits() == f16::from_f32(*b).to_bits()), "{path}: f16");
+            let mut yb = vec![bf16::ZERO; m * out];
+            layer.forward_into_with(&x, &mut yb, &mut ws, opts).unwrap();
+            assert!(yb.iter().zip(&want).all(|(a, b)| a.to_bits() == bf16::from_f32(*b).to_bits()), "{path}: bf16");
+            // f16 input: the same as widening it first.
+            let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            let xw: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+            layer.forward_into_with(&xh, &mut y32, &mut ws, opts).unwrap();
+            assert_eq!(y32, layer.forward_with(&xw, opts).unwrap(), "{path}: f16 input");
+        }
+        let mut short = vec![7.0f32; m * out - 1];
+        let e = layer.forward_into(&x, &mut short, &mut ws).unwrap_err().to_string();
+        assert!(e.contains("length of y"), "{e}");
+        assert!(short.iter().all(|&v| v == 7.0), "y untouched on error");
+    }
+}

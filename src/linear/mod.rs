@@ -36,9 +36,32 @@ use crate::cpu::KernelPath;
 use crate::element::{check_finite, Element};
 use crate::format::layer::LayerView;
 use crate::lora::LoraAdapter;
-use crate::{Error, Result};
+use crate::{Error, Result, Scheme};
 
 impl QuantWeight {
+    /// Quantizes `w` (row-major, `shape`) with `scheme` through the fastest path: int8 calibrated from the
+    /// data's min/max at the scheme's granularity, or NF4/FP4 blockwise (double-quantized scales for `+dq`).
+    pub fn quantize<T: Element>(w: &[T], shape: &[usize], scheme: Scheme) -> Result<QuantWeight> {
+        Ok(match scheme.validate()? {
+            Scheme::Int8(g) => QuantWeight::Int8(crate::affine::quantize(w, shape, g)?),
+            Scheme::FourBit { format, blocksize, double_quant } => {
+                QuantWeight::FourBit(crate::nf4::quantize_4bit(format, w, shape, blocksize, double_quant)?)
+            }
+        })
+    }
+
+    /// The scheme this weight is stored in.
+    pub fn scheme(&self) -> Scheme {
+        match self {
+            QuantWeight::Int8(t) => Scheme::Int8(t.granularity()),
+            QuantWeight::FourBit(t) => Scheme::FourBit {
+                format: t.format(),
+                blocksize: t.blocksize(),
+                double_quant: matches!(t.scales(), crate::nf4::BlockScales::Double(_)),
+            },
+        }
+    }
+
     /// Dequantizes through the reference module (f32, `[out, in]` row-major).
     pub fn dequantize_reference(&self) -> Vec<f32> {
         crate::reference::linear::dequantize_weight(self)
