@@ -13,6 +13,7 @@
 //! `__m512` (AVX-512), fused multiply-add. The 4-bit decode uses table lookups in registers on x86
 //! (`linear_x86.rs`) and a 256-entry byte→pair table elsewhere.
 
+use super::dispatch::{kernels, LinearKernels};
 use crate::affine::Granularity;
 use crate::cpu::KernelPath;
 use crate::element::Element;
@@ -412,6 +413,7 @@ fn shrink_all(
 ) {
     let n_in = layer.in_features;
     let n_ad = layer.adapters.len();
+    let dot_fn = kernels(path.isa).linear.dot;
     scratch.used.clear();
     scratch.used.extend((0..n_ad).map(|a| (0..m).any(|r| layer.uses(sel, r, a))));
     if scratch.shrink.len() < n_ad {
@@ -428,7 +430,7 @@ fn shrink_all(
         let one = |i: usize, v: &mut f32| {
             let (r, k) = (i / rank, i % rank);
             if layer.uses(sel, r, a) {
-                *v = dot_isa(path.isa, &x[r * n_in..(r + 1) * n_in], &ad.a()[k * n_in..(k + 1) * n_in]);
+                *v = dot_fn(&x[r * n_in..(r + 1) * n_in], &ad.a()[k * n_in..(k + 1) * n_in]);
             }
         };
         if path.parallel && m * rank * n_in >= 1 << 16 {
@@ -439,14 +441,9 @@ fn shrink_all(
     }
 }
 
-/// One dot product with the kernels for `isa`.
-fn dot_isa(isa: crate::cpu::Isa, a: &[f32], b: &[f32]) -> f32 {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        crate::cpu::Isa::Avx2 | crate::cpu::Isa::Avx512 => super::linear_x86::dot(isa, a, b),
-        _ => dot::<wide::f32x8>(a, b),
-    }
-}
+/// The portable (`wide`) linear kernels.
+pub(crate) const PORTABLE: LinearKernels =
+    LinearKernels { block: block_job::<wide::f32x8, PortableDecoder>, dot: dot::<wide::f32x8> };
 
 /// Byte → (value of the high nibble, value of the low nibble).
 fn pair_table(table: &[f32; 16]) -> [[f32; 2]; 256] {
@@ -480,14 +477,8 @@ pub(crate) fn forward_into<O: Element>(
     // one contiguous piece (disjoint pieces for the threads).
     acc.clear();
     acc.resize(m * n_out, 0.0);
-    let run = |b: usize, out: &mut [f32]| {
-        let (o0, ob) = (b * OUT_BLOCK, out.len() / m);
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            crate::cpu::Isa::Avx2 | crate::cpu::Isa::Avx512 => super::linear_x86::block_job(isa, &job, o0, ob, out),
-            _ => block_job::<wide::f32x8, PortableDecoder>(&job, o0, ob, out),
-        }
-    };
+    let block = kernels(isa).linear.block;
+    let run = |b: usize, out: &mut [f32]| block(&job, b * OUT_BLOCK, out.len() / m, out);
     let chunk = m * OUT_BLOCK;
     if path.parallel && n_out > OUT_BLOCK {
         par_chunks_for_each(acc, chunk, run);
