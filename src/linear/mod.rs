@@ -273,7 +273,7 @@ impl QuantLinear {
     /// where `y_ref` is the exact (f64) result: the stated f32 accumulation bound
     /// `(K+3)·ε·Σ|x·w| + ε·|bias| + Σ_adapters (K+r+3)·ε·|s|·Σ_r(Σ_k|x·A|)·|B|`, plus for the GPU kernels the
     /// double-quant FMA and late-bias terms, plus the f16 product term for the f16 GEMM (derivation in
-    /// `docs/formats.md` §6). Tests, the CLI, the web page and the benches compare against it through
+    /// `docs/formats.md` §8). Tests, the CLI, the web page and the benches compare against it through
     /// [`Agreement`]. `opts.path` is ignored (every CPU path is within the same bound).
     pub fn error_bound<T: Element>(&self, x: &[T], opts: ForwardOptions<'_>, target: BoundTarget) -> Result<Vec<f64>> {
         self.check_input(x, opts.adapters)?;
