@@ -18,8 +18,7 @@
 //! `RUSTFLAGS="-C target-cpu=native" CARGO_TARGET_DIR=../target-peers-native cargo run --release` (lowbit
 //! dispatches at run time and is not changed by the flag). Report both.
 
-#[path = "../../cli/src/membw.rs"]
-mod membw;
+use lowbit_testkit::membw;
 
 use candle_core::quantized::k_quants::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType};
 use lowbit::affine::{self, Granularity};

@@ -21,11 +21,11 @@
 
 use crate::console;
 use crate::error::{CliError, Context};
-use crate::membw::{self, Direction, Limits};
 use crate::synthetic::{self, LayerFormat};
 use lowbit::affine::{self, Granularity};
 use lowbit::cpu::{Isa, KernelPath};
 use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit_testkit::membw::{self, Direction, Limits};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
