@@ -290,7 +290,8 @@ fn layer_loading_errors() {
     t.push(("l.bias".into(), f32_tensor(&[3], |_| 0.0))); // 3 biases for 2 outputs
     let bytes = serialize_safetensors(&t, Some(meta.clone())).unwrap();
     let e = quant_linears_from(&parse_safetensors(&bytes).unwrap(), &meta).unwrap_err();
-    assert!(matches!(e, Error::ShapeMismatch { .. }) && e.to_string().contains("l.bias"), "{e}");
+    assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("l.bias"), "{e}");
+    assert!(e.to_string().contains("one per output feature"), "{e}");
 
     let mut bad_meta = meta;
     bad_meta.insert(int8::GRANULARITY_KEY.into(), "group:0".into());
