@@ -79,9 +79,12 @@ const UP: &str = "model.layers.0.mlp.up_proj";
 const GATE: &str = "model.layers.0.mlp.gate_proj";
 const DOWN: &str = "model.layers.0.mlp.down_proj";
 
+/// Named tensors, as the safetensors writer takes them.
+type Tensors = Vec<(String, TensorData)>;
+
 /// Three 4-bit layers (NF4 + double quantization with an F16 bias, plain FP4 with an odd shape, plain NF4) and
 /// two dense tensors, as `(tensors of shard 1, tensors of shard 2)`.
-fn small_model() -> (Vec<(String, TensorData)>, Vec<(String, TensorData)>) {
+fn small_model() -> (Tensors, Tensors) {
     let up = quantize_nf4(&values(96 * 128, 1), &[96, 128], 64, true).unwrap();
     let gate = quantize_4bit(FourBitFormat::Fp4, &values(33 * 70, 2), &[33, 70], 128, false).unwrap();
     let down = quantize_nf4(&values(128 * 96, 3), &[128, 96], 32, false).unwrap();
@@ -498,4 +501,13 @@ fn write_big(path: &Path, small: &[(String, TensorData)], weights: &[(String, &[
         .chain(weights.iter().map(|(n, p)| (n.clone(), Entry::Packed(p, [packed_len, 1]))))
         .collect();
     safetensors::serialize_to_file(entries.iter().map(|(n, e)| (n.as_str(), e)), None, path).unwrap();
+}
+
+/// An engine shares one checkpoint and its layers across threads.
+#[test]
+fn checkpoints_and_layers_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Checkpoint>();
+    send_sync::<QuantLinear>();
+    send_sync::<Bytes>();
 }
