@@ -79,11 +79,7 @@ pub fn is_bnb_quantized<'a>(names: impl IntoIterator<Item = &'a str>) -> bool {
 /// The names of every 4-bit weight in `file` (each weight with a `quant_state.bitsandbytes__*` key), sorted
 /// and without duplicates.
 pub fn quantized_weight_names(file: &SafeTensors<'_>) -> Vec<String> {
-    let mut names: Vec<String> =
-        file.names().into_iter().filter_map(weight_of_quant_state_key).map(str::to_string).collect();
-    names.sort();
-    names.dedup();
-    names
+    crate::io::checkpoint::quantized_weights(&crate::io::Layout::Bnb4bit, &Borrowed(file))
 }
 
 /// Double-quantization fields of a [`QuantStateJson`].

@@ -128,8 +128,8 @@ struct TensorEntry {
 /// * a safetensors file;
 /// * a Hugging Face model directory holding `model.safetensors` (and usually `config.json`, which is read
 ///   under the limits and available as [`config`](Self::config));
-/// * a sharded directory holding `model.safetensors.index.json` (its `weight_map` names the shard of every
-///   tensor), or the index file itself. Shard names must stay inside the directory (no absolute paths, no
+/// * a sharded directory holding `model.safetensors.index.json` and no `model.safetensors` (its `weight_map`
+///   names the shard of every tensor), or the index file itself. Shard names must stay inside the directory (no absolute paths, no
 ///   `..`, no symlink leading out); a missing shard, a tensor in two shards, or a `weight_map` entry its shard
 ///   lacks is an error.
 ///
@@ -213,14 +213,15 @@ impl Checkpoint {
         if meta.is_dir() {
             let config_path = path.join(HF_CONFIG_FILE);
             let config = if config_path.is_file() { Some(read_json_file(&config_path, &limits)?) } else { None };
-            let index = path.join(HF_INDEX_FILE);
-            if index.is_file() {
-                return Checkpoint::open_sharded(path, &index, config, limits);
-            }
+            // The order `transformers` looks in: the single file first, then the index.
             let single = path.join(HF_WEIGHTS_FILE);
             if single.is_file() {
                 let file = map_file(&single)?;
                 return Checkpoint::build(path.to_path_buf(), vec![file], config, limits);
+            }
+            let index = path.join(HF_INDEX_FILE);
+            if index.is_file() {
+                return Checkpoint::open_sharded(path, &index, config, limits);
             }
             return Err(Error::io(
                 path,
