@@ -13,6 +13,7 @@
 //! bitsandbytes' own backends disagree among themselves at such ties, so re-quantizing is close but need not be
 //! byte-identical to every one of them. [`crate::reference::double_quant`] is the executable spec.
 
+use crate::storage::Bytes;
 use crate::{Error, Result};
 
 /// Number of consecutive block scales that share one `nested_absmax` (bitsandbytes always uses 256).
@@ -66,26 +67,33 @@ pub const DYNAMIC_MAP: [f32; 256] = [
 /// Invariants (checked by [`DoubleQuantScales::from_parts`]): `nested_blocksize` is one of
 /// [`crate::nf4::BLOCK_SIZES`]; `nested_absmax.len() == ceil(codes.len() / nested_blocksize)`; the offset,
 /// every `nested_absmax` and every map entry are finite, and `nested_absmax` is non-negative.
+///
+/// Storage: the codes are [`Bytes`] (owned, or a view into a mapped checkpoint); the f32 scales they stand
+/// for are decoded once, by `from_parts`, and kept ([`decoded`](Self::decoded)).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DoubleQuantScales {
-    codes: Vec<u8>,
+    codes: Bytes,
     nested_absmax: Vec<f32>,
     offset: f32,
     nested_blocksize: usize,
     map: Box<[f32; 256]>,
+    /// `decode(codes, ...)`, computed once by `from_parts`.
+    decoded: Vec<f32>,
 }
 
 impl DoubleQuantScales {
     /// Builds double-quantized scales from their parts (e.g. a checkpoint's `absmax` u8 tensor,
     /// `nested_absmax`, `nested_offset`, `nested_blocksize` and `nested_quant_map`), validating every length
-    /// and value listed on the type. Never panics.
+    /// and value listed on the type, and decodes the f32 scales once. `codes` is a `Vec<u8>` or any [`Bytes`]
+    /// (a view keeps sharing its buffer). Never panics.
     pub fn from_parts(
-        codes: Vec<u8>,
+        codes: impl Into<Bytes>,
         nested_absmax: Vec<f32>,
         offset: f32,
         nested_blocksize: usize,
         map: Box<[f32; 256]>,
     ) -> Result<Self> {
+        let codes = codes.into();
         if !crate::nf4::BLOCK_SIZES.contains(&nested_blocksize) {
             return Err(Error::invalid(
                 "nested_blocksize",
@@ -117,11 +125,16 @@ impl DoubleQuantScales {
         if let Some(i) = map.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid("nested_quant_map", format!("{} at index {i}", map[i]), "finite values"));
         }
-        Ok(DoubleQuantScales { codes, nested_absmax, offset, nested_blocksize, map })
+        let decoded = crate::reference::double_quant::decode(&codes, &nested_absmax, offset, nested_blocksize, &map);
+        Ok(DoubleQuantScales { codes, nested_absmax, offset, nested_blocksize, map, decoded })
     }
 
     /// One 8-bit map index per 4-bit block.
     pub fn codes(&self) -> &[u8] {
+        &self.codes
+    }
+    /// The storage of the codes (owned, or a view sharing a mapped file's pages).
+    pub fn codes_bytes(&self) -> &Bytes {
         &self.codes
     }
     /// One f32 per run of [`nested_blocksize`](Self::nested_blocksize) codes (non-negative, finite).
@@ -151,15 +164,15 @@ impl DoubleQuantScales {
 
     /// The f32 block scales, `(map[q] * nested_absmax) + offset` with two separate f32 roundings: bit-identical
     /// to bitsandbytes' decode. (Parts from a malformed file can decode to infinity; that is rejected by
-    /// [`crate::nf4::FourBitTensor::from_parts`].)
+    /// [`crate::nf4::FourBitTensor::from_parts`].) A copy of [`decoded`](Self::decoded).
     pub fn decode(&self) -> Vec<f32> {
-        crate::reference::double_quant::decode(
-            &self.codes,
-            &self.nested_absmax,
-            self.offset,
-            self.nested_blocksize,
-            &self.map,
-        )
+        self.decoded.clone()
+    }
+
+    /// The decoded f32 block scales ([`decode`](Self::decode)'s values), borrowed: computed once by
+    /// [`from_parts`](Self::from_parts).
+    pub fn decoded(&self) -> &[f32] {
+        &self.decoded
     }
 }
 

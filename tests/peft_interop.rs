@@ -25,6 +25,7 @@
 //! **Merged vs unmerged.** Exactly, `y_merged − y_unmerged = Σ_k x_k·E_ok` with
 //! `E = dequant(W') − (W + s·B·A)` (computed in f64 from the f32 operands: exact to ~1e-16 relative). Adding
 //! both forwards' rounding: `|Δy_o| ≤ Σ_k |x_k|·|E_ok| + (K+2)·EPS·(Σ_k|x_k w'_ok| + |b_o|) + (K+r+4)·EPS·S`.
+#![cfg(feature = "io")]
 
 use lowbit::affine::{quantize, Granularity};
 use lowbit::io::peft::{load_quant_linears, quant_linears_from, PeftAdapter, TargetModules};

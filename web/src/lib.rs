@@ -13,13 +13,12 @@
 //! Every error is a JS `Error` whose message is lowbit's message; nothing panics on bad input.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use js_sys::Promise;
 use lowbit::affine::{self, Granularity};
 use lowbit::cpu::Isa;
-use lowbit::io::peft::{quant_linears_from, PeftAdapter};
+use lowbit::io::peft::PeftAdapter;
 use lowbit::linear::{BoundTarget, ForwardOptions, QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
 use lowbit::nf4;
@@ -80,14 +79,19 @@ pub struct Checkpoint {
 
 #[wasm_bindgen]
 impl Checkpoint {
-    /// Parses a safetensors file (`Uint8Array`) and builds its quantized layers. Throws on a malformed,
-    /// truncated or unsupported file.
+    /// Parses a safetensors file (`Uint8Array`) and builds its quantized layers through
+    /// `lowbit::io::Checkpoint` (one copy of the bytes into wasm memory, shared by every layer's codes). Throws
+    /// on a malformed, truncated or unsupported file.
     #[wasm_bindgen(js_name = fromBytes)]
     pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint, JsError> {
-        let st = lowbit::io::parse_safetensors(bytes).map_err(js_err)?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(js_err)?;
-        let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
-        let layers = quant_linears_from(&st, &meta).map_err(js_err)?;
+        let ck = lowbit::io::Checkpoint::from_bytes(bytes.to_vec()).map_err(js_err)?;
+        if *ck.layout() == lowbit::io::Layout::Dense {
+            return Err(JsError::new(
+                "unsupported: a checkpoint without quantized weights (neither bitsandbytes 4-bit `quant_state` keys \
+                 nor lowbit int8 metadata `lowbit.scheme`)",
+            ));
+        }
+        let layers = ck.layers().map_err(js_err)?;
         Ok(Checkpoint { layers })
     }
 
