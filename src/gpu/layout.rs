@@ -55,7 +55,7 @@ macro_rules! uniform_struct {
         }
         // Uniform structs are kept a multiple of 16 bytes (WGSL's uniform struct alignment), so they can also
         // be placed in arrays or at dynamic offsets unchanged.
-        const _: () = assert!(std::mem::size_of::<$name>() % 16 == 0);
+        const _: () = assert!(std::mem::size_of::<$name>().is_multiple_of(16));
         impl $name {
             pub(crate) fn layout() -> UniformLayout {
                 UniformLayout {
@@ -229,7 +229,8 @@ pub(crate) const GEMM_WG_SIDE: u32 = GEMM_TILE / GEMM_THREAD;
 pub(crate) const GEMM_TILE_LEN: u32 = GEMM_BK * GEMM_TILE;
 /// Tile elements each GEMM thread loads per step.
 pub(crate) const GEMM_LOADS: u32 = GEMM_TILE_LEN / (GEMM_WG_SIDE * GEMM_WG_SIDE);
-const _: () = assert!(GEMM_TILE % GEMM_THREAD == 0 && GEMM_TILE_LEN % (GEMM_WG_SIDE * GEMM_WG_SIDE) == 0);
+const _: () =
+    assert!(GEMM_TILE.is_multiple_of(GEMM_THREAD) && GEMM_TILE_LEN.is_multiple_of(GEMM_WG_SIDE * GEMM_WG_SIDE));
 const _: () = assert!(WG.is_power_of_two() && MAXM <= WG);
 
 /// The WGSL declarations prepended to every kernel: constants, uniform structs, bindings.
