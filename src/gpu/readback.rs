@@ -31,11 +31,18 @@ impl Future for MapFuture {
 
 /// Maps `buffer` (usage `MAP_READ`) for reading, waits for the GPU, and copies out its first `len` f32 values.
 /// The buffer is unmapped again before returning. Errors: [`Error::ShapeMismatch`] when `len` values exceed
-/// the buffer, [`Error::Gpu`] when mapping fails.
+/// the buffer, [`Error::InvalidArgument`] when it lacks `MAP_READ`, [`Error::Gpu`] when mapping fails.
 pub async fn read_f32(device: &wgpu::Device, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<f32>, Error> {
-    let bytes = (len * 4) as u64;
+    let bytes = (len as u64).saturating_mul(4);
     if bytes > buffer.size() {
-        return Err(Error::shape("readback length (bytes) vs the buffer's size", bytes, buffer.size()));
+        return Err(Error::ShapeMismatch {
+            what: format!("readback of {len} f32 values: bytes vs the buffer's size"),
+            got: bytes.to_string(),
+            expected: format!("at most {}", buffer.size()),
+        });
+    }
+    if !buffer.usage().contains(wgpu::BufferUsages::MAP_READ) {
+        return Err(Error::invalid("buffer", format!("a buffer with usage {:?}", buffer.usage()), "usage MAP_READ"));
     }
     if len == 0 {
         return Ok(Vec::new());
