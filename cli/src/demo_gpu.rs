@@ -104,7 +104,7 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
                     let mut y = Vec::new();
                     let t = timing::measure(1, ITERS, || {
                         y = gpu_layer.forward_blocking(&ctx, &x, m)?;
-                        Ok::<(), lowbit::gpu::GpuError>(())
+                        Ok::<(), lowbit::Error>(())
                     })
                     .context(what)?;
                     (y, Some(t.median))

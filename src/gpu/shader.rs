@@ -2,10 +2,13 @@
 //!
 //! The `.wgsl` files in `shaders/` are embedded with `include_str!`. The preprocessor understands only
 //! `#include "file"` (one of the embedded files), `#if NAME` / `#if !NAME`, `#else` and `#endif` (nestable),
-//! each on its own line; a set of defined names selects the branches. Constants (`WG`, `MAXM`, `RED_LEN`)
-//! are prepended as WGSL `const` declarations, and `enable f16;` when the variant uses f16.
+//! each on its own line; a set of defined names selects the branches. Every variant starts with
+//! `enable f16;` (f16 variants only; naga 30 accepts subgroup builtins without an `enable`) and the prelude
+//! generated from the Rust definitions in [`super::layout`]: the constants (`WG`, `MAXM`, `RED_LEN`,
+//! `GEMM_*`), the uniform structs `Chunk` and `Call`, and the bindings. No size or layout is written twice.
 
-use super::GpuError;
+use super::layout;
+use crate::Error;
 
 /// Embedded shader files, by the name used in `#include`.
 const FILES: &[(&str, &str)] = &[
@@ -14,13 +17,6 @@ const FILES: &[(&str, &str)] = &[
     ("gemm.wgsl", include_str!("../../shaders/gemm.wgsl")),
     ("shrink.wgsl", include_str!("../../shaders/shrink.wgsl")),
 ];
-
-/// Threads per workgroup of the GEMV and shrink kernels.
-pub(crate) const WG: u32 = 64;
-/// Rows of `x` one GEMV workgroup handles (larger M runs several batches along the z dimension).
-pub(crate) const MAXM: u32 = 8;
-/// Rows of `x` and output features per GEMM workgroup tile.
-pub(crate) const GEMM_TILE: u32 = 64;
 
 /// Weight format part of a kernel variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,7 +57,47 @@ pub struct KernelKey {
     pub f16: bool,
 }
 
+impl WeightKind {
+    /// Every weight kind.
+    pub const ALL: [WeightKind; 5] = [
+        WeightKind::FourBit,
+        WeightKind::FourBitDq,
+        WeightKind::Int8Tensor,
+        WeightKind::Int8Channel,
+        WeightKind::Int8Group,
+    ];
+}
+
 impl KernelKey {
+    /// The LoRA shrink kernel (the one variant of [`KernelOp::Shrink`]).
+    pub const SHRINK: KernelKey =
+        KernelKey { op: KernelOp::Shrink, weight: WeightKind::FourBit, subgroups: false, f16: false };
+
+    /// Every variant lowbit can request: the shrink kernel, GEMV of each weight kind with and without
+    /// subgroups, GEMM of each weight kind with f32 and f16 tiles (21 in all).
+    pub fn all() -> Vec<KernelKey> {
+        let mut v = vec![Self::SHRINK];
+        for weight in WeightKind::ALL {
+            for flag in [false, true] {
+                v.push(KernelKey { op: KernelOp::Gemv, weight, subgroups: flag, f16: false });
+                v.push(KernelKey { op: KernelOp::Gemm, weight, subgroups: false, f16: flag });
+            }
+        }
+        v
+    }
+
+    /// The optional device features this variant needs (`SUBGROUP`, `SHADER_F16` or none).
+    pub fn required_features(&self) -> wgpu::Features {
+        let mut f = wgpu::Features::empty();
+        if self.subgroups {
+            f |= wgpu::Features::SUBGROUP;
+        }
+        if self.f16 {
+            f |= wgpu::Features::SHADER_F16;
+        }
+        f
+    }
+
     /// A short stable name, e.g. `gemv-nf4dq-sg`.
     pub fn name(&self) -> String {
         let op = match self.op {
@@ -86,8 +122,10 @@ impl KernelKey {
         s
     }
 
-    /// The complete WGSL source of this variant.
-    pub fn source(&self) -> Result<String, GpuError> {
+    /// The complete WGSL source of this variant: enables, the generated prelude (constants, uniform structs,
+    /// bindings), then the preprocessed kernel file. Errors ([`Error::Gpu`]) only on a malformed embedded
+    /// shader, i.e. a bug in lowbit.
+    pub fn source(&self) -> Result<String, Error> {
         let mut defs: Vec<&str> = Vec::new();
         match self.weight {
             WeightKind::FourBit => defs.push("FOURBIT"),
@@ -111,26 +149,23 @@ impl KernelKey {
         if self.f16 {
             out.push_str("enable f16;\n");
         }
-        out.push_str(&format!(
-            "const WG: u32 = {WG}u;\nconst MAXM: u32 = {MAXM}u;\nconst RED_LEN: u32 = {}u;\n",
-            WG * MAXM
-        ));
+        out.push_str(&layout::wgsl_prelude());
         preprocess(file, &defs, &mut out, 0)?;
         Ok(out)
     }
 }
 
-fn file(name: &str) -> Result<&'static str, GpuError> {
+fn file(name: &str) -> Result<&'static str, Error> {
     FILES
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, s)| *s)
-        .ok_or_else(|| GpuError::Shader { kernel: name.into(), detail: format!("no embedded shader file {name:?}") })
+        .ok_or_else(|| Error::gpu(format!("preprocess shader {name}"), format!("no embedded shader file {name:?}")))
 }
 
 /// Expands `#include` and `#if`/`#else`/`#endif` of `name` into `out`.
-pub(crate) fn preprocess(name: &str, defs: &[&str], out: &mut String, depth: usize) -> Result<(), GpuError> {
-    let err = |detail: String| GpuError::Shader { kernel: name.into(), detail };
+pub(crate) fn preprocess(name: &str, defs: &[&str], out: &mut String, depth: usize) -> Result<(), Error> {
+    let err = |detail: String| Error::gpu(format!("preprocess shader {name}"), detail);
     if depth > 8 {
         return Err(err("#include nested too deeply".into()));
     }
