@@ -22,7 +22,7 @@
 #![cfg(feature = "gpu")]
 
 use lowbit::gpu::{block_on, read_f32, wgpu, GpuContext, GpuLinear, KernelChoice};
-use lowbit::linear::QuantLinear;
+use lowbit::linear::{BoundTarget, ForwardOptions, QuantLinear};
 use lowbit::nf4::FourBitFormat;
 
 #[path = "gpu_common/mod.rs"]
@@ -109,7 +109,7 @@ fn run_chain(ctx: &GpuContext, layers: &[QuantLinear], m: usize, rng: &mut Rng, 
     let mut worst_layer_ratio = 0f64;
     for (i, l) in layers.iter().enumerate() {
         let got = if i + 1 == layers.len() { last.clone() } else { read(ctx, &acts[i + 1], m * l.out_features()) };
-        let want = l.forward_reference(&a_prev).unwrap();
+        let want = l.forward_with(&a_prev, ForwardOptions::reference()).unwrap();
         let b = bounds(l, &a_prev, &vec![enabled(l); m], false);
         check(&got, &want, &b, false, &format!("{what}: layer {i} on the GPU's own input"));
         for ((g, w), b) in got.iter().zip(&want).zip(&b) {
@@ -129,7 +129,7 @@ fn run_chain(ctx: &GpuContext, layers: &[QuantLinear], m: usize, rng: &mut Rng, 
         let (out, inp) = (l.out_features(), l.in_features());
         let c = l.forward(&c_prev).unwrap();
         let g_bound = bounds(l, &a_in, &vec![enabled(l); m], false);
-        let h_bound = l.error_bound(&c_prev).unwrap();
+        let h_bound = l.error_bound(&c_prev, ForwardOptions::default(), BoundTarget::Cpu).unwrap();
         let w = abs_weff(l);
         let a = &gpu_acts[i];
         let mut e = vec![0f64; m * out];
@@ -276,9 +276,9 @@ fn same_layer_twice_in_one_encoder() {
     for ((m, ids), (x, yb)) in calls.iter().zip(&io) {
         let got = read(ctx, yb, m * 36);
         let (want, rows) = match ids {
-            None => (layer.forward_reference(x).unwrap(), vec![all.clone(); *m]),
+            None => (layer.forward_with(x, ForwardOptions::reference()).unwrap(), vec![all.clone(); *m]),
             Some(ids) => (
-                layer.forward_batch_reference(x, ids).unwrap(),
+                layer.forward_with(x, ForwardOptions::reference().adapter_ids(ids)).unwrap(),
                 ids.iter().map(|id| id.iter().copied().collect()).collect(),
             ),
         };
@@ -316,6 +316,6 @@ fn encode_forward_rejects_bad_buffers() {
     gl.encode_forward(ctx, &mut enc, &x, &y, 0).unwrap(); // m = 0 records nothing
     ctx.queue().submit([enc.finish()]);
     let got = read(ctx, &y, 24);
-    let want = layer.forward_reference(&xs).unwrap();
+    let want = layer.forward_with(&xs, ForwardOptions::reference()).unwrap();
     check(&got, &want, &bounds(&layer, &xs, &vec![enabled(&layer); 4], false), false, "after rejected calls");
 }
