@@ -5,7 +5,7 @@
 #![cfg(all(feature = "gpu", not(target_arch = "wasm32")))]
 
 use lowbit::gpu::wgpu::naga;
-use lowbit::gpu::{uniform_layouts, wgpu, KernelKey, KernelOp, WeightKind};
+use lowbit::gpu::{uniform_layouts, wgpu, KernelKey, KernelOp};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 
 fn parse(key: &KernelKey) -> (String, naga::Module) {
@@ -35,15 +35,15 @@ fn validate(module: &naga::Module, caps: Capabilities) -> Result<naga::valid::Mo
 #[test]
 fn every_variant_parses_and_validates() {
     let all = KernelKey::all();
-    // Every op × weight kind × optional feature the code can produce, each once.
-    assert_eq!(all.len(), 1 + 2 * 2 * WeightKind::ALL.len());
+    // Every op × scheme family × optional feature the code can produce, each once.
+    assert_eq!(all.len(), 1 + 2 * 2 * KernelKey::SCHEME_FAMILIES.len());
     for (i, a) in all.iter().enumerate() {
         assert!(all[i + 1..].iter().all(|b| b != a), "{} listed twice", a.name());
         assert!(all[i + 1..].iter().all(|b| b.name() != a.name()), "two variants named {}", a.name());
     }
     for op in [KernelOp::Gemv, KernelOp::Gemm] {
-        for w in WeightKind::ALL {
-            assert!(all.iter().any(|k| k.op == op && k.weight == w), "{op:?} {w:?} missing");
+        for s in KernelKey::SCHEME_FAMILIES {
+            assert!(all.iter().any(|k| k.op == op && k.scheme == s), "{op:?} {s} missing");
         }
     }
     for key in &all {
@@ -115,4 +115,17 @@ fn shader_files_do_not_redeclare_generated_items() {
         let (src, _) = parse(&key);
         assert!(!src.lines().any(|l| l.trim_start().starts_with('#')), "{}: leftover directive", key.name());
     }
+}
+
+#[test]
+fn keys_of_one_kernel_family_are_one_pipeline() {
+    use lowbit::Scheme;
+    let key = |scheme: Scheme| KernelKey { op: KernelOp::Gemv, scheme, subgroups: false, f16: false };
+    // Format, block size and group size are data: the same kernel.
+    assert_eq!(key("nf4:64".parse().unwrap()), key("fp4:128".parse().unwrap()));
+    assert_eq!(key("int8:group:32".parse().unwrap()), key("int8:group:128".parse().unwrap()));
+    // Double quantization and granularity are code: different kernels, different names.
+    assert_ne!(key("nf4:64".parse().unwrap()), key("nf4:64+dq".parse().unwrap()));
+    assert_ne!(key("int8:tensor".parse().unwrap()), key("int8:channel".parse().unwrap()));
+    assert_eq!(key("nf4:64+dq".parse().unwrap()).name(), "gemv-4bit-dq");
 }

@@ -407,7 +407,7 @@ fn demo_small_matches_reference_on_every_path() {
     assert_ok(&o);
     let out = stdout(&o);
     assert!(out.contains("CPU ISA:"), "{out}");
-    for g in ["int8 tensor", "int8 channel", "int8 group:128", "int8 group:32", "nf4 block:64 ", "nf4 block:64 +dq"] {
+    for g in ["int8:tensor", "int8:channel", "int8:group:128", "int8:group:32", "nf4:64 ", "nf4:64+dq", "fp4:64"] {
         assert!(out.contains(g), "{g}: {out}");
     }
     assert!(!out.contains("MISMATCH"), "{out}");

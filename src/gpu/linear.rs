@@ -4,11 +4,12 @@
 use super::context::GpuContext;
 use super::layout::{bind, CallParams, ChunkParams, GEMM_TILE, MAXM};
 use super::readback::{read_f32, read_u64};
-use super::shader::{KernelKey, KernelOp, WeightKind};
+use super::shader::{KernelKey, KernelOp};
 use crate::format::affine::Granularity;
 use crate::format::four_bit::BlockScales;
 use crate::format::layer::{LayerView, QuantWeight};
 use crate::Error;
+use crate::Scheme;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -159,7 +160,7 @@ struct Dispatch {
 pub struct GpuLinear {
     n_in: usize,
     n_out: usize,
-    kind: WeightKind,
+    scheme: Scheme,
     chunks: Vec<Chunk>,
     consts: wgpu::Buffer,
     lora: wgpu::Buffer,
@@ -219,7 +220,7 @@ impl GpuLinear {
         // Per-layer constants: [0,16) table, [16,272) DQ map, nested absmax, bias, adapter descriptors.
         let mut consts: Vec<u32> = vec![0; 272];
         let mut p = ChunkParams { n_in: n_in as u32, n_out: n_out as u32, ..Default::default() };
-        let (kind, max_abs_w) = match layer.weight {
+        let max_abs_w = match layer.weight {
             QuantWeight::FourBit(t) => {
                 for (d, v) in consts.iter_mut().zip(t.table()) {
                     *d = v.to_bits();
@@ -228,7 +229,7 @@ impl GpuLinear {
                 let tmax = t.table().iter().fold(0f32, |a, v| a.max(v.abs()));
                 let smax = t.decoded_scales().iter().fold(0f32, |a, v| a.max(v.abs()));
                 match t.scales() {
-                    BlockScales::Plain(_) => (WeightKind::FourBit, tmax * smax),
+                    BlockScales::Plain(_) => tmax * smax,
                     BlockScales::Double(dq) => {
                         for (d, v) in consts[16..272].iter_mut().zip(dq.map().iter()) {
                             *d = v.to_bits();
@@ -237,22 +238,17 @@ impl GpuLinear {
                         p.nested_off = consts.len() as u32;
                         p.dq_offset = dq.offset();
                         consts.extend(dq.nested_absmax().iter().map(|v| v.to_bits()));
-                        (WeightKind::FourBitDq, tmax * smax)
+                        tmax * smax
                     }
                 }
             }
             QuantWeight::Int8(t) => {
                 let smax = t.scales().iter().fold(0f32, |a, v| a.max(v.abs()));
-                let kind = match t.granularity() {
-                    Granularity::PerTensor => WeightKind::Int8Tensor,
-                    Granularity::PerChannel => WeightKind::Int8Channel,
-                    Granularity::PerGroup(g) => {
-                        p.group_size = g as u32;
-                        p.ngroups = n_in.div_ceil(g) as u32;
-                        WeightKind::Int8Group
-                    }
-                };
-                (kind, 255.0 * smax)
+                if let Granularity::PerGroup(g) = t.granularity() {
+                    p.group_size = g as u32;
+                    p.ngroups = n_in.div_ceil(g) as u32;
+                }
+                255.0 * smax
             }
         };
         if let Some(b) = layer.bias {
@@ -414,7 +410,7 @@ impl GpuLinear {
         Ok(GpuLinear {
             n_in,
             n_out,
-            kind,
+            scheme: layer.weight.scheme(),
             chunks,
             consts: consts_buf,
             lora: lora_buf,
@@ -437,9 +433,9 @@ impl GpuLinear {
     pub fn out_features(&self) -> usize {
         self.n_out
     }
-    /// The weight format's kernel family.
-    pub fn weight_kind(&self) -> WeightKind {
-        self.kind
+    /// The weight's scheme (which kernel family runs it).
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
     }
     /// Number of row chunks the weight was split into (1 unless it exceeds one storage binding).
     pub fn num_chunks(&self) -> usize {
@@ -505,7 +501,7 @@ impl GpuLinear {
         if f16 && !f.f16 {
             return Err(Error::Unsupported { what: format!("shader-f16 kernels on {}", ctx.adapter_name()) });
         }
-        Ok(KernelKey { op, weight: self.kind, subgroups, f16 })
+        Ok(KernelKey { op, scheme: self.scheme, subgroups, f16 })
     }
 
     /// Compiles (once per context) the pipelines a forward of `m` rows with `choice` uses, returning compile

@@ -8,7 +8,8 @@
 //! `GEMM_*`), the uniform structs `Chunk` and `Call`, and the bindings. No size or layout is written twice.
 
 use super::layout;
-use crate::Error;
+use crate::format::affine::Granularity;
+use crate::{Error, Scheme};
 
 /// Embedded shader files, by the name used in `#include`.
 const FILES: &[(&str, &str)] = &[
@@ -17,21 +18,6 @@ const FILES: &[(&str, &str)] = &[
     ("gemm.wgsl", include_str!("../../shaders/gemm.wgsl")),
     ("shrink.wgsl", include_str!("../../shaders/shrink.wgsl")),
 ];
-
-/// Weight format part of a kernel variant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum WeightKind {
-    /// NF4 / FP4 with plain f32 block scales.
-    FourBit,
-    /// NF4 / FP4 with double-quantized scales decoded in the kernel.
-    FourBitDq,
-    /// int8 affine, one scale / zero point for the tensor.
-    Int8Tensor,
-    /// int8 affine, one per output channel.
-    Int8Channel,
-    /// int8 affine, one per group along a row.
-    Int8Group,
-}
 
 /// Which compute program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -44,46 +30,81 @@ pub enum KernelOp {
     Gemm,
 }
 
-/// A kernel variant: the pipeline cache key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A kernel variant: the program, the weight's [`Scheme`] and the optional features it uses.
+///
+/// Two keys are equal (and hash alike) when they select the same compiled kernel: the 4-bit format (NF4 or
+/// FP4), the block size and the int8 group size are data (constants and uniforms), not code, so `nf4:64` and
+/// `fp4:128` share one pipeline while plain and double-quantized scales do not. [`KernelKey::name`] names the
+/// kernel, e.g. `gemv-4bit-dq-subgroup`.
+#[derive(Clone, Copy, Debug)]
 pub struct KernelKey {
     /// Program.
     pub op: KernelOp,
-    /// Weight format (ignored for [`KernelOp::Shrink`], which always uses [`WeightKind::FourBit`]).
-    pub weight: WeightKind,
+    /// The weight's scheme (ignored for [`KernelOp::Shrink`]).
+    pub scheme: Scheme,
     /// Reduce with subgroup operations (GEMV only; needs `Features::SUBGROUP`).
     pub subgroups: bool,
     /// f16 workgroup tiles and products (GEMM only; needs `Features::SHADER_F16`).
     pub f16: bool,
 }
 
-impl WeightKind {
-    /// Every weight kind.
-    pub const ALL: [WeightKind; 5] = [
-        WeightKind::FourBit,
-        WeightKind::FourBitDq,
-        WeightKind::Int8Tensor,
-        WeightKind::Int8Channel,
-        WeightKind::Int8Group,
-    ];
+impl PartialEq for KernelKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.variant() == other.variant()
+    }
+}
+
+impl Eq for KernelKey {}
+
+impl std::hash::Hash for KernelKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.variant().hash(state)
+    }
 }
 
 impl KernelKey {
     /// The LoRA shrink kernel (the one variant of [`KernelOp::Shrink`]).
     pub const SHRINK: KernelKey =
-        KernelKey { op: KernelOp::Shrink, weight: WeightKind::FourBit, subgroups: false, f16: false };
+        KernelKey { op: KernelOp::Shrink, scheme: Scheme::nf4(64, false), subgroups: false, f16: false };
 
-    /// Every variant lowbit can request: the shrink kernel, GEMV of each weight kind with and without
-    /// subgroups, GEMM of each weight kind with f32 and f16 tiles (21 in all).
+    /// One scheme of each kernel family: 4-bit plain, 4-bit double-quantized, int8 per tensor / channel /
+    /// group.
+    pub const SCHEME_FAMILIES: [Scheme; 5] = [
+        Scheme::nf4(64, false),
+        Scheme::nf4(64, true),
+        Scheme::Int8(Granularity::PerTensor),
+        Scheme::Int8(Granularity::PerChannel),
+        Scheme::Int8(Granularity::PerGroup(64)),
+    ];
+
+    /// Every variant lowbit can request: the shrink kernel, GEMV of each scheme family with and without
+    /// subgroups, GEMM of each family with f32 and f16 tiles (21 in all).
     pub fn all() -> Vec<KernelKey> {
         let mut v = vec![Self::SHRINK];
-        for weight in WeightKind::ALL {
+        for scheme in Self::SCHEME_FAMILIES {
             for flag in [false, true] {
-                v.push(KernelKey { op: KernelOp::Gemv, weight, subgroups: flag, f16: false });
-                v.push(KernelKey { op: KernelOp::Gemm, weight, subgroups: false, f16: flag });
+                v.push(KernelKey { op: KernelOp::Gemv, scheme, subgroups: flag, f16: false });
+                v.push(KernelKey { op: KernelOp::Gemm, scheme, subgroups: false, f16: flag });
             }
         }
         v
+    }
+
+    /// The weight part of the kernel: its name and the preprocessor names it defines.
+    fn family(&self) -> (&'static str, &'static [&'static str]) {
+        match self.scheme {
+            _ if self.op == KernelOp::Shrink => ("", &[]),
+            Scheme::FourBit { double_quant: false, .. } => ("4bit", &["FOURBIT"]),
+            Scheme::FourBit { double_quant: true, .. } => ("4bit-dq", &["FOURBIT", "DQ"]),
+            Scheme::Int8(Granularity::PerTensor) => ("int8-tensor", &["GRAN_TENSOR"]),
+            Scheme::Int8(Granularity::PerChannel) => ("int8-channel", &["GRAN_CHANNEL"]),
+            Scheme::Int8(Granularity::PerGroup(_)) => ("int8-group", &["GRAN_GROUP"]),
+        }
+    }
+
+    /// What makes two keys the same kernel.
+    fn variant(&self) -> (KernelOp, &'static str, bool, bool) {
+        (self.op, self.family().0, self.subgroups, self.f16)
     }
 
     /// The optional device features this variant needs (`SUBGROUP`, `SHADER_F16` or none).
@@ -105,14 +126,7 @@ impl KernelKey {
             KernelOp::Gemv => "gemv",
             KernelOp::Gemm => "gemm",
         };
-        let w = match self.weight {
-            WeightKind::FourBit => "4bit",
-            WeightKind::FourBitDq => "4bit-dq",
-            WeightKind::Int8Tensor => "int8-tensor",
-            WeightKind::Int8Channel => "int8-channel",
-            WeightKind::Int8Group => "int8-group",
-        };
-        let mut s = format!("{op}-{w}");
+        let mut s = format!("{op}-{}", self.family().0);
         if self.subgroups {
             s.push_str("-subgroup");
         }
@@ -126,14 +140,7 @@ impl KernelKey {
     /// bindings), then the preprocessed kernel file. Errors ([`Error::Gpu`]) only on a malformed embedded
     /// shader, i.e. a bug in lowbit.
     pub fn source(&self) -> Result<String, Error> {
-        let mut defs: Vec<&str> = Vec::new();
-        match self.weight {
-            WeightKind::FourBit => defs.push("FOURBIT"),
-            WeightKind::FourBitDq => defs.extend(["FOURBIT", "DQ"]),
-            WeightKind::Int8Tensor => defs.push("GRAN_TENSOR"),
-            WeightKind::Int8Channel => defs.push("GRAN_CHANNEL"),
-            WeightKind::Int8Group => defs.push("GRAN_GROUP"),
-        }
+        let mut defs: Vec<&str> = self.family().1.to_vec();
         if self.subgroups {
             defs.push("SUBGROUPS");
         }

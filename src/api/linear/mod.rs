@@ -52,18 +52,6 @@ impl QuantWeight {
         })
     }
 
-    /// The scheme this weight is stored in.
-    pub fn scheme(&self) -> Scheme {
-        match self {
-            QuantWeight::Int8(t) => Scheme::Int8(t.granularity()),
-            QuantWeight::FourBit(t) => Scheme::FourBit {
-                format: t.format(),
-                blocksize: t.blocksize(),
-                double_quant: matches!(t.scales(), crate::nf4::BlockScales::Double(_)),
-            },
-        }
-    }
-
     /// Dequantizes through the reference module (f32, `[out, in]` row-major).
     pub fn dequantize_reference(&self) -> Vec<f32> {
         crate::reference::linear::dequantize_weight(self)
