@@ -5,7 +5,7 @@
 //! # What is checked, and the tolerances
 //! * Per layer: after the single submit the test (only the test) reads every intermediate activation back
 //!   and compares GPU layer i with the f64 reference of layer i applied to the GPU's own input of layer i,
-//!   under the per-layer GPU bound of `tests/gpu_common` (stated and derived in `gpu_kernels.rs`).
+//!   under the per-layer GPU bound (`QuantLinear::error_bound`, `BoundTarget::Gpu`; derived in docs/formats.md §8).
 //! * End to end: the last GPU output against the CPU chain (`QuantLinear::forward`, each CPU output fed to
 //!   the next layer). Both chains start from the same x. Writing `a_i` for the GPU activations, `c_i` for
 //!   the CPU ones and `L_i(v) = v·W_effᵀ + bias` for layer i's exact map (`W_eff = dequant(W) + Σ s·B·A`
@@ -25,7 +25,6 @@ use lowbit::gpu::{block_on, read_f32, wgpu, GpuContext, GpuLinear, KernelChoice}
 use lowbit::linear::{BoundTarget, ForwardOptions, QuantLinear};
 use lowbit::nf4::FourBitFormat;
 
-#[path = "gpu_common/mod.rs"]
 mod common;
 use common::*;
 

@@ -5,7 +5,6 @@
 
 use lowbit::gpu::{block_on, GpuLinear, KernelChoice, KernelOp};
 
-#[path = "gpu_common/mod.rs"]
 mod common;
 use common::*;
 

@@ -1,12 +1,13 @@
-//! Every GPU kernel variant the adapter supports against the CPU f64 reference (`forward_reference` /
-//! `forward_batch_reference`), on the preferred adapter (lavapipe's Vulkan llvmpipe in CI) and on the GL
+//! Every GPU kernel variant the adapter supports against the CPU f64 reference (`forward_with` with
+//! `ForwardOptions::reference()`), on the preferred adapter (lavapipe's Vulkan llvmpipe in CI) and on the GL
 //! backend where one exists (an adapter without f16 and subgroups).
 //!
 //! Without an adapter the tests print "skipped: no GPU adapter" and pass, unless `LOWBIT_REQUIRE_GPU=1`,
 //! in which case a missing adapter fails. (The GL run is "where available": it never fails for lack of GL.)
 //!
 //! # Tolerances (stated, not tuned)
-//! f32 variants decode exactly the reference's weights (same f32 operations), except that the
+//! These are the library's bounds (`QuantLinear::error_bound` with `BoundTarget::Gpu` / `GpuF16`, judged by
+//! `Agreement::ok`; `docs/formats.md` §8), restated here. f32 variants decode exactly the reference's weights (same f32 operations), except that the
 //! double-quantized scale `map[q]·nested + offset` may be contracted into one FMA by the driver. The rest is
 //! f32 accumulation in some order, with or without FMA. Per element we allow
 //! * base product: (K+3)·ε·Σ_k|x_k·w_k|  (γ_K = K·u/(1−K·u) ≤ K·ε for any order, plus a few roundings);
@@ -28,7 +29,6 @@
 use lowbit::affine::Granularity;
 use lowbit::gpu::{GpuLinear, KernelChoice, UploadOptions};
 
-#[path = "gpu_common/mod.rs"]
 mod common;
 use common::*;
 

@@ -65,7 +65,7 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
     let progress = Progress::new((3 * BATCHES.len() * 2) as u64, "GPU QuantLinear");
     progress.println(&format!(
         "\nGPU: {}\nGPU QuantLinear {n}x{n}: fused WGSL kernels, y = x*W^T + bias [+ rank-{LORA_RANK} LoRA] vs the \
-         f64 reference (bound: f32 accumulation + GPU terms, as in tests/gpu_common; {clock})",
+         f64 reference (bound: f32 accumulation + GPU terms of QuantLinear::error_bound; {clock})",
         crate::gpu::describe(&ctx)
     ))?;
     progress.println(&row([

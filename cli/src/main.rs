@@ -136,7 +136,7 @@ bandwidth in the kernel's dominant direction at the same thread count. --json pr
 With --device gpu the layer runs on the preferred GPU adapter (fused WGSL kernels): the time is the median
 kernel time from GPU timestamp queries when the adapter has them, else the median wall time of a whole
 forward (x upload and y readback included); the output says which. The check uses the GPU bound of
-tests/gpu_common (the CPU bound plus the double-quantization and bias terms). On a CPU adapter (lavapipe,
+QuantLinear::error_bound with BoundTarget::Gpu (the CPU bound plus the double-quantization and bias terms). On a CPU adapter (lavapipe,
 llvmpipe) the figures say nothing about GPU speed.";
 
 /// Low-bit quantization of LLM weights: int8 affine (PyTorch quint8) and NF4 (bitsandbytes), exact on every CPU.

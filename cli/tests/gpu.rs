@@ -1,6 +1,6 @@
 //! End-to-end tests of the CLI's GPU support (`--device gpu`, the demo's GPU rows).
 //!
-//! Like the library's GPU tests (`tests/gpu_common`): without an adapter these tests check the clear
+//! Like the library's GPU tests (`tests/common`): without an adapter these tests check the clear
 //! "no adapter" output and say they skipped; with `LOWBIT_REQUIRE_GPU=1` a missing adapter is a failure.
 //! The GPU results are judged by the library's stated bound (`QuantLinear::error_bound` with
 //! `BoundTarget::Gpu`), the rule the commands use too.

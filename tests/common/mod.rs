@@ -3,9 +3,9 @@
 
 pub use lowbit::affine::{self, Granularity};
 use lowbit::gpu::{block_on, wgpu, ContextOptions, GpuContext, GpuLinear, KernelChoice, KernelKey, KernelOp};
-use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit::linear::{Agreement, BoundTarget, ForwardOptions, QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
-use lowbit::nf4::{self, BlockScales, FourBitFormat};
+use lowbit::nf4::{self, FourBitFormat};
 use std::sync::OnceLock;
 
 pub struct Rng(pub u64);
@@ -101,90 +101,39 @@ pub fn make_layer(format: Format, out: usize, inp: usize, bias: bool, ranks: &[u
     layer
 }
 
-/// Per-element bounds as stated in the module docs; `f16` adds the f16 product term.
+/// The library's stated GPU bound (`QuantLinear::error_bound` with `BoundTarget::Gpu`, or `GpuF16` for f16
+/// tiles) for rows applying `rows_adapters[r]`: every enabled adapter on every row, or at most one per row.
 pub fn bounds(layer: &QuantLinear, x: &[f32], rows_adapters: &[Vec<usize>], f16: bool) -> Vec<f64> {
-    let (out, inp) = (layer.out_features(), layer.in_features());
-    let w = layer.weight().dequantize_reference();
-    let eps = f32::EPSILON as f64;
-    let uh = 2f64.powi(-11);
-    let sub = 2f64.powi(-24);
-    // Double-quantization FMA allowance per weight: |T[q]|·(|map[c]·nested| + |offset|).
-    let dq_term: Option<Vec<f64>> = match layer.weight() {
-        QuantWeight::FourBit(t) => match t.scales() {
-            BlockScales::Double(dq) => Some(
-                (0..out * inp)
-                    .map(|e| {
-                        let byte = t.packed()[e / 2];
-                        let q = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
-                        let b = e / t.blocksize();
-                        let c = dq.codes()[b] as usize;
-                        let s = (dq.map()[c] as f64 * dq.nested_absmax()[b / dq.nested_blocksize()] as f64).abs()
-                            + (dq.offset() as f64).abs();
-                        (t.table()[q as usize] as f64).abs() * s
-                    })
-                    .collect(),
-            ),
-            BlockScales::Plain(_) => None,
-        },
-        QuantWeight::Int8(_) => None,
+    let enabled: Vec<usize> = (0..layer.adapters().len()).filter(|&a| layer.adapters()[a].is_enabled()).collect();
+    let ids: Vec<Option<usize>> = rows_adapters
+        .iter()
+        .map(|r| {
+            assert!(r.len() <= 1 || *r == enabled, "a row applies all enabled adapters or at most one");
+            r.first().copied()
+        })
+        .collect();
+    let opts = if rows_adapters.iter().all(|r| *r == enabled) {
+        ForwardOptions::default()
+    } else {
+        ForwardOptions::default().adapter_ids(&ids)
     };
-    let mut bnd = Vec::new();
-    for (r, ads) in rows_adapters.iter().enumerate() {
-        let xr = &x[r * inp..(r + 1) * inp];
-        for o in 0..out {
-            let wr = &w[o * inp..(o + 1) * inp];
-            let s_base: f64 = xr.iter().zip(wr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
-            let mut bound = (inp as f64 + 3.0) * eps * s_base;
-            if let Some(dq) = &dq_term {
-                bound +=
-                    eps * xr.iter().zip(&dq[o * inp..(o + 1) * inp]).map(|(&a, &d)| (a as f64).abs() * d).sum::<f64>();
-            }
-            if f16 {
-                bound += xr
-                    .iter()
-                    .zip(wr)
-                    .map(|(&a, &b)| {
-                        let (a, b) = ((a as f64).abs(), (b as f64).abs());
-                        3.01 * uh * a * b + sub * (a + b + 1.0)
-                    })
-                    .sum::<f64>();
-            }
-            if let Some(bias) = layer.bias() {
-                bound += 3.0 * eps * (bias[o] as f64).abs();
-            }
-            for &a in ads {
-                let ad = &layer.adapters()[a];
-                let rank = ad.rank();
-                let mut s_lora = 0.0;
-                for k in 0..rank {
-                    let t: f64 = xr
-                        .iter()
-                        .zip(&ad.a()[k * inp..(k + 1) * inp])
-                        .map(|(&x, &a)| (x as f64 * a as f64).abs())
-                        .sum();
-                    s_lora += t * (ad.b()[o * rank + k] as f64).abs();
-                }
-                bound += (inp + rank + 3) as f64 * eps * (ad.scaling() as f64).abs() * s_lora;
-            }
-            bnd.push(bound + 1e-30);
-        }
-    }
-    bnd
+    layer.error_bound(x, opts, target(f16)).expect("a valid input")
 }
 
+fn target(f16: bool) -> BoundTarget {
+    if f16 {
+        BoundTarget::GpuF16
+    } else {
+        BoundTarget::Gpu
+    }
+}
+
+/// Every element within its bound and the normalised squared error within the target's limit
+/// (`Agreement::ok`).
 pub fn check(got: &[f32], want: &[f32], bound: &[f64], f16: bool, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let (mut num, mut den) = (0f64, 0f64);
-    for (i, ((&g, &w), &b)) in got.iter().zip(want).zip(bound).enumerate() {
-        let err = (g as f64 - w as f64).abs();
-        let allowed = b + (w.abs() as f64) * f32::EPSILON as f64 * 0.5;
-        assert!(err <= allowed, "{what}: element {i}: got {g}, reference {w}, |err| {err:e} > bound {allowed:e}");
-        num += err * err;
-        den += (w as f64) * (w as f64);
-    }
-    let nse = if den > 0.0 { num / den } else { num };
-    let limit = if f16 { 1e-5 } else { 1e-10 };
-    assert!(nse <= limit, "{what}: normalised squared error {nse:e} > {limit:e}");
+    let a = Agreement::compare(got, want, bound);
+    assert!(a.ok(target(f16)), "{what}: {a:?} (allowed: 0 outside, nse ≤ {:e})", target(f16).nse_limit());
 }
 
 /// The kernel choices `ctx` supports: GEMV (subgroups and plain), GEMM (f32 and f16).
