@@ -7,7 +7,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lowbit::affine::{self, Granularity};
-use lowbit::cpu::{Isa, KernelPath};
+use lowbit::cpu::KernelPath;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -24,9 +24,9 @@ fn weights(n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Paths worth timing: skip levels with no affine kernel of their own (they run the portable one).
+/// Paths worth timing (every listed level has kernels of its own).
 fn paths() -> Vec<KernelPath> {
-    KernelPath::all_available().into_iter().filter(|p| !matches!(p.isa, Isa::Ssse3)).collect()
+    KernelPath::all_available()
 }
 
 fn bench_size(c: &mut Criterion, label: &str, rows: usize, cols: usize) {

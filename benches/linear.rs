@@ -4,15 +4,13 @@
 //! Throughput is reported in bytes of packed weight read (`Throughput::Bytes`); GFLOP/s = 2·M·out·in / time.
 //! Single- and multi-threaded runs are separate entries (`threads=1` runs through a one-thread rayon pool).
 //! The memory limits (read / write / copy bandwidth, one and all threads) are measured first and printed to
-//! stderr, from the same code as `lowbit bench --all` (`cli/src/membw.rs`).
-
-#[path = "../cli/src/membw.rs"]
-mod membw;
+//! stderr, from the same code as `lowbit bench --all` (`lowbit_testkit::membw`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use lowbit::affine::{self, Granularity};
 use lowbit::linear::{QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
+use lowbit_testkit::membw;
 use std::hint::black_box;
 use std::time::Duration;
 use wide::f32x8;

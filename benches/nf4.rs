@@ -24,9 +24,9 @@ fn weights(n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Paths worth timing: skip levels without NF4 kernels of their own (they run the portable one).
+/// Paths worth timing (every listed level has kernels of its own; the scalar reference only single-threaded).
 fn paths() -> Vec<KernelPath> {
-    KernelPath::all_available().into_iter().filter(|p| !matches!(p.isa, Isa::Ssse3 | Isa::Scalar) || !p.parallel).collect()
+    KernelPath::all_available().into_iter().filter(|p| !matches!(p.isa, Isa::Scalar) || !p.parallel).collect()
 }
 
 fn bench_size(c: &mut Criterion, label: &str, rows: usize, cols: usize) {
@@ -43,9 +43,6 @@ fn bench_size(c: &mut Criterion, label: &str, rows: usize, cols: usize) {
     let q = quantize_nf4_with(&x, &shape, 64, false, KernelPath::best()).expect("quantize");
     let mut out16 = vec![bf16::ZERO; n];
     for path in paths() {
-        if matches!(path.isa, Isa::Ssse3) {
-            continue;
-        }
         let name = path.name();
         g.bench_function(BenchmarkId::new("quantize", &name), |b| {
             b.iter(|| quantize_nf4_with(black_box(&x), &shape, 64, false, path).expect("quantize"))

@@ -24,7 +24,7 @@ fn main() -> lowbit::Result<()> {
         let t = Instant::now();
         let reps: usize = std::env::var("REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
         for _ in 0..reps {
-            std::hint::black_box(layer.forward_with(&x, path)?);
+            std::hint::black_box(layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path))?);
         }
         println!("{path}: {:.3} ms", t.elapsed().as_secs_f64() * 1e3 / reps as f64);
     }

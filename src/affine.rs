@@ -16,6 +16,7 @@
 
 use crate::cpu::KernelPath;
 use crate::element::{check_finite, Element};
+use crate::storage::Bytes;
 use crate::{shape, DType, Error, Result};
 
 /// Which elements share one scale and zero point.
@@ -104,24 +105,29 @@ impl AffineParams {
 }
 
 /// A tensor quantized to 8-bit affine codes, with its parameters.
+///
+/// Storage: codes and zero points are [`Bytes`] (owned, or views into a shared, e.g. memory-mapped, buffer);
+/// the f32 scales are owned (small, and not necessarily 4-byte aligned in a file).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AffineTensor {
     pub(crate) shape: Vec<usize>,
     pub(crate) granularity: Granularity,
-    pub(crate) codes: Vec<u8>,
+    pub(crate) codes: Bytes,
     pub(crate) scales: Vec<f32>,
-    pub(crate) zero_points: Vec<u8>,
+    pub(crate) zero_points: Bytes,
 }
 
 impl AffineTensor {
     /// Builds a tensor from its parts, checking every length and that scales are finite and positive.
+    /// `codes` and `zero_points` are `Vec<u8>` or any [`Bytes`] (views keep sharing their buffer).
     pub fn from_parts(
         shape: Vec<usize>,
         granularity: Granularity,
-        codes: Vec<u8>,
+        codes: impl Into<Bytes>,
         scales: Vec<f32>,
-        zero_points: Vec<u8>,
+        zero_points: impl Into<Bytes>,
     ) -> Result<AffineTensor> {
+        let (codes, zero_points) = (codes.into(), zero_points.into());
         granularity.validate()?;
         let (rows, cols) = shape::check_len("codes", codes.len(), &shape)?;
         let n = granularity.num_params(rows, cols);
@@ -151,6 +157,10 @@ impl AffineTensor {
     }
     /// The codes, one byte per element, row-major.
     pub fn codes(&self) -> &[u8] {
+        &self.codes
+    }
+    /// The storage of the codes (owned, or a view sharing a mapped file's pages).
+    pub fn codes_bytes(&self) -> &Bytes {
         &self.codes
     }
     /// One scale per tensor / row / group (module docs).
@@ -333,8 +343,8 @@ fn quantize_with_params_unchecked<T: Element>(
     Ok(AffineTensor {
         shape: shape.to_vec(),
         granularity,
-        codes,
+        codes: codes.into(),
         scales: params.iter().map(|p| p.scale).collect(),
-        zero_points: params.iter().map(|p| p.zero_point).collect(),
+        zero_points: params.iter().map(|p| p.zero_point).collect::<Vec<u8>>().into(),
     })
 }

@@ -6,7 +6,7 @@
 //!   per group), bit-identical to PyTorch's `quint8` (`MinMaxObserver` + `quantize_per_tensor` /
 //!   `quantize_per_channel`).
 //! * [`nf4`]: NF4 (and bitsandbytes FP4) blockwise 4-bit quantization, with [`double_quant`] of the block
-//!   scales, bit-compatible with bitsandbytes / QLoRA checkpoints ([`io::bnb`]).
+//!   scales, bit-compatible with bitsandbytes / QLoRA checkpoints (`io::bnb`, with the `io` feature).
 //!
 //! The [`reference`](mod@reference) module is the executable specification: plain scalar loops that follow
 //! `docs/formats.md` rule by rule. Every fast path in [`cpu`] (portable SIMD, AVX2, AVX-512, threads) gives the
@@ -32,8 +32,10 @@ pub mod cpu;
 pub mod double_quant;
 pub mod element;
 mod error;
+pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+#[cfg(feature = "io")]
 pub mod io;
 pub mod linear;
 pub mod lora;
@@ -41,9 +43,11 @@ pub mod merge;
 pub mod nf4;
 pub mod reference;
 pub mod shape;
+pub mod storage;
 
 pub use element::{DType, Element};
 pub use error::{Error, Result};
+pub use format::scheme::Scheme;
 pub use half::{bf16, f16};
 
 /// The README's Rust examples, compiled and run as doctests so they stay accurate.

@@ -30,6 +30,7 @@
 use crate::cpu::KernelPath;
 use crate::double_quant::DoubleQuantScales;
 use crate::element::Element;
+use crate::storage::Bytes;
 use crate::{shape, DType, Error, Result};
 
 /// The NF4 (NormalFloat) table of QLoRA, `bitsandbytes.functional.get_4bit_type("nf4")`: quantiles of a standard
@@ -149,11 +150,16 @@ impl BlockScales {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// The f32 scales (decoded exactly when double-quantized).
+    /// The f32 scales (decoded exactly when double-quantized), as a new vector.
     pub fn decode(&self) -> Vec<f32> {
+        self.decoded().to_vec()
+    }
+    /// The f32 scales, borrowed: the plain scales themselves, or the one decoded copy double-quantized scales
+    /// keep ([`DoubleQuantScales::decoded`]).
+    pub fn decoded(&self) -> &[f32] {
         match self {
-            BlockScales::Plain(v) => v.clone(),
-            BlockScales::Double(d) => d.decode(),
+            BlockScales::Plain(v) => v,
+            BlockScales::Double(d) => d.decoded(),
         }
     }
     /// Storage in bits of the scales, excluding fixed tables (the 256-entry map): 32 per plain scale; 8 per
@@ -173,17 +179,19 @@ impl BlockScales {
 /// * `packed.len() == ceil(numel / 2)` (first element in the high nibble);
 /// * the number of block scales is `ceil(numel / blocksize)`;
 /// * the table is finite; decoded scales are finite (plain scales also non-negative).
+///
+/// Storage: the packed codes are [`Bytes`], owned or a view into a shared (e.g. memory-mapped) buffer. The f32
+/// block scales exist once: plain scales are kept as given, double-quantized scales keep their u8 codes, the
+/// nested absmax and one decoded f32 copy ([`decoded_scales`](Self::decoded_scales) borrows either).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FourBitTensor {
     shape: Vec<usize>,
     format: FourBitFormat,
     blocksize: usize,
     table: [f32; 16],
-    packed: Vec<u8>,
+    packed: Bytes,
     scales: BlockScales,
     dtype: DType,
-    /// Decoded f32 scales, cached (equal to `scales.decode()`).
-    absmax: Vec<f32>,
 }
 
 /// Checks a block size against [`BLOCK_SIZES`].
@@ -198,16 +206,18 @@ pub fn check_blocksize(blocksize: usize) -> Result<()> {
 impl FourBitTensor {
     /// Builds a tensor from its parts (e.g. read from a bitsandbytes checkpoint), validating every invariant
     /// listed on the type. `table` is used as given (checkpoints carry their `quant_map`); `dtype` is the
-    /// original / compute dtype bitsandbytes records. Never panics.
+    /// original / compute dtype bitsandbytes records. `packed` is a `Vec<u8>` or any [`Bytes`] (a view keeps
+    /// sharing its buffer; nothing is copied). Never panics.
     pub fn from_parts(
         shape: Vec<usize>,
         format: FourBitFormat,
         blocksize: usize,
         table: [f32; 16],
-        packed: Vec<u8>,
+        packed: impl Into<Bytes>,
         scales: BlockScales,
         dtype: DType,
     ) -> Result<Self> {
+        let packed = packed.into();
         check_blocksize(blocksize)?;
         let n = shape::numel(&shape)?;
         if packed.len() != n.div_ceil(2) {
@@ -233,14 +243,16 @@ impl FourBitTensor {
                 return Err(Error::invalid("absmax", format!("{} at index {i}", v[i]), "finite non-negative scales"));
             }
         }
-        let absmax = scales.decode();
-        if let Some(i) = absmax.iter().position(|s| !s.is_finite()) {
-            return Err(Error::format(
-                "double-quantized absmax",
-                format!("block {i} decodes to {}, expected a finite scale", absmax[i]),
-            ));
+        if let BlockScales::Double(d) = &scales {
+            let absmax = d.decoded();
+            if let Some(i) = absmax.iter().position(|s| !s.is_finite()) {
+                return Err(Error::format(
+                    "double-quantized absmax",
+                    format!("block {i} decodes to {}, expected a finite scale", absmax[i]),
+                ));
+            }
         }
-        Ok(FourBitTensor { shape, format, blocksize, table, packed, scales, dtype, absmax })
+        Ok(FourBitTensor { shape, format, blocksize, table, packed, scales, dtype })
     }
 
     /// Shape of the original tensor.
@@ -263,6 +275,10 @@ impl FourBitTensor {
     pub fn packed(&self) -> &[u8] {
         &self.packed
     }
+    /// The storage of the packed codes (owned, or a view sharing a mapped file's pages).
+    pub fn packed_bytes(&self) -> &Bytes {
+        &self.packed
+    }
     /// The block scales as stored (plain or double-quantized).
     pub fn scales(&self) -> &BlockScales {
         &self.scales
@@ -283,13 +299,14 @@ impl FourBitTensor {
     /// The f32 scale of every block; for double-quantized scales the exact decode
     /// `(map[q] * nested_absmax) + offset` that bitsandbytes computes.
     pub fn absmax(&self) -> Vec<f32> {
-        self.absmax.clone()
+        self.decoded_scales().to_vec()
     }
 
-    /// The decoded f32 block scales, borrowed (the one decoded copy the tensor keeps; equal to
-    /// [`absmax`](Self::absmax)). Kernels read these instead of decoding again.
+    /// The decoded f32 block scales, borrowed (the one f32 copy the tensor keeps: the plain scales, or the
+    /// decode of the double-quantized ones; equal to [`absmax`](Self::absmax)). Kernels read these instead of
+    /// decoding again.
     pub fn decoded_scales(&self) -> &[f32] {
-        &self.absmax
+        self.scales.decoded()
     }
 
     /// Storage cost in bits per weight: 4 for the code plus [`BlockScales::storage_bits`] spread over the
@@ -328,7 +345,7 @@ impl FourBitTensor {
             return Err(Error::shape("length of `out`", out.len(), self.numel()));
         }
         path.check()?;
-        crate::cpu::nf4::dequantize(&self.packed, &self.absmax, self.blocksize, &self.table, out, path);
+        crate::cpu::nf4::dequantize(&self.packed, self.decoded_scales(), self.blocksize, &self.table, out, path);
         Ok(())
     }
 }

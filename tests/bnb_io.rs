@@ -1,5 +1,6 @@
 //! Malformed bitsandbytes checkpoints: every corruption gives an `Error::Format` naming the problem, never a
 //! panic or an allocation proportional to a claimed (rather than present) size.
+#![cfg(feature = "io")]
 
 use lowbit::io::bnb::{self, QuantStateJson};
 use lowbit::io::{parse_safetensors, serialize_safetensors, TensorData};

@@ -70,7 +70,7 @@ fn default_forward_and_buffer_reuse() {
     for m in [3, 1, 20, 2, 0] {
         let x = rng.vec(m * 70, 1.0);
         let got = gl.forward_blocking(ctx, &x, m).unwrap();
-        let want = layer.forward_reference(&x).unwrap();
+        let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
         check(&got, &want, &bounds(&layer, &x, &vec![vec![0]; m], false), false, &format!("default m={m}"));
     }
     // Toggling on the GPU side matches toggling on the CPU side.
@@ -78,11 +78,11 @@ fn default_forward_and_buffer_reuse() {
     layer.set_adapter_enabled("ad1", true).unwrap();
     let x = rng.vec(2 * 70, 1.0);
     let got = gl.forward_blocking(ctx, &x, 2).unwrap();
-    let want = layer.forward_reference(&x).unwrap();
+    let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
     check(&got, &want, &bounds(&layer, &x, &vec![vec![0, 1]; 2], false), false, "re-enabled");
     let ids = [Some(1), None];
     let got = gl.forward_batch_blocking(ctx, &x, 2, &ids).unwrap();
-    let want = layer.forward_batch_reference(&x, &ids).unwrap();
+    let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference().adapter_ids(&ids)).unwrap();
     check(&got, &want, &bounds(&layer, &x, &[vec![1], vec![]], false), false, "batch");
     // Timing helper returns the same result.
     let (y, _ns) = gl.time_forward_blocking(ctx, &x, 2, KernelChoice::default(), 3).unwrap();

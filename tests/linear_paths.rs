@@ -86,18 +86,18 @@ proptest! {
         let mut rng = Rng(seed | 1);
         let layer = make_layer(format, out, inp, bias, &ranks, &mut rng);
         let x = rng.vec(m * inp, 1.0);
-        let want = layer.forward_reference(&x).unwrap();
-        let bound = layer.error_bound(&x).unwrap();
+        let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
+        let bound = layer.error_bound(&x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu).unwrap();
         for path in KernelPath::all_available() {
-            let got = layer.forward_with(&x, path).unwrap();
+            let got = layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap();
             check(&got, &want, &bound, &format!("{format:?} {out}x{inp} M={m} {path}"));
         }
         // Multi-adapter batch: ids mixed and absent.
         let ids: Vec<Option<usize>> = (0..m).map(|r| if ranks.is_empty() || r % 3 == 2 { None } else { Some(r % ranks.len()) }).collect();
-        let want = layer.forward_batch_reference(&x, &ids).unwrap();
-        let bound = layer.error_bound_batch(&x, &ids).unwrap();
+        let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference().adapter_ids(&ids)).unwrap();
+        let bound = layer.error_bound(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&ids), lowbit::linear::BoundTarget::Cpu).unwrap();
         for path in KernelPath::all_available() {
-            let got = layer.forward_batch_with(&x, &ids, path).unwrap();
+            let got = layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&ids).path(path)).unwrap();
             check(&got, &want, &bound, &format!("batch {format:?} {out}x{inp} M={m} {path}"));
         }
     }
@@ -112,10 +112,17 @@ fn nf4_blocks_crossing_rows_and_odd_sizes() {
             let layer = make_layer(format, out, inp, true, &[3, 16], &mut rng);
             for m in [1, 4, 5] {
                 let x = rng.vec(m * inp, 2.0);
-                let want = layer.forward_reference(&x).unwrap();
-                let bound = layer.error_bound(&x).unwrap();
+                let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
+                let bound = layer
+                    .error_bound(&x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu)
+                    .unwrap();
                 for path in KernelPath::all_available() {
-                    check(&layer.forward_with(&x, path).unwrap(), &want, &bound, &format!("{out}x{inp} M={m} {path}"));
+                    check(
+                        &layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap(),
+                        &want,
+                        &bound,
+                        &format!("{out}x{inp} M={m} {path}"),
+                    );
                 }
             }
         }
@@ -155,7 +162,10 @@ fn disabled_adapters_do_not_apply() {
     assert_ne!(with, without);
     let base = QuantLinear::new(layer.weight().clone(), None).unwrap().forward(&x).unwrap();
     assert_eq!(without, base);
-    assert!(layer.forward_batch(&x, &[Some(0)]).is_err(), "a disabled adapter cannot be selected");
+    assert!(
+        layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&[Some(0)])).is_err(),
+        "a disabled adapter cannot be selected"
+    );
 }
 
 #[test]
@@ -165,9 +175,15 @@ fn bad_inputs_are_errors() {
     let x = rng.vec(2 * 16, 1.0);
     assert!(layer.forward(&x[..15]).is_err(), "x not a multiple of in");
     assert!(layer.forward(&[f32::NAN; 16]).is_err(), "NaN input");
-    assert!(layer.forward_batch(&x, &[Some(0)]).is_err(), "ids length != M");
-    assert!(layer.forward_batch(&x, &[Some(0), Some(1)]).is_err(), "id out of range");
-    assert!(layer.forward_batch(&x, &[None, Some(0)]).is_ok());
+    assert!(
+        layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&[Some(0)])).is_err(),
+        "ids length != M"
+    );
+    assert!(
+        layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&[Some(0), Some(1)])).is_err(),
+        "id out of range"
+    );
+    assert!(layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&[None, Some(0)])).is_ok());
     assert!(layer
         .add_adapter(LoraAdapter::new("x", 2, vec![0.0; 2 * 15], vec![0.0; 16], 1.0, false).unwrap())
         .is_err());
@@ -193,11 +209,13 @@ fn nf4_rows_of_whole_blocks_take_the_register_gemv() {
             let layer = make_layer(Format::Nf4 { blocksize, dq }, out, inp, true, &[5], &mut rng);
             for m in 1..=5 {
                 let x = rng.vec(m * inp, 1.5);
-                let want = layer.forward_reference(&x).unwrap();
-                let bound = layer.error_bound(&x).unwrap();
+                let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
+                let bound = layer
+                    .error_bound(&x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu)
+                    .unwrap();
                 for path in KernelPath::all_available() {
                     check(
-                        &layer.forward_with(&x, path).unwrap(),
+                        &layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap(),
                         &want,
                         &bound,
                         &format!("{out}x{inp}/{blocksize} M={m} {path}"),
@@ -218,11 +236,13 @@ fn int8_register_gemv_per_tensor_channel_and_group() {
             let layer = make_layer(Format::Int8(g), out, inp, true, &[3], &mut rng);
             for m in 1..=5 {
                 let x = rng.vec(m * inp, 1.5);
-                let want = layer.forward_reference(&x).unwrap();
-                let bound = layer.error_bound(&x).unwrap();
+                let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
+                let bound = layer
+                    .error_bound(&x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu)
+                    .unwrap();
                 for path in KernelPath::all_available() {
                     check(
-                        &layer.forward_with(&x, path).unwrap(),
+                        &layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap(),
                         &want,
                         &bound,
                         &format!("{g} {out}x{inp} M={m} {path}"),
@@ -230,5 +250,46 @@ fn int8_register_gemv_per_tensor_channel_and_group() {
                 }
             }
         }
+    }
+}
+
+/// `forward_into` rounds the f32 result to f16 / bf16 nearest-even (the same bits as rounding `forward`'s f32
+/// output), accepts f16 / bf16 `x`, reuses one workspace across layers and shapes, and refuses a `y` of the
+/// wrong length without touching it.
+#[test]
+fn forward_into_writes_f32_f16_bf16_outputs_and_checks_y() {
+    use lowbit::linear::{ForwardOptions, Workspace};
+    use lowbit::{bf16, f16};
+    let mut rng = Rng(0x5eed_f00d);
+    let mut ws = Workspace::default();
+    for (format, out, inp, m) in [
+        (Format::Nf4 { blocksize: 64, dq: true }, 70, 128, 3),
+        (Format::Int8(Granularity::PerGroup(32)), 65, 96, 9),
+        (Format::Int8(Granularity::PerChannel), 129, 64, 1),
+    ] {
+        let layer = make_layer(format, out, inp, true, &[4], &mut rng);
+        let x = rng.vec(m * inp, 1.0);
+        for path in KernelPath::all_available() {
+            let opts = ForwardOptions::default().path(path);
+            let want = layer.forward_with(&x, opts).unwrap();
+            let mut y32 = vec![f32::NAN; m * out];
+            layer.forward_into_with(&x, &mut y32, &mut ws, opts).unwrap();
+            assert_eq!(y32, want, "{format:?} {path}: f32 output");
+            let mut y16 = vec![f16::ZERO; m * out];
+            layer.forward_into_with(&x, &mut y16, &mut ws, opts).unwrap();
+            assert!(y16.iter().zip(&want).all(|(a, b)| a.to_bits() == f16::from_f32(*b).to_bits()), "{path}: f16");
+            let mut yb = vec![bf16::ZERO; m * out];
+            layer.forward_into_with(&x, &mut yb, &mut ws, opts).unwrap();
+            assert!(yb.iter().zip(&want).all(|(a, b)| a.to_bits() == bf16::from_f32(*b).to_bits()), "{path}: bf16");
+            // f16 input: the same as widening it first.
+            let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            let xw: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+            layer.forward_into_with(&xh, &mut y32, &mut ws, opts).unwrap();
+            assert_eq!(y32, layer.forward_with(&xw, opts).unwrap(), "{path}: f16 input");
+        }
+        let mut short = vec![7.0f32; m * out - 1];
+        let e = layer.forward_into(&x, &mut short, &mut ws).unwrap_err().to_string();
+        assert!(e.contains("length of y"), "{e}");
+        assert!(short.iter().all(|&v| v == 7.0), "y untouched on error");
     }
 }

@@ -1,4 +1,5 @@
 //! Malformed PEFT adapter directories give clear errors, never panics; accepted variants load correctly.
+#![cfg(feature = "io")]
 
 use lowbit::io::peft::{PeftAdapter, PeftConfig};
 use lowbit::io::{serialize_safetensors, TensorData};
@@ -290,10 +291,43 @@ fn layer_loading_errors() {
     t.push(("l.bias".into(), f32_tensor(&[3], |_| 0.0))); // 3 biases for 2 outputs
     let bytes = serialize_safetensors(&t, Some(meta.clone())).unwrap();
     let e = quant_linears_from(&parse_safetensors(&bytes).unwrap(), &meta).unwrap_err();
-    assert!(matches!(e, Error::ShapeMismatch { .. }) && e.to_string().contains("l.bias"), "{e}");
+    assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("l.bias"), "{e}");
+    assert!(e.to_string().contains("one per output feature"), "{e}");
 
     let mut bad_meta = meta;
     bad_meta.insert(int8::GRANULARITY_KEY.into(), "group:0".into());
     let e = quant_linears_from(&parse_safetensors(&bytes).unwrap(), &bad_meta).unwrap_err();
     assert!(e.to_string().contains("granularity"), "{e}");
+}
+
+/// Limits apply to adapters like to checkpoints: a LoRA matrix over `max_tensor_bytes` and a config over
+/// `max_json_bytes` / `max_json_depth` are refused before anything proportional to them is decoded.
+#[test]
+fn adapter_limits() {
+    use lowbit::io::Limits;
+    let s = Scratch::new("limits");
+    let config = base_config();
+    let mut tensors = good_tensors();
+    // A [8, 5000] lora_A: 160 000 bytes.
+    tensors[0].1 = f32_tensor(&[8, 5000], |i| (i % 7) as f32 * 0.01);
+    tensors[1].1 = f32_tensor(&[6, 8], |_| 0.1);
+    write(&s.0, Some(&config.to_string()), Some(&tensors));
+    assert!(PeftAdapter::load(&s.0).is_ok(), "within the default limits");
+    let tight = Limits { max_tensor_bytes: 100_000, ..Limits::DEFAULT };
+    let e = PeftAdapter::load_with_limits(&s.0, &tight).unwrap_err();
+    assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("max_tensor_bytes"), "{e}");
+    assert!(e.to_string().contains("lora_A"), "names the tensor: {e}");
+
+    // Config larger than max_json_bytes: refused before reading.
+    let small_json = Limits { max_json_bytes: 64, ..Limits::DEFAULT };
+    let e = PeftAdapter::load_with_limits(&s.0, &small_json).unwrap_err();
+    assert!(e.to_string().contains("max_json_bytes") || e.to_string().contains("accepted for a config"), "{e}");
+
+    // A deeply nested config: refused by the depth scan, not by the parser's recursion limit.
+    let deep_text = format!("{{\"r\": 8, \"lora_alpha\": 16, \"extra\": {}1{}}}", "[".repeat(40), "]".repeat(40));
+    let e = PeftConfig::parse_with_limits(&deep_text, &Limits::DEFAULT).unwrap_err();
+    assert!(e.to_string().contains("max_json_depth"), "{e}");
+    write(&s.0, Some(&deep_text), None);
+    let e = PeftAdapter::load(&s.0).unwrap_err();
+    assert!(e.to_string().contains("max_json_depth"), "{e}");
 }

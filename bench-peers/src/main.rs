@@ -18,8 +18,7 @@
 //! `RUSTFLAGS="-C target-cpu=native" CARGO_TARGET_DIR=../target-peers-native cargo run --release` (lowbit
 //! dispatches at run time and is not changed by the flag). Report both.
 
-#[path = "../../cli/src/membw.rs"]
-mod membw;
+use lowbit_testkit::membw;
 
 use candle_core::quantized::k_quants::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType};
 use lowbit::affine::{self, Granularity};
@@ -127,7 +126,7 @@ fn gemm<T: GgmlType>(
     let mut y = vec![0.0f32; m * out];
     for (threads, pool) in pools {
         let path = if threads == "1" { KernelPath::single(Isa::best()) } else { KernelPath::best() };
-        let l = pool.install(|| time(budget, || drop(black_box(layer.forward_with(black_box(&x), path).unwrap()))));
+        let l = pool.install(|| time(budget, || drop(black_box(layer.forward_with(black_box(&x), lowbit::linear::ForwardOptions::default().path(path)).unwrap()))));
         let c =
             pool.install(|| time(budget, || k_quants::matmul((m, inp, out), black_box(&x), &blocks, &mut y).unwrap()));
         rows.push(Row {

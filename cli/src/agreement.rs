@@ -197,7 +197,7 @@ mod tests {
     fn fused_forward_is_within_the_bound_and_a_perturbation_is_not() {
         let layer = synthetic::layer(LayerFormat::Nf4Dq, 33, 130, Some(5)).unwrap();
         let x = synthetic::input(3, 130);
-        let want = layer.forward_reference(&x).unwrap();
+        let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
         let mut got = layer.forward(&x).unwrap();
         let a = compare(&layer, &x, &got, &want);
         assert!(a.ok(), "{a:?}");
@@ -214,7 +214,9 @@ mod tests {
             for rank in [None, Some(3)] {
                 let layer = synthetic::layer(format, 17, 130, rank).unwrap();
                 let x = synthetic::input(4, 130);
-                let lib = layer.error_bound(&x).unwrap();
+                let lib = layer
+                    .error_bound(&x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu)
+                    .unwrap();
                 let ours = bounds(&layer, &x);
                 for (a, b) in ours.iter().zip(&lib) {
                     assert!((a - b).abs() <= 1e-12 * b.abs(), "{format} {rank:?}: {a} vs {b}");

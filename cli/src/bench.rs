@@ -113,7 +113,7 @@ fn check_reference(layer: &lowbit::linear::QuantLinear, x: &[f32], y: &[f32], gp
     if macs > REFERENCE_MAX_MACS {
         return console::line(&format!("vs reference: skipped (too large: out*in*M = {macs} > {REFERENCE_MAX_MACS})"));
     }
-    let want = layer.forward_reference(x)?;
+    let want = layer.forward_with(x, lowbit::linear::ForwardOptions::reference())?;
     #[cfg(feature = "gpu")]
     let (a, ok, rule) = if gpu {
         let a = agreement::compare_gpu(layer, x, y, &want);

@@ -21,11 +21,11 @@
 
 use crate::console;
 use crate::error::{CliError, Context};
-use crate::membw::{self, Direction, Limits};
 use crate::synthetic::{self, LayerFormat};
 use lowbit::affine::{self, Granularity};
 use lowbit::cpu::{Isa, KernelPath};
 use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit_testkit::membw::{self, Direction, Limits};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -348,7 +348,7 @@ fn cold_bytes() -> usize {
 }
 
 fn forward(layer: &QuantLinear, x: &[f32], path: KernelPath) -> lowbit::Result<()> {
-    black_box(layer.forward_with(black_box(x), path)?);
+    black_box(layer.forward_with(black_box(x), lowbit::linear::ForwardOptions::default().path(path))?);
     Ok(())
 }
 

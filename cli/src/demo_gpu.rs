@@ -109,7 +109,7 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
                     .context(what)?;
                     (y, Some(t.median))
                 };
-                let want = layer.forward_reference(&x).context(what)?;
+                let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).context(what)?;
                 let a = agreement::compare_gpu(&layer, &x, &y, &want);
                 summary.runs += 1;
                 let check = if a.ok_gpu() {

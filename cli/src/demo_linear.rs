@@ -65,7 +65,7 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
                     Ok::<(), lowbit::Error>(())
                 })
                 .context(ctx)?;
-                let want = layer.forward_reference(&x).context(ctx)?;
+                let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).context(ctx)?;
                 let a = agreement::compare(&layer, &x, &y, &want);
                 summary.runs += 1;
                 let check = if a.ok() {

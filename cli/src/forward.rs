@@ -8,8 +8,8 @@ use crate::error::{CliError, Context};
 use crate::gpu::Device;
 use crate::layer;
 use crate::output::check_output;
-use crate::quantized::{describe_weight, Layout};
-use lowbit::io::{float_dtype, SafetensorsFile, TensorData};
+use crate::quantized::describe_weight;
+use lowbit::io::{float_dtype, Checkpoint, SafetensorsFile, TensorData};
 use safetensors::Dtype;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -42,16 +42,15 @@ pub fn run(f: Forward<'_>) -> Result<(), CliError> {
     check_output(f.checkpoint, f.output, f.force)?;
     check_output(f.input, f.output, f.force)?;
     let path = layer::normalize(f.layer);
-    let file = SafetensorsFile::open(f.checkpoint)?;
-    let st = file.tensors()?;
+    let ck = Checkpoint::open(f.checkpoint)?;
     let file_name = f.checkpoint.display().to_string();
-    let layout = Layout::detect(&file.metadata()?, &st)?.ok_or_else(|| {
-        CliError::new(format!(
+    if *ck.layout() == lowbit::io::Layout::Dense {
+        return Err(CliError::new(format!(
             "{file_name} holds no quantized layers (no `lowbit.scheme` metadata and no bitsandbytes quant_state \
              entries)"
-        ))
-    })?;
-    let mut layer = layer::load(&st, &layout, path, &file_name)?;
+        )));
+    }
+    let mut layer = layer::load(&ck, path, &file_name)?;
 
     let mut with = String::new();
     if let Some(dir) = f.adapter {

@@ -1,12 +1,11 @@
 //! Linear layers of a quantized checkpoint: the layer at module path `P` is the quantized 2-D weight
-//! `P.weight` (bitsandbytes 4-bit or lowbit int8, see [`crate::quantized`]) and the optional plain bias
-//! `P.bias` (F32/F16/BF16, one value per output feature).
+//! `P.weight` (bitsandbytes 4-bit or lowbit int8) and the optional plain bias `P.bias` (F32/F16/BF16, one value
+//! per output feature), built by [`lowbit::io::Checkpoint::layer`] (packed codes stay in the mapped file).
 
 use crate::error::{CliError, Context};
 use crate::quantized::Layout;
-use lowbit::io::float_dtype;
+use lowbit::io::Checkpoint;
 use lowbit::linear::QuantLinear;
-use safetensors::SafeTensors;
 
 /// How many layer paths an error message lists before "and N more".
 const LIST_MAX: usize = 8;
@@ -33,46 +32,21 @@ pub fn normalize(path: &str) -> &str {
     p.strip_suffix('.').unwrap_or(p)
 }
 
-/// Loads the layer at `path` (see the module docs). Errors name the file (`file_name`) and, when the layer is
-/// missing, list the layers it has.
-pub fn load(st: &SafeTensors<'_>, layout: &Layout, path: &str, file_name: &str) -> Result<QuantLinear, CliError> {
-    let weight_name = format!("{path}.weight");
-    if !layout.is_weight(&weight_name) {
-        let why = match st.tensor(&weight_name) {
+/// Loads the layer at `path` of `ck` (see the module docs). Errors name the file (`file_name`) and, when the
+/// layer is missing, list the layers it has.
+pub fn load(ck: &Checkpoint, path: &str, file_name: &str) -> Result<QuantLinear, CliError> {
+    let names = ck.layer_names();
+    if names.binary_search_by(|n| n.as_str().cmp(path)).is_err() {
+        let weight_name = format!("{path}.weight");
+        let why = match ck.tensor(&weight_name) {
             Ok(v) => format!("`{weight_name}` is not quantized (a plain {:?} tensor)", v.dtype()),
             Err(_) => format!("it has no quantized tensor `{weight_name}`"),
         };
-        let have = paths(layout);
+        let have: Vec<&str> = names.iter().map(String::as_str).collect();
         let have = if have.is_empty() { "none".to_string() } else { list(&have) };
         return Err(CliError::new(format!("no layer `{path}` in {file_name}: {why}; its quantized layers: {have}")));
     }
-    let ctx = || format!("layer `{path}` of {file_name}");
-    let weight = layout.load(st, &weight_name).context(ctx)?;
-    let [out, _] = *weight.shape() else {
-        return Err(CliError::new(format!(
-            "`{weight_name}` has shape {:?}; a linear layer's weight is 2-D [out, in]",
-            weight.shape()
-        )))
-        .context(ctx);
-    };
-    let bias_name = format!("{path}.bias");
-    let bias = match st.tensor(&bias_name) {
-        Err(_) => None,
-        Ok(view) => {
-            let numel: usize = view.shape().iter().product();
-            if float_dtype(view.dtype()).is_none() || numel != out {
-                return Err(CliError::new(format!(
-                    "`{bias_name}` is a {:?} tensor of shape {:?}; expected F32, F16 or BF16 with {out} elements \
-                     (one per output feature)",
-                    view.dtype(),
-                    view.shape()
-                )))
-                .context(ctx);
-            }
-            Some(lowbit::io::view_to_f32(&bias_name, &view).context(ctx)?)
-        }
-    };
-    QuantLinear::new(weight.into_weight(), bias).context(ctx)
+    ck.layer(path).context(|| format!("layer `{path}` of {file_name}"))
 }
 
 #[cfg(test)]

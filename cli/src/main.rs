@@ -19,7 +19,6 @@ mod gpu;
 mod inspect;
 mod int8_layout;
 mod layer;
-mod membw;
 mod merge;
 mod output;
 mod progress;

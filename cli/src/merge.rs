@@ -12,7 +12,7 @@ use crate::progress::Progress;
 use crate::quantized::{describe_weight, Layout};
 use crate::stats::fmt_db;
 use crate::table::{Align, Table};
-use lowbit::io::{bnb, SafetensorsFile, TensorData};
+use lowbit::io::{bnb, Checkpoint, TensorData};
 use lowbit::linear::QuantWeight;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,11 +20,10 @@ use std::path::Path;
 /// Merges the adapter in `adapter_dir` into `base` and writes `output`.
 pub fn run(base: &Path, adapter_dir: &Path, output: &Path, force: bool) -> Result<(), CliError> {
     check_output(base, output, force)?;
-    let file = SafetensorsFile::open(base)?;
-    let st = file.tensors()?;
-    let metadata = file.metadata()?;
+    let ck = Checkpoint::open(base)?;
+    let metadata = ck.metadata().clone();
     let file_name = base.display().to_string();
-    let layout = Layout::detect(&metadata, &st)?.ok_or_else(|| {
+    let layout = Layout::of(&ck).ok_or_else(|| {
         CliError::new(format!(
             "{file_name} holds no quantized layers (no `lowbit.scheme` metadata and no bitsandbytes quant_state \
              entries); merge needs a quantized base"
@@ -63,7 +62,7 @@ pub fn run(base: &Path, adapter_dir: &Path, output: &Path, force: bool) -> Resul
     for path in &matched {
         progress.set_message(path);
         let ctx = || format!("merging adapter {} into layer `{path}`", adapter_dir.display());
-        let mut layer = layer::load(&st, &layout, path, &file_name)?;
+        let mut layer = layer::load(&ck, path, &file_name)?;
         layer.add_adapter(peft.lora_adapter(path, &name).context(ctx)?).context(ctx)?;
         let (weight, r) = lowbit::merge::merge_adapter(&layer, &name).context(ctx)?;
         let a = &layer.adapters()[0];
@@ -84,13 +83,12 @@ pub fn run(base: &Path, adapter_dir: &Path, output: &Path, force: bool) -> Resul
 
     // Copy everything but the merged weights and their parameter entries, then add the requantized ones.
     progress.set_message("writing");
-    let mut names: Vec<&str> = st.names();
-    names.sort();
+    let names = ck.tensor_names(); // sorted
     let mut out: Vec<(String, TensorData)> = Vec::with_capacity(names.len());
     for key in names {
         let owner = layout.owner_of_param_entry(key).unwrap_or(key);
         if !merged.contains_key(owner) {
-            out.push((key.to_string(), TensorData::from_view(&st.tensor(key)?)));
+            out.push((key.to_string(), TensorData::from_view(&ck.tensor(key)?)));
         }
     }
     for (weight_name, w) in &merged {
@@ -117,15 +115,15 @@ pub fn run(base: &Path, adapter_dir: &Path, output: &Path, force: bool) -> Resul
         summary.push_str(&format!(
             "\n{} adapter module(s) matched no quantized layer and were not merged: {}",
             unmatched.len(),
-            unmatched.iter().map(|p| unmatched_reason(&st, p)).collect::<Vec<_>>().join(", ")
+            unmatched.iter().map(|p| unmatched_reason(&ck, p)).collect::<Vec<_>>().join(", ")
         ));
     }
     console::line(&summary)
 }
 
 /// `` `P` `` with why it matched nothing (a plain weight, or no weight at all).
-fn unmatched_reason(st: &safetensors::SafeTensors<'_>, path: &str) -> String {
-    match st.tensor(&format!("{path}.weight")) {
+fn unmatched_reason(ck: &Checkpoint, path: &str) -> String {
+    match ck.tensor(&format!("{path}.weight")) {
         Ok(v) => format!("`{path}` (`{path}.weight` is a plain {:?} tensor)", v.dtype()),
         Err(_) => format!("`{path}` (no such layer)"),
     }

@@ -4,7 +4,7 @@
 use crate::error::CliError;
 use crate::int8_layout::Int8Layout;
 use lowbit::affine::AffineTensor;
-use lowbit::io::bnb;
+use lowbit::io::{bnb, Checkpoint};
 use lowbit::linear::QuantWeight;
 use lowbit::nf4::{BlockScales, FourBitTensor};
 use lowbit::DType;
@@ -32,14 +32,23 @@ pub enum Quantized {
 }
 
 impl Layout {
-    /// Detects the layout from the metadata (int8) or the tensor names (bitsandbytes); `None` for a plain
-    /// file.
+    /// Detects the layout from the metadata (int8) or the tensor names (bitsandbytes), by the library's one
+    /// detection rule ([`lowbit::io::Layout::detect`]); `None` for a plain file.
     pub fn detect(meta: &HashMap<String, String>, st: &SafeTensors<'_>) -> Result<Option<Layout>, CliError> {
-        if let Some(l) = Int8Layout::from_metadata(meta)? {
-            return Ok(Some(Layout::Int8(l)));
+        Ok(match lowbit::io::Layout::detect(meta, st.names())? {
+            lowbit::io::Layout::Int8(l) => Some(Layout::Int8(l)),
+            lowbit::io::Layout::Bnb4bit => Some(Layout::Bnb(bnb::quantized_weight_names(st))),
+            _ => None,
+        })
+    }
+
+    /// The layout [`Checkpoint::open`] detected; `None` for a plain checkpoint.
+    pub fn of(ck: &Checkpoint) -> Option<Layout> {
+        match ck.layout() {
+            lowbit::io::Layout::Int8(l) => Some(Layout::Int8(l.clone())),
+            lowbit::io::Layout::Bnb4bit => Some(Layout::Bnb(ck.quantized_weight_names().to_vec())),
+            _ => None,
         }
-        let names = bnb::quantized_weight_names(st);
-        Ok((!names.is_empty()).then_some(Layout::Bnb(names)))
     }
 
     /// Whether `name` is a quantized weight (a row of its own in listings).
@@ -94,14 +103,6 @@ impl Layout {
 }
 
 impl Quantized {
-    /// The weight as a [`QuantLinear`](lowbit::linear::QuantLinear) takes it.
-    pub fn into_weight(self) -> QuantWeight {
-        match self {
-            Quantized::Int8(q, _) => QuantWeight::Int8(q),
-            Quantized::FourBit(t) => QuantWeight::FourBit(t),
-        }
-    }
-
     /// Shape of the original weight.
     pub fn shape(&self) -> &[usize] {
         match self {

@@ -187,7 +187,7 @@ fn forward_on_the_gpu_agrees_with_the_cpu_within_the_bound() {
                 let cpu = read_y(&cpu_path);
                 let layer = library_layer(&ckpt, path, with_adapter.then_some(adapter.as_path()));
                 assert_eq!(layer.adapters().len(), usize::from(with_adapter));
-                let want = layer.forward_reference(&x).unwrap();
+                let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
                 let what = format!("{path} M={m} adapter={with_adapter}");
                 let a = agreement::compare(&layer, &x, &cpu, &want);
                 assert!(a.ok(), "cpu {what}: {a:?}");

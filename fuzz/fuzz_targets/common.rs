@@ -1,9 +1,11 @@
 //! Helpers shared by the fuzz targets (included with `mod common;`; not every target uses every item).
 #![allow(dead_code)]
 
+use lowbit::affine::Granularity;
 use lowbit::cpu::KernelPath;
 use lowbit::io::Limits;
-use lowbit::nf4::FourBitTensor;
+use lowbit::nf4::{FourBitFormat, FourBitTensor, BLOCK_SIZES};
+use lowbit::Scheme;
 
 /// Limits small enough that a fuzz run never allocates more than a few hundred MiB, even when an input
 /// reaches every limit at once.
@@ -125,4 +127,43 @@ pub fn make_shape(dims: &[u16], max_numel: usize) -> Vec<usize> {
         n *= d;
     }
     shape
+}
+
+/// A [`Scheme`] from the fuzzer's bytes: mostly valid parameters, sometimes raw ones the library must refuse
+/// (group 0, block size 33), and sometimes text through `Scheme`'s parser (which must round-trip).
+#[derive(arbitrary::Arbitrary, Debug, Clone)]
+pub enum FuzzScheme {
+    /// `int8:tensor`, `int8:channel` or `int8:group:G` (any G).
+    Int8 { granularity: u8, group: u32 },
+    /// NF4 / FP4: an allowed block size by index, or (high bit set) any size.
+    FourBit { fp4: bool, blocksize: u16, double_quant: bool },
+    /// Scheme text.
+    Text(String),
+}
+
+impl FuzzScheme {
+    /// The scheme as built (not validated), or `None` when the text does not parse.
+    pub fn scheme(&self) -> Option<Scheme> {
+        match self {
+            FuzzScheme::Int8 { granularity, group } => Some(Scheme::Int8(match granularity % 3 {
+                0 => Granularity::PerTensor,
+                1 => Granularity::PerChannel,
+                _ => Granularity::PerGroup(*group as usize),
+            })),
+            FuzzScheme::FourBit { fp4, blocksize, double_quant } => Some(Scheme::FourBit {
+                format: if *fp4 { FourBitFormat::Fp4 } else { FourBitFormat::Nf4 },
+                blocksize: if blocksize & 0x8000 == 0 {
+                    BLOCK_SIZES[*blocksize as usize % BLOCK_SIZES.len()]
+                } else {
+                    (blocksize & 0x7fff) as usize
+                },
+                double_quant: *double_quant,
+            }),
+            FuzzScheme::Text(t) => {
+                let s = t.parse::<Scheme>().ok()?;
+                assert_eq!(s.to_string().parse::<Scheme>().ok(), Some(s), "scheme text {t:?} does not round-trip");
+                Some(s)
+            }
+        }
+    }
 }

@@ -8,17 +8,10 @@ mod common;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use lowbit::affine::{self, Granularity};
+use lowbit::bf16;
 use lowbit::cpu::KernelPath;
 use lowbit::linear::{QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
-use lowbit::{bf16, nf4};
-
-#[derive(Arbitrary, Debug)]
-enum Format {
-    Int8(u8, u16),
-    FourBit { fp4: bool, blocksize: u8, double_quant: bool },
-}
 
 #[derive(Arbitrary, Debug)]
 struct Adapter {
@@ -49,7 +42,7 @@ enum Op {
 #[derive(Arbitrary, Debug)]
 struct Input {
     dims: Vec<u16>,
-    format: Format,
+    format: common::FuzzScheme,
     weight_fill: common::Fill,
     bias: Option<common::Fill>,
     adapters: Vec<Adapter>,
@@ -65,27 +58,8 @@ fuzz_target!(|input: Input| {
     let shape = common::make_shape(&input.dims, 1 << 14);
     let numel: usize = shape.iter().product();
     let w = common::make_values(numel, &input.raw, input.weight_fill, input.seed);
-    let weight = match input.format {
-        Format::Int8(g, gs) => {
-            let g = match g % 3 {
-                0 => Granularity::PerTensor,
-                1 => Granularity::PerChannel,
-                _ => Granularity::PerGroup(gs as usize),
-            };
-            match affine::quantize(&w, &shape, g) {
-                Ok(t) => QuantWeight::Int8(t),
-                Err(_) => return,
-            }
-        }
-        Format::FourBit { fp4, blocksize, double_quant } => {
-            let f = if fp4 { nf4::FourBitFormat::Fp4 } else { nf4::FourBitFormat::Nf4 };
-            let bs = nf4::BLOCK_SIZES[blocksize as usize % nf4::BLOCK_SIZES.len()];
-            match nf4::quantize_4bit(f, &w, &shape, bs, double_quant) {
-                Ok(t) => QuantWeight::FourBit(t),
-                Err(_) => return,
-            }
-        }
-    };
+    let Some(scheme) = input.format.scheme() else { return };
+    let Ok(weight) = QuantWeight::quantize(&w, &shape, scheme) else { return };
     let out = shape.first().copied().unwrap_or(0);
     let bias = input.bias.map(|f| common::make_values(out, &input.raw, f, input.seed ^ 1));
     let Ok(mut layer) = QuantLinear::new(weight, bias) else { return };
@@ -123,7 +97,9 @@ fuzz_target!(|input: Input| {
             Op::Batch { ids } => {
                 let ids: Vec<Option<usize>> = ids.iter().map(|i| i.map(|i| i as usize % 6)).collect();
                 for path in [KernelPath::best(), KernelPath::REFERENCE] {
-                    if let Ok(y) = layer.forward_batch_with(&x, &ids, path) {
+                    if let Ok(y) =
+                        layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&ids).path(path))
+                    {
                         assert_eq!(ids.len() * inp, x.len());
                         assert_eq!(y.len(), ids.len() * out);
                         for id in ids.iter().flatten() {

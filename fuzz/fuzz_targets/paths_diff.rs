@@ -17,20 +17,12 @@ use lowbit::cpu::KernelPath;
 use lowbit::linear::{QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
 use lowbit::nf4::{self, FourBitFormat, FourBitTensor};
-use lowbit::{bf16, f16, Element};
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-enum Scheme {
-    Tensor,
-    Channel,
-    Group(u16),
-    FourBit { fp4: bool, blocksize: u8, double_quant: bool },
-}
+use lowbit::{bf16, f16, Element, Scheme};
 
 #[derive(Arbitrary, Debug)]
 enum Target {
-    Quant { scheme: Scheme, dims: Vec<u16>, big: bool },
-    Linear { scheme: Scheme, out: u8, inp: u16, m: u8, bias: bool, ranks: Vec<u8>, ids: Vec<Option<u8>> },
+    Quant { scheme: common::FuzzScheme, dims: Vec<u16>, big: bool },
+    Linear { scheme: common::FuzzScheme, out: u8, inp: u16, m: u8, bias: bool, ranks: Vec<u8>, ids: Vec<Option<u8>> },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -41,23 +33,29 @@ struct Input {
     seed: u64,
 }
 
+/// The scheme with every parameter made valid (group sizes 1..=300, allowed block sizes): this target
+/// compares paths, the `quantize` target covers invalid parameters.
+fn valid(s: Scheme) -> Scheme {
+    match s {
+        Scheme::Int8(Granularity::PerGroup(g)) => Scheme::Int8(Granularity::PerGroup(g % 300 + 1)),
+        Scheme::FourBit { format, blocksize, double_quant } if !nf4::BLOCK_SIZES.contains(&blocksize) => {
+            Scheme::FourBit { format, blocksize: nf4::BLOCK_SIZES[blocksize % nf4::BLOCK_SIZES.len()], double_quant }
+        }
+        s => s,
+    }
+}
+
 fn granularity(s: Scheme) -> Option<Granularity> {
     match s {
-        Scheme::Tensor => Some(Granularity::PerTensor),
-        Scheme::Channel => Some(Granularity::PerChannel),
-        Scheme::Group(g) => Some(Granularity::PerGroup(g as usize % 300 + 1)),
+        Scheme::Int8(g) => Some(g),
         Scheme::FourBit { .. } => None,
     }
 }
 
 fn four_bit(s: Scheme) -> Option<(FourBitFormat, usize, bool)> {
     match s {
-        Scheme::FourBit { fp4, blocksize, double_quant } => Some((
-            if fp4 { FourBitFormat::Fp4 } else { FourBitFormat::Nf4 },
-            nf4::BLOCK_SIZES[blocksize as usize % nf4::BLOCK_SIZES.len()],
-            double_quant,
-        )),
-        _ => None,
+        Scheme::FourBit { format, blocksize, double_quant } => Some((format, blocksize, double_quant)),
+        Scheme::Int8(_) => None,
     }
 }
 
@@ -195,14 +193,7 @@ fn linear(
         v.into_iter().map(|x| if x.is_finite() { x } else { 0.5 }).collect::<Vec<f32>>()
     };
     let w = vals(out * inp);
-    let weight = if let Some(g) = granularity(scheme) {
-        let Ok(t) = affine::quantize(&w, &[out, inp], g) else { return };
-        QuantWeight::Int8(t)
-    } else {
-        let (f, bs, dq) = four_bit(scheme).unwrap();
-        let Ok(t) = nf4::quantize_4bit(f, &w, &[out, inp], bs, dq) else { return };
-        QuantWeight::FourBit(t)
-    };
+    let Ok(weight) = QuantWeight::quantize(&w, &[out, inp], scheme) else { return };
     let b = bias.then(|| vals(out));
     let mut layer = QuantLinear::new(weight, b).expect("a valid layer");
     for (i, &r) in ranks.iter().take(3).enumerate() {
@@ -212,21 +203,22 @@ fn linear(
         layer.add_adapter(ad).unwrap();
     }
     let x = vals(m * inp);
-    let want = layer.forward_reference(&x).unwrap();
+    let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
     let all: Vec<usize> = (0..layer.adapters().len()).collect();
     let bound = bounds(&layer, &x, &vec![all; m]);
     for path in KernelPath::all_available() {
-        let got = layer.forward_with(&x, path).unwrap();
+        let got = layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap();
         check_linear(&got, &want, &bound, &format!("forward {out}x{inp} M={m} {path}"));
     }
     let n_ad = layer.adapters().len();
     let ids: Vec<Option<usize>> =
         (0..m).map(|r| ids.get(r).copied().flatten().filter(|_| n_ad > 0).map(|i| i as usize % n_ad.max(1))).collect();
-    let want = layer.forward_batch_reference(&x, &ids).unwrap();
+    let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference().adapter_ids(&ids)).unwrap();
     let rows: Vec<Vec<usize>> = ids.iter().map(|id| id.iter().copied().collect()).collect();
     let bound = bounds(&layer, &x, &rows);
     for path in KernelPath::all_available() {
-        let got = layer.forward_batch_with(&x, &ids, path).unwrap();
+        let got =
+            layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&ids).path(path)).unwrap();
         check_linear(&got, &want, &bound, &format!("batch {out}x{inp} M={m} {path}"));
     }
 }
@@ -234,19 +226,21 @@ fn linear(
 fuzz_target!(|input: Input| {
     match &input.target {
         Target::Quant { scheme, dims, big } => {
+            let Some(scheme) = scheme.scheme().map(valid) else { return };
             // `big` reaches the threaded paths (they start at 32k elements).
             let shape = common::make_shape(dims, if *big { 1 << 18 } else { 4096 });
             let n: usize = shape.iter().product();
             let x = common::make_values(n, &input.raw, input.fill, input.seed);
             match input.seed % 3 {
-                0 => quant(*scheme, &x, &shape),
-                1 => quant(*scheme, &x.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(), &shape),
-                _ => quant(*scheme, &x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), &shape),
+                0 => quant(scheme, &x, &shape),
+                1 => quant(scheme, &x.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(), &shape),
+                _ => quant(scheme, &x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), &shape),
             }
         }
         Target::Linear { scheme, out, inp, m, bias, ranks, ids } => {
+            let Some(scheme) = scheme.scheme().map(valid) else { return };
             let (out, inp, m) = (*out as usize % 70 + 1, *inp as usize % 600 + 1, *m as usize % 20);
-            linear(&input, *scheme, out, inp, m, *bias, ranks, ids);
+            linear(&input, scheme, out, inp, m, *bias, ranks, ids);
         }
     }
 });

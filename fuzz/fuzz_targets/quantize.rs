@@ -12,16 +12,8 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use lowbit::affine::{self, AffineTensor, Granularity};
 use lowbit::cpu::KernelPath;
-use lowbit::nf4::{self, BlockScales, FourBitFormat, FourBitTensor};
-use lowbit::{bf16, f16, Element, Error};
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-enum Scheme {
-    Tensor,
-    Channel,
-    Group(u32),
-    FourBit { fp4: bool, blocksize: u16, double_quant: bool },
-}
+use lowbit::nf4::{self, BlockScales, FourBitTensor};
+use lowbit::{bf16, f16, Element, Error, Scheme};
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Ty {
@@ -32,7 +24,7 @@ enum Ty {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    scheme: Scheme,
+    scheme: common::FuzzScheme,
     ty: Ty,
     dims: Vec<u16>,
     /// Elements added to (or removed from) the length the shape implies.
@@ -46,14 +38,9 @@ fn run<T: Element>(input: &Input, x: &[T], shape: &[usize], numel: usize) {
     let finite = x.iter().all(|v| v.to_f32().is_finite());
     let len_ok = x.len() == numel;
     let path = KernelPath::best();
-    match input.scheme {
-        Scheme::Tensor | Scheme::Channel | Scheme::Group(_) => {
-            let g = match input.scheme {
-                Scheme::Tensor => Granularity::PerTensor,
-                Scheme::Channel => Granularity::PerChannel,
-                Scheme::Group(g) => Granularity::PerGroup(g as usize),
-                _ => unreachable!(),
-            };
+    let Some(scheme) = input.scheme.scheme() else { return };
+    match scheme {
+        Scheme::Int8(g) => {
             let valid = finite && len_ok && g.validate().is_ok();
             let r = affine::quantize_with(x, shape, g, path);
             match r {
@@ -63,14 +50,8 @@ fn run<T: Element>(input: &Input, x: &[T], shape: &[usize], numel: usize) {
                 Ok(q) => check_affine(x, &q),
             }
         }
-        Scheme::FourBit { fp4, blocksize, double_quant } => {
-            let format = if fp4 { FourBitFormat::Fp4 } else { FourBitFormat::Nf4 };
-            // Mostly valid block sizes, sometimes arbitrary ones.
-            let bs = if blocksize & 0x8000 == 0 {
-                nf4::BLOCK_SIZES[blocksize as usize % nf4::BLOCK_SIZES.len()]
-            } else {
-                (blocksize & 0x7fff) as usize
-            };
+        Scheme::FourBit { format, blocksize: bs, double_quant } => {
+            // Mostly valid block sizes, sometimes arbitrary ones (FuzzScheme).
             let valid = finite && len_ok && nf4::BLOCK_SIZES.contains(&bs);
             let r = nf4::quantize_4bit_with(format, x, shape, bs, double_quant, path);
             match r {

@@ -5,6 +5,7 @@
 //! in small stack chunks first; outputs in f16/bf16 are produced in f32 chunks and then rounded, so every
 //! path computes the same f32 arithmetic as [`crate::reference::affine`].
 
+use super::dispatch::{kernels, AffineKernels};
 use crate::affine::{AffineParams, AffineTensor, Granularity};
 use crate::cpu::{Isa, KernelPath};
 use crate::element::Element;
@@ -74,42 +75,40 @@ pub(crate) fn dequantize_run_portable(codes: &[u8], p: AffineParams, out: &mut [
     }
 }
 
-// ---------------------------------------------------------------- per-ISA dispatch of run kernels
+// ---------------------------------------------------------------- tables and dispatch of run kernels
+
+/// The scalar reference run kernels.
+pub(crate) const SCALAR: AffineKernels = AffineKernels {
+    minmax: |x| x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v))),
+    quantize: |x, p, out| {
+        for (d, &s) in out.iter_mut().zip(x) {
+            *d = reference::quantize_value(s, p);
+        }
+    },
+    dequantize: |codes, p, out, _stream| {
+        for (d, &s) in out.iter_mut().zip(codes) {
+            *d = reference::dequantize_value(s, p);
+        }
+    },
+};
+
+/// The portable (`wide`) run kernels.
+pub(crate) const PORTABLE: AffineKernels = AffineKernels {
+    minmax: minmax_portable,
+    quantize: quantize_run_portable,
+    dequantize: |codes, p, out, _stream| dequantize_run_portable(codes, p, out),
+};
 
 fn minmax_run(isa: Isa, x: &[f32]) -> (f32, f32) {
-    match isa {
-        Isa::Scalar => x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v))),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => super::affine_x86::minmax(isa, x),
-        _ => minmax_portable(x),
-    }
+    (kernels(isa).affine.minmax)(x)
 }
 
 fn quantize_run(isa: Isa, x: &[f32], p: AffineParams, out: &mut [u8]) {
-    match isa {
-        Isa::Scalar => {
-            for (d, &s) in out.iter_mut().zip(x) {
-                *d = reference::quantize_value(s, p);
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => super::affine_x86::quantize_run(isa, x, p, out),
-        _ => quantize_run_portable(x, p, out),
-    }
+    (kernels(isa).affine.quantize)(x, p, out)
 }
 
 fn dequantize_run(isa: Isa, codes: &[u8], p: AffineParams, out: &mut [f32], stream: bool) {
-    let _ = stream;
-    match isa {
-        Isa::Scalar => {
-            for (d, &s) in out.iter_mut().zip(codes) {
-                *d = reference::dequantize_value(s, p);
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => super::affine_x86::dequantize_run(isa, codes, p, out, stream),
-        _ => dequantize_run_portable(codes, p, out),
-    }
+    (kernels(isa).affine.dequantize)(codes, p, out, stream)
 }
 
 // ---------------------------------------------------------------- element-type adapters

@@ -1,5 +1,5 @@
 //! AVX2 / AVX-512 versions of the affine run kernels (same names and results as the portable ones in
-//! `affine.rs`). Callers have checked `Isa::is_available()` before choosing `Isa::Avx2` / `Isa::Avx512`.
+//! `affine.rs`). Reached only through the kernel tables, which need a detection token.
 //!
 //! Exactness: quantize multiplies by the f32 reciprocal, rounds with round-to-nearest-even
 //! (`roundscale`/`round` with `_MM_FROUND_TO_NEAREST_INT`), adds the zero point in f32 (exact: both are
@@ -7,43 +7,34 @@
 //! conversion, so the code is the reference's. Dequantize converts the code and the zero point to f32 exactly,
 //! subtracts (exact) and multiplies once: the reference's single rounding.
 
+use super::dispatch::AffineKernels;
+use super::x86_features::{avx2_fn, avx512_fn, Avx2, Avx512};
 use crate::affine::AffineParams;
-use crate::cpu::Isa;
 use std::arch::x86_64::*;
 
 /// Outputs at least this long (in elements) are written with non-temporal stores, which skip reading the
 /// destination into cache; only worth it when the whole output is far larger than the last-level cache.
 pub(crate) const STREAM_MIN_RUN: usize = 4096;
 
-/// Min and max of a non-empty slice.
-pub(crate) fn minmax(isa: Isa, x: &[f32]) -> (f32, f32) {
-    match isa {
-        // SAFETY: the caller selected Avx512 only after `Isa::Avx512.is_available()` returned true.
-        Isa::Avx512 => unsafe { minmax_avx512(x) },
-        // SAFETY: as above for AVX2.
-        _ => unsafe { minmax_avx2(x) },
+/// The AVX2 run kernels (the token proves detection).
+pub(crate) fn avx2(_: Avx2) -> AffineKernels {
+    AffineKernels {
+        // SAFETY (all three): built only with an `Avx2` token, i.e. after AVX2/FMA/F16C were detected; the
+        // drivers in `affine.rs` pass equal lengths.
+        minmax: |x| unsafe { minmax_avx2(x) },
+        quantize: |x, p, out| unsafe { quantize_avx2(x, p, out) },
+        dequantize: |c, p, out, stream| unsafe { dequantize_avx2(c, p, out, stream && out.len() >= STREAM_MIN_RUN) },
     }
 }
 
-/// Codes for one run with one parameter pair.
-pub(crate) fn quantize_run(isa: Isa, x: &[f32], p: AffineParams, out: &mut [u8]) {
-    debug_assert_eq!(x.len(), out.len());
-    match isa {
-        // SAFETY: feature availability checked by the caller; lengths are equal (checked by the driver).
-        Isa::Avx512 => unsafe { quantize_avx512(x, p, out) },
-        // SAFETY: as above for AVX2.
-        _ => unsafe { quantize_avx2(x, p, out) },
-    }
-}
-
-/// Dequantized values for one run; `stream` asks for non-temporal stores.
-pub(crate) fn dequantize_run(isa: Isa, codes: &[u8], p: AffineParams, out: &mut [f32], stream: bool) {
-    debug_assert_eq!(codes.len(), out.len());
-    match isa {
-        // SAFETY: feature availability checked by the caller; lengths are equal (checked by the driver).
-        Isa::Avx512 => unsafe { dequantize_avx512(codes, p, out, stream && out.len() >= STREAM_MIN_RUN) },
-        // SAFETY: as above for AVX2.
-        _ => unsafe { dequantize_avx2(codes, p, out, stream && out.len() >= STREAM_MIN_RUN) },
+/// The AVX-512 run kernels (the token proves detection).
+pub(crate) fn avx512(_: Avx512) -> AffineKernels {
+    AffineKernels {
+        // SAFETY (all three): built only with an `Avx512` token, i.e. after AVX-512 F/BW/VL/DQ were detected;
+        // the drivers in `affine.rs` pass equal lengths.
+        minmax: |x| unsafe { minmax_avx512(x) },
+        quantize: |x, p, out| unsafe { quantize_avx512(x, p, out) },
+        dequantize: |c, p, out, stream| unsafe { dequantize_avx512(c, p, out, stream && out.len() >= STREAM_MIN_RUN) },
     }
 }
 
@@ -51,7 +42,7 @@ fn scalar_minmax(x: &[f32], acc: (f32, f32)) -> (f32, f32) {
     x.iter().fold(acc, |(l, h), &v| (l.min(v), h.max(v)))
 }
 
-#[target_feature(enable = "avx512f")]
+avx512_fn! {
 unsafe fn minmax_avx512(x: &[f32]) -> (f32, f32) {
     let n = x.len();
     let p = x.as_ptr();
@@ -78,8 +69,9 @@ unsafe fn minmax_avx512(x: &[f32]) -> (f32, f32) {
     let h = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
     scalar_minmax(&x[i..], (_mm512_reduce_min_ps(l), _mm512_reduce_max_ps(h)))
 }
+}
 
-#[target_feature(enable = "avx2")]
+avx2_fn! {
 unsafe fn minmax_avx2(x: &[f32]) -> (f32, f32) {
     let n = x.len();
     let p = x.as_ptr();
@@ -107,8 +99,9 @@ unsafe fn minmax_avx2(x: &[f32]) -> (f32, f32) {
     let acc = (la.into_iter().fold(f32::INFINITY, f32::min), ha.into_iter().fold(f32::NEG_INFINITY, f32::max));
     scalar_minmax(&x[i..], acc)
 }
+}
 
-#[target_feature(enable = "avx512f,avx512bw")]
+avx512_fn! {
 unsafe fn quantize_avx512(x: &[f32], p: AffineParams, out: &mut [u8]) {
     const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let n = x.len();
@@ -133,8 +126,9 @@ unsafe fn quantize_avx512(x: &[f32], p: AffineParams, out: &mut [u8]) {
         unsafe { _mm_mask_storeu_epi8(op.add(i) as *mut i8, m, code(_mm512_maskz_loadu_ps(m, xp.add(i)))) };
     }
 }
+}
 
-#[target_feature(enable = "avx2")]
+avx2_fn! {
 unsafe fn quantize_avx2(x: &[f32], p: AffineParams, out: &mut [u8]) {
     const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let n = x.len();
@@ -166,8 +160,9 @@ unsafe fn quantize_avx2(x: &[f32], p: AffineParams, out: &mut [u8]) {
     }
     super::affine::quantize_run_portable(&x[i..], p, &mut out[i..]);
 }
+}
 
-#[target_feature(enable = "avx512f,avx512bw")]
+avx512_fn! {
 unsafe fn dequantize_avx512(codes: &[u8], p: AffineParams, out: &mut [f32], stream: bool) {
     let n = codes.len();
     let scale = _mm512_set1_ps(p.scale);
@@ -204,8 +199,9 @@ unsafe fn dequantize_avx512(codes: &[u8], p: AffineParams, out: &mut [f32], stre
         unsafe { _mm512_mask_storeu_ps(op.add(i), m, value(_mm_maskz_loadu_epi8(m, cp.add(i) as *const i8))) };
     }
 }
+}
 
-#[target_feature(enable = "avx2")]
+avx2_fn! {
 unsafe fn dequantize_avx2(codes: &[u8], p: AffineParams, out: &mut [f32], stream: bool) {
     let n = codes.len();
     let scale = _mm256_set1_ps(p.scale);
@@ -236,4 +232,5 @@ unsafe fn dequantize_avx2(codes: &[u8], p: AffineParams, out: &mut [f32], stream
         i += 8;
     }
     super::affine::dequantize_run_portable(&codes[i..], p, &mut out[i..]);
+}
 }

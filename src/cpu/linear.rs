@@ -13,9 +13,11 @@
 //! `__m512` (AVX-512), fused multiply-add. The 4-bit decode uses table lookups in registers on x86
 //! (`linear_x86.rs`) and a 256-entry byte→pair table elsewhere.
 
+use super::dispatch::{kernels, LinearKernels};
 use crate::affine::Granularity;
 use crate::cpu::KernelPath;
-use crate::linear::{AdapterSelection, QuantLinear, QuantWeight};
+use crate::element::Element;
+use crate::format::layer::{AdapterSelection, LayerView, QuantWeight};
 
 /// Input features per chunk (the K-blocking of the GEMM).
 pub(crate) const KC: usize = 1024;
@@ -110,25 +112,27 @@ pub(crate) fn four_bit_pairs(
     }
 }
 
-/// Everything a block job needs, borrowed from the layer.
+/// Everything a block job needs, borrowed from the layer and the scratch.
 pub(crate) struct Job<'a> {
-    pub layer: &'a QuantLinear,
+    pub layer: LayerView<'a>,
     pub x: &'a [f32],
     pub m: usize,
     pub pairs: &'a [[f32; 2]; 256],
-    /// Per adapter: `Some(t)` with `t[row * rank + r]` for rows that use it (zeros elsewhere).
-    pub shrink: &'a [Option<Vec<f32>>],
+    /// Per adapter: `t[row * rank + r]` (zeros for rows that do not use it); only read where `used[a]`.
+    pub shrink: &'a [Vec<f32>],
+    /// Per adapter: whether any row uses it.
+    pub used: &'a [bool],
     pub sel: AdapterSelection<'a>,
 }
 
 /// Decodes a tile: rows `o0..o0+rows` of `W`, columns `k0..k0+kc`, into `tile[j * KC ..]`.
 #[inline(always)]
 fn decode_tile<D: Decoder>(job: &Job<'_>, o0: usize, rows: usize, k0: usize, kc: usize, tile: &mut [f32]) {
-    let n_in = job.layer.in_features();
+    let n_in = job.layer.in_features;
     for j in 0..rows {
         let o = o0 + j;
         let out = &mut tile[j * KC..j * KC + kc];
-        match job.layer.weight() {
+        match job.layer.weight {
             QuantWeight::Int8(t) => {
                 let codes = &t.codes()[o * n_in + k0..o * n_in + k0 + kc];
                 let run = |e: usize, c: &[u8], o: &mut [f32]| int8_run(c, t.scales()[e], t.zero_points()[e], o);
@@ -148,7 +152,7 @@ fn decode_tile<D: Decoder>(job: &Job<'_>, o0: usize, rows: usize, k0: usize, kc:
             }
             QuantWeight::FourBit(t) => {
                 let shift = t.blocksize().trailing_zeros();
-                D::four_bit(t.packed(), o * n_in + k0, t.table(), job.pairs, &job.layer.block_scales, shift, out);
+                D::four_bit(t.packed(), o * n_in + k0, t.table(), job.pairs, job.layer.block_scales(), shift, out);
             }
         }
     }
@@ -283,7 +287,7 @@ fn tile_pass<V: Vf, D: Decoder>(
     zeros: &[f32; KC],
     out: &mut [f32],
 ) {
-    let (n_in, m) = (job.layer.in_features(), job.m);
+    let (n_in, m) = (job.layer.in_features, job.m);
     let kc = KC.min(n_in - k0);
     let rows = TILE_ROWS.min(ob - t0);
     decode_tile::<D>(job, o0 + t0, rows, k0, kc, tile);
@@ -336,9 +340,10 @@ pub(crate) fn block_job<V: Vf, D: Decoder>(job: &Job<'_>, o0: usize, ob: usize, 
 /// `out += x · W[o0..o0+ob]ᵀ` through decoded tiles (any format, any alignment).
 #[inline(always)]
 pub(crate) fn tiled_product<V: Vf, D: Decoder>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
-    let (n_in, m) = (job.layer.in_features(), job.m);
+    let (n_in, m) = (job.layer.in_features, job.m);
     let zeros = [0.0f32; KC];
-    let mut tile = vec![0.0f32; TILE_ROWS * KC];
+    // 16 KiB on the stack: no allocation per block.
+    let mut tile = [0.0f32; TILE_ROWS * KC];
     // Both orders add the chunks of each output in the same order (k ascending), so they give the same bits.
     if m <= GEMV_MAX_M {
         // Few rows of x (all in cache): sweep each tile of W across all of K, so the packed weight is read as a
@@ -364,14 +369,17 @@ pub(crate) fn output_pass<V: Vf>(job: &Job<'_>, o0: usize, ob: usize, out: &mut 
     let layer = job.layer;
     for r in 0..job.m {
         let y_row = &mut out[r * ob..(r + 1) * ob];
-        if let Some(b) = layer.bias() {
+        if let Some(b) = layer.bias {
             for (y, b) in y_row.iter_mut().zip(&b[o0..o0 + ob]) {
                 *y += b;
             }
         }
         for a in layer.adapters_for_row(job.sel, r) {
-            let ad = &layer.adapters()[a];
-            let Some(t) = &job.shrink[a] else { continue };
+            let ad = &layer.adapters[a];
+            if !job.used[a] {
+                continue;
+            }
+            let t = &job.shrink[a];
             let rank = ad.rank();
             let t_row = &t[r * rank..(r + 1) * rank];
             let s = ad.scaling();
@@ -383,103 +391,127 @@ pub(crate) fn output_pass<V: Vf>(job: &Job<'_>, o0: usize, ob: usize, out: &mut 
     }
 }
 
-/// The LoRA shrink `t = x·Aᵀ` for every adapter used by some row (rows that do not use it stay zero). The
-/// `rows × rank` dot products are independent, so they are split over threads (each computed whole by one
-/// thread: the result does not depend on the split).
+/// Scratch a forward reuses across calls: per-adapter shrink results and the block-major accumulator. After
+/// the first call with a given shape, a call allocates nothing.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    shrink: Vec<Vec<f32>>,
+    used: Vec<bool>,
+    acc: Vec<f32>,
+}
+
+/// The LoRA shrink `t = x·Aᵀ` for every adapter used by some row (rows that do not use it stay zero), into
+/// `scratch`. The `rows × rank` dot products are independent, so they are split over threads (each computed
+/// whole by one thread: the result does not depend on the split).
 fn shrink_all(
-    layer: &QuantLinear,
+    layer: LayerView<'_>,
     x: &[f32],
     m: usize,
     sel: AdapterSelection<'_>,
     path: KernelPath,
-) -> Vec<Option<Vec<f32>>> {
-    let n_in = layer.in_features();
-    layer
-        .adapters()
-        .iter()
-        .enumerate()
-        .map(|(a, ad)| {
-            let rank = ad.rank();
-            let items: Vec<(usize, usize)> = (0..m)
-                .filter(|&r| layer.adapters_for_row(sel, r).any(|b| b == a))
-                .flat_map(|r| (0..rank).map(move |k| (r, k)))
-                .collect();
-            if items.is_empty() {
-                return None;
+    scratch: &mut Scratch,
+) {
+    let n_in = layer.in_features;
+    let n_ad = layer.adapters.len();
+    let dot_fn = kernels(path.isa).linear.dot;
+    scratch.used.clear();
+    scratch.used.extend((0..n_ad).map(|a| (0..m).any(|r| layer.uses(sel, r, a))));
+    if scratch.shrink.len() < n_ad {
+        scratch.shrink.resize_with(n_ad, Vec::new);
+    }
+    for (a, ad) in layer.adapters.iter().enumerate() {
+        if !scratch.used[a] {
+            continue;
+        }
+        let rank = ad.rank();
+        let t = &mut scratch.shrink[a];
+        t.clear();
+        t.resize(m * rank, 0.0);
+        let one = |i: usize, v: &mut f32| {
+            let (r, k) = (i / rank, i % rank);
+            if layer.uses(sel, r, a) {
+                *v = dot_fn(&x[r * n_in..(r + 1) * n_in], &ad.a()[k * n_in..(k + 1) * n_in]);
             }
-            let one = |&(r, k): &(usize, usize)| {
-                dot_isa(path.isa, &x[r * n_in..(r + 1) * n_in], &ad.a()[k * n_in..(k + 1) * n_in])
-            };
-            let dots: Vec<f32> = if cfg!(feature = "rayon") && path.parallel && items.len() * n_in >= 1 << 16 {
-                par_map(&items, one)
-            } else {
-                items.iter().map(one).collect()
-            };
-            let mut t = vec![0.0f32; m * rank];
-            for (&(r, k), d) in items.iter().zip(dots) {
-                t[r * rank + k] = d;
-            }
-            Some(t)
-        })
-        .collect()
-}
-
-/// One dot product with the kernels for `isa`.
-fn dot_isa(isa: crate::cpu::Isa, a: &[f32], b: &[f32]) -> f32 {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        crate::cpu::Isa::Avx2 | crate::cpu::Isa::Avx512 => super::linear_x86::dot(isa, a, b),
-        _ => dot::<wide::f32x8>(a, b),
+        };
+        if path.parallel && m * rank * n_in >= 1 << 16 {
+            par_for_each(t, one);
+        } else {
+            t.iter_mut().enumerate().for_each(|(i, v)| one(i, v));
+        }
     }
 }
+
+/// The portable (`wide`) linear kernels.
+pub(crate) const PORTABLE: LinearKernels =
+    LinearKernels { block: block_job::<wide::f32x8, PortableDecoder>, dot: dot::<wide::f32x8> };
 
 /// Byte → (value of the high nibble, value of the low nibble).
 fn pair_table(table: &[f32; 16]) -> [[f32; 2]; 256] {
     std::array::from_fn(|b| [table[b >> 4], table[b & 15]])
 }
 
-/// The fused forward. `x` is `[m, in]` f32, already validated.
-pub(crate) fn forward(layer: &QuantLinear, x: &[f32], m: usize, sel: AdapterSelection<'_>, path: KernelPath) -> Vec<f32> {
-    let n_out = layer.out_features();
-    let pairs = match layer.weight() {
+/// The fused forward into `y` (`[m, out]` row-major, rounded to `O`). `x` is `[m, in]` f32, already validated
+/// together with `sel`; `y.len() == m * out`. Allocates only when `scratch` must grow.
+pub(crate) fn forward_into<O: Element>(
+    layer: LayerView<'_>,
+    x: &[f32],
+    m: usize,
+    sel: AdapterSelection<'_>,
+    path: KernelPath,
+    scratch: &mut Scratch,
+    y: &mut [O],
+) {
+    let n_out = layer.out_features;
+    if m == 0 {
+        return;
+    }
+    let pairs = match layer.weight {
         QuantWeight::FourBit(t) => pair_table(t.table()),
         QuantWeight::Int8(_) => [[0.0; 2]; 256],
     };
     let isa = path.isa;
-    let shrink = shrink_all(layer, x, m, sel, path);
-    let job = Job { layer, x, m, pairs: &pairs, shrink: &shrink, sel };
-    let blocks: Vec<(usize, usize)> = (0..n_out).step_by(OUT_BLOCK).map(|o0| (o0, OUT_BLOCK.min(n_out - o0))).collect();
-    let run = |&(o0, ob): &(usize, usize)| {
-        let mut out = vec![0.0f32; m * ob];
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            crate::cpu::Isa::Avx2 | crate::cpu::Isa::Avx512 => {
-                super::linear_x86::block_job(isa, &job, o0, ob, &mut out)
-            }
-            _ => block_job::<wide::f32x8, PortableDecoder>(&job, o0, ob, &mut out),
-        }
-        out
-    };
-    let parts: Vec<Vec<f32>> = if cfg!(feature = "rayon") && path.parallel && blocks.len() > 1 {
-        par_map(&blocks, run)
+    shrink_all(layer, x, m, sel, path, scratch);
+    let Scratch { shrink, used, acc } = scratch;
+    let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel };
+    // Block-major accumulator: block b (outputs o0..o0+ob) is `[m, ob]` at offset o0 * m, so every block owns
+    // one contiguous piece (disjoint pieces for the threads).
+    acc.clear();
+    acc.resize(m * n_out, 0.0);
+    let block = kernels(isa).linear.block;
+    let run = |b: usize, out: &mut [f32]| block(&job, b * OUT_BLOCK, out.len() / m, out);
+    let chunk = m * OUT_BLOCK;
+    if path.parallel && n_out > OUT_BLOCK {
+        par_chunks_for_each(acc, chunk, run);
     } else {
-        blocks.iter().map(run).collect()
-    };
-    let mut y = vec![0.0f32; m * n_out];
-    for ((o0, ob), part) in blocks.iter().zip(parts) {
+        acc.chunks_mut(chunk).enumerate().for_each(|(b, out)| run(b, out));
+    }
+    // Scatter the blocks into y's rows, rounding to O.
+    for (b, part) in acc.chunks(chunk).enumerate() {
+        let (o0, ob) = (b * OUT_BLOCK, part.len() / m);
         for r in 0..m {
-            y[r * n_out + o0..r * n_out + o0 + ob].copy_from_slice(&part[r * ob..(r + 1) * ob]);
+            O::narrow_slice(&part[r * ob..(r + 1) * ob], &mut y[r * n_out + o0..r * n_out + o0 + ob]);
         }
     }
-    y
 }
 
-fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync + Send) -> Vec<R> {
+/// `f(i, &mut items[i])` for every item, over the rayon pool when the feature is on.
+fn par_for_each(items: &mut [f32], f: impl Fn(usize, &mut f32) + Sync + Send) {
     #[cfg(feature = "rayon")]
     {
         use rayon::prelude::*;
-        items.par_iter().map(f).collect()
+        items.par_iter_mut().enumerate().for_each(|(i, v)| f(i, v));
     }
     #[cfg(not(feature = "rayon"))]
-    items.iter().map(f).collect()
+    items.iter_mut().enumerate().for_each(|(i, v)| f(i, v));
+}
+
+/// `f(b, chunk_b)` for consecutive chunks of `chunk` items, over the rayon pool when the feature is on.
+fn par_chunks_for_each(items: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        items.par_chunks_mut(chunk).enumerate().for_each(|(b, c)| f(b, c));
+    }
+    #[cfg(not(feature = "rayon"))]
+    items.chunks_mut(chunk).enumerate().for_each(|(b, c)| f(b, c));
 }

@@ -2,46 +2,47 @@
 //! `#[target_feature]` functions (so LLVM vectorizes them to AVX2 / AVX-512 with FMA), and 4-bit decoders that
 //! look the 16-entry table up in registers.
 
+use super::dispatch::LinearKernels;
 use super::linear::{dot as generic_dot, four_bit_segments, output_pass, tiled_product, Decoder, Job, Vf};
+use super::x86_features::{avx2_fn, avx512_fn, Avx2, Avx512};
 use crate::affine::Granularity;
-use crate::cpu::Isa;
-use crate::linear::QuantWeight;
+use crate::format::layer::QuantWeight;
 use std::arch::x86_64::*;
 
-/// Runs one output block with the kernels for `isa` (AVX2 or AVX-512, checked available by the caller).
-pub(crate) fn block_job(isa: Isa, job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
-    match isa {
-        // SAFETY: the caller chose Avx512 only after `Isa::Avx512.is_available()`.
-        Isa::Avx512 => unsafe { block_job_avx512(job, o0, ob, out) },
-        // SAFETY: as above for AVX2 (+FMA, checked together by `Isa::Avx2.is_available()`).
-        _ => unsafe { block_job_avx2(job, o0, ob, out) },
+/// The AVX2 + FMA linear kernels (the token proves detection).
+pub(crate) fn avx2(_: Avx2) -> LinearKernels {
+    LinearKernels {
+        // SAFETY (both): built only with an `Avx2` token, i.e. after AVX2/FMA/F16C were detected.
+        block: |job, o0, ob, out| unsafe { block_job_avx2(job, o0, ob, out) },
+        dot: |a, b| unsafe { dot_avx2(a, b) },
     }
 }
 
-/// A dot product with the kernels for `isa` (AVX2 or AVX-512, checked available by the caller).
-pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
-    match isa {
-        // SAFETY: availability checked by the caller, as above.
-        Isa::Avx512 => unsafe { dot_avx512(a, b) },
-        // SAFETY: availability checked by the caller, as above.
-        _ => unsafe { dot_avx2(a, b) },
+/// The AVX-512 linear kernels (the token proves detection).
+pub(crate) fn avx512(_: Avx512) -> LinearKernels {
+    LinearKernels {
+        // SAFETY (both): built only with an `Avx512` token, i.e. after AVX-512 F/BW/VL/DQ were detected.
+        block: |job, o0, ob, out| unsafe { block_job_avx512(job, o0, ob, out) },
+        dot: |a, b| unsafe { dot_avx512(a, b) },
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+avx512_fn! {
 unsafe fn block_job_avx512(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
     if !fused_gemv::<V512, Avx512Decoder>(job, o0, ob, out) {
         tiled_product::<V512, Avx512Decoder>(job, o0, ob, out);
     }
     output_pass::<V512>(job, o0, ob, out);
 }
+}
 
-#[target_feature(enable = "avx2,fma")]
+avx2_fn! {
 unsafe fn block_job_avx2(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
     if !fused_gemv::<V256, Avx2Decoder>(job, o0, ob, out) {
         tiled_product::<V256, Avx2Decoder>(job, o0, ob, out);
     }
     output_pass::<V256>(job, o0, ob, out);
+}
 }
 
 /// GEMV for 4-bit weights whose rows hold whole blocks (`in % blocksize == 0`) and M ≤ 4: each group of 16
@@ -51,7 +52,7 @@ unsafe fn block_job_avx2(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
 /// extra ulp of `|w|` per product, inside the bound the tests state.
 #[inline(always)]
 fn fused_gemv<V: Vf, D: Table16<V>>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
-    let t = match job.layer.weight() {
+    let t = match job.layer.weight {
         QuantWeight::FourBit(t) => t,
         QuantWeight::Int8(_) => {
             return match job.m {
@@ -63,7 +64,7 @@ fn fused_gemv<V: Vf, D: Table16<V>>(job: &Job<'_>, o0: usize, ob: usize, out: &m
             }
         }
     };
-    let (n_in, m, bs) = (job.layer.in_features(), job.m, t.blocksize());
+    let (n_in, m, bs) = (job.layer.in_features, job.m, t.blocksize());
     if m == 0 || m > 4 || n_in % bs != 0 {
         return false;
     }
@@ -110,10 +111,10 @@ fn gemv_row_group<V: Vf, D: Table16<V>, const R: usize, const J: usize>(
     ob: usize,
     out: &mut [f32],
 ) {
-    let n_in = job.layer.in_features();
-    let QuantWeight::FourBit(t) = job.layer.weight() else { return };
+    let n_in = job.layer.in_features;
+    let QuantWeight::FourBit(t) = job.layer.weight else { return };
     let tab = D::load_table(t.table());
-    let scales = &job.layer.block_scales;
+    let scales = job.layer.block_scales();
     let rows: [&[u8]; J] = std::array::from_fn(|i| {
         let o = o0 + j0 + i;
         &packed[o * n_in / 2..(o + 1) * n_in / 2]
@@ -157,8 +158,8 @@ fn gemv_row_group<V: Vf, D: Table16<V>, const R: usize, const J: usize>(
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
 fn int8_gemv_rows<V: Vf, D: Table16<V>, const R: usize>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
-    let QuantWeight::Int8(t) = job.layer.weight() else { return false };
-    let n_in = job.layer.in_features();
+    let QuantWeight::Int8(t) = job.layer.weight else { return false };
+    let n_in = job.layer.in_features;
     let (run, per_row) = match t.granularity() {
         Granularity::PerTensor | Granularity::PerChannel => (n_in, 1),
         Granularity::PerGroup(g) if g % 16 == 0 => (g, n_in.div_ceil(g)),
@@ -218,14 +219,16 @@ pub(crate) trait Table16<V: Vf> {
     fn widen16(bytes: &[u8; 16]) -> [V; 2];
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+avx512_fn! {
 unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     generic_dot::<V512>(a, b)
 }
+}
 
-#[target_feature(enable = "avx2,fma")]
+avx2_fn! {
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     generic_dot::<V256>(a, b)
+}
 }
 
 /// 16 f32 lanes in an AVX-512 register. Only used inside `block_job_avx512` / `dot_avx512`, which enable

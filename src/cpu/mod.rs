@@ -1,21 +1,26 @@
 //! Fast CPU kernels and the choice of instruction set.
 //!
-//! Every kernel exists once in portable form (plain Rust or `wide`) and optionally once per instruction set,
-//! with the same name in a sibling file (`x86.rs`, ...). Dispatch is at run time: a default build (no
-//! `-C target-cpu`) uses AVX2 or AVX-512 on a CPU that has them. An [`Isa`] a kernel has no special version for
-//! falls back to the next lower one, so adding an instruction set never touches the callers.
+//! Every kernel exists once in portable form (plain Rust or `wide`, in `affine.rs`, `nf4.rs`, `linear.rs`) and
+//! optionally once per instruction set in a sibling file with the same names (`affine_x86.rs`, `nf4_x86.rs`,
+//! `linear_x86.rs`). Each instruction set has one table of kernel functions (`dispatch.rs`), built once after
+//! run-time detection (`x86_features.rs` holds the feature lists and the detection tokens): a default build
+//! (no `-C target-cpu`) uses AVX2 or AVX-512 on a CPU that has them, and adding an instruction set means adding
+//! one table, never touching the callers.
 //!
 //! Every path gives the same codes and the same dequantized bits as [`crate::reference`].
 
 pub(crate) mod affine;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod affine_x86;
+pub(crate) mod dispatch;
 pub(crate) mod linear;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_x86;
 pub(crate) mod nf4;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod nf4_x86;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_features;
 
 /// An instruction-set level for CPU kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -23,18 +28,13 @@ pub(crate) mod nf4_x86;
 pub enum Isa {
     /// Plain scalar Rust (the reference loops); always available.
     Scalar,
-    /// Portable SIMD through `wide` (SSE2 on x86_64, NEON on aarch64, simd128 on wasm when enabled).
+    /// Portable SIMD through `wide`: SSE2 on x86_64, NEON on aarch64, simd128 on wasm32 when built with
+    /// `-C target-feature=+simd128` (the same kernels, compiled for the target; not listed separately).
     Portable,
-    /// x86_64 SSSE3 (byte shuffles), detected at run time.
-    Ssse3,
     /// x86_64 AVX2 + FMA + F16C, detected at run time.
     Avx2,
     /// x86_64 AVX-512 F/BW/VL/DQ, detected at run time.
     Avx512,
-    /// aarch64 NEON (always present on aarch64).
-    Neon,
-    /// wasm32 simd128 (chosen at compile time with `-C target-feature=+simd128`).
-    Simd128,
 }
 
 impl Isa {
@@ -43,48 +43,28 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Portable => "portable",
-            Isa::Ssse3 => "ssse3",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
-            Isa::Neon => "neon",
-            Isa::Simd128 => "simd128",
         }
     }
 
-    /// Whether this CPU (and this build) can run kernels of this level.
+    /// Whether this CPU (and this build) can run kernels of this level (detected once, then cached).
     pub fn is_available(self) -> bool {
         match self {
             Isa::Scalar | Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Ssse3 => std::arch::is_x86_feature_detected!("ssse3"),
+            Isa::Avx2 => x86_features::Avx2::detect().is_some(),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                    && std::arch::is_x86_feature_detected!("f16c")
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("avx512dq")
-            }
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
-            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-            Isa::Simd128 => true,
+            Isa::Avx512 => x86_features::Avx512::detect().is_some(),
             #[allow(unreachable_patterns)]
             _ => false,
         }
     }
 
-    /// Every level this CPU can run, lowest first (always starts with `Scalar`, `Portable`).
+    /// Every level this CPU can run, lowest first (always starts with `Scalar`, `Portable`). Only levels
+    /// with kernels of their own are listed, so no kernel is timed or labelled twice.
     pub fn available() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Portable, Isa::Ssse3, Isa::Avx2, Isa::Avx512, Isa::Neon, Isa::Simd128]
-            .into_iter()
-            .filter(|i| i.is_available())
-            .collect()
+        [Isa::Scalar, Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.is_available()).collect()
     }
 
     /// The fastest available level (cached after the first call).

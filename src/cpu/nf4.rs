@@ -9,6 +9,7 @@
 //! The AVX2 / AVX-512 kernels live in `nf4_x86.rs` with the same names. NEON and wasm `simd128` use the
 //! portable `wide` kernels.
 
+use super::dispatch::{kernels, with_out_slice, FourBitKernels, OutSlice};
 use crate::cpu::{Isa, KernelPath};
 use crate::element::Element;
 use crate::reference::nf4::{self as reference, Codebook};
@@ -113,23 +114,32 @@ pub(crate) fn dequantize_run_portable(packed: &[u8], absmax: f32, table: &[f32; 
     }
 }
 
-// ---------------------------------------------------------------- per-ISA dispatch
+// ---------------------------------------------------------------- tables and dispatch
+
+/// The scalar reference kernels.
+pub(crate) const SCALAR: FourBitKernels = FourBitKernels {
+    absbits: absbits_portable,
+    quantize: quantize_run_scalar,
+    dequantize: |packed, absmax, bs, table, out, _stream| {
+        with_out_slice!(out, |o| dequantize_span_scalar(packed, absmax, bs, table, o))
+    },
+};
+
+/// The portable (`wide`) kernels.
+pub(crate) const PORTABLE: FourBitKernels = FourBitKernels {
+    absbits: absbits_portable,
+    quantize: quantize_run_portable,
+    dequantize: |packed, absmax, bs, table, out, _stream| {
+        with_out_slice!(out, |o| dequantize_span_portable(packed, absmax, bs, table, o))
+    },
+};
 
 fn absbits_run(isa: Isa, x: &[f32]) -> u32 {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => super::nf4_x86::absbits(isa, x),
-        _ => absbits_portable(x),
-    }
+    (kernels(isa).four_bit.absbits)(x)
 }
 
 fn quantize_run(isa: Isa, x: &[f32], absmax: f32, cb: &Codebook, out: &mut [u8]) {
-    match isa {
-        Isa::Scalar => quantize_run_scalar(x, absmax, cb, out),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => super::nf4_x86::quantize_run(isa, x, absmax, cb, out),
-        _ => quantize_run_portable(x, absmax, cb, out),
-    }
+    (kernels(isa).four_bit.quantize)(x, absmax, cb, out)
 }
 
 /// Quantizes a span of whole blocks (the last possibly partial) into `packed` / `absmax`. Stops with `Err` at
@@ -195,24 +205,27 @@ fn dequantize_span<T: Element>(
     out: &mut [T],
     stream: bool,
 ) {
-    match isa {
-        Isa::Scalar => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = T::from_f32(reference::dequantize_value(reference::code_at(packed, i), absmax[i / bs], table));
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => super::nf4_x86::dequantize_span(isa, packed, absmax, bs, table, out, stream),
-        _ => {
-            let _ = stream;
-            let mut buf = vec![0.0f32; if T::DTYPE == DType::F32 { 0 } else { bs }];
-            for ((o, p), &a) in out.chunks_mut(bs).zip(packed.chunks(bs / 2)).zip(absmax) {
-                if let Some(of) = as_f32_mut(o) {
-                    dequantize_run_portable(p, a, table, of);
-                } else {
-                    dequantize_run_portable(p, a, table, &mut buf[..o.len()]);
-                    T::narrow_slice(&buf[..o.len()], o);
-                }
+    (kernels(isa).four_bit.dequantize)(packed, absmax, bs, table, OutSlice::of(out), stream)
+}
+
+/// The scalar reference span: one value at a time.
+fn dequantize_span_scalar<T: Element>(packed: &[u8], absmax: &[f32], bs: usize, table: &[f32; 16], out: &mut [T]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = T::from_f32(reference::dequantize_value(reference::code_at(packed, i), absmax[i / bs], table));
+    }
+}
+
+/// The portable span: a block at a time through f32 (rounded to `T` from a stack chunk).
+fn dequantize_span_portable<T: Element>(packed: &[u8], absmax: &[f32], bs: usize, table: &[f32; 16], out: &mut [T]) {
+    let mut buf = [0.0f32; 256];
+    for ((o, p), &a) in out.chunks_mut(bs).zip(packed.chunks(bs / 2)).zip(absmax) {
+        if let Some(of) = as_f32_mut(o) {
+            dequantize_run_portable(p, a, table, of);
+        } else {
+            // Blocks of up to 4096 elements: 256 at a time (an even count, so chunks stay byte-aligned).
+            for (oc, pc) in o.chunks_mut(256).zip(p.chunks(128)) {
+                dequantize_run_portable(pc, a, table, &mut buf[..oc.len()]);
+                T::narrow_slice(&buf[..oc.len()], oc);
             }
         }
     }

@@ -8,65 +8,49 @@
 //!   branchless 4-step binary search over the 15 sorted midpoints held in a register (the same count as the
 //!   reference's "midpoints strictly below"), then the sorted-position → code permutation (identity for NF4).
 //!
-//! Every function checks at run time that its instruction set is present before calling the
-//! `#[target_feature]` code, falling back to the portable kernel otherwise.
+//! Reached only through the kernel tables, which need a detection token.
 
-use crate::cpu::Isa;
+use super::dispatch::{with_out_slice, FourBitKernels};
+use super::x86_features::{avx2_fn, avx512_fn, Avx2, Avx512};
 use crate::element::Element;
 use crate::reference::nf4::{self as reference, Codebook};
 use crate::DType;
 use std::arch::x86_64::*;
 
-/// Largest `|x|` as f32 bits (see `absbits_portable`): exact absmax, `>= 0x7f80_0000` on NaN/infinity.
-pub(crate) fn absbits(isa: Isa, x: &[f32]) -> u32 {
-    if isa == Isa::Avx512 && Isa::Avx512.is_available() {
-        // SAFETY: AVX-512 F/BW/VL/DQ presence was checked just above.
-        unsafe { absbits_512(x) }
-    } else if Isa::Avx2.is_available() {
-        // SAFETY: AVX2 presence was checked just above.
-        unsafe { absbits_256(x) }
-    } else {
-        super::nf4::absbits_portable(x)
-    }
-}
-
-/// Packed codes of a run inside one block (starting at an even element), odd count padded.
-pub(crate) fn quantize_run(isa: Isa, x: &[f32], absmax: f32, cb: &Codebook, out: &mut [u8]) {
-    if isa == Isa::Avx512 && Isa::Avx512.is_available() {
-        // SAFETY: AVX-512 presence checked; `out` holds ceil(x.len()/2) bytes (asserted inside).
-        unsafe { quantize_run_512(x, absmax, cb, out) }
-    } else if Isa::Avx2.is_available() {
-        // SAFETY: AVX2 presence checked; lengths asserted inside.
-        unsafe { quantize_run_256(x, absmax, cb, out) }
-    } else {
-        super::nf4::quantize_run_portable(x, absmax, cb, out)
-    }
-}
-
-/// Dequantizes a span that starts at a block boundary (`out.len()` elements).
-pub(crate) fn dequantize_span<T: Element>(
-    isa: Isa,
-    packed: &[u8],
-    absmax: &[f32],
-    bs: usize,
-    table: &[f32; 16],
-    out: &mut [T],
-    stream: bool,
-) {
-    let n = out.len();
+/// Checks what the `#[target_feature]` dequantize kernels rely on (buffer lengths, block size).
+fn check_span(packed: &[u8], absmax: &[f32], bs: usize, n: usize) {
     assert!(packed.len() >= n.div_ceil(2) && absmax.len() >= n.div_ceil(bs) && bs.is_power_of_two() && bs >= 32);
-    if isa == Isa::Avx512 && Isa::Avx512.is_available() {
-        // SAFETY: AVX-512 presence checked; buffer lengths asserted above.
-        unsafe { dequantize_span_512(packed, absmax, bs, table, out, stream) }
-    } else if Isa::Avx2.is_available() {
-        // SAFETY: AVX2 presence checked; buffer lengths asserted above.
-        unsafe { dequantize_span_256(packed, absmax, bs, table, out, stream) }
-    } else {
-        let mut tmp = vec![0.0f32; n];
-        for (i, o) in tmp.iter_mut().enumerate() {
-            *o = reference::dequantize_value(reference::code_at(packed, i), absmax[i / bs], table);
-        }
-        T::narrow_slice(&tmp, out);
+}
+
+/// The AVX2 kernels (the token proves detection).
+pub(crate) fn avx2(_: Avx2) -> FourBitKernels {
+    FourBitKernels {
+        // SAFETY (all three): built only with an `Avx2` token (AVX2/FMA/F16C detected); quantize asserts its
+        // lengths inside, dequantize after `check_span`.
+        absbits: |x| unsafe { absbits_256(x) },
+        quantize: |x, absmax, cb, out| unsafe { quantize_run_256(x, absmax, cb, out) },
+        dequantize: |packed, absmax, bs, table, out, stream| {
+            with_out_slice!(out, |o| {
+                check_span(packed, absmax, bs, o.len());
+                unsafe { dequantize_span_256(packed, absmax, bs, table, o, stream) }
+            })
+        },
+    }
+}
+
+/// The AVX-512 kernels (the token proves detection).
+pub(crate) fn avx512(_: Avx512) -> FourBitKernels {
+    FourBitKernels {
+        // SAFETY (all three): built only with an `Avx512` token (AVX-512 F/BW/VL/DQ detected); quantize asserts
+        // its lengths inside, dequantize after `check_span`.
+        absbits: |x| unsafe { absbits_512(x) },
+        quantize: |x, absmax, cb, out| unsafe { quantize_run_512(x, absmax, cb, out) },
+        dequantize: |packed, absmax, bs, table, out, stream| {
+            with_out_slice!(out, |o| {
+                check_span(packed, absmax, bs, o.len());
+                unsafe { dequantize_span_512(packed, absmax, bs, table, o, stream) }
+            })
+        },
     }
 }
 
@@ -89,7 +73,7 @@ fn aligned_head<T>(out: &[T], align: usize) -> Option<usize> {
 
 // ---------------------------------------------------------------- AVX-512
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+avx512_fn! {
 unsafe fn absbits_512(x: &[f32]) -> u32 {
     let mask = _mm512_set1_epi32(0x7fff_ffff);
     let mut m0 = _mm512_setzero_si512();
@@ -107,10 +91,11 @@ unsafe fn absbits_512(x: &[f32]) -> u32 {
     let r = _mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1));
     x[i..].iter().fold(r, |m, v| m.max(v.to_bits() & 0x7fff_ffff))
 }
+}
 
+avx512_fn! {
 /// Sorted-position search: the number of `mids` strictly below each lane of `xn` (mids in lanes 0..15,
 /// lane 15 unused), then mapped through `codes`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 #[inline]
 fn codes_512(xn: __m512, mids: __m512, codes: __m512i) -> __m512i {
     let mut pos = _mm512_setzero_si512();
@@ -121,8 +106,9 @@ fn codes_512(xn: __m512, mids: __m512, codes: __m512i) -> __m512i {
     }
     _mm512_permutexvar_epi32(pos, codes)
 }
+}
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+avx512_fn! {
 unsafe fn quantize_run_512(x: &[f32], absmax: f32, cb: &Codebook, out: &mut [u8]) {
     assert!(out.len() >= x.len().div_ceil(2));
     let inv = _mm512_set1_ps(1.0f32 / absmax.max(reference::ABSMAX_FLOOR));
@@ -148,8 +134,9 @@ unsafe fn quantize_run_512(x: &[f32], absmax: f32, cb: &Codebook, out: &mut [u8]
     }
     super::nf4::quantize_run_scalar(&x[i..], absmax, cb, &mut out[i / 2..]);
 }
+}
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+avx512_fn! {
 unsafe fn dequantize_span_512<T: Element>(
     packed: &[u8],
     absmax: &[f32],
@@ -234,9 +221,10 @@ unsafe fn dequantize_span_512<T: Element>(
         put(out, i, packed, absmax, bs, table);
     }
 }
+}
 
+avx512_fn! {
 /// f32 → bf16 bits, round to nearest even (exact for finite values, subnormals included).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 #[inline]
 fn bf16_512(y: __m512) -> __m256i {
     let bits = _mm512_castps_si512(y);
@@ -244,10 +232,11 @@ fn bf16_512(y: __m512) -> __m256i {
     let r = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
     _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(r))
 }
+}
 
 // ---------------------------------------------------------------- AVX2
 
-#[target_feature(enable = "avx2,fma,f16c")]
+avx2_fn! {
 unsafe fn absbits_256(x: &[f32]) -> u32 {
     let mask = _mm256_set1_epi32(0x7fff_ffff);
     let mut m0 = _mm256_setzero_si256();
@@ -267,16 +256,18 @@ unsafe fn absbits_256(x: &[f32]) -> u32 {
     let r = lanes.into_iter().fold(0u32, u32::max);
     x[i..].iter().fold(r, |m, v| m.max(v.to_bits() & 0x7fff_ffff))
 }
+}
 
+avx2_fn! {
 /// 16-entry lookup of f32 `lo`/`hi` table halves by the low 4 bits of `idx` (bit 3 picks the half).
-#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn lut_256(idx: __m256i, lo: __m256, hi: __m256) -> __m256 {
     let sel = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
     _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx), sel)
 }
+}
 
-#[target_feature(enable = "avx2,fma,f16c")]
+avx2_fn! {
 unsafe fn quantize_run_256(x: &[f32], absmax: f32, cb: &Codebook, out: &mut [u8]) {
     assert!(out.len() >= x.len().div_ceil(2));
     let inv = _mm256_set1_ps(1.0f32 / absmax.max(reference::ABSMAX_FLOOR));
@@ -318,8 +309,9 @@ unsafe fn quantize_run_256(x: &[f32], absmax: f32, cb: &Codebook, out: &mut [u8]
     }
     super::nf4::quantize_run_scalar(&x[i..], absmax, cb, &mut out[i / 2..]);
 }
+}
 
-#[target_feature(enable = "avx2,fma,f16c")]
+avx2_fn! {
 unsafe fn dequantize_span_256<T: Element>(
     packed: &[u8],
     absmax: &[f32],
@@ -400,9 +392,10 @@ unsafe fn dequantize_span_256<T: Element>(
         put(out, i, packed, absmax, bs, table);
     }
 }
+}
 
+avx2_fn! {
 /// f32 → bf16 bits, round to nearest even (exact for finite values).
-#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn bf16_256(y: __m256) -> __m128i {
     let bits = _mm256_castps_si256(y);
@@ -411,4 +404,5 @@ fn bf16_256(y: __m256) -> __m128i {
     // r < 2^16 in every lane: pack to u16 (per 128-bit lane), then gather the two low halves.
     let p = _mm256_packus_epi32(r, r);
     _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(p))
+}
 }

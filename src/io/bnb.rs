@@ -41,6 +41,7 @@
 //! ```
 
 use crate::double_quant::DoubleQuantScales;
+use crate::io::source::{self, bytes_to_f32, Borrowed, Entry, Source};
 use crate::io::{float_dtype, view_to_f32, Limits, TensorData};
 use crate::nf4::{BlockScales, FourBitFormat, FourBitTensor, BLOCK_SIZES};
 use crate::{DType, Error, Result};
@@ -78,11 +79,7 @@ pub fn is_bnb_quantized<'a>(names: impl IntoIterator<Item = &'a str>) -> bool {
 /// The names of every 4-bit weight in `file` (each weight with a `quant_state.bitsandbytes__*` key), sorted
 /// and without duplicates.
 pub fn quantized_weight_names(file: &SafeTensors<'_>) -> Vec<String> {
-    let mut names: Vec<String> =
-        file.names().into_iter().filter_map(weight_of_quant_state_key).map(str::to_string).collect();
-    names.sort();
-    names.dedup();
-    names
+    crate::io::checkpoint::quantized_weights(&crate::io::Layout::Bnb4bit, &Borrowed(file))
 }
 
 /// Double-quantization fields of a [`QuantStateJson`].
@@ -343,31 +340,24 @@ impl Bnb4bitLayer {
     }
 }
 
-fn get<'a>(file: &'a SafeTensors<'_>, key: &str, weight: &str) -> Result<Option<TensorView<'a>>> {
-    match file.tensor(key) {
-        Ok(v) => Ok(Some(v)),
-        Err(safetensors::SafeTensorError::TensorNotFound(_)) => Ok(None),
-        Err(e) => Err(Error::format(format!("bitsandbytes weight `{weight}`"), format!("tensor `{key}`: {e}"))),
-    }
+fn get<'a>(src: &'a dyn Source, key: &str) -> Option<Entry<'a>> {
+    src.entry(key)
 }
 
-fn require<'a>(file: &'a SafeTensors<'_>, key: &str, weight: &str) -> Result<TensorView<'a>> {
-    get(file, key, weight)?
+fn require<'a>(src: &'a dyn Source, key: &str, weight: &str) -> Result<Entry<'a>> {
+    get(src, key)
         .ok_or_else(|| Error::format(format!("bitsandbytes weight `{weight}`"), format!("missing tensor `{key}`")))
 }
 
-fn check_view(view: &TensorView<'_>, key: &str, dtypes: &[Dtype], len: usize, what: &str) -> Result<()> {
+fn check_view(view: &Entry<'_>, key: &str, dtypes: &[Dtype], len: usize, what: &str) -> Result<()> {
     let ctx = format!("tensor `{key}`");
-    if !dtypes.contains(&view.dtype()) {
-        return Err(Error::format(ctx, format!("dtype {:?}, expected {}", view.dtype(), dtype_list(dtypes))));
+    if !dtypes.contains(&view.dtype) {
+        return Err(Error::format(ctx, format!("dtype {:?}, expected {}", view.dtype, dtype_list(dtypes))));
     }
     // safetensors validated the shape against the data length; numel is checked anyway.
-    let numel = crate::shape::numel(view.shape()).map_err(|e| Error::format(&ctx, e.to_string()))?;
+    let numel = crate::shape::numel(&view.shape).map_err(|e| Error::format(&ctx, e.to_string()))?;
     if numel != len {
-        return Err(Error::format(
-            ctx,
-            format!("{numel} elements (shape {:?}), expected {len} ({what})", view.shape()),
-        ));
+        return Err(Error::format(ctx, format!("{numel} elements (shape {:?}), expected {len} ({what})", view.shape)));
     }
     Ok(())
 }
@@ -376,8 +366,8 @@ fn dtype_list(d: &[Dtype]) -> String {
     d.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>().join(" or ")
 }
 
-fn f32_values(view: &TensorView<'_>, key: &str) -> Result<Vec<f32>> {
-    let v = view_to_f32(key, view)?;
+fn f32_values(view: &Entry<'_>, key: &str) -> Result<Vec<f32>> {
+    let v = bytes_to_f32(key, view.dtype, view.data)?;
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         return Err(Error::format(
             format!("tensor `{key}`"),
@@ -403,6 +393,12 @@ pub fn load_weight(file: &SafeTensors<'_>, name: &str) -> Result<FourBitTensor> 
 /// and [`Limits::max_json_depth`] before it is parsed, and the weight against [`Limits::max_tensor_bytes`]
 /// (its packed bytes, and `numel × 4` bytes decoded to f32) before anything is copied.
 pub fn load_weight_with_limits(file: &SafeTensors<'_>, name: &str, limits: &Limits) -> Result<FourBitTensor> {
+    load_weight_from(&Borrowed(file), name, limits)
+}
+
+/// [`load_weight_with_limits`] on any [`Source`]: the packed codes and the double-quantized scale codes are
+/// [`Source::bytes`] (views of a shared checkpoint, copies of a borrowed buffer).
+pub(crate) fn load_weight_from(file: &dyn Source, name: &str, limits: &Limits) -> Result<FourBitTensor> {
     let ctx = format!("bitsandbytes weight `{name}`");
     let qs_prefix = format!("{name}{QUANT_STATE_INFIX}");
     let mut qs_keys: Vec<&str> = file.names().into_iter().filter(|k| k.starts_with(&qs_prefix)).collect();
@@ -425,13 +421,13 @@ pub fn load_weight_with_limits(file: &SafeTensors<'_>, name: &str, limits: &Limi
         ));
     };
     let qs_view = require(file, qs_key, name)?;
-    if qs_view.dtype() != Dtype::U8 {
+    if qs_view.dtype != Dtype::U8 {
         return Err(Error::format(
             format!("tensor `{qs_key}`"),
-            format!("dtype {:?}, expected U8 (UTF-8 JSON bytes)", qs_view.dtype()),
+            format!("dtype {:?}, expected U8 (UTF-8 JSON bytes)", qs_view.dtype),
         ));
     }
-    let qs = QuantStateJson::parse_with_limits(qs_view.data(), &format!("quant state `{qs_key}`"), limits)?;
+    let qs = QuantStateJson::parse_with_limits(qs_view.data, &format!("quant state `{qs_key}`"), limits)?;
     if tag_type != qs.format.name() {
         return Err(Error::format(
             ctx,
@@ -448,23 +444,24 @@ pub fn load_weight_with_limits(file: &SafeTensors<'_>, name: &str, limits: &Limi
     // as bitsandbytes does (`A.view(torch.uint8)`).
     let w = require(file, name, name)?;
     const STORAGE: [Dtype; 5] = [Dtype::U8, Dtype::I8, Dtype::F16, Dtype::BF16, Dtype::F32];
-    if !STORAGE.contains(&w.dtype()) {
+    if !STORAGE.contains(&w.dtype) {
         return Err(Error::format(
             format!("tensor `{name}`"),
-            format!("dtype {:?}, expected U8 packed 4-bit codes", w.dtype()),
+            format!("dtype {:?}, expected U8 packed 4-bit codes", w.dtype),
         ));
     }
-    if w.data().len() != packed_len {
+    if w.data.len() != packed_len {
         return Err(Error::format(
             format!("tensor `{name}`"),
             format!(
                 "{} bytes (shape {:?}), expected (numel + 1) / 2 = {packed_len} for shape {:?}",
-                w.data().len(),
-                w.shape(),
+                w.data.len(),
+                w.shape,
                 qs.shape
             ),
         ));
     }
+    limits.check_tensor_bytes(&format!("tensor `{name}`"), w.data.len())?;
     // The packed bytes are present (checked above); the decoded tensor must fit the limit too.
     limits.check_elements(&format!("tensor `{name}` decoded to f32"), numel, 4)?;
 
@@ -491,8 +488,8 @@ pub fn load_weight_with_limits(file: &SafeTensors<'_>, name: &str, limits: &Limi
     let absmax_view = require(file, &absmax_key, name)?;
     let nested_key = format!("{name}.nested_absmax");
     let nmap_key = format!("{name}.nested_quant_map");
-    let nested_view = get(file, &nested_key, name)?;
-    let nmap_view = get(file, &nmap_key, name)?;
+    let nested_view = get(file, &nested_key);
+    let nmap_view = get(file, &nmap_key);
     let what = format!("ceil({numel} / {}) blocks", qs.blocksize);
     let scales = match (qs.nested, nested_view, nmap_view) {
         (None, None, None) => {
@@ -526,9 +523,9 @@ pub fn load_weight_with_limits(file: &SafeTensors<'_>, name: &str, limits: &Limi
             check_view(&mv, &nmap_key, &[Dtype::F32], 256, "the 256-entry dynamic map")?;
             let m = f32_values(&mv, &nmap_key)?;
             let map: Box<[f32; 256]> = Box::new(std::array::from_fn(|i| m[i]));
-            let dq =
-                DoubleQuantScales::from_parts(absmax_view.data().to_vec(), nested_absmax, n.offset, n.blocksize, map)
-                    .map_err(|e| Error::format(&ctx, format!("double-quantized scales: {e}")))?;
+            let codes = file.bytes(&absmax_key, &absmax_view);
+            let dq = DoubleQuantScales::from_parts(codes, nested_absmax, n.offset, n.blocksize, map)
+                .map_err(|e| Error::format(&ctx, format!("double-quantized scales: {e}")))?;
             BlockScales::Double(dq)
         }
         (nested, nv, mv) => {
@@ -545,33 +542,33 @@ pub fn load_weight_with_limits(file: &SafeTensors<'_>, name: &str, limits: &Limi
             ));
         }
     };
-    FourBitTensor::from_parts(qs.shape, qs.format, qs.blocksize, table, w.data().to_vec(), scales, qs.dtype)
+    let packed = file.bytes(name, &w);
+    FourBitTensor::from_parts(qs.shape, qs.format, qs.blocksize, table, packed, scales, qs.dtype)
         .map_err(|e| Error::format(ctx, e.to_string()))
 }
 
 /// Reads one 4-bit Linear layer: the weight `{prefix}weight` (see [`load_weight`]) and the optional bias
 /// `{prefix}bias`. `prefix` is the module path with its trailing dot (`"model.layers.0.mlp.up_proj."`), or
-/// `""` for a bare layer state dict.
+/// `""` for a bare layer state dict. The tensors are copied out of `file`; [`crate::io::Checkpoint::layer`]
+/// reads the same layout (same checks, same bias rule) without copying the packed codes.
 ///
-/// Errors as [`load_weight`], and when the bias is not a floating tensor of `shape[0]` elements.
+/// Errors as [`load_weight`], and when the bias is not an F32/F16/BF16 tensor of `shape[0]` elements.
 pub fn load_layer(file: &SafeTensors<'_>, prefix: &str) -> Result<Bnb4bitLayer> {
     load_layer_with_limits(file, prefix, &Limits::DEFAULT)
 }
 
 /// [`load_layer`] under explicit limits (see [`load_weight_with_limits`]).
 pub fn load_layer_with_limits(file: &SafeTensors<'_>, prefix: &str, limits: &Limits) -> Result<Bnb4bitLayer> {
+    let src = Borrowed(file);
     let name = format!("{prefix}weight");
-    let weight = load_weight_with_limits(file, &name, limits)?;
+    let weight = load_weight_from(&src, &name, limits)?;
     let bias_key = format!("{prefix}bias");
-    let bias = match get(file, &bias_key, &name)? {
-        None => None,
-        Some(b) => {
-            let out = weight.shape().first().copied().unwrap_or(1);
-            check_view(&b, &bias_key, &[Dtype::F32, Dtype::F16, Dtype::BF16], out, "one per output feature")?;
-            limits.check_tensor_bytes(&format!("tensor `{bias_key}`"), b.data().len())?;
-            Some(TensorData::from_view(&b))
-        }
-    };
+    let out = weight.shape().first().copied().unwrap_or(1);
+    let bias = source::bias_entry(&src, &bias_key, out, limits)?.map(|b| TensorData {
+        dtype: b.dtype,
+        shape: b.shape,
+        data: b.data.to_vec(),
+    });
     Ok(Bnb4bitLayer { weight, bias })
 }
 

@@ -32,7 +32,8 @@
 //! ```
 
 use crate::affine::{AffineTensor, Granularity};
-use crate::io::{view_to_f32, TensorData};
+use crate::io::source::{bytes_to_f32, Borrowed, Source};
+use crate::io::{check_header, Limits, TensorData};
 use crate::{DType, Error, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -82,8 +83,17 @@ pub fn metadata<'a>(
     meta
 }
 
-/// The `__metadata__` string map of safetensors bytes already in memory (empty if absent).
+/// The `__metadata__` string map of safetensors bytes already in memory (empty if absent), under
+/// [`Limits::DEFAULT`] (see [`read_metadata_with_limits`]).
 pub fn read_metadata(bytes: &[u8]) -> Result<HashMap<String, String>> {
+    read_metadata_with_limits(bytes, &Limits::DEFAULT)
+}
+
+/// [`read_metadata`] under explicit limits: the header's declared length is checked against
+/// [`Limits::max_json_bytes`] and the bytes present, and its nesting against [`Limits::max_json_depth`], before
+/// it is parsed.
+pub fn read_metadata_with_limits(bytes: &[u8], limits: &Limits) -> Result<HashMap<String, String>> {
+    check_header(bytes, limits, "safetensors buffer")?;
     let (_, meta) =
         SafeTensors::read_metadata(bytes).map_err(|e| Error::format("safetensors buffer", e.to_string()))?;
     Ok(meta.metadata().clone().unwrap_or_default())
@@ -136,33 +146,46 @@ impl Int8Layout {
     }
 
     /// Loads weight `name` from `st`, checking every entry's presence, dtype (U8 codes, F32 1-D scales, U8 1-D
-    /// zero points) and length, and the scales (finite, positive) through [`AffineTensor::from_parts`].
+    /// zero points) and length, and the scales (finite, positive) through [`AffineTensor::from_parts`], under
+    /// [`Limits::DEFAULT`]. The codes are copied out of `st` ([`crate::io::Checkpoint::layer`] shares them).
     /// Errors are [`Error::Format`] naming the weight; never panics.
     pub fn load(&self, st: &SafeTensors<'_>, name: &str) -> Result<AffineTensor> {
+        self.load_with_limits(st, name, &Limits::DEFAULT)
+    }
+
+    /// [`load`](Self::load) under explicit limits: the codes are refused if they are larger than
+    /// [`Limits::max_tensor_bytes`], stored or decoded to f32 (`numel × 4`), before anything is copied.
+    pub fn load_with_limits(&self, st: &SafeTensors<'_>, name: &str, limits: &Limits) -> Result<AffineTensor> {
+        self.load_from(&Borrowed(st), name, limits)
+    }
+
+    pub(crate) fn load_from(&self, st: &dyn Source, name: &str, limits: &Limits) -> Result<AffineTensor> {
         let ctx = format!("int8 weight `{name}`");
         let get = |key: &str, dtype: Dtype, one_d: bool| -> Result<_> {
-            let view = st.tensor(key).map_err(|_| Error::format(&ctx, format!("entry `{key}` is missing")))?;
-            if view.dtype() != dtype {
+            let view = st.entry(key).ok_or_else(|| Error::format(&ctx, format!("entry `{key}` is missing")))?;
+            if view.dtype != dtype {
                 return Err(Error::format(
                     &ctx,
-                    format!("entry `{key}` has dtype {:?}, expected {dtype:?}", view.dtype()),
+                    format!("entry `{key}` has dtype {:?}, expected {dtype:?}", view.dtype),
                 ));
             }
-            if one_d && view.shape().len() != 1 {
-                return Err(Error::format(&ctx, format!("entry `{key}` has shape {:?}, expected 1-D", view.shape())));
+            if one_d && view.shape.len() != 1 {
+                return Err(Error::format(&ctx, format!("entry `{key}` has shape {:?}, expected 1-D", view.shape)));
             }
+            limits.check_tensor_bytes(&format!("{ctx}: entry `{key}`"), view.data.len())?;
             Ok(view)
         };
         let codes = get(name, Dtype::U8, false)?;
+        limits.check_elements(&format!("{ctx} decoded to f32"), codes.data.len(), 4)?;
         let scales = get(&scale_key(name), Dtype::F32, true)?;
         let zero_points = get(&zero_point_key(name), Dtype::U8, true)?;
-        let scales = view_to_f32(&scale_key(name), &scales)?;
+        let scales = bytes_to_f32(&scale_key(name), scales.dtype, scales.data)?;
         AffineTensor::from_parts(
-            codes.shape().to_vec(),
+            codes.shape.clone(),
             self.granularity,
-            codes.data().to_vec(),
+            st.bytes(name, &codes),
             scales,
-            zero_points.data().to_vec(),
+            st.bytes(&zero_point_key(name), &zero_points),
         )
         .map_err(|e| Error::format(&ctx, e.to_string()))
     }

@@ -1,5 +1,9 @@
-//! Reading and writing tensors in safetensors files.
+//! Reading and writing tensors in safetensors files (the `io` feature, on by default).
 //!
+//! * [`Checkpoint`] opens a safetensors file, a Hugging Face model directory or a sharded directory, memory-maps
+//!   each file once and builds [`QuantLinear`](crate::linear::QuantLinear) layers whose packed codes are views of
+//!   the mapped pages (no copy). Layout detection ([`Layout`]: bitsandbytes 4-bit, lowbit int8, dense), the bias
+//!   rule and the [`Limits`] live there once; the older loaders below share the same code.
 //! * [`SafetensorsFile`] memory-maps a file and validates its header (no unbounded allocation on corrupt
 //!   input: safetensors checks every offset against the file length before anything is read).
 //! * [`write_safetensors`] writes to a temporary file next to the destination and renames it into place, so a
@@ -9,10 +13,13 @@
 //!   before anything proportional to a declared size is allocated or parsed.
 
 pub mod bnb;
+mod checkpoint;
 pub mod int8;
 mod limits;
 pub mod peft;
+mod source;
 
+pub use checkpoint::{Checkpoint, Layout, HF_INDEX_FILE, HF_WEIGHTS_FILE};
 pub use limits::Limits;
 
 use crate::{DType, Error, Result};
@@ -80,22 +87,11 @@ pub fn safetensors_dtype(d: DType) -> Dtype {
 
 /// Decodes a floating tensor view (F32/F16/BF16, any alignment) to f32.
 pub fn view_to_f32(name: &str, view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
-    let data = view.data();
-    let out = match view.dtype() {
-        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => {
-            return Err(Error::format(
-                format!("tensor `{name}`"),
-                format!("dtype {other:?}, expected F32, F16 or BF16"),
-            ))
-        }
-    };
-    Ok(out)
+    source::bytes_to_f32(name, view.dtype(), view.data())
 }
 
-/// A memory-mapped safetensors file.
+/// A memory-mapped safetensors file, parsed on demand ([`tensors`](Self::tensors) borrows the map). For
+/// quantized layers that share the map, see [`Checkpoint`].
 pub struct SafetensorsFile {
     path: PathBuf,
     // Declared before the map it borrows from is dropped (see `tensors`).
@@ -114,8 +110,10 @@ impl SafetensorsFile {
     pub fn open_with_limits(path: impl AsRef<Path>, limits: Limits) -> Result<SafetensorsFile> {
         let path = path.as_ref().to_path_buf();
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        // SAFETY: the map is read-only; lowbit never writes the file. As with every mmap, another process
-        // truncating the file while it is mapped is outside what Rust can guard against (documented).
+        // SAFETY: the map is read-only and lowbit never writes the file. Another process truncating or
+        // rewriting the file while it is mapped would change or remove bytes under the borrowed slices (a
+        // truncation makes reading the lost pages raise SIGBUS); that is outside what Rust can guard against and
+        // is documented on `Checkpoint` ("Memory mapping"): do not modify a checkpoint file while it is open.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
         let f = SafetensorsFile { path, map, limits };
         f.tensors()?; // validate the header now
@@ -165,7 +163,7 @@ pub fn parse_safetensors_with_limits<'a>(bytes: &'a [u8], limits: &Limits) -> Re
 const HEADER_LEN_BYTES: usize = 8;
 
 /// Checks the header's declared length against the limits and the bytes present, and its JSON depth.
-fn check_header(bytes: &[u8], limits: &Limits, ctx: &str) -> Result<()> {
+pub(crate) fn check_header(bytes: &[u8], limits: &Limits, ctx: &str) -> Result<()> {
     let Some(len) = bytes.get(..HEADER_LEN_BYTES) else {
         return Err(Error::format(ctx, format!("{} bytes, shorter than the 8-byte header length", bytes.len())));
     };
@@ -187,7 +185,7 @@ fn check_header(bytes: &[u8], limits: &Limits, ctx: &str) -> Result<()> {
     limits.check_json(&format!("{ctx} header"), &bytes[HEADER_LEN_BYTES..HEADER_LEN_BYTES + declared as usize])
 }
 
-fn parse_with_context<'a>(bytes: &'a [u8], limits: &Limits, ctx: &str) -> Result<SafeTensors<'a>> {
+pub(crate) fn parse_with_context<'a>(bytes: &'a [u8], limits: &Limits, ctx: &str) -> Result<SafeTensors<'a>> {
     check_header(bytes, limits, ctx)?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| Error::format(ctx, e.to_string()))?;
     for (name, view) in st.iter() {

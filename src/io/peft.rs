@@ -34,8 +34,10 @@
 //! # Ok::<(), lowbit::Error>(())
 //! ```
 
-use crate::io::{bnb, int8, view_to_f32, SafetensorsFile};
-use crate::linear::{QuantLinear, QuantWeight};
+use crate::io::checkpoint::{self, Layout};
+use crate::io::source::Borrowed;
+use crate::io::{view_to_f32, Limits, SafetensorsFile};
+use crate::linear::QuantLinear;
 use crate::lora::LoraAdapter;
 use crate::{Error, Result};
 use safetensors::SafeTensors;
@@ -80,10 +82,17 @@ pub struct PeftConfig {
 }
 
 impl PeftConfig {
-    /// Parses and validates `adapter_config.json` text (see the module docs for what is rejected).
+    /// Parses and validates `adapter_config.json` text (see the module docs for what is rejected), under
+    /// [`Limits::DEFAULT`].
     pub fn parse(json: &str) -> Result<PeftConfig> {
+        PeftConfig::parse_with_limits(json, &Limits::DEFAULT)
+    }
+
+    /// [`parse`](Self::parse) under explicit limits: the text is refused before parsing when it is longer than
+    /// [`Limits::max_json_bytes`] or nested deeper than [`Limits::max_json_depth`].
+    pub fn parse_with_limits(json: &str, limits: &Limits) -> Result<PeftConfig> {
         let ctx = CONFIG_FILE;
-        let v: Value = serde_json::from_str(json).map_err(|e| Error::format(ctx, format!("invalid JSON: {e}")))?;
+        let v: Value = limits.parse_json(ctx, json.as_bytes())?;
         let obj = v.as_object().ok_or_else(|| Error::format(ctx, "expected a JSON object at the top level"))?;
         let field = |k: &str| obj.get(k).filter(|v| !v.is_null());
         let truthy = |k: &str| -> Result<bool> {
@@ -327,9 +336,18 @@ fn split_key(key: &str) -> Result<LoraKey<'_>> {
 }
 
 impl PeftAdapter {
-    /// Loads and validates an adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
-    /// Errors: [`Error::Io`] for a missing or unreadable file, otherwise as [`PeftAdapter::from_parts`].
+    /// Loads and validates an adapter directory (`adapter_config.json` + `adapter_model.safetensors`) under
+    /// [`Limits::DEFAULT`]. Errors: [`Error::Io`] for a missing or unreadable file, otherwise as
+    /// [`PeftAdapter::from_parts`].
     pub fn load(dir: impl AsRef<Path>) -> Result<PeftAdapter> {
+        PeftAdapter::load_with_limits(dir, &Limits::DEFAULT)
+    }
+
+    /// [`load`](Self::load) under explicit limits: the config is refused before it is read when it is larger
+    /// than [`Limits::max_json_bytes`] (or [`MAX_CONFIG_LEN`]), the weights file's header as in
+    /// [`SafetensorsFile::open_with_limits`], and every LoRA matrix as in
+    /// [`from_parts_with_limits`](Self::from_parts_with_limits).
+    pub fn load_with_limits(dir: impl AsRef<Path>, limits: &Limits) -> Result<PeftAdapter> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
             return Err(Error::io(
@@ -338,7 +356,7 @@ impl PeftAdapter {
             ));
         }
         let cfg_path = dir.join(CONFIG_FILE);
-        let json = read_small_text(&cfg_path)?;
+        let json = read_small_text(&cfg_path, limits)?;
         let weights_path = dir.join(WEIGHTS_FILE);
         if !weights_path.is_file() {
             let hint = if dir.join("adapter_model.bin").is_file() {
@@ -348,9 +366,9 @@ impl PeftAdapter {
             };
             return Err(Error::io(&weights_path, std::io::Error::new(std::io::ErrorKind::NotFound, hint)));
         }
-        let file = SafetensorsFile::open(&weights_path)?;
+        let file = SafetensorsFile::open_with_limits(&weights_path, *limits)?;
         let st = file.tensors()?;
-        Self::from_parts(&json, &st).map_err(|e| match e {
+        Self::from_parts_with_limits(&json, &st, limits).map_err(|e| match e {
             Error::Format { context, detail } => {
                 Error::Format { context: format!("{} ({context})", dir.display()), detail }
             }
@@ -359,9 +377,20 @@ impl PeftAdapter {
     }
 
     /// Builds an adapter from the text of `adapter_config.json` and the parsed weights file, validating
-    /// everything listed in the module docs. Modules are sorted by path.
+    /// everything listed in the module docs, under [`Limits::DEFAULT`]. Modules are sorted by path.
     pub fn from_parts(config_json: &str, weights: &SafeTensors<'_>) -> Result<PeftAdapter> {
-        let config = PeftConfig::parse(config_json)?;
+        PeftAdapter::from_parts_with_limits(config_json, weights, &Limits::DEFAULT)
+    }
+
+    /// [`from_parts`](Self::from_parts) under explicit limits: the config as in
+    /// [`PeftConfig::parse_with_limits`]; every LoRA matrix is refused before it is decoded when its stored
+    /// bytes or its f32 size (`numel × 4`) exceed [`Limits::max_tensor_bytes`].
+    pub fn from_parts_with_limits(
+        config_json: &str,
+        weights: &SafeTensors<'_>,
+        limits: &Limits,
+    ) -> Result<PeftAdapter> {
+        let config = PeftConfig::parse_with_limits(config_json, limits)?;
         let mut names: Vec<&str> = weights.names();
         names.sort();
         let mut key_adapter_name: Option<Option<&str>> = None;
@@ -401,8 +430,8 @@ impl PeftAdapter {
             let a_key = a_key.ok_or_else(|| missing(true, b_key.unwrap_or_default()))?;
             let b_key = b_key.ok_or_else(|| missing(false, a_key))?;
             let (rank, alpha) = config.rank_and_alpha(path)?;
-            let (a, a_shape) = load_matrix(weights, a_key)?;
-            let (b, b_shape) = load_matrix(weights, b_key)?;
+            let (a, a_shape) = load_matrix(weights, a_key, limits)?;
+            let (b, b_shape) = load_matrix(weights, b_key, limits)?;
             if a_shape[0] != rank || a_shape[1] == 0 {
                 return Err(Error::shape(format!("`{a_key}` (lora_A: [r, in], r = {rank})"), a_shape, ["r", "in ≥ 1"]));
             }
@@ -508,24 +537,32 @@ fn ab(is_a: bool) -> &'static str {
     }
 }
 
-fn read_small_text(path: &Path) -> Result<String> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.len() > MAX_CONFIG_LEN {
+fn read_small_text(path: &Path, limits: &Limits) -> Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let max = MAX_CONFIG_LEN.min(limits.max_json_bytes as u64);
+    if len > max {
         return Err(Error::format(
             path.display().to_string(),
-            format!("{} bytes, more than the {MAX_CONFIG_LEN} accepted for a config", meta.len()),
+            format!("{len} bytes, more than the {max} accepted for a config (Limits::max_json_bytes)"),
         ));
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    // At most one byte past the limit, even if the file grows meanwhile (then parsing reports the size).
+    file.take(max + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
     String::from_utf8(bytes).map_err(|e| Error::format(path.display().to_string(), format!("not UTF-8: {e}")))
 }
 
-fn load_matrix(st: &SafeTensors<'_>, key: &str) -> Result<(Vec<f32>, [usize; 2])> {
+fn load_matrix(st: &SafeTensors<'_>, key: &str, limits: &Limits) -> Result<(Vec<f32>, [usize; 2])> {
     let view = st.tensor(key).map_err(|e| Error::format(format!("tensor `{key}`"), e.to_string()))?;
     let shape = match *view.shape() {
         [r, c] => [r, c],
         ref s => return Err(Error::shape(format!("`{key}` (a 2-D LoRA matrix)"), s, "[rows, cols]")),
     };
+    let ctx = format!("{WEIGHTS_FILE}: tensor `{key}`");
+    limits.check_tensor_bytes(&ctx, view.data().len())?;
+    limits.check_elements(&format!("{ctx} decoded to f32"), shape[0].saturating_mul(shape[1]), 4)?;
     let v = view_to_f32(key, &view)?;
     if let Some(index) = v.iter().position(|x| !x.is_finite()) {
         return Err(Error::NonFinite { arg: format!("tensor `{key}`"), index, value: v[index] });
@@ -536,66 +573,45 @@ fn load_matrix(st: &SafeTensors<'_>, key: &str) -> Result<(Vec<f32>, [usize; 2])
 /// Builds one [`QuantLinear`] per quantized 2-D `P.weight` of a checkpoint, with its bias `P.bias` if
 /// present, returned as `(P, layer)` sorted by `P` (the module path PEFT keys use).
 ///
-/// * A bitsandbytes 4-bit checkpoint (any `*.quant_state.bitsandbytes__*` key; [`bnb::load_layer`]).
-/// * A lowbit int8 file (metadata `lowbit.scheme = int8`; [`int8::Int8Layout::load`]); its biases are plain
-///   F32/F16/BF16 tensors of `out` elements.
+/// * A bitsandbytes 4-bit checkpoint (any `*.quant_state.bitsandbytes__*` key; [`crate::io::bnb::load_layer`]).
+/// * A lowbit int8 file (metadata `lowbit.scheme = int8`; [`crate::io::int8::Int8Layout::load`]).
 ///
-/// Quantized tensors whose name does not end in `.weight` are skipped. Errors: a file that is neither
-/// format ([`Error::Unsupported`]), or any malformed weight or bias ([`Error::Format`] / [`Error::ShapeMismatch`]).
+/// The layout detection and the bias rule (F32/F16/BF16, `out` elements, finite) are those of
+/// [`Checkpoint`](crate::io::Checkpoint) (which builds the same layers without copying the codes); the limits
+/// are `file`'s. Quantized tensors whose name does not end in `.weight` are skipped. Errors: a file that is
+/// neither format ([`Error::Unsupported`]), or any malformed weight or bias ([`Error::Format`]).
 pub fn load_quant_linears(file: &SafetensorsFile) -> Result<Vec<(String, QuantLinear)>> {
     let st = file.tensors()?;
     let meta = file.metadata()?;
-    quant_linears_from(&st, &meta).map_err(|e| match e {
+    quant_linears_from_with_limits(&st, &meta, file.limits()).map_err(|e| match e {
         Error::Unsupported { what } => Error::Unsupported { what: format!("{}: {what}", file.path().display()) },
         other => other,
     })
 }
 
-/// [`load_quant_linears`] on an already parsed file and its `__metadata__` map.
+/// [`load_quant_linears`] on an already parsed file and its `__metadata__` map, under [`Limits::DEFAULT`].
 pub fn quant_linears_from(st: &SafeTensors<'_>, meta: &HashMap<String, String>) -> Result<Vec<(String, QuantLinear)>> {
-    let mut out = Vec::new();
-    if let Some(layout) = int8::Int8Layout::from_metadata(meta)? {
-        for name in layout.weights.keys() {
-            let Some(path) = name.strip_suffix(".weight") else { continue };
-            let w = layout.load(st, name)?;
-            let bias = plain_bias(st, path, w.shape().first().copied().unwrap_or(0))?;
-            out.push((path.to_string(), QuantLinear::new(QuantWeight::Int8(w), bias)?));
-        }
-    } else if bnb::is_bnb_quantized(st.names()) {
-        for name in bnb::quantized_weight_names(st) {
-            let Some(path) = name.strip_suffix(".weight") else { continue };
-            let layer = bnb::load_layer(st, &format!("{path}."))?;
-            let bias = layer.bias_f32()?;
-            if let Some(b) = &bias {
-                crate::element::check_finite(&format!("{path}.bias"), b)?;
-            }
-            out.push((path.to_string(), QuantLinear::new(QuantWeight::FourBit(layer.weight), bias)?));
-        }
-    } else {
+    quant_linears_from_with_limits(st, meta, &Limits::DEFAULT)
+}
+
+/// [`quant_linears_from`] under explicit limits: every weight, scale and bias tensor is checked against
+/// [`Limits::max_tensor_bytes`] (and the decoded weight, `numel × 4` bytes) before it is copied.
+pub fn quant_linears_from_with_limits(
+    st: &SafeTensors<'_>,
+    meta: &HashMap<String, String>,
+    limits: &Limits,
+) -> Result<Vec<(String, QuantLinear)>> {
+    let src = Borrowed(st);
+    let layout = Layout::detect(meta, st.names())?;
+    if layout == Layout::Dense {
         return Err(Error::Unsupported {
             what: "a checkpoint without quantized weights (neither bitsandbytes 4-bit `quant_state` keys nor \
                    lowbit int8 metadata `lowbit.scheme`)"
                 .into(),
         });
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
-}
-
-fn plain_bias(st: &SafeTensors<'_>, path: &str, out_features: usize) -> Result<Option<Vec<f32>>> {
-    let key = format!("{path}.bias");
-    let view = match st.tensor(&key) {
-        Ok(v) => v,
-        Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
-        Err(e) => return Err(Error::format(format!("tensor `{key}`"), e.to_string())),
-    };
-    let n: usize = view.shape().iter().product();
-    if n != out_features {
-        return Err(Error::shape(format!("`{key}` (one bias per output feature)"), view.shape(), [out_features]));
-    }
-    let b = view_to_f32(&key, &view)?;
-    crate::element::check_finite(&key, &b)?;
-    Ok(Some(b))
+    let paths = checkpoint::layer_paths(&checkpoint::quantized_weights(&layout, &src));
+    paths.into_iter().map(|p| checkpoint::load_layer(&src, &layout, &p, limits).map(|l| (p, l))).collect()
 }
 
 #[cfg(test)]

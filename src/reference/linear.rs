@@ -1,14 +1,29 @@
-//! Reference `QuantLinear` forward: dequantize through the reference module, plain loops, f64 accumulation.
-//! The oracle every fused kernel is tested against.
+//! Reference linear-layer forward: dequantize through the reference module, plain loops, f64 accumulation.
+//! The oracle every fused kernel is tested against, and the stated error bound of the f32 kernels (CPU and GPU).
 
-use crate::linear::{AdapterSelection, QuantLinear};
+use crate::format::layer::{AdapterSelection, LayerView, QuantWeight};
+use crate::nf4::BlockScales;
+
+/// The weight dequantized through the reference module (f32, `[out, in]` row-major).
+pub(crate) fn dequantize_weight(weight: &QuantWeight) -> Vec<f32> {
+    match weight {
+        QuantWeight::Int8(t) => {
+            let (rows, cols) = t.matrix_dims();
+            let params: Vec<_> = (0..t.scales().len()).map(|i| t.params(i)).collect();
+            super::affine::dequantize(t.codes(), rows, cols, t.granularity(), &params)
+        }
+        QuantWeight::FourBit(t) => {
+            super::nf4::dequantize(t.packed(), t.decoded_scales(), t.blocksize(), t.numel(), t.table())
+        }
+    }
+}
 
 /// `y = x·Wᵀ + bias + Σ s·(x·Aᵀ)·Bᵀ` with every sum in f64, rounded to f32 once per output.
 /// `x` is `[M, in]` f32, already validated.
-pub(crate) fn forward(layer: &QuantLinear, x: &[f32], sel: AdapterSelection<'_>) -> Vec<f32> {
-    let (n_out, n_in) = (layer.out_features(), layer.in_features());
+pub(crate) fn forward(layer: LayerView<'_>, x: &[f32], sel: AdapterSelection<'_>) -> Vec<f32> {
+    let (n_out, n_in) = (layer.out_features, layer.in_features);
     let m = x.len() / n_in;
-    let w = layer.weight().dequantize_reference();
+    let w = dequantize_weight(layer.weight);
     let mut y = vec![0.0f32; m * n_out];
     for r in 0..m {
         let xr = &x[r * n_in..(r + 1) * n_in];
@@ -17,17 +32,17 @@ pub(crate) fn forward(layer: &QuantLinear, x: &[f32], sel: AdapterSelection<'_>)
         let shrink: Vec<Vec<f64>> = adapters
             .iter()
             .map(|&a| {
-                let ad = &layer.adapters()[a];
+                let ad = &layer.adapters[a];
                 (0..ad.rank()).map(|k| dot(xr, &ad.a()[k * n_in..(k + 1) * n_in])).collect()
             })
             .collect();
         for o in 0..n_out {
             let mut acc = dot(xr, &w[o * n_in..(o + 1) * n_in]);
-            if let Some(b) = layer.bias() {
+            if let Some(b) = layer.bias {
                 acc += b[o] as f64;
             }
             for (t, &a) in shrink.iter().zip(&adapters) {
-                let ad = &layer.adapters()[a];
+                let ad = &layer.adapters[a];
                 let brow = &ad.b()[o * ad.rank()..(o + 1) * ad.rank()];
                 let e: f64 = t.iter().zip(brow).map(|(&t, &b)| t * b as f64).sum();
                 acc += ad.scaling() as f64 * e;
@@ -42,6 +57,15 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum()
 }
 
+/// Which kernels' rounding an error bound covers (see [`error_bound`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct GpuTerms {
+    /// Add the GPU kernels' allowances (bias added late, double-quant scale decoded with a possible FMA).
+    pub gpu: bool,
+    /// Add the f16-product allowance of the f16 GEMM variant.
+    pub f16: bool,
+}
+
 /// Per-output bound on `|y − y_ref|` for any f32 forward of `layer` on `x` (`[M, in]`) under `sel`, where
 /// `y_ref` is [`forward`]'s f64 result (before its final rounding to f32).
 ///
@@ -52,12 +76,42 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 /// `ε·|bias|`, and per LoRA term `(K + r + 3)·ε·|s|·Σ_r (Σ_k |x_k·A_rk|)·|B_or|` (the shrink's K-term sums,
 /// the expand's r-term sum, the scaling), plus 1e-30 for underflow. Using ε = 2u makes it generous by about
 /// 2× but never tuned to pass.
-pub(crate) fn error_bound(layer: &QuantLinear, x: &[f32], sel: AdapterSelection<'_>) -> Vec<f64> {
-    let (n_out, n_in) = (layer.out_features(), layer.in_features());
+///
+/// GPU kernels (`terms.gpu`) add what a shader compiler may do differently:
+/// * the bias is added after the LoRA expand and the chunk sum: `3ε·|bias|` instead of `ε·|bias|`;
+/// * double-quantized scales are decoded in the kernel as `map[c]·nested + offset`, possibly contracted into
+///   one FMA whose rounding is not the reference's: per weight `ε·|x_k|·|T[q_k]|·(|map[c]·nested| + |offset|)`.
+///
+/// The f16 GEMM (`terms.f16`) rounds both factors to f16 (relative error u_h = 2⁻¹¹ each, plus the product's
+/// rounding) and flushes values below 2⁻²⁴: per product `3.01·u_h·|x·w| + 2⁻²⁴·(|x| + |w| + 1)`.
+pub(crate) fn error_bound(layer: LayerView<'_>, x: &[f32], sel: AdapterSelection<'_>, terms: GpuTerms) -> Vec<f64> {
+    let (n_out, n_in) = (layer.out_features, layer.in_features);
     let m = x.len() / n_in;
-    let w = layer.weight().dequantize_reference();
+    let w = dequantize_weight(layer.weight);
     let eps = f32::EPSILON as f64;
+    let (uh, sub) = (2f64.powi(-11), 2f64.powi(-24));
     let abs_dot = |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum() };
+    // Double-quantization FMA allowance per weight: |T[q]|·(|map[c]·nested| + |offset|).
+    let dq_term: Option<Vec<f64>> = match layer.weight {
+        QuantWeight::FourBit(t) if terms.gpu => match t.scales() {
+            BlockScales::Double(dq) => Some(
+                (0..n_out * n_in)
+                    .map(|e| {
+                        let byte = t.packed()[e / 2];
+                        let q = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
+                        let b = e / t.blocksize();
+                        let c = dq.codes()[b] as usize;
+                        let s = (dq.map()[c] as f64 * dq.nested_absmax()[b / dq.nested_blocksize()] as f64).abs()
+                            + (dq.offset() as f64).abs();
+                        (t.table()[q as usize] as f64).abs() * s
+                    })
+                    .collect(),
+            ),
+            BlockScales::Plain(_) => None,
+        },
+        _ => None,
+    };
+    let bias_factor = if terms.gpu { 3.0 } else { 1.0 };
     let mut bounds = Vec::with_capacity(m * n_out);
     for r in 0..m {
         let xr = &x[r * n_in..(r + 1) * n_in];
@@ -66,17 +120,32 @@ pub(crate) fn error_bound(layer: &QuantLinear, x: &[f32], sel: AdapterSelection<
         let t_abs: Vec<Vec<f64>> = adapters
             .iter()
             .map(|&a| {
-                let ad = &layer.adapters()[a];
+                let ad = &layer.adapters[a];
                 (0..ad.rank()).map(|k| abs_dot(xr, &ad.a()[k * n_in..(k + 1) * n_in])).collect()
             })
             .collect();
         for o in 0..n_out {
-            let mut bound = (n_in as f64 + 3.0) * eps * abs_dot(xr, &w[o * n_in..(o + 1) * n_in]);
-            if let Some(bias) = layer.bias() {
-                bound += eps * (bias[o] as f64).abs();
+            let wr = &w[o * n_in..(o + 1) * n_in];
+            let mut bound = (n_in as f64 + 3.0) * eps * abs_dot(xr, wr);
+            if let Some(dq) = &dq_term {
+                bound += eps
+                    * xr.iter().zip(&dq[o * n_in..(o + 1) * n_in]).map(|(&a, &d)| (a as f64).abs() * d).sum::<f64>();
+            }
+            if terms.f16 {
+                bound += xr
+                    .iter()
+                    .zip(wr)
+                    .map(|(&a, &b)| {
+                        let (a, b) = ((a as f64).abs(), (b as f64).abs());
+                        3.01 * uh * a * b + sub * (a + b + 1.0)
+                    })
+                    .sum::<f64>();
+            }
+            if let Some(bias) = layer.bias {
+                bound += bias_factor * eps * (bias[o] as f64).abs();
             }
             for (t, &a) in t_abs.iter().zip(&adapters) {
-                let ad = &layer.adapters()[a];
+                let ad = &layer.adapters[a];
                 let rank = ad.rank();
                 let s_lora: f64 =
                     t.iter().zip(&ad.b()[o * rank..(o + 1) * rank]).map(|(&t, &b)| t * (b as f64).abs()).sum();

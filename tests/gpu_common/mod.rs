@@ -3,7 +3,7 @@
 
 pub use lowbit::affine::{self, Granularity};
 use lowbit::gpu::{block_on, read_f32, wgpu, ContextOptions, GpuContext, GpuLinear, KernelChoice, KernelKey, KernelOp};
-use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit::linear::{Agreement, BoundTarget, ForwardOptions, QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
 use lowbit::nf4::{self, BlockScales, FourBitFormat};
 use std::sync::OnceLock;
@@ -217,14 +217,14 @@ pub fn check_layer(ctx: &GpuContext, layer: &QuantLinear, gl: &GpuLinear, ms: &[
         for sel in &sels {
             let (want, rows): (Vec<f32>, Vec<Vec<usize>>) = match sel {
                 None => (
-                    layer.forward_reference(&x).unwrap(),
+                    layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap(),
                     vec![
                         layer.adapters().iter().enumerate().filter(|(_, a)| a.is_enabled()).map(|(i, _)| i).collect();
                         m
                     ],
                 ),
                 Some(ids) => (
-                    layer.forward_batch_reference(&x, ids).unwrap(),
+                    layer.forward_with(&x, lowbit::linear::ForwardOptions::reference().adapter_ids(ids)).unwrap(),
                     ids.iter().map(|id| id.iter().copied().collect()).collect(),
                 ),
             };
@@ -340,12 +340,11 @@ pub fn run_chain(ctx: &GpuContext, layers: &[QuantLinear], m: usize, rng: &mut R
     let mut worst_layer_ratio = 0f64;
     for (i, l) in layers.iter().enumerate() {
         let got = if i + 1 == layers.len() { last.clone() } else { read(ctx, &acts[i + 1], m * l.out_features()) };
-        let want = l.forward_reference(&a_prev).unwrap();
-        let b = bounds(l, &a_prev, &vec![enabled(l); m], false);
-        check(&got, &want, &b, false, &format!("{what}: layer {i} on the GPU's own input"));
-        for ((g, w), b) in got.iter().zip(&want).zip(&b) {
-            worst_layer_ratio = worst_layer_ratio.max((*g as f64 - *w as f64).abs() / b);
-        }
+        let want = l.forward_with(&a_prev, ForwardOptions::reference()).unwrap();
+        let b = l.error_bound(&a_prev, ForwardOptions::default(), BoundTarget::Gpu).unwrap();
+        let ag = Agreement::compare(&got, &want, &b);
+        assert!(ag.ok(BoundTarget::Gpu), "{what}: layer {i} on the GPU's own input: {ag:?}");
+        worst_layer_ratio = worst_layer_ratio.max(ag.worst_ratio);
         gpu_acts.push(got.clone());
         a_prev = got;
     }
@@ -359,8 +358,8 @@ pub fn run_chain(ctx: &GpuContext, layers: &[QuantLinear], m: usize, rng: &mut R
     for (i, l) in layers.iter().enumerate() {
         let (out, inp) = (l.out_features(), l.in_features());
         let c = l.forward(&c_prev).unwrap();
-        let g_bound = bounds(l, &a_in, &vec![enabled(l); m], false);
-        let h_bound = l.error_bound(&c_prev).unwrap();
+        let g_bound = l.error_bound(&a_in, ForwardOptions::default(), BoundTarget::Gpu).unwrap();
+        let h_bound = l.error_bound(&c_prev, ForwardOptions::default(), BoundTarget::Cpu).unwrap();
         let w = abs_weff(l);
         let a = &gpu_acts[i];
         let mut e = vec![0f64; m * out];
@@ -425,8 +424,7 @@ pub fn record_twice(ctx: &GpuContext, rng: &mut Rng) {
     // LoRA on, so both forwards use the shared `t` scratch and their own per-call uniforms and masks.
     let layer = make_layer(FORMATS[0], 36, 50, true, &[4, 3], rng);
     let gl = GpuLinear::upload(ctx, &layer).unwrap();
-    let all = enabled(&layer);
-    // (m, per-row adapter ids or None for "every enabled adapter", kernel choice)
+    // (m, per-row adapter ids, or None for "every enabled adapter")
     let ids17: Vec<Option<usize>> = (0..17).map(|r| [Some(0), Some(1), None][r % 3]).collect();
     let ids3 = vec![Some(1), Some(1), Some(0)];
     let calls: Vec<(usize, Option<Vec<Option<usize>>>)> =
@@ -443,13 +441,12 @@ pub fn record_twice(ctx: &GpuContext, rng: &mut Rng) {
     ctx.queue().submit([enc.finish()]);
     for ((m, ids), (x, yb)) in calls.iter().zip(&io) {
         let got = read(ctx, yb, m * 36);
-        let (want, rows) = match ids {
-            None => (layer.forward_reference(x).unwrap(), vec![all.clone(); *m]),
-            Some(ids) => (
-                layer.forward_batch_reference(x, ids).unwrap(),
-                ids.iter().map(|id| id.iter().copied().collect()).collect(),
-            ),
+        let opts = match ids {
+            None => ForwardOptions::default(),
+            Some(ids) => ForwardOptions::default().adapter_ids(ids),
         };
-        check(&got, &want, &bounds(&layer, x, &rows, false), false, &format!("recorded twice: m {m} ids {ids:?}"));
+        let want = layer.forward_with(x, opts.path(lowbit::cpu::KernelPath::REFERENCE)).unwrap();
+        let ag = Agreement::compare(&got, &want, &layer.error_bound(x, opts, BoundTarget::Gpu).unwrap());
+        assert!(ag.ok(BoundTarget::Gpu), "recorded together: m {m} ids {ids:?}: {ag:?}");
     }
 }

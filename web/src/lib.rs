@@ -13,19 +13,17 @@
 //! Every error is a JS `Error` whose message is lowbit's message; nothing panics on bad input.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use js_sys::Promise;
 use lowbit::affine::{self, Granularity};
 use lowbit::cpu::Isa;
-use lowbit::io::peft::{quant_linears_from, PeftAdapter};
-use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit::io::peft::PeftAdapter;
+use lowbit::linear::{BoundTarget, ForwardOptions, QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
 use lowbit::nf4;
 use wasm_bindgen::prelude::*;
 
-mod bound;
 mod webgpu;
 
 /// A lowbit (or other) error as a JS `Error` carrying the message.
@@ -81,14 +79,19 @@ pub struct Checkpoint {
 
 #[wasm_bindgen]
 impl Checkpoint {
-    /// Parses a safetensors file (`Uint8Array`) and builds its quantized layers. Throws on a malformed,
-    /// truncated or unsupported file.
+    /// Parses a safetensors file (`Uint8Array`) and builds its quantized layers through
+    /// `lowbit::io::Checkpoint` (one copy of the bytes into wasm memory, shared by every layer's codes). Throws
+    /// on a malformed, truncated or unsupported file.
     #[wasm_bindgen(js_name = fromBytes)]
     pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint, JsError> {
-        let st = lowbit::io::parse_safetensors(bytes).map_err(js_err)?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(js_err)?;
-        let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
-        let layers = quant_linears_from(&st, &meta).map_err(js_err)?;
+        let ck = lowbit::io::Checkpoint::from_bytes(bytes.to_vec()).map_err(js_err)?;
+        if *ck.layout() == lowbit::io::Layout::Dense {
+            return Err(JsError::new(
+                "unsupported: a checkpoint without quantized weights (neither bitsandbytes 4-bit `quant_state` keys \
+                 nor lowbit int8 metadata `lowbit.scheme`)",
+            ));
+        }
+        let layers = ck.layers().map_err(js_err)?;
         Ok(Checkpoint { layers })
     }
 
@@ -273,7 +276,7 @@ impl Layer {
     #[wasm_bindgen(js_name = forwardReference)]
     pub fn forward_reference(&self, x: &[f32], m: usize) -> Result<Vec<f32>, JsError> {
         check_rows("x", x.len(), m, self.linear.in_features())?;
-        self.linear.forward_reference(x).map_err(js_err)
+        self.linear.forward_with(x, ForwardOptions::reference()).map_err(js_err)
     }
 
     /// Multi-adapter batch on the CPU: row `r` of `x` adds only adapter `adapterIds[r]` (-1: none).
@@ -281,7 +284,7 @@ impl Layer {
     pub fn forward_batch(&self, x: &[f32], m: usize, adapter_ids_: &[i32]) -> Result<Vec<f32>, JsError> {
         check_rows("x", x.len(), m, self.linear.in_features())?;
         let ids = adapter_ids(adapter_ids_, m)?;
-        self.linear.forward_batch(x, &ids).map_err(js_err)
+        self.linear.forward_with(x, ForwardOptions::default().adapter_ids(&ids)).map_err(js_err)
     }
 
     /// The reference of `forwardBatch`.
@@ -289,11 +292,11 @@ impl Layer {
     pub fn forward_batch_reference(&self, x: &[f32], m: usize, adapter_ids_: &[i32]) -> Result<Vec<f32>, JsError> {
         check_rows("x", x.len(), m, self.linear.in_features())?;
         let ids = adapter_ids(adapter_ids_, m)?;
-        self.linear.forward_batch_reference(x, &ids).map_err(js_err)
+        self.linear.forward_with(x, ForwardOptions::reference().adapter_ids(&ids)).map_err(js_err)
     }
 
     /// Per-element bound on `|y − reference|` of the fused f32 kernels on `device` (`"cpu"`: the bound of
-    /// `tests/linear_paths.rs`; `"webgpu"`: that of `tests/gpu_kernels.rs`; see `web/src/bound.rs`), including
+    /// `tests/linear_paths.rs`; `"webgpu"`: that of `tests/gpu_kernels.rs`; `QuantLinear::error_bound`), including
     /// the reference's own half-ulp rounding. `adapterIds` as in `forwardBatch`; `undefined` for `forward`
     /// (every enabled adapter).
     #[wasm_bindgen(js_name = errorBound)]
@@ -305,24 +308,20 @@ impl Layer {
         device: &str,
     ) -> Result<Vec<f64>, JsError> {
         check_rows("x", x.len(), m, self.linear.in_features())?;
-        let gpu = match device {
-            "cpu" => false,
-            "webgpu" => true,
+        let target = match device {
+            "cpu" => BoundTarget::Cpu,
+            "webgpu" => BoundTarget::Gpu,
             other => return Err(JsError::new(&format!("device {other:?}: expected \"cpu\" or \"webgpu\""))),
         };
-        let adapters = self.linear.adapters();
-        let (rows, want) = match adapter_ids_ {
-            None => {
-                let enabled: Vec<usize> = (0..adapters.len()).filter(|&a| adapters[a].is_enabled()).collect();
-                (vec![enabled; m], self.linear.forward_reference(x).map_err(js_err)?)
-            }
-            Some(ids) => {
-                let ids = adapter_ids(&ids, m)?;
-                let want = self.linear.forward_batch_reference(x, &ids).map_err(js_err)?;
-                (ids.into_iter().map(|i| i.into_iter().collect()).collect(), want)
-            }
+        let ids = adapter_ids_.map(|ids| adapter_ids(&ids, m)).transpose()?;
+        let opts = match &ids {
+            None => ForwardOptions::reference(),
+            Some(ids) => ForwardOptions::reference().adapter_ids(ids),
         };
-        Ok(bound::bounds(&self.linear, x, &rows, &want, gpu))
+        let want = self.linear.forward_with(x, opts).map_err(js_err)?;
+        let bound = self.linear.error_bound(x, opts, target).map_err(js_err)?;
+        // The library's bound is against the exact result; the reference output is rounded to f32 once.
+        Ok(bound.iter().zip(&want).map(|(b, w)| b + (w.abs() as f64) * f32::EPSILON as f64 * 0.5).collect())
     }
 
     /// The weight dequantized to f32 (`[out, in]` row-major) through the fast path.
@@ -366,7 +365,9 @@ impl Layer {
                 match device.as_str() {
                     "cpu" => match &ids {
                         None => linear.forward(&x).map_err(js_err),
-                        Some(ids) => linear.forward_batch(&x, ids).map_err(js_err),
+                        Some(ids) => {
+                            linear.forward_with(&x, ForwardOptions::default().adapter_ids(ids)).map_err(js_err)
+                        }
                     },
                     "webgpu" => webgpu::forward(&linear, &gpu, &x, m, ids.as_deref()).await,
                     other => Err(JsError::new(&format!("device {other:?}: expected \"cpu\" or \"webgpu\""))),

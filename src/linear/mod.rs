@@ -25,59 +25,47 @@
 //! # Ok::<(), lowbit::Error>(())
 //! ```
 
-use crate::affine::AffineTensor;
+mod bound;
+mod options;
+
+pub use crate::format::layer::{AdapterSelection, QuantWeight};
+pub use bound::{Agreement, BoundTarget};
+pub use options::{ForwardOptions, Workspace};
+
 use crate::cpu::KernelPath;
 use crate::element::{check_finite, Element};
+use crate::format::layer::LayerView;
 use crate::lora::LoraAdapter;
-use crate::nf4::FourBitTensor;
-use crate::{Error, Result};
-
-/// The quantized weight of a [`QuantLinear`], shape `[out, in]`.
-#[derive(Clone, Debug, PartialEq)]
-pub enum QuantWeight {
-    /// 8-bit affine, any granularity.
-    Int8(AffineTensor),
-    /// NF4 / FP4, with plain or double-quantized block scales.
-    FourBit(FourBitTensor),
-}
+use crate::{Error, Result, Scheme};
 
 impl QuantWeight {
-    /// The weight's shape.
-    pub fn shape(&self) -> &[usize] {
+    /// Quantizes `w` (row-major, `shape`) with `scheme` through the fastest path: int8 calibrated from the
+    /// data's min/max at the scheme's granularity, or NF4/FP4 blockwise (double-quantized scales for `+dq`).
+    pub fn quantize<T: Element>(w: &[T], shape: &[usize], scheme: Scheme) -> Result<QuantWeight> {
+        Ok(match scheme.validate()? {
+            Scheme::Int8(g) => QuantWeight::Int8(crate::affine::quantize(w, shape, g)?),
+            Scheme::FourBit { format, blocksize, double_quant } => {
+                QuantWeight::FourBit(crate::nf4::quantize_4bit(format, w, shape, blocksize, double_quant)?)
+            }
+        })
+    }
+
+    /// The scheme this weight is stored in.
+    pub fn scheme(&self) -> Scheme {
         match self {
-            QuantWeight::Int8(t) => t.shape(),
-            QuantWeight::FourBit(t) => t.shape(),
+            QuantWeight::Int8(t) => Scheme::Int8(t.granularity()),
+            QuantWeight::FourBit(t) => Scheme::FourBit {
+                format: t.format(),
+                blocksize: t.blocksize(),
+                double_quant: matches!(t.scales(), crate::nf4::BlockScales::Double(_)),
+            },
         }
     }
-    /// Bytes of packed weight and scales a forward pass reads (what bounds a memory-bound GEMV).
-    pub fn packed_bytes(&self) -> usize {
-        match self {
-            QuantWeight::Int8(t) => t.codes().len() + 5 * t.scales().len(),
-            QuantWeight::FourBit(t) => t.packed().len() + (t.scales().storage_bits() / 8) as usize,
-        }
-    }
+
     /// Dequantizes through the reference module (f32, `[out, in]` row-major).
     pub fn dequantize_reference(&self) -> Vec<f32> {
-        match self {
-            QuantWeight::Int8(t) => {
-                let (rows, cols) = t.matrix_dims();
-                let params: Vec<_> = (0..t.scales().len()).map(|i| t.params(i)).collect();
-                crate::reference::affine::dequantize(t.codes(), rows, cols, t.granularity(), &params)
-            }
-            QuantWeight::FourBit(t) => {
-                crate::reference::nf4::dequantize(t.packed(), &t.absmax(), t.blocksize(), t.numel(), t.table())
-            }
-        }
+        crate::reference::linear::dequantize_weight(self)
     }
-}
-
-/// Which adapters apply to which rows of `x`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum AdapterSelection<'a> {
-    /// Every enabled adapter applies to every row.
-    Enabled,
-    /// Row `m` gets adapter `ids[m]` (an index into [`QuantLinear::adapters`]) or none.
-    PerRow(&'a [Option<usize>]),
 }
 
 /// A quantized linear layer: weight `[out, in]`, optional bias `[out]`, and named LoRA adapters.
@@ -88,8 +76,6 @@ pub struct QuantLinear {
     in_features: usize,
     bias: Option<Vec<f32>>,
     adapters: Vec<LoraAdapter>,
-    /// Decoded f32 block scales of a 4-bit weight (one per block; 1/16 of the packed size at block 64).
-    pub(crate) block_scales: Vec<f32>,
 }
 
 impl QuantLinear {
@@ -107,11 +93,7 @@ impl QuantLinear {
             }
             check_finite("bias", b)?;
         }
-        let block_scales = match &weight {
-            QuantWeight::FourBit(t) => t.absmax(),
-            QuantWeight::Int8(_) => Vec::new(),
-        };
-        Ok(QuantLinear { weight, out_features, in_features, bias, adapters: Vec::new(), block_scales })
+        Ok(QuantLinear { weight, out_features, in_features, bias, adapters: Vec::new() })
     }
 
     /// The quantized weight.
@@ -131,7 +113,7 @@ impl QuantLinear {
         self.bias.as_deref()
     }
     /// Attached adapters, in the order they were added (their index is the adapter id of
-    /// [`forward_batch`](Self::forward_batch)).
+    /// [`AdapterSelection::PerRow`]).
     pub fn adapters(&self) -> &[LoraAdapter] {
         &self.adapters
     }
@@ -176,36 +158,81 @@ impl QuantLinear {
         Error::invalid("adapter name", format!("{name:?}"), format!("one of {names:?}"))
     }
 
+    /// The borrowed view the reference and the kernels compute with.
+    pub(crate) fn view(&self) -> LayerView<'_> {
+        LayerView {
+            weight: &self.weight,
+            out_features: self.out_features,
+            in_features: self.in_features,
+            bias: self.bias.as_deref(),
+            adapters: &self.adapters,
+        }
+    }
+
     /// `y = x·Wᵀ + bias + Σ_enabled s·(x·Aᵀ)·Bᵀ` for `x: [M, in]` row-major (M = `x.len() / in`, any M ≥ 0),
-    /// returning `y: [M, out]` in f32, through the fastest path.
-    pub fn forward<T: Element>(&self, x: &[T]) -> Result<Vec<f32>> {
-        self.forward_with(x, KernelPath::best())
+    /// written into the caller's `y: [M, out]` (f32, or rounded to nearest-even f16 / bf16 from the f32
+    /// result), through the fastest path. `ws` holds every scratch buffer: after a first call with the same
+    /// shape, a call allocates nothing proportional to M. Errors (and leaves `y` untouched) on a wrong length
+    /// or a non-finite `x`.
+    ///
+    /// ```
+    /// # use lowbit::linear::{QuantLinear, QuantWeight, Workspace};
+    /// # let w = vec![0.25f32; 8 * 64];
+    /// let layer = QuantLinear::new(QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[8, 64], 64, true)?), None)?;
+    /// let mut ws = Workspace::default();
+    /// let x = vec![1.0f32; 3 * 64];
+    /// let mut y = vec![lowbit::f16::ZERO; 3 * 8]; // the engine's own buffer, here f16
+    /// layer.forward_into(&x, &mut y, &mut ws)?;
+    /// # Ok::<(), lowbit::Error>(())
+    /// ```
+    pub fn forward_into<T: Element, O: Element>(&self, x: &[T], y: &mut [O], ws: &mut Workspace) -> Result<()> {
+        self.forward_into_with(x, y, ws, ForwardOptions::default())
     }
 
-    /// [`forward`](Self::forward) through an explicit path.
-    pub fn forward_with<T: Element>(&self, x: &[T], path: KernelPath) -> Result<Vec<f32>> {
-        self.run(x, AdapterSelection::Enabled, path)
-    }
-
-    /// Multi-adapter batch: row `m` of `x` adds only adapter `adapter_ids[m]` (an id from
-    /// [`add_adapter`](Self::add_adapter)), or no adapter for `None`. The base product is shared by all rows.
-    /// Errors on an id out of range or naming a disabled adapter, or `adapter_ids.len() != M`.
-    pub fn forward_batch<T: Element>(&self, x: &[T], adapter_ids: &[Option<usize>]) -> Result<Vec<f32>> {
-        self.forward_batch_with(x, adapter_ids, KernelPath::best())
-    }
-
-    /// [`forward_batch`](Self::forward_batch) through an explicit path.
-    pub fn forward_batch_with<T: Element>(
+    /// [`forward_into`](Self::forward_into) with explicit options: the kernel path and which adapters apply to
+    /// which rows ([`AdapterSelection::PerRow`] is the multi-adapter batch: the base product is shared by all
+    /// rows). Errors on an adapter id out of range or naming a disabled adapter, or one id per row missing.
+    pub fn forward_into_with<T: Element, O: Element>(
         &self,
         x: &[T],
-        adapter_ids: &[Option<usize>],
-        path: KernelPath,
-    ) -> Result<Vec<f32>> {
-        self.run(x, AdapterSelection::PerRow(adapter_ids), path)
+        y: &mut [O],
+        ws: &mut Workspace,
+        opts: ForwardOptions<'_>,
+    ) -> Result<()> {
+        let m = self.check_input(x, opts.adapters)?;
+        if y.len() != m * self.out_features {
+            return Err(Error::shape(
+                format!("length of y (expected [M, {}] row-major for M = {m} rows of x)", self.out_features),
+                y.len(),
+                m * self.out_features,
+            ));
+        }
+        opts.path.check()?;
+        let (xf, scratch) = ws.split(x);
+        if opts.path == KernelPath::REFERENCE {
+            let r = crate::reference::linear::forward(self.view(), xf, opts.adapters);
+            O::narrow_slice(&r, y);
+            return Ok(());
+        }
+        crate::cpu::linear::forward_into(self.view(), xf, m, opts.adapters, opts.path, scratch, y);
+        Ok(())
+    }
+
+    /// Convenience wrapper of [`forward_into`](Self::forward_into): returns a new `y: [M, out]` in f32.
+    pub fn forward<T: Element>(&self, x: &[T]) -> Result<Vec<f32>> {
+        self.forward_with(x, ForwardOptions::default())
+    }
+
+    /// Convenience wrapper of [`forward_into_with`](Self::forward_into_with): returns a new `y: [M, out]`.
+    pub fn forward_with<T: Element>(&self, x: &[T], opts: ForwardOptions<'_>) -> Result<Vec<f32>> {
+        let m = self.check_input(x, opts.adapters)?;
+        let mut y = vec![0.0f32; m * self.out_features];
+        self.forward_into_with(x, &mut y, &mut Workspace::default(), opts)?;
+        Ok(y)
     }
 
     /// Validates `x` and the selection and returns `M`.
-    pub(crate) fn check_input<T: Element>(&self, x: &[T], sel: AdapterSelection<'_>) -> Result<usize> {
+    fn check_input<T: Element>(&self, x: &[T], sel: AdapterSelection<'_>) -> Result<usize> {
         if !x.len().is_multiple_of(self.in_features) {
             return Err(Error::shape(
                 format!("length of x (expected [M, {}] row-major)", self.in_features),
@@ -242,54 +269,15 @@ impl QuantLinear {
         Ok(m)
     }
 
-    /// Which adapters apply to row `m` under `sel`.
-    pub(crate) fn adapters_for_row<'a>(
-        &'a self,
-        sel: AdapterSelection<'a>,
-        m: usize,
-    ) -> impl Iterator<Item = usize> + 'a {
-        let n = self.adapters.len();
-        (0..n).filter(move |&a| match sel {
-            AdapterSelection::Enabled => self.adapters[a].is_enabled(),
-            AdapterSelection::PerRow(ids) => ids[m] == Some(a),
-        })
-    }
-
-    fn run<T: Element>(&self, x: &[T], sel: AdapterSelection<'_>, path: KernelPath) -> Result<Vec<f32>> {
-        let m = self.check_input(x, sel)?;
-        path.check()?;
-        let mut xf = vec![0.0f32; x.len()];
-        T::widen_slice(x, &mut xf);
-        if path == KernelPath::REFERENCE {
-            return Ok(crate::reference::linear::forward(self, &xf, sel));
-        }
-        Ok(crate::cpu::linear::forward(self, &xf, m, sel, path))
-    }
-
-    /// Per-element bound on `|y − y_ref|` for any f32 path of [`forward`](Self::forward) on `x`, where `y_ref`
-    /// is the exact (f64) result: `(K+3)·ε·Σ|x·w| + ε·|bias| + Σ_adapters (K+r+3)·ε·|s|·Σ_r(Σ_k|x·A|)·|B|`
-    /// (derivation in `reference::linear`). Tests, the demo and the GPU checks compare against it.
-    pub fn error_bound<T: Element>(&self, x: &[T]) -> Result<Vec<f64>> {
-        self.check_input(x, AdapterSelection::Enabled)?;
+    /// Per-element bound on `|y − y_ref|` for a forward of `x` under `opts.adapters` on `target`'s kernels,
+    /// where `y_ref` is the exact (f64) result: the stated f32 accumulation bound
+    /// `(K+3)·ε·Σ|x·w| + ε·|bias| + Σ_adapters (K+r+3)·ε·|s|·Σ_r(Σ_k|x·A|)·|B|`, plus for the GPU kernels the
+    /// double-quant FMA and late-bias terms, plus the f16 product term for the f16 GEMM (derivation in
+    /// `docs/formats.md` §8). Tests, the CLI, the web page and the benches compare against it through
+    /// [`Agreement`]. `opts.path` is ignored (every CPU path is within the same bound).
+    pub fn error_bound<T: Element>(&self, x: &[T], opts: ForwardOptions<'_>, target: BoundTarget) -> Result<Vec<f64>> {
+        self.check_input(x, opts.adapters)?;
         let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-        Ok(crate::reference::linear::error_bound(self, &xf, AdapterSelection::Enabled))
-    }
-
-    /// [`error_bound`](Self::error_bound) for [`forward_batch`](Self::forward_batch).
-    pub fn error_bound_batch<T: Element>(&self, x: &[T], adapter_ids: &[Option<usize>]) -> Result<Vec<f64>> {
-        let sel = AdapterSelection::PerRow(adapter_ids);
-        self.check_input(x, sel)?;
-        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-        Ok(crate::reference::linear::error_bound(self, &xf, sel))
-    }
-
-    /// The reference (f64-accumulated) forward of [`forward`](Self::forward), for checking other paths.
-    pub fn forward_reference<T: Element>(&self, x: &[T]) -> Result<Vec<f32>> {
-        self.forward_with(x, KernelPath::REFERENCE)
-    }
-
-    /// The reference forward of [`forward_batch`](Self::forward_batch).
-    pub fn forward_batch_reference<T: Element>(&self, x: &[T], adapter_ids: &[Option<usize>]) -> Result<Vec<f32>> {
-        self.forward_batch_with(x, adapter_ids, KernelPath::REFERENCE)
+        Ok(crate::reference::linear::error_bound(self.view(), &xf, opts.adapters, target.terms()))
     }
 }

@@ -1,13 +1,11 @@
 //! The machine's memory limits, measured: read, write and copy bandwidth over buffers larger than any cache,
 //! on one thread and on every thread of the current rayon pool.
 //!
-//! Library-independent (std and rayon only) so that every harness measures the same way: `lowbit bench --all`
-//! uses it as a module, the criterion benches and `bench-peers/` include this file with `#[path]`.
+//! Library-independent (std and rayon only) so that every harness measures the same way: `lowbit bench --all`,
+//! the criterion benches and `bench-peers/` all call it from this crate.
 //!
 //! Units: bytes moved per second, where a copy of `n` bytes moves `2n` (it reads `n` and writes `n`; the
 //! write-allocate reads a CPU may add are not counted, the same convention as the kernel figures).
-
-#![allow(dead_code)] // each including harness uses part of it
 
 use rayon::prelude::*;
 use std::hint::black_box;
@@ -190,8 +188,6 @@ pub fn gb_s(bytes_per_s: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    // `use` inside each test: files that include this one with `#[path]` and `harness = false` compile
-    // `cfg(test)` without the tests, where a module-level import would be unused.
 
     #[test]
     fn direction_follows_the_traffic() {
