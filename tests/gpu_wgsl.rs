@@ -116,3 +116,11 @@ fn shader_files_do_not_redeclare_generated_items() {
         assert!(!src.lines().any(|l| l.trim_start().starts_with('#')), "{}: leftover directive", key.name());
     }
 }
+
+/// An engine shares layers and the context across threads (recording is `&self`).
+#[test]
+fn gpu_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<lowbit::gpu::GpuLinear>();
+    send_sync::<lowbit::gpu::GpuContext>();
+}
