@@ -26,7 +26,7 @@
 //!   error is typically far below it; the test prints both.
 #![cfg(feature = "gpu")]
 
-use lowbit::gpu::{wgpu, GpuLinear, KernelChoice};
+use lowbit::gpu::{block_on, wgpu, GpuLinear, KernelChoice, UploadOptions};
 use lowbit::linear::{Agreement, BoundTarget, ForwardOptions};
 
 #[path = "gpu_common/mod.rs"]
@@ -135,4 +135,32 @@ fn encode_forward_rejects_bad_buffers() {
     let ag =
         Agreement::compare(&got, &want, &layer.error_bound(&xs, ForwardOptions::default(), BoundTarget::Gpu).unwrap());
     assert!(ag.ok(BoundTarget::Gpu), "after rejected calls: {ag:?}");
+}
+
+#[test]
+fn split_weight_and_prepare() {
+    let Some(ctx) = ctx() else { return };
+    let mut rng = Rng(77);
+    // A weight split into several row chunks: one bind group per chunk, reused like the others.
+    let layer = make_layer(FORMATS[3], 61, 90, true, &[2], &mut rng);
+    let gl = GpuLinear::upload_with(ctx, &layer, UploadOptions { max_binding_bytes: Some(2048) }).unwrap();
+    let chunks = gl.num_chunks() as u64;
+    assert!(chunks > 1, "expected several chunks, got {chunks}");
+    block_on(gl.prepare(ctx, 3, KernelChoice::default())).unwrap();
+    let bad = KernelChoice { op: Some(lowbit::gpu::KernelOp::Shrink), ..Default::default() };
+    let e = block_on(gl.prepare(ctx, 3, bad)).expect_err("Shrink is not an output kernel").to_string();
+    assert!(e.contains("KernelChoice::op"), "{e}");
+    let xs = rng.vec(3 * 90, 1.0);
+    let (x, y) = (act(ctx, 3 * 90), act(ctx, 3 * 61));
+    ctx.queue().write_buffer(&x, 0, lowbit::gpu::bytes_of_f32(&xs));
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    gl.encode_forward(ctx, &mut enc, &x, &y, 3).unwrap();
+    gl.encode_forward(ctx, &mut enc, &x, &y, 3).unwrap();
+    assert_eq!(gl.bind_groups_created(), chunks, "one group per chunk, reused by the second call");
+    ctx.queue().submit([enc.finish()]);
+    let got = read(ctx, &y, 3 * 61);
+    let want = layer.forward_with(&xs, ForwardOptions::reference()).unwrap();
+    let ag =
+        Agreement::compare(&got, &want, &layer.error_bound(&xs, ForwardOptions::default(), BoundTarget::Gpu).unwrap());
+    assert!(ag.ok(BoundTarget::Gpu), "split weight: {ag:?}");
 }
