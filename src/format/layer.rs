@@ -2,9 +2,9 @@
 //! shape the reference and the CPU kernels read. `QuantLinear` (the API) hands out these views; the layers
 //! below it never name it.
 
-use crate::affine::AffineTensor;
-use crate::lora::LoraAdapter;
-use crate::nf4::FourBitTensor;
+use super::affine::AffineTensor;
+use super::four_bit::FourBitTensor;
+use super::lora::LoraAdapter;
 
 /// The quantized weight of a linear layer, shape `[out, in]`.
 #[derive(Clone, Debug, PartialEq)]

@@ -5,9 +5,9 @@ use super::context::GpuContext;
 use super::layout::{bind, CallParams, ChunkParams, GEMM_TILE, MAXM};
 use super::readback::{read_f32, read_u64};
 use super::shader::{KernelKey, KernelOp, WeightKind};
-use crate::affine::Granularity;
-use crate::linear::{QuantLinear, QuantWeight};
-use crate::nf4::BlockScales;
+use crate::format::affine::Granularity;
+use crate::format::four_bit::BlockScales;
+use crate::format::layer::{LayerView, QuantWeight};
 use crate::Error;
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -149,7 +149,7 @@ struct Dispatch {
     shrink_yz: (u32, u32),
 }
 
-/// A [`QuantLinear`] resident on the GPU: packed codes, compressed scales, bias and LoRA adapters are uploaded
+/// A [`QuantLinear`](crate::linear::QuantLinear) resident on the GPU: packed codes, compressed scales, bias and LoRA adapters are uploaded
 /// once by [`upload`](Self::upload). [`encode_forward`](Self::encode_forward) records a forward on buffers the
 /// caller owns (so an engine chains layers in one submission); [`forward`](Self::forward) and friends are
 /// host-slice conveniences over the same recording path. Results are
@@ -201,18 +201,14 @@ fn log2_exact(v: usize) -> u32 {
 }
 
 impl GpuLinear {
-    /// Uploads `layer` (weight, scales, bias, every attached adapter with its enabled state) to the GPU.
-    pub fn upload(ctx: &GpuContext, layer: &QuantLinear) -> Result<GpuLinear, Error> {
-        Self::upload_with(ctx, layer, UploadOptions::default())
-    }
-
-    /// [`upload`](Self::upload) with options. Errors (never GPU faults) when a tensor cannot be indexed with
-    /// 32-bit indices, or when one output row, the LoRA weights or the small per-layer constants exceed one
-    /// storage binding. A weight larger than one binding is split into chunks of whole rows.
-    pub fn upload_with(ctx: &GpuContext, layer: &QuantLinear, opts: UploadOptions) -> Result<GpuLinear, Error> {
+    /// Uploads a layer view (the API's `GpuLinear::upload` / `upload_with` hand it over). Errors (never GPU
+    /// faults) when a tensor cannot be indexed with 32-bit indices, or when one output row, the LoRA weights or
+    /// the small per-layer constants exceed one storage binding. A weight larger than one binding is split into
+    /// chunks of whole rows.
+    pub(crate) fn upload_view(ctx: &GpuContext, layer: LayerView<'_>, opts: UploadOptions) -> Result<GpuLinear, Error> {
         let limit = ctx.limits.max_storage_buffer_binding_size.min(ctx.limits.max_buffer_size);
         let max_binding = opts.max_binding_bytes.map_or(limit, |b| b.min(limit)).max(16);
-        let (n_out, n_in) = (layer.out_features(), layer.in_features());
+        let (n_out, n_in) = (layer.out_features, layer.in_features);
         let numel = n_out as u64 * n_in as u64;
         if numel + 64 > u32::MAX as u64 {
             return Err(Error::Unsupported {
@@ -223,7 +219,7 @@ impl GpuLinear {
         // Per-layer constants: [0,16) table, [16,272) DQ map, nested absmax, bias, adapter descriptors.
         let mut consts: Vec<u32> = vec![0; 272];
         let mut p = ChunkParams { n_in: n_in as u32, n_out: n_out as u32, ..Default::default() };
-        let (kind, max_abs_w) = match layer.weight() {
+        let (kind, max_abs_w) = match layer.weight {
             QuantWeight::FourBit(t) => {
                 for (d, v) in consts.iter_mut().zip(t.table()) {
                     *d = v.to_bits();
@@ -259,13 +255,13 @@ impl GpuLinear {
                 (kind, 255.0 * smax)
             }
         };
-        if let Some(b) = layer.bias() {
+        if let Some(b) = layer.bias {
             p.bias_off = consts.len() as u32;
             p.has_bias = 1;
             consts.extend(b.iter().map(|v| v.to_bits()));
         }
         // Adapters: A rows concatenated, then each B.
-        let ads = layer.adapters();
+        let ads = layer.adapters;
         let r_total: usize = ads.iter().map(|a| a.rank()).sum();
         let lora_len = r_total as u64 * n_in as u64 + r_total as u64 * n_out as u64;
         if lora_len * 4 > max_binding || lora_len + 64 > u32::MAX as u64 {
@@ -313,7 +309,7 @@ impl GpuLinear {
         // Chunks of whole rows, each within one binding.
         let chunk_bytes = |r0: usize, r1: usize| -> (u64, u64) {
             let (e0, e1) = ((r0 * n_in) as u64, (r1 * n_in) as u64);
-            match layer.weight() {
+            match layer.weight {
                 QuantWeight::FourBit(t) => {
                     let codes = (e1.div_ceil(8) - e0 / 8) * 4;
                     let l = log2_exact(t.blocksize());
@@ -362,7 +358,7 @@ impl GpuLinear {
             let mut cp = p;
             cp.row0 = r0 as u32;
             cp.rows = (r1 - r0) as u32;
-            let (codes, scales): (Vec<u32>, Vec<u32>) = match layer.weight() {
+            let (codes, scales): (Vec<u32>, Vec<u32>) = match layer.weight {
                 QuantWeight::FourBit(t) => {
                     let (w0, w1) = (e0 / 8, e1.div_ceil(8));
                     cp.word_base = w0 as u32;
@@ -426,7 +422,7 @@ impl GpuLinear {
             adapter_names: ads.iter().map(|a| a.name().to_string()).collect(),
             adapter_enabled: ads.iter().map(|a| a.is_enabled()).collect(),
             max_abs_w,
-            packed_bytes: layer.weight().packed_bytes() as u64,
+            packed_bytes: layer.weight.packed_bytes() as u64,
             max_binding,
             scratch: Mutex::new(None),
             caches: Mutex::new(Caches::default()),
@@ -449,7 +445,7 @@ impl GpuLinear {
     pub fn num_chunks(&self) -> usize {
         self.chunks.len()
     }
-    /// Bytes of packed weight and scales one forward reads (as [`QuantWeight::packed_bytes`]).
+    /// Bytes of packed weight and scales one forward reads (as [`QuantWeight::packed_bytes`](crate::linear::QuantWeight::packed_bytes)).
     pub fn packed_bytes(&self) -> u64 {
         self.packed_bytes
     }

@@ -26,6 +26,8 @@
 //! ```
 
 mod bound;
+#[cfg(feature = "gpu")]
+mod gpu;
 mod options;
 
 pub use crate::format::layer::{AdapterSelection, QuantWeight};
