@@ -1,8 +1,9 @@
 // Tiled GEMM for prefill: a workgroup of GEMM_WG_SIDE² threads (16x16) computes a BM (rows of x) x BN
-// (output features) tile of y (64x64), each thread a GEMM_THREAD² block (4x4). Per step of BK inputs the workgroup decodes a 64xBK tile of W (bit-identical
-// to the reference dequantization) and loads a 64xBK tile of x into workgroup memory, then every thread
-// accumulates its 16 outputs in f32. With F16 the tiles are stored in f16 and the products are formed in f16
-// (accumulation stays f32). Bias and the LoRA expand are added in the same output pass.
+// (output features) tile of y (64x64), each thread a GEMM_THREAD² block (4x4). Per step of BK inputs the
+// workgroup decodes a BN x BK tile of W (bit-identical to the reference dequantization) and loads a BM x BK
+// tile of x into workgroup memory, then every thread accumulates its GEMM_THREAD² outputs in f32. With F16
+// the tiles are stored in f16 and the products are formed in f16 (accumulation stays f32). Bias and the LoRA
+// expand are added in the same output pass.
 #include "common.wgsl"
 
 #if F16

@@ -26,3 +26,18 @@ fn gl_backend_variants() {
         assert!(block_on(gl.forward_with(ctx, &x, 1, None, c)).is_err());
     }
 }
+
+#[test]
+fn gl_backend_encode_forward() {
+    let Some(ctx) = gl_ctx() else { return };
+    // Layers chained in one submission, and one layer recorded several times into one encoder.
+    let mut rng = Rng(4343);
+    for lora in [false, true] {
+        let ranks: [&[usize]; 3] = if lora { [&[4], &[3, 2], &[5]] } else { [&[], &[], &[]] };
+        let layers = chain(CHAINS[0], [72, 56, 40, 24], ranks, &mut rng);
+        for m in [1, 64] {
+            run_chain(ctx, &layers, m, &mut rng, &format!("GL chain lora {lora} m {m}"));
+        }
+    }
+    record_twice(ctx, &mut rng);
+}

@@ -1,6 +1,7 @@
-//! Every GPU kernel variant the adapter supports against the CPU f64 reference (`forward_with` with
-//! `ForwardOptions::reference()`), on the preferred adapter (lavapipe's Vulkan llvmpipe in CI) and on the GL
-//! backend where one exists (an adapter without f16 and subgroups).
+//! Every GPU kernel variant the adapter supports against the CPU f64 reference
+//! (`forward_with(x, ForwardOptions::reference())`, with `.adapter_ids(ids)` for batches), on the preferred
+//! adapter (lavapipe's Vulkan llvmpipe in CI) and on the GL backend where one exists (an adapter without f16
+//! and subgroups).
 //!
 //! Without an adapter the tests print "skipped: no GPU adapter" and pass, unless `LOWBIT_REQUIRE_GPU=1`,
 //! in which case a missing adapter fails. (The GL run is "where available": it never fails for lack of GL.)

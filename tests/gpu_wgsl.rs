@@ -129,3 +129,11 @@ fn keys_of_one_kernel_family_are_one_pipeline() {
     assert_ne!(key("int8:tensor".parse().unwrap()), key("int8:channel".parse().unwrap()));
     assert_eq!(key("nf4:64+dq".parse().unwrap()).name(), "gemv-4bit-dq");
 }
+
+/// An engine shares layers and the context across threads (recording is `&self`).
+#[test]
+fn gpu_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<lowbit::gpu::GpuLinear>();
+    send_sync::<lowbit::gpu::GpuContext>();
+}

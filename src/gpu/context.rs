@@ -77,7 +77,8 @@ fn rank(t: wgpu::DeviceType) -> u8 {
 
 impl GpuContext {
     /// Opens the preferred adapter (discrete > integrated > virtual > CPU) with default options.
-    /// Errors with [`Error::NoGpuAdapter`] when there is none.
+    /// Errors with [`Error::NoGpuAdapter`] when there is none, [`Error::Gpu`] when the adapter refuses to
+    /// open a device.
     pub async fn new() -> Result<GpuContext, Error> {
         Self::with_options(&ContextOptions::default()).await
     }

@@ -150,10 +150,10 @@ struct Dispatch {
     shrink_yz: (u32, u32),
 }
 
-/// A [`QuantLinear`](crate::linear::QuantLinear) resident on the GPU: packed codes, compressed scales, bias and LoRA adapters are uploaded
-/// once by [`upload`](Self::upload). [`encode_forward`](Self::encode_forward) records a forward on buffers the
-/// caller owns (so an engine chains layers in one submission); [`forward`](Self::forward) and friends are
-/// host-slice conveniences over the same recording path. Results are
+/// A [`QuantLinear`](crate::linear::QuantLinear) resident on the GPU: packed codes, compressed scales, bias
+/// and LoRA adapters are uploaded once by [`upload`](Self::upload). [`encode_forward`](Self::encode_forward)
+/// records a forward on buffers the caller owns (so an engine chains layers in one submission);
+/// [`forward`](Self::forward) and friends are host-slice conveniences over the same recording path. Results are
 /// `y = x·dequant(W)ᵀ + bias + Σ s·(x·Aᵀ)·Bᵀ` with f32 accumulation, the same as the CPU paths up to
 /// accumulation order.
 #[derive(Debug)]
@@ -441,7 +441,8 @@ impl GpuLinear {
     pub fn num_chunks(&self) -> usize {
         self.chunks.len()
     }
-    /// Bytes of packed weight and scales one forward reads (as [`QuantWeight::packed_bytes`](crate::linear::QuantWeight::packed_bytes)).
+    /// Bytes of packed weight and scales one forward reads (as
+    /// [`QuantWeight::packed_bytes`](crate::linear::QuantWeight::packed_bytes)).
     pub fn packed_bytes(&self) -> u64 {
         self.packed_bytes
     }
