@@ -9,9 +9,13 @@
 //! CPU adapters (lavapipe / llvmpipe) are correctness oracles only: their numbers mean nothing for speed.
 //! Environment: `LOWBIT_BENCH_QUICK=1` runs only the smallest shapes (for smoke tests), `LOWBIT_BENCH_REPS`
 //! sets repetitions (default 20), `LOWBIT_BENCH_F16=1` adds f16 GEMM rows where the device supports them.
+//!
+//! Last, the layers of the last (square) shape are chained the way an engine runs a token: every layer
+//! recorded with `GpuLinear::encode_forward` into one encoder (activations ping-pong between two device
+//! buffers), one submit, one readback; wall time per chain next to the same layers as separate `forward`s.
 
 use lowbit::affine::{self, Granularity};
-use lowbit::gpu::{GpuContext, GpuLinear, KernelChoice};
+use lowbit::gpu::{block_on, read_f32, wgpu, GpuContext, GpuLinear, KernelChoice};
 use lowbit::linear::{QuantLinear, QuantWeight};
 use std::time::Instant;
 
@@ -111,5 +115,56 @@ fn main() {
                 );
             }
         }
+    }
+    chained(&ctx, &layers, reps);
+}
+
+/// Wall time of all `layers` (square, same size) chained in one submission vs run as separate forwards.
+fn chained(ctx: &GpuContext, layers: &[(String, GpuLinear)], reps: usize) {
+    let n = layers[0].1.in_features();
+    if layers.iter().any(|(_, l)| l.in_features() != n || l.out_features() != n) {
+        return;
+    }
+    use wgpu::BufferUsages as U;
+    let buf = |floats: usize, usage| {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench"),
+            size: (floats * 4) as u64,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    for m in [1, 16] {
+        let x = weights(m * n, 11);
+        let acts = [buf(m * n, U::STORAGE | U::COPY_DST | U::COPY_SRC), buf(m * n, U::STORAGE | U::COPY_SRC)];
+        let read = buf(m * n, U::MAP_READ | U::COPY_DST);
+        let chain = || {
+            ctx.queue().write_buffer(&acts[0], 0, lowbit::gpu::bytes_of_f32(&x));
+            let mut enc = ctx.device().create_command_encoder(&Default::default());
+            for (i, (_, l)) in layers.iter().enumerate() {
+                l.encode_forward(ctx, &mut enc, &acts[i % 2], &acts[(i + 1) % 2], m).unwrap();
+            }
+            enc.copy_buffer_to_buffer(&acts[layers.len() % 2], 0, &read, 0, (m * n * 4) as u64);
+            ctx.queue().submit([enc.finish()]);
+            block_on(read_f32(ctx.device(), &read, m * n)).unwrap()
+        };
+        chain(); // warm-up: pipelines, bind groups
+        let t = Instant::now();
+        for _ in 0..reps {
+            chain();
+        }
+        let one = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+        let t = Instant::now();
+        for _ in 0..reps {
+            let mut v = x.clone();
+            for (_, l) in layers {
+                v = l.forward_blocking(ctx, &v, m).unwrap();
+            }
+        }
+        let separate = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+        println!(
+            "chain of {} layers {n}x{n} M={m}: one submission {one:.1} us, separate forwards {separate:.1} us (wall)",
+            layers.len()
+        );
     }
 }

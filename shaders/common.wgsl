@@ -1,51 +1,11 @@
-// Shared declarations for the output passes (GEMV and GEMM): bindings, parameters, weight decoding and the
-// LoRA expand. Included by gemv.wgsl and gemm.wgsl through lowbit's tiny preprocessor (src/gpu/shader.rs):
+// Shared code of the output passes (GEMV and GEMM): weight decoding and the bias + LoRA-expand epilogue.
+// Included by gemv.wgsl and gemm.wgsl through lowbit's tiny preprocessor (src/gpu/shader.rs):
 // `#include "file"`, `#if NAME` / `#if !NAME`, `#else`, `#endif`. The host prepends `enable f16;` when F16
 // is defined.
 
-// Static per-chunk parameters (uploaded once with the weight). All indices are u32; the host rejects
-// tensors whose element count does not fit.
-struct Chunk {
-    n_in: u32,        // K: input features
-    n_out: u32,       // N: output features of the whole layer (row stride of y)
-    row0: u32,        // first output row (feature) covered by this chunk
-    rows: u32,        // number of output rows in this chunk
-    word_base: u32,   // global u32-word index of codes[0]
-    sblk_base: u32,   // global index of the scale entry in scales[0] (4-bit: block; DQ: block, multiple of 4; int8: parameter)
-    zp_off: u32,      // int8: word offset of the packed zero points inside `scales`
-    log2_bs: u32,     // 4-bit: log2(block size); int8 per-group: group size g
-    ngroups: u32,     // int8 per-group: groups per row
-    nested_log2: u32, // DQ: log2(nested block size)
-    nested_off: u32,  // DQ: word offset of nested_absmax inside `lconst` (the map is lconst[16..272))
-    dq_offset: f32,   // DQ: the offset added back after scaling
-    bias_off: u32,    // word offset of the bias inside `lconst`
-    has_bias: u32,    // 1 when the layer has a bias
-    ad_off: u32,      // word offset of the adapter descriptors inside `lconst` (4 words each)
-    n_adapters: u32,  // number of attached adapters
-    r_total: u32,     // sum of adapter ranks (row stride of t)
-    _p0: u32,
-    _p1: u32,
-    _p2: u32,
-};
-
-// Per-call parameters.
-struct Call {
-    m: u32,          // rows of x
-    mask_words: u32, // u32 words of adapter mask per row in `rowinfo`
-    use_lora: u32,   // 1 when at least one row has an adapter
-    _p: u32,
-};
-
-@group(0) @binding(0) var<storage, read> codes: array<u32>;
-@group(0) @binding(1) var<storage, read> scales: array<u32>;
-@group(0) @binding(2) var<storage, read> lconst: array<u32>;
-@group(0) @binding(3) var<storage, read> x: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
-@group(0) @binding(5) var<storage, read> t: array<f32>;
-@group(0) @binding(6) var<storage, read> lora: array<f32>;
-@group(0) @binding(7) var<storage, read> rowinfo: array<u32>;
-@group(0) @binding(8) var<uniform> ck: Chunk;
-@group(0) @binding(9) var<uniform> call: Call;
+// The uniform structs `Chunk` (static per chunk: `ck`) and `Call` (per recorded forward: `call`), the
+// bindings and the constants (WG, MAXM, RED_LEN, GEMM_*) are not declared here: the host generates their
+// declarations from the Rust definitions in src/gpu/layout.rs and prepends them to every kernel.
 
 #if FOURBIT
 // 4-bit code of flat element e (bytes hold two codes, first element in the HIGH nibble; a u32 word holds
@@ -84,7 +44,7 @@ fn param_index(o: u32, col: u32) -> u32 {
 #if GRAN_CHANNEL
     return o;
 #else
-    return o * ck.ngroups + col / ck.log2_bs;
+    return o * ck.ngroups + col / ck.group_size;
 #endif
 #endif
 }
@@ -112,7 +72,7 @@ fn epilogue(m: u32, o: u32) -> f32 {
     }
     if (call.use_lora != 0u) {
         for (var a = 0u; a < ck.n_adapters; a = a + 1u) {
-            let bit = (rowinfo[m * call.mask_words + (a >> 5u)] >> (a & 31u)) & 1u;
+            let bit = (rowinfo[m * call.mask_stride + (a >> 5u)] >> (a & 31u)) & 1u;
             if (bit == 0u) {
                 continue;
             }

@@ -1,5 +1,5 @@
-// Tiled GEMM for prefill: a workgroup of 16x16 threads computes a 64 (rows of x) x 64 (output features) tile
-// of y, each thread a 4x4 block. Per step of BK inputs the workgroup decodes a 64xBK tile of W (bit-identical
+// Tiled GEMM for prefill: a workgroup of GEMM_WG_SIDE² threads (16x16) computes a BM (rows of x) x BN
+// (output features) tile of y (64x64), each thread a GEMM_THREAD² block (4x4). Per step of BK inputs the workgroup decodes a 64xBK tile of W (bit-identical
 // to the reference dequantization) and loads a 64xBK tile of x into workgroup memory, then every thread
 // accumulates its 16 outputs in f32. With F16 the tiles are stored in f16 and the products are formed in f16
 // (accumulation stays f32). Bias and the LoRA expand are added in the same output pass.
@@ -11,25 +11,29 @@ alias elem = f16;
 alias elem = f32;
 #endif
 
-const BM: u32 = 64u;
-const BN: u32 = 64u;
-const BK: u32 = 16u;
+// Tile sizes come from the host (src/gpu/layout.rs): GEMM_BM = GEMM_BN (the loads below share one row index
+// for x and W), GEMM_BK, GEMM_THREAD outputs per thread along each side, GEMM_WG_SIDE threads per side,
+// GEMM_TILE_LEN = BK·BM elements per tile, GEMM_LOADS = TILE_LEN / threads loads per thread and step.
+const BM: u32 = GEMM_BM;
+const BN: u32 = GEMM_BN;
+const BK: u32 = GEMM_BK;
+const TH: u32 = GEMM_THREAD;
 
-var<workgroup> xs: array<elem, 1024>; // [BK][BM]
-var<workgroup> ws: array<elem, 1024>; // [BK][BN]
+var<workgroup> xs: array<elem, GEMM_TILE_LEN>; // [BK][BM]
+var<workgroup> ws: array<elem, GEMM_TILE_LEN>; // [BK][BN]
 
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(GEMM_WG_SIDE, GEMM_WG_SIDE)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let n0 = wg.x * BN;
     let m0 = wg.y * BM;
-    let li = lid.y * 16u + lid.x;
-    var acc: array<f32, 16>;
-    for (var i = 0u; i < 16u; i = i + 1u) {
+    let li = lid.y * GEMM_WG_SIDE + lid.x;
+    var acc: array<f32, GEMM_THREAD * GEMM_THREAD>;
+    for (var i = 0u; i < TH * TH; i = i + 1u) {
         acc[i] = 0.0;
     }
     for (var k0 = 0u; k0 < ck.n_in; k0 = k0 + BK) {
-        for (var r = 0u; r < 4u; r = r + 1u) {
-            let idx = li + r * 256u;
+        for (var r = 0u; r < GEMM_LOADS; r = r + 1u) {
+            let idx = li + r * GEMM_WG_SIDE * GEMM_WG_SIDE;
             let l = idx / BK;
             let kk = idx % BK;
             let col = k0 + kk;
@@ -46,30 +50,30 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk = kk + 1u) {
-            var a: array<elem, 4>;
-            var b: array<elem, 4>;
-            for (var i = 0u; i < 4u; i = i + 1u) {
-                a[i] = xs[kk * BM + lid.y * 4u + i];
-                b[i] = ws[kk * BN + lid.x * 4u + i];
+            var a: array<elem, GEMM_THREAD>;
+            var b: array<elem, GEMM_THREAD>;
+            for (var i = 0u; i < TH; i = i + 1u) {
+                a[i] = xs[kk * BM + lid.y * TH + i];
+                b[i] = ws[kk * BN + lid.x * TH + i];
             }
-            for (var i = 0u; i < 4u; i = i + 1u) {
-                for (var j = 0u; j < 4u; j = j + 1u) {
-                    acc[i * 4u + j] = acc[i * 4u + j] + f32(a[i] * b[j]);
+            for (var i = 0u; i < TH; i = i + 1u) {
+                for (var j = 0u; j < TH; j = j + 1u) {
+                    acc[i * TH + j] = acc[i * TH + j] + f32(a[i] * b[j]);
                 }
             }
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i = i + 1u) {
-        let m = m0 + lid.y * 4u + i;
+    for (var i = 0u; i < TH; i = i + 1u) {
+        let m = m0 + lid.y * TH + i;
         if (m >= call.m) {
             continue;
         }
-        for (var j = 0u; j < 4u; j = j + 1u) {
-            let l = n0 + lid.x * 4u + j;
+        for (var j = 0u; j < TH; j = j + 1u) {
+            let l = n0 + lid.x * TH + j;
             if (l < ck.rows) {
                 let o = ck.row0 + l;
-                y[m * ck.n_out + o] = acc[i * 4u + j] + epilogue(m, o);
+                y[m * ck.n_out + o] = acc[i * TH + j] + epilogue(m, o);
             }
         }
     }

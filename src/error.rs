@@ -57,6 +57,22 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// No GPU adapter was found for the requested backends (no GPU driver, no lavapipe, no WebGPU in this
+    /// browser, or none matching the requested name). Feature `gpu`.
+    NoGpuAdapter {
+        /// What was searched and what was found, for the message.
+        detail: String,
+    },
+    /// A GPU operation failed: the adapter refused a device, a shader failed to compile (a bug in lowbit or the
+    /// driver), a wgpu validation error, out of memory, a lost device or a failed readback. Invalid inputs of
+    /// GPU functions are not this variant: they are reported as the other variants, before anything reaches
+    /// the GPU. Feature `gpu`.
+    Gpu {
+        /// The operation that failed (e.g. `"request device"`, `"compile shader gemv-4bit"`).
+        what: String,
+        /// wgpu's or the driver's message.
+        detail: String,
+    },
 }
 
 /// `Result` with lowbit's [`Error`].
@@ -76,6 +92,11 @@ impl Error {
     /// Shorthand for [`Error::Format`].
     pub fn format(context: impl Into<String>, detail: impl Into<String>) -> Self {
         Error::Format { context: context.into(), detail: detail.into() }
+    }
+
+    /// Shorthand for [`Error::Gpu`].
+    pub fn gpu(what: impl Into<String>, detail: impl fmt::Display) -> Self {
+        Error::Gpu { what: what.into(), detail: detail.to_string() }
     }
 
     /// Shorthand for [`Error::Io`].
@@ -99,6 +120,8 @@ impl fmt::Display for Error {
             Error::Format { context, detail } => write!(f, "malformed {context}: {detail}"),
             Error::Unsupported { what } => write!(f, "unsupported: {what}"),
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            Error::NoGpuAdapter { detail } => write!(f, "no GPU adapter: {detail}"),
+            Error::Gpu { what, detail } => write!(f, "GPU operation `{what}` failed: {detail}"),
         }
     }
 }

@@ -27,23 +27,27 @@
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-pub mod affine;
-pub mod cpu;
-pub mod double_quant;
+// The layers, bottom up (each uses only the ones above it in this list):
+// element / shape / error → format (data only) → reference (the spec) → cpu, gpu (kernels) → api → io.
 pub mod element;
 mod error;
+pub mod shape;
+
 pub mod format;
+
+pub mod reference;
+
+pub mod cpu;
 #[cfg(feature = "gpu")]
 pub mod gpu;
+
+mod api;
+pub use api::{affine, double_quant, linear, merge, nf4};
+
 #[cfg(feature = "io")]
 pub mod io;
-pub mod linear;
-pub mod lora;
-pub mod merge;
-pub mod nf4;
-pub mod reference;
-pub mod shape;
-pub mod storage;
+
+pub use format::{lora, storage};
 
 pub use element::{DType, Element};
 pub use error::{Error, Result};

@@ -5,9 +5,11 @@ use crate::agreement;
 use crate::console;
 use crate::error::{CliError, Context};
 use crate::gpu::Device;
-use crate::synthetic::{self, LayerFormat};
 use crate::timing::{self, fmt_ms, fmt_rate};
 use lowbit::cpu::KernelPath;
+use lowbit::linear::BoundTarget;
+use lowbit::Scheme;
+use lowbit_testkit::synthetic;
 
 /// Untimed runs before the timed ones (page faults, rayon's pool, caches).
 const WARMUP: usize = 2;
@@ -20,7 +22,7 @@ const MAX_WEIGHT: usize = 1 << 30;
 #[derive(Clone, Copy, Debug)]
 pub struct Bench {
     /// Weight format.
-    pub format: LayerFormat,
+    pub format: Scheme,
     /// Output features.
     pub out: usize,
     /// Input features.
@@ -114,24 +116,13 @@ fn check_reference(layer: &lowbit::linear::QuantLinear, x: &[f32], y: &[f32], gp
         return console::line(&format!("vs reference: skipped (too large: out*in*M = {macs} > {REFERENCE_MAX_MACS})"));
     }
     let want = layer.forward_with(x, lowbit::linear::ForwardOptions::reference())?;
-    #[cfg(feature = "gpu")]
-    let (a, ok, rule) = if gpu {
-        let a = agreement::compare_gpu(layer, x, y, &want);
-        (a, a.ok_gpu(), " (GPU bound)")
-    } else {
-        let a = agreement::compare(layer, x, y, &want);
-        (a, a.ok(), "")
-    };
-    #[cfg(not(feature = "gpu"))]
-    let (a, ok, rule) = {
-        let _ = gpu;
-        let a = agreement::compare(layer, x, y, &want);
-        (a, a.ok(), "")
-    };
+    let (target, rule) = if gpu { (BoundTarget::Gpu, " (GPU bound)") } else { (BoundTarget::Cpu, "") };
+    let a = agreement::compare(layer, x, y, &want, target)?;
+    let ok = a.ok(target);
     console::line(&format!(
         "vs reference (f64){rule}: max |err| {:.3e}, relative L2 {:.3e}, worst err/bound {:.2e}: {}",
-        a.max_abs,
-        a.rel_l2,
+        a.max_abs_err,
+        a.nse.sqrt(),
         a.worst_ratio,
         if ok { "ok" } else { "MISMATCH" }
     ))?;

@@ -21,11 +21,11 @@
 
 use crate::console;
 use crate::error::{CliError, Context};
-use crate::synthetic::{self, LayerFormat};
 use lowbit::affine::{self, Granularity};
 use lowbit::cpu::{Isa, KernelPath};
 use lowbit::linear::{QuantLinear, QuantWeight};
 use lowbit_testkit::membw::{self, Direction, Limits};
+use lowbit_testkit::synthetic::{self, DEMO_SCHEMES};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -300,10 +300,8 @@ fn linear(
     batches: &[usize],
 ) -> Result<(), CliError> {
     let w = synthetic::synthetic_weight(out, inp, synthetic::SEED);
-    for (format, name) in
-        [(LayerFormat::Nf4, "nf4"), (LayerFormat::Nf4Dq, "nf4+dq"), (LayerFormat::Int8, "int8 channel")]
-    {
-        let weight = synthetic::quantize(format, &w, out, inp).context(|| format!("quantizing to {name}"))?;
+    for (format, name) in DEMO_SCHEMES.map(|s| (s, s.to_string())) {
+        let weight = QuantWeight::quantize(&w, &[out, inp], format).context(|| format!("quantizing to {name}"))?;
         let packed = weight.packed_bytes() as f64;
         // Enough copies that each call reads its weight from memory, not from the last-level cache.
         let copies = (cold_bytes() as f64 / packed).ceil().clamp(1.0, 16.0) as usize;
@@ -329,7 +327,7 @@ fn linear(
                             forward(&layers[next], &x, r.path)
                         })
                     })?;
-                    rec.push(kernel.clone(), name, (out, inp), m, r, t, (read, written), Some(flops));
+                    rec.push(kernel.clone(), &name, (out, inp), m, r, t, (read, written), Some(flops));
                 }
             }
         }

@@ -3,8 +3,7 @@
 //! forward on the same weight ([`crate::demo_linear`]) and, when a GPU adapter exists, the same forward on the
 //! GPU ([`crate::demo_gpu`]).
 //!
-//! The formats shown are the entries of [`formats`]; adding a format means one [`Format`] implementation and
-//! one line there.
+//! The schemes shown are the entries of [`formats`]; adding one means one line there.
 
 use crate::console;
 use crate::demo_gpu;
@@ -12,10 +11,10 @@ use crate::demo_linear;
 use crate::error::{CliError, Context};
 use crate::progress::Progress;
 use crate::stats::{fmt_db, ErrorStats};
-use crate::synthetic::{synthetic_weight, SEED};
-use lowbit::affine::Granularity;
 use lowbit::cpu::{Isa, KernelPath};
 use lowbit::nf4::BlockScales;
+use lowbit::Scheme;
+use lowbit_testkit::synthetic::{synthetic_weight, SEED};
 use std::time::{Duration, Instant};
 
 /// One quantize + dequantize through one path.
@@ -30,67 +29,43 @@ pub struct Run {
     pub parts: Vec<(&'static str, Vec<u8>)>,
 }
 
-/// A format (with its settings) shown as one group of rows in the demo table.
-pub trait Format {
-    /// Label in the table, e.g. `int8 group:128`.
-    fn label(&self) -> String;
-    /// Quantizes `x` (row-major, `shape`) through `path`, then dequantizes it into `out` through `path`.
-    fn run(&self, x: &[f32], shape: &[usize], path: KernelPath, out: &mut [f32]) -> lowbit::Result<Run>;
-}
-
-/// Asymmetric int8 affine with a granularity.
-struct Int8(Granularity);
-
-impl Format for Int8 {
-    fn label(&self) -> String {
-        format!("int8 {}", self.0)
-    }
-
-    fn run(&self, x: &[f32], shape: &[usize], path: KernelPath, out: &mut [f32]) -> lowbit::Result<Run> {
-        let t = Instant::now();
-        let q = lowbit::affine::quantize_with(x, shape, self.0, path)?;
-        let quantize = t.elapsed();
-        let t = Instant::now();
-        q.dequantize_into_with(out, path)?;
-        let dequantize = t.elapsed();
-        Ok(Run {
-            quantize,
-            dequantize,
-            bits_per_weight: q.bits_per_weight(),
-            parts: vec![
-                ("codes", q.codes().to_vec()),
-                ("scales", f32_bits(q.scales())),
-                ("zero points", q.zero_points().to_vec()),
-            ],
-        })
-    }
-}
-
-/// NF4 (bitsandbytes / QLoRA), optionally with double-quantized block scales.
-struct Nf4 {
-    blocksize: usize,
-    double_quant: bool,
-}
-
-impl Format for Nf4 {
-    fn label(&self) -> String {
-        format!("nf4 block:{}{}", self.blocksize, if self.double_quant { " +dq" } else { "" })
-    }
-
-    fn run(&self, x: &[f32], shape: &[usize], path: KernelPath, out: &mut [f32]) -> lowbit::Result<Run> {
-        let t = Instant::now();
-        let q = lowbit::nf4::quantize_nf4_with(x, shape, self.blocksize, self.double_quant, path)?;
-        let quantize = t.elapsed();
-        let t = Instant::now();
-        q.dequantize_into_with(out, path)?;
-        let dequantize = t.elapsed();
-        let mut parts = vec![("packed codes", q.packed().to_vec()), ("absmax", f32_bits(&q.absmax()))];
-        if let BlockScales::Double(d) = q.scales() {
-            parts.push(("absmax codes", d.codes().to_vec()));
-            parts.push(("nested absmax", f32_bits(d.nested_absmax())));
-            parts.push(("nested offset", f32_bits(&[d.offset()])));
+/// Quantizes `x` (row-major, `shape`) with `scheme` through `path`, then dequantizes it into `out` through
+/// `path`, timing both and keeping every stored buffer for the bit-for-bit comparison.
+fn run_scheme(scheme: Scheme, x: &[f32], shape: &[usize], path: KernelPath, out: &mut [f32]) -> lowbit::Result<Run> {
+    match scheme.validate()? {
+        Scheme::Int8(g) => {
+            let t = Instant::now();
+            let q = lowbit::affine::quantize_with(x, shape, g, path)?;
+            let quantize = t.elapsed();
+            let t = Instant::now();
+            q.dequantize_into_with(out, path)?;
+            let dequantize = t.elapsed();
+            Ok(Run {
+                quantize,
+                dequantize,
+                bits_per_weight: q.bits_per_weight(),
+                parts: vec![
+                    ("codes", q.codes().to_vec()),
+                    ("scales", f32_bits(q.scales())),
+                    ("zero points", q.zero_points().to_vec()),
+                ],
+            })
         }
-        Ok(Run { quantize, dequantize, bits_per_weight: q.bits_per_weight(), parts })
+        Scheme::FourBit { format, blocksize, double_quant } => {
+            let t = Instant::now();
+            let q = lowbit::nf4::quantize_4bit_with(format, x, shape, blocksize, double_quant, path)?;
+            let quantize = t.elapsed();
+            let t = Instant::now();
+            q.dequantize_into_with(out, path)?;
+            let dequantize = t.elapsed();
+            let mut parts = vec![("packed codes", q.packed().to_vec()), ("absmax", f32_bits(&q.absmax()))];
+            if let BlockScales::Double(d) = q.scales() {
+                parts.push(("absmax codes", d.codes().to_vec()));
+                parts.push(("nested absmax", f32_bits(d.nested_absmax())));
+                parts.push(("nested offset", f32_bits(&[d.offset()])));
+            }
+            Ok(Run { quantize, dequantize, bits_per_weight: q.bits_per_weight(), parts })
+        }
     }
 }
 
@@ -98,16 +73,12 @@ fn f32_bits(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|s| s.to_bits().to_le_bytes()).collect()
 }
 
-/// Every format the demo shows, in table order.
-pub fn formats() -> Vec<Box<dyn Format>> {
-    vec![
-        Box::new(Int8(Granularity::PerTensor)),
-        Box::new(Int8(Granularity::PerChannel)),
-        Box::new(Int8(Granularity::PerGroup(128))),
-        Box::new(Int8(Granularity::PerGroup(32))),
-        Box::new(Nf4 { blocksize: 64, double_quant: false }),
-        Box::new(Nf4 { blocksize: 64, double_quant: true }),
-    ]
+/// Every scheme the demo shows, in table order.
+pub fn formats() -> Vec<Scheme> {
+    ["int8:tensor", "int8:channel", "int8:group:128", "int8:group:32", "nf4:64", "nf4:64+dq", "fp4:64"]
+        .iter()
+        .map(|s| s.parse().expect("a valid scheme"))
+        .collect()
 }
 
 /// Where `run` (with dequantized values `out`) first differs from the reference, or `None`.
@@ -172,7 +143,7 @@ pub fn run(size: usize) -> Result<(), CliError> {
     let mut warm_out = vec![0f32; warm.len()];
     for f in &formats {
         for &p in &paths {
-            f.run(&warm, &[64, 64], p, &mut warm_out).context(|| format!("{} on {p}", f.label()))?;
+            run_scheme(*f, &warm, &[64, 64], p, &mut warm_out).context(|| format!("{f} on {p}"))?;
         }
     }
 
@@ -194,19 +165,19 @@ pub fn run(size: usize) -> Result<(), CliError> {
     let mut out = vec![1f32; n];
     let (mut runs, mut mismatches) = (0usize, 0usize);
     for f in &formats {
-        let label = f.label();
+        let label = f.to_string();
         let mut reference: Option<(Run, ErrorStats)> = None;
         for &path in &paths {
             progress.set_message(&format!("{label} on {path}"));
             let ctx = || format!("{label} on {path}");
             let (run, stats, check) = match &reference {
                 None => {
-                    let run = f.run(&x, &shape, path, &mut ref_out).context(ctx)?;
+                    let run = run_scheme(*f, &x, &shape, path, &mut ref_out).context(ctx)?;
                     let stats = ErrorStats::compute(&x, &ref_out);
                     (run, stats, "reference".to_string())
                 }
                 Some((r, ref_stats)) => {
-                    let run = f.run(&x, &shape, path, &mut out).context(ctx)?;
+                    let run = run_scheme(*f, &x, &shape, path, &mut out).context(ctx)?;
                     runs += 1;
                     match first_difference(r, &ref_out, &run, &out) {
                         None => (run, *ref_stats, "ok".to_string()),

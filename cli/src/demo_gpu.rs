@@ -1,7 +1,7 @@
 //! The demo's GPU rows: the same QuantLinear cases as [`crate::demo_linear`] (NF4, NF4 + double
 //! quantization, int8 per channel; M = 1 and 8; without and with a rank-16 adapter) run by the fused WGSL
 //! kernels on the preferred adapter, each checked against the f64 reference under the GPU bound of
-//! [`crate::agreement::compare_gpu`]. No adapter is not an error: the rows are skipped with the reason.
+//! [`crate::agreement::compare`] with the GPU bound. No adapter is not an error: the rows are skipped with the reason.
 
 use crate::demo_linear::Summary;
 use crate::error::CliError;
@@ -23,9 +23,10 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
     use crate::agreement;
     use crate::error::Context;
     use crate::progress::Progress;
-    use crate::synthetic::{self, LayerFormat, SEED};
     use crate::timing::{self, fmt_ms, fmt_rate};
     use lowbit::gpu::{GpuLinear, KernelChoice};
+    use lowbit::linear::{BoundTarget, QuantWeight};
+    use lowbit_testkit::synthetic::{self, DEMO_SCHEMES, SEED};
     use std::time::Duration;
 
     const BATCHES: [usize; 2] = [1, 8];
@@ -81,8 +82,8 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
     ]))?;
     progress.println(&"-".repeat(120))?;
     let mut summary = Summary { runs: 0, mismatches: 0 };
-    for format in [LayerFormat::Nf4, LayerFormat::Nf4Dq, LayerFormat::Int8] {
-        let weight = synthetic::quantize(format, w, n, n).context(|| format!("GPU QuantLinear {format}"))?;
+    for format in DEMO_SCHEMES {
+        let weight = QuantWeight::quantize(w, &[n, n], format).context(|| format!("GPU QuantLinear {format}"))?;
         let packed = weight.packed_bytes();
         for rank in [None, Some(LORA_RANK)] {
             let layer = synthetic::layer_from(weight.clone(), rank).context(|| format!("GPU QuantLinear {format}"))?;
@@ -104,19 +105,19 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
                     let mut y = Vec::new();
                     let t = timing::measure(1, ITERS, || {
                         y = gpu_layer.forward_blocking(&ctx, &x, m)?;
-                        Ok::<(), lowbit::gpu::GpuError>(())
+                        Ok::<(), lowbit::Error>(())
                     })
                     .context(what)?;
                     (y, Some(t.median))
                 };
                 let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).context(what)?;
-                let a = agreement::compare_gpu(&layer, &x, &y, &want);
+                let a = agreement::compare(&layer, &x, &y, &want, BoundTarget::Gpu).context(what)?;
                 summary.runs += 1;
-                let check = if a.ok_gpu() {
+                let check = if a.ok(BoundTarget::Gpu) {
                     "ok".to_string()
                 } else {
                     summary.mismatches += 1;
-                    format!("MISMATCH ({} outputs outside the bound, relative L2 {:.2e})", a.outside, a.rel_l2)
+                    format!("MISMATCH ({} outputs outside the bound, relative L2 {:.2e})", a.outside, a.nse.sqrt())
                 };
                 let dash = || "-".to_string();
                 progress.println(&row([
@@ -127,7 +128,7 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
                     &time.map_or_else(dash, fmt_ms),
                     &time.map_or_else(dash, |t| fmt_rate(2.0 * (m * n * n) as f64, t)),
                     &time.map_or_else(dash, |t| fmt_rate(packed as f64, t)),
-                    &format!("{:.3e}", a.max_abs),
+                    &format!("{:.3e}", a.max_abs_err),
                     &format!("{:.2e}", a.worst_ratio),
                     &check,
                 ]))?;

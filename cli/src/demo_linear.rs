@@ -5,8 +5,9 @@
 use crate::agreement;
 use crate::error::{CliError, Context};
 use crate::progress::Progress;
-use crate::synthetic::{self, LayerFormat};
 use crate::timing::{self, fmt_ms, fmt_rate};
+use lowbit::linear::{BoundTarget, QuantWeight};
+use lowbit_testkit::synthetic::{self, DEMO_SCHEMES};
 
 /// Rows of x shown.
 const BATCHES: [usize; 2] = [1, 8];
@@ -30,7 +31,7 @@ fn row(cells: [&str; 9]) -> String {
 
 /// Runs every row on `w` (`[size, size]`, the demo's synthetic weight) and prints the table.
 pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
-    let formats = [LayerFormat::Nf4, LayerFormat::Nf4Dq, LayerFormat::Int8];
+    let formats = DEMO_SCHEMES;
     let progress = Progress::new((formats.len() * BATCHES.len() * 2) as u64, "QuantLinear");
     progress.println(&format!(
         "QuantLinear {size}x{size}: fused y = x*W^T + bias [+ rank-{LORA_RANK} LoRA] vs the f64 reference \
@@ -50,7 +51,7 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
     progress.println(&"-".repeat(96))?;
     let mut summary = Summary { runs: 0, mismatches: 0 };
     for format in formats {
-        let weight = synthetic::quantize(format, w, size, size).context(|| format!("QuantLinear {format}"))?;
+        let weight = QuantWeight::quantize(w, &[size, size], format).context(|| format!("QuantLinear {format}"))?;
         let packed = weight.packed_bytes();
         for rank in [None, Some(LORA_RANK)] {
             let layer = synthetic::layer_from(weight.clone(), rank).context(|| format!("QuantLinear {format}"))?;
@@ -66,9 +67,9 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
                 })
                 .context(ctx)?;
                 let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).context(ctx)?;
-                let a = agreement::compare(&layer, &x, &y, &want);
+                let a = agreement::compare(&layer, &x, &y, &want, BoundTarget::Cpu).context(ctx)?;
                 summary.runs += 1;
-                let check = if a.ok() {
+                let check = if a.ok(BoundTarget::Cpu) {
                     "ok".to_string()
                 } else {
                     summary.mismatches += 1;
@@ -81,7 +82,7 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
                     &fmt_ms(t.median),
                     &fmt_rate(2.0 * (m * size * size) as f64, t.median),
                     &fmt_rate(packed as f64, t.median),
-                    &format!("{:.3e}", a.max_abs),
+                    &format!("{:.3e}", a.max_abs_err),
                     &format!("{:.2e}", a.worst_ratio),
                     &check,
                 ]))?;

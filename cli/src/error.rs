@@ -37,13 +37,6 @@ impl From<safetensors::SafeTensorError> for CliError {
     }
 }
 
-#[cfg(feature = "gpu")]
-impl From<lowbit::gpu::GpuError> for CliError {
-    fn from(e: lowbit::gpu::GpuError) -> CliError {
-        CliError(e.to_string())
-    }
-}
-
 /// Adds context (such as the tensor name) in front of an error's message.
 pub trait Context<T> {
     /// Prefixes the error message with `what: `.

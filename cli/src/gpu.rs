@@ -25,14 +25,14 @@ pub fn not_built() -> CliError {
 #[cfg(feature = "gpu")]
 mod imp {
     use super::CliError;
-    use lowbit::gpu::{GpuContext, GpuError};
+    use lowbit::gpu::GpuContext;
 
     /// The preferred adapter, or `Ok(Err(detail))` when there is none. Other failures (the adapter refused a
     /// device, ...) are errors.
     pub fn try_open() -> Result<Result<GpuContext, String>, CliError> {
         match GpuContext::new_blocking() {
             Ok(c) => Ok(Ok(c)),
-            Err(GpuError::NoAdapter { detail }) => Ok(Err(detail)),
+            Err(lowbit::Error::NoGpuAdapter { detail }) => Ok(Err(detail)),
             Err(e) => Err(CliError::new(format!("opening the GPU: {e}"))),
         }
     }

@@ -25,11 +25,10 @@ mod progress;
 mod quantize;
 mod quantized;
 mod stats;
-mod synthetic;
 mod table;
 mod timing;
 
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand};
 use error::CliError;
 use gpu::Device;
 use std::path::PathBuf;
@@ -167,17 +166,18 @@ enum Command {
         /// Output safetensors file.
         #[arg(short, long)]
         output: PathBuf,
-        /// Quantization scheme.
-        #[arg(long, value_enum, default_value_t = Scheme::Int8)]
-        scheme: Scheme,
+        /// Quantization scheme: `int8` (= `int8:channel`), `int8:tensor`, `int8:group:G`, `nf4` (= `nf4:64`),
+        /// `nf4:BS`, `nf4:BS+dq`, `fp4:BS`, `fp4:BS+dq` (BS: 32, 64, ..., 4096). The options below refine it.
+        #[arg(long, value_parser = parse_scheme, value_name = "SCHEME", default_value = "int8")]
+        scheme: lowbit::Scheme,
         /// int8: which values share a scale and zero point: `tensor`, `channel` (one per row, the default) or
         /// `group:G` (G consecutive values along a row).
         #[arg(long, value_parser = parse_granularity)]
         granularity: Option<lowbit::affine::Granularity>,
-        /// nf4: elements per block (32, 64, 128, 256, 512, 1024, 2048 or 4096) [default: 64].
+        /// nf4 / fp4: elements per block (32, 64, 128, 256, 512, 1024, 2048 or 4096) [default: 64].
         #[arg(long, value_parser = parse_blocksize)]
         blocksize: Option<usize>,
-        /// nf4: double-quantize the block scales (8-bit codes + one f32 per 256 blocks, as QLoRA does).
+        /// nf4 / fp4: double-quantize the block scales (8-bit codes + one f32 per 256 blocks, as QLoRA does).
         #[arg(long)]
         double_quant: bool,
         /// Replace OUTPUT if it exists.
@@ -262,9 +262,10 @@ enum Command {
         /// With --all: the reduced suite (4096x4096 only, M = 1 and 8, no scalar path, shorter timing).
         #[arg(long, conflicts_with_all = ["format", "shape"])]
         quick: bool,
-        /// Weight format.
-        #[arg(long, value_enum, required_unless_present = "all")]
-        format: Option<BenchFormat>,
+        /// Weight scheme: `nf4:64`, `nf4:64+dq` (or `nf4-dq`), `fp4:64`, `int8:channel` (or `int8`),
+        /// `int8:tensor`, `int8:group:G`, ...
+        #[arg(long, value_parser = parse_scheme, value_name = "SCHEME", required_unless_present = "all")]
+        format: Option<lowbit::Scheme>,
         /// Weight shape `OUTxIN`, e.g. 4096x4096 or 11008x4096.
         #[arg(long, value_parser = parse_shape, value_name = "OUTxIN", required_unless_present = "all")]
         shape: Option<(usize, usize)>,
@@ -287,25 +288,11 @@ enum Command {
     },
 }
 
-/// Weight formats of `lowbit bench`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum BenchFormat {
-    /// NF4, block 64, f32 block scales.
-    Nf4,
-    /// NF4, block 64, double-quantized block scales (QLoRA).
-    Nf4Dq,
-    /// int8 affine, one scale and zero point per output row.
-    Int8,
-}
-
-impl From<BenchFormat> for synthetic::LayerFormat {
-    fn from(f: BenchFormat) -> synthetic::LayerFormat {
-        match f {
-            BenchFormat::Nf4 => synthetic::LayerFormat::Nf4,
-            BenchFormat::Nf4Dq => synthetic::LayerFormat::Nf4Dq,
-            BenchFormat::Int8 => synthetic::LayerFormat::Int8,
-        }
-    }
+/// Parses a scheme (`lowbit::Scheme` text, e.g. `nf4:64+dq`, `int8:group:128`, `fp4:64`); `nf4-dq` is kept as
+/// the older spelling of `nf4:64+dq`.
+fn parse_scheme(s: &str) -> Result<lowbit::Scheme, String> {
+    let s = if s == "nf4-dq" { "nf4:64+dq" } else { s };
+    s.parse().map_err(|e: lowbit::Error| e.to_string())
 }
 
 /// Parses `OUTxIN` (both ≥ 1).
@@ -320,15 +307,6 @@ fn parse_shape(s: &str) -> Result<(usize, usize), String> {
     Ok((o, i))
 }
 
-/// Quantization schemes of `lowbit quantize`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Scheme {
-    /// Asymmetric 8-bit affine codes with f32 scales and u8 zero points.
-    Int8,
-    /// bitsandbytes NF4: 4-bit codes with one f32 (or double-quantized) scale per block.
-    Nf4,
-}
-
 fn parse_granularity(s: &str) -> Result<lowbit::affine::Granularity, String> {
     s.parse().map_err(|e: lowbit::Error| e.to_string())
 }
@@ -339,13 +317,14 @@ fn parse_blocksize(s: &str) -> Result<usize, String> {
     Ok(b)
 }
 
-/// Combines the scheme options, rejecting ones that belong to the other scheme (a usage error, exit 2).
+/// Combines `--scheme` with the refining options, rejecting ones that belong to the other family (a usage
+/// error, exit 2).
 fn quantize_scheme(
-    scheme: Scheme,
+    scheme: lowbit::Scheme,
     granularity: Option<lowbit::affine::Granularity>,
     blocksize: Option<usize>,
     double_quant: bool,
-) -> quantize::Scheme {
+) -> lowbit::Scheme {
     let conflict = |arg: &str, scheme: &str| -> ! {
         let mut cli = Cli::command();
         cli.build(); // gives the subcommand its full name for the usage line
@@ -355,20 +334,20 @@ fn quantize_scheme(
             .exit()
     };
     match scheme {
-        Scheme::Int8 => {
+        lowbit::Scheme::Int8(g) => {
             if blocksize.is_some() {
                 conflict("--blocksize", "int8");
             }
             if double_quant {
                 conflict("--double-quant", "int8");
             }
-            quantize::Scheme::Int8(granularity.unwrap_or(lowbit::affine::Granularity::PerChannel))
+            lowbit::Scheme::Int8(granularity.unwrap_or(g))
         }
-        Scheme::Nf4 => {
+        lowbit::Scheme::FourBit { format, blocksize: bs, double_quant: dq } => {
             if granularity.is_some() {
-                conflict("--granularity", "nf4");
+                conflict("--granularity", format.name());
             }
-            quantize::Scheme::Nf4 { blocksize: blocksize.unwrap_or(64), double_quant }
+            lowbit::Scheme::FourBit { format, blocksize: blocksize.unwrap_or(bs), double_quant: dq || double_quant }
         }
     }
 }
@@ -404,7 +383,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 return Err(CliError::new("bench needs --format and --shape, or --all"));
             };
             bench::run(bench::Bench {
-                format: format.into(),
+                format,
                 out,
                 inp,
                 batch: batch as usize,

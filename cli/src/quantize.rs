@@ -7,38 +7,13 @@ use crate::int8_layout;
 use crate::output::check_output;
 use crate::progress::Progress;
 use crate::quantized::Layout;
-use lowbit::affine::Granularity;
 use lowbit::io::{float_dtype, SafetensorsFile, TensorData};
-use lowbit::nf4::FourBitTensor;
+use lowbit::nf4::{FourBitFormat, FourBitTensor};
+use lowbit::Scheme;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-
-/// What to quantize to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scheme {
-    /// Asymmetric int8 affine with this granularity (lowbit's layout).
-    Int8(Granularity),
-    /// NF4 blocks in the bitsandbytes layout.
-    Nf4 {
-        /// Elements per block.
-        blocksize: usize,
-        /// Double-quantize the block scales.
-        double_quant: bool,
-    },
-}
-
-impl std::fmt::Display for Scheme {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Scheme::Int8(g) => write!(f, "int8 {g}"),
-            Scheme::Nf4 { blocksize, double_quant } => {
-                write!(f, "nf4 block:{blocksize}{}", if *double_quant { " with double quantization" } else { "" })
-            }
-        }
-    }
-}
 
 /// Whether a tensor of this dtype and shape is quantized: floating point (F32/F16/BF16) with ≥ 2 dimensions.
 pub fn is_quantizable(dtype: Dtype, shape: &[usize]) -> bool {
@@ -131,21 +106,26 @@ fn quantize_tensor(
             metadata.insert(format!("{}{name}", int8_layout::DTYPE_KEY_PREFIX), source.torch_name().to_string());
             Ok(int8_layout::to_tensors(name, &q).into())
         }
-        Scheme::Nf4 { blocksize, double_quant } => {
-            let t = quantize_nf4_view(view, blocksize, double_quant)?;
+        Scheme::FourBit { format, blocksize, double_quant } => {
+            let t = quantize_4bit_view(view, format, blocksize, double_quant)?;
             Ok(lowbit::io::bnb::to_tensors(name, &t)?)
         }
     }
 }
 
-/// NF4-quantizes a floating view in its own element type, so the recorded dtype is the source dtype.
-fn quantize_nf4_view(view: &TensorView<'_>, blocksize: usize, double_quant: bool) -> lowbit::Result<FourBitTensor> {
-    use lowbit::nf4::quantize_nf4;
+/// NF4 / FP4-quantizes a floating view in its own element type, so the recorded dtype is the source dtype.
+fn quantize_4bit_view(
+    view: &TensorView<'_>,
+    format: FourBitFormat,
+    blocksize: usize,
+    double_quant: bool,
+) -> lowbit::Result<FourBitTensor> {
+    use lowbit::nf4::quantize_4bit;
     let (d, shape) = (view.data(), view.shape());
     match view.dtype() {
-        Dtype::F16 => quantize_nf4(&decode(d, lowbit::f16::from_le_bytes), shape, blocksize, double_quant),
-        Dtype::BF16 => quantize_nf4(&decode(d, lowbit::bf16::from_le_bytes), shape, blocksize, double_quant),
-        _ => quantize_nf4(&decode(d, f32::from_le_bytes), shape, blocksize, double_quant),
+        Dtype::F16 => quantize_4bit(format, &decode(d, lowbit::f16::from_le_bytes), shape, blocksize, double_quant),
+        Dtype::BF16 => quantize_4bit(format, &decode(d, lowbit::bf16::from_le_bytes), shape, blocksize, double_quant),
+        _ => quantize_4bit(format, &decode(d, f32::from_le_bytes), shape, blocksize, double_quant),
     }
 }
 

@@ -407,7 +407,7 @@ fn demo_small_matches_reference_on_every_path() {
     assert_ok(&o);
     let out = stdout(&o);
     assert!(out.contains("CPU ISA:"), "{out}");
-    for g in ["int8 tensor", "int8 channel", "int8 group:128", "int8 group:32", "nf4 block:64 ", "nf4 block:64 +dq"] {
+    for g in ["int8:tensor", "int8:channel", "int8:group:128", "int8:group:32", "nf4:64 ", "nf4:64+dq", "fp4:64"] {
         assert!(out.contains(g), "{g}: {out}");
     }
     assert!(!out.contains("MISMATCH"), "{out}");
@@ -449,15 +449,16 @@ fn nf4_round_trip_writes_the_bitsandbytes_layout() {
     let dir = tmp();
     let input = dir.path().join("model.safetensors");
     write_model(&input);
-    for (blocksize, dq) in [(64, false), (64, true), (32, true)] {
+    // The scheme as text (`nf4:64+dq`) or as `nf4` refined by --blocksize / --double-quant.
+    for (scheme, blocksize, dq) in [("nf4", 64, false), ("nf4:64+dq", 64, true), ("nf4", 32, true)] {
         let tag = format!("{blocksize}{}", if dq { "dq" } else { "" });
         let q_path = dir.path().join(format!("nf4-{tag}.safetensors"));
-        let mut args = vec!["quantize", "--scheme", "nf4", s(&input), "-o", s(&q_path)];
+        let mut args = vec!["quantize", "--scheme", scheme, s(&input), "-o", s(&q_path)];
         let bs = blocksize.to_string();
         if blocksize != 64 {
             args.extend(["--blocksize", &bs]);
         }
-        if dq {
+        if dq && scheme == "nf4" {
             args.push("--double-quant");
         }
         assert_ok(&lowbit(&args));
@@ -612,4 +613,24 @@ fn scheme_options_are_checked() {
         let o = lowbit(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
     }
+}
+
+#[test]
+fn quantize_takes_any_scheme_text_fp4_included() {
+    let dir = tmp();
+    let input = dir.path().join("model.safetensors");
+    write_model(&input);
+    let q_path = dir.path().join("fp4.safetensors");
+    assert_ok(&lowbit(&["quantize", "--scheme", "fp4:128+dq", s(&input), "-o", s(&q_path)]));
+    let qf = SafetensorsFile::open(&q_path).unwrap();
+    let qst = qf.tensors().unwrap();
+    for w in weights() {
+        let t = lowbit::io::bnb::load_weight(&qst, w.name).unwrap();
+        assert_eq!(t.format(), lowbit::nf4::FourBitFormat::Fp4, "{}", w.name);
+        assert_eq!(t.blocksize(), 128);
+        assert!(matches!(t.scales(), lowbit::nf4::BlockScales::Double(_)));
+    }
+    let o = lowbit(&["quantize", "--scheme", "nf4:100", s(&input), "-o", s(&dir.path().join("bad.safetensors"))]);
+    assert_eq!(o.status.code(), Some(2), "a bad scheme is a usage error");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("blocksize"), "{}", String::from_utf8_lossy(&o.stderr));
 }

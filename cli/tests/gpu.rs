@@ -2,21 +2,14 @@
 //!
 //! Like the library's GPU tests (`tests/gpu_common`): without an adapter these tests check the clear
 //! "no adapter" output and say they skipped; with `LOWBIT_REQUIRE_GPU=1` a missing adapter is a failure.
-//! The GPU results are judged by the CLI's own bound (`src/agreement.rs`, compiled in here), so the tests and
-//! the commands hold the kernels to one rule.
+//! The GPU results are judged by the library's stated bound (`QuantLinear::error_bound` with
+//! `BoundTarget::Gpu`), the rule the commands use too.
 #![cfg(feature = "gpu")]
-
-#[allow(dead_code)]
-#[path = "../src/agreement.rs"]
-mod agreement;
-#[allow(dead_code)]
-#[path = "../src/synthetic.rs"]
-mod synthetic;
 
 use lowbit::gpu::GpuContext;
 use lowbit::io::peft::{load_quant_linears, PeftAdapter};
 use lowbit::io::{bnb, SafetensorsFile, TensorData};
-use lowbit::linear::QuantLinear;
+use lowbit::linear::{Agreement, BoundTarget, ForwardOptions, QuantLinear};
 use safetensors::Dtype;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -189,10 +182,11 @@ fn forward_on_the_gpu_agrees_with_the_cpu_within_the_bound() {
                 assert_eq!(layer.adapters().len(), usize::from(with_adapter));
                 let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
                 let what = format!("{path} M={m} adapter={with_adapter}");
-                let a = agreement::compare(&layer, &x, &cpu, &want);
-                assert!(a.ok(), "cpu {what}: {a:?}");
-                let a = agreement::compare_gpu(&layer, &x, &gpu, &want);
-                assert!(a.ok_gpu(), "gpu {what}: {a:?}");
+                for (got, target) in [(&cpu, BoundTarget::Cpu), (&gpu, BoundTarget::Gpu)] {
+                    let bound = layer.error_bound(&x, ForwardOptions::default(), target).unwrap();
+                    let a = Agreement::compare(got, &want, &bound);
+                    assert!(a.ok(target), "{target:?} {what}: {a:?}");
+                }
             }
         }
     }

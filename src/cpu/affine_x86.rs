@@ -7,9 +7,9 @@
 //! conversion, so the code is the reference's. Dequantize converts the code and the zero point to f32 exactly,
 //! subtracts (exact) and multiplies once: the reference's single rounding.
 
-use super::dispatch::AffineKernels;
+use super::table::AffineKernels;
 use super::x86_features::{avx2_fn, avx512_fn, Avx2, Avx512};
-use crate::affine::AffineParams;
+use crate::format::affine::AffineParams;
 use std::arch::x86_64::*;
 
 /// Outputs at least this long (in elements) are written with non-temporal stores, which skip reading the
@@ -19,10 +19,14 @@ pub(crate) const STREAM_MIN_RUN: usize = 4096;
 /// The AVX2 run kernels (the token proves detection).
 pub(crate) fn avx2(_: Avx2) -> AffineKernels {
     AffineKernels {
-        // SAFETY (all three): built only with an `Avx2` token, i.e. after AVX2/FMA/F16C were detected; the
-        // drivers in `affine.rs` pass equal lengths.
+        // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         minmax: |x| unsafe { minmax_avx2(x) },
+        // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         quantize: |x, p, out| unsafe { quantize_avx2(x, p, out) },
+        // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         dequantize: |c, p, out, stream| unsafe { dequantize_avx2(c, p, out, stream && out.len() >= STREAM_MIN_RUN) },
     }
 }
@@ -30,10 +34,14 @@ pub(crate) fn avx2(_: Avx2) -> AffineKernels {
 /// The AVX-512 run kernels (the token proves detection).
 pub(crate) fn avx512(_: Avx512) -> AffineKernels {
     AffineKernels {
-        // SAFETY (all three): built only with an `Avx512` token, i.e. after AVX-512 F/BW/VL/DQ were detected;
-        // the drivers in `affine.rs` pass equal lengths.
+        // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         minmax: |x| unsafe { minmax_avx512(x) },
+        // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         quantize: |x, p, out| unsafe { quantize_avx512(x, p, out) },
+        // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         dequantize: |c, p, out, stream| unsafe { dequantize_avx512(c, p, out, stream && out.len() >= STREAM_MIN_RUN) },
     }
 }
@@ -158,7 +166,7 @@ unsafe fn quantize_avx2(x: &[f32], p: AffineParams, out: &mut [u8]) {
         }
         i += 32;
     }
-    super::affine::quantize_run_portable(&x[i..], p, &mut out[i..]);
+    super::affine_portable::quantize_run_portable(&x[i..], p, &mut out[i..]);
 }
 }
 
@@ -173,7 +181,7 @@ unsafe fn dequantize_avx512(codes: &[u8], p: AffineParams, out: &mut [f32], stre
     if stream {
         // Scalar head until the output is 64-byte aligned, then aligned streaming stores.
         let head = (op.align_offset(64)).min(n);
-        super::affine::dequantize_run_portable(&codes[..head], p, &mut out[..head]);
+        super::affine_portable::dequantize_run_portable(&codes[..head], p, &mut out[..head]);
         i = head;
         while i + 64 <= n {
             // SAFETY: i + 64 <= n; op + i is 64-byte aligned (head above, steps of 64 floats).
@@ -211,7 +219,7 @@ unsafe fn dequantize_avx2(codes: &[u8], p: AffineParams, out: &mut [f32], stream
     let mut i = 0;
     if stream {
         let head = (op.align_offset(32)).min(n);
-        super::affine::dequantize_run_portable(&codes[..head], p, &mut out[..head]);
+        super::affine_portable::dequantize_run_portable(&codes[..head], p, &mut out[..head]);
         i = head;
         while i + 32 <= n {
             // SAFETY: i + 32 <= n; op + i is 32-byte aligned; each 8-byte load stays inside `codes`.
@@ -231,6 +239,6 @@ unsafe fn dequantize_avx2(codes: &[u8], p: AffineParams, out: &mut [f32], stream
         unsafe { _mm256_storeu_ps(op.add(i), value(_mm_loadl_epi64(cp.add(i) as *const __m128i))) };
         i += 8;
     }
-    super::affine::dequantize_run_portable(&codes[i..], p, &mut out[i..]);
+    super::affine_portable::dequantize_run_portable(&codes[i..], p, &mut out[i..]);
 }
 }

@@ -2,18 +2,22 @@
 //! `#[target_feature]` functions (so LLVM vectorizes them to AVX2 / AVX-512 with FMA), and 4-bit decoders that
 //! look the 16-entry table up in registers.
 
-use super::dispatch::LinearKernels;
-use super::linear::{dot as generic_dot, four_bit_segments, output_pass, tiled_product, Decoder, Job, Vf};
+use super::linear_kernels::{dot as generic_dot, four_bit_segments, output_pass, tiled_product, Decoder, Vf};
+use super::table::Job;
+use super::table::LinearKernels;
 use super::x86_features::{avx2_fn, avx512_fn, Avx2, Avx512};
-use crate::affine::Granularity;
+use crate::format::affine::Granularity;
 use crate::format::layer::QuantWeight;
 use std::arch::x86_64::*;
 
 /// The AVX2 + FMA linear kernels (the token proves detection).
 pub(crate) fn avx2(_: Avx2) -> LinearKernels {
     LinearKernels {
-        // SAFETY (both): built only with an `Avx2` token, i.e. after AVX2/FMA/F16C were detected.
+        // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         block: |job, o0, ob, out| unsafe { block_job_avx2(job, o0, ob, out) },
+        // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         dot: |a, b| unsafe { dot_avx2(a, b) },
     }
 }
@@ -21,8 +25,11 @@ pub(crate) fn avx2(_: Avx2) -> LinearKernels {
 /// The AVX-512 linear kernels (the token proves detection).
 pub(crate) fn avx512(_: Avx512) -> LinearKernels {
     LinearKernels {
-        // SAFETY (both): built only with an `Avx512` token, i.e. after AVX-512 F/BW/VL/DQ were detected.
+        // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         block: |job, o0, ob, out| unsafe { block_job_avx512(job, o0, ob, out) },
+        // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         dot: |a, b| unsafe { dot_avx512(a, b) },
     }
 }

@@ -1,26 +1,35 @@
 //! Fast CPU kernels and the choice of instruction set.
 //!
-//! Every kernel exists once in portable form (plain Rust or `wide`, in `affine.rs`, `nf4.rs`, `linear.rs`) and
-//! optionally once per instruction set in a sibling file with the same names (`affine_x86.rs`, `nf4_x86.rs`,
-//! `linear_x86.rs`). Each instruction set has one table of kernel functions (`dispatch.rs`), built once after
-//! run-time detection (`x86_features.rs` holds the feature lists and the detection tokens): a default build
-//! (no `-C target-cpu`) uses AVX2 or AVX-512 on a CPU that has them, and adding an instruction set means adding
-//! one table, never touching the callers.
+//! Every kernel exists once in portable form (plain Rust or `wide`: `affine_portable.rs`, `nf4_portable.rs`,
+//! `linear_kernels.rs`) and optionally once per instruction set in a sibling file with the same names
+//! (`affine_x86.rs`, `nf4_x86.rs`, `linear_x86.rs`). Each instruction set has one table of kernel functions
+//! (shapes in `table.rs`, built once after run-time detection in `dispatch.rs`; `x86_features.rs` holds the
+//! feature lists and the detection tokens): a default build (no `-C target-cpu`) uses AVX2 or AVX-512 on a CPU
+//! that has them, and adding an instruction set means adding one table. The drivers (`affine.rs`, `nf4.rs`,
+//! `linear.rs`) split the work over rows, blocks and threads and call through the table; imports only go
+//! drivers → dispatch → kernels → table.
 //!
 //! Every path gives the same codes and the same dequantized bits as [`crate::reference`].
 
-pub(crate) mod affine;
+// Kernels (leaves): portable and per-ISA files with the same names, filling the tables of `table.rs`.
+pub(crate) mod affine_portable;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod affine_x86;
-pub(crate) mod dispatch;
-pub(crate) mod linear;
+pub(crate) mod linear_kernels;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_x86;
-pub(crate) mod nf4;
+pub(crate) mod nf4_portable;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod nf4_x86;
+pub(crate) mod table;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_features;
+// One table per instruction set, built once after detection.
+pub(crate) mod dispatch;
+// Drivers (what the API calls): split work over rows / blocks / threads and call through the tables.
+pub(crate) mod affine;
+pub(crate) mod linear;
+pub(crate) mod nf4;
 
 /// An instruction-set level for CPU kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

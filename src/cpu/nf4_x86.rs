@@ -10,7 +10,7 @@
 //!
 //! Reached only through the kernel tables, which need a detection token.
 
-use super::dispatch::{with_out_slice, FourBitKernels};
+use super::table::{with_out_slice, FourBitKernels};
 use super::x86_features::{avx2_fn, avx512_fn, Avx2, Avx512};
 use crate::element::Element;
 use crate::reference::nf4::{self as reference, Codebook};
@@ -25,13 +25,16 @@ fn check_span(packed: &[u8], absmax: &[f32], bs: usize, n: usize) {
 /// The AVX2 kernels (the token proves detection).
 pub(crate) fn avx2(_: Avx2) -> FourBitKernels {
     FourBitKernels {
-        // SAFETY (all three): built only with an `Avx2` token (AVX2/FMA/F16C detected); quantize asserts its
-        // lengths inside, dequantize after `check_span`.
+        // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         absbits: |x| unsafe { absbits_256(x) },
+        // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         quantize: |x, absmax, cb, out| unsafe { quantize_run_256(x, absmax, cb, out) },
         dequantize: |packed, absmax, bs, table, out, stream| {
             with_out_slice!(out, |o| {
                 check_span(packed, absmax, bs, o.len());
+                // SAFETY: built only from an `Avx2` token (features detected); `check_span` checked the lengths.
                 unsafe { dequantize_span_256(packed, absmax, bs, table, o, stream) }
             })
         },
@@ -41,13 +44,16 @@ pub(crate) fn avx2(_: Avx2) -> FourBitKernels {
 /// The AVX-512 kernels (the token proves detection).
 pub(crate) fn avx512(_: Avx512) -> FourBitKernels {
     FourBitKernels {
-        // SAFETY (all three): built only with an `Avx512` token (AVX-512 F/BW/VL/DQ detected); quantize asserts
-        // its lengths inside, dequantize after `check_span`.
+        // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         absbits: |x| unsafe { absbits_512(x) },
+        // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
+        // checked by the drivers (and asserted inside the kernels).
         quantize: |x, absmax, cb, out| unsafe { quantize_run_512(x, absmax, cb, out) },
         dequantize: |packed, absmax, bs, table, out, stream| {
             with_out_slice!(out, |o| {
                 check_span(packed, absmax, bs, o.len());
+                // SAFETY: built only from an `Avx512` token (features detected); `check_span` checked the lengths.
                 unsafe { dequantize_span_512(packed, absmax, bs, table, o, stream) }
             })
         },
@@ -132,7 +138,7 @@ unsafe fn quantize_run_512(x: &[f32], absmax: f32, cb: &Codebook, out: &mut [u8]
         unsafe { _mm_storeu_si128(out.as_mut_ptr().add(i / 2).cast(), bytes) };
         i += 32;
     }
-    super::nf4::quantize_run_scalar(&x[i..], absmax, cb, &mut out[i / 2..]);
+    super::nf4_portable::quantize_run_scalar(&x[i..], absmax, cb, &mut out[i / 2..]);
 }
 }
 
@@ -307,7 +313,7 @@ unsafe fn quantize_run_256(x: &[f32], absmax: f32, cb: &Codebook, out: &mut [u8]
         out[i / 2..i / 2 + 4].copy_from_slice(&w.to_le_bytes());
         i += 8;
     }
-    super::nf4::quantize_run_scalar(&x[i..], absmax, cb, &mut out[i / 2..]);
+    super::nf4_portable::quantize_run_scalar(&x[i..], absmax, cb, &mut out[i / 2..]);
 }
 }
 

@@ -2,9 +2,10 @@
 //! shape the reference and the CPU kernels read. `QuantLinear` (the API) hands out these views; the layers
 //! below it never name it.
 
-use crate::affine::AffineTensor;
-use crate::lora::LoraAdapter;
-use crate::nf4::FourBitTensor;
+use super::affine::AffineTensor;
+use super::four_bit::FourBitTensor;
+use super::lora::LoraAdapter;
+use super::scheme::Scheme;
 
 /// The quantized weight of a linear layer, shape `[out, in]`.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +22,17 @@ impl QuantWeight {
         match self {
             QuantWeight::Int8(t) => t.shape(),
             QuantWeight::FourBit(t) => t.shape(),
+        }
+    }
+    /// The scheme this weight is stored in.
+    pub fn scheme(&self) -> Scheme {
+        match self {
+            QuantWeight::Int8(t) => Scheme::Int8(t.granularity()),
+            QuantWeight::FourBit(t) => Scheme::FourBit {
+                format: t.format(),
+                blocksize: t.blocksize(),
+                double_quant: matches!(t.scales(), super::four_bit::BlockScales::Double(_)),
+            },
         }
     }
     /// Bytes of packed weight and scales a forward pass reads (what bounds a memory-bound GEMV).

@@ -23,8 +23,9 @@
 //! # Ok::<(), lowbit::Error>(())
 //! ```
 
-use crate::affine::Granularity;
-use crate::nf4::{check_blocksize, FourBitFormat};
+use super::affine::Granularity;
+use super::block_size::check_blocksize;
+use super::four_bit::FourBitFormat;
 use crate::{Error, Result};
 use std::fmt;
 

@@ -1,7 +1,8 @@
 //! The GPU context: instance, adapter, device, queue, the optional features in use, and the pipeline cache.
 
+use super::layout;
 use super::shader::{KernelKey, KernelOp};
-use super::GpuError;
+use crate::Error;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -52,6 +53,9 @@ pub struct GpuContext {
     info: wgpu::AdapterInfo,
     features: GpuFeatures,
     pub(crate) limits: wgpu::Limits,
+    /// The one bind group layout of every kernel ([`layout::BINDINGS`]): bind groups fit every variant.
+    pub(crate) bind_layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
     pipelines: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
 }
 
@@ -73,20 +77,20 @@ fn rank(t: wgpu::DeviceType) -> u8 {
 
 impl GpuContext {
     /// Opens the preferred adapter (discrete > integrated > virtual > CPU) with default options.
-    /// Errors with [`GpuError::NoAdapter`] when there is none.
-    pub async fn new() -> Result<GpuContext, GpuError> {
+    /// Errors with [`Error::NoGpuAdapter`] when there is none.
+    pub async fn new() -> Result<GpuContext, Error> {
         Self::with_options(&ContextOptions::default()).await
     }
 
     /// Blocking [`new`](Self::new) for native callers.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn new_blocking() -> Result<GpuContext, GpuError> {
+    pub fn new_blocking() -> Result<GpuContext, Error> {
         pollster::block_on(Self::new())
     }
 
     /// Blocking [`with_options`](Self::with_options) for native callers.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn with_options_blocking(opts: &ContextOptions) -> Result<GpuContext, GpuError> {
+    pub fn with_options_blocking(opts: &ContextOptions) -> Result<GpuContext, Error> {
         pollster::block_on(Self::with_options(opts))
     }
 
@@ -114,7 +118,7 @@ impl GpuContext {
 
     /// Opens an adapter chosen by `opts`. Requests only the WebGPU default limits (clamped to what the
     /// adapter offers), and `SHADER_F16` / `SUBGROUP` / `TIMESTAMP_QUERY` only when present and allowed.
-    pub async fn with_options(opts: &ContextOptions) -> Result<GpuContext, GpuError> {
+    pub async fn with_options(opts: &ContextOptions) -> Result<GpuContext, Error> {
         let (instance, backends) = Self::instance(opts.backends);
         #[cfg(not(target_arch = "wasm32"))]
         let adapter = {
@@ -127,7 +131,7 @@ impl GpuContext {
                     match i {
                         Some(i) => all.swap_remove(i),
                         None => {
-                            return Err(GpuError::NoAdapter {
+                            return Err(Error::NoGpuAdapter {
                                 detail: format!("none named like {want:?} on {backends:?} (found {names:?})"),
                             })
                         }
@@ -136,7 +140,7 @@ impl GpuContext {
                 None => {
                     all.sort_by_key(|a| rank(a.get_info().device_type));
                     if all.is_empty() {
-                        return Err(GpuError::NoAdapter {
+                        return Err(Error::NoGpuAdapter {
                             detail: format!(
                                 "wgpu found no adapter on backends {backends:?} (install a GPU driver, or \
                                  lavapipe: apt-get install mesa-vulkan-drivers libvulkan1)"
@@ -157,7 +161,7 @@ impl GpuContext {
                 apply_limit_buckets: false,
             })
             .await
-            .map_err(|e| GpuError::NoAdapter { detail: format!("requestAdapter failed: {e}") })?;
+            .map_err(|e| Error::NoGpuAdapter { detail: format!("requestAdapter failed: {e}") })?;
 
         let have = adapter.features();
         let mut want = wgpu::Features::empty();
@@ -184,8 +188,17 @@ impl GpuContext {
                 trace: wgpu::Trace::Off,
             })
             .await
-            .map_err(|e| GpuError::RequestDevice(e.to_string()))?;
+            .map_err(|e| Error::gpu(format!("request device from {}", adapter.get_info().name), e))?;
         let info = adapter.get_info();
+        let bind_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("lowbit kernels"),
+            entries: &layout::layout_entries(),
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("lowbit kernels"),
+            bind_group_layouts: &[Some(&bind_layout)],
+            immediate_size: 0,
+        });
         Ok(GpuContext {
             adapter,
             device,
@@ -193,6 +206,8 @@ impl GpuContext {
             info,
             features: GpuFeatures { f16, subgroups, timestamps },
             limits,
+            bind_layout,
+            pipeline_layout,
             pipelines: Mutex::new(HashMap::new()),
         })
     }
@@ -237,33 +252,80 @@ impl GpuContext {
             && (!key.subgroups || (self.features.subgroups && key.op == KernelOp::Gemv))
     }
 
-    /// The compiled pipeline of `key`, from the cache or compiled now (once per key and context).
-    pub async fn pipeline(&self, key: &KernelKey) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
+    /// The compiled pipeline of `key`, from the cache or compiled now (once per key and context). Errors
+    /// ([`Error::Unsupported`]) when the device lacks the variant's optional feature, ([`Error::Gpu`]) when the
+    /// shader fails to compile.
+    pub async fn pipeline(&self, key: &KernelKey) -> Result<Arc<wgpu::ComputePipeline>, Error> {
         if let Some(p) = self.lock().get(key) {
             return Ok(p.clone());
         }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = self.compile(key);
+        let popped = scope.pop().await;
+        self.finish_compile(key, pipeline, popped)
+    }
+
+    /// [`pipeline`](Self::pipeline) without `await`, for recording ([`GpuLinear::encode_forward`]). On
+    /// native backends compile errors are returned (wgpu-core reports error scopes synchronously). In the
+    /// browser the error scope can only be awaited, so a compile error there goes to the device's
+    /// uncaptured-error handler instead; [`GpuLinear::prepare`] compiles a forward's pipelines with errors
+    /// returned, and the host-slice forwards call it first.
+    ///
+    /// [`GpuLinear::encode_forward`]: super::GpuLinear::encode_forward
+    /// [`GpuLinear::prepare`]: super::GpuLinear::prepare
+    pub(crate) fn pipeline_now(&self, key: &KernelKey) -> Result<Arc<wgpu::ComputePipeline>, Error> {
+        if let Some(p) = self.lock().get(key) {
+            return Ok(p.clone());
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let pipeline = self.compile(key);
+            let popped = pollster::block_on(scope.pop());
+            self.finish_compile(key, pipeline, popped)
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let pipeline = self.compile(key);
+            self.finish_compile(key, pipeline, None)
+        }
+    }
+
+    fn compile(&self, key: &KernelKey) -> Result<wgpu::ComputePipeline, Error> {
         if !self.supports(key) {
-            return Err(GpuError::Shader {
-                kernel: key.name(),
-                detail: "this device lacks the variant's optional feature".into(),
+            return Err(Error::Unsupported {
+                what: format!(
+                    "kernel {} on {}: the device lacks its optional feature {:?}",
+                    key.name(),
+                    self.info.name,
+                    key.required_features()
+                ),
             });
         }
         let src = key.source()?;
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&key.name()),
             source: wgpu::ShaderSource::Wgsl(src.into()),
         });
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        Ok(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key.name()),
-            layout: None,
+            layout: Some(&self.pipeline_layout),
             module: &module,
             entry_point: Some("main"),
             compilation_options: Default::default(),
             cache: None,
-        });
-        if let Some(e) = scope.pop().await {
-            return Err(GpuError::Shader { kernel: key.name(), detail: e.to_string() });
+        }))
+    }
+
+    fn finish_compile(
+        &self,
+        key: &KernelKey,
+        pipeline: Result<wgpu::ComputePipeline, Error>,
+        popped: Option<wgpu::Error>,
+    ) -> Result<Arc<wgpu::ComputePipeline>, Error> {
+        let pipeline = pipeline?;
+        if let Some(e) = popped {
+            return Err(Error::gpu(format!("compile shader {}", key.name()), e));
         }
         let p = Arc::new(pipeline);
         self.lock().insert(*key, p.clone());

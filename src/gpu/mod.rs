@@ -5,14 +5,64 @@
 //! blocking waits); native callers may use the `*_blocking` wrappers, which run the future with `pollster`.
 //!
 //! ```no_run
-//! # async fn demo(layer: &lowbit::linear::QuantLinear, x: &[f32], m: usize) -> Result<(), lowbit::gpu::GpuError> {
-//! use lowbit::gpu::{GpuContext, GpuLinear};
-//! let ctx = GpuContext::new().await?;            // prefers a discrete GPU; GpuError::NoAdapter if none
-//! let gpu_layer = GpuLinear::upload(&ctx, layer)?; // packed codes, compressed scales, bias, adapters: once
-//! let y = gpu_layer.forward(&ctx, x, m).await?;   // y: [m, out], f32
-//! # let _ = y; Ok(()) }
+//! # async fn demo(layers: &[lowbit::linear::QuantLinear], x: &[f32], m: usize) -> lowbit::Result<()> {
+//! use lowbit::gpu::{wgpu, GpuContext, GpuLinear};
+//! let ctx = GpuContext::new().await?;              // prefers a discrete GPU; Error::NoGpuAdapter if none
+//! let gpu: Vec<GpuLinear> = layers.iter().map(|l| GpuLinear::upload(&ctx, l)).collect::<Result<_, _>>()?;
+//!
+//! // Host slices in, Vec out: one layer, one submit, one readback.
+//! let y0 = gpu[0].forward(&ctx, x, m).await?;      // [m, out], f32
+//!
+//! // An engine keeps activations on the device and chains layers (out of layer i = in of layer i+1):
+//! // every forward is recorded into one encoder, one submit runs them all, nothing is read back between.
+//! let buf = |floats: usize| ctx.device().create_buffer(&wgpu::BufferDescriptor {
+//!     label: None,
+//!     size: (floats.max(1) * 4) as u64,
+//!     usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+//!     mapped_at_creation: false,
+//! });
+//! let mut acts = vec![buf(m * gpu[0].in_features())];
+//! acts.extend(gpu.iter().map(|l| buf(m * l.out_features())));
+//! ctx.queue().write_buffer(&acts[0], 0, lowbit::gpu::bytes_of_f32(x));
+//! let mut enc = ctx.device().create_command_encoder(&Default::default());
+//! for (i, layer) in gpu.iter().enumerate() {
+//!     layer.encode_forward(&ctx, &mut enc, &acts[i], &acts[i + 1], m)?; // records; submits nothing
+//! }
+//! // Only the last output comes back (an engine would feed it to its next kernel instead).
+//! let n = m * gpu[gpu.len() - 1].out_features();
+//! let read = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+//!     label: None,
+//!     size: (n.max(1) * 4) as u64,
+//!     usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+//!     mapped_at_creation: false,
+//! });
+//! enc.copy_buffer_to_buffer(&acts[gpu.len()], 0, &read, 0, (n * 4) as u64);
+//! ctx.queue().submit([enc.finish()]);
+//! let y = lowbit::gpu::read_f32(ctx.device(), &read, n).await?;
+//! # let _ = (y0, y); Ok(()) }
 //! ```
 //!
+//! # Recording many forwards into one submission
+//! [`GpuLinear::encode_forward`] only records commands; nothing is written through `queue.write_buffer`.
+//! That matters because every `write_buffer` is executed at the *next submit, before all of that submit's
+//! commands*: a per-call uniform rewritten for each recorded forward would leave every forward of the
+//! submission seeing the last call's values. So everything a recorded forward reads besides the caller's
+//! `x` is immutable once created:
+//! * the per-call uniform `Call` (m, adapter mask stride, LoRA on/off) and the adapter masks per row live in
+//!   small buffers created *with their contents* (`create_buffer_init`) and cached per
+//!   (m, adapter selection); a different m or selection gets its own pair, never a rewrite;
+//! * bind groups are cached per (x, y, m, selection) and reused; there is one bind group layout for every
+//!   kernel variant, so a cached group fits GEMV, GEMM, subgroup, f16 and shrink pipelines alike;
+//! * the LoRA scratch `t` ([m, Σr], written by the shrink kernel and read by the output kernel of the same
+//!   forward) is one buffer per layer shared by all recorded forwards: commands run in recording order and
+//!   wgpu puts a barrier between dispatches that write and then read or write a buffer, so forward k+1's
+//!   shrink cannot overtake forward k's output pass.
+//!
+//! Both caches are bounded ([`CACHE_ENTRIES`] entries each, least recently used evicted). Evicting is safe
+//! at any time: wgpu keeps a buffer or bind group alive while a recorded command buffer refers to it.
+//! A cached bind group holds a reference to the caller's `x` and `y` buffers, keeping them alive until the
+//! entry is evicted or [`GpuLinear::clear_bind_groups`] is called.
+
 //! # Layout on the GPU
 //! * Codes: the packed bytes reinterpreted as little-endian `u32` words (4-bit: 8 codes per word, first element
 //!   in the high nibble of each byte; int8: 4 codes per word). Blocks run over the flattened tensor, so a
@@ -26,18 +76,18 @@
 //!   kernel computes `t = x·Aᵀ` for the rows that use each adapter, and the output pass adds `s·t·Bᵀ`.
 
 mod context;
+mod layout;
 mod linear;
 mod readback;
 mod shader;
 
 pub use context::{ContextOptions, GpuContext, GpuFeatures};
-pub use linear::{GpuLinear, KernelChoice, UploadOptions};
+pub use layout::{uniform_layouts, UniformLayout};
+pub use linear::{GpuLinear, KernelChoice, UploadOptions, CACHE_ENTRIES, F16_SAFE_PRODUCT};
 pub use readback::read_f32;
-pub use shader::{KernelKey, KernelOp, WeightKind};
+pub use shader::{KernelKey, KernelOp};
 /// The `wgpu` version lowbit is built with (for `wgpu::Backends` in [`ContextOptions`] and device access).
 pub use wgpu;
-
-use std::fmt;
 
 /// Runs a lowbit GPU future to completion on the current thread (native only; the browser must `await`).
 /// This is the blocking wrapper behind every `*_blocking` method.
@@ -46,53 +96,7 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     pollster::block_on(f)
 }
 
-/// Errors of the GPU module.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum GpuError {
-    /// No adapter was found for the requested backends (e.g. no GPU driver, no lavapipe).
-    NoAdapter {
-        /// What was searched, for the message.
-        detail: String,
-    },
-    /// The adapter refused to create a device.
-    RequestDevice(String),
-    /// A shader failed to preprocess or compile (a bug in lowbit, or a driver problem).
-    Shader {
-        /// The kernel or file concerned.
-        kernel: String,
-        /// The compiler's message.
-        detail: String,
-    },
-    /// A GPU operation failed (validation, out of memory, lost device, failed readback).
-    Wgpu(String),
-    /// Invalid input (shape mismatch, adapter id out of range, tensor too large): nothing was sent to the GPU.
-    Input(crate::Error),
-}
-
-impl fmt::Display for GpuError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            GpuError::NoAdapter { detail } => write!(f, "no GPU adapter: {detail}"),
-            GpuError::RequestDevice(e) => write!(f, "GPU device request failed: {e}"),
-            GpuError::Shader { kernel, detail } => write!(f, "GPU shader `{kernel}` failed: {detail}"),
-            GpuError::Wgpu(e) => write!(f, "GPU error: {e}"),
-            GpuError::Input(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for GpuError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            GpuError::Input(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<crate::Error> for GpuError {
-    fn from(e: crate::Error) -> Self {
-        GpuError::Input(e)
-    }
+/// The bytes of `v` (little-endian f32, as GPU buffers hold them), for `queue.write_buffer`.
+pub fn bytes_of_f32(v: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(v)
 }

@@ -1,7 +1,7 @@
 //! Async readback of GPU buffers (works on native, where we poll the device, and on the web, where the
 //! browser's event loop completes the map).
 
-use super::GpuError;
+use crate::Error;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -30,11 +30,19 @@ impl Future for MapFuture {
 }
 
 /// Maps `buffer` (usage `MAP_READ`) for reading, waits for the GPU, and copies out its first `len` f32 values.
-/// The buffer is unmapped again before returning.
-pub async fn read_f32(device: &wgpu::Device, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<f32>, GpuError> {
-    let bytes = (len * 4) as u64;
+/// The buffer is unmapped again before returning. Errors: [`Error::ShapeMismatch`] when `len` values exceed
+/// the buffer, [`Error::InvalidArgument`] when it lacks `MAP_READ`, [`Error::Gpu`] when mapping fails.
+pub async fn read_f32(device: &wgpu::Device, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<f32>, Error> {
+    let bytes = (len as u64).saturating_mul(4);
     if bytes > buffer.size() {
-        return Err(GpuError::Wgpu(format!("readback of {bytes} bytes from a buffer of {} bytes", buffer.size())));
+        return Err(Error::ShapeMismatch {
+            what: format!("readback of {len} f32 values: bytes vs the buffer's size"),
+            got: bytes.to_string(),
+            expected: format!("at most {}", buffer.size()),
+        });
+    }
+    if !buffer.usage().contains(wgpu::BufferUsages::MAP_READ) {
+        return Err(Error::invalid("buffer", format!("a buffer with usage {:?}", buffer.usage()), "usage MAP_READ"));
     }
     if len == 0 {
         return Ok(Vec::new());
@@ -52,12 +60,12 @@ pub async fn read_f32(device: &wgpu::Device, buffer: &wgpu::Buffer, len: usize) 
         }
     });
     #[cfg(not(target_arch = "wasm32"))]
-    device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| GpuError::Wgpu(format!("device poll: {e}")))?;
+    device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::gpu("device poll", e))?;
     #[cfg(target_arch = "wasm32")]
     let _ = device;
-    MapFuture(slot).await.map_err(|e| GpuError::Wgpu(format!("map_async: {e}")))?;
+    MapFuture(slot).await.map_err(|e| Error::gpu("map buffer for reading", e))?;
     let out = {
-        let view = buffer.get_mapped_range(0..bytes).map_err(|e| GpuError::Wgpu(format!("mapped range: {e:?}")))?;
+        let view = buffer.get_mapped_range(0..bytes).map_err(|e| Error::gpu("mapped range", format!("{e:?}")))?;
         let mut v = vec![0f32; len];
         for (d, c) in v.iter_mut().zip(view.chunks_exact(4)) {
             *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -69,7 +77,7 @@ pub async fn read_f32(device: &wgpu::Device, buffer: &wgpu::Buffer, len: usize) 
 }
 
 /// Like [`read_f32`] for u64 values (timestamp queries).
-pub(crate) async fn read_u64(device: &wgpu::Device, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<u64>, GpuError> {
+pub(crate) async fn read_u64(device: &wgpu::Device, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<u64>, Error> {
     let f = read_f32(device, buffer, len * 2).await?;
     Ok(f.chunks_exact(2).map(|c| (c[0].to_bits() as u64) | ((c[1].to_bits() as u64) << 32)).collect())
 }

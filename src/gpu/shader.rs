@@ -2,10 +2,14 @@
 //!
 //! The `.wgsl` files in `shaders/` are embedded with `include_str!`. The preprocessor understands only
 //! `#include "file"` (one of the embedded files), `#if NAME` / `#if !NAME`, `#else` and `#endif` (nestable),
-//! each on its own line; a set of defined names selects the branches. Constants (`WG`, `MAXM`, `RED_LEN`)
-//! are prepended as WGSL `const` declarations, and `enable f16;` when the variant uses f16.
+//! each on its own line; a set of defined names selects the branches. Every variant starts with
+//! `enable f16;` (f16 variants only; naga 30 accepts subgroup builtins without an `enable`) and the prelude
+//! generated from the Rust definitions in [`super::layout`]: the constants (`WG`, `MAXM`, `RED_LEN`,
+//! `GEMM_*`), the uniform structs `Chunk` and `Call`, and the bindings. No size or layout is written twice.
 
-use super::GpuError;
+use super::layout;
+use crate::format::affine::Granularity;
+use crate::{Error, Scheme};
 
 /// Embedded shader files, by the name used in `#include`.
 const FILES: &[(&str, &str)] = &[
@@ -14,28 +18,6 @@ const FILES: &[(&str, &str)] = &[
     ("gemm.wgsl", include_str!("../../shaders/gemm.wgsl")),
     ("shrink.wgsl", include_str!("../../shaders/shrink.wgsl")),
 ];
-
-/// Threads per workgroup of the GEMV and shrink kernels.
-pub(crate) const WG: u32 = 64;
-/// Rows of `x` one GEMV workgroup handles (larger M runs several batches along the z dimension).
-pub(crate) const MAXM: u32 = 8;
-/// Rows of `x` and output features per GEMM workgroup tile.
-pub(crate) const GEMM_TILE: u32 = 64;
-
-/// Weight format part of a kernel variant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum WeightKind {
-    /// NF4 / FP4 with plain f32 block scales.
-    FourBit,
-    /// NF4 / FP4 with double-quantized scales decoded in the kernel.
-    FourBitDq,
-    /// int8 affine, one scale / zero point for the tensor.
-    Int8Tensor,
-    /// int8 affine, one per output channel.
-    Int8Channel,
-    /// int8 affine, one per group along a row.
-    Int8Group,
-}
 
 /// Which compute program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -48,20 +30,95 @@ pub enum KernelOp {
     Gemm,
 }
 
-/// A kernel variant: the pipeline cache key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A kernel variant: the program, the weight's [`Scheme`] and the optional features it uses.
+///
+/// Two keys are equal (and hash alike) when they select the same compiled kernel: the 4-bit format (NF4 or
+/// FP4), the block size and the int8 group size are data (constants and uniforms), not code, so `nf4:64` and
+/// `fp4:128` share one pipeline while plain and double-quantized scales do not. [`KernelKey::name`] names the
+/// kernel, e.g. `gemv-4bit-dq-subgroup`.
+#[derive(Clone, Copy, Debug)]
 pub struct KernelKey {
     /// Program.
     pub op: KernelOp,
-    /// Weight format (ignored for [`KernelOp::Shrink`], which always uses [`WeightKind::FourBit`]).
-    pub weight: WeightKind,
+    /// The weight's scheme (ignored for [`KernelOp::Shrink`]).
+    pub scheme: Scheme,
     /// Reduce with subgroup operations (GEMV only; needs `Features::SUBGROUP`).
     pub subgroups: bool,
     /// f16 workgroup tiles and products (GEMM only; needs `Features::SHADER_F16`).
     pub f16: bool,
 }
 
+impl PartialEq for KernelKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.variant() == other.variant()
+    }
+}
+
+impl Eq for KernelKey {}
+
+impl std::hash::Hash for KernelKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.variant().hash(state)
+    }
+}
+
 impl KernelKey {
+    /// The LoRA shrink kernel (the one variant of [`KernelOp::Shrink`]).
+    pub const SHRINK: KernelKey =
+        KernelKey { op: KernelOp::Shrink, scheme: Scheme::nf4(64, false), subgroups: false, f16: false };
+
+    /// One scheme of each kernel family: 4-bit plain, 4-bit double-quantized, int8 per tensor / channel /
+    /// group.
+    pub const SCHEME_FAMILIES: [Scheme; 5] = [
+        Scheme::nf4(64, false),
+        Scheme::nf4(64, true),
+        Scheme::Int8(Granularity::PerTensor),
+        Scheme::Int8(Granularity::PerChannel),
+        Scheme::Int8(Granularity::PerGroup(64)),
+    ];
+
+    /// Every variant lowbit can request: the shrink kernel, GEMV of each scheme family with and without
+    /// subgroups, GEMM of each family with f32 and f16 tiles (21 in all).
+    pub fn all() -> Vec<KernelKey> {
+        let mut v = vec![Self::SHRINK];
+        for scheme in Self::SCHEME_FAMILIES {
+            for flag in [false, true] {
+                v.push(KernelKey { op: KernelOp::Gemv, scheme, subgroups: flag, f16: false });
+                v.push(KernelKey { op: KernelOp::Gemm, scheme, subgroups: false, f16: flag });
+            }
+        }
+        v
+    }
+
+    /// The weight part of the kernel: its name and the preprocessor names it defines.
+    fn family(&self) -> (&'static str, &'static [&'static str]) {
+        match self.scheme {
+            _ if self.op == KernelOp::Shrink => ("", &[]),
+            Scheme::FourBit { double_quant: false, .. } => ("4bit", &["FOURBIT"]),
+            Scheme::FourBit { double_quant: true, .. } => ("4bit-dq", &["FOURBIT", "DQ"]),
+            Scheme::Int8(Granularity::PerTensor) => ("int8-tensor", &["GRAN_TENSOR"]),
+            Scheme::Int8(Granularity::PerChannel) => ("int8-channel", &["GRAN_CHANNEL"]),
+            Scheme::Int8(Granularity::PerGroup(_)) => ("int8-group", &["GRAN_GROUP"]),
+        }
+    }
+
+    /// What makes two keys the same kernel.
+    fn variant(&self) -> (KernelOp, &'static str, bool, bool) {
+        (self.op, self.family().0, self.subgroups, self.f16)
+    }
+
+    /// The optional device features this variant needs (`SUBGROUP`, `SHADER_F16` or none).
+    pub fn required_features(&self) -> wgpu::Features {
+        let mut f = wgpu::Features::empty();
+        if self.subgroups {
+            f |= wgpu::Features::SUBGROUP;
+        }
+        if self.f16 {
+            f |= wgpu::Features::SHADER_F16;
+        }
+        f
+    }
+
     /// A short stable name, e.g. `gemv-nf4dq-sg`.
     pub fn name(&self) -> String {
         let op = match self.op {
@@ -69,14 +126,7 @@ impl KernelKey {
             KernelOp::Gemv => "gemv",
             KernelOp::Gemm => "gemm",
         };
-        let w = match self.weight {
-            WeightKind::FourBit => "4bit",
-            WeightKind::FourBitDq => "4bit-dq",
-            WeightKind::Int8Tensor => "int8-tensor",
-            WeightKind::Int8Channel => "int8-channel",
-            WeightKind::Int8Group => "int8-group",
-        };
-        let mut s = format!("{op}-{w}");
+        let mut s = format!("{op}-{}", self.family().0);
         if self.subgroups {
             s.push_str("-subgroup");
         }
@@ -86,16 +136,11 @@ impl KernelKey {
         s
     }
 
-    /// The complete WGSL source of this variant.
-    pub fn source(&self) -> Result<String, GpuError> {
-        let mut defs: Vec<&str> = Vec::new();
-        match self.weight {
-            WeightKind::FourBit => defs.push("FOURBIT"),
-            WeightKind::FourBitDq => defs.extend(["FOURBIT", "DQ"]),
-            WeightKind::Int8Tensor => defs.push("GRAN_TENSOR"),
-            WeightKind::Int8Channel => defs.push("GRAN_CHANNEL"),
-            WeightKind::Int8Group => defs.push("GRAN_GROUP"),
-        }
+    /// The complete WGSL source of this variant: enables, the generated prelude (constants, uniform structs,
+    /// bindings), then the preprocessed kernel file. Errors ([`Error::Gpu`]) only on a malformed embedded
+    /// shader, i.e. a bug in lowbit.
+    pub fn source(&self) -> Result<String, Error> {
+        let mut defs: Vec<&str> = self.family().1.to_vec();
         if self.subgroups {
             defs.push("SUBGROUPS");
         }
@@ -111,26 +156,23 @@ impl KernelKey {
         if self.f16 {
             out.push_str("enable f16;\n");
         }
-        out.push_str(&format!(
-            "const WG: u32 = {WG}u;\nconst MAXM: u32 = {MAXM}u;\nconst RED_LEN: u32 = {}u;\n",
-            WG * MAXM
-        ));
+        out.push_str(&layout::wgsl_prelude());
         preprocess(file, &defs, &mut out, 0)?;
         Ok(out)
     }
 }
 
-fn file(name: &str) -> Result<&'static str, GpuError> {
+fn file(name: &str) -> Result<&'static str, Error> {
     FILES
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, s)| *s)
-        .ok_or_else(|| GpuError::Shader { kernel: name.into(), detail: format!("no embedded shader file {name:?}") })
+        .ok_or_else(|| Error::gpu(format!("preprocess shader {name}"), format!("no embedded shader file {name:?}")))
 }
 
 /// Expands `#include` and `#if`/`#else`/`#endif` of `name` into `out`.
-pub(crate) fn preprocess(name: &str, defs: &[&str], out: &mut String, depth: usize) -> Result<(), GpuError> {
-    let err = |detail: String| GpuError::Shader { kernel: name.into(), detail };
+pub(crate) fn preprocess(name: &str, defs: &[&str], out: &mut String, depth: usize) -> Result<(), Error> {
+    let err = |detail: String| Error::gpu(format!("preprocess shader {name}"), detail);
     if depth > 8 {
         return Err(err("#include nested too deeply".into()));
     }

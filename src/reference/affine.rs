@@ -3,8 +3,8 @@
 //! These loops are the specification. They validate nothing: callers pass finite data of the right length
 //! (the public API in [`crate::affine`] checks that first).
 
-use crate::affine::{AffineParams, Granularity};
 use crate::element::Element;
+use crate::format::affine::{AffineParams, Granularity};
 
 /// Parameters from a range `[x_min, x_max]`, exactly as PyTorch's `MinMaxObserver` (`quint8`, affine):
 /// the range is widened to contain 0, `scale = max((hi - lo) / 255, f32::EPSILON)` in f32, and

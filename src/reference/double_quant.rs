@@ -50,18 +50,4 @@ pub fn quantize(absmax: &[f32], nested_blocksize: usize, map: &[f32; 256]) -> (V
     (codes, nested, offset)
 }
 
-/// Decodes one scale: `(map[code] * nested_absmax) + offset`, two separately rounded f32 operations (no FMA).
-#[inline]
-pub fn decode_value(code: u8, nested_absmax: f32, offset: f32, map: &[f32; 256]) -> f32 {
-    let p = map[code as usize] * nested_absmax;
-    p + offset
-}
-
-/// Decodes every scale: entry `i` uses `nested_absmax[i / nested_blocksize]`.
-pub fn decode(codes: &[u8], nested_absmax: &[f32], offset: f32, nested_blocksize: usize, map: &[f32; 256]) -> Vec<f32> {
-    codes
-        .chunks(nested_blocksize.max(1))
-        .zip(nested_absmax)
-        .flat_map(|(c, &n)| c.iter().map(move |&q| decode_value(q, n, offset, map)))
-        .collect()
-}
+pub use crate::format::double_quant::{decode, decode_value};

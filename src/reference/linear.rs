@@ -1,8 +1,8 @@
 //! Reference linear-layer forward: dequantize through the reference module, plain loops, f64 accumulation.
 //! The oracle every fused kernel is tested against, and the stated error bound of the f32 kernels (CPU and GPU).
 
+use crate::format::four_bit::BlockScales;
 use crate::format::layer::{AdapterSelection, LayerView, QuantWeight};
-use crate::nf4::BlockScales;
 
 /// The weight dequantized through the reference module (f32, `[out, in]` row-major).
 pub(crate) fn dequantize_weight(weight: &QuantWeight) -> Vec<f32> {

@@ -26,6 +26,8 @@
 //! ```
 
 mod bound;
+#[cfg(feature = "gpu")]
+mod gpu;
 mod options;
 
 pub use crate::format::layer::{AdapterSelection, QuantWeight};
@@ -48,18 +50,6 @@ impl QuantWeight {
                 QuantWeight::FourBit(crate::nf4::quantize_4bit(format, w, shape, blocksize, double_quant)?)
             }
         })
-    }
-
-    /// The scheme this weight is stored in.
-    pub fn scheme(&self) -> Scheme {
-        match self {
-            QuantWeight::Int8(t) => Scheme::Int8(t.granularity()),
-            QuantWeight::FourBit(t) => Scheme::FourBit {
-                format: t.format(),
-                blocksize: t.blocksize(),
-                double_quant: matches!(t.scales(), crate::nf4::BlockScales::Double(_)),
-            },
-        }
     }
 
     /// Dequantizes through the reference module (f32, `[out, in]` row-major).

@@ -1,19 +1,8 @@
-//! Double quantization of NF4/FP4 block scales (bitsandbytes `compress_statistics=True`, `docs/formats.md` §3).
-//!
-//! The f32 `absmax` of every 4-bit block is stored as one byte: an index into bitsandbytes' signed
-//! "dynamic tree" map ([`DYNAMIC_MAP`]), relative to a per-tensor `offset` (the mean of all scales) and scaled
-//! by one f32 `nested_absmax` per run of [`NESTED_BLOCKSIZE`] consecutive scales:
-//!
-//! ```text
-//! absmax[i] ≈ (map[codes[i]] * nested_absmax[i / nested_blocksize]) + offset   // two f32 roundings, no FMA
-//! ```
-//!
-//! [`DoubleQuantScales::decode`] reproduces that formula bit for bit, so the scales of a bitsandbytes checkpoint
-//! decode exactly. [`double_quantize`] picks, for each scale, the nearest map entry (ties to the lower code);
-//! bitsandbytes' own backends disagree among themselves at such ties, so re-quantizing is close but need not be
-//! byte-identical to every one of them. [`crate::reference::double_quant`] is the executable spec.
+//! Double-quantized block scales' data (`docs/formats.md` §3): the dynamic map, [`DoubleQuantScales`] and the
+//! decode rule. Quantizing scales is [`crate::double_quant::double_quantize`].
 
-use crate::storage::Bytes;
+use super::block_size::BLOCK_SIZES;
+use super::storage::Bytes;
 use crate::{Error, Result};
 
 /// Number of consecutive block scales that share one `nested_absmax` (bitsandbytes always uses 256).
@@ -65,7 +54,7 @@ pub const DYNAMIC_MAP: [f32; 256] = [
 /// Double-quantized block scales: one byte per 4-bit block plus a few f32 per tensor.
 ///
 /// Invariants (checked by [`DoubleQuantScales::from_parts`]): `nested_blocksize` is one of
-/// [`crate::nf4::BLOCK_SIZES`]; `nested_absmax.len() == ceil(codes.len() / nested_blocksize)`; the offset,
+/// [`BLOCK_SIZES`]; `nested_absmax.len() == ceil(codes.len() / nested_blocksize)`; the offset,
 /// every `nested_absmax` and every map entry are finite, and `nested_absmax` is non-negative.
 ///
 /// Storage: the codes are [`Bytes`] (owned, or a view into a mapped checkpoint); the f32 scales they stand
@@ -94,12 +83,8 @@ impl DoubleQuantScales {
         map: Box<[f32; 256]>,
     ) -> Result<Self> {
         let codes = codes.into();
-        if !crate::nf4::BLOCK_SIZES.contains(&nested_blocksize) {
-            return Err(Error::invalid(
-                "nested_blocksize",
-                nested_blocksize,
-                format!("one of {:?}", crate::nf4::BLOCK_SIZES),
-            ));
+        if !BLOCK_SIZES.contains(&nested_blocksize) {
+            return Err(Error::invalid("nested_blocksize", nested_blocksize, format!("one of {:?}", BLOCK_SIZES)));
         }
         let expected = codes.len().div_ceil(nested_blocksize);
         if nested_absmax.len() != expected {
@@ -125,7 +110,7 @@ impl DoubleQuantScales {
         if let Some(i) = map.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid("nested_quant_map", format!("{} at index {i}", map[i]), "finite values"));
         }
-        let decoded = crate::reference::double_quant::decode(&codes, &nested_absmax, offset, nested_blocksize, &map);
+        let decoded = decode(&codes, &nested_absmax, offset, nested_blocksize, &map);
         Ok(DoubleQuantScales { codes, nested_absmax, offset, nested_blocksize, map, decoded })
     }
 
@@ -176,20 +161,19 @@ impl DoubleQuantScales {
     }
 }
 
-/// Double-quantizes f32 block scales with [`DYNAMIC_MAP`] and [`NESTED_BLOCKSIZE`] (`docs/formats.md` §3).
-///
-/// `offset` is the mean of `absmax` (summed in f64, rounded once to f32; see
-/// [`crate::reference::double_quant::mean`]); each code is the nearest map entry to
-/// `clamp((absmax[i] - offset) * (1 / max(nested_absmax, 1e-38)), -1, 1)`, ties to the lower code.
-/// Errors on a NaN/infinite or negative scale.
-pub fn double_quantize(absmax: &[f32]) -> Result<DoubleQuantScales> {
-    if let Some(index) = absmax.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinite { arg: "absmax".to_string(), index, value: absmax[index] });
-    }
-    if let Some(i) = absmax.iter().position(|v| *v < 0.0) {
-        return Err(Error::invalid("absmax", format!("{} at index {i}", absmax[i]), "non-negative block scales"));
-    }
-    let (codes, nested_absmax, offset) =
-        crate::reference::double_quant::quantize(absmax, NESTED_BLOCKSIZE, &DYNAMIC_MAP);
-    DoubleQuantScales::from_parts(codes, nested_absmax, offset, NESTED_BLOCKSIZE, Box::new(DYNAMIC_MAP))
+/// Decodes one scale: `(map[code] * nested_absmax) + offset`, two separately rounded f32 operations (no FMA),
+/// as bitsandbytes does (`docs/formats.md` §3). The reference module re-exports this rule.
+#[inline]
+pub fn decode_value(code: u8, nested_absmax: f32, offset: f32, map: &[f32; 256]) -> f32 {
+    let p = map[code as usize] * nested_absmax;
+    p + offset
+}
+
+/// Decodes every scale: entry `i` uses `nested_absmax[i / nested_blocksize]`.
+pub fn decode(codes: &[u8], nested_absmax: &[f32], offset: f32, nested_blocksize: usize, map: &[f32; 256]) -> Vec<f32> {
+    codes
+        .chunks(nested_blocksize.max(1))
+        .zip(nested_absmax)
+        .flat_map(|(c, &n)| c.iter().map(move |&q| decode_value(q, n, offset, map)))
+        .collect()
 }

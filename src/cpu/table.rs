@@ -1,0 +1,93 @@
+//! The shapes of the kernel tables (one [`Kernels`] value per instruction set, built in `dispatch.rs`) and the
+//! argument bundle of the linear block kernel. Types only: the kernel files fill the tables, the drivers
+//! (`affine.rs`, `nf4.rs`, `linear.rs`) call through them.
+
+use crate::format::affine::AffineParams;
+use crate::format::layer::{AdapterSelection, LayerView};
+use crate::reference::nf4::Codebook;
+use crate::{bf16, f16};
+
+/// A mutable output slice of one of the element types (function pointers cannot be generic).
+pub(crate) enum OutSlice<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    Bf16(&'a mut [bf16]),
+}
+
+impl<'a> OutSlice<'a> {
+    /// Views `out` as the element type it is (a checked, zero-copy cast).
+    pub fn of<T: crate::Element>(out: &'a mut [T]) -> OutSlice<'a> {
+        match T::DTYPE {
+            crate::DType::F32 => OutSlice::F32(bytemuck::cast_slice_mut(out)),
+            crate::DType::F16 => OutSlice::F16(bytemuck::cast_slice_mut(out)),
+            crate::DType::BF16 => OutSlice::Bf16(bytemuck::cast_slice_mut(out)),
+        }
+    }
+}
+
+/// Calls a kernel generic over the output element with the slice an [`OutSlice`] holds.
+macro_rules! with_out_slice {
+    ($out:expr, |$o:ident| $call:expr) => {
+        match $out {
+            $crate::cpu::table::OutSlice::F32($o) => $call,
+            $crate::cpu::table::OutSlice::F16($o) => $call,
+            $crate::cpu::table::OutSlice::Bf16($o) => $call,
+        }
+    };
+}
+pub(crate) use with_out_slice;
+
+/// Affine int8 run kernels (one scale and zero point per run).
+#[derive(Clone, Copy)]
+pub(crate) struct AffineKernels {
+    /// Min and max of a non-empty slice.
+    pub minmax: fn(&[f32]) -> (f32, f32),
+    /// Codes of a run (`x.len() == out.len()`).
+    pub quantize: fn(&[f32], AffineParams, &mut [u8]),
+    /// Values of a run (`codes.len() == out.len()`); the flag asks for non-temporal stores.
+    pub dequantize: fn(&[u8], AffineParams, &mut [f32], bool),
+}
+
+/// Dequantizes a 4-bit span starting at a block boundary: (packed, decoded scales, blocksize, table, out, stream).
+pub(crate) type FourBitDequantize = fn(&[u8], &[f32], usize, &[f32; 16], OutSlice<'_>, bool);
+
+/// NF4 / FP4 kernels.
+#[derive(Clone, Copy)]
+pub(crate) struct FourBitKernels {
+    /// Largest `|x|` as f32 bits (`>= 0x7f80_0000` on NaN / infinity).
+    pub absbits: fn(&[f32]) -> u32,
+    /// Packed codes of a run inside one block (starting at an even element), odd count padded.
+    pub quantize: fn(&[f32], f32, &Codebook, &mut [u8]),
+    /// Dequantizes a span starting at a block boundary: (packed, absmax, blocksize, table, out, stream).
+    pub dequantize: FourBitDequantize,
+}
+
+/// Fused linear kernels.
+#[derive(Clone, Copy)]
+pub(crate) struct LinearKernels {
+    /// Computes one output block `[m, ob]` (base product, bias, LoRA expand) into a zeroed slice.
+    pub block: fn(&Job<'_>, usize, usize, &mut [f32]),
+    /// A dot product (LoRA shrink).
+    pub dot: fn(&[f32], &[f32]) -> f32,
+}
+
+/// Every kernel of one instruction set.
+#[derive(Clone, Copy)]
+pub(crate) struct Kernels {
+    pub affine: AffineKernels,
+    pub four_bit: FourBitKernels,
+    pub linear: LinearKernels,
+}
+
+/// Everything a block job needs, borrowed from the layer and the scratch.
+pub(crate) struct Job<'a> {
+    pub layer: LayerView<'a>,
+    pub x: &'a [f32],
+    pub m: usize,
+    pub pairs: &'a [[f32; 2]; 256],
+    /// Per adapter: `t[row * rank + r]` (zeros for rows that do not use it); only read where `used[a]`.
+    pub shrink: &'a [Vec<f32>],
+    /// Per adapter: whether any row uses it.
+    pub used: &'a [bool],
+    pub sel: AdapterSelection<'a>,
+}
