@@ -15,6 +15,14 @@ use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Serializes the tests of this file, so that the resident-memory measurement of the big test sees no other
+/// test's allocations.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A scratch directory, removed on drop.
 struct Scratch(PathBuf);
 
@@ -116,6 +124,7 @@ fn write_index(dir: &Path, shards: &[(&str, &[(String, TensorData)])]) {
 
 #[test]
 fn file_hf_directory_and_shards_give_the_same_layers() {
+    let _serial = serial();
     let s = Scratch::new("dirs");
     let (one, two) = small_model();
     let all: Vec<(String, TensorData)> = one.iter().chain(&two).cloned().collect();
@@ -175,6 +184,7 @@ fn file_hf_directory_and_shards_give_the_same_layers() {
 
 #[test]
 fn layer_name_errors_help() {
+    let _serial = serial();
     let s = Scratch::new("names");
     let (one, two) = small_model();
     let all: Vec<(String, TensorData)> = one.iter().chain(&two).cloned().collect();
@@ -203,6 +213,7 @@ fn layer_name_errors_help() {
 
 #[test]
 fn bad_shard_indexes_are_clear_errors() {
+    let _serial = serial();
     let s = Scratch::new("shards");
     let (one, two) = small_model();
     let dir = s.0.join("m");
@@ -262,6 +273,7 @@ fn bad_shard_indexes_are_clear_errors() {
 
 #[test]
 fn int8_and_dense_layouts_are_detected() {
+    let _serial = serial();
     let s = Scratch::new("layouts");
     let q = quantize(&values(24 * 40, 8), &[24, 40], Granularity::PerGroup(16)).unwrap();
     let mut t = int8::to_tensors("l.weight", &q).to_vec();
@@ -308,6 +320,7 @@ fn int8_and_dense_layouts_are_detected() {
 
 #[test]
 fn corrupt_files_are_errors_naming_the_file() {
+    let _serial = serial();
     let s = Scratch::new("corrupt");
     let p = s.0.join("bad.safetensors");
     for bytes in [&b""[..], &b"\x05\0\0\0\0\0\0\0{}"[..], &(1u64 << 40).to_le_bytes()[..]] {
@@ -386,6 +399,7 @@ impl safetensors::View for &Entry<'_> {
 #[cfg(target_os = "linux")]
 #[test]
 fn big_checkpoint_layers_share_the_mapped_file() {
+    let _serial = serial();
     const OUT: usize = 4096;
     const IN: usize = 14336;
     const LAYERS: usize = 8;
@@ -463,13 +477,12 @@ fn big_checkpoint_layers_share_the_mapped_file() {
         let BlockScales::Double(d) = t.scales() else { panic!("double-quantized") };
         assert!(d.codes_bytes().is_view());
     }
-    // Expected growth: the decoded f32 scales (decoded / file = 12%) plus the scale-code pages decode reads
-    // (3%). `QuantLinear::new` still keeps a second copy of the decoded scales (another 12%); the bound leaves
-    // room for it. A copy of the packed codes would add 97% of the file.
+    // Expected growth: the decoded f32 scales (12% of the file here) plus the scale-code pages the decode reads
+    // (3%); a copy of the packed codes would add 97% of the file.
     assert!(
-        grew < file_size * 3 / 10,
-        "building {LAYERS} layers grew resident memory by {grew} bytes, expected under 30% of the {file_size}-byte \
-         file (the packed codes must stay in the mapped file)"
+        grew < file_size / 4,
+        "building {LAYERS} layers grew resident memory by {grew} bytes, expected under a quarter of the \
+         {file_size}-byte file (the packed codes must stay in the mapped file)"
     );
 
     // A forward of one layer on a few rows equals the owned layer read by the old loader (a copy), bit for bit.
@@ -506,6 +519,7 @@ fn write_big(path: &Path, small: &[(String, TensorData)], weights: &[(String, &[
 /// An engine shares one checkpoint and its layers across threads.
 #[test]
 fn checkpoints_and_layers_are_send_and_sync() {
+    let _serial = serial();
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Checkpoint>();
     send_sync::<QuantLinear>();
