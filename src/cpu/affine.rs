@@ -1,7 +1,8 @@
-//! Fast affine int8 kernels: dispatch over instruction sets and threads, plus the portable `wide` versions.
+//! The affine int8 driver: whole tensors split into runs, over threads, through the kernel table of the
+//! chosen instruction set.
 //!
 //! A "run" is a contiguous slice sharing one scale and zero point (the whole tensor, a row, or a group).
-//! Run kernels for each ISA have the same names in `affine_x86.rs`. Inputs in f16/bf16 are widened to f32
+//! The run kernels are in `affine_portable.rs` and `affine_x86.rs` (same names). Inputs in f16/bf16 are widened to f32
 //! in small stack chunks first; outputs in f16/bf16 are produced in f32 chunks and then rounded, so every
 //! path computes the same f32 arithmetic as [`crate::reference::affine`].
 

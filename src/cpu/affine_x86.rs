@@ -1,5 +1,5 @@
 //! AVX2 / AVX-512 versions of the affine run kernels (same names and results as the portable ones in
-//! `affine.rs`). Reached only through the kernel tables, which need a detection token.
+//! `affine_portable.rs`). Reached only through the kernel tables, which need a detection token.
 //!
 //! Exactness: quantize multiplies by the f32 reciprocal, rounds with round-to-nearest-even
 //! (`roundscale`/`round` with `_MM_FROUND_TO_NEAREST_INT`), adds the zero point in f32 (exact: both are

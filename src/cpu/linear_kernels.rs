@@ -1,8 +1,8 @@
 //! Fused dequantize-matmul-plus-LoRA on the CPU: the kernel bodies (generic over the vector type and the 4-bit
 //! decoder) and the portable table. `linear.rs` drives them.
 //!
-//! Work is split by output features into fixed blocks of [`OUT_BLOCK`] rows of `W` (one rayon task each), so
-//! results never depend on the thread count. Inside a block the loop runs over chunks of [`KC`] input
+//! The driver splits the work by output features into fixed blocks of 64 rows of `W` (one rayon task each),
+//! so results never depend on the thread count. Inside a block the loop runs over chunks of [`KC`] input
 //! features: each `[TILE_ROWS × KC]` tile of `W` is decoded once into L1-resident scratch (values bit-identical
 //! to the reference dequantization) and multiplied against every row of `x` by a register-blocked micro-kernel
 //! (`MR` rows of `x` × `NR` rows of `W`, one SIMD accumulator each). At M = 1 this streams the packed weight once (a GEMV);

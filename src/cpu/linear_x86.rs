@@ -1,4 +1,4 @@
-//! x86 versions of the fused linear kernels: the generic bodies of `linear.rs` compiled inside
+//! x86 versions of the fused linear kernels: the generic bodies of `linear_kernels.rs` compiled inside
 //! `#[target_feature]` functions (so LLVM vectorizes them to AVX2 / AVX-512 with FMA), and 4-bit decoders that
 //! look the 16-entry table up in registers.
 

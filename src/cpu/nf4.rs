@@ -1,4 +1,5 @@
-//! Fast NF4 / FP4 kernels: dispatch over instruction sets and threads, plus the portable `wide` versions.
+//! The NF4 / FP4 driver: spans of whole blocks over threads, through the kernel table of the chosen
+//! instruction set.
 //!
 //! Work is split by whole blocks (threads take runs of whole blocks), and every kernel computes the same
 //! per-element f32 arithmetic as [`crate::reference::nf4`]: the absmax is an exact max, the normalisation is
@@ -6,8 +7,8 @@
 //! use a branchless binary search over the sorted midpoints, which counts the same), and dequantization is
 //! the same single f32 multiply followed by round-to-nearest-even. So every path gives the same bytes and bits.
 //!
-//! The AVX2 / AVX-512 kernels live in `nf4_x86.rs` with the same names. NEON and wasm `simd128` use the
-//! portable `wide` kernels.
+//! The kernels live in `nf4_portable.rs` (`wide`: SSE2, NEON, wasm `simd128`) and `nf4_x86.rs` (AVX2 /
+//! AVX-512) with the same names.
 
 use super::dispatch::kernels;
 use super::table::OutSlice;

@@ -1,4 +1,4 @@
-//! AVX2 / AVX-512 versions of the NF4 / FP4 kernels (same names as the portable ones in `nf4.rs`).
+//! AVX2 / AVX-512 versions of the NF4 / FP4 kernels (same names as the portable ones in `nf4_portable.rs`).
 //!
 //! * Dequantization holds the 16-entry table in registers: one `vpermps` (`_mm512_permutexvar_ps`) per 16
 //!   values on AVX-512; two `vpermps` (`_mm256_permutevar8x32_ps`, low and high half of the table) and a blend

@@ -119,7 +119,7 @@ impl KernelKey {
         f
     }
 
-    /// A short stable name, e.g. `gemv-nf4dq-sg`.
+    /// A short stable name, e.g. `gemv-4bit-dq-subgroup` or `gemm-int8-group-f16`.
     pub fn name(&self) -> String {
         let op = match self.op {
             KernelOp::Shrink => return "lora-shrink".into(),

@@ -14,8 +14,8 @@
 //! float32|float16|bfloat16` (the source dtype, PyTorch's name). The `lowbit.dtype.*` keys are the list of
 //! quantized weights; every other tensor of the file is plain.
 //!
-//! This module is the library twin of the CLI's `int8_layout.rs` (same keys, same checks), returning
-//! [`crate::Error`].
+//! The CLI's `quantize`, `dequantize` and `inspect` use this module (one definition of the keys and checks);
+//! errors are [`crate::Error`].
 //!
 //! ```
 //! use lowbit::affine::{quantize, Granularity};
