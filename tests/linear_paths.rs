@@ -9,7 +9,7 @@ use lowbit::affine::{self, Granularity};
 use lowbit::cpu::KernelPath;
 use lowbit::linear::{QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
-use lowbit::nf4;
+use lowbit::Scheme;
 use proptest::prelude::*;
 
 struct Rng(u64);
@@ -25,20 +25,9 @@ impl Rng {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Format {
-    Int8(Granularity),
-    Nf4 { blocksize: usize, dq: bool },
-}
-
-fn make_layer(format: Format, out: usize, inp: usize, bias: bool, ranks: &[usize], rng: &mut Rng) -> QuantLinear {
+fn make_layer(scheme: Scheme, out: usize, inp: usize, bias: bool, ranks: &[usize], rng: &mut Rng) -> QuantLinear {
     let w = rng.vec(out * inp, 0.5);
-    let weight = match format {
-        Format::Int8(g) => QuantWeight::Int8(affine::quantize(&w, &[out, inp], g).unwrap()),
-        Format::Nf4 { blocksize, dq } => {
-            QuantWeight::FourBit(nf4::quantize_nf4(&w, &[out, inp], blocksize, dq).unwrap())
-        }
-    };
+    let weight = QuantWeight::quantize(&w, &[out, inp], scheme).unwrap();
     let bias = bias.then(|| rng.vec(out, 1.0));
     let mut layer = QuantLinear::new(weight, bias).unwrap();
     for (i, &r) in ranks.iter().enumerate() {
@@ -60,13 +49,13 @@ fn check(got: &[f32], want: &[f32], bound: &[f64], what: &str) {
     }
 }
 
-fn format_strategy() -> impl Strategy<Value = Format> {
+fn format_strategy() -> impl Strategy<Value = Scheme> {
     prop_oneof![
-        Just(Format::Int8(Granularity::PerTensor)),
-        Just(Format::Int8(Granularity::PerChannel)),
-        (1usize..80).prop_map(|g| Format::Int8(Granularity::PerGroup(g))),
-        (prop_oneof![Just(32usize), Just(64), Just(128), Just(256)], any::<bool>())
-            .prop_map(|(blocksize, dq)| Format::Nf4 { blocksize, dq }),
+        Just(Scheme::Int8(Granularity::PerTensor)),
+        Just(Scheme::Int8(Granularity::PerChannel)),
+        (1usize..80).prop_map(|g| Scheme::Int8(Granularity::PerGroup(g))),
+        (prop_oneof![Just(32usize), Just(64), Just(128), Just(256)], any::<bool>(), any::<bool>())
+            .prop_map(|(blocksize, dq, fp4)| if fp4 { Scheme::fp4(blocksize, dq) } else { Scheme::nf4(blocksize, dq) }),
     ]
 }
 
@@ -108,7 +97,7 @@ fn nf4_blocks_crossing_rows_and_odd_sizes() {
     // in = 100 is not a multiple of 64: blocks cross row boundaries, rows start on odd nibbles (in odd below).
     for (out, inp) in [(1, 1), (3, 100), (7, 33), (130, 97), (65, 257)] {
         let mut rng = Rng(42 + out as u64);
-        for format in [Format::Nf4 { blocksize: 64, dq: false }, Format::Nf4 { blocksize: 32, dq: true }] {
+        for format in [Scheme::nf4(64, false), Scheme::nf4(32, true)] {
             let layer = make_layer(format, out, inp, true, &[3, 16], &mut rng);
             for m in [1, 4, 5] {
                 let x = rng.vec(m * inp, 2.0);
@@ -132,7 +121,7 @@ fn nf4_blocks_crossing_rows_and_odd_sizes() {
 #[test]
 fn thread_count_does_not_change_results() {
     let mut rng = Rng(7);
-    let layer = make_layer(Format::Nf4 { blocksize: 64, dq: true }, 300, 520, true, &[8], &mut rng);
+    let layer = make_layer(Scheme::nf4(64, true), 300, 520, true, &[8], &mut rng);
     let x = rng.vec(9 * 520, 1.0);
     let run = |threads| {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| layer.forward(&x).unwrap())
@@ -145,7 +134,7 @@ fn thread_count_does_not_change_results() {
 #[test]
 fn half_inputs_are_widened_exactly() {
     let mut rng = Rng(9);
-    let layer = make_layer(Format::Int8(Granularity::PerChannel), 20, 70, false, &[4], &mut rng);
+    let layer = make_layer(Scheme::Int8(Granularity::PerChannel), 20, 70, false, &[4], &mut rng);
     let x: Vec<lowbit::bf16> = rng.vec(3 * 70, 1.0).into_iter().map(lowbit::bf16::from_f32).collect();
     let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
     assert_eq!(layer.forward(&x).unwrap(), layer.forward(&xf).unwrap());
@@ -154,7 +143,7 @@ fn half_inputs_are_widened_exactly() {
 #[test]
 fn disabled_adapters_do_not_apply() {
     let mut rng = Rng(11);
-    let mut layer = make_layer(Format::Nf4 { blocksize: 64, dq: false }, 16, 64, false, &[4], &mut rng);
+    let mut layer = make_layer(Scheme::nf4(64, false), 16, 64, false, &[4], &mut rng);
     let x = rng.vec(64, 1.0);
     let with = layer.forward(&x).unwrap();
     layer.set_adapter_enabled("adapter0", false).unwrap();
@@ -171,7 +160,7 @@ fn disabled_adapters_do_not_apply() {
 #[test]
 fn bad_inputs_are_errors() {
     let mut rng = Rng(13);
-    let mut layer = make_layer(Format::Int8(Granularity::PerTensor), 8, 16, true, &[2], &mut rng);
+    let mut layer = make_layer(Scheme::Int8(Granularity::PerTensor), 8, 16, true, &[2], &mut rng);
     let x = rng.vec(2 * 16, 1.0);
     assert!(layer.forward(&x[..15]).is_err(), "x not a multiple of in");
     assert!(layer.forward(&[f32::NAN; 16]).is_err(), "NaN input");
@@ -206,7 +195,7 @@ fn nf4_rows_of_whole_blocks_take_the_register_gemv() {
     for (out, inp, blocksize) in [(70, 256, 32), (9, 512, 64), (33, 384, 128), (5, 256, 256)] {
         let mut rng = Rng(99 + inp as u64);
         for dq in [false, true] {
-            let layer = make_layer(Format::Nf4 { blocksize, dq }, out, inp, true, &[5], &mut rng);
+            let layer = make_layer(Scheme::nf4(blocksize, dq), out, inp, true, &[5], &mut rng);
             for m in 1..=5 {
                 let x = rng.vec(m * inp, 1.5);
                 let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
@@ -233,7 +222,7 @@ fn int8_register_gemv_per_tensor_channel_and_group() {
     for g in grans {
         for (out, inp) in [(1, 1), (17, 100), (40, 257)] {
             let mut rng = Rng(5 + inp as u64);
-            let layer = make_layer(Format::Int8(g), out, inp, true, &[3], &mut rng);
+            let layer = make_layer(Scheme::Int8(g), out, inp, true, &[3], &mut rng);
             for m in 1..=5 {
                 let x = rng.vec(m * inp, 1.5);
                 let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
@@ -263,9 +252,9 @@ fn forward_into_writes_f32_f16_bf16_outputs_and_checks_y() {
     let mut rng = Rng(0x5eed_f00d);
     let mut ws = Workspace::default();
     for (format, out, inp, m) in [
-        (Format::Nf4 { blocksize: 64, dq: true }, 70, 128, 3),
-        (Format::Int8(Granularity::PerGroup(32)), 65, 96, 9),
-        (Format::Int8(Granularity::PerChannel), 129, 64, 1),
+        (Scheme::nf4(64, true), 70, 128, 3),
+        (Scheme::Int8(Granularity::PerGroup(32)), 65, 96, 9),
+        (Scheme::Int8(Granularity::PerChannel), 129, 64, 1),
     ] {
         let layer = make_layer(format, out, inp, true, &[4], &mut rng);
         let x = rng.vec(m * inp, 1.0);
