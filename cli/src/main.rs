@@ -5,13 +5,7 @@
 //! with status 2.
 
 mod adapter;
-mod agreement;
-mod bench;
-mod bench_all;
 mod console;
-mod demo;
-mod demo_gpu;
-mod demo_linear;
 mod dequantize;
 mod error;
 mod forward;
@@ -24,13 +18,12 @@ mod output;
 mod progress;
 mod quantize;
 mod quantized;
-mod stats;
 mod table;
-mod timing;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use error::CliError;
 use gpu::Device;
+use lowbit_testkit::bench;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -358,7 +351,7 @@ fn parse_dtype(s: &str) -> Result<lowbit::DType, String> {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Demo { size } => demo::run(size as usize),
+        Command::Demo { size } => Ok(lowbit_testkit::demo::run(size as usize)?),
         Command::Quantize { input, output, scheme, granularity, blocksize, double_quant, force } => {
             let scheme = quantize_scheme(scheme, granularity, blocksize, double_quant);
             quantize::run(&input, &output, scheme, force)
@@ -377,12 +370,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
             })
         }
         Command::Merge { base, adapter, output, force } => merge::run(&base, &adapter, &output, force),
-        Command::Bench { all: true, json, quick, .. } => bench_all::run(bench_all::Suite { json, quick }),
+        Command::Bench { all: true, json, quick, .. } => Ok(bench::all::run(bench::all::Suite { json, quick })?),
         Command::Bench { format, shape, batch, lora_rank, threads, iters, device, .. } => {
             let (Some(format), Some((out, inp))) = (format, shape) else {
                 return Err(CliError::new("bench needs --format and --shape, or --all"));
             };
-            bench::run(bench::Bench {
+            Ok(bench::run(bench::Bench {
                 format,
                 out,
                 inp,
@@ -390,8 +383,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 lora_rank: lora_rank.map(|r| r as usize),
                 threads: threads.map(|t| t as usize),
                 iters: iters as usize,
-                device,
-            })
+                device: device.into(),
+            })?)
         }
     }
 }
