@@ -1,8 +1,9 @@
 //! `lowbit`: quantize, dequantize and inspect safetensors checkpoints, and demonstrate the kernels.
 //!
-//! This file holds the command-line definitions (clap derive) and the dispatch; each command lives in its own
-//! module. Every error is printed as `error: <message>` and exits with status 1; usage errors from clap exit
-//! with status 2.
+//! This file holds the command-line definitions (clap derive) and the dispatch; each user command lives in its
+//! own module. `demo` and `bench` are thin entry points: their implementation is `lowbit_testkit::demo` and
+//! `lowbit_testkit::bench`, whose errors become [`CliError`]s with the same message. Every error is printed
+//! as `error: <message>` and exits with status 1; usage errors from clap exit with status 2.
 
 mod adapter;
 mod console;

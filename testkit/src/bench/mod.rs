@@ -50,7 +50,7 @@ pub struct Bench {
     pub device: Device,
 }
 
-/// Runs the benchmark, in a pool of `threads` threads when given. Fails (exit 1) if the fused result is
+/// Runs the benchmark, in a pool of `threads` threads when given. Returns an error if the fused result is
 /// outside the stated bound of the reference.
 pub fn run(b: Bench) -> Result<(), Error> {
     if b.out.checked_mul(b.inp).is_none_or(|n| n > MAX_WEIGHT) {

@@ -35,7 +35,8 @@ fn gbps(bytes: usize, d: Duration) -> String {
     }
 }
 
-/// Runs the demo on a `size × size` matrix. Fails (exit 1) if any path disagrees with the reference.
+/// Runs the demo on a `size × size` matrix, printing its tables to stdout. Returns an error if any path
+/// disagrees with the reference or any QuantLinear row is outside its bound.
 pub fn run(size: usize) -> Result<(), Error> {
     let (rows, cols) = (size, size);
     let shape = [rows, cols];
