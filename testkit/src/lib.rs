@@ -1,7 +1,7 @@
 //! Test support shared by lowbit's tests, benches, fuzz targets, `bench-peers` and the `lowbit` CLI (a crate,
 //! so nothing is included with `#[path]`): one deterministic RNG, synthetic LLM-like weights and layers for
 //! any [`lowbit::Scheme`], scheme matrices, the machine's memory-bandwidth probe, and the implementation of
-//! `lowbit demo` ([`demo`]) and `lowbit bench` ([`bench`]), which the CLI only parses and dispatches.
+//! `lowbit demo` ([`demo`]) and `lowbit bench` ([`mod@bench`]), which the CLI only parses and dispatches.
 //!
 //! Agreement checks live in the library itself ([`lowbit::linear::Agreement`], with the stated bound of
 //! [`lowbit::linear::QuantLinear::error_bound`]).
