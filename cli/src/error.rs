@@ -25,6 +25,12 @@ impl From<lowbit::Error> for CliError {
     }
 }
 
+impl From<lowbit_testkit::Error> for CliError {
+    fn from(e: lowbit_testkit::Error) -> CliError {
+        CliError(e.to_string())
+    }
+}
+
 impl From<std::io::Error> for CliError {
     fn from(e: std::io::Error) -> CliError {
         CliError(format!("writing output: {e}"))

@@ -1,5 +1,5 @@
 //! The CLI's GPU plumbing (cargo feature `gpu`, on by default for the CLI): which device a command runs on,
-//! opening the preferred adapter and describing it.
+//! opening the preferred adapter and describing it (shared with the demo and bench in `lowbit_testkit::gpu`).
 
 use crate::error::CliError;
 
@@ -13,48 +13,26 @@ pub enum Device {
     Gpu,
 }
 
+impl From<Device> for lowbit_testkit::bench::Device {
+    fn from(d: Device) -> Self {
+        match d {
+            Device::Cpu => Self::Cpu,
+            Device::Gpu => Self::Gpu,
+        }
+    }
+}
+
 #[cfg(feature = "gpu")]
-pub use imp::*;
+pub use lowbit_testkit::gpu::describe;
+
+/// The preferred adapter for `--device gpu`; no adapter is an error.
+#[cfg(feature = "gpu")]
+pub fn open() -> Result<lowbit::gpu::GpuContext, CliError> {
+    Ok(lowbit_testkit::gpu::open()?)
+}
 
 #[cfg(not(feature = "gpu"))]
 /// The error of `--device gpu` in a build without the `gpu` feature.
 pub fn not_built() -> CliError {
     CliError::new("--device gpu: this lowbit was built without the `gpu` feature")
-}
-
-#[cfg(feature = "gpu")]
-mod imp {
-    use super::CliError;
-    use lowbit::gpu::GpuContext;
-
-    /// The preferred adapter, or `Ok(Err(detail))` when there is none. Other failures (the adapter refused a
-    /// device, ...) are errors.
-    pub fn try_open() -> Result<Result<GpuContext, String>, CliError> {
-        match GpuContext::new_blocking() {
-            Ok(c) => Ok(Ok(c)),
-            Err(lowbit::Error::NoGpuAdapter { detail }) => Ok(Err(detail)),
-            Err(e) => Err(CliError::new(format!("opening the GPU: {e}"))),
-        }
-    }
-
-    /// The preferred adapter for `--device gpu`; no adapter is an error.
-    pub fn open() -> Result<GpuContext, CliError> {
-        try_open()?.map_err(|detail| CliError::new(format!("--device gpu: no GPU adapter found ({detail})")))
-    }
-
-    /// `name (backend, device type; optional features)`, plus the CPU-adapter caveat where it applies.
-    pub fn describe(ctx: &GpuContext) -> String {
-        let info = ctx.adapter_info();
-        let f = ctx.features();
-        let feats: Vec<&str> = [(f.f16, "shader-f16"), (f.subgroups, "subgroups"), (f.timestamps, "timestamps")]
-            .into_iter()
-            .filter_map(|(on, name)| on.then_some(name))
-            .collect();
-        let feats = if feats.is_empty() { "no optional features".to_string() } else { feats.join(", ") };
-        let mut s = format!("{} ({:?}, {:?}; {feats})", ctx.adapter_name(), info.backend, info.device_type);
-        if ctx.is_cpu_adapter() {
-            s.push_str(" -- CPU adapter: correctness only, not a speed figure");
-        }
-        s
-    }
 }

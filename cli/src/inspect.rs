@@ -4,9 +4,9 @@
 use crate::console;
 use crate::error::{CliError, Context};
 use crate::quantized::Layout;
-use crate::stats::{fmt_db, ErrorStats};
 use crate::table::{Align, Table};
 use lowbit::io::SafetensorsFile;
+use lowbit_testkit::stats::{fmt_db, ErrorStats};
 use std::path::Path;
 
 /// Lists `file`; with `compare`, measures every quantized tensor against the tensor of the same name there.

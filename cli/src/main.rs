@@ -1,17 +1,12 @@
 //! `lowbit`: quantize, dequantize and inspect safetensors checkpoints, and demonstrate the kernels.
 //!
-//! This file holds the command-line definitions (clap derive) and the dispatch; each command lives in its own
-//! module. Every error is printed as `error: <message>` and exits with status 1; usage errors from clap exit
-//! with status 2.
+//! This file holds the command-line definitions (clap derive) and the dispatch; each user command lives in its
+//! own module. `demo` and `bench` are thin entry points: their implementation is `lowbit_testkit::demo` and
+//! `lowbit_testkit::bench`, whose errors become [`CliError`]s with the same message. Every error is printed
+//! as `error: <message>` and exits with status 1; usage errors from clap exit with status 2.
 
 mod adapter;
-mod agreement;
-mod bench;
-mod bench_all;
 mod console;
-mod demo;
-mod demo_gpu;
-mod demo_linear;
 mod dequantize;
 mod error;
 mod forward;
@@ -24,13 +19,12 @@ mod output;
 mod progress;
 mod quantize;
 mod quantized;
-mod stats;
 mod table;
-mod timing;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use error::CliError;
 use gpu::Device;
+use lowbit_testkit::bench;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -358,7 +352,7 @@ fn parse_dtype(s: &str) -> Result<lowbit::DType, String> {
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Demo { size } => demo::run(size as usize),
+        Command::Demo { size } => Ok(lowbit_testkit::demo::run(size as usize)?),
         Command::Quantize { input, output, scheme, granularity, blocksize, double_quant, force } => {
             let scheme = quantize_scheme(scheme, granularity, blocksize, double_quant);
             quantize::run(&input, &output, scheme, force)
@@ -377,12 +371,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
             })
         }
         Command::Merge { base, adapter, output, force } => merge::run(&base, &adapter, &output, force),
-        Command::Bench { all: true, json, quick, .. } => bench_all::run(bench_all::Suite { json, quick }),
+        Command::Bench { all: true, json, quick, .. } => Ok(bench::all::run(bench::all::Suite { json, quick })?),
         Command::Bench { format, shape, batch, lora_rank, threads, iters, device, .. } => {
             let (Some(format), Some((out, inp))) = (format, shape) else {
                 return Err(CliError::new("bench needs --format and --shape, or --all"));
             };
-            bench::run(bench::Bench {
+            Ok(bench::run(bench::Bench {
                 format,
                 out,
                 inp,
@@ -390,8 +384,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 lora_rank: lora_rank.map(|r| r as usize),
                 threads: threads.map(|t| t as usize),
                 iters: iters as usize,
-                device,
-            })
+                device: device.into(),
+            })?)
         }
     }
 }

@@ -10,10 +10,10 @@ use crate::layer;
 use crate::output::check_output;
 use crate::progress::Progress;
 use crate::quantized::{describe_weight, Layout};
-use crate::stats::fmt_db;
 use crate::table::{Align, Table};
 use lowbit::io::{bnb, Checkpoint, TensorData};
 use lowbit::linear::QuantWeight;
+use lowbit_testkit::stats::fmt_db;
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -1,11 +1,9 @@
 //! A progress bar on stderr, shown only when stderr is a terminal (so logs and pipes stay clean).
 
-use crate::console;
-use crate::error::CliError;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 
-/// Progress over a number of steps (tensors, demo runs); a no-op when stderr is not a terminal.
+/// Progress over a number of steps (tensors, layers); a no-op when stderr is not a terminal.
 pub struct Progress {
     bar: Option<ProgressBar>,
 }
@@ -36,14 +34,6 @@ impl Progress {
     pub fn inc(&self) {
         if let Some(b) = &self.bar {
             b.inc(1);
-        }
-    }
-
-    /// Prints a line to stdout without disturbing the bar (which lives on stderr).
-    pub fn println(&self, line: &str) -> Result<(), CliError> {
-        match &self.bar {
-            Some(b) => b.suspend(|| console::line(line)),
-            None => console::line(line),
         }
     }
 }

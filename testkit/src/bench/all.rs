@@ -20,12 +20,12 @@
 //! so its fraction of the memory limit is expected to be low.
 
 use crate::console;
-use crate::error::{CliError, Context};
+use crate::error::{Context, Error};
+use crate::membw::{self, Direction, Limits};
+use crate::synthetic::{self, DEMO_SCHEMES};
 use lowbit::affine::{self, Granularity};
 use lowbit::cpu::{Isa, KernelPath};
 use lowbit::linear::{QuantLinear, QuantWeight};
-use lowbit_testkit::membw::{self, Direction, Limits};
-use lowbit_testkit::synthetic::{self, DEMO_SCHEMES};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -119,11 +119,11 @@ struct Runner {
 }
 
 impl Runner {
-    fn new(path: KernelPath, threads: usize) -> Result<Runner, CliError> {
+    fn new(path: KernelPath, threads: usize) -> Result<Runner, Error> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
-            .map_err(|e| CliError::new(format!("starting a pool of {threads} threads: {e}")))?;
+            .map_err(|e| Error::new(format!("starting a pool of {threads} threads: {e}")))?;
         Ok(Runner { path, pool })
     }
 
@@ -169,7 +169,7 @@ impl Recorder {
 }
 
 /// Runs the suite and prints the table (or JSON).
-pub fn run(s: Suite) -> Result<(), CliError> {
+pub fn run(s: Suite) -> Result<(), Error> {
     let all_threads = rayon::current_num_threads();
     let best = Isa::best();
     let mut runners = Vec::new();
@@ -204,7 +204,7 @@ pub fn run(s: Suite) -> Result<(), CliError> {
 
     if s.json {
         let v: Vec<serde_json::Value> = rec.records.iter().map(Record::to_json).collect();
-        return console::line(&serde_json::to_string_pretty(&v).map_err(|e| CliError::new(e.to_string()))?);
+        return console::line(&serde_json::to_string_pretty(&v).map_err(|e| Error::new(e.to_string()))?);
     }
     console::out(&format!(
         "lowbit bench --all{}: best ISA {best}, {all_threads} thread(s), load average {}\n\
@@ -249,13 +249,7 @@ fn limit_records(l: &Limits) -> Vec<Record> {
     v
 }
 
-fn quant_dequant(
-    rec: &mut Recorder,
-    runners: &[Runner],
-    budget: Budget,
-    out: usize,
-    inp: usize,
-) -> Result<(), CliError> {
+fn quant_dequant(rec: &mut Recorder, runners: &[Runner], budget: Budget, out: usize, inp: usize) -> Result<(), Error> {
     let n = out * inp;
     let w = synthetic::synthetic_weight(out, inp, synthetic::SEED);
     let shape = [out, inp];
@@ -298,7 +292,7 @@ fn linear(
     budget: Budget,
     (out, inp): (usize, usize),
     batches: &[usize],
-) -> Result<(), CliError> {
+) -> Result<(), Error> {
     let w = synthetic::synthetic_weight(out, inp, synthetic::SEED);
     for (format, name) in DEMO_SCHEMES.map(|s| (s, s.to_string())) {
         let weight = QuantWeight::quantize(&w, &[out, inp], format).context(|| format!("quantizing to {name}"))?;

@@ -1,101 +1,21 @@
 //! `lowbit demo`: quantizes a synthetic weight matrix with every format through every CPU path, checks each
 //! path against the scalar reference bit for bit, and prints speed and error; then runs the fused QuantLinear
-//! forward on the same weight ([`crate::demo_linear`]) and, when a GPU adapter exists, the same forward on the
-//! GPU ([`crate::demo_gpu`]).
+//! forward on the same weight ([`linear`]) and, when a GPU adapter exists, the same forward on the
+//! GPU ([`gpu`]).
 //!
-//! The schemes shown are the entries of [`formats`]; adding one means one line there.
+//! The schemes shown are the entries of [`quantize::formats`]; adding one means one line there.
+
+pub mod gpu;
+pub mod linear;
+pub mod quantize;
 
 use crate::console;
-use crate::demo_gpu;
-use crate::demo_linear;
-use crate::error::{CliError, Context};
-use crate::progress::Progress;
+use crate::error::{Context, Error};
 use crate::stats::{fmt_db, ErrorStats};
+use crate::synthetic::{synthetic_weight, SEED};
 use lowbit::cpu::{Isa, KernelPath};
-use lowbit::nf4::BlockScales;
-use lowbit::Scheme;
-use lowbit_testkit::synthetic::{synthetic_weight, SEED};
-use std::time::{Duration, Instant};
-
-/// One quantize + dequantize through one path.
-pub struct Run {
-    /// Time to quantize (calibration included).
-    pub quantize: Duration,
-    /// Time to dequantize to f32 (into a preallocated buffer where the format allows).
-    pub dequantize: Duration,
-    /// Storage cost in bits per weight, parameters included.
-    pub bits_per_weight: f64,
-    /// Named buffers (codes, parameters) that must equal the reference path's byte for byte.
-    pub parts: Vec<(&'static str, Vec<u8>)>,
-}
-
-/// Quantizes `x` (row-major, `shape`) with `scheme` through `path`, then dequantizes it into `out` through
-/// `path`, timing both and keeping every stored buffer for the bit-for-bit comparison.
-fn run_scheme(scheme: Scheme, x: &[f32], shape: &[usize], path: KernelPath, out: &mut [f32]) -> lowbit::Result<Run> {
-    match scheme.validate()? {
-        Scheme::Int8(g) => {
-            let t = Instant::now();
-            let q = lowbit::affine::quantize_with(x, shape, g, path)?;
-            let quantize = t.elapsed();
-            let t = Instant::now();
-            q.dequantize_into_with(out, path)?;
-            let dequantize = t.elapsed();
-            Ok(Run {
-                quantize,
-                dequantize,
-                bits_per_weight: q.bits_per_weight(),
-                parts: vec![
-                    ("codes", q.codes().to_vec()),
-                    ("scales", f32_bits(q.scales())),
-                    ("zero points", q.zero_points().to_vec()),
-                ],
-            })
-        }
-        Scheme::FourBit { format, blocksize, double_quant } => {
-            let t = Instant::now();
-            let q = lowbit::nf4::quantize_4bit_with(format, x, shape, blocksize, double_quant, path)?;
-            let quantize = t.elapsed();
-            let t = Instant::now();
-            q.dequantize_into_with(out, path)?;
-            let dequantize = t.elapsed();
-            let mut parts = vec![("packed codes", q.packed().to_vec()), ("absmax", f32_bits(&q.absmax()))];
-            if let BlockScales::Double(d) = q.scales() {
-                parts.push(("absmax codes", d.codes().to_vec()));
-                parts.push(("nested absmax", f32_bits(d.nested_absmax())));
-                parts.push(("nested offset", f32_bits(&[d.offset()])));
-            }
-            Ok(Run { quantize, dequantize, bits_per_weight: q.bits_per_weight(), parts })
-        }
-    }
-}
-
-fn f32_bits(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|s| s.to_bits().to_le_bytes()).collect()
-}
-
-/// Every scheme the demo shows, in table order.
-pub fn formats() -> Vec<Scheme> {
-    ["int8:tensor", "int8:channel", "int8:group:128", "int8:group:32", "nf4:64", "nf4:64+dq", "fp4:64"]
-        .iter()
-        .map(|s| s.parse().expect("a valid scheme"))
-        .collect()
-}
-
-/// Where `run` (with dequantized values `out`) first differs from the reference, or `None`.
-fn first_difference(reference: &Run, ref_out: &[f32], run: &Run, out: &[f32]) -> Option<String> {
-    for ((name, a), (_, b)) in reference.parts.iter().zip(&run.parts) {
-        if a.len() != b.len() {
-            return Some(format!("{name}: length {} vs {}", b.len(), a.len()));
-        }
-        if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
-            return Some(format!("{name} byte {i}"));
-        }
-    }
-    if let Some(i) = ref_out.iter().zip(out).position(|(x, y)| x.to_bits() != y.to_bits()) {
-        return Some(format!("dequantized [{i}]: {} vs {}", out[i], ref_out[i]));
-    }
-    None
-}
+use quantize::{first_difference, formats, run_scheme, Run};
+use std::time::Duration;
 
 fn row(cells: [&str; 10]) -> String {
     let [path, format, tq, td, gq, gd, err, sqnr, bits, check] = cells;
@@ -115,8 +35,9 @@ fn gbps(bytes: usize, d: Duration) -> String {
     }
 }
 
-/// Runs the demo on a `size × size` matrix. Fails (exit 1) if any path disagrees with the reference.
-pub fn run(size: usize) -> Result<(), CliError> {
+/// Runs the demo on a `size × size` matrix, printing its tables to stdout. Returns an error if any path
+/// disagrees with the reference or any QuantLinear row is outside its bound.
+pub fn run(size: usize) -> Result<(), Error> {
     let (rows, cols) = (size, size);
     let shape = [rows, cols];
     let n = rows * cols;
@@ -147,8 +68,7 @@ pub fn run(size: usize) -> Result<(), CliError> {
         }
     }
 
-    let progress = Progress::new((formats.len() * paths.len()) as u64, "demo");
-    progress.println(&row([
+    console::line(&row([
         "path",
         "format",
         "quant ms",
@@ -160,7 +80,7 @@ pub fn run(size: usize) -> Result<(), CliError> {
         "bits/w",
         "check",
     ]))?;
-    progress.println(&"-".repeat(110))?;
+    console::line(&"-".repeat(110))?;
     let mut ref_out = vec![1f32; n];
     let mut out = vec![1f32; n];
     let (mut runs, mut mismatches) = (0usize, 0usize);
@@ -168,7 +88,6 @@ pub fn run(size: usize) -> Result<(), CliError> {
         let label = f.to_string();
         let mut reference: Option<(Run, ErrorStats)> = None;
         for &path in &paths {
-            progress.set_message(&format!("{label} on {path}"));
             let ctx = || format!("{label} on {path}");
             let (run, stats, check) = match &reference {
                 None => {
@@ -188,7 +107,7 @@ pub fn run(size: usize) -> Result<(), CliError> {
                     }
                 }
             };
-            progress.println(&row([
+            console::line(&row([
                 &path.name(),
                 &label,
                 &ms(run.quantize),
@@ -203,14 +122,12 @@ pub fn run(size: usize) -> Result<(), CliError> {
             if reference.is_none() {
                 reference = Some((run, stats));
             }
-            progress.inc();
         }
-        progress.println("")?;
+        console::line("")?;
     }
-    drop(progress);
     drop((ref_out, out));
-    let linear = demo_linear::run(&x, size)?;
-    let gpu = demo_gpu::run(&x, size)?;
+    let linear = linear::run(&x, size)?;
+    let gpu = gpu::run(&x, size)?;
     let mut failures = Vec::new();
     if mismatches > 0 {
         failures.push(format!("{mismatches} of {runs} quantization runs disagree with the scalar reference"));
@@ -228,7 +145,7 @@ pub fn run(size: usize) -> Result<(), CliError> {
         ));
     }
     if !failures.is_empty() {
-        return Err(CliError::new(format!("{} (rows marked MISMATCH)", failures.join("; "))));
+        return Err(Error::new(format!("{} (rows marked MISMATCH)", failures.join("; "))));
     }
     console::line(&format!(
         "\nall {runs} quantization runs match the scalar reference bit for bit; all {} QuantLinear runs agree \

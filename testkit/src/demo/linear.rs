@@ -3,11 +3,11 @@
 //! adapter; each checked against the f64 reference under the bound of [`crate::agreement`].
 
 use crate::agreement;
-use crate::error::{CliError, Context};
-use crate::progress::Progress;
+use crate::console;
+use crate::error::{Context, Error};
+use crate::synthetic::{self, DEMO_SCHEMES};
 use crate::timing::{self, fmt_ms, fmt_rate};
 use lowbit::linear::{BoundTarget, QuantWeight};
-use lowbit_testkit::synthetic::{self, DEMO_SCHEMES};
 
 /// Rows of x shown.
 const BATCHES: [usize; 2] = [1, 8];
@@ -30,25 +30,14 @@ fn row(cells: [&str; 9]) -> String {
 }
 
 /// Runs every row on `w` (`[size, size]`, the demo's synthetic weight) and prints the table.
-pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
+pub fn run(w: &[f32], size: usize) -> Result<Summary, Error> {
     let formats = DEMO_SCHEMES;
-    let progress = Progress::new((formats.len() * BATCHES.len() * 2) as u64, "QuantLinear");
-    progress.println(&format!(
+    console::line(&format!(
         "QuantLinear {size}x{size}: fused y = x*W^T + bias [+ rank-{LORA_RANK} LoRA] vs the f64 reference \
          (bound: f32 accumulation error, as in tests/linear_paths.rs)"
     ))?;
-    progress.println(&row([
-        "format",
-        "M",
-        "LoRA",
-        "fused ms",
-        "GFLOP/s",
-        "GB/s",
-        "max |err|",
-        "err/bound",
-        "check",
-    ]))?;
-    progress.println(&"-".repeat(96))?;
+    console::line(&row(["format", "M", "LoRA", "fused ms", "GFLOP/s", "GB/s", "max |err|", "err/bound", "check"]))?;
+    console::line(&"-".repeat(96))?;
     let mut summary = Summary { runs: 0, mismatches: 0 };
     for format in formats {
         let weight = QuantWeight::quantize(w, &[size, size], format).context(|| format!("QuantLinear {format}"))?;
@@ -57,7 +46,6 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
             let layer = synthetic::layer_from(weight.clone(), rank).context(|| format!("QuantLinear {format}"))?;
             for m in BATCHES {
                 let lora = rank.map_or("-".to_string(), |r| format!("r{r}"));
-                progress.set_message(&format!("{format} M={m} LoRA {lora}"));
                 let ctx = || format!("QuantLinear {format} M={m} LoRA {lora}");
                 let x = synthetic::input(m, size);
                 let mut y = Vec::new();
@@ -75,7 +63,7 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
                     summary.mismatches += 1;
                     format!("MISMATCH ({} outputs outside the bound)", a.outside)
                 };
-                progress.println(&row([
+                console::line(&row([
                     &format.to_string(),
                     &m.to_string(),
                     &lora,
@@ -86,7 +74,6 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
                     &format!("{:.2e}", a.worst_ratio),
                     &check,
                 ]))?;
-                progress.inc();
             }
         }
     }

@@ -1,10 +1,11 @@
-//! The demo's GPU rows: the same QuantLinear cases as [`crate::demo_linear`] (NF4, NF4 + double
+//! The demo's GPU rows: the same QuantLinear cases as [`crate::demo::linear`] (NF4, NF4 + double
 //! quantization, int8 per channel; M = 1 and 8; without and with a rank-16 adapter) run by the fused WGSL
 //! kernels on the preferred adapter, each checked against the f64 reference under the GPU bound of
-//! [`crate::agreement::compare`] with the GPU bound. No adapter is not an error: the rows are skipped with the reason.
+//! [`crate::agreement::compare`] (`BoundTarget::Gpu`). No adapter is not an error: the rows are skipped with the reason.
 
-use crate::demo_linear::Summary;
-use crate::error::CliError;
+use crate::console;
+use crate::demo::linear::Summary;
+use crate::error::Error;
 
 /// Largest matrix side the GPU rows use (lavapipe, Mesa's CPU Vulkan driver, stays quick at this size).
 #[cfg(feature = "gpu")]
@@ -12,21 +13,20 @@ pub const MAX_SIZE: usize = 1024;
 
 /// Without the `gpu` feature: says the GPU rows are not built.
 #[cfg(not(feature = "gpu"))]
-pub fn run(_w: &[f32], _size: usize) -> Result<Summary, CliError> {
-    crate::console::line("\nGPU: not built (this lowbit was built without the `gpu` feature); GPU rows skipped")?;
+pub fn run(_w: &[f32], _size: usize) -> Result<Summary, Error> {
+    console::line("\nGPU: not built (this lowbit was built without the `gpu` feature); GPU rows skipped")?;
     Ok(Summary { runs: 0, mismatches: 0 })
 }
 
 /// Runs the GPU rows on the demo's weight `w` (`[size, size]`), capped at [`MAX_SIZE`].
 #[cfg(feature = "gpu")]
-pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
+pub fn run(w: &[f32], size: usize) -> Result<Summary, Error> {
     use crate::agreement;
     use crate::error::Context;
-    use crate::progress::Progress;
+    use crate::synthetic::{self, DEMO_SCHEMES, SEED};
     use crate::timing::{self, fmt_ms, fmt_rate};
     use lowbit::gpu::{GpuLinear, KernelChoice};
     use lowbit::linear::{BoundTarget, QuantWeight};
-    use lowbit_testkit::synthetic::{self, DEMO_SCHEMES, SEED};
     use std::time::Duration;
 
     const BATCHES: [usize; 2] = [1, 8];
@@ -36,7 +36,7 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
     let ctx = match crate::gpu::try_open()? {
         Ok(ctx) => ctx,
         Err(detail) => {
-            crate::console::line(&format!("\nGPU: no adapter found ({detail}); GPU rows skipped"))?;
+            console::line(&format!("\nGPU: no adapter found ({detail}); GPU rows skipped"))?;
             return Ok(Summary { runs: 0, mismatches: 0 });
         }
     };
@@ -62,13 +62,12 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
             "{format:<17} {m:>3} {lora:>6} {kernel:<26} {ms:>9} {gflops:>9} {gbps:>8} {err:>10} {ratio:>10}  {check}"
         )
     };
-    let progress = Progress::new((3 * BATCHES.len() * 2) as u64, "GPU QuantLinear");
-    progress.println(&format!(
+    console::line(&format!(
         "\nGPU: {}\nGPU QuantLinear {n}x{n}: fused WGSL kernels, y = x*W^T + bias [+ rank-{LORA_RANK} LoRA] vs the \
          f64 reference (bound: f32 accumulation + GPU terms of QuantLinear::error_bound; {clock})",
         crate::gpu::describe(&ctx)
     ))?;
-    progress.println(&row([
+    console::line(&row([
         "format",
         "M",
         "LoRA",
@@ -80,7 +79,7 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
         "err/bound",
         "check",
     ]))?;
-    progress.println(&"-".repeat(120))?;
+    console::line(&"-".repeat(120))?;
     let mut summary = Summary { runs: 0, mismatches: 0 };
     for format in DEMO_SCHEMES {
         let weight = QuantWeight::quantize(w, &[n, n], format).context(|| format!("GPU QuantLinear {format}"))?;
@@ -90,7 +89,6 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
             let gpu_layer = GpuLinear::upload(&ctx, &layer).context(|| format!("uploading {format} to the GPU"))?;
             for m in BATCHES {
                 let lora = rank.map_or("-".to_string(), |r| format!("r{r}"));
-                progress.set_message(&format!("{format} M={m} LoRA {lora}"));
                 let what = || format!("GPU QuantLinear {format} M={m} LoRA {lora}");
                 let x = synthetic::input(m, n);
                 let choice = KernelChoice::default();
@@ -120,7 +118,7 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
                     format!("MISMATCH ({} outputs outside the bound, relative L2 {:.2e})", a.outside, a.nse.sqrt())
                 };
                 let dash = || "-".to_string();
-                progress.println(&row([
+                console::line(&row([
                     &format.to_string(),
                     &m.to_string(),
                     &lora,
@@ -132,7 +130,6 @@ pub fn run(w: &[f32], size: usize) -> Result<Summary, CliError> {
                     &format!("{:.2e}", a.worst_ratio),
                     &check,
                 ]))?;
-                progress.inc();
             }
         }
     }

@@ -1,15 +1,16 @@
-//! `lowbit bench`: times the fused QuantLinear forward on a synthetic layer (on the CPU, or with
-//! `--device gpu` on the preferred GPU adapter) and checks it against the f64 reference.
+//! `lowbit bench`: times the fused QuantLinear forward on a synthetic layer (on the CPU, or on the preferred
+//! GPU adapter) and checks it against the f64 reference; [`all`] is `lowbit bench --all`.
+
+pub mod all;
 
 use crate::agreement;
 use crate::console;
-use crate::error::{CliError, Context};
-use crate::gpu::Device;
+use crate::error::{Context, Error};
+use crate::synthetic;
 use crate::timing::{self, fmt_ms, fmt_rate};
 use lowbit::cpu::KernelPath;
 use lowbit::linear::BoundTarget;
 use lowbit::Scheme;
-use lowbit_testkit::synthetic;
 
 /// Untimed runs before the timed ones (page faults, rayon's pool, caches).
 const WARMUP: usize = 2;
@@ -17,6 +18,16 @@ const WARMUP: usize = 2;
 pub const REFERENCE_MAX_MACS: usize = 200_000_000;
 /// Largest synthetic weight, in elements (4 GiB of f32 while it is generated).
 const MAX_WEIGHT: usize = 1 << 30;
+
+/// Where the benchmark runs the layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The fused CPU kernels (best instruction set, rayon threads).
+    #[default]
+    Cpu,
+    /// The fused WGSL kernels on the preferred GPU adapter (feature `gpu`; an error without it).
+    Gpu,
+}
 
 /// What to benchmark.
 #[derive(Clone, Copy, Debug)]
@@ -39,24 +50,24 @@ pub struct Bench {
     pub device: Device,
 }
 
-/// Runs the benchmark, in a pool of `threads` threads when given. Fails (exit 1) if the fused result is
+/// Runs the benchmark, in a pool of `threads` threads when given. Returns an error if the fused result is
 /// outside the stated bound of the reference.
-pub fn run(b: Bench) -> Result<(), CliError> {
+pub fn run(b: Bench) -> Result<(), Error> {
     if b.out.checked_mul(b.inp).is_none_or(|n| n > MAX_WEIGHT) {
-        return Err(CliError::new(format!(
+        return Err(Error::new(format!(
             "shape {}x{} is too large for a synthetic benchmark (at most {MAX_WEIGHT} weights)",
             b.out, b.inp
         )));
     }
     if b.batch.checked_mul(b.inp.max(b.out)).is_none_or(|n| n > MAX_WEIGHT) {
-        return Err(CliError::new(format!(
+        return Err(Error::new(format!(
             "--batch {} is too large for {}x{} (x and y would exceed {MAX_WEIGHT} elements)",
             b.batch, b.out, b.inp
         )));
     }
     if b.device == Device::Gpu {
         if b.threads.is_some() {
-            return Err(CliError::new("--threads applies to --device cpu only"));
+            return Err(Error::new("--threads applies to --device cpu only"));
         }
         return bench_gpu(b);
     }
@@ -65,12 +76,12 @@ pub fn run(b: Bench) -> Result<(), CliError> {
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build()
-            .map_err(|e| CliError::new(format!("starting a pool of {n} threads: {e}")))?
+            .map_err(|e| Error::new(format!("starting a pool of {n} threads: {e}")))?
             .install(|| bench(b)),
     }
 }
 
-fn bench(b: Bench) -> Result<(), CliError> {
+fn bench(b: Bench) -> Result<(), Error> {
     let Bench { format, out, inp, batch: m, lora_rank, iters, .. } = b;
     let layer = synthetic::layer(format, out, inp, lora_rank).context(|| format!("building a {out}x{inp} layer"))?;
     let x = synthetic::input(m, inp);
@@ -86,7 +97,7 @@ fn bench(b: Bench) -> Result<(), CliError> {
     ))?;
 
     let mut y = Vec::new();
-    let t = timing::measure(WARMUP, iters, || -> Result<(), CliError> {
+    let t = timing::measure(WARMUP, iters, || -> Result<(), Error> {
         y = layer.forward(&x)?;
         Ok(())
     })?;
@@ -108,7 +119,7 @@ fn bench(b: Bench) -> Result<(), CliError> {
 }
 
 /// Compares `y` with the f64 reference (skipped above [`REFERENCE_MAX_MACS`]); `gpu` selects the GPU bound.
-fn check_reference(layer: &lowbit::linear::QuantLinear, x: &[f32], y: &[f32], gpu: bool) -> Result<(), CliError> {
+fn check_reference(layer: &lowbit::linear::QuantLinear, x: &[f32], y: &[f32], gpu: bool) -> Result<(), Error> {
     let (out, inp) = (layer.out_features(), layer.in_features());
     let m = x.len() / inp.max(1);
     let macs = out.saturating_mul(inp).saturating_mul(m);
@@ -127,7 +138,7 @@ fn check_reference(layer: &lowbit::linear::QuantLinear, x: &[f32], y: &[f32], gp
         if ok { "ok" } else { "MISMATCH" }
     ))?;
     if !ok {
-        return Err(CliError::new(format!(
+        return Err(Error::new(format!(
             "{} of {} outputs are outside the stated error bound of the reference",
             a.outside,
             y.len()
@@ -137,14 +148,14 @@ fn check_reference(layer: &lowbit::linear::QuantLinear, x: &[f32], y: &[f32], gp
 }
 
 #[cfg(not(feature = "gpu"))]
-fn bench_gpu(_b: Bench) -> Result<(), CliError> {
-    Err(crate::gpu::not_built())
+fn bench_gpu(_b: Bench) -> Result<(), Error> {
+    Err(Error::new("--device gpu: this lowbit was built without the `gpu` feature"))
 }
 
 /// The benchmark on the preferred GPU adapter: kernel time from timestamp queries when the adapter has them,
 /// else wall time per forward.
 #[cfg(feature = "gpu")]
-fn bench_gpu(b: Bench) -> Result<(), CliError> {
+fn bench_gpu(b: Bench) -> Result<(), Error> {
     use lowbit::gpu::{GpuLinear, KernelChoice};
     use std::time::Duration;
 
@@ -183,7 +194,7 @@ fn bench_gpu(b: Bench) -> Result<(), CliError> {
             )
         }
         None => {
-            let t = timing::measure(0, iters, || -> Result<(), CliError> {
+            let t = timing::measure(0, iters, || -> Result<(), Error> {
                 y = gpu_layer.forward_blocking(&ctx, &x, m)?;
                 Ok(())
             })?;
