@@ -11,17 +11,10 @@ use lowbit::cpu::KernelPath;
 use std::hint::black_box;
 use std::time::Duration;
 
+/// Uniform data whose range changes every 4096 elements (rows of different scale), from the shared RNG.
 fn weights(n: usize) -> Vec<f32> {
-    let mut s = 0x9E37_79B9_7F4A_7C15u64;
-    (0..n)
-        .map(|i| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            let u = (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-            u * (1.0 + (i / 4096 % 7) as f32)
-        })
-        .collect()
+    let mut rng = lowbit_testkit::Rng::new(0x9E37_79B9_7F4A_7C15);
+    (0..n).map(|i| rng.signed(0.5) * (1.0 + (i / 4096 % 7) as f32)).collect()
 }
 
 /// Paths worth timing (every listed level has kernels of its own).

@@ -19,16 +19,9 @@ use lowbit::gpu::{block_on, read_f32, wgpu, GpuContext, GpuLinear, KernelChoice}
 use lowbit::linear::{QuantLinear, QuantWeight};
 use std::time::Instant;
 
+/// Uniform data in ±0.05 from the shared RNG.
 fn weights(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-        })
-        .collect()
+    lowbit_testkit::Rng::new(seed).vec(n, 0.05)
 }
 
 /// Builds one format's weight from f32 data of shape `[out, in]`.

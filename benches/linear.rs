@@ -15,16 +15,9 @@ use std::hint::black_box;
 use std::time::Duration;
 use wide::f32x8;
 
+/// Uniform data in ±0.05 from the shared RNG.
 fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-        })
-        .collect()
+    lowbit_testkit::Rng::new(seed).vec(n, 0.05)
 }
 
 fn layer(format: &str, out: usize, inp: usize, rank: Option<usize>) -> QuantLinear {

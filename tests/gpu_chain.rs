@@ -35,7 +35,7 @@ use common::*;
 #[test]
 fn three_layer_chain_in_one_submission() {
     let Some(ctx) = ctx() else { return };
-    let mut rng = Rng(0xc4a1_2026);
+    let mut rng = Rng::new(0xc4a1_2026);
     for (ci, formats) in CHAINS.iter().enumerate() {
         for lora in [false, true] {
             let ranks: [&[usize]; 3] = if lora { [&[4], &[3, 2], &[5]] } else { [&[], &[], &[]] };
@@ -57,7 +57,7 @@ fn three_layer_chain_in_one_submission() {
 #[test]
 fn bind_groups_are_reused() {
     let Some(ctx) = ctx() else { return };
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     let layer = make_layer(FORMATS[1], 30, 40, true, &[3, 2], &mut rng);
     let gl = GpuLinear::upload(ctx, &layer).unwrap();
     let chunks = gl.num_chunks() as u64;
@@ -97,13 +97,13 @@ fn bind_groups_are_reused() {
 #[test]
 fn same_layer_twice_in_one_encoder() {
     let Some(ctx) = ctx() else { return };
-    record_twice(ctx, &mut Rng(33));
+    record_twice(ctx, &mut Rng::new(33));
 }
 
 #[test]
 fn encode_forward_rejects_bad_buffers() {
     let Some(ctx) = ctx() else { return };
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let layer = make_layer(FORMATS[4], 6, 10, false, &[2], &mut rng);
     let gl = GpuLinear::upload(ctx, &layer).unwrap();
     let (x, y) = (act(ctx, 4 * 10), act(ctx, 4 * 6));
@@ -139,7 +139,7 @@ fn encode_forward_rejects_bad_buffers() {
 #[test]
 fn split_weight_and_prepare() {
     let Some(ctx) = ctx() else { return };
-    let mut rng = Rng(77);
+    let mut rng = Rng::new(77);
     // A weight split into several row chunks: one bind group per chunk, reused like the others.
     let layer = make_layer(FORMATS[3], 61, 90, true, &[2], &mut rng);
     let gl = GpuLinear::upload_with(ctx, &layer, UploadOptions { max_binding_bytes: Some(2048) }).unwrap();

@@ -13,7 +13,7 @@ fn gl_backend_variants() {
     let Some(ctx) = gl_ctx() else { return };
     run_matrix(ctx, FORMATS, SHAPES, MS, 4242);
     // Variants needing features GL lacks are errors, not faults.
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let layer = make_layer(FORMATS[0], 4, 8, false, &[], &mut rng);
     let gl = GpuLinear::upload(ctx, &layer).unwrap();
     let x = rng.vec(8, 1.0);
@@ -31,7 +31,7 @@ fn gl_backend_variants() {
 fn gl_backend_encode_forward() {
     let Some(ctx) = gl_ctx() else { return };
     // Layers chained in one submission, and one layer recorded several times into one encoder.
-    let mut rng = Rng(4343);
+    let mut rng = Rng::new(4343);
     for lora in [false, true] {
         let ranks: [&[usize]; 3] = if lora { [&[4], &[3, 2], &[5]] } else { [&[], &[], &[]] };
         let layers = chain(CHAINS[0], [72, 56, 40, 24], ranks, &mut rng);

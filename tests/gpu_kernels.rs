@@ -50,7 +50,7 @@ fn larger_tiles_and_blocks_crossing_rows() {
 #[test]
 fn split_weights_match_unsplit() {
     let Some(ctx) = ctx() else { return };
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     for format in FORMATS {
         // Binding limit 2048 bytes: codes of 61x90 (2745 B at 4 bits, 5490 B at 8) need several chunks.
         let layer = make_layer(*format, 61, 90, true, &[2, 1], &mut rng);
@@ -63,7 +63,7 @@ fn split_weights_match_unsplit() {
 #[test]
 fn default_forward_and_buffer_reuse() {
     let Some(ctx) = ctx() else { return };
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let mut layer = make_layer(FORMATS[1], 9, 70, true, &[2, 3], &mut rng);
     layer.set_adapter_enabled("ad1", false).unwrap();
     let mut gl = GpuLinear::upload(ctx, &layer).unwrap();
@@ -94,7 +94,7 @@ fn default_forward_and_buffer_reuse() {
 #[test]
 fn bad_inputs_are_errors() {
     let Some(ctx) = ctx() else { return };
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     let mut layer = make_layer(FORMATS[0], 6, 40, true, &[2, 2], &mut rng);
     layer.set_adapter_enabled("ad1", false).unwrap();
     let gl = GpuLinear::upload(ctx, &layer).unwrap();
@@ -129,7 +129,7 @@ fn bad_inputs_are_errors() {
 #[test]
 fn absurd_m_is_an_error() {
     let Some(ctx) = ctx() else { return };
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let layer = make_layer(FORMATS[0], 2, 8, false, &[], &mut rng);
     let gl = GpuLinear::upload(ctx, &layer).unwrap();
     assert!(gl.forward_blocking(ctx, &[0.0; 8], usize::MAX).is_err());

@@ -10,20 +10,8 @@ use lowbit::cpu::KernelPath;
 use lowbit::linear::{QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
 use lowbit::Scheme;
+use lowbit_testkit::Rng;
 use proptest::prelude::*;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-}
 
 fn make_layer(scheme: Scheme, out: usize, inp: usize, bias: bool, ranks: &[usize], rng: &mut Rng) -> QuantLinear {
     let w = rng.vec(out * inp, 0.5);
@@ -72,7 +60,7 @@ proptest! {
         ranks in proptest::collection::vec(1usize..65, 0..3),
         seed: u64,
     ) {
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed | 1);
         let layer = make_layer(format, out, inp, bias, &ranks, &mut rng);
         let x = rng.vec(m * inp, 1.0);
         let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
@@ -96,7 +84,7 @@ proptest! {
 fn nf4_blocks_crossing_rows_and_odd_sizes() {
     // in = 100 is not a multiple of 64: blocks cross row boundaries, rows start on odd nibbles (in odd below).
     for (out, inp) in [(1, 1), (3, 100), (7, 33), (130, 97), (65, 257)] {
-        let mut rng = Rng(42 + out as u64);
+        let mut rng = Rng::new(42 + out as u64);
         for format in [Scheme::nf4(64, false), Scheme::nf4(32, true)] {
             let layer = make_layer(format, out, inp, true, &[3, 16], &mut rng);
             for m in [1, 4, 5] {
@@ -120,7 +108,7 @@ fn nf4_blocks_crossing_rows_and_odd_sizes() {
 
 #[test]
 fn thread_count_does_not_change_results() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let layer = make_layer(Scheme::nf4(64, true), 300, 520, true, &[8], &mut rng);
     let x = rng.vec(9 * 520, 1.0);
     let run = |threads| {
@@ -133,7 +121,7 @@ fn thread_count_does_not_change_results() {
 
 #[test]
 fn half_inputs_are_widened_exactly() {
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     let layer = make_layer(Scheme::Int8(Granularity::PerChannel), 20, 70, false, &[4], &mut rng);
     let x: Vec<lowbit::bf16> = rng.vec(3 * 70, 1.0).into_iter().map(lowbit::bf16::from_f32).collect();
     let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
@@ -142,7 +130,7 @@ fn half_inputs_are_widened_exactly() {
 
 #[test]
 fn disabled_adapters_do_not_apply() {
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     let mut layer = make_layer(Scheme::nf4(64, false), 16, 64, false, &[4], &mut rng);
     let x = rng.vec(64, 1.0);
     let with = layer.forward(&x).unwrap();
@@ -159,7 +147,7 @@ fn disabled_adapters_do_not_apply() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    let mut rng = Rng(13);
+    let mut rng = Rng::new(13);
     let mut layer = make_layer(Scheme::Int8(Granularity::PerTensor), 8, 16, true, &[2], &mut rng);
     let x = rng.vec(2 * 16, 1.0);
     assert!(layer.forward(&x[..15]).is_err(), "x not a multiple of in");
@@ -193,7 +181,7 @@ fn bad_inputs_are_errors() {
 fn nf4_rows_of_whole_blocks_take_the_register_gemv() {
     // in % blocksize == 0 and M <= 4: the x86 paths decode in registers and scale once per block.
     for (out, inp, blocksize) in [(70, 256, 32), (9, 512, 64), (33, 384, 128), (5, 256, 256)] {
-        let mut rng = Rng(99 + inp as u64);
+        let mut rng = Rng::new(99 + inp as u64);
         for dq in [false, true] {
             let layer = make_layer(Scheme::nf4(blocksize, dq), out, inp, true, &[5], &mut rng);
             for m in 1..=5 {
@@ -221,7 +209,7 @@ fn int8_register_gemv_per_tensor_channel_and_group() {
     let grans = [Granularity::PerTensor, Granularity::PerChannel, Granularity::PerGroup(32), Granularity::PerGroup(24)];
     for g in grans {
         for (out, inp) in [(1, 1), (17, 100), (40, 257)] {
-            let mut rng = Rng(5 + inp as u64);
+            let mut rng = Rng::new(5 + inp as u64);
             let layer = make_layer(Scheme::Int8(g), out, inp, true, &[3], &mut rng);
             for m in 1..=5 {
                 let x = rng.vec(m * inp, 1.5);
@@ -249,7 +237,7 @@ fn int8_register_gemv_per_tensor_channel_and_group() {
 fn forward_into_writes_f32_f16_bf16_outputs_and_checks_y() {
     use lowbit::linear::{ForwardOptions, Workspace};
     use lowbit::{bf16, f16};
-    let mut rng = Rng(0x5eed_f00d);
+    let mut rng = Rng::new(0x5eed_f00d);
     let mut ws = Workspace::default();
     for (format, out, inp, m) in [
         (Scheme::nf4(64, true), 70, 128, 3),

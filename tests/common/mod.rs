@@ -8,18 +8,8 @@ use lowbit::lora::LoraAdapter;
 use lowbit::nf4::{self, FourBitFormat};
 use std::sync::OnceLock;
 
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-}
+/// The one RNG of lowbit's harnesses (`lowbit-testkit`): `Rng::new(seed)`, `vec(n, scale)` uniform in ±scale.
+pub use lowbit_testkit::Rng;
 
 pub fn require() -> bool {
     std::env::var("LOWBIT_REQUIRE_GPU").is_ok_and(|v| v == "1")
@@ -188,7 +178,7 @@ pub fn check_layer(ctx: &GpuContext, layer: &QuantLinear, gl: &GpuLinear, ms: &[
 }
 
 pub fn run_matrix(ctx: &GpuContext, formats: &[Format], shapes: &[(usize, usize)], ms: &[usize], seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     for (fi, &format) in formats.iter().enumerate() {
         for (si, &(out, inp)) in shapes.iter().enumerate() {
             let ranks: &[usize] = match (fi + si) % 3 {
