@@ -14,18 +14,15 @@
 //! recorded with `GpuLinear::encode_forward` into one encoder (activations ping-pong between two device
 //! buffers), one submit, one readback; wall time per chain next to the same layers as separate `forward`s.
 
-use lowbit::affine::{self, Granularity};
 use lowbit::gpu::{block_on, read_f32, wgpu, GpuContext, GpuLinear, KernelChoice};
 use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit::Scheme;
 use std::time::Instant;
 
 /// Uniform data in ±0.05 from the shared RNG.
 fn weights(n: usize, seed: u64) -> Vec<f32> {
     lowbit_testkit::Rng::new(seed).vec(n, 0.05)
 }
-
-/// Builds one format's weight from f32 data of shape `[out, in]`.
-type MakeWeight = fn(&[f32], usize, usize) -> QuantWeight;
 
 fn main() {
     let ctx = match GpuContext::new_blocking() {
@@ -56,14 +53,8 @@ fn main() {
     if quick {
         cases = vec![(1, 256, 256), (16, 256, 256)];
     }
-    let formats: [(&str, MakeWeight); 4] = [
-        ("nf4-b64", |w, o, i| QuantWeight::FourBit(lowbit::nf4::quantize_nf4(w, &[o, i], 64, false).unwrap())),
-        ("nf4-b64-dq", |w, o, i| QuantWeight::FourBit(lowbit::nf4::quantize_nf4(w, &[o, i], 64, true).unwrap())),
-        ("int8-channel", |w, o, i| QuantWeight::Int8(affine::quantize(w, &[o, i], Granularity::PerChannel).unwrap())),
-        ("int8-group128", |w, o, i| {
-            QuantWeight::Int8(affine::quantize(w, &[o, i], Granularity::PerGroup(128)).unwrap())
-        }),
-    ];
+    let formats: Vec<Scheme> =
+        ["nf4:64", "nf4:64+dq", "int8:channel", "int8:group:128"].iter().map(|s| s.parse().unwrap()).collect();
     println!(
         "{:<14} {:>5} {:>6} {:>6} {:<24} {:>10} {:>9} {:>9}",
         "format", "M", "out", "in", "kernel", "time_us", "GB/s", "GFLOP/s"
@@ -75,9 +66,10 @@ fn main() {
             let w = weights(out * inp, (out * 31 + inp) as u64);
             layers = formats
                 .iter()
-                .map(|(name, make)| {
-                    let layer = QuantLinear::new(make(&w, out, inp), None).unwrap();
-                    (name.to_string(), GpuLinear::upload(&ctx, &layer).unwrap())
+                .map(|&scheme| {
+                    let layer =
+                        QuantLinear::new(QuantWeight::quantize(&w, &[out, inp], scheme).unwrap(), None).unwrap();
+                    (scheme.to_string(), GpuLinear::upload(&ctx, &layer).unwrap())
                 })
                 .collect();
             last_shape = (out, inp);

@@ -7,10 +7,11 @@
 //! stderr, from the same code as `lowbit bench --all` (`lowbit_testkit::membw`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use lowbit::affine::{self, Granularity};
 use lowbit::linear::{QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
+use lowbit::Scheme;
 use lowbit_testkit::membw;
+use lowbit_testkit::synthetic::DEMO_SCHEMES;
 use std::hint::black_box;
 use std::time::Duration;
 use wide::f32x8;
@@ -20,13 +21,9 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
     lowbit_testkit::Rng::new(seed).vec(n, 0.05)
 }
 
-fn layer(format: &str, out: usize, inp: usize, rank: Option<usize>) -> QuantLinear {
+fn layer(scheme: Scheme, out: usize, inp: usize, rank: Option<usize>) -> QuantLinear {
     let w = data(out * inp, 1);
-    let weight = match format {
-        "nf4" => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, false).unwrap()),
-        "nf4-dq" => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, true).unwrap()),
-        _ => QuantWeight::Int8(affine::quantize(&w, &[out, inp], Granularity::PerChannel).unwrap()),
-    };
+    let weight = QuantWeight::quantize(&w, &[out, inp], scheme).unwrap();
     let mut l = QuantLinear::new(weight, Some(data(out, 2))).unwrap();
     if let Some(r) = rank {
         l.add_adapter(LoraAdapter::new("a", r, data(r * inp, 3), data(out * r, 4), 32.0, false).unwrap()).unwrap();
@@ -80,7 +77,7 @@ fn bench_linear(c: &mut Criterion) {
     for (out, inp) in shapes {
         let mut g = c.benchmark_group(format!("linear/{out}x{inp}"));
         g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
-        for format in ["nf4", "nf4-dq", "int8-channel"] {
+        for format in DEMO_SCHEMES {
             for rank in [None, Some(16)] {
                 let l = layer(format, out, inp, rank);
                 g.throughput(Throughput::Bytes(l.weight().packed_bytes() as u64));
