@@ -11,8 +11,9 @@ use lowbit::linear::{QuantLinear, QuantWeight};
 use lowbit::nf4::{quantize_4bit, quantize_nf4, BlockScales, FourBitFormat, FourBitTensor, NF4_TABLE};
 use lowbit::storage::{Bytes, SharedBytes};
 use lowbit::{DType, Error};
+use lowbit_testkit::{Rng, ScratchDir};
 use safetensors::Dtype;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Serializes the tests of this file, so that the resident-memory measurement of the big test sees no other
@@ -23,43 +24,17 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("lowbit-checkpoint-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
+/// Deterministic bytes from the shared RNG (fast enough for hundreds of MB).
+fn fill(rng: &mut Rng, out: &mut [u8]) {
+    for chunk in out.chunks_mut(8) {
+        let v = rng.next_u64().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
     }
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// xorshift64*: deterministic bytes, fast enough for hundreds of MB.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn fill(&mut self, out: &mut [u8]) {
-        for chunk in out.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-    fn f32s(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)).collect()
-    }
+/// `n` values uniform in `[lo, hi)`.
+fn f32s(rng: &mut Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| lo + (hi - lo) * rng.uniform() as f32).collect()
 }
 
 fn values(n: usize, seed: usize) -> Vec<f32> {
@@ -125,16 +100,16 @@ fn write_index(dir: &Path, shards: &[(&str, &[(String, TensorData)])]) {
 #[test]
 fn file_hf_directory_and_shards_give_the_same_layers() {
     let _serial = serial();
-    let s = Scratch::new("dirs");
+    let s = ScratchDir::new("checkpoint-dirs");
     let (one, two) = small_model();
     let all: Vec<(String, TensorData)> = one.iter().chain(&two).cloned().collect();
-    let single = s.0.join("single.safetensors");
+    let single = s.path().join("single.safetensors");
     write(&single, &all);
-    let hf = s.0.join("hf");
+    let hf = s.path().join("hf");
     std::fs::create_dir_all(&hf).unwrap();
     write(&hf.join("model.safetensors"), &all);
     std::fs::write(hf.join("config.json"), r#"{"model_type": "llama", "hidden_size": 128}"#).unwrap();
-    let sharded = s.0.join("sharded");
+    let sharded = s.path().join("sharded");
     std::fs::create_dir_all(&sharded).unwrap();
     write(&sharded.join("model-00001-of-00002.safetensors"), &one);
     write(&sharded.join("model-00002-of-00002.safetensors"), &two);
@@ -185,10 +160,10 @@ fn file_hf_directory_and_shards_give_the_same_layers() {
 #[test]
 fn layer_name_errors_help() {
     let _serial = serial();
-    let s = Scratch::new("names");
+    let s = ScratchDir::new("checkpoint-names");
     let (one, two) = small_model();
     let all: Vec<(String, TensorData)> = one.iter().chain(&two).cloned().collect();
-    let path = s.0.join("m.safetensors");
+    let path = s.path().join("m.safetensors");
     write(&path, &all);
     let ck = Checkpoint::open(&path).unwrap();
     let e = ck.layer(&format!("{UP}.weight")).unwrap_err();
@@ -203,9 +178,9 @@ fn layer_name_errors_help() {
     assert!(ck.tensor("nope").is_err());
     let msg = ck.tensor_f32(&format!("{UP}.weight")).unwrap_err().to_string();
     assert!(msg.contains("expected F32, F16 or BF16"), "{msg}");
-    let e = Checkpoint::open(s.0.join("missing.safetensors")).unwrap_err();
+    let e = Checkpoint::open(s.path().join("missing.safetensors")).unwrap_err();
     assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("missing.safetensors"), "{e}");
-    let empty_dir = s.0.join("empty");
+    let empty_dir = s.path().join("empty");
     std::fs::create_dir_all(&empty_dir).unwrap();
     let msg = Checkpoint::open(&empty_dir).unwrap_err().to_string();
     assert!(msg.contains("model.safetensors"), "{msg}");
@@ -214,13 +189,13 @@ fn layer_name_errors_help() {
 #[test]
 fn bad_shard_indexes_are_clear_errors() {
     let _serial = serial();
-    let s = Scratch::new("shards");
+    let s = ScratchDir::new("checkpoint-shards");
     let (one, two) = small_model();
-    let dir = s.0.join("m");
+    let dir = s.path().join("m");
     std::fs::create_dir_all(&dir).unwrap();
     write(&dir.join("a.safetensors"), &one);
     write(&dir.join("b.safetensors"), &two);
-    write(&s.0.join("x.safetensors"), &two); // outside the model directory
+    write(&s.path().join("x.safetensors"), &two); // outside the model directory
     let open_with = |index: &str| {
         std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
         Checkpoint::open(&dir)
@@ -245,7 +220,7 @@ fn bad_shard_indexes_are_clear_errors() {
     assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("c.safetensors"), "missing shard: {e}");
     #[cfg(unix)]
     {
-        std::os::unix::fs::symlink(s.0.join("x.safetensors"), dir.join("link.safetensors")).unwrap();
+        std::os::unix::fs::symlink(s.path().join("x.safetensors"), dir.join("link.safetensors")).unwrap();
         let msg = open_with(&index("link.safetensors")).unwrap_err().to_string();
         assert!(msg.contains("outside the directory"), "symlink out: {msg}");
     }
@@ -274,13 +249,13 @@ fn bad_shard_indexes_are_clear_errors() {
 #[test]
 fn int8_and_dense_layouts_are_detected() {
     let _serial = serial();
-    let s = Scratch::new("layouts");
+    let s = ScratchDir::new("checkpoint-layouts");
     let q = quantize(&values(24 * 40, 8), &[24, 40], Granularity::PerGroup(16)).unwrap();
     let mut t = int8::to_tensors("l.weight", &q).to_vec();
     t.push(("l.bias".into(), f32_tensor(&[24], &values(24, 9))));
     t.push(("emb".into(), f32_tensor(&[4, 4], &values(16, 10))));
     let meta = int8::metadata(q.granularity(), [("l.weight", DType::BF16)]);
-    let path = s.0.join("int8.safetensors");
+    let path = s.path().join("int8.safetensors");
     std::fs::write(&path, serialize_safetensors(&t, Some(meta.clone())).unwrap()).unwrap();
     let ck = Checkpoint::open(&path).unwrap();
     let Layout::Int8(l) = ck.layout() else { panic!("int8 expected, got {:?}", ck.layout()) };
@@ -306,7 +281,7 @@ fn int8_and_dense_layouts_are_detected() {
     assert!(e.to_string().contains("decoded to f32"), "{e}");
 
     // Dense.
-    let dense = s.0.join("dense.safetensors");
+    let dense = s.path().join("dense.safetensors");
     write(&dense, &[("w.weight".into(), f32_tensor(&[2, 3], &values(6, 11)))]);
     let ck = Checkpoint::open(&dense).unwrap();
     assert_eq!(ck.layout(), &Layout::Dense);
@@ -321,8 +296,8 @@ fn int8_and_dense_layouts_are_detected() {
 #[test]
 fn corrupt_files_are_errors_naming_the_file() {
     let _serial = serial();
-    let s = Scratch::new("corrupt");
-    let p = s.0.join("bad.safetensors");
+    let s = ScratchDir::new("checkpoint-corrupt");
+    let p = s.path().join("bad.safetensors");
     for bytes in [&b""[..], &b"\x05\0\0\0\0\0\0\0{}"[..], &(1u64 << 40).to_le_bytes()[..]] {
         std::fs::write(&p, bytes).unwrap();
         let e = Checkpoint::open(&p).unwrap_err();
@@ -405,20 +380,20 @@ fn big_checkpoint_layers_share_the_mapped_file() {
     const LAYERS: usize = 8;
     let numel = OUT * IN;
     let nblocks = numel / 64;
-    let s = Scratch::new("big");
-    let path = s.0.join("model.safetensors");
+    let s = ScratchDir::new("checkpoint-big");
+    let path = s.path().join("model.safetensors");
     let name = |i: usize| format!("model.layers.{i}.mlp.down_proj");
     {
         // One random packed buffer shared (as a view) by the 8 tensors; small random scale codes per layer.
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
         let mut packed = vec![0u8; numel / 2];
-        rng.fill(&mut packed);
+        fill(&mut rng, &mut packed);
         let shared: SharedBytes = Arc::new(packed);
         let mut small: Vec<(String, TensorData)> = Vec::new();
         for i in 0..LAYERS {
             let mut codes = vec![0u8; nblocks];
-            rng.fill(&mut codes);
-            let nested = rng.f32s(nblocks.div_ceil(256), 0.01, 0.05);
+            fill(&mut rng, &mut codes);
+            let nested = f32s(&mut rng, nblocks.div_ceil(256), 0.01, 0.05);
             let dq = DoubleQuantScales::from_parts(codes, nested, 0.06, 256, Box::new(DYNAMIC_MAP)).unwrap();
             let t = FourBitTensor::from_parts(
                 vec![OUT, IN],

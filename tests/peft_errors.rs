@@ -4,30 +4,13 @@
 use lowbit::io::peft::{PeftAdapter, PeftConfig};
 use lowbit::io::{serialize_safetensors, TensorData};
 use lowbit::{f16, Error};
+use lowbit_testkit::ScratchDir;
 use safetensors::Dtype;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
 const P: &str = "base_model.model.model.layers.0.mlp.up_proj";
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("lowbit-peft-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn base_config() -> Value {
     serde_json::from_str(&std::fs::read_to_string(format!("{DATA}/peft_adapter/adapter_config.json")).unwrap()).unwrap()
@@ -57,9 +40,9 @@ fn write(dir: &Path, config: Option<&str>, tensors: Option<&[(String, TensorData
 }
 
 fn load_with(name: &str, config: &Value, tensors: &[(String, TensorData)]) -> lowbit::Result<PeftAdapter> {
-    let s = Scratch::new(name);
-    write(&s.0, Some(&config.to_string()), Some(tensors));
-    PeftAdapter::load(&s.0)
+    let s = ScratchDir::new(&format!("peft-{name}"));
+    write(s.path(), Some(&config.to_string()), Some(tensors));
+    PeftAdapter::load(s.path())
 }
 
 fn expect_err(r: lowbit::Result<PeftAdapter>, needle: &str) -> Error {
@@ -85,27 +68,27 @@ fn valid_synthetic_adapter_loads() {
 fn missing_files_and_dirs() {
     let e = PeftAdapter::load(format!("{DATA}/no_such_adapter")).unwrap_err();
     assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("no_such_adapter"), "{e}");
-    let s = Scratch::new("nofiles");
-    let e = PeftAdapter::load(&s.0).unwrap_err();
+    let s = ScratchDir::new("peft-nofiles");
+    let e = PeftAdapter::load(s.path()).unwrap_err();
     assert!(e.to_string().contains("adapter_config.json"), "{e}");
-    write(&s.0, Some(&base_config().to_string()), None);
-    let e = PeftAdapter::load(&s.0).unwrap_err();
+    write(s.path(), Some(&base_config().to_string()), None);
+    let e = PeftAdapter::load(s.path()).unwrap_err();
     assert!(e.to_string().contains("adapter_model.safetensors"), "{e}");
-    std::fs::write(s.0.join("adapter_model.bin"), b"pickle").unwrap();
-    let e = PeftAdapter::load(&s.0).unwrap_err();
+    std::fs::write(s.path().join("adapter_model.bin"), b"pickle").unwrap();
+    let e = PeftAdapter::load(s.path()).unwrap_err();
     assert!(e.to_string().contains("safe_serialization"), "{e}");
 }
 
 #[test]
 fn bad_configs() {
     let t = good_tensors();
-    let s = Scratch::new("badjson");
-    write(&s.0, Some("{\"r\": 8,"), Some(&t));
-    expect_err(PeftAdapter::load(&s.0), "invalid JSON");
-    write(&s.0, Some("[1, 2]"), None);
-    expect_err(PeftAdapter::load(&s.0), "JSON object");
-    std::fs::write(s.0.join("adapter_config.json"), [0xff, 0xfe, b'{']).unwrap();
-    expect_err(PeftAdapter::load(&s.0), "UTF-8");
+    let s = ScratchDir::new("peft-badjson");
+    write(s.path(), Some("{\"r\": 8,"), Some(&t));
+    expect_err(PeftAdapter::load(s.path()), "invalid JSON");
+    write(s.path(), Some("[1, 2]"), None);
+    expect_err(PeftAdapter::load(s.path()), "JSON object");
+    std::fs::write(s.path().join("adapter_config.json"), [0xff, 0xfe, b'{']).unwrap();
+    expect_err(PeftAdapter::load(s.path()), "UTF-8");
 
     let mut no_r = base_config();
     no_r.as_object_mut().unwrap().remove("r");
@@ -240,7 +223,7 @@ fn adapter_name_segment_and_half_precision_are_accepted() {
 fn corrupted_files_never_panic() {
     let good = serialize_safetensors(&good_tensors(), None).unwrap();
     let cfg = base_config().to_string().into_bytes();
-    let s = Scratch::new("fuzz");
+    let s = ScratchDir::new("peft-fuzz");
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
         state ^= state << 13;
@@ -260,9 +243,9 @@ fn corrupted_files_never_panic() {
             let cut = (next() as usize) % w.len();
             w.truncate(cut);
         }
-        std::fs::write(s.0.join("adapter_model.safetensors"), &w).unwrap();
-        std::fs::write(s.0.join("adapter_config.json"), &c).unwrap();
-        match PeftAdapter::load(&s.0) {
+        std::fs::write(s.path().join("adapter_model.safetensors"), &w).unwrap();
+        std::fs::write(s.path().join("adapter_config.json"), &c).unwrap();
+        match PeftAdapter::load(s.path()) {
             Ok(_) => ok += 1,
             Err(_) => err += 1,
         }
@@ -305,29 +288,29 @@ fn layer_loading_errors() {
 #[test]
 fn adapter_limits() {
     use lowbit::io::Limits;
-    let s = Scratch::new("limits");
+    let s = ScratchDir::new("peft-limits");
     let config = base_config();
     let mut tensors = good_tensors();
     // A [8, 5000] lora_A: 160 000 bytes.
     tensors[0].1 = f32_tensor(&[8, 5000], |i| (i % 7) as f32 * 0.01);
     tensors[1].1 = f32_tensor(&[6, 8], |_| 0.1);
-    write(&s.0, Some(&config.to_string()), Some(&tensors));
-    assert!(PeftAdapter::load(&s.0).is_ok(), "within the default limits");
+    write(s.path(), Some(&config.to_string()), Some(&tensors));
+    assert!(PeftAdapter::load(s.path()).is_ok(), "within the default limits");
     let tight = Limits { max_tensor_bytes: 100_000, ..Limits::DEFAULT };
-    let e = PeftAdapter::load_with_limits(&s.0, &tight).unwrap_err();
+    let e = PeftAdapter::load_with_limits(s.path(), &tight).unwrap_err();
     assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("max_tensor_bytes"), "{e}");
     assert!(e.to_string().contains("lora_A"), "names the tensor: {e}");
 
     // Config larger than max_json_bytes: refused before reading.
     let small_json = Limits { max_json_bytes: 64, ..Limits::DEFAULT };
-    let e = PeftAdapter::load_with_limits(&s.0, &small_json).unwrap_err();
+    let e = PeftAdapter::load_with_limits(s.path(), &small_json).unwrap_err();
     assert!(e.to_string().contains("max_json_bytes") || e.to_string().contains("accepted for a config"), "{e}");
 
     // A deeply nested config: refused by the depth scan, not by the parser's recursion limit.
     let deep_text = format!("{{\"r\": 8, \"lora_alpha\": 16, \"extra\": {}1{}}}", "[".repeat(40), "]".repeat(40));
     let e = PeftConfig::parse_with_limits(&deep_text, &Limits::DEFAULT).unwrap_err();
     assert!(e.to_string().contains("max_json_depth"), "{e}");
-    write(&s.0, Some(&deep_text), None);
-    let e = PeftAdapter::load(&s.0).unwrap_err();
+    write(s.path(), Some(&deep_text), None);
+    let e = PeftAdapter::load(s.path()).unwrap_err();
     assert!(e.to_string().contains("max_json_depth"), "{e}");
 }

@@ -15,9 +15,11 @@ pub mod error;
 pub mod gpu;
 pub mod membw;
 pub mod rng;
+pub mod scratch;
 pub mod stats;
 pub mod synthetic;
 pub mod timing;
 
 pub use error::{Context, Error};
 pub use rng::Rng;
+pub use scratch::ScratchDir;
