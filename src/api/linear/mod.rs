@@ -215,8 +215,9 @@ impl QuantLinear {
 
     /// Convenience wrapper of [`forward_into_with`](Self::forward_into_with): returns a new `y: [M, out]`.
     pub fn forward_with<T: Element>(&self, x: &[T], opts: ForwardOptions<'_>) -> Result<Vec<f32>> {
-        let m = self.check_input(x, opts.adapters)?;
-        let mut y = vec![0.0f32; m * self.out_features];
+        // `forward_into_with` validates `x` (and the selection) before it looks at `y`, so a bad `x` is
+        // reported as such; `x` is scanned once.
+        let mut y = vec![0.0f32; x.len() / self.in_features * self.out_features];
         self.forward_into_with(x, &mut y, &mut Workspace::default(), opts)?;
         Ok(y)
     }
