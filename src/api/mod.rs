@@ -4,6 +4,7 @@
 
 pub mod affine;
 pub mod double_quant;
+pub mod ggml;
 pub mod linear;
 pub mod merge;
 pub mod nf4;

@@ -8,6 +8,7 @@ pub mod affine;
 pub mod block_size;
 pub mod double_quant;
 pub mod four_bit;
+pub mod ggml;
 pub mod layer;
 pub mod lora;
 pub mod scheme;

@@ -122,6 +122,26 @@ struct TensorEntry {
     end: usize,
 }
 
+/// How one tensor of a [`Checkpoint`] is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredType {
+    /// A safetensors element type.
+    Safetensors(Dtype),
+    /// A ggml type (a GGUF checkpoint): read it with [`Checkpoint::tensor_f32`].
+    Ggml(crate::format::ggml::GgmlType),
+}
+
+/// The type, shape and stored size of one tensor of a [`Checkpoint`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// How it is stored.
+    pub stored: StoredType,
+    /// Row-major shape, as Hugging Face names it (a GGUF's `ne` reversed).
+    pub shape: Vec<usize>,
+    /// Bytes in the file.
+    pub bytes: usize,
+}
+
 /// A quantized (or dense) checkpoint, memory-mapped: the entry point of an inference engine.
 ///
 /// [`open`](Self::open) accepts
@@ -487,6 +507,16 @@ impl Checkpoint {
         })?;
         TensorView::new(e.dtype, e.shape.clone(), self.data(e)).map_err(|err| {
             Error::format(format!("tensor `{name}` in {}", self.files[e.file].path.display()), err.to_string())
+        })
+    }
+
+    /// The stored type, shape and size of tensor `name`; errors as [`tensor`](Self::tensor).
+    pub fn tensor_info(&self, name: &str) -> Result<TensorInfo> {
+        let view = self.tensor(name)?;
+        Ok(TensorInfo {
+            stored: StoredType::Safetensors(view.dtype()),
+            shape: view.shape().to_vec(),
+            bytes: view.data().len(),
         })
     }
 

@@ -14,12 +14,13 @@
 
 pub mod bnb;
 mod checkpoint;
+pub mod gguf;
 pub mod int8;
 mod limits;
 pub mod peft;
 mod source;
 
-pub use checkpoint::{Checkpoint, Layout, HF_INDEX_FILE, HF_WEIGHTS_FILE};
+pub use checkpoint::{Checkpoint, Layout, StoredType, TensorInfo, HF_INDEX_FILE, HF_WEIGHTS_FILE};
 pub use limits::Limits;
 
 use crate::{DType, Error, Result};
