@@ -129,7 +129,7 @@ impl GgmlType {
     /// blocks (ggml requires every row to be) or the size overflows `usize`.
     pub fn bytes_for(self, elements: usize) -> Result<usize> {
         let (be, bb) = (self.block_elements(), self.block_bytes());
-        if elements % be != 0 {
+        if !elements.is_multiple_of(be) {
             return Err(Error::invalid(
                 "element count",
                 format!("{elements} elements of {}", self.name()),
