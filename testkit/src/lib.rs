@@ -14,6 +14,7 @@ pub mod error;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod membw;
+pub mod model;
 pub mod rng;
 pub mod scratch;
 pub mod stats;
