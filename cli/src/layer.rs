@@ -2,8 +2,8 @@
 //! `P.weight` (bitsandbytes 4-bit or lowbit int8) and the optional plain bias `P.bias` (F32/F16/BF16, one value
 //! per output feature), built by [`lowbit::io::Checkpoint::layer`] (packed codes stay in the mapped file).
 
-use crate::error::{CliError, Context};
-use crate::quantized::Layout;
+use crate::error::{CliError, PathContext};
+use crate::quantized::{stored_name, Layout};
 use lowbit::io::Checkpoint;
 use lowbit::linear::QuantLinear;
 
@@ -32,21 +32,31 @@ pub fn normalize(path: &str) -> &str {
     p.strip_suffix('.').unwrap_or(p)
 }
 
-/// Loads the layer at `path` of `ck` (see the module docs). Errors name the file (`file_name`) and, when the
-/// layer is missing, list the layers it has.
-pub fn load(ck: &Checkpoint, path: &str, file_name: &str) -> Result<QuantLinear, CliError> {
+/// Loads the layer at `path` of `ck` (see the module docs). Errors name the checkpoint once and, when the layer
+/// is missing, list the layers it has (with a hint when `path` ends in `.weight`).
+pub fn load(ck: &Checkpoint, path: &str) -> Result<QuantLinear, CliError> {
+    let file_name = ck.path().display().to_string();
     let names = ck.layer_names();
     if names.binary_search_by(|n| n.as_str().cmp(path)).is_err() {
-        let weight_name = format!("{path}.weight");
-        let why = match ck.tensor(&weight_name) {
-            Ok(v) => format!("`{weight_name}` is not quantized (a plain {:?} tensor)", v.dtype()),
-            Err(_) => format!("it has no quantized tensor `{weight_name}`"),
-        };
-        let have: Vec<&str> = names.iter().map(String::as_str).collect();
-        let have = if have.is_empty() { "none".to_string() } else { list(&have) };
-        return Err(CliError::new(format!("no layer `{path}` in {file_name}: {why}; its quantized layers: {have}")));
+        return Err(CliError::new(missing(ck, &names, path, &file_name)));
     }
-    ck.layer(path).context(|| format!("layer `{path}` of {file_name}"))
+    ck.layer(path).path_context(ck.path(), &format!("layer `{path}` of"), &format!("layer `{path}`"))
+}
+
+/// Why `path` is not a quantized layer of `ck`, with the hint for a `.weight` suffix and the layers it has.
+fn missing(ck: &Checkpoint, names: &[String], path: &str, file_name: &str) -> String {
+    let weight_name = format!("{path}.weight");
+    let hint = match path.strip_suffix(".weight") {
+        Some(p) => format!(" (a layer is named by its module path: `{p}`, without `.weight`)"),
+        None => String::new(),
+    };
+    let why = match ck.tensor_info(&weight_name) {
+        Ok(info) => format!("`{weight_name}` is not quantized (a plain {} tensor)", stored_name(info.stored)),
+        Err(_) => format!("it has no quantized tensor `{weight_name}`"),
+    };
+    let have: Vec<&str> = names.iter().map(String::as_str).collect();
+    let have = if have.is_empty() { "none".to_string() } else { list(&have) };
+    format!("no layer `{path}` in {file_name}{hint}: {why}; its quantized layers: {have}")
 }
 
 #[cfg(test)]

@@ -72,41 +72,65 @@ NAME.quant_state.*) and copying every other tensor unchanged. Without --dtype, i
 4-bit weights take the dtype their quant state records. The input is memory-mapped and never modified.";
 
 const INSPECT_LONG_ABOUT: &str = "\
-Lists the tensors of a safetensors file: name, stored dtype, shape (of the original weight), format (int8
-tensor/channel/group:G, nf4/fp4 block:B [nested], or plain) and storage cost in bits per weight (parameters
-included). A quantized weight's parameter entries are folded into its row.
+Lists the tensors of a checkpoint: a safetensors file, a Hugging Face model directory (config.json +
+model.safetensors, or sharded model-0000N-of-0000M.safetensors + model.safetensors.index.json) or a GGUF file
+(tensors under their Hugging Face names). A summary comes first: files, total size of the tensor data,
+parameters, average bits per weight over all tensors and over the quantized ones, and with --compare the worst
+SQNR and its tensor. Then one row per tensor: name, stored type (safetensors dtype or ggml type), shape (of the
+original weight), format (int8 tensor/channel/group:G, nf4/fp4 block:B [nested], ggml TYPE, or plain) and
+storage cost in bits per weight (parameters included). A quantized weight's parameter entries are folded into
+its row.
 
-With --compare ORIGINAL, every quantized tensor is dequantized and compared with the tensor of the same name
-in ORIGINAL: maximum and mean absolute error and the signal-to-quantization-noise ratio
+With --compare ORIGINAL (any checkpoint form above), every quantized tensor (lowbit int8, bitsandbytes 4-bit,
+or a quantized ggml type) is decoded to f32 and compared with the tensor of the same name in ORIGINAL: maximum
+and mean absolute error and the signal-to-quantization-noise ratio
 SQNR = 10 log10(sum x^2 / sum (x - x_hat)^2) in dB.";
 
 const FORWARD_LONG_ABOUT: &str = "\
-Loads the linear layer whose weights are stored under PREFIX in CHECKPOINT: the quantized weight
-PREFIX.weight [out, in] (bitsandbytes 4-bit NF4/FP4 with its quant-state entries, or lowbit int8 with
-PREFIX.weight.scale / PREFIX.weight.zero_point) and the optional bias PREFIX.bias. With --adapter, the PEFT
-LoRA adapter's module for PREFIX (keys base_model.model.PREFIX.lora_A.weight / lora_B.weight) is attached,
-with PEFT's scaling (lora_alpha / r, or / sqrt(r) with use_rslora, rank_pattern and alpha_pattern honoured);
-it is an error if the adapter has no module for PREFIX.
+Loads the linear layer whose weights are stored under PREFIX in CHECKPOINT (a safetensors file, a Hugging Face
+model directory or a sharded directory): the quantized weight PREFIX.weight [out, in] (bitsandbytes 4-bit
+NF4/FP4 with its quant-state entries, or lowbit int8 with PREFIX.weight.scale / PREFIX.weight.zero_point) and
+the optional bias PREFIX.bias. A layer is named by its module path (model.layers.0.mlp.up_proj), not by its
+weight's name. With --adapter, the PEFT LoRA adapter's module for PREFIX (keys
+base_model.model.PREFIX.lora_A.weight / lora_B.weight) is attached, with PEFT's scaling (lora_alpha / r, or
+/ sqrt(r) with use_rslora, rank_pattern and alpha_pattern honoured); it is an error if the adapter has no
+module for PREFIX.
 
-Reads the tensor `x` [M, in] (F32, F16 or BF16) from INPUT, computes
+Reads the tensor `x` from INPUT: [M, in], or any rank above 2 ending in `in` ([batch, tokens, in], as a
+forward hook captures it; the leading dimensions are flattened into M rows), in F32, F16, BF16 or F64 (rounded
+to f32; a value that is not finite or lies outside the f32 range is an error). Computes
 y = x*dequant(W)^T + bias [+ s*(x*A^T)*B^T] with the fused kernels (f32 accumulation; the same result as
-lowbit::linear::QuantLinear::forward) and writes `y` [M, out] as F32 to OUTPUT. Use it to check a checkpoint
-and adapter against another implementation.
+lowbit::linear::QuantLinear::forward) and writes `y` [M, out] as F32 to OUTPUT ([..., out], with x's leading
+dimensions, for a higher-rank x). Use it to check a checkpoint and adapter against another implementation.
 
 With --device gpu the layer is uploaded to the preferred GPU adapter (wgpu: Vulkan, Metal, DX12, GL) and run
 by the fused WGSL kernels: the same result up to f32 accumulation order (not bit for bit). It is an error if
-there is no adapter.";
+there is no adapter. When XDG_RUNTIME_DIR is unset or invalid, it points at a private temporary directory
+while lowbit runs, so that drivers probing for a display stay quiet.";
 
 const MERGE_LONG_ABOUT: &str = "\
-For every module of the PEFT adapter in DIR that has a quantized layer of the same path in BASE, computes
-W' = dequant(W) + s*B*A in f32 and requantizes it in the same format (int8: the same granularity,
-parameters recalibrated; NF4/FP4: the same block size, double quantization and recorded dtype). OUTPUT has
-the base's layout (bitsandbytes 4-bit entries, or lowbit int8 NAME / NAME.scale / NAME.zero_point with the
-same metadata); every other tensor is copied unchanged.
+For every module of the PEFT adapter in DIR that has a layer of the same path in BASE (a safetensors file, a
+Hugging Face model directory, a sharded directory or a GGUF), computes W' = dequant(W) + s*B*A in f32 and:
 
-Prints, per merged layer, the error requantization added (requantized W' vs dequant(W) + s*B*A): max abs,
-RMS and SQNR in dB, and lists adapter modules that matched no quantized layer. It is an error if no module
-matches.";
+  (default)         requantizes it in the base's format (int8: the same granularity, parameters
+                    recalibrated; NF4/FP4: the same block size, double quantization and recorded dtype).
+                    OUTPUT has the base's layout; every other tensor and the metadata are copied unchanged.
+                    The base must be quantized.
+  --dtype f16|bf16|f32
+                    writes W' dense in that dtype, without requantization. Every other quantized weight is
+                    dequantized to that dtype too, so OUTPUT is one dense checkpoint. Dense layers of the
+                    base are merged too.
+  --scheme SCHEME   quantizes W' with SCHEME (same syntax as `lowbit quantize --scheme`, e.g. int8:channel).
+                    Every other quantized weight not already in SCHEME is requantized to it from its
+                    dequantized values. Dense layers of the base are merged too.
+
+Prints, per merged layer, how much of the adapter's change survived: with D = s*B*A and D' = W'_stored -
+dequant(W), `kept` = <D', D> / |D|^2 (100% when all of it survived) and |D'-D|/|D|; and the error the final
+rounding added (stored W' vs dequant(W) + s*B*A): max abs, RMS and SQNR in dB. A layer where |D'-D| >= |D|
+(the rounding erased at least as much as the adapter changed) is marked `!`, and one warning on stderr counts
+them and names the ways out (--dtype, --scheme). Lists adapter modules that matched no quantized layer. It is
+an error if no module matches. OUTPUT is never an input: the base file, a file of the base directory or of the
+adapter directory is refused, even with --force.";
 
 const BENCH_LONG_ABOUT: &str = "\
 Builds a synthetic layer (the demo's LLM-like weight quantized to FORMAT, a bias and, with --lora-rank, a LoRA
@@ -193,12 +217,13 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// List the tensors of a safetensors file and their formats; optionally measure the error vs an original.
+    /// List the tensors of a checkpoint (safetensors file, model directory or GGUF) with a summary; optionally
+    /// measure the error vs an original.
     #[command(long_about = INSPECT_LONG_ABOUT)]
     Inspect {
-        /// The file to list.
+        /// The checkpoint to list: a safetensors file, a model directory (single or sharded) or a .gguf.
         file: PathBuf,
-        /// The unquantized original, to report each quantized tensor's error against.
+        /// The unquantized original (any checkpoint form), to report each quantized tensor's error against.
         #[arg(long, value_name = "ORIGINAL")]
         compare: Option<PathBuf>,
     },
@@ -206,7 +231,7 @@ enum Command {
     /// of an input file and write `y`.
     #[command(long_about = FORWARD_LONG_ABOUT)]
     Forward {
-        /// Quantized checkpoint (bitsandbytes 4-bit or lowbit int8).
+        /// Quantized checkpoint (bitsandbytes 4-bit or lowbit int8): a safetensors file or a model directory.
         checkpoint: PathBuf,
         /// Module path of the layer, e.g. model.layers.0.mlp.up_proj (weights PREFIX.weight, PREFIX.bias).
         #[arg(long, value_name = "PREFIX")]
@@ -214,10 +239,10 @@ enum Command {
         /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
         #[arg(long, value_name = "DIR")]
         adapter: Option<PathBuf>,
-        /// safetensors file holding the input tensor `x` [M, in] (F32, F16 or BF16).
+        /// safetensors file holding the input tensor `x` [..., in] (rank >= 2; F32, F16, BF16 or F64).
         #[arg(long, value_name = "X.safetensors")]
         input: PathBuf,
-        /// Output safetensors file; receives `y` [M, out] as F32.
+        /// Output safetensors file; receives `y` [..., out] as F32.
         #[arg(short, long, value_name = "Y.safetensors")]
         output: PathBuf,
         /// Replace OUTPUT if it exists.
@@ -227,18 +252,27 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
     },
-    /// Merge a PEFT LoRA adapter into the quantized layers of a checkpoint and requantize them.
+    /// Merge a PEFT LoRA adapter into the layers of a checkpoint: requantized in its format, dense (--dtype)
+    /// or in another scheme (--scheme); reports how much of the adapter survived.
     #[command(long_about = MERGE_LONG_ABOUT)]
     Merge {
-        /// Quantized base checkpoint (bitsandbytes 4-bit or lowbit int8).
+        /// Base checkpoint: a safetensors file, a model directory (single or sharded) or a .gguf.
         base: PathBuf,
         /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
         #[arg(long, value_name = "DIR")]
         adapter: PathBuf,
-        /// Output safetensors file, in the base's format.
+        /// Output safetensors file (in the base's format unless --dtype or --scheme).
         #[arg(short, long)]
         output: PathBuf,
-        /// Replace OUTPUT if it exists.
+        /// Write the merged weights dense in this dtype (f16, bf16 or f32), without requantization; every
+        /// other quantized weight is dequantized to it.
+        #[arg(long, value_parser = parse_dtype, value_name = "f16|bf16|f32", conflicts_with = "scheme")]
+        dtype: Option<lowbit::DType>,
+        /// Quantize the merged weights with this scheme instead of the base's (e.g. `int8:channel`, `nf4:64+dq`;
+        /// the syntax of `quantize --scheme`); every other quantized weight not in it is requantized.
+        #[arg(long, value_parser = parse_scheme, value_name = "SCHEME")]
+        scheme: Option<lowbit::Scheme>,
+        /// Replace OUTPUT if it exists (never an input).
         #[arg(long)]
         force: bool,
     },
@@ -370,7 +404,17 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 device,
             })
         }
-        Command::Merge { base, adapter, output, force } => merge::run(&base, &adapter, &output, force),
+        Command::Merge { base, adapter, output, dtype, scheme, force } => merge::run(merge::Merge {
+            base: &base,
+            adapter: &adapter,
+            output: &output,
+            force,
+            target: match (dtype, scheme) {
+                (Some(d), _) => merge::Target::Dense(d),
+                (None, Some(s)) => merge::Target::Scheme(s),
+                (None, None) => merge::Target::Same,
+            },
+        }),
         Command::Bench { all: true, json, quick, .. } => Ok(bench::all::run(bench::all::Suite { json, quick })?),
         Command::Bench { format, shape, batch, lora_rank, threads, iters, device, .. } => {
             let (Some(format), Some((out, inp))) = (format, shape) else {
@@ -392,6 +436,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let uses_gpu = match &cli.command {
+        Command::Demo { .. } => true,
+        Command::Forward { device, .. } | Command::Bench { device, .. } => *device == Device::Gpu,
+        _ => false,
+    };
+    let _runtime_dir = gpu::RuntimeDir::prepare(uses_gpu); // before any thread starts
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

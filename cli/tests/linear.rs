@@ -303,7 +303,7 @@ fn forward_bad_inputs_fail_cleanly_without_output() {
     assert_clean_failure(&run(UP, &narrow, &[]), &format!("takes [M, {HIDDEN}]"));
     let ints = dir.path().join("ints.safetensors");
     write_input(&ints, "x", 2, HIDDEN, Dtype::I64);
-    assert_clean_failure(&run(UP, &ints, &[]), "expected F32, F16 or BF16");
+    assert_clean_failure(&run(UP, &ints, &[]), "expected F32, F16, BF16 or F64");
 
     // The adapter has no module for DOWN; a missing adapter directory.
     let xd = dir.path().join("xd.safetensors");
