@@ -45,16 +45,16 @@ pub fn run(f: Forward<'_>) -> Result<(), CliError> {
     check_output(f.input, f.output, f.force)?;
     let path = layer::normalize(f.layer);
     let ck = Checkpoint::open(f.checkpoint)?;
-    if *ck.layout() == lowbit::io::Layout::Dense {
-        return Err(CliError::new(format!(
-            "{} holds no quantized layers (no `lowbit.scheme` metadata and no bitsandbytes quant_state \
-             entries); quantize it first (`lowbit quantize`)",
-            f.checkpoint.display()
-        )));
-    }
-    let mut layer = layer::load(&ck, path)?;
+    // A quantized layer runs on the fused kernels; a dense one (float or GGUF weight) by the f64 loop.
+    let quantized = ck.layer_names().binary_search_by(|n| n.as_str().cmp(path)).is_ok();
+    let dense = if quantized { None } else { layer::load_dense(&ck, path)? };
+    let mut quant = match dense {
+        None => Some(layer::load(&ck, path)?),
+        Some(_) => None,
+    };
 
     let mut with = String::new();
+    let mut lora = None;
     if let Some(dir) = f.adapter {
         let peft = adapter::load(dir)?;
         if peft.module(path).is_none() {
@@ -65,16 +65,25 @@ pub fn run(f: Forward<'_>) -> Result<(), CliError> {
                 layer::list(&modules)
             )));
         }
-        let lora = peft.lora_adapter(path, &adapter::name(&peft)).path_context(dir, "adapter", "adapter")?;
-        with = format!(" + adapter {} ({})", dir.display(), adapter::describe(&lora));
-        layer.add_adapter(lora).path_context(
-            dir,
-            &format!("attaching to layer `{path}` the adapter"),
-            &format!("attaching the adapter to layer `{path}`"),
-        )?;
+        let a = peft.lora_adapter(path, &adapter::name(&peft)).path_context(dir, "adapter", "adapter")?;
+        with = format!(" + adapter {} ({})", dir.display(), adapter::describe(&a));
+        match &mut quant {
+            Some(layer) => {
+                layer.add_adapter(a).path_context(
+                    dir,
+                    &format!("attaching to layer `{path}` the adapter"),
+                    &format!("attaching the adapter to layer `{path}`"),
+                )?;
+            }
+            None => lora = Some(a),
+        }
     }
 
-    let (out, inp) = (layer.out_features(), layer.in_features());
+    let (out, inp) = match (&quant, &dense) {
+        (Some(l), _) => (l.out_features(), l.in_features()),
+        (None, Some(d)) => (d.out, d.inp),
+        (None, None) => return Err(CliError::new(format!("no layer `{path}`"))),
+    };
     let input = SafetensorsFile::open(f.input)?;
     let ist = input.tensors().path_context(f.input, "input", "input")?;
     let view = ist.tensor(INPUT).map_err(|_| {
@@ -99,13 +108,25 @@ pub fn run(f: Forward<'_>) -> Result<(), CliError> {
     };
     let m: usize = lead.iter().product();
     let (x, x_dtype) = input_f32(&view).context(x_ctx)?;
-    let (y, elapsed, on) = match f.device {
-        Device::Cpu => {
-            let t = Instant::now();
+    let t = Instant::now();
+    let (y, elapsed, on) = match (&quant, &dense, f.device) {
+        (Some(layer), _, Device::Cpu) => {
             let y = layer.forward(&x).context(|| format!("layer `{path}`"))?;
             (y, t.elapsed(), String::new())
         }
-        Device::Gpu => gpu_forward(&layer, &x, m).context(|| format!("layer `{path}` on the GPU"))?,
+        (Some(layer), _, Device::Gpu) => gpu_forward(layer, &x, m).context(|| format!("layer `{path}` on the GPU"))?,
+        (None, Some(d), Device::Cpu) => {
+            let y = d.forward(&x, lora.as_ref()).context(|| format!("layer `{path}`"))?;
+            (y, t.elapsed(), String::new())
+        }
+        (None, Some(d), Device::Gpu) => {
+            return Err(CliError::new(format!(
+                "layer `{path}` is dense ({} weight); --device gpu runs quantized layers (bitsandbytes 4-bit, \
+                 lowbit int8) only: use --device cpu, or quantize the checkpoint first",
+                d.stored
+            )))
+        }
+        (None, None, _) => return Err(CliError::new(format!("no layer `{path}`"))),
     };
 
     let mut y_shape = lead.clone();
@@ -113,12 +134,16 @@ pub fn run(f: Forward<'_>) -> Result<(), CliError> {
     let x_shape: Vec<usize> = view.shape().to_vec();
     let tensors = [(OUTPUT.to_string(), TensorData::from_slice(Dtype::F32, y_shape.clone(), &y))];
     lowbit::io::write_safetensors(f.output, &tensors, None, f.force)?;
-    let bias = if layer.bias().is_some() { ", bias" } else { "" };
+    let (bias, weight) = match (&quant, &dense) {
+        (Some(l), _) => (l.bias().is_some(), describe_weight(l.weight())),
+        (None, Some(d)) => (d.bias.is_some(), format!("dense {}, decoded to f32, f64 accumulation", d.stored)),
+        (None, None) => (false, String::new()),
+    };
+    let bias = if bias { ", bias" } else { "" };
     let rows = if lead.len() > 1 { format!(" (as {m} rows)") } else { String::new() };
     console::line(&format!(
-        "y {y_shape:?} f32 = layer `{path}` ({}, [{out}, {inp}]{bias}){with} on x {x_shape:?} ({x_dtype}){rows} in \
+        "y {y_shape:?} f32 = layer `{path}` ({weight}, [{out}, {inp}]{bias}){with} on x {x_shape:?} ({x_dtype}){rows} in \
          {:.3} ms{on}; wrote {}",
-        describe_weight(layer.weight()),
         elapsed.as_secs_f64() * 1e3,
         f.output.display()
     ))

@@ -88,9 +88,11 @@ SQNR = 10 log10(sum x^2 / sum (x - x_hat)^2) in dB.";
 
 const FORWARD_LONG_ABOUT: &str = "\
 Loads the linear layer whose weights are stored under PREFIX in CHECKPOINT (a safetensors file, a Hugging Face
-model directory or a sharded directory): the quantized weight PREFIX.weight [out, in] (bitsandbytes 4-bit
+model directory, a sharded directory or a GGUF): the quantized weight PREFIX.weight [out, in] (bitsandbytes 4-bit
 NF4/FP4 with its quant-state entries, or lowbit int8 with PREFIX.weight.scale / PREFIX.weight.zero_point) and
-the optional bias PREFIX.bias. A layer is named by its module path (model.layers.0.mlp.up_proj), not by its
+the optional bias PREFIX.bias. A dense PREFIX.weight (F32/F16/BF16, or a GGUF tensor of any type lowbit
+decodes, such as Q4_1 or Q8_0) runs too: decoded to f32, every output accumulated in f64 and rounded to f32
+once (CPU only). A layer is named by its module path (model.layers.0.mlp.up_proj), not by its
 weight's name. With --adapter, the PEFT LoRA adapter's module for PREFIX (keys
 base_model.model.PREFIX.lora_A.weight / lora_B.weight) is attached, with PEFT's scaling (lora_alpha / r, or
 / sqrt(r) with use_rslora, rank_pattern and alpha_pattern honoured); it is an error if the adapter has no
@@ -231,7 +233,7 @@ enum Command {
     /// of an input file and write `y`.
     #[command(long_about = FORWARD_LONG_ABOUT)]
     Forward {
-        /// Quantized checkpoint (bitsandbytes 4-bit or lowbit int8): a safetensors file or a model directory.
+        /// Checkpoint (bitsandbytes 4-bit, lowbit int8 or dense): a safetensors file, a model directory or a .gguf.
         checkpoint: PathBuf,
         /// Module path of the layer, e.g. model.layers.0.mlp.up_proj (weights PREFIX.weight, PREFIX.bias).
         #[arg(long, value_name = "PREFIX")]
