@@ -4,6 +4,7 @@
 //! [`llama`] maps llama-family tensor names and layouts to Hugging Face's.
 
 pub mod llama;
+mod value;
 
 use crate::format::ggml::GgmlType;
 use crate::io::Limits;
