@@ -424,3 +424,41 @@ fn smollm2_gguf_parses() {
     assert!(stored <= f.bytes().as_ref().as_ref().len());
     eprintln!("SmolLM2 GGUF: {} tensors, {stored} bytes of data, parsed in {parse_ms:.1} ms", f.tensors().len());
 }
+
+/// The committed seeds of the `gguf_load` fuzz target (`fuzz/seeds/gguf_load/`), built by the writer.
+fn fuzz_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut every = GgufWriter::new().version(2).alignment(8);
+    for (k, v) in every_value() {
+        every = every.kv(k, v);
+    }
+    let every = every.tensor("x", GgmlType::BF16, &[2, 2], vec![0x80, 0x3f, 0, 0xc0, 0, 0, 0x80, 0x7f]);
+    let quant = GgufWriter::new()
+        .tensor("q4k", GgmlType::Q4_K, &[1, 256], (0..144u32).map(|i| (i * 37 % 251) as u8).collect())
+        .tensor("iq", GgmlType::IQ4_NL, &[2, 32], vec![0x11; 36])
+        .tensor("scalar", GgmlType::F32, &[], f32_bytes(&[-1.5]))
+        .tensor("empty", GgmlType::Q8_0, &[0, 32], Vec::new());
+    vec![
+        ("small.gguf", small_file().0),
+        ("tokenizer.gguf", tokenizer_file(&[]).tensor("t", GgmlType::F16, &[2], vec![0, 0x3c, 0, 0xbc]).to_bytes()),
+        ("every_value_v2.gguf", every.to_bytes()),
+        ("quantized.gguf", quant.to_bytes()),
+    ]
+}
+
+/// The committed seeds parse and equal what the writer makes today (regenerate with
+/// `LOWBIT_WRITE_FUZZ_SEEDS=1 cargo test -p lowbit --test gguf_file fuzz_seeds`).
+#[test]
+fn fuzz_seeds_are_current() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/gguf_load");
+    let write = std::env::var("LOWBIT_WRITE_FUZZ_SEEDS").is_ok_and(|v| v == "1");
+    for (name, bytes) in fuzz_seeds() {
+        parse(bytes.clone()).unwrap_or_else(|e| panic!("seed {name}: {e}"));
+        let path = dir.join(name);
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let committed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(committed == bytes, "{} is stale: regenerate it (see this test's doc)", path.display());
+    }
+}
