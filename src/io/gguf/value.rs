@@ -2,6 +2,7 @@
 //! bounds allocation while parsing) and the accessors on [`GgufValue`].
 
 use super::GgufValue;
+use std::fmt;
 
 /// `GGUF_TYPE_ARRAY`, the one type whose values hold other values.
 pub(crate) const TYPE_ARRAY: u32 = 9;
@@ -30,7 +31,6 @@ pub(crate) fn type_name(id: u32) -> Option<&'static str> {
 
 /// The fewest bytes one value of type `id` occupies in a file: its fixed size, the 8-byte length of a string,
 /// or the 4-byte element type and 8-byte count of an array. `None` for an undefined id.
-#[allow(dead_code)] // used by the reader
 pub(crate) fn min_encoded_size(id: u32) -> Option<usize> {
     Some(match id {
         0 | 1 | 7 => 1,
@@ -146,6 +146,43 @@ impl GgufValue {
     }
 }
 
+/// Array elements shown by [`GgufValue`]'s `Display` before it elides the rest.
+const SHOWN_ELEMENTS: usize = 8;
+
+/// For messages and listings: numbers and bools plainly, strings quoted (Rust escapes), arrays as
+/// `[a, b, …]` with at most 8 elements shown and the count of the rest.
+impl fmt::Display for GgufValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GgufValue::U8(v) => write!(f, "{v}"),
+            GgufValue::I8(v) => write!(f, "{v}"),
+            GgufValue::U16(v) => write!(f, "{v}"),
+            GgufValue::I16(v) => write!(f, "{v}"),
+            GgufValue::U32(v) => write!(f, "{v}"),
+            GgufValue::I32(v) => write!(f, "{v}"),
+            GgufValue::U64(v) => write!(f, "{v}"),
+            GgufValue::I64(v) => write!(f, "{v}"),
+            GgufValue::F32(v) => write!(f, "{v}"),
+            GgufValue::F64(v) => write!(f, "{v}"),
+            GgufValue::Bool(v) => write!(f, "{v}"),
+            GgufValue::String(s) => write!(f, "{s:?}"),
+            GgufValue::Array(items) => {
+                f.write_str("[")?;
+                for (i, item) in items.iter().take(SHOWN_ELEMENTS).enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{item}")?;
+                }
+                if items.len() > SHOWN_ELEMENTS {
+                    write!(f, ", … ({} more)", items.len() - SHOWN_ELEMENTS)?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +205,8 @@ mod tests {
             assert!(type_name(id).is_some() && min_encoded_size(id).is_some());
         }
         assert!(type_name(13).is_none() && min_encoded_size(13).is_none());
+        let long = GgufValue::Array((0..10).map(GgufValue::U8).collect());
+        assert_eq!(long.to_string(), "[0, 1, 2, 3, 4, 5, 6, 7, … (2 more)]");
+        assert_eq!(GgufValue::String("a\"b".into()).to_string(), r#""a\"b""#);
     }
 }
