@@ -79,35 +79,63 @@ fn smollm2_tensors_and_config_equal_transformers_gguf_load() {
     assert_eq!(ck.config().unwrap()["tie_word_embeddings"], json!(true));
     assert!(ck.tensor_info("lm_head.weight").is_err(), "a tied lm_head is not a tensor of the GGUF");
 
-    // Shapes and bits.
     let t1 = Instant::now();
+    let weights = assert_equals_transformers(&ck, &reference);
+    eprintln!(
+        "SmolLM2 GGUF: open {:.1} ms; 272 tensors ({weights} weights) decoded, un-permuted and hashed in {:.2} s",
+        open_time.as_secs_f64() * 1e3,
+        t1.elapsed().as_secs_f64()
+    );
+}
+
+/// Every tensor of `ck` has the shape and f32 bytes (sha256) of the tensor of that name in `reference`
+/// (written by the generator; `tensors`, `config`, `model_class`), and every config field transformers built
+/// is the same in `ck.config()`, and absent where transformers left it unset (`architectures` is unset by
+/// AutoConfig for a GGUF, so the class transformers instantiated stands in for it). Returns the number of weights compared.
+fn assert_equals_transformers(ck: &Checkpoint, reference: &Value) -> usize {
+    let by_name: std::collections::BTreeMap<&str, &Value> =
+        reference["tensors"].as_array().unwrap().iter().map(|t| (t["name"].as_str().unwrap(), t)).collect();
     let mut weights = 0usize;
     for name in ck.tensor_names() {
-        let r = by_name[name];
+        let r = by_name.get(name).unwrap_or_else(|| panic!("`{name}` is not in transformers' state dict"));
         let info = ck.tensor_info(name).unwrap();
         let shape: Vec<usize> = r["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
         assert_eq!(info.shape, shape, "{name}");
         assert!(matches!(info.stored, StoredType::Ggml(_)), "{name}: {:?}", info.stored);
         let v = ck.tensor_f32(name).unwrap();
+        assert_eq!(v.len(), shape.iter().product::<usize>(), "{name}");
         weights += v.len();
         assert_eq!(sha256_f32(&v), r["sha256"].as_str().unwrap(), "{name}: f32 bytes differ from transformers'");
     }
-    let decode_time = t1.elapsed();
-    eprintln!(
-        "SmolLM2 GGUF: open {:.1} ms; 272 tensors ({weights} weights) decoded, un-permuted and hashed in {:.2} s",
-        open_time.as_secs_f64() * 1e3,
-        decode_time.as_secs_f64()
-    );
-
-    // Config: every field transformers built (`architectures` is unset by AutoConfig; the model class is
-    // recorded instead).
     let config = ck.config().unwrap();
     for (field, want) in reference["config"].as_object().unwrap() {
-        let want = match (field.as_str(), want) {
-            ("architectures", Value::Null) => json!([reference["model_class"]]),
-            _ => want.clone(),
-        };
-        assert_eq!(config.get(field), Some(&want), "config field `{field}`");
+        match (field.as_str(), want) {
+            ("architectures", Value::Null) => {
+                assert_eq!(config.get(field), Some(&json!([reference["model_class"]])), "config `architectures`")
+            }
+            // Unset in transformers' config (e.g. no padding token): absent here too.
+            (_, Value::Null) => assert!(config.get(field).is_none_or(Value::is_null), "config field `{field}`"),
+            _ => assert_eq!(config.get(field), Some(want), "config field `{field}`"),
+        }
+    }
+    weights
+}
+
+#[test]
+fn tiny_llama_and_qwen2_equal_transformers_gguf_load() {
+    // Random GGUFs written by gguf-py as llama.cpp's converter lays them out (generator in tests/data/gguf):
+    // llama with Q8_0 / Q4_1 Q and K permuted and an untied output.weight; qwen2 with q/k/v biases, unpermuted.
+    let reference: Value = serde_json::from_str(include_str!("data/gguf/tiny_transformers.json")).unwrap();
+    for (arch, class, names) in [("llama", "LlamaForCausalLM", 12), ("qwen2", "Qwen2ForCausalLM", 15)] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/data/gguf/tiny_{arch}.gguf"));
+        let ck = Checkpoint::open(&path).unwrap();
+        let r = &reference[arch];
+        assert_eq!(r["model_class"], class);
+        // Untied: transformers' state dict is exactly the checkpoint's tensors.
+        assert_eq!(ck.tensor_names().len(), names, "{arch}");
+        assert_eq!(r["tensors"].as_array().unwrap().len(), names, "{arch}");
+        assert_eq!(ck.config().unwrap()["tie_word_embeddings"], json!(false));
+        assert_equals_transformers(&ck, r);
     }
 }
 
