@@ -18,7 +18,22 @@
 //! Names outside the table (e.g. `rope_freqs.weight`, the Llama 3 RoPE frequency factors that Hugging Face
 //! recomputes from the config instead of storing) are not served under any Hugging Face name, as transformers
 //! drops them; [`HfMapping::unmapped`] lists them so that a caller can report them, and [`GgufFile`] still
-//! reads them. A known name in a block past `block_count` is an error.
+//! reads them. A known name in a block past `block_count` is an error. Note that Llama 3.1+ files carry their
+//! RoPE scaling only in `rope_freqs.weight`: the config built here has no `rope_scaling` (nor has
+//! transformers' GGUF load), which matters only past the original context length.
+//!
+//! # The config ([`HfMapping::config`])
+//! From `{arch}.*` (`arch` = `general.architecture`): `hidden_size` ← `embedding_length`, `num_hidden_layers`
+//! ← `block_count`, `intermediate_size` ← `feed_forward_length`, `num_attention_heads` ←
+//! `attention.head_count`, `max_position_embeddings` ← `context_length`, `rms_norm_eps` ←
+//! `attention.layer_norm_rms_epsilon` (required: a missing one is an [`Error::Format`] naming the key);
+//! `num_key_value_heads` ← `attention.head_count_kv` (default: the head count), `rope_theta` ← `rope.freq_base`
+//! (default 10000), llama's `head_dim` ← `rope.dimension_count` (default hidden / heads). `vocab_size` is the
+//! embedding's row count, which is what the model needs; `{arch}.vocab_size`, where present, must agree
+//! (transformers takes `{arch}.vocab_size`, else the number of `tokenizer.ggml.tokens`: the same value in files
+//! llama.cpp's converter writes, which pads the token list to the embedding). `tie_word_embeddings` is true when there is no `output.weight`;
+//! `bos/eos/pad/unk_token_id` come from `tokenizer.ggml.*_token_id` when present; `hidden_act` is `silu`.
+//! Floats stored as f32 are widened exactly (`1e-5f32` becomes `9.999999747378752e-06`, as in transformers).
 //!
 //! # Where this differs from transformers (documented, deliberate)
 //! * A file without `{arch}.attention.head_count_kv` uses `head_count` (no grouped-query attention), as llama.cpp
@@ -227,8 +242,8 @@ impl HfMapping {
     /// Errors: no `general.architecture` or a required `{arch}.*` key missing or of the wrong type
     /// ([`Error::Format`] naming the key); an architecture outside [`SUPPORTED_ARCHITECTURES`]
     /// ([`Error::Unsupported`]); inconsistent values (zero heads, heads not a multiple of key/value heads, a
-    /// Q/K row count not a multiple of twice its heads, a block index past `block_count`, a vocabulary size
-    /// other than the embedding's row count).
+    /// Q/K row count not a multiple of twice its heads, a block index past `block_count`, no `token_embd.weight`
+    /// of shape `[vocab, embedding_length]`, an `{arch}.vocab_size` other than its row count).
     pub fn from_parts(metadata: &BTreeMap<String, GgufValue>, tensors: &[GgufTensorInfo]) -> Result<HfMapping> {
         let arch = match metadata.get("general.architecture") {
             Some(GgufValue::String(s)) => s.as_str(),
@@ -325,16 +340,16 @@ impl HfMapping {
                 ))
             }
         };
-        let vocab = vocab_size(family, metadata)?.unwrap_or(embed_rows);
-        if vocab != embed_rows {
-            return Err(Error::format(
-                "GGUF metadata",
-                format!(
-                    "vocabulary of {vocab} tokens, but `token_embd.weight` has {embed_rows} rows; expected the same \
-                     (a config with the wrong vocab_size does not load)"
-                ),
-            ));
+        let vocab_key = format!("{}.vocab_size", family.architecture());
+        if let Some(v) = uint(metadata, &vocab_key)? {
+            if v != embed_rows as u64 {
+                return Err(Error::format(
+                    format!("GGUF metadata `{vocab_key}`"),
+                    format!("{v}, but `token_embd.weight` has {embed_rows} rows; expected the same"),
+                ));
+            }
         }
+        let vocab = embed_rows;
         let tied = !mapped.contains_key("lm_head.weight");
         let has_bias = |prefix: &str| mapped.keys().any(|k| k.contains(prefix) && k.ends_with(".bias"));
         let config = params.config(family, metadata, vocab, tied, has_bias(".self_attn."), has_bias(".mlp."))?;
@@ -477,22 +492,6 @@ impl Params {
             }
         }
         Ok(Value::Object(c))
-    }
-}
-
-/// `{arch}.vocab_size` if present, else the length of `tokenizer.ggml.tokens`, else `None`.
-fn vocab_size(family: Family, meta: &BTreeMap<String, GgufValue>) -> Result<Option<usize>> {
-    let key = format!("{}.vocab_size", family.architecture());
-    if let Some(v) = uint(meta, &key)? {
-        return to_usize(&key, v).map(Some);
-    }
-    match meta.get("tokenizer.ggml.tokens") {
-        Some(GgufValue::Array(tokens)) => Ok(Some(tokens.len())),
-        Some(other) => Err(Error::format(
-            "GGUF metadata `tokenizer.ggml.tokens`",
-            format!("{}, expected an array of strings", type_name(other)),
-        )),
-        None => Ok(None),
     }
 }
 
@@ -711,9 +710,9 @@ mod tests {
         t[2] = info("blk.0.attn_k.weight", &[3, 8], GgmlType::F32);
         let e = HfMapping::from_parts(&meta("llama"), &t).unwrap_err().to_string();
         assert!(e.contains("blk.0.attn_k.weight"), "{e}");
-        let mut t = tensors();
-        t[0] = info("token_embd.weight", &[6, 8], GgmlType::F32);
-        let e = HfMapping::from_parts(&meta("llama"), &t).unwrap_err().to_string();
-        assert!(e.contains("vocab"), "{e}");
+        let mut m = meta("llama");
+        m.insert("llama.vocab_size".into(), GgufValue::U32(6));
+        let e = HfMapping::from_parts(&m, &tensors()).unwrap_err().to_string();
+        assert!(e.contains("llama.vocab_size") && e.contains("5 rows"), "{e}");
     }
 }
