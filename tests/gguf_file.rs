@@ -122,10 +122,14 @@ fn float_tensors_round_trip() {
         .tensor("c", GgmlType::BF16, &[9], c16.iter().flat_map(|v| v.to_le_bytes()).collect())
         .tensor("scalar", GgmlType::F32, &[], f32_bytes(&[42.0]))
         .tensor("empty", GgmlType::F32, &[0, 4], Vec::new())
+        .tensor("nan", GgmlType::F16, &[2], vec![0x01, 0x7c, 0x00, 0xfe])
         .to_bytes();
     let f = parse(bytes).unwrap();
     let names: Vec<&str> = f.tensors().iter().map(|t| t.name.as_str()).collect();
-    assert_eq!(names, ["a", "b", "c", "scalar", "empty"], "file order");
+    assert_eq!(names, ["a", "b", "c", "scalar", "empty", "nan"], "file order");
+    // NaN payloads as numpy widens them (a signalling NaN stays signalling).
+    let nan: Vec<u32> = f.tensor_f32("nan").unwrap().iter().map(|v| v.to_bits()).collect();
+    assert_eq!(nan, [0x7f80_2000, 0xffc0_0000]);
     let info = f.tensor_info("b").unwrap();
     assert_eq!((info.shape.as_slice(), info.ggml_type, info.len), (&[3, 4, 2][..], GgmlType::F16, 48));
     assert_eq!(f.tensor_f32("a").unwrap(), a);

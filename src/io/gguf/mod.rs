@@ -3,6 +3,7 @@
 //! the file and [`Limits`] before allocating. Tensors are decoded to f32 by [`crate::ggml`].
 //! [`llama`] maps llama-family tensor names and layouts to Hugging Face's.
 
+mod float;
 pub mod llama;
 mod reader;
 mod tokenizer;
@@ -92,7 +93,8 @@ pub struct GgufTokenizer {
 /// a ggml type id ggml defines, rows of whole blocks (`ne[0]` a multiple of the type's block), element counts
 /// without overflow, [`Limits::max_tensor_bytes`] for each tensor as stored and as f32, aligned data offsets,
 /// data inside the file and no two tensors' data overlapping. Dimensions of 0 are accepted (an empty
-/// tensor). Types lowbit cannot decode (IQ*, TQ*, MXFP4, Q8_K, ...) parse; [`tensor_f32`](Self::tensor_f32)
+/// tensor), and so is `n_dims` = 0 (a scalar: shape `[]`, one element). Metadata is held in memory as
+/// [`GgufValue`]s, at most 32 bytes per byte of file (a u8 array's elements). Types lowbit cannot decode (IQ*, TQ*, MXFP4, Q8_K, ...) parse; [`tensor_f32`](Self::tensor_f32)
 /// then names the type.
 ///
 /// Memory mapping: as for [`Checkpoint`](crate::io::Checkpoint), do not modify the file while it is open.
@@ -252,7 +254,8 @@ impl GgufFile {
     }
 
     /// Tensor `name` decoded to f32 (row-major, [`GgufTensorInfo::shape`]), as stored (no name or layout
-    /// mapping; see [`llama`] for that). F32, F16 and BF16 are widened exactly; the quantized types lowbit
+    /// mapping; see [`llama`] for that). F32, F16 and BF16 are widened exactly, NaN payloads included (as numpy
+    /// and so gguf-py do); the quantized types lowbit
     /// decodes go through [`crate::ggml::dequantize`]. Errors: no such tensor, its f32 size above
     /// [`Limits::max_tensor_bytes`], or a type lowbit cannot decode ([`Error::Unsupported`] naming it).
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
@@ -261,14 +264,8 @@ impl GgufFile {
         let ty = info.ggml_type;
         self.limits.check_elements(&format!("{}: tensor `{name}` as f32", self.ctx()), numel, 4)?;
         let data = self.tensor_data(name)?;
-        let float = match ty {
-            GgmlType::F32 => Some(safetensors::Dtype::F32),
-            GgmlType::F16 => Some(safetensors::Dtype::F16),
-            GgmlType::BF16 => Some(safetensors::Dtype::BF16),
-            _ => None,
-        };
-        if let Some(dtype) = float {
-            return crate::io::source::bytes_to_f32(name, dtype, data);
+        if let Some(values) = float::widen(ty, data) {
+            return Ok(values);
         }
         if !ty.can_dequantize() {
             return Err(Error::Unsupported {
