@@ -468,15 +468,32 @@ pub fn run(m: Merge<'_>) -> Result<(), CliError> {
     console::line(&summary)?;
     if n_lost > 0 {
         eprintln!(
-            "warning: in {n_lost} of {} merged layer(s) (marked `!` above) the requantization error is at least the \
-             adapter's change (|Δ'-Δ| >= |Δ|): rounding to {} erased most of what the adapter changed. Ways out: \
-             `lowbit merge --dtype f16|bf16|f32` writes the merged weights dense (no requantization); `lowbit \
-             merge --scheme int8:channel` (or another finer scheme) requantizes them to another format.",
+            "warning: in {n_lost} of {} merged layer(s) (marked `!` above) the error of storing the merged weight \
+             ({}) is at least as large as the adapter's change (|Δ'-Δ| >= |Δ|): the adapter's effect is lost in \
+             rounding noise. Ways out: {}.",
             matched.len(),
-            formats.join(", ")
+            formats.join(", "),
+            ways_out(m.target)
         );
     }
     Ok(())
+}
+
+/// The options that store a merged weight more finely than `target` does.
+fn ways_out(target: Target) -> &'static str {
+    match target {
+        Target::Same | Target::Scheme(Scheme::FourBit { .. }) => {
+            "`lowbit merge --dtype f16|bf16|f32` writes the merged weights dense, without requantization; \
+             `lowbit merge --scheme int8:channel` (or another finer scheme) requantizes them to a finer format"
+        }
+        Target::Scheme(Scheme::Int8(_)) => {
+            "`lowbit merge --dtype f16|bf16|f32` writes the merged weights dense, without requantization; \
+             `--scheme int8:group:64` (smaller groups) requantizes them more finely"
+        }
+        Target::Dense(DType::BF16) => "`--dtype f16` (3 more mantissa bits) or `--dtype f32` (exact)",
+        Target::Dense(DType::F16) => "`--dtype f32` (exact)",
+        Target::Dense(DType::F32) => "none finer than f32; check the adapter's scaling",
+    }
 }
 
 /// `dequant(W) + Δ` in f32, checked finite.

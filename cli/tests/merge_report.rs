@@ -341,3 +341,68 @@ fn merge_never_overwrites_an_input() {
     assert_ok(&lowbit(&["merge", s(&model), "--adapter", s(&adapter), "-o", s(&from_dir)]));
     assert_eq!(std::fs::read(&from_file).unwrap(), std::fs::read(&from_dir).unwrap());
 }
+
+/// The real model: an adapter for two attention layers merged into the Q4_1 GGUF, written dense in bf16. The
+/// merged layer is bf16(decode(W) + s·B·A), every other Q4_1 tensor bf16(decode(W)), the F32 norms stay F32.
+#[test]
+fn merge_into_the_gguf_writes_a_dense_model() {
+    let Some(gguf) = lowbit_testkit::model::smollm2_gguf("merge_into_the_gguf_writes_a_dense_model") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["v_proj"]}"#,
+    )
+    .unwrap();
+    let (a, b) = (values(4 * 576, 20, 0.05), values(192 * 4, 21, 0.01));
+    let layer = "model.layers.2.self_attn.v_proj";
+    let key = |ab: &str| format!("base_model.model.{layer}.{ab}.weight");
+    let t = [
+        (key("lora_A"), TensorData::from_slice(Dtype::F32, vec![4, 576], &a)),
+        (key("lora_B"), TensorData::from_slice(Dtype::F32, vec![192, 4], &b)),
+    ];
+    lowbit::io::write_safetensors(adapter.join("adapter_model.safetensors"), &t, None, true).unwrap();
+    let out = dir.path().join("merged.safetensors");
+    let started = std::time::Instant::now();
+    let o = lowbit(&["merge", s(&gguf), "--adapter", s(&adapter), "-o", s(&out), "--dtype", "bf16"]);
+    assert_ok(&o);
+    eprintln!("merge of the GGUF to bf16: {:.1} s", started.elapsed().as_secs_f64());
+    assert!(
+        stdout(&o).contains("into 1 layer(s)") && stdout(&o).contains("210 other quantized tensor(s)"),
+        "{}",
+        stdout(&o)
+    );
+
+    let src = Checkpoint::open(&gguf).unwrap();
+    let f = SafetensorsFile::open(&out).unwrap();
+    let st = f.tensors().unwrap();
+    assert_eq!(st.len(), 272);
+    let bf = |v: f32| half::bf16::from_f32(v).to_bits();
+    let bits = |name: &str| -> Vec<u16> {
+        let v = st.tensor(name).unwrap();
+        assert_eq!(v.dtype(), Dtype::BF16, "{name}");
+        v.data().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    };
+    let w = src.tensor_f32(&format!("{layer}.weight")).unwrap();
+    let mut d = vec![0f32; 192 * 576];
+    for o in 0..192 {
+        for k in 0..576 {
+            let mut acc = 0f32;
+            for j in 0..4 {
+                acc += b[o * 4 + j] * a[j * 576 + k];
+            }
+            d[o * 576 + k] = acc * 2.0;
+        }
+    }
+    let want: Vec<u16> = w.iter().zip(&d).map(|(w, d)| bf(w + d)).collect();
+    assert_eq!(bits(&format!("{layer}.weight")), want);
+    let other = "model.layers.5.mlp.down_proj.weight";
+    let want: Vec<u16> = src.tensor_f32(other).unwrap().iter().map(|&v| bf(v)).collect();
+    assert_eq!(bits(other), want);
+    let norm = st.tensor("model.norm.weight").unwrap();
+    assert_eq!(norm.dtype(), Dtype::F32);
+    assert_eq!(lowbit::io::view_to_f32("n", &norm).unwrap(), src.tensor_f32("model.norm.weight").unwrap());
+}

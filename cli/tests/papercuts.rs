@@ -394,3 +394,38 @@ fn inspect_lists_a_gguf_under_hugging_face_names() {
     assert!(norm.contains("F32") && norm.contains("plain") && norm.trim_end().ends_with("32.000"), "{norm}");
     assert!(out.contains("272 tensor(s) in 272 entries; "), "{}", &out[..out.len().min(2000)]);
 }
+
+/// The real model: `forward` runs a GGUF layer densely (Q4_1 decoded to f32, f64 accumulation, one rounding),
+/// on a 3-D x, with the same result as that rule computed here.
+#[test]
+fn forward_runs_a_gguf_layer() {
+    let Some(gguf) = lowbit_testkit::model::smollm2_gguf("forward_runs_a_gguf_layer") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let layer = "model.layers.3.self_attn.k_proj";
+    let ck = Checkpoint::open(&gguf).unwrap();
+    let w = ck.tensor_f32(&format!("{layer}.weight")).unwrap();
+    let (out, inp) = (192, 576);
+    assert_eq!(w.len(), out * inp);
+    let x = dir.path().join("x.safetensors");
+    let xv = write_x(&x, &[2, 3, inp], Dtype::F32, 5);
+    let y = dir.path().join("y.safetensors");
+    let o = forward(&gguf, layer, &x, &y, &[]);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("dense Q4_1"), "{}", stdout(&o));
+    let want: Vec<u32> = xv
+        .chunks_exact(inp)
+        .flat_map(|xr| {
+            (0..out).map(|o| {
+                let acc: f64 =
+                    xr.iter().zip(&w[o * inp..(o + 1) * inp]).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                (acc as f32).to_bits()
+            })
+        })
+        .collect();
+    assert_eq!(read_y(&y), (vec![2, 3, out], want));
+    // The weight's name gets the hint here too; the GPU runs quantized layers only.
+    assert_clean_failure(&forward(&gguf, &format!("{layer}.weight"), &x, &y, &[]), "module path");
+    assert_clean_failure(&forward(&gguf, layer, &x, &y, &["--device", "gpu"]), "--device cpu");
+}
