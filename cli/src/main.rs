@@ -224,7 +224,7 @@ enum Command {
         /// Model directory output: largest shard, in tensor bytes (e.g. 500MB, 2GB, 1GiB, or bytes).
         #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "5GB")]
         max_shard_size: u64,
-        /// Replace OUTPUT if it exists.
+        /// Replace OUT if it exists (a directory is replaced only after the new one is complete).
         #[arg(long)]
         force: bool,
     },
@@ -244,7 +244,7 @@ enum Command {
         /// Model directory output: largest shard, in tensor bytes (e.g. 500MB, 2GB, 1GiB, or bytes).
         #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "5GB")]
         max_shard_size: u64,
-        /// Replace OUTPUT if it exists.
+        /// Replace OUT if it exists (a directory is replaced only after the new one is complete).
         #[arg(long)]
         force: bool,
     },
