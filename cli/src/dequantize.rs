@@ -99,7 +99,9 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
             let info = ck.tensor_info(name)?;
             let t = plain_tensor(&ck, name, &info, d.dtype)?;
             match info.stored {
-                StoredType::Ggml(g) if is_floating(info.stored) && !matches!(g, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => {
+                StoredType::Ggml(g)
+                    if is_floating(info.stored) && !matches!(g, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) =>
+                {
                     note(d.dtype.unwrap_or(DType::F32));
                     n_weights += 1;
                 }

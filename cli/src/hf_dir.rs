@@ -42,10 +42,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         ("B", 1),
     ];
     let upper = t.to_ascii_uppercase();
-    let (digits, mult) = units
-        .iter()
-        .find_map(|(u, m)| upper.strip_suffix(u).map(|d| (d.trim(), *m)))
-        .unwrap_or((upper.as_str(), 1));
+    let (digits, mult) =
+        units.iter().find_map(|(u, m)| upper.strip_suffix(u).map(|d| (d.trim(), *m))).unwrap_or((upper.as_str(), 1));
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
@@ -183,14 +181,19 @@ impl HfDirWriter {
     /// Writes the last shard, names the shards (`model.safetensors` when there is one), writes the index,
     /// `config` as `config.json` (if given) and copies the tokenizer files of `tokenizer_dir`, then moves the
     /// directory into place (replacing an existing output only with `force`, as checked at the start).
-    pub fn finish(mut self, config: Option<&serde_json::Value>, tokenizer_dir: Option<&Path>) -> Result<Written, CliError> {
+    pub fn finish(
+        mut self,
+        config: Option<&serde_json::Value>,
+        tokenizer_dir: Option<&Path>,
+    ) -> Result<Written, CliError> {
         if !self.current.is_empty() || self.shards.is_empty() {
             self.flush()?;
         }
         let n = self.shards.len();
         let mut weight_map = BTreeMap::new();
         for (i, (part, names)) in self.shards.iter().enumerate() {
-            let file = if n == 1 { HF_WEIGHTS_FILE.to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
+            let file =
+                if n == 1 { HF_WEIGHTS_FILE.to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
             let dest = self.tmp.join(&file);
             std::fs::rename(part, &dest).map_err(|e| io_err(&dest, e))?;
             for name in names {
@@ -230,7 +233,10 @@ impl HfDirWriter {
         let out = &self.output;
         let old = if out.symlink_metadata().is_ok() {
             if !self.force {
-                return Err(CliError::new(format!("output {} already exists; pass --force to replace it", out.display())));
+                return Err(CliError::new(format!(
+                    "output {} already exists; pass --force to replace it",
+                    out.display()
+                )));
             }
             let aside = self.tmp.with_extension("old");
             std::fs::rename(out, &aside).map_err(|e| io_err(out, e))?;
@@ -265,7 +271,8 @@ impl Drop for HfDirWriter {
 
 /// Writes pretty-printed JSON with a final newline (as `transformers` does), created with default permissions.
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), CliError> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| CliError::new(format!("{}: {e}", path.display())))?;
+    let mut text =
+        serde_json::to_string_pretty(value).map_err(|e| CliError::new(format!("{}: {e}", path.display())))?;
     text.push('\n');
     std::fs::write(path, text).map_err(|e| io_err(path, e))
 }

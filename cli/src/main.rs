@@ -432,13 +432,15 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 force,
             })
         }
-        Command::Dequantize { input, output, dtype, max_shard_size, force } => dequantize::run(dequantize::Dequantize {
-            input: &input,
-            output: &output,
-            dtype: dtype.map(Into::into),
-            max_shard_size,
-            force,
-        }),
+        Command::Dequantize { input, output, dtype, max_shard_size, force } => {
+            dequantize::run(dequantize::Dequantize {
+                input: &input,
+                output: &output,
+                dtype: dtype.map(Into::into),
+                max_shard_size,
+                force,
+            })
+        }
         Command::Inspect { file, compare } => inspect::run(&file, compare.as_deref()),
         Command::Forward { checkpoint, layer, adapter, input, output, force, device } => {
             forward::run(forward::Forward {

@@ -39,7 +39,9 @@ pub struct Quantize<'a> {
 pub fn is_floating(stored: StoredType) -> bool {
     match stored {
         StoredType::Safetensors(d) => float_dtype(d).is_some(),
-        StoredType::Ggml(t) => !matches!(t, GgmlType::I8 | GgmlType::I16 | GgmlType::I32 | GgmlType::I64 | GgmlType::F64),
+        StoredType::Ggml(t) => {
+            !matches!(t, GgmlType::I8 | GgmlType::I16 | GgmlType::I32 | GgmlType::I64 | GgmlType::F64)
+        }
     }
 }
 
@@ -147,6 +149,9 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
     ))
 }
 
+/// The entries of one tensor as written (a quantized weight's codes first, then its parameters).
+type Entries = Vec<(String, TensorData)>;
+
 #[derive(Default)]
 struct Counts<'a> {
     quantized: usize,
@@ -164,7 +169,7 @@ fn quantize_tensor(
     name: &str,
     info: &TensorInfo,
     scheme: Scheme,
-) -> Result<(Vec<(String, TensorData)>, HashMap<String, String>, DType), CliError> {
+) -> Result<(Entries, HashMap<String, String>, DType), CliError> {
     let (source, values) = floats(ck, name, info)?;
     let shape = &info.shape;
     let entries = match &values {
@@ -218,7 +223,7 @@ fn quantize_values<T: Element>(
     x: &[T],
     shape: &[usize],
     scheme: Scheme,
-) -> Result<Vec<(String, TensorData)>, CliError> {
+) -> Result<Entries, CliError> {
     Ok(match scheme {
         Scheme::Int8(granularity) => {
             let q = lowbit::affine::quantize(x, shape, granularity)?;
@@ -233,7 +238,12 @@ fn quantize_values<T: Element>(
 
 /// A tensor that is not quantized: safetensors tensors as stored; GGUF F32/F16/BF16 in their own type; GGUF
 /// tensors of quantized ggml types decoded and written as `dtype` (default f32).
-pub fn plain_tensor(ck: &Checkpoint, name: &str, info: &TensorInfo, dtype: Option<DType>) -> Result<TensorData, CliError> {
+pub fn plain_tensor(
+    ck: &Checkpoint,
+    name: &str,
+    info: &TensorInfo,
+    dtype: Option<DType>,
+) -> Result<TensorData, CliError> {
     let ggml = match info.stored {
         StoredType::Safetensors(_) => return Ok(TensorData::from_view(&ck.tensor(name)?)),
         StoredType::Ggml(t) => t,

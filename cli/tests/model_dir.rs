@@ -76,9 +76,7 @@ impl T {
     }
 
     fn is_linear(&self) -> bool {
-        self.name.contains(".layers.")
-            && self.shape.len() == 2
-            && !self.name.contains("norm")
+        self.name.contains(".layers.") && self.shape.len() == 2 && !self.name.contains("norm")
     }
 }
 
@@ -158,7 +156,10 @@ fn write_sharded_dir(dir: &Path, tensors: &[T]) {
         lowbit::io::write_safetensors(p, shard, None, false).unwrap();
     }
     let total: usize = tensors.iter().map(|t| t.data().data.len()).sum();
-    write_json(&dir.join("model.safetensors.index.json"), &json!({"metadata": {"total_size": total}, "weight_map": weight_map}));
+    write_json(
+        &dir.join("model.safetensors.index.json"),
+        &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+    );
     write_json(&dir.join("config.json"), &config());
     std::fs::write(dir.join("tokenizer.json"), TOKENIZER).unwrap();
 }
@@ -201,7 +202,12 @@ fn check_quantized_dir(out: &Path, tensors: &[T], format: FourBitFormat, dq: boo
             other => panic!("{}: {other:?}", t.name),
         };
         let want: Vec<f32> = expected.dequantize().unwrap();
-        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{}", t.name);
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{}",
+            t.name
+        );
     }
     for t in tensors.iter().filter(|t| !t.is_linear()) {
         let view = ck.tensor(t.name).unwrap();
@@ -273,7 +279,16 @@ fn quantize_sharded_dir_and_write_shards() {
     // 3000 bytes per shard: the 40x32 f32 embedding and head (5120 bytes) get shards of their own, the rest
     // packs several tensors per shard.
     let max = 3000u64;
-    assert_ok(&lowbit(&["quantize", s(&input), "--scheme", "nf4:64+dq", "--max-shard-size", "3000", "-o", s(&sharded)]));
+    assert_ok(&lowbit(&[
+        "quantize",
+        s(&input),
+        "--scheme",
+        "nf4:64+dq",
+        "--max-shard-size",
+        "3000",
+        "-o",
+        s(&sharded),
+    ]));
     check_quantized_dir(&sharded, &tensors, FourBitFormat::Nf4, true);
     assert!(!sharded.join("model.safetensors").exists());
     let index = read_json(&sharded.join("model.safetensors.index.json"));
@@ -406,7 +421,9 @@ fn dequantize_a_directory() {
             let want = expected_4bit(t, FourBitFormat::Nf4, 64, true);
             assert_eq!(view.dtype(), t.dtype, "{}: the recorded dtype", t.name);
             let want_bytes: Vec<u8> = match t.dtype {
-                Dtype::BF16 => want.dequantize::<lowbit::bf16>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Dtype::BF16 => {
+                    want.dequantize::<lowbit::bf16>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect()
+                }
                 _ => want.dequantize::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect(),
             };
             assert_eq!(view.data(), want_bytes.as_slice(), "{}", t.name);
@@ -544,7 +561,8 @@ fn smollm2_gguf_to_nf4_dq_directory() {
     // The Q8_0 embedding is kept, decoded to f32 exactly as the GGUF reader decodes it.
     let emb = ck.tensor("model.embed_tokens.weight").unwrap();
     assert_eq!((emb.dtype(), emb.shape()), (Dtype::F32, &[49152usize, 576][..]));
-    let want: Vec<u8> = src.tensor_f32("model.embed_tokens.weight").unwrap().iter().flat_map(|v| v.to_le_bytes()).collect();
+    let want: Vec<u8> =
+        src.tensor_f32("model.embed_tokens.weight").unwrap().iter().flat_map(|v| v.to_le_bytes()).collect();
     assert!(emb.data() == want.as_slice(), "embedding differs from the GGUF's decoding");
     // One layer: the library's NF4+DQ of the GGUF's decoded weights.
     let name = "model.layers.7.self_attn.k_proj";
