@@ -8,8 +8,9 @@
    the NF4 one through bitsandbytes' Linear4bit layers.
 3. Compares: every Linear4bit weight decoded by bitsandbytes (`dequantize_4bit`) against the dense model's
    weight (bit-identical expected), and the logits for the token ids 504, 3575, 282, 4649, 314
-   (max |delta logit|, argmax per position). Also, for scale, the logits of transformers' own GGUF load
-   (`gguf_file=`, the unquantized Q4_1 decoding) against the NF4 model's.
+   (max |delta logit|, argmax per position). Also, for scale, transformers' own GGUF load (`gguf_file=`, the
+   Q4_1 weights decoded) against the NF4 model and against `lowbit dequantize SmolLM2.gguf` (a dense
+   directory of the same decoded weights: the reading path alone, no requantization).
 4. Writes tests/data/gguf/transformers_load.json (small: figures, argmaxes, versions; no tensors).
 
 Usage: python3 tests/data/gguf/check_transformers_load.py [--lowbit target/release/lowbit] [--gguf PATH]
@@ -129,7 +130,13 @@ def main() -> None:
                 args.gguf.parent, gguf_file=args.gguf.name, device_map="cpu", dtype=torch.float32
             )
             lg = logits(g)
+            gguf_dense_dir = Path(tmp) / "gguf-dense"
+            result["lowbit_dequantize_gguf"] = run_timed(
+                [str(args.lowbit), "dequantize", str(args.gguf), "-o", str(gguf_dense_dir)]
+            )
+            lgd = logits(AutoModelForCausalLM.from_pretrained(gguf_dense_dir, device_map="cpu", dtype=torch.float32))
             result["transformers_gguf_load"] = {
+                "max_abs_logit_delta_vs_lowbit_dense_gguf": (lgd - lg).abs().max().item(),
                 "argmax": lg.argmax(-1).tolist(),
                 "max_abs_logit_delta_vs_nf4": (lq - lg).abs().max().item(),
                 "argmax_agreement_with_nf4": sum(int(a == b) for a, b in zip(lq.argmax(-1).tolist(), lg.argmax(-1).tolist())),
@@ -139,8 +146,12 @@ def main() -> None:
             **{p: importlib.metadata.version(p) for p in ["torch", "transformers", "bitsandbytes", "gguf"]},
             "lowbit": subprocess.run([str(args.lowbit), "--version"], capture_output=True, text=True).stdout.strip(),
         }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("lowbit_quantize", "lowbit_dequantize")}, indent=2))
+        # No machine-specific paths in the committed result.
+        text = json.dumps(result, indent=2) + "\n"
+        for path, name in [(tmp, "$TMP"), (str(args.gguf.parent) + "/", ""), (str(args.lowbit), "lowbit")]:
+            text = text.replace(path, name)
+    args.out.write_text(text)
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("lowbit_")}, indent=2))
     print(f"wrote {args.out}")
 
 
