@@ -116,7 +116,7 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
     }
     progress.set_message("writing");
     let config = hf_config::with_quantization(ck.config(), None);
-    let wrote = sink.finish(config.as_ref(), d.input.is_dir().then_some(d.input))?;
+    let wrote = sink.finish(config.as_ref(), crate::hf_dir::tokenizer_source(d.input))?;
     drop(progress);
     let dtypes: Vec<String> = dtypes_used.iter().map(DType::to_string).collect();
     console::line(&format!(

@@ -55,6 +55,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// The directory whose tokenizer files a model-directory output copies: the input when it is a directory, the
+/// index's directory when it is a `*.index.json`, else none (a bare safetensors file or a GGUF).
+pub fn tokenizer_source(input: &Path) -> Option<&Path> {
+    if input.is_dir() {
+        return Some(input);
+    }
+    let is_index = input.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".index.json"));
+    is_index.then(|| input.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+}
+
 /// Refuses an output path that exists (unless `force`) or that is the input itself.
 pub fn check_dir_output(input: &Path, output: &Path, force: bool) -> Result<(), CliError> {
     let parent = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));

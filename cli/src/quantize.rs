@@ -127,7 +127,7 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
         }
     };
     let config = hf_config::with_quantization(ck.config(), Some(quantization));
-    let tokenizer_dir = q.input.is_dir().then_some(q.input);
+    let tokenizer_dir = crate::hf_dir::tokenizer_source(q.input);
     let wrote = sink.finish(config.as_ref(), tokenizer_dir)?;
     drop(progress);
     let by_rule = if n.by_rule.is_empty() {
@@ -218,12 +218,7 @@ fn floats(ck: &Checkpoint, name: &str, info: &TensorInfo) -> Result<(DType, Floa
 }
 
 /// Quantizes values of one element type; the 4-bit quant state records that type.
-fn quantize_values<T: Element>(
-    name: &str,
-    x: &[T],
-    shape: &[usize],
-    scheme: Scheme,
-) -> Result<Entries, CliError> {
+fn quantize_values<T: Element>(name: &str, x: &[T], shape: &[usize], scheme: Scheme) -> Result<Entries, CliError> {
     Ok(match scheme {
         Scheme::Int8(granularity) => {
             let q = lowbit::affine::quantize(x, shape, granularity)?;

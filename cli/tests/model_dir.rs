@@ -275,6 +275,12 @@ fn quantize_sharded_dir_and_write_shards() {
     check_quantized_dir(&one, &tensors, FourBitFormat::Nf4, true);
     assert!(one.join("model.safetensors").is_file() && !one.join("model.safetensors.index.json").exists());
     assert_eq!(std::fs::read_to_string(one.join("tokenizer.json")).unwrap(), TOKENIZER);
+    // The index file itself is an input too; the tokenizer comes from its directory.
+    let via_index = tmp.path().join("via-index");
+    let index = input.join("model.safetensors.index.json");
+    assert_ok(&lowbit(&["quantize", s(&index), "--scheme", "nf4:64+dq", "-o", s(&via_index)]));
+    check_quantized_dir(&via_index, &tensors, FourBitFormat::Nf4, true);
+    assert!(via_index.join("tokenizer.json").is_file());
 
     // 3000 bytes per shard: the 40x32 f32 embedding and head (5120 bytes) get shards of their own, the rest
     // packs several tensors per shard.
@@ -575,5 +581,32 @@ fn smollm2_gguf_to_nf4_dq_directory() {
             assert!(t.dequantize::<f32>().unwrap() == expected.dequantize::<f32>().unwrap(), "{name}");
         }
         other => panic!("{other:?}"),
+    }
+
+    // Kept quantized GGUF tensors take --dtype; shards bound the size of each file.
+    let bf16 = tmp.path().join("smollm2-nf4-bf16");
+    let args = ["quantize", s(&gguf), "--scheme", "nf4:64+dq", "--dtype", "bf16", "--max-shard-size", "30MB"];
+    assert_ok(&lowbit(&[&args[..], &["-o", s(&bf16)]].concat()));
+    let ck16 = Checkpoint::open(&bf16).unwrap();
+    assert!(ck16.files().len() >= 3, "{} shards", ck16.files().len());
+    let emb16 = ck16.tensor("model.embed_tokens.weight").unwrap();
+    assert_eq!(emb16.dtype(), Dtype::BF16);
+    let want16: Vec<u8> = src
+        .tensor_f32("model.embed_tokens.weight")
+        .unwrap()
+        .iter()
+        .flat_map(|&v| lowbit::bf16::from_f32(v).to_le_bytes())
+        .collect();
+    assert!(emb16.data() == want16.as_slice(), "bf16 embedding differs from the GGUF's decoding, rounded");
+    assert_eq!(ck16.layer_names(), ck.layer_names());
+
+    // dequantize reads the GGUF directly: a dense directory of the decoded tensors.
+    let dense = tmp.path().join("smollm2-dense");
+    assert_ok(&lowbit(&["dequantize", s(&gguf), "--max-shard-size", "100MB", "-o", s(&dense)]));
+    let ckd = Checkpoint::open(&dense).unwrap();
+    assert_eq!(ckd.tensor_names(), src.tensor_names());
+    for name in ["model.layers.7.self_attn.k_proj.weight", "model.norm.weight"] {
+        let want: Vec<u8> = src.tensor_f32(name).unwrap().iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert!(ckd.tensor(name).unwrap().data() == want.as_slice(), "{name}");
     }
 }
