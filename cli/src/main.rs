@@ -8,9 +8,12 @@
 mod adapter;
 mod console;
 mod dequantize;
+mod dtype_arg;
 mod error;
 mod forward;
 mod gpu;
+mod hf_config;
+mod hf_dir;
 mod inspect;
 mod int8_layout;
 mod layer;
@@ -19,6 +22,7 @@ mod output;
 mod progress;
 mod quantize;
 mod quantized;
+mod select;
 mod table;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -29,9 +33,35 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 const QUANTIZE_LONG_ABOUT: &str = "\
-Quantizes every floating-point tensor (F32, F16, BF16) with two or more dimensions; every other tensor
-(1-D biases and norms, integer tensors, F64) is copied unchanged. The input file is memory-mapped and never
-modified; the output is written to a temporary file next to OUT and renamed into place.
+MODEL is a safetensors file, a Hugging Face model directory (config.json + model.safetensors, or shards +
+model.safetensors.index.json) or a GGUF file (llama-family tensors under their Hugging Face names). It is
+memory-mapped and never modified.
+
+Which tensors are quantized, for both kinds of output (first rule that applies wins):
+  1. tensors that are not floating point (F32, F16, BF16, GGUF float types) or have fewer than 2 dimensions
+     (biases, norms) are never quantized;
+  2. --skip GLOB: a matching tensor is kept;
+  3. --include GLOB: a matching tensor is quantized;
+  4. the default rule: the decoder's linear layers, i.e. `*.weight` tensors except embeddings (a name
+     containing `embed`, or a `wte` / `wpe` component) and `lm_head`, as transformers + bitsandbytes do.
+GLOBs match the full tensor name (`*` any characters, dots included; `?` one character), e.g.
+--skip 'model.layers.0.*' --include lm_head.weight; both can be repeated, and one that matches no tensor is an
+error. Kept tensors are copied in their dtype; GGUF tensors of quantized ggml types (e.g. a Q8_0 embedding)
+are decoded and written as f32, or as --dtype.
+
+Output: with -o FILE.safetensors, one safetensors file. With any other path, a Hugging Face model directory:
+model.safetensors, or shards model-00001-of-0000N.safetensors + model.safetensors.index.json when the tensors
+exceed --max-shard-size (each shard is written before the next is built); config.json (the input's
+configuration, or the one derived from the GGUF metadata, with a quantization_config); the tokenizer files
+the input directory has (tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab.json,
+merges.txt, tokenizer.model, generation_config.json, chat_template.jinja). The directory is built under a
+temporary sibling name and renamed into place at the end.
+
+quantization_config: for nf4 / fp4 the bitsandbytes 4-bit fields (quant_method: bitsandbytes, load_in_4bit,
+bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype = the weights' source dtype,
+bnb_4bit_quant_storage: uint8, llm_int8_skip_modules = the modules kept in floating point, lm_head included),
+so transformers + bitsandbytes load the directory with from_pretrained. For int8 a lowbit block
+(quant_method: lowbit); transformers cannot load that layout, lowbit reads it.
 
 int8 layout (scheme `int8`, asymmetric affine, PyTorch quint8 semantics). A tensor of shape [d0, .., dn] is
 seen as a row-major matrix with dn columns. For each quantized weight NAME the output holds:
@@ -49,12 +79,12 @@ The header's __metadata__ records:
   lowbit.granularity  = tensor | channel | group:G
   lowbit.dtype.NAME   = float32 | float16 | bfloat16   (source dtype of each quantized weight)
 
-nf4 layout (scheme `nf4`, bitsandbytes / QLoRA): each quantized weight NAME is written exactly as
-bitsandbytes' Linear4bit state dict stores it, so transformers/bitsandbytes load the file directly:
+nf4 / fp4 layout (bitsandbytes / QLoRA): each quantized weight NAME is written exactly as bitsandbytes'
+Linear4bit state dict stores it:
 
   NAME                                   U8  [(numel+1)/2, 1]  packed 4-bit codes, first element high nibble
   NAME.absmax                            F32 [nblocks] (U8 [nblocks] with --double-quant)  block scales
-  NAME.quant_map                         F32 [16]              the NF4 table
+  NAME.quant_map                         F32 [16]              the NF4 (or FP4) table
   NAME.nested_absmax                     F32 [ceil(nblocks/256)]  only with --double-quant
   NAME.nested_quant_map                  F32 [256]             only with --double-quant
   NAME.quant_state.bitsandbytes__nf4     U8  [len]             JSON: quant_type, blocksize, dtype, shape, ...
@@ -65,11 +95,16 @@ records the source dtype and shape.
 `lowbit dequantize` and `lowbit inspect` read both layouts back.";
 
 const DEQUANTIZE_LONG_ABOUT: &str = "\
-Reads a file written by `lowbit quantize` (int8), or any bitsandbytes 4-bit (NF4/FP4) safetensors
-checkpoint, and writes every quantized weight back under its own name as floating point, dropping the
-quantization entries (NAME.scale/NAME.zero_point; NAME.absmax, NAME.quant_map, NAME.nested_*,
-NAME.quant_state.*) and copying every other tensor unchanged. Without --dtype, int8 weights become f32 and
-4-bit weights take the dtype their quant state records. The input is memory-mapped and never modified.";
+Reads a checkpoint written by `lowbit quantize` (int8), any bitsandbytes 4-bit (NF4/FP4) checkpoint, or a
+GGUF file: a safetensors file, a model directory (single or sharded) or a .gguf. Writes every quantized
+weight back under its own name as floating point, dropping the quantization entries (NAME.scale /
+NAME.zero_point; NAME.absmax, NAME.quant_map, NAME.nested_*, NAME.quant_state.*) and copying every other
+tensor unchanged. Without --dtype, int8 weights and GGUF tensors of quantized ggml types become f32 and 4-bit
+weights take the dtype their quant state records. The input is memory-mapped and never modified.
+
+With -o FILE.safetensors the output is one file; with any other path, a dense Hugging Face model directory
+(shards over --max-shard-size, config.json without quantization_config, tokenizer files copied), built under
+a temporary name and renamed into place.";
 
 const INSPECT_LONG_ABOUT: &str = "\
 Lists the tensors of a checkpoint: a safetensors file, a Hugging Face model directory (config.json +
@@ -178,16 +213,18 @@ enum Command {
         #[arg(long, default_value_t = 4096, hide = true, value_parser = clap::value_parser!(u32).range(1..=8192))]
         size: u32,
     },
-    /// Quantize the floating-point weights of a safetensors file.
+    /// Quantize the linear-layer weights of a model (safetensors file, model directory or GGUF).
     #[command(long_about = QUANTIZE_LONG_ABOUT)]
     Quantize {
-        /// Input safetensors file.
+        /// Input model: a safetensors file, a model directory (single or sharded) or a .gguf file.
+        #[arg(value_name = "MODEL")]
         input: PathBuf,
-        /// Output safetensors file.
-        #[arg(short, long)]
+        /// Output: a path ending in .safetensors writes one file, any other path a model directory.
+        #[arg(short, long, value_name = "OUT")]
         output: PathBuf,
         /// Quantization scheme: `int8` (= `int8:channel`), `int8:tensor`, `int8:group:G`, `nf4` (= `nf4:64`),
-        /// `nf4:BS`, `nf4:BS+dq`, `fp4:BS`, `fp4:BS+dq` (BS: 32, 64, ..., 4096). The options below refine it.
+        /// `nf4:BS`, `nf4:BS+dq`, `fp4` (= `fp4:64`), `fp4:BS`, `fp4:BS+dq` (BS: 32, 64, ..., 4096). The options
+        /// below refine it.
         #[arg(long, value_parser = parse_scheme, value_name = "SCHEME", default_value = "int8")]
         scheme: lowbit::Scheme,
         /// int8: which values share a scale and zero point: `tensor`, `channel` (one per row, the default) or
@@ -200,22 +237,40 @@ enum Command {
         /// nf4 / fp4: double-quantize the block scales (8-bit codes + one f32 per 256 blocks, as QLoRA does).
         #[arg(long)]
         double_quant: bool,
-        /// Replace OUTPUT if it exists.
+        /// Keep the tensors whose full name matches GLOB (`*`, `?`); repeatable; wins over --include.
+        #[arg(long, value_name = "GLOB", value_parser = parse_glob)]
+        skip: Vec<select::Glob>,
+        /// Quantize the floating >= 2-D tensors matching GLOB even if the default rule keeps them (embeddings,
+        /// lm_head); repeatable.
+        #[arg(long, value_name = "GLOB", value_parser = parse_glob)]
+        include: Vec<select::Glob>,
+        /// Element type for kept GGUF tensors of quantized ggml types (e.g. a Q8_0 embedding) [default: f32].
+        #[arg(long, value_enum)]
+        dtype: Option<dtype_arg::DtypeArg>,
+        /// Model directory output: largest shard, in tensor bytes (e.g. 500MB, 2GB, 1GiB, or bytes).
+        #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "5GB")]
+        max_shard_size: u64,
+        /// Replace OUT if it exists (a directory is replaced only after the new one is complete).
         #[arg(long)]
         force: bool,
     },
-    /// Turn a quantized safetensors file back into floating point.
+    /// Turn a quantized model (or a GGUF) back into floating point.
     #[command(long_about = DEQUANTIZE_LONG_ABOUT)]
     Dequantize {
-        /// Input safetensors file (written by `lowbit quantize`).
+        /// Input model: a safetensors file, a model directory (single or sharded) or a .gguf file.
+        #[arg(value_name = "MODEL")]
         input: PathBuf,
-        /// Output safetensors file.
-        #[arg(short, long)]
+        /// Output: a path ending in .safetensors writes one file, any other path a model directory.
+        #[arg(short, long, value_name = "OUT")]
         output: PathBuf,
-        /// Element type of the dequantized weights.
-        #[arg(long, value_parser = parse_dtype)]
-        dtype: Option<lowbit::DType>,
-        /// Replace OUTPUT if it exists.
+        /// Element type of the dequantized weights [default: f32 for int8 and GGUF, the recorded dtype for
+        /// 4-bit].
+        #[arg(long, value_enum)]
+        dtype: Option<dtype_arg::DtypeArg>,
+        /// Model directory output: largest shard, in tensor bytes (e.g. 500MB, 2GB, 1GiB, or bytes).
+        #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "5GB")]
+        max_shard_size: u64,
+        /// Replace OUT if it exists (a directory is replaced only after the new one is complete).
         #[arg(long)]
         force: bool,
     },
@@ -382,18 +437,46 @@ fn quantize_scheme(
     }
 }
 
-fn parse_dtype(s: &str) -> Result<lowbit::DType, String> {
-    s.parse().map_err(|e: lowbit::Error| e.to_string())
+fn parse_glob(s: &str) -> Result<select::Glob, String> {
+    select::Glob::new(s)
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Demo { size } => Ok(lowbit_testkit::demo::run(size as usize)?),
-        Command::Quantize { input, output, scheme, granularity, blocksize, double_quant, force } => {
+        Command::Quantize {
+            input,
+            output,
+            scheme,
+            granularity,
+            blocksize,
+            double_quant,
+            skip,
+            include,
+            dtype,
+            max_shard_size,
+            force,
+        } => {
             let scheme = quantize_scheme(scheme, granularity, blocksize, double_quant);
-            quantize::run(&input, &output, scheme, force)
+            quantize::run(quantize::Quantize {
+                input: &input,
+                output: &output,
+                scheme,
+                selection: select::Selection { skip, include },
+                dtype: dtype.map(Into::into),
+                max_shard_size,
+                force,
+            })
         }
-        Command::Dequantize { input, output, dtype, force } => dequantize::run(&input, &output, dtype, force),
+        Command::Dequantize { input, output, dtype, max_shard_size, force } => {
+            dequantize::run(dequantize::Dequantize {
+                input: &input,
+                output: &output,
+                dtype: dtype.map(Into::into),
+                max_shard_size,
+                force,
+            })
+        }
         Command::Inspect { file, compare } => inspect::run(&file, compare.as_deref()),
         Command::Forward { checkpoint, layer, adapter, input, output, force, device } => {
             forward::run(forward::Forward {
