@@ -323,8 +323,8 @@ enum Command {
         output: PathBuf,
         /// Write the merged weights dense in this dtype (f16, bf16 or f32), without requantization; every
         /// other quantized weight is dequantized to it.
-        #[arg(long, value_parser = parse_dtype, value_name = "f16|bf16|f32", conflicts_with = "scheme")]
-        dtype: Option<lowbit::DType>,
+        #[arg(long, value_enum, conflicts_with = "scheme")]
+        dtype: Option<dtype_arg::DtypeArg>,
         /// Quantize the merged weights with this scheme instead of the base's (e.g. `int8:channel`, `nf4:64+dq`;
         /// the syntax of `quantize --scheme`); every other quantized weight not in it is requantized.
         #[arg(long, value_parser = parse_scheme, value_name = "SCHEME")]
@@ -495,7 +495,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             output: &output,
             force,
             target: match (dtype, scheme) {
-                (Some(d), _) => merge::Target::Dense(d),
+                (Some(d), _) => merge::Target::Dense(d.into()),
                 (None, Some(s)) => merge::Target::Scheme(s),
                 (None, None) => merge::Target::Same,
             },

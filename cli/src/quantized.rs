@@ -9,7 +9,6 @@ use lowbit::linear::QuantWeight;
 use lowbit::nf4::{BlockScales, FourBitTensor};
 use lowbit::{DType, Scheme};
 use safetensors::SafeTensors;
-use std::collections::HashMap;
 
 /// Suffixes of the entries bitsandbytes stores next to a 4-bit weight `W` (besides `W` itself and
 /// `W.quant_state.bitsandbytes__*`).
@@ -32,16 +31,6 @@ pub enum Quantized {
 }
 
 impl Layout {
-    /// Detects the layout from the metadata (int8) or the tensor names (bitsandbytes), by the library's one
-    /// detection rule ([`lowbit::io::Layout::detect`]); `None` for a plain file.
-    pub fn detect(meta: &HashMap<String, String>, st: &SafeTensors<'_>) -> Result<Option<Layout>, CliError> {
-        Ok(match lowbit::io::Layout::detect(meta, st.names())? {
-            lowbit::io::Layout::Int8(l) => Some(Layout::Int8(l)),
-            lowbit::io::Layout::Bnb4bit => Some(Layout::Bnb(bnb::quantized_weight_names(st))),
-            _ => None,
-        })
-    }
-
     /// The layout [`Checkpoint::open`] detected; `None` for a plain checkpoint.
     pub fn of(ck: &Checkpoint) -> Option<Layout> {
         match ck.layout() {
