@@ -60,7 +60,10 @@ const ALPHA: f32 = 16.0;
 
 /// Weights like a trained layer's (|w| ≤ 0.05), an F32 bias and a plain norm; UP and DOWN quantized with
 /// `quant` (the tensors of one weight), or stored dense F32 when `quant` is `None`.
-fn write_base(path: &Path, quant: Option<&dyn Fn(&str, &[f32], [usize; 2]) -> Vec<(String, TensorData)>>) {
+/// Quantizes one weight (name, values, shape) into the entries that store it.
+type Quant = fn(&str, &[f32], [usize; 2]) -> Vec<(String, TensorData)>;
+
+fn write_base(path: &Path, quant: Option<Quant>) {
     let up = values(INTER * HIDDEN, 1, 0.05);
     let down = values(HIDDEN * INTER, 2, 0.05);
     let mut t = Vec::new();
@@ -174,10 +177,9 @@ fn nf4_erasing_a_small_adapter_warns_and_int8_keeps_it() {
     let adapter = dir.path().join("adapter");
     let (a, b) = write_adapter(&adapter);
     let d = delta(&a, &b);
-    type Quant = fn(&str, &[f32], [usize; 2]) -> Vec<(String, TensorData)>;
     for (what, quant, erased) in [("nf4", nf4 as Quant, true), ("int8", int8_channel as Quant, false)] {
         let base = dir.path().join(format!("{what}.safetensors"));
-        write_base(&base, Some(&quant));
+        write_base(&base, Some(quant));
         let out = dir.path().join(format!("{what}-merged.safetensors"));
         let o = lowbit(&["merge", s(&base), "--adapter", s(&adapter), "-o", s(&out)]);
         assert_ok(&o);
@@ -208,7 +210,7 @@ fn dtype_writes_the_merged_model_dense() {
     let (a, b) = write_adapter(&adapter);
     let d = delta(&a, &b);
     let base = dir.path().join("nf4.safetensors");
-    write_base(&base, Some(&nf4));
+    write_base(&base, Some(nf4));
     let (up0, down0) = (weight_f32(&base, UP), weight_f32(&base, DOWN));
     for (dtype, st, round) in [
         ("f16", Dtype::F16, (|x: f32| half::f16::from_f32(x).to_f32()) as fn(f32) -> f32),
@@ -270,7 +272,7 @@ fn scheme_requantizes_to_another_format() {
     let (a, b) = write_adapter(&adapter);
     let d = delta(&a, &b);
     let base = dir.path().join("nf4.safetensors");
-    write_base(&base, Some(&nf4));
+    write_base(&base, Some(nf4));
     let (up0, down0) = (weight_f32(&base, UP), weight_f32(&base, DOWN));
     let out = dir.path().join("merged-int8.safetensors");
     let o = lowbit(&["merge", s(&base), "--adapter", s(&adapter), "-o", s(&out), "--scheme", "int8:channel"]);
@@ -319,7 +321,7 @@ fn merge_never_overwrites_an_input() {
     let adapter = dir.path().join("adapter");
     write_adapter(&adapter);
     let base = dir.path().join("nf4.safetensors");
-    write_base(&base, Some(&nf4));
+    write_base(&base, Some(nf4));
     let model = dir.path().join("model");
     std::fs::create_dir_all(&model).unwrap();
     std::fs::copy(&base, model.join("model.safetensors")).unwrap();
