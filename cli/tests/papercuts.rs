@@ -429,3 +429,54 @@ fn forward_runs_a_gguf_layer() {
     assert_clean_failure(&forward(&gguf, &format!("{layer}.weight"), &x, &y, &[]), "module path");
     assert_clean_failure(&forward(&gguf, layer, &x, &y, &["--device", "gpu"]), "--device cpu");
 }
+
+/// A dense checkpoint (F16 weight, F32 bias) runs with a PEFT adapter: y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, each output
+/// accumulated in f64 in index order and rounded once, as computed here.
+#[test]
+fn forward_runs_a_dense_layer_with_an_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let w: Vec<half::f16> = values(INTER * HIDDEN, 1, 0.5).into_iter().map(half::f16::from_f32).collect();
+    let bias = values(INTER, 2, 0.1);
+    let ckpt = dir.path().join("dense.safetensors");
+    let wb: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let t = [
+        (format!("{UP}.weight"), TensorData { dtype: Dtype::F16, shape: vec![INTER, HIDDEN], data: wb }),
+        (format!("{UP}.bias"), TensorData::from_slice(Dtype::F32, vec![INTER], &bias)),
+    ];
+    lowbit::io::write_safetensors(&ckpt, &t, None, false).unwrap();
+    let adapter = dir.path().join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(adapter.join("adapter_config.json"), r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 6}"#).unwrap();
+    let (a, b) = (values(2 * HIDDEN, 3, 0.1), values(INTER * 2, 4, 0.1));
+    let key = |ab: &str| format!("base_model.model.{UP}.{ab}.weight");
+    let t = [
+        (key("lora_A"), TensorData::from_slice(Dtype::F32, vec![2, HIDDEN], &a)),
+        (key("lora_B"), TensorData::from_slice(Dtype::F32, vec![INTER, 2], &b)),
+    ];
+    lowbit::io::write_safetensors(adapter.join("adapter_model.safetensors"), &t, None, false).unwrap();
+    let x = dir.path().join("x.safetensors");
+    let xv = write_x(&x, &[4, HIDDEN], Dtype::F32, 6);
+    let y = dir.path().join("y.safetensors");
+    let o = forward(&ckpt, UP, &x, &y, &["--adapter", s(&adapter)]);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("dense F16") && stdout(&o).contains("+ adapter"), "{}", stdout(&o));
+    let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+    let (wf, af, bf) = (w.iter().map(|v| f64::from(v.to_f32())).collect::<Vec<f64>>(), f64s(&a), f64s(&b));
+    let want: Vec<u32> = xv
+        .chunks_exact(HIDDEN)
+        .flat_map(|xr| {
+            let xr = f64s(xr);
+            let xa: Vec<f64> =
+                (0..2).map(|j| xr.iter().zip(&af[j * HIDDEN..(j + 1) * HIDDEN]).map(|(x, a)| x * a).sum()).collect();
+            (0..INTER)
+                .map(|o| {
+                    let mut acc: f64 = xr.iter().zip(&wf[o * HIDDEN..(o + 1) * HIDDEN]).map(|(x, w)| x * w).sum();
+                    acc += f64::from(bias[o]);
+                    acc += 3.0 * xa.iter().zip(&bf[o * 2..o * 2 + 2]).map(|(t, b)| t * b).sum::<f64>();
+                    (acc as f32).to_bits()
+                })
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    assert_eq!(read_y(&y), (vec![4, INTER], want));
+}
