@@ -206,9 +206,8 @@ pub fn run(m: Merge<'_>) -> Result<(), CliError> {
     }
     if matched.is_empty() {
         let modules: Vec<&str> = peft.modules().iter().map(|m| m.path.as_str()).collect();
-        let what = if m.target == Target::Same { "the quantized layers are" } else { "its quantized layers are" };
         return Err(CliError::new(format!(
-            "adapter {} matches no layer of {file_name}: its modules are {}; {what} {}",
+            "adapter {} matches no layer of {file_name}: its modules are {}; the quantized layers are {}",
             m.adapter.display(),
             layer::list(&modules),
             if layer_paths.is_empty() { "none".to_string() } else { layer::list(&layer_paths) }
@@ -460,8 +459,9 @@ pub fn run(m: Merge<'_>) -> Result<(), CliError> {
     };
     if !unmatched.is_empty() {
         summary.push_str(&format!(
-            "\n{} adapter module(s) matched no quantized layer and were not merged: {}",
+            "\n{} adapter module(s) matched no {}layer and were not merged: {}",
             unmatched.len(),
+            if m.target == Target::Same { "quantized " } else { "" },
             unmatched.iter().map(|p| unmatched_reason(&ck, p)).collect::<Vec<_>>().join(", ")
         ));
     }
