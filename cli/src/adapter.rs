@@ -1,14 +1,14 @@
 //! PEFT LoRA adapter directories on the command line ([`lowbit::io::peft`]): loading with the directory in
 //! every error, and the name the adapter is attached under.
 
-use crate::error::{CliError, Context};
+use crate::error::{CliError, PathContext};
 use lowbit::io::peft::PeftAdapter;
 use lowbit::lora::LoraAdapter;
 use std::path::Path;
 
 /// Loads and validates the adapter directory `dir` (`adapter_config.json` + `adapter_model.safetensors`).
 pub fn load(dir: &Path) -> Result<PeftAdapter, CliError> {
-    PeftAdapter::load(dir).context(|| format!("adapter {}", dir.display()))
+    PeftAdapter::load(dir).path_context(dir, "adapter", "loading the adapter")
 }
 
 /// The name to attach `adapter` under: the adapter-name segment of its keys (`default` in

@@ -1,74 +1,139 @@
-//! `lowbit dequantize`: turns a quantized safetensors file (lowbit int8 or bitsandbytes 4-bit) back into
-//! floating point.
+//! `lowbit dequantize`: turns a quantized checkpoint (lowbit int8 or bitsandbytes 4-bit; a safetensors file or
+//! a model directory, single or sharded; or a GGUF, whose quantized ggml tensors are decoded) back into
+//! floating point, as one safetensors file or a dense model directory.
 
 use crate::console;
 use crate::error::{CliError, Context};
-use crate::output::check_output;
+use crate::hf_config;
+use crate::output::Sink;
 use crate::progress::Progress;
+use crate::quantize::{is_floating, plain_tensor};
 use crate::quantized::{Layout, Quantized};
-use lowbit::io::{safetensors_dtype, SafetensorsFile, TensorData};
+use lowbit::format::ggml::GgmlType;
+use lowbit::io::{safetensors_dtype, Checkpoint, StoredType, TensorData};
 use lowbit::DType;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-/// Dequantizes every quantized weight of `input` and writes `output`; parameter entries are dropped and every
-/// other tensor is copied unchanged. The dtype is `dtype` if given, else f32 for int8 files and the dtype
-/// each bitsandbytes quant state records for 4-bit files.
-pub fn run(input: &Path, output: &Path, dtype: Option<DType>, force: bool) -> Result<(), CliError> {
-    check_output(input, output, force)?;
-    let file = SafetensorsFile::open(input)?;
-    let st = file.tensors()?;
-    let mut metadata = file.metadata()?;
-    let layout = Layout::detect(&metadata, &st)?.ok_or_else(|| {
-        CliError::new(format!(
-            "{} holds no quantized tensors (no `lowbit.scheme` metadata and no bitsandbytes quant_state \
-             entries); nothing to dequantize",
-            input.display()
-        ))
-    })?;
-    if matches!(layout, Layout::Int8(_)) {
-        metadata.retain(|k, _| !k.starts_with("lowbit."));
-    }
+/// What `lowbit dequantize` was asked to do.
+pub struct Dequantize<'a> {
+    /// Checkpoint to read.
+    pub input: &'a Path,
+    /// `*.safetensors` file or model directory to write.
+    pub output: &'a Path,
+    /// Element type of the dequantized weights (see [`run`]).
+    pub dtype: Option<DType>,
+    /// Largest shard of a model directory, in tensor bytes.
+    pub max_shard_size: u64,
+    /// Replace an existing output.
+    pub force: bool,
+}
 
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
-    for w in layout.weights() {
-        if names.binary_search_by(|n| n.as_str().cmp(w)).is_err() {
-            return Err(CliError::new(format!("the metadata lists quantized tensor `{w}`, but the file lacks it")));
+/// Dequantizes every quantized weight of `d.input` and writes `d.output`; parameter entries are dropped and
+/// every other tensor is copied unchanged. The dtype is `d.dtype` if given, else f32 for int8 weights and
+/// GGUF tensors of quantized ggml types, and the dtype each bitsandbytes quant state records for 4-bit
+/// weights. A directory output gets the input's `config.json` without `quantization_config`.
+pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
+    let ck = Checkpoint::open(d.input)?;
+    let names: Vec<String> = ck.tensor_names().into_iter().map(str::to_string).collect();
+    let mut ggml_quantized = 0usize;
+    for name in &names {
+        if let StoredType::Ggml(t) = ck.tensor_info(name)?.stored {
+            if !matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+                ggml_quantized += 1;
+            }
         }
     }
+    let layout = Layout::of(&ck);
+    if layout.is_none() && ggml_quantized == 0 {
+        return Err(CliError::new(format!(
+            "{} holds no quantized tensors (no `lowbit.scheme` metadata, no bitsandbytes quant_state entries, no \
+             quantized GGUF tensors); nothing to dequantize",
+            d.input.display()
+        )));
+    }
+    let mut metadata = ck.metadata().clone();
+    metadata.retain(|k, _| !k.starts_with("lowbit."));
+    // Each quantized weight's parameter entries, gathered so the weight can be loaded from any shard.
+    let mut params: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    if let Some(layout) = &layout {
+        for w in layout.weights() {
+            if names.binary_search_by(|n| n.as_str().cmp(w)).is_err() {
+                return Err(CliError::new(format!(
+                    "the checkpoint lists quantized tensor `{w}`, but it has no such tensor"
+                )));
+            }
+        }
+        for name in &names {
+            if let Some(owner) = layout.owner_of_param_entry(name) {
+                params.entry(owner).or_default().push(name);
+            }
+        }
+    }
+    let mut sink = Sink::open(d.input, d.output, d.force, d.max_shard_size, metadata)?;
 
     let progress = Progress::new(names.len() as u64, "dequantizing");
-    let mut out: Vec<(String, TensorData)> = Vec::with_capacity(names.len());
     let (mut n_weights, mut n_copied) = (0usize, 0usize);
     let mut dtypes_used: Vec<DType> = Vec::new();
+    let mut note = |t: DType| {
+        if !dtypes_used.contains(&t) {
+            dtypes_used.push(t);
+        }
+    };
     for name in &names {
         progress.set_message(name);
-        if layout.is_weight(name) {
-            let q = layout.load(&st, name)?;
-            let target = dtype.unwrap_or(match q {
+        let weight = layout.as_ref().filter(|l| l.is_weight(name));
+        let tensor = if let Some(layout) = weight {
+            let q = load(&ck, layout, name, params.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]))?;
+            let target = d.dtype.unwrap_or(match q {
                 Quantized::Int8(..) => DType::F32,
                 Quantized::FourBit(_) => q.source_dtype(),
             });
             let data = q.dequantize_to_bytes(target).context(|| format!("tensor `{name}`"))?;
-            out.push((name.clone(), TensorData { dtype: safetensors_dtype(target), shape: q.shape().to_vec(), data }));
-            if !dtypes_used.contains(&target) {
-                dtypes_used.push(target);
-            }
+            note(target);
             n_weights += 1;
-        } else if !layout.is_param_entry(name) {
-            out.push((name.clone(), TensorData::from_view(&st.tensor(name)?)));
-            n_copied += 1;
+            Some(TensorData { dtype: safetensors_dtype(target), shape: q.shape().to_vec(), data })
+        } else if layout.as_ref().is_some_and(|l| l.is_param_entry(name)) {
+            None
+        } else {
+            let info = ck.tensor_info(name)?;
+            let t = plain_tensor(&ck, name, &info, d.dtype)?;
+            match info.stored {
+                StoredType::Ggml(g)
+                    if is_floating(info.stored) && !matches!(g, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) =>
+                {
+                    note(d.dtype.unwrap_or(DType::F32));
+                    n_weights += 1;
+                }
+                _ => n_copied += 1,
+            }
+            Some(t)
+        };
+        if let Some(t) = tensor {
+            sink.push(vec![(name.clone(), t)], HashMap::new())?;
         }
         progress.inc();
     }
     progress.set_message("writing");
-    let metadata = if metadata.is_empty() { None } else { Some(metadata) };
-    lowbit::io::write_safetensors(output, &out, metadata, force)?;
+    let config = hf_config::with_quantization(ck.config(), None);
+    let wrote = sink.finish(config.as_ref(), crate::hf_dir::tokenizer_source(d.input))?;
     drop(progress);
     let dtypes: Vec<String> = dtypes_used.iter().map(DType::to_string).collect();
     console::line(&format!(
-        "dequantized {n_weights} tensor(s) to {}, copied {n_copied} unchanged; wrote {}",
+        "dequantized {n_weights} tensor(s) to {}, copied {n_copied} unchanged; {wrote}",
         if dtypes.is_empty() { "-".to_string() } else { dtypes.join("/") },
-        output.display()
     ))
+}
+
+/// Loads quantized weight `name` with its parameter entries `params`: the entries are gathered into a small
+/// in-memory safetensors buffer (one weight's bytes), so a weight whose entries sit in different shards loads
+/// as well as one in a single file, through the same validating loaders.
+fn load(ck: &Checkpoint, layout: &Layout, name: &str, params: &[&str]) -> Result<Quantized, CliError> {
+    let mut entries = Vec::with_capacity(params.len() + 1);
+    for key in std::iter::once(&name).chain(params) {
+        entries.push((key.to_string(), TensorData::from_view(&ck.tensor(key)?)));
+    }
+    let bytes = lowbit::io::serialize_safetensors(&entries, None)?;
+    let st = lowbit::io::parse_safetensors_with_limits(&bytes, ck.limits())?;
+    layout.load(&st, name)
 }

@@ -1,21 +1,43 @@
-//! `lowbit inspect`: lists a file's tensors and formats, optionally with each quantized tensor's error
-//! against the original.
+//! `lowbit inspect`: a summary of a checkpoint (size, parameters, bits per weight, worst SQNR), then its
+//! tensors and formats, optionally with each quantized tensor's error against the original. Reads any form
+//! [`Checkpoint::open`] accepts: a safetensors file, a model directory (single or sharded), a GGUF.
 
 use crate::console;
 use crate::error::{CliError, Context};
-use crate::quantized::Layout;
+use crate::quantized::{load_from_checkpoint, stored_name, Layout};
 use crate::table::{Align, Table};
-use lowbit::io::SafetensorsFile;
+use lowbit::format::ggml::GgmlType;
+use lowbit::io::{Checkpoint, StoredType};
 use lowbit_testkit::stats::{fmt_db, ErrorStats};
 use std::path::Path;
 
+/// Whether a ggml type is quantized (blocks of codes and scales) rather than a plain number type.
+fn is_quantized_ggml(t: GgmlType) -> bool {
+    t.block_elements() > 1
+}
+
+/// Running totals for the summary.
+#[derive(Default)]
+struct Totals {
+    /// Rows listed (quantized weights count once, with their parameter entries).
+    tensors: usize,
+    /// Bytes of tensor data, every entry included.
+    bytes: usize,
+    /// Elements over all rows (a quantized weight counts its original shape).
+    params: usize,
+    /// Quantized rows, their elements and their stored bits.
+    quantized: usize,
+    q_weights: usize,
+    q_bits: f64,
+    /// The lowest SQNR with --compare, and its tensor.
+    worst: Option<(f64, String)>,
+}
+
 /// Lists `file`; with `compare`, measures every quantized tensor against the tensor of the same name there.
 pub fn run(file: &Path, compare: Option<&Path>) -> Result<(), CliError> {
-    let f = SafetensorsFile::open(file)?;
-    let st = f.tensors()?;
-    let layout = Layout::detect(&f.metadata()?, &st)?;
-    let original = compare.map(SafetensorsFile::open).transpose()?;
-    let original_st = original.as_ref().map(|o| o.tensors()).transpose()?;
+    let ck = Checkpoint::open(file)?;
+    let layout = Layout::of(&ck);
+    let original = compare.map(Checkpoint::open).transpose()?;
 
     let mut columns =
         vec![("name", Align::Left), ("dtype", Align::Left), ("shape", Align::Left), ("format", Align::Left)];
@@ -25,62 +47,122 @@ pub fn run(file: &Path, compare: Option<&Path>) -> Result<(), CliError> {
     }
     let mut table = Table::new(&columns);
 
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
-    let (mut n_tensors, mut n_quantized, mut q_weights, mut q_bits) = (0usize, 0usize, 0usize, 0f64);
-    for name in &names {
-        let view = st.tensor(name)?;
-        let layout = match &layout {
-            Some(l) if l.is_param_entry(name) => continue,
-            Some(l) if l.is_weight(name) => l,
-            _ => {
-                n_tensors += 1;
-                table.push(vec![
-                    name.clone(),
-                    format!("{:?}", view.dtype()),
-                    format!("{:?}", view.shape()),
-                    "plain".into(),
-                    format!("{}", view.dtype().bitsize()),
-                ]);
-                continue;
+    let names = ck.tensor_names(); // sorted
+    let mut t = Totals::default();
+    let mut is_gguf = false;
+    for &name in &names {
+        let info = ck.tensor_info(name)?;
+        t.bytes += info.bytes;
+        let numel: usize = info.shape.iter().product();
+        let bits = |bytes: usize, n: usize| {
+            if n == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.3}", bytes as f64 * 8.0 / n as f64)
             }
         };
-        let q = layout.load(&st, name)?;
-        n_tensors += 1;
-        n_quantized += 1;
-        q_weights += q.numel();
-        q_bits += q.bits_per_weight() * q.numel() as f64;
-        let mut row = vec![
-            name.clone(),
-            format!("{:?}", view.dtype()),
-            format!("{:?}", q.shape()),
-            format!("{} (from {})", q.describe(), q.source_dtype()),
-            if q.numel() == 0 { "-".to_string() } else { format!("{:.3}", q.bits_per_weight()) },
-        ];
-        if let (Some(orig), Some(orig_path)) = (&original_st, compare) {
+        // x_hat (the decoded quantized tensor), when this row is quantized.
+        let (row, x_hat) = match (&layout, info.stored) {
+            (Some(l), _) if l.is_param_entry(name) => continue,
+            (Some(l), _) if l.is_weight(name) => {
+                let q = load_from_checkpoint(&ck, l, name)?;
+                t.quantized += 1;
+                t.q_weights += q.numel();
+                t.q_bits += q.bits_per_weight() * q.numel() as f64;
+                t.params += q.numel();
+                let row = vec![
+                    name.to_string(),
+                    stored_name(info.stored),
+                    format!("{:?}", q.shape()),
+                    format!("{} (from {})", q.describe(), q.source_dtype()),
+                    if q.numel() == 0 { "-".to_string() } else { format!("{:.3}", q.bits_per_weight()) },
+                ];
+                let x_hat = if compare.is_some() { Some((q.shape().to_vec(), q.dequantize_f32()?)) } else { None };
+                (row, x_hat)
+            }
+            (_, StoredType::Ggml(g)) if is_quantized_ggml(g) => {
+                is_gguf = true;
+                t.quantized += 1;
+                t.q_weights += numel;
+                t.q_bits += info.bytes as f64 * 8.0;
+                t.params += numel;
+                let row = vec![
+                    name.to_string(),
+                    g.name().to_string(),
+                    format!("{:?}", info.shape),
+                    format!("ggml {}", g.name()),
+                    bits(info.bytes, numel),
+                ];
+                let x_hat = match compare {
+                    Some(_) => {
+                        Some((info.shape.clone(), ck.tensor_f32(name).context(|| format!("decoding `{name}`"))?))
+                    }
+                    None => None,
+                };
+                (row, x_hat)
+            }
+            (_, stored) => {
+                is_gguf |= matches!(stored, StoredType::Ggml(_));
+                t.params += numel;
+                let row = vec![
+                    name.to_string(),
+                    stored_name(stored),
+                    format!("{:?}", info.shape),
+                    "plain".into(),
+                    bits(info.bytes, numel),
+                ];
+                (row, None)
+            }
+        };
+        t.tensors += 1;
+        let mut row = row;
+        if let (Some(orig), Some(orig_path), Some((shape, x_hat))) = (&original, compare, x_hat) {
             let ctx = || format!("comparing `{name}` with {}", orig_path.display());
             let o = orig
-                .tensor(name)
+                .tensor_info(name)
                 .map_err(|_| CliError::new(format!("tensor `{name}` is not in the original")))
                 .context(ctx)?;
-            if o.shape() != q.shape() {
-                return Err(CliError::new(format!("shape {:?} in the original, {:?} here", o.shape(), q.shape())))
-                    .context(ctx);
+            if o.shape != shape {
+                return Err(CliError::new(format!("shape {:?} in the original, {shape:?} here", o.shape))).context(ctx);
             }
-            let x = lowbit::io::view_to_f32(name, &o).context(ctx)?;
-            let x_hat = q.dequantize_f32().context(ctx)?;
+            let x = orig.tensor_f32(name).context(ctx)?;
             let s = ErrorStats::compute(&x, &x_hat);
+            if !s.sqnr_db.is_nan() && t.worst.as_ref().is_none_or(|(w, _)| s.sqnr_db < *w) {
+                t.worst = Some((s.sqnr_db, name.to_string()));
+            }
             row.extend([format!("{:.6e}", s.max_abs), format!("{:.6e}", s.mean_abs), fmt_db(s.sqnr_db)]);
         }
         table.push(row);
     }
-    console::out(&table.render())?;
-    let mut summary = format!("{n_tensors} tensor(s) in {} entries", names.len());
-    if n_quantized > 0 {
+
+    let format = if is_gguf { "GGUF" } else { ck.layout().name() };
+    let mut summary = format!(
+        "{}: {format}, {} file(s)\n{} tensor(s) in {} entries",
+        file.display(),
+        ck.files().len(),
+        t.tensors,
+        names.len()
+    );
+    if t.quantized > 0 {
         summary.push_str(&format!(
-            "; {n_quantized} quantized ({q_weights} weights, {:.3} bits/weight on average)",
-            q_bits / q_weights.max(1) as f64
+            "; {} quantized ({} weights, {:.3} bits/weight on average)",
+            t.quantized,
+            t.q_weights,
+            t.q_bits / t.q_weights.max(1) as f64
         ));
     }
-    console::line(&summary)
+    summary.push_str(&format!(
+        "\ntotal size: {:.2} MiB of tensor data; {} parameters; {} bits/weight on average over all tensors",
+        t.bytes as f64 / (1024.0 * 1024.0),
+        t.params,
+        if t.params == 0 { "-".to_string() } else { format!("{:.3}", t.bytes as f64 * 8.0 / t.params as f64) }
+    ));
+    if compare.is_some() {
+        summary.push_str(&match &t.worst {
+            Some((db, name)) => format!("\nworst SQNR: {} dB (`{name}`)", fmt_db(*db)),
+            None => "\nworst SQNR: - (no quantized tensor to compare)".to_string(),
+        });
+    }
+    console::line(&summary)?;
+    console::out(&table.render())
 }

@@ -8,9 +8,12 @@
 mod adapter;
 mod console;
 mod dequantize;
+mod dtype_arg;
 mod error;
 mod forward;
 mod gpu;
+mod hf_config;
+mod hf_dir;
 mod inspect;
 mod int8_layout;
 mod layer;
@@ -19,6 +22,7 @@ mod output;
 mod progress;
 mod quantize;
 mod quantized;
+mod select;
 mod table;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -29,9 +33,35 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 const QUANTIZE_LONG_ABOUT: &str = "\
-Quantizes every floating-point tensor (F32, F16, BF16) with two or more dimensions; every other tensor
-(1-D biases and norms, integer tensors, F64) is copied unchanged. The input file is memory-mapped and never
-modified; the output is written to a temporary file next to OUT and renamed into place.
+MODEL is a safetensors file, a Hugging Face model directory (config.json + model.safetensors, or shards +
+model.safetensors.index.json) or a GGUF file (llama-family tensors under their Hugging Face names). It is
+memory-mapped and never modified.
+
+Which tensors are quantized, for both kinds of output (first rule that applies wins):
+  1. tensors that are not floating point (F32, F16, BF16, GGUF float types) or have fewer than 2 dimensions
+     (biases, norms) are never quantized;
+  2. --skip GLOB: a matching tensor is kept;
+  3. --include GLOB: a matching tensor is quantized;
+  4. the default rule: the decoder's linear layers, i.e. `*.weight` tensors except embeddings (a name
+     containing `embed`, or a `wte` / `wpe` component) and `lm_head`, as transformers + bitsandbytes do.
+GLOBs match the full tensor name (`*` any characters, dots included; `?` one character), e.g.
+--skip 'model.layers.0.*' --include lm_head.weight; both can be repeated, and one that matches no tensor is an
+error. Kept tensors are copied in their dtype; GGUF tensors of quantized ggml types (e.g. a Q8_0 embedding)
+are decoded and written as f32, or as --dtype.
+
+Output: with -o FILE.safetensors, one safetensors file. With any other path, a Hugging Face model directory:
+model.safetensors, or shards model-00001-of-0000N.safetensors + model.safetensors.index.json when the tensors
+exceed --max-shard-size (each shard is written before the next is built); config.json (the input's
+configuration, or the one derived from the GGUF metadata, with a quantization_config); the tokenizer files
+the input directory has (tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab.json,
+merges.txt, tokenizer.model, generation_config.json, chat_template.jinja). The directory is built under a
+temporary sibling name and renamed into place at the end.
+
+quantization_config: for nf4 / fp4 the bitsandbytes 4-bit fields (quant_method: bitsandbytes, load_in_4bit,
+bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype = the weights' source dtype,
+bnb_4bit_quant_storage: uint8, llm_int8_skip_modules = the modules kept in floating point, lm_head included),
+so transformers + bitsandbytes load the directory with from_pretrained. For int8 a lowbit block
+(quant_method: lowbit); transformers cannot load that layout, lowbit reads it.
 
 int8 layout (scheme `int8`, asymmetric affine, PyTorch quint8 semantics). A tensor of shape [d0, .., dn] is
 seen as a row-major matrix with dn columns. For each quantized weight NAME the output holds:
@@ -49,12 +79,12 @@ The header's __metadata__ records:
   lowbit.granularity  = tensor | channel | group:G
   lowbit.dtype.NAME   = float32 | float16 | bfloat16   (source dtype of each quantized weight)
 
-nf4 layout (scheme `nf4`, bitsandbytes / QLoRA): each quantized weight NAME is written exactly as
-bitsandbytes' Linear4bit state dict stores it, so transformers/bitsandbytes load the file directly:
+nf4 / fp4 layout (bitsandbytes / QLoRA): each quantized weight NAME is written exactly as bitsandbytes'
+Linear4bit state dict stores it:
 
   NAME                                   U8  [(numel+1)/2, 1]  packed 4-bit codes, first element high nibble
   NAME.absmax                            F32 [nblocks] (U8 [nblocks] with --double-quant)  block scales
-  NAME.quant_map                         F32 [16]              the NF4 table
+  NAME.quant_map                         F32 [16]              the NF4 (or FP4) table
   NAME.nested_absmax                     F32 [ceil(nblocks/256)]  only with --double-quant
   NAME.nested_quant_map                  F32 [256]             only with --double-quant
   NAME.quant_state.bitsandbytes__nf4     U8  [len]             JSON: quant_type, blocksize, dtype, shape, ...
@@ -65,48 +95,79 @@ records the source dtype and shape.
 `lowbit dequantize` and `lowbit inspect` read both layouts back.";
 
 const DEQUANTIZE_LONG_ABOUT: &str = "\
-Reads a file written by `lowbit quantize` (int8), or any bitsandbytes 4-bit (NF4/FP4) safetensors
-checkpoint, and writes every quantized weight back under its own name as floating point, dropping the
-quantization entries (NAME.scale/NAME.zero_point; NAME.absmax, NAME.quant_map, NAME.nested_*,
-NAME.quant_state.*) and copying every other tensor unchanged. Without --dtype, int8 weights become f32 and
-4-bit weights take the dtype their quant state records. The input is memory-mapped and never modified.";
+Reads a checkpoint written by `lowbit quantize` (int8), any bitsandbytes 4-bit (NF4/FP4) checkpoint, or a
+GGUF file: a safetensors file, a model directory (single or sharded) or a .gguf. Writes every quantized
+weight back under its own name as floating point, dropping the quantization entries (NAME.scale /
+NAME.zero_point; NAME.absmax, NAME.quant_map, NAME.nested_*, NAME.quant_state.*) and copying every other
+tensor unchanged. Without --dtype, int8 weights and GGUF tensors of quantized ggml types become f32 and 4-bit
+weights take the dtype their quant state records. The input is memory-mapped and never modified.
+
+With -o FILE.safetensors the output is one file; with any other path, a dense Hugging Face model directory
+(shards over --max-shard-size, config.json without quantization_config, tokenizer files copied), built under
+a temporary name and renamed into place.";
 
 const INSPECT_LONG_ABOUT: &str = "\
-Lists the tensors of a safetensors file: name, stored dtype, shape (of the original weight), format (int8
-tensor/channel/group:G, nf4/fp4 block:B [nested], or plain) and storage cost in bits per weight (parameters
-included). A quantized weight's parameter entries are folded into its row.
+Lists the tensors of a checkpoint: a safetensors file, a Hugging Face model directory (config.json +
+model.safetensors, or sharded model-0000N-of-0000M.safetensors + model.safetensors.index.json) or a GGUF file
+(tensors under their Hugging Face names). A summary comes first: files, total size of the tensor data,
+parameters, average bits per weight over all tensors and over the quantized ones, and with --compare the worst
+SQNR and its tensor. Then one row per tensor: name, stored type (safetensors dtype or ggml type), shape (of the
+original weight), format (int8 tensor/channel/group:G, nf4/fp4 block:B [nested], ggml TYPE, or plain) and
+storage cost in bits per weight (parameters included). A quantized weight's parameter entries are folded into
+its row.
 
-With --compare ORIGINAL, every quantized tensor is dequantized and compared with the tensor of the same name
-in ORIGINAL: maximum and mean absolute error and the signal-to-quantization-noise ratio
+With --compare ORIGINAL (any checkpoint form above), every quantized tensor (lowbit int8, bitsandbytes 4-bit,
+or a quantized ggml type) is decoded to f32 and compared with the tensor of the same name in ORIGINAL: maximum
+and mean absolute error and the signal-to-quantization-noise ratio
 SQNR = 10 log10(sum x^2 / sum (x - x_hat)^2) in dB.";
 
 const FORWARD_LONG_ABOUT: &str = "\
-Loads the linear layer whose weights are stored under PREFIX in CHECKPOINT: the quantized weight
-PREFIX.weight [out, in] (bitsandbytes 4-bit NF4/FP4 with its quant-state entries, or lowbit int8 with
-PREFIX.weight.scale / PREFIX.weight.zero_point) and the optional bias PREFIX.bias. With --adapter, the PEFT
-LoRA adapter's module for PREFIX (keys base_model.model.PREFIX.lora_A.weight / lora_B.weight) is attached,
-with PEFT's scaling (lora_alpha / r, or / sqrt(r) with use_rslora, rank_pattern and alpha_pattern honoured);
-it is an error if the adapter has no module for PREFIX.
+Loads the linear layer whose weights are stored under PREFIX in CHECKPOINT (a safetensors file, a Hugging Face
+model directory, a sharded directory or a GGUF): the quantized weight PREFIX.weight [out, in] (bitsandbytes 4-bit
+NF4/FP4 with its quant-state entries, or lowbit int8 with PREFIX.weight.scale / PREFIX.weight.zero_point) and
+the optional bias PREFIX.bias. A dense PREFIX.weight (F32/F16/BF16, or a GGUF tensor of any type lowbit
+decodes, such as Q4_1 or Q8_0) runs too: decoded to f32, every output accumulated in f64 and rounded to f32
+once (CPU only). A layer is named by its module path (model.layers.0.mlp.up_proj), not by its
+weight's name. With --adapter, the PEFT LoRA adapter's module for PREFIX (keys
+base_model.model.PREFIX.lora_A.weight / lora_B.weight) is attached, with PEFT's scaling (lora_alpha / r, or
+/ sqrt(r) with use_rslora, rank_pattern and alpha_pattern honoured); it is an error if the adapter has no
+module for PREFIX.
 
-Reads the tensor `x` [M, in] (F32, F16 or BF16) from INPUT, computes
+Reads the tensor `x` from INPUT: [M, in], or any rank above 2 ending in `in` ([batch, tokens, in], as a
+forward hook captures it; the leading dimensions are flattened into M rows), in F32, F16, BF16 or F64 (rounded
+to f32; a value that is not finite or lies outside the f32 range is an error). Computes
 y = x*dequant(W)^T + bias [+ s*(x*A^T)*B^T] with the fused kernels (f32 accumulation; the same result as
-lowbit::linear::QuantLinear::forward) and writes `y` [M, out] as F32 to OUTPUT. Use it to check a checkpoint
-and adapter against another implementation.
+lowbit::linear::QuantLinear::forward) and writes `y` [M, out] as F32 to OUTPUT ([..., out], with x's leading
+dimensions, for a higher-rank x). Use it to check a checkpoint and adapter against another implementation.
 
 With --device gpu the layer is uploaded to the preferred GPU adapter (wgpu: Vulkan, Metal, DX12, GL) and run
 by the fused WGSL kernels: the same result up to f32 accumulation order (not bit for bit). It is an error if
-there is no adapter.";
+there is no adapter. When XDG_RUNTIME_DIR is unset or invalid, it points at a private temporary directory
+while lowbit runs, so that drivers probing for a display stay quiet.";
 
 const MERGE_LONG_ABOUT: &str = "\
-For every module of the PEFT adapter in DIR that has a quantized layer of the same path in BASE, computes
-W' = dequant(W) + s*B*A in f32 and requantizes it in the same format (int8: the same granularity,
-parameters recalibrated; NF4/FP4: the same block size, double quantization and recorded dtype). OUTPUT has
-the base's layout (bitsandbytes 4-bit entries, or lowbit int8 NAME / NAME.scale / NAME.zero_point with the
-same metadata); every other tensor is copied unchanged.
+For every module of the PEFT adapter in DIR that has a layer of the same path in BASE (a safetensors file, a
+Hugging Face model directory, a sharded directory or a GGUF), computes W' = dequant(W) + s*B*A in f32 and:
 
-Prints, per merged layer, the error requantization added (requantized W' vs dequant(W) + s*B*A): max abs,
-RMS and SQNR in dB, and lists adapter modules that matched no quantized layer. It is an error if no module
-matches.";
+  (default)         requantizes it in the base's format (int8: the same granularity, parameters
+                    recalibrated; NF4/FP4: the same block size, double quantization and recorded dtype).
+                    OUTPUT has the base's layout; every other tensor and the metadata are copied unchanged.
+                    The base must be quantized.
+  --dtype f16|bf16|f32
+                    writes W' dense in that dtype, without requantization. Every other quantized weight is
+                    dequantized to that dtype too, so OUTPUT is one dense checkpoint. Dense layers of the
+                    base are merged too.
+  --scheme SCHEME   quantizes W' with SCHEME (same syntax as `lowbit quantize --scheme`, e.g. int8:channel).
+                    Every other quantized weight not already in SCHEME is requantized to it from its
+                    dequantized values. Dense layers of the base are merged too.
+
+Prints, per merged layer, how much of the adapter's change survived: with D = s*B*A and D' = W'_stored -
+dequant(W), `kept` = <D', D> / |D|^2 (100% when all of it survived) and |D'-D|/|D|; and the error the final
+rounding added (stored W' vs dequant(W) + s*B*A): max abs, RMS and SQNR in dB. A layer where |D'-D| >= |D|
+(the rounding erased at least as much as the adapter changed) is marked `!`, and one warning on stderr counts
+them and names the ways out (--dtype, --scheme). Lists adapter modules that matched no quantized layer. It is
+an error if no module matches. OUTPUT is never an input: the base file, a file of the base directory or of the
+adapter directory is refused, even with --force.";
 
 const BENCH_LONG_ABOUT: &str = "\
 Builds a synthetic layer (the demo's LLM-like weight quantized to FORMAT, a bias and, with --lora-rank, a LoRA
@@ -152,16 +213,18 @@ enum Command {
         #[arg(long, default_value_t = 4096, hide = true, value_parser = clap::value_parser!(u32).range(1..=8192))]
         size: u32,
     },
-    /// Quantize the floating-point weights of a safetensors file.
+    /// Quantize the linear-layer weights of a model (safetensors file, model directory or GGUF).
     #[command(long_about = QUANTIZE_LONG_ABOUT)]
     Quantize {
-        /// Input safetensors file.
+        /// Input model: a safetensors file, a model directory (single or sharded) or a .gguf file.
+        #[arg(value_name = "MODEL")]
         input: PathBuf,
-        /// Output safetensors file.
-        #[arg(short, long)]
+        /// Output: a path ending in .safetensors writes one file, any other path a model directory.
+        #[arg(short, long, value_name = "OUT")]
         output: PathBuf,
         /// Quantization scheme: `int8` (= `int8:channel`), `int8:tensor`, `int8:group:G`, `nf4` (= `nf4:64`),
-        /// `nf4:BS`, `nf4:BS+dq`, `fp4:BS`, `fp4:BS+dq` (BS: 32, 64, ..., 4096). The options below refine it.
+        /// `nf4:BS`, `nf4:BS+dq`, `fp4` (= `fp4:64`), `fp4:BS`, `fp4:BS+dq` (BS: 32, 64, ..., 4096). The options
+        /// below refine it.
         #[arg(long, value_parser = parse_scheme, value_name = "SCHEME", default_value = "int8")]
         scheme: lowbit::Scheme,
         /// int8: which values share a scale and zero point: `tensor`, `channel` (one per row, the default) or
@@ -174,31 +237,50 @@ enum Command {
         /// nf4 / fp4: double-quantize the block scales (8-bit codes + one f32 per 256 blocks, as QLoRA does).
         #[arg(long)]
         double_quant: bool,
-        /// Replace OUTPUT if it exists.
+        /// Keep the tensors whose full name matches GLOB (`*`, `?`); repeatable; wins over --include.
+        #[arg(long, value_name = "GLOB", value_parser = parse_glob)]
+        skip: Vec<select::Glob>,
+        /// Quantize the floating >= 2-D tensors matching GLOB even if the default rule keeps them (embeddings,
+        /// lm_head); repeatable.
+        #[arg(long, value_name = "GLOB", value_parser = parse_glob)]
+        include: Vec<select::Glob>,
+        /// Element type for kept GGUF tensors of quantized ggml types (e.g. a Q8_0 embedding) [default: f32].
+        #[arg(long, value_enum)]
+        dtype: Option<dtype_arg::DtypeArg>,
+        /// Model directory output: largest shard, in tensor bytes (e.g. 500MB, 2GB, 1GiB, or bytes).
+        #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "5GB")]
+        max_shard_size: u64,
+        /// Replace OUT if it exists (a directory is replaced only after the new one is complete).
         #[arg(long)]
         force: bool,
     },
-    /// Turn a quantized safetensors file back into floating point.
+    /// Turn a quantized model (or a GGUF) back into floating point.
     #[command(long_about = DEQUANTIZE_LONG_ABOUT)]
     Dequantize {
-        /// Input safetensors file (written by `lowbit quantize`).
+        /// Input model: a safetensors file, a model directory (single or sharded) or a .gguf file.
+        #[arg(value_name = "MODEL")]
         input: PathBuf,
-        /// Output safetensors file.
-        #[arg(short, long)]
+        /// Output: a path ending in .safetensors writes one file, any other path a model directory.
+        #[arg(short, long, value_name = "OUT")]
         output: PathBuf,
-        /// Element type of the dequantized weights.
-        #[arg(long, value_parser = parse_dtype)]
-        dtype: Option<lowbit::DType>,
-        /// Replace OUTPUT if it exists.
+        /// Element type of the dequantized weights [default: f32 for int8 and GGUF, the recorded dtype for
+        /// 4-bit].
+        #[arg(long, value_enum)]
+        dtype: Option<dtype_arg::DtypeArg>,
+        /// Model directory output: largest shard, in tensor bytes (e.g. 500MB, 2GB, 1GiB, or bytes).
+        #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "5GB")]
+        max_shard_size: u64,
+        /// Replace OUT if it exists (a directory is replaced only after the new one is complete).
         #[arg(long)]
         force: bool,
     },
-    /// List the tensors of a safetensors file and their formats; optionally measure the error vs an original.
+    /// List the tensors of a checkpoint (safetensors file, model directory or GGUF) with a summary; optionally
+    /// measure the error vs an original.
     #[command(long_about = INSPECT_LONG_ABOUT)]
     Inspect {
-        /// The file to list.
+        /// The checkpoint to list: a safetensors file, a model directory (single or sharded) or a .gguf.
         file: PathBuf,
-        /// The unquantized original, to report each quantized tensor's error against.
+        /// The unquantized original (any checkpoint form), to report each quantized tensor's error against.
         #[arg(long, value_name = "ORIGINAL")]
         compare: Option<PathBuf>,
     },
@@ -206,7 +288,7 @@ enum Command {
     /// of an input file and write `y`.
     #[command(long_about = FORWARD_LONG_ABOUT)]
     Forward {
-        /// Quantized checkpoint (bitsandbytes 4-bit or lowbit int8).
+        /// Checkpoint (bitsandbytes 4-bit, lowbit int8 or dense): a safetensors file, a model directory or a .gguf.
         checkpoint: PathBuf,
         /// Module path of the layer, e.g. model.layers.0.mlp.up_proj (weights PREFIX.weight, PREFIX.bias).
         #[arg(long, value_name = "PREFIX")]
@@ -214,10 +296,10 @@ enum Command {
         /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to apply.
         #[arg(long, value_name = "DIR")]
         adapter: Option<PathBuf>,
-        /// safetensors file holding the input tensor `x` [M, in] (F32, F16 or BF16).
+        /// safetensors file holding the input tensor `x` [..., in] (rank >= 2; F32, F16, BF16 or F64).
         #[arg(long, value_name = "X.safetensors")]
         input: PathBuf,
-        /// Output safetensors file; receives `y` [M, out] as F32.
+        /// Output safetensors file; receives `y` [..., out] as F32.
         #[arg(short, long, value_name = "Y.safetensors")]
         output: PathBuf,
         /// Replace OUTPUT if it exists.
@@ -227,18 +309,27 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
     },
-    /// Merge a PEFT LoRA adapter into the quantized layers of a checkpoint and requantize them.
+    /// Merge a PEFT LoRA adapter into the layers of a checkpoint: requantized in its format, dense (--dtype)
+    /// or in another scheme (--scheme); reports how much of the adapter survived.
     #[command(long_about = MERGE_LONG_ABOUT)]
     Merge {
-        /// Quantized base checkpoint (bitsandbytes 4-bit or lowbit int8).
+        /// Base checkpoint: a safetensors file, a model directory (single or sharded) or a .gguf.
         base: PathBuf,
         /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
         #[arg(long, value_name = "DIR")]
         adapter: PathBuf,
-        /// Output safetensors file, in the base's format.
+        /// Output safetensors file (in the base's format unless --dtype or --scheme).
         #[arg(short, long)]
         output: PathBuf,
-        /// Replace OUTPUT if it exists.
+        /// Write the merged weights dense in this dtype (f16, bf16 or f32), without requantization; every
+        /// other quantized weight is dequantized to it.
+        #[arg(long, value_enum, conflicts_with = "scheme")]
+        dtype: Option<dtype_arg::DtypeArg>,
+        /// Quantize the merged weights with this scheme instead of the base's (e.g. `int8:channel`, `nf4:64+dq`;
+        /// the syntax of `quantize --scheme`); every other quantized weight not in it is requantized.
+        #[arg(long, value_parser = parse_scheme, value_name = "SCHEME")]
+        scheme: Option<lowbit::Scheme>,
+        /// Replace OUTPUT if it exists (never an input).
         #[arg(long)]
         force: bool,
     },
@@ -346,18 +437,46 @@ fn quantize_scheme(
     }
 }
 
-fn parse_dtype(s: &str) -> Result<lowbit::DType, String> {
-    s.parse().map_err(|e: lowbit::Error| e.to_string())
+fn parse_glob(s: &str) -> Result<select::Glob, String> {
+    select::Glob::new(s)
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Demo { size } => Ok(lowbit_testkit::demo::run(size as usize)?),
-        Command::Quantize { input, output, scheme, granularity, blocksize, double_quant, force } => {
+        Command::Quantize {
+            input,
+            output,
+            scheme,
+            granularity,
+            blocksize,
+            double_quant,
+            skip,
+            include,
+            dtype,
+            max_shard_size,
+            force,
+        } => {
             let scheme = quantize_scheme(scheme, granularity, blocksize, double_quant);
-            quantize::run(&input, &output, scheme, force)
+            quantize::run(quantize::Quantize {
+                input: &input,
+                output: &output,
+                scheme,
+                selection: select::Selection { skip, include },
+                dtype: dtype.map(Into::into),
+                max_shard_size,
+                force,
+            })
         }
-        Command::Dequantize { input, output, dtype, force } => dequantize::run(&input, &output, dtype, force),
+        Command::Dequantize { input, output, dtype, max_shard_size, force } => {
+            dequantize::run(dequantize::Dequantize {
+                input: &input,
+                output: &output,
+                dtype: dtype.map(Into::into),
+                max_shard_size,
+                force,
+            })
+        }
         Command::Inspect { file, compare } => inspect::run(&file, compare.as_deref()),
         Command::Forward { checkpoint, layer, adapter, input, output, force, device } => {
             forward::run(forward::Forward {
@@ -370,7 +489,17 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 device,
             })
         }
-        Command::Merge { base, adapter, output, force } => merge::run(&base, &adapter, &output, force),
+        Command::Merge { base, adapter, output, dtype, scheme, force } => merge::run(merge::Merge {
+            base: &base,
+            adapter: &adapter,
+            output: &output,
+            force,
+            target: match (dtype, scheme) {
+                (Some(d), _) => merge::Target::Dense(d.into()),
+                (None, Some(s)) => merge::Target::Scheme(s),
+                (None, None) => merge::Target::Same,
+            },
+        }),
         Command::Bench { all: true, json, quick, .. } => Ok(bench::all::run(bench::all::Suite { json, quick })?),
         Command::Bench { format, shape, batch, lora_rank, threads, iters, device, .. } => {
             let (Some(format), Some((out, inp))) = (format, shape) else {
@@ -392,6 +521,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let uses_gpu = match &cli.command {
+        Command::Demo { .. } => true,
+        Command::Forward { device, .. } | Command::Bench { device, .. } => *device == Device::Gpu,
+        _ => false,
+    };
+    let _runtime_dir = gpu::RuntimeDir::prepare(uses_gpu); // before any thread starts
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -4,12 +4,11 @@
 use crate::error::CliError;
 use crate::int8_layout::Int8Layout;
 use lowbit::affine::AffineTensor;
-use lowbit::io::{bnb, Checkpoint};
+use lowbit::io::{bnb, Checkpoint, StoredType, TensorData};
 use lowbit::linear::QuantWeight;
 use lowbit::nf4::{BlockScales, FourBitTensor};
-use lowbit::DType;
+use lowbit::{DType, Scheme};
 use safetensors::SafeTensors;
-use std::collections::HashMap;
 
 /// Suffixes of the entries bitsandbytes stores next to a 4-bit weight `W` (besides `W` itself and
 /// `W.quant_state.bitsandbytes__*`).
@@ -32,16 +31,6 @@ pub enum Quantized {
 }
 
 impl Layout {
-    /// Detects the layout from the metadata (int8) or the tensor names (bitsandbytes), by the library's one
-    /// detection rule ([`lowbit::io::Layout::detect`]); `None` for a plain file.
-    pub fn detect(meta: &HashMap<String, String>, st: &SafeTensors<'_>) -> Result<Option<Layout>, CliError> {
-        Ok(match lowbit::io::Layout::detect(meta, st.names())? {
-            lowbit::io::Layout::Int8(l) => Some(Layout::Int8(l)),
-            lowbit::io::Layout::Bnb4bit => Some(Layout::Bnb(bnb::quantized_weight_names(st))),
-            _ => None,
-        })
-    }
-
     /// The layout [`Checkpoint::open`] detected; `None` for a plain checkpoint.
     pub fn of(ck: &Checkpoint) -> Option<Layout> {
         match ck.layout() {
@@ -165,6 +154,15 @@ impl Quantized {
     }
 }
 
+/// How a checkpoint tensor is stored, for listings: the safetensors dtype (`F32`, `U8`, ...) or the ggml type
+/// (`Q4_1`, ...).
+pub fn stored_name(stored: StoredType) -> String {
+    match stored {
+        StoredType::Safetensors(d) => format!("{d:?}"),
+        StoredType::Ggml(t) => t.name().to_string(),
+    }
+}
+
 /// [`Quantized::describe`] for a layer's weight.
 pub fn describe_weight(w: &QuantWeight) -> String {
     match w {
@@ -188,4 +186,98 @@ fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u
         out.extend_from_slice(&f(x));
     }
     out
+}
+
+/// Loads quantized weight `name` of `ck` (stored in `layout`): its entries (the codes and every parameter entry
+/// `layout` assigns to it, from whichever shard holds them) are copied into a small in-memory file and read by
+/// [`Layout::load`], so every layout rule applies as for a single file.
+pub fn load_from_checkpoint(ck: &Checkpoint, layout: &Layout, name: &str) -> Result<Quantized, CliError> {
+    let mut entries = vec![(name.to_string(), TensorData::from_view(&ck.tensor(name)?))];
+    for key in ck.tensor_names() {
+        if layout.owner_of_param_entry(key) == Some(name) {
+            entries.push((key.to_string(), TensorData::from_view(&ck.tensor(key)?)));
+        }
+    }
+    let bytes = lowbit::io::serialize_safetensors(&entries, None)?;
+    let st = lowbit::io::parse_safetensors(&bytes)?;
+    layout.load(&st, name)
+}
+
+/// `values` (f32) as little-endian bytes of `dtype`, rounded to nearest even (exact for f32).
+pub fn f32_to_bytes(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => le_bytes(values, f32::to_le_bytes),
+        DType::F16 => le_bytes(values, |v| lowbit::f16::from_f32(v).to_le_bytes()),
+        DType::BF16 => le_bytes(values, |v| lowbit::bf16::from_f32(v).to_le_bytes()),
+    }
+}
+
+/// `values` rounded to `dtype` (nearest even) and widened back to f32: what a dense `dtype` file holds.
+pub fn round_to(values: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => values.to_vec(),
+        DType::F16 => values.iter().map(|&v| lowbit::f16::from_f32(v).to_f32()).collect(),
+        DType::BF16 => values.iter().map(|&v| lowbit::bf16::from_f32(v).to_f32()).collect(),
+    }
+}
+
+/// Quantizes `values` (`shape`) with `scheme`; a 4-bit weight records `source` as its dtype (as `quantize`
+/// records the source dtype).
+pub fn quantize_f32(values: &[f32], shape: &[usize], scheme: Scheme, source: DType) -> Result<QuantWeight, CliError> {
+    Ok(match scheme.validate()? {
+        Scheme::Int8(g) => QuantWeight::Int8(lowbit::affine::quantize(values, shape, g)?),
+        Scheme::FourBit { format, blocksize, double_quant } => {
+            let q = lowbit::nf4::quantize_4bit(format, values, shape, blocksize, double_quant)?;
+            QuantWeight::FourBit(FourBitTensor::from_parts(
+                q.shape().to_vec(),
+                q.format(),
+                q.blocksize(),
+                *q.table(),
+                q.packed().to_vec(),
+                q.scales().clone(),
+                source,
+            )?)
+        }
+    })
+}
+
+/// Whether `w` is stored exactly as `scheme` would store it (same granularity; same format, block size and
+/// double quantization).
+pub fn is_in_scheme(w: &QuantWeight, scheme: Scheme) -> bool {
+    match (w, scheme) {
+        (QuantWeight::Int8(q), Scheme::Int8(g)) => q.granularity() == g,
+        (QuantWeight::FourBit(t), Scheme::FourBit { format, blocksize, double_quant }) => {
+            t.format() == format
+                && t.blocksize() == blocksize
+                && matches!(t.scales(), BlockScales::Double(_)) == double_quant
+        }
+        _ => false,
+    }
+}
+
+/// The entries that store `w` under `name`: the bitsandbytes layout for 4-bit weights, lowbit's int8 layout
+/// (codes, scales, zero points; the metadata is the caller's) otherwise.
+pub fn weight_to_tensors(name: &str, w: &QuantWeight) -> Result<Vec<(String, TensorData)>, CliError> {
+    Ok(match w {
+        QuantWeight::FourBit(t) => bnb::to_tensors(name, t)?,
+        QuantWeight::Int8(q) => crate::int8_layout::to_tensors(name, q).into(),
+    })
+}
+
+impl Quantized {
+    /// The weight as the library's [`QuantWeight`] (the int8 source dtype is dropped).
+    pub fn into_weight(self) -> QuantWeight {
+        match self {
+            Quantized::Int8(q, _) => QuantWeight::Int8(q),
+            Quantized::FourBit(t) => QuantWeight::FourBit(t),
+        }
+    }
+}
+
+/// `w` dequantized to f32 by the fast paths (bit-identical to the reference), `[out, in]` row-major.
+pub fn dequantize_weight(w: &QuantWeight) -> Result<Vec<f32>, CliError> {
+    Ok(match w {
+        QuantWeight::Int8(q) => q.dequantize::<f32>()?,
+        QuantWeight::FourBit(t) => t.dequantize::<f32>()?,
+    })
 }

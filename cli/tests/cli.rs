@@ -366,7 +366,8 @@ fn bad_inputs_are_clear_errors() {
         ("w.scale".to_string(), TensorData::from_slice(Dtype::F32, vec![1], &[1f32])),
     ];
     lowbit::io::write_safetensors(&clash, &t, None, false).unwrap();
-    assert_clean_failure(&lowbit(&["quantize", s(&clash), "-o", s(&nan_out)]), "w.scale");
+    // (`w` is not a `*.weight`, so the default rule keeps it: --include selects it.)
+    assert_clean_failure(&lowbit(&["quantize", s(&clash), "--include", "w", "-o", s(&nan_out)]), "w.scale");
 
     // An output directory that does not exist.
     let nowhere = dir.path().join("no-such-dir").join("out.safetensors");

@@ -40,6 +40,7 @@ fn scalar_kernels() -> Kernels {
         four_bit: super::nf4_portable::SCALAR,
         // The linear kernels have no scalar version of their own: the reference is the scalar path.
         linear: super::linear_kernels::PORTABLE,
+        ggml: super::ggml_portable::SCALAR,
     }
 }
 
@@ -48,6 +49,7 @@ fn portable_kernels() -> Kernels {
         affine: super::affine_portable::PORTABLE,
         four_bit: super::nf4_portable::PORTABLE,
         linear: super::linear_kernels::PORTABLE,
+        ggml: super::ggml_portable::PORTABLE,
     }
 }
 
@@ -57,6 +59,7 @@ fn avx2_kernels(t: super::x86_features::Avx2) -> Kernels {
         affine: super::affine_x86::avx2(t),
         four_bit: super::nf4_x86::avx2(t),
         linear: super::linear_x86::avx2(t),
+        ggml: super::ggml_x86::avx2(t),
     }
 }
 
@@ -66,5 +69,6 @@ fn avx512_kernels(t: super::x86_features::Avx512) -> Kernels {
         affine: super::affine_x86::avx512(t),
         four_bit: super::nf4_x86::avx512(t),
         linear: super::linear_x86::avx512(t),
+        ggml: super::ggml_x86::avx512(t),
     }
 }

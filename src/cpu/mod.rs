@@ -15,6 +15,9 @@
 pub(crate) mod affine_portable;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod affine_x86;
+pub(crate) mod ggml_portable;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod ggml_x86;
 pub(crate) mod linear_kernels;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_x86;
@@ -28,6 +31,7 @@ pub(crate) mod x86_features;
 pub(crate) mod dispatch;
 // Drivers (what the API calls): split work over rows / blocks / threads and call through the tables.
 pub(crate) mod affine;
+pub(crate) mod ggml;
 pub(crate) mod linear;
 pub(crate) mod nf4;
 

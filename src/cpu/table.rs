@@ -71,12 +71,20 @@ pub(crate) struct LinearKernels {
     pub dot: fn(&[f32], &[f32]) -> f32,
 }
 
+/// ggml / GGUF tensor-type kernels.
+#[derive(Clone, Copy)]
+pub(crate) struct GgmlKernels {
+    /// Decodes whole blocks of a decodable type: `out.len() / block_elements` blocks from `data`.
+    pub dequantize: fn(crate::format::ggml::GgmlType, &[u8], &mut [f32]),
+}
+
 /// Every kernel of one instruction set.
 #[derive(Clone, Copy)]
 pub(crate) struct Kernels {
     pub affine: AffineKernels,
     pub four_bit: FourBitKernels,
     pub linear: LinearKernels,
+    pub ggml: GgmlKernels,
 }
 
 /// Everything a block job needs, borrowed from the layer and the scratch.

@@ -42,10 +42,13 @@ pub enum GgmlType {
     TQ1_0,
     TQ2_0,
     MXFP4,
+    NVFP4,
+    Q1_0,
 }
 
 /// `(type, id, name, elements per block, bytes per block)`, as ggml's `ggml.h` / gguf-py's
-/// `GGML_QUANT_SIZES` define them.
+/// `GGML_QUANT_SIZES` define them (checked against gguf-py 0.x: Q8_1 is 32 elements in 40 bytes, its `d` and
+/// `s` being f32 in gguf-py's table; NVFP4 and Q1_0 are the newest ids).
 const TABLE: &[(GgmlType, u32, &str, usize, usize)] = &[
     (GgmlType::F32, 0, "F32", 1, 4),
     (GgmlType::F16, 1, "F16", 1, 2),
@@ -54,7 +57,7 @@ const TABLE: &[(GgmlType, u32, &str, usize, usize)] = &[
     (GgmlType::Q5_0, 6, "Q5_0", 32, 22),
     (GgmlType::Q5_1, 7, "Q5_1", 32, 24),
     (GgmlType::Q8_0, 8, "Q8_0", 32, 34),
-    (GgmlType::Q8_1, 9, "Q8_1", 32, 36),
+    (GgmlType::Q8_1, 9, "Q8_1", 32, 40),
     (GgmlType::Q2_K, 10, "Q2_K", 256, 84),
     (GgmlType::Q3_K, 11, "Q3_K", 256, 110),
     (GgmlType::Q4_K, 12, "Q4_K", 256, 144),
@@ -79,6 +82,8 @@ const TABLE: &[(GgmlType, u32, &str, usize, usize)] = &[
     (GgmlType::TQ1_0, 34, "TQ1_0", 256, 54),
     (GgmlType::TQ2_0, 35, "TQ2_0", 256, 66),
     (GgmlType::MXFP4, 39, "MXFP4", 32, 17),
+    (GgmlType::NVFP4, 40, "NVFP4", 64, 36),
+    (GgmlType::Q1_0, 41, "Q1_0", 128, 18),
 ];
 
 impl GgmlType {
@@ -88,7 +93,7 @@ impl GgmlType {
     }
 
     /// The type with ggml id `id`, or `None` for an id ggml does not define (or no longer defines: 4, 5 and
-    /// 31–33, 36–38 were removed).
+    /// 31–33, 36–38 were removed; ids above 41 are not known to this build).
     pub fn from_id(id: u32) -> Option<GgmlType> {
         TABLE.iter().find(|row| row.1 == id).map(|row| row.0)
     }
@@ -166,5 +171,34 @@ mod tests {
         assert_eq!(GgmlType::from_id(4), None);
         assert_eq!(GgmlType::Q4_K.bytes_for(512).unwrap(), 288);
         assert!(GgmlType::Q4_K.bytes_for(100).is_err());
+        assert_eq!(GgmlType::from_id(42), None);
+    }
+
+    /// Geometry of every type lowbit decodes, spelled out from its block layout (`docs/formats.md` §9), so a
+    /// wrong table row cannot agree with itself.
+    #[test]
+    fn decodable_geometry_matches_the_block_layouts() {
+        use GgmlType::*;
+        let qk_k = 256;
+        let expected = [
+            (F32, 1, 4),
+            (F16, 1, 2),
+            (BF16, 1, 2),
+            (Q8_0, 32, 2 + 32),
+            (Q4_0, 32, 2 + 16),
+            (Q4_1, 32, 2 + 2 + 16),
+            (Q5_0, 32, 2 + 4 + 16),
+            (Q5_1, 32, 2 + 2 + 4 + 16),
+            (Q2_K, qk_k, qk_k / 16 + qk_k / 4 + 2 + 2),
+            (Q3_K, qk_k, qk_k / 8 + qk_k / 4 + 12 + 2),
+            (Q4_K, qk_k, 2 + 2 + 12 + qk_k / 2),
+            (Q5_K, qk_k, 2 + 2 + 12 + qk_k / 8 + qk_k / 2),
+            (Q6_K, qk_k, qk_k / 2 + qk_k / 4 + qk_k / 16 + 2),
+        ];
+        for (ty, be, bb) in expected {
+            assert!(ty.can_dequantize(), "{ty}");
+            assert_eq!((ty.block_elements(), ty.block_bytes()), (be, bb), "{ty}");
+        }
+        assert_eq!(GgmlType::all().filter(|t| t.can_dequantize()).count(), expected.len());
     }
 }

@@ -1,6 +1,9 @@
-//! [`Checkpoint`]: one safetensors file, a Hugging Face model directory or a sharded directory, memory-mapped
-//! once, with quantized layers whose packed codes are views of the mapped pages.
+//! [`Checkpoint`]: one safetensors file, a Hugging Face model directory, a sharded directory or a llama-family
+//! GGUF, memory-mapped once, with quantized layers whose packed codes are views of the mapped pages.
 
+use crate::format::ggml::GgmlType;
+use crate::io::gguf::llama::HfMapping;
+use crate::io::gguf::GgufFile;
 use crate::io::source::{bias_f32, bytes_to_f32, Entry, Source};
 use crate::io::{bnb, check_header, float_dtype, int8, Limits};
 use crate::linear::{QuantLinear, QuantWeight};
@@ -20,6 +23,8 @@ pub const HF_WEIGHTS_FILE: &str = "model.safetensors";
 pub const HF_INDEX_FILE: &str = "model.safetensors.index.json";
 /// File name of a Hugging Face model configuration (read, size- and depth-checked, if present).
 const HF_CONFIG_FILE: &str = "config.json";
+/// The first four bytes of every GGUF file.
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 /// Bytes of the safetensors header-length prefix.
 const HEADER_LEN_BYTES: usize = 8;
 /// How many names an error message lists.
@@ -122,6 +127,22 @@ struct TensorEntry {
     end: usize,
 }
 
+/// A GGUF opened as a checkpoint: the parsed file and its tensors under Hugging Face names.
+struct GgufParts {
+    file: GgufFile,
+    map: HfMapping,
+}
+
+/// The safetensors dtype of a ggml type whose bytes are the same little-endian values.
+fn plain_dtype(ty: GgmlType) -> Option<Dtype> {
+    match ty {
+        GgmlType::F32 => Some(Dtype::F32),
+        GgmlType::F16 => Some(Dtype::F16),
+        GgmlType::BF16 => Some(Dtype::BF16),
+        _ => None,
+    }
+}
+
 /// How one tensor of a [`Checkpoint`] is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoredType {
@@ -151,7 +172,15 @@ pub struct TensorInfo {
 /// * a sharded directory holding `model.safetensors.index.json` and no `model.safetensors` (its `weight_map`
 ///   names the shard of every tensor), or the index file itself. Shard names must stay inside the directory (no absolute paths, no
 ///   `..`, no symlink leading out); a missing shard, a tensor in two shards, or a `weight_map` entry its shard
-///   lacks is an error.
+///   lacks is an error;
+/// * a GGUF file (recognised by its `GGUF` magic or a `.gguf` extension) of a llama-family model
+///   ([`crate::io::gguf::llama`]: `llama`, `qwen2`). Its tensors appear under Hugging Face names
+///   (`model.layers.0.self_attn.q_proj.weight`) with Hugging Face shapes and [`StoredType::Ggml`];
+///   [`tensor_f32`](Self::tensor_f32) decodes one (Q/K rows un-permuted), bit-identical to transformers' GGUF
+///   load; [`config`](Self::config) is the `config.json` built from the metadata; [`gguf`](Self::gguf) gives
+///   the file itself (tokenizer, raw tensors). Its [`layout`](Self::layout) is [`Layout::Dense`] (no lowbit or
+///   bitsandbytes layers), and nothing is decoded when it is opened. A tied embedding has no `lm_head.weight`
+///   (the config says `tie_word_embeddings: true`), as in a Hugging Face checkpoint of the same model.
 ///
 /// Each file is mapped once and shared (an [`Arc`]) by every layer built from it:
 /// [`layer`](Self::layer) returns a [`QuantLinear`] whose packed codes (and int8 codes, double-quantized scale
@@ -204,6 +233,7 @@ pub struct Checkpoint {
     weights: Vec<String>,
     config: Option<serde_json::Value>,
     limits: Limits,
+    gguf: Option<Arc<GgufParts>>,
 }
 
 impl fmt::Debug for Checkpoint {
@@ -219,8 +249,9 @@ impl fmt::Debug for Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens a safetensors file, a Hugging Face model directory or a sharded directory (see the type docs)
-    /// under [`Limits::DEFAULT`]. Maps every file read-only; validates every header and the layout.
+    /// Opens a safetensors file, a Hugging Face model directory, a sharded directory or a llama-family GGUF
+    /// (see the type docs) under [`Limits::DEFAULT`]. Maps every file read-only; validates every header and the
+    /// layout.
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
         Checkpoint::open_with_limits(path, Limits::DEFAULT)
     }
@@ -259,8 +290,45 @@ impl Checkpoint {
             };
             return Checkpoint::open_sharded(&dir, path, None, limits);
         }
+        if is_gguf_file(path)? {
+            return Checkpoint::from_gguf(GgufFile::open_with_limits(path, limits)?, limits);
+        }
         let file = map_file(path)?;
         Checkpoint::build(path.to_path_buf(), vec![file], None, limits)
+    }
+
+    /// A checkpoint over a parsed llama-family GGUF (see the type docs), under `limits` (which then apply to
+    /// [`tensor_f32`](Self::tensor_f32)).
+    ///
+    /// Errors: an architecture lowbit does not map ([`Error::Unsupported`]), missing or inconsistent metadata
+    /// ([`Error::Format`] naming the key), as [`HfMapping::from_parts`].
+    pub fn from_gguf(file: GgufFile, limits: Limits) -> Result<Checkpoint> {
+        let path = file.path().to_path_buf();
+        let map = HfMapping::new(&file).map_err(|e| with_file_context(e, &path))?;
+        let files = vec![MappedFile { path: path.clone(), bytes: file.bytes().clone() }];
+        Ok(Checkpoint {
+            path,
+            files,
+            tensors: BTreeMap::new(),
+            metadata: HashMap::new(),
+            layout: Layout::Dense,
+            weights: Vec::new(),
+            config: Some(map.config().clone()),
+            limits,
+            gguf: Some(Arc::new(GgufParts { file, map })),
+        })
+    }
+
+    /// The GGUF file, when this checkpoint is one: its metadata (tokenizer: [`GgufFile::tokenizer`]) and its
+    /// tensors under their GGUF names.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        self.gguf.as_deref().map(|g| &g.file)
+    }
+
+    /// The GGUF-to-Hugging-Face mapping, when this checkpoint is a GGUF: per tensor its GGUF name, ggml type
+    /// and permutation, and the GGUF tensors left without a Hugging Face name ([`HfMapping::unmapped`]).
+    pub fn gguf_mapping(&self) -> Option<&HfMapping> {
+        self.gguf.as_deref().map(|g| &g.map)
     }
 
     /// A checkpoint from the bytes of one safetensors file already in memory (e.g. fetched by a browser),
@@ -269,9 +337,12 @@ impl Checkpoint {
         Checkpoint::from_shared(Arc::new(bytes), Limits::DEFAULT)
     }
 
-    /// A checkpoint over shared bytes of one safetensors file (a buffer, or a map the caller made), under
-    /// `limits`.
+    /// A checkpoint over shared bytes of one safetensors file or GGUF (recognised by its magic) (a buffer, or a
+    /// map the caller made), under `limits`.
     pub fn from_shared(bytes: SharedBytes, limits: Limits) -> Result<Checkpoint> {
+        if (*bytes).as_ref().starts_with(GGUF_MAGIC) {
+            return Checkpoint::from_gguf(GgufFile::from_shared(bytes, limits)?, limits);
+        }
         let file = MappedFile { path: PathBuf::from("<memory>"), bytes };
         Checkpoint::build(PathBuf::from("<memory>"), vec![file], None, limits)
     }
@@ -403,7 +474,8 @@ impl Checkpoint {
         }
         let layout =
             Layout::detect(&metadata, tensors.keys().map(String::as_str)).map_err(|e| with_file_context(e, &path))?;
-        let mut ck = Checkpoint { path, files, tensors, metadata, layout, weights: Vec::new(), config, limits };
+        let mut ck =
+            Checkpoint { path, files, tensors, metadata, layout, weights: Vec::new(), config, limits, gguf: None };
         ck.weights = quantized_weights(&ck.layout, &ck);
         Ok(ck)
     }
@@ -413,7 +485,7 @@ impl Checkpoint {
         &self.path
     }
 
-    /// The safetensors files, in shard order (one for an unsharded checkpoint).
+    /// The files, in shard order: the safetensors files (one for an unsharded checkpoint), or the GGUF.
     pub fn files(&self) -> Vec<&Path> {
         self.files.iter().map(|f| f.path.as_path()).collect()
     }
@@ -433,13 +505,18 @@ impl Checkpoint {
         &self.metadata
     }
 
-    /// The parsed `config.json` of a Hugging Face model directory, if it had one.
+    /// The parsed `config.json` of a Hugging Face model directory, if it had one; for a GGUF, the config built
+    /// from its metadata ([`HfMapping::config`]).
     pub fn config(&self) -> Option<&serde_json::Value> {
         self.config.as_ref()
     }
 
-    /// Every tensor name of every file, sorted (quantization parameters such as `W.absmax` included).
+    /// Every tensor name of every file, sorted (quantization parameters such as `W.absmax` included); for a
+    /// GGUF, the Hugging Face names of its mapped tensors.
     pub fn tensor_names(&self) -> Vec<&str> {
+        if let Some(g) = &self.gguf {
+            return g.map.tensors().keys().map(String::as_str).collect();
+        }
         self.tensors.keys().map(String::as_str).collect()
     }
 
@@ -496,7 +573,14 @@ impl Checkpoint {
 
     /// The tensor `name` as stored (dtype, shape, bytes borrowed from the map), or an error naming a few
     /// tensors that exist.
+    ///
+    /// For a GGUF, only tensors whose stored bytes are exactly the Hugging Face tensor (F32, F16 or BF16 and
+    /// not row-permuted) have a view; any other is an [`Error::Unsupported`] pointing to
+    /// [`tensor_f32`](Self::tensor_f32).
     pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        if let Some(g) = &self.gguf {
+            return self.gguf_view(g, name);
+        }
         let e = self.tensors.get(name).ok_or_else(|| {
             let shown: Vec<&str> = self.tensors.keys().take(LIST_MAX).map(String::as_str).collect();
             Error::invalid(
@@ -510,8 +594,14 @@ impl Checkpoint {
         })
     }
 
-    /// The stored type, shape and size of tensor `name`; errors as [`tensor`](Self::tensor).
+    /// The stored type, shape and size of tensor `name`; errors as [`tensor`](Self::tensor) (for a GGUF, only
+    /// on an unknown name).
     pub fn tensor_info(&self, name: &str) -> Result<TensorInfo> {
+        if let Some(g) = &self.gguf {
+            let t = self.gguf_tensor(g, name)?;
+            let bytes = g.file.tensor_info(&t.gguf_name).map_or(0, |i| i.len);
+            return Ok(TensorInfo { stored: StoredType::Ggml(t.ggml_type), shape: t.shape.clone(), bytes });
+        }
         let view = self.tensor(name)?;
         Ok(TensorInfo {
             stored: StoredType::Safetensors(view.dtype()),
@@ -522,7 +612,17 @@ impl Checkpoint {
 
     /// A floating tensor (F32, F16 or BF16; e.g. an embedding or a norm weight) widened to f32 exactly.
     /// Errors on another dtype, or when `numel × 4` bytes exceed [`Limits::max_tensor_bytes`].
+    ///
+    /// For a GGUF: any tensor of a type [`GgmlType::can_dequantize`] accepts, decoded to f32 as gguf-py does
+    /// and with llama.cpp's Q/K row permutation undone ([`HfMapping::tensor_f32`]).
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
+        if let Some(g) = &self.gguf {
+            let t = self.gguf_tensor(g, name)?;
+            let ctx = format!("tensor `{name}` (GGUF `{}`) in {}", t.gguf_name, self.path.display());
+            let numel = crate::shape::numel(&t.shape).map_err(|e| Error::format(&ctx, e.to_string()))?;
+            self.limits.check_elements(&format!("{ctx} decoded to f32"), numel, 4)?;
+            return g.map.tensor_f32(&g.file, name).map_err(|e| with_file_context(e, &self.path));
+        }
         let view = self.tensor(name)?;
         let file = &self.files[self.tensors[name].file].path;
         let ctx = format!("tensor `{name}` in {}", file.display());
@@ -532,6 +632,47 @@ impl Checkpoint {
         let numel = crate::shape::numel(view.shape()).map_err(|e| Error::format(&ctx, e.to_string()))?;
         self.limits.check_elements(&format!("{ctx} decoded to f32"), numel, 4)?;
         bytes_to_f32(name, view.dtype(), view.data())
+    }
+
+    /// The mapped GGUF tensor with Hugging Face name `name`, or an error naming a few that exist (and saying so
+    /// when `name` is a GGUF name).
+    fn gguf_tensor<'a>(&self, g: &'a GgufParts, name: &str) -> Result<&'a crate::io::gguf::llama::HfTensor> {
+        if let Some(t) = g.map.get(name) {
+            return Ok(t);
+        }
+        let names = g.map.tensors();
+        let shown: Vec<&str> = names.keys().take(LIST_MAX).map(String::as_str).collect();
+        let mut expected = format!("one of its {} tensors, by Hugging Face name (e.g. {shown:?})", names.len());
+        if let Some(t) = names.values().find(|t| t.gguf_name == name) {
+            expected.push_str(&format!("; `{name}` is the GGUF name of `{}`", t.hf_name));
+        } else if g.map.unmapped().iter().any(|u| u == name) {
+            expected.push_str(&format!(
+                "; GGUF tensor `{name}` has no Hugging Face name (not part of the model transformers builds); read \
+                 it with Checkpoint::gguf()"
+            ));
+        }
+        Err(Error::invalid("tensor name", format!("{name:?} in {}", self.path.display()), expected))
+    }
+
+    /// A view of a GGUF tensor whose bytes are exactly the Hugging Face tensor.
+    fn gguf_view<'a>(&'a self, g: &'a GgufParts, name: &str) -> Result<TensorView<'a>> {
+        let t = self.gguf_tensor(g, name)?;
+        let ctx = format!("tensor `{name}` (GGUF `{}`) in {}", t.gguf_name, self.path.display());
+        let dtype = match plain_dtype(t.ggml_type) {
+            Some(d) if t.is_plain_view() => d,
+            _ => {
+                let why = if t.unpermute_heads.is_some() {
+                    "its rows are stored in llama.cpp's permuted Q/K order".to_string()
+                } else {
+                    format!("it is stored as ggml {}", t.ggml_type)
+                };
+                return Err(Error::Unsupported {
+                    what: format!("a view of {ctx}: {why}; Checkpoint::tensor_f32 returns it decoded as f32"),
+                });
+            }
+        };
+        let data = g.file.tensor_data(&t.gguf_name)?;
+        TensorView::new(dtype, t.shape.clone(), data).map_err(|err| Error::format(ctx, err.to_string()))
     }
 
     fn data(&self, e: &TensorEntry) -> &[u8] {
@@ -545,10 +686,23 @@ impl Source for Checkpoint {
         self.tensor_names()
     }
     fn entry(&self, name: &str) -> Option<Entry<'_>> {
+        if let Some(g) = &self.gguf {
+            // Only tensors whose bytes are the Hugging Face tensor (`tensor` serves the same views).
+            let v = self.gguf_view(g, name).ok()?;
+            return Some(Entry { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data() });
+        }
         let e = self.tensors.get(name)?;
         Some(Entry { dtype: e.dtype, shape: e.shape.clone(), data: self.data(e) })
     }
     fn bytes(&self, name: &str, entry: &Entry<'_>) -> Bytes {
+        if let Some(g) = &self.gguf {
+            let info = g.map.get(name).and_then(|t| g.file.tensor_info(&t.gguf_name));
+            return match info {
+                Some(i) => Bytes::view(g.file.bytes().clone(), i.start..i.start + i.len)
+                    .unwrap_or_else(|_| Bytes::from(entry.data)),
+                None => Bytes::from(entry.data),
+            };
+        }
         match self.tensors.get(name) {
             Some(e) => Bytes::view(self.files[e.file].bytes.clone(), e.start..e.end)
                 .unwrap_or_else(|_| Bytes::from(entry.data)),
@@ -566,6 +720,17 @@ fn with_file_context(e: Error, file: &Path) -> Error {
         Error::Unsupported { what } => Error::Unsupported { what: format!("{}: {what}", file.display()) },
         other => other,
     }
+}
+
+/// Whether `path` is a GGUF: a `.gguf` extension (any case) or the `GGUF` magic in its first four bytes.
+fn is_gguf_file(path: &Path) -> Result<bool> {
+    if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return Ok(true);
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut head = Vec::with_capacity(GGUF_MAGIC.len());
+    file.take(GGUF_MAGIC.len() as u64).read_to_end(&mut head).map_err(|e| Error::io(path, e))?;
+    Ok(head == GGUF_MAGIC)
 }
 
 /// Maps `path` read-only.

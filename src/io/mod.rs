@@ -195,16 +195,76 @@ pub(crate) fn parse_with_context<'a>(bytes: &'a [u8], limits: &Limits, ctx: &str
     Ok(st)
 }
 
-/// Serializes tensors and metadata to safetensors bytes.
+/// The largest header the `safetensors` crate accepts when reading (its `MAX_HEADER_SIZE`).
+const MAX_HEADER_BYTES: usize = 100_000_000;
+
+/// The header of a safetensors file holding `tensors` (the 8-byte length, then the JSON padded with spaces to
+/// a multiple of 8) and the order their data follows in: by descending dtype alignment, then by name, exactly
+/// as the `safetensors` crate lays a file out.
+fn safetensors_header(
+    tensors: &[(String, TensorData)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(Vec<u8>, Vec<usize>)> {
+    let ctx = "safetensors output";
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| tensors[b].1.dtype.cmp(&tensors[a].1.dtype).then(tensors[a].0.cmp(&tensors[b].0)));
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for &i in &order {
+        let (name, t) = &tensors[i];
+        let numel = crate::shape::numel(&t.shape).map_err(|e| Error::format(ctx, format!("`{name}`: {e}")))?;
+        let expected = numel.checked_mul(t.dtype.bitsize()).map(|b| b.div_ceil(8));
+        if expected != Some(t.data.len()) {
+            return Err(Error::format(
+                ctx,
+                format!(
+                    "tensor `{name}` has {} bytes; expected {expected:?} for {:?} {:?}",
+                    t.data.len(),
+                    t.dtype,
+                    t.shape
+                ),
+            ));
+        }
+        let end = offset + t.data.len();
+        infos.push((
+            name.clone(),
+            safetensors::tensor::TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (offset, end) },
+        ));
+        offset = end;
+    }
+    let meta = safetensors::tensor::Metadata::new(metadata, infos).map_err(|e| Error::format(ctx, e.to_string()))?;
+    let mut json = serde_json::to_string(&meta).map_err(|e| Error::format(ctx, e.to_string()))?.into_bytes();
+    json.resize(json.len().next_multiple_of(HEADER_LEN_BYTES), b' ');
+    if json.len() > MAX_HEADER_BYTES {
+        return Err(Error::format(
+            ctx,
+            format!("header of {} bytes; readers accept at most {MAX_HEADER_BYTES}", json.len()),
+        ));
+    }
+    let mut header = Vec::with_capacity(HEADER_LEN_BYTES + json.len());
+    header.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    header.extend_from_slice(&json);
+    Ok((header, order))
+}
+
+/// Serializes tensors and metadata to safetensors bytes (the layout [`write_safetensors`] writes).
 pub fn serialize_safetensors(
     tensors: &[(String, TensorData)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata)
-        .map_err(|e| Error::format("safetensors output", e.to_string()))
+    let (header, order) = safetensors_header(tensors, metadata)?;
+    let total = header.len() + tensors.iter().map(|(_, t)| t.data.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(&header);
+    for i in order {
+        out.extend_from_slice(&tensors[i].1.data);
+    }
+    Ok(out)
 }
 
-/// Writes tensors to `path` atomically: a temporary file in the same directory, then a rename.
+/// Writes tensors to `path` atomically: a temporary file in the same directory, written, flushed to disk
+/// (`fsync`) and renamed into place, so a failed write never leaves a partial output. The file is created with
+/// the default permissions (`0o666` less the process umask), like any file a tool creates, not `0o600`.
 /// Refuses to replace an existing file unless `overwrite` is true.
 pub fn write_safetensors(
     path: impl AsRef<Path>,
@@ -228,11 +288,32 @@ pub fn write_safetensors(
     };
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata, &tmp)
-        .map_err(|e| Error::format(format!("writing {}", tmp.display()), e.to_string()))
+    let _ = std::fs::remove_file(&tmp); // a leftover of a killed run with the same process id
+    let result = write_new_file(&tmp, tensors, metadata)
         .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Creates `path` (which must not exist) with default permissions and writes the safetensors file, synced.
+fn write_new_file(
+    path: &Path,
+    tensors: &[(String, TensorData)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    use std::io::Write;
+    let (header, order) = safetensors_header(tensors, metadata)?;
+    // `OpenOptions` creates with mode 0o666, which the kernel reduces by the umask.
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+    let io = |e| Error::io(path, e);
+    w.write_all(&header).map_err(io)?;
+    for i in order {
+        w.write_all(&tensors[i].1.data).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    drop(w);
+    file.sync_all().map_err(io)
 }

@@ -4,5 +4,6 @@
 
 pub mod affine;
 pub mod double_quant;
+pub mod ggml;
 pub mod linear;
 pub mod nf4;

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod console;
 pub mod demo;
 pub mod error;
+pub mod gguf;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod membw;

@@ -3,14 +3,22 @@
 //! the file and [`Limits`] before allocating. Tensors are decoded to f32 by [`crate::ggml`].
 //! [`llama`] maps llama-family tensor names and layouts to Hugging Face's.
 
+mod float;
 pub mod llama;
+mod reader;
+mod tokenizer;
+mod value;
+
+pub use reader::MAX_ARRAY_DEPTH;
 
 use crate::format::ggml::GgmlType;
 use crate::io::Limits;
 use crate::storage::SharedBytes;
 use crate::{Error, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A metadata value. Arrays hold values of one type.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,6 +85,19 @@ pub struct GgufTokenizer {
 }
 
 /// A GGUF file, memory-mapped (or in memory), with its parsed header.
+///
+/// Parsing checks, before allocating anything a count or length declares: the magic, the version (2 or 3;
+/// version 1 and big-endian files are refused by name), every string length, array count, metadata and
+/// tensor count against the bytes that remain, nested arrays up to [`MAX_ARRAY_DEPTH`], unique metadata keys
+/// and tensor names, `general.alignment` (a u32 power of two, default 32), at most 4 dimensions per tensor,
+/// a ggml type id ggml defines, rows of whole blocks (`ne[0]` a multiple of the type's block), element counts
+/// without overflow, [`Limits::max_tensor_bytes`] for each tensor as stored and as f32, aligned data offsets,
+/// data inside the file and no two tensors' data overlapping. Dimensions of 0 are accepted (an empty
+/// tensor), and so is `n_dims` = 0 (a scalar: shape `[]`, one element). Metadata is held in memory as
+/// [`GgufValue`]s, at most 32 bytes per byte of file (a u8 array's elements). Types lowbit cannot decode (IQ*, TQ*, MXFP4, Q8_K, ...) parse; [`tensor_f32`](Self::tensor_f32)
+/// then names the type.
+///
+/// Memory mapping: as for [`Checkpoint`](crate::io::Checkpoint), do not modify the file while it is open.
 #[derive(Clone)]
 pub struct GgufFile {
     path: PathBuf,
@@ -85,6 +106,22 @@ pub struct GgufFile {
     alignment: usize,
     metadata: BTreeMap<String, GgufValue>,
     tensors: Vec<GgufTensorInfo>,
+    index: HashMap<String, usize>,
+    limits: Limits,
+}
+
+impl fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("alignment", &self.alignment)
+            .field("bytes", &self.bytes.as_ref().as_ref().len())
+            .field("metadata", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .field("architecture", &self.architecture())
+            .finish()
+    }
 }
 
 impl GgufFile {
@@ -94,15 +131,56 @@ impl GgufFile {
     }
 
     /// [`open`](Self::open) under explicit limits.
+    /// Directories, FIFOs, sockets and devices are refused by their file type before the file is opened.
     pub fn open_with_limits(path: impl AsRef<Path>, limits: Limits) -> Result<GgufFile> {
-        let _ = (path, limits);
-        Err(Error::Unsupported { what: "GGUF files".into() })
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        check_regular(path, &meta.file_type())?;
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        check_regular(path, &meta.file_type())?;
+        let bytes: SharedBytes = if meta.len() == 0 {
+            Arc::new(Vec::<u8>::new())
+        } else {
+            // SAFETY: the map is read-only and lowbit never writes the file. The borrowed slices stay valid
+            // while the map (kept alive by the `Arc`) exists; what Rust cannot guard against is another
+            // process truncating or rewriting the file in place meanwhile (a truncation makes reading the lost
+            // pages raise SIGBUS). As for `Checkpoint` ("Memory mapping"): do not modify a file while it is
+            // open, and use `from_shared` with a buffer where that cannot be ruled out.
+            Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?)
+        };
+        GgufFile::parse(path.to_path_buf(), bytes, limits)
     }
 
-    /// Parses GGUF bytes already in memory (or a map the caller made).
+    /// Parses GGUF bytes already in memory (or a map the caller made); [`path`](Self::path) is `<memory>`.
     pub fn from_shared(bytes: SharedBytes, limits: Limits) -> Result<GgufFile> {
-        let _ = (bytes, limits);
-        Err(Error::Unsupported { what: "GGUF files".into() })
+        GgufFile::parse(PathBuf::from("<memory>"), bytes, limits)
+    }
+
+    fn parse(path: PathBuf, bytes: SharedBytes, limits: Limits) -> Result<GgufFile> {
+        let ctx = format!("GGUF file {}", path.display());
+        let p = reader::parse((*bytes).as_ref(), &limits, &ctx)?;
+        let index = p.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(GgufFile {
+            path,
+            bytes,
+            version: p.version,
+            alignment: p.alignment,
+            metadata: p.metadata,
+            tensors: p.tensors,
+            index,
+            limits,
+        })
+    }
+
+    /// `GGUF file <path>`, the context of this file's errors.
+    fn ctx(&self) -> String {
+        format!("GGUF file {}", self.path.display())
+    }
+
+    /// The limits this file was parsed with (also applied by [`tensor_f32`](Self::tensor_f32)).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// The path it was opened from, or `<memory>`.
@@ -150,24 +228,143 @@ impl GgufFile {
 
     /// The info of tensor `name` (a GGUF name).
     pub fn tensor_info(&self, name: &str) -> Option<&GgufTensorInfo> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.index.get(name).map(|&i| &self.tensors[i])
     }
 
-    /// The stored bytes of tensor `name`.
+    fn info_or_err(&self, name: &str) -> Result<&GgufTensorInfo> {
+        self.tensor_info(name).ok_or_else(|| {
+            Error::format(
+                self.ctx(),
+                format!("no tensor `{name}` (the file has {} tensors; see GgufFile::tensors)", self.tensors.len()),
+            )
+        })
+    }
+
+    /// The stored bytes of tensor `name` (`len` bytes at `start`, checked against the file when it was parsed);
+    /// an error if there is no such tensor.
     pub fn tensor_data(&self, name: &str) -> Result<&[u8]> {
-        let _ = name;
-        Err(Error::Unsupported { what: "GGUF files".into() })
+        let info = self.info_or_err(name)?;
+        let bytes: &[u8] = (*self.bytes).as_ref();
+        bytes.get(info.start..info.start + info.len).ok_or_else(|| {
+            Error::format(
+                self.ctx(),
+                format!("tensor `{name}`: data past the end of the buffer (changed since parsing?)"),
+            )
+        })
     }
 
     /// Tensor `name` decoded to f32 (row-major, [`GgufTensorInfo::shape`]), as stored (no name or layout
-    /// mapping; see [`llama`] for that).
+    /// mapping; see [`llama`] for that). F32, F16 and BF16 are widened exactly, NaN payloads included (as numpy
+    /// and so gguf-py do); the quantized types lowbit
+    /// decodes go through [`crate::ggml::dequantize`]. Errors: no such tensor, its f32 size above
+    /// [`Limits::max_tensor_bytes`], or a type lowbit cannot decode ([`Error::Unsupported`] naming it).
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let _ = name;
-        Err(Error::Unsupported { what: "GGUF files".into() })
+        let info = self.info_or_err(name)?;
+        let numel: usize = info.shape.iter().product();
+        let ty = info.ggml_type;
+        self.limits.check_elements(&format!("{}: tensor `{name}` as f32", self.ctx()), numel, 4)?;
+        let data = self.tensor_data(name)?;
+        if let Some(values) = float::widen(ty, data) {
+            return Ok(values);
+        }
+        if !ty.can_dequantize() {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "decoding tensor `{name}` of {}: ggml type {ty} (lowbit decodes F32, F16, BF16, Q8_0, Q4_0, \
+                     Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K)",
+                    self.ctx()
+                ),
+            });
+        }
+        crate::ggml::dequantize(ty, data, numel)
     }
 
-    /// The tokenizer metadata; an error if the file has none (`tokenizer.ggml.model` / `tokens` missing).
+    /// The tokenizer metadata; an error if the file has none (`tokenizer.ggml.model` / `tokens` missing), or
+    /// a key has the wrong type (a [`Error::Format`] naming the key).
     pub fn tokenizer(&self) -> Result<GgufTokenizer> {
-        Err(Error::Unsupported { what: "GGUF tokenizers".into() })
+        self.read_tokenizer()
     }
+
+    fn typed<T>(&self, key: &str, expected: &str, conv: impl Fn(&GgufValue) -> Option<T>) -> Result<Option<T>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => conv(v).map(Some).ok_or_else(|| {
+                Error::format(
+                    format!("{}: `{key}`", self.ctx()),
+                    format!("is {} {v}, expected {expected}", v.type_description()),
+                )
+            }),
+        }
+    }
+
+    /// Metadata `key` as a `u64` ([`GgufValue::as_u64`]: any non-negative integer): `None` if absent, an
+    /// [`Error::Format`] naming the key if present with another type or a negative value.
+    pub fn get_u64(&self, key: &str) -> Result<Option<u64>> {
+        self.typed(key, "a non-negative integer", GgufValue::as_u64)
+    }
+
+    /// Metadata `key` as an `i64` ([`GgufValue::as_i64`]); errors as [`get_u64`](Self::get_u64).
+    pub fn get_i64(&self, key: &str) -> Result<Option<i64>> {
+        self.typed(key, "an integer", GgufValue::as_i64)
+    }
+
+    /// Metadata `key` as an `f64` ([`GgufValue::as_f64`]: a float, or an integer f64 holds exactly); errors as
+    /// [`get_u64`](Self::get_u64).
+    pub fn get_f64(&self, key: &str) -> Result<Option<f64>> {
+        self.typed(key, "a number", GgufValue::as_f64)
+    }
+
+    /// Metadata `key` as a string; errors as [`get_u64`](Self::get_u64).
+    pub fn get_str(&self, key: &str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(GgufValue::String(s)) => Ok(Some(s)),
+            Some(v) => Err(Error::format(
+                format!("{}: `{key}`", self.ctx()),
+                format!("is {} {v}, expected a string", v.type_description()),
+            )),
+        }
+    }
+
+    /// Metadata `key` as a bool; errors as [`get_u64`](Self::get_u64).
+    pub fn get_bool(&self, key: &str) -> Result<Option<bool>> {
+        self.typed(key, "a bool", GgufValue::as_bool)
+    }
+}
+
+/// Refuses anything but a regular file (or a link to one) by its type, before it is opened: opening a FIFO
+/// would block and a directory or device cannot be mapped.
+fn check_regular(path: &Path, ty: &std::fs::FileType) -> Result<()> {
+    if ty.is_file() {
+        return Ok(());
+    }
+    let kind = if ty.is_dir() { "a directory" } else { special_kind(ty) };
+    Err(Error::io(
+        path,
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("is {kind}, expected a GGUF file (a regular file)"),
+        ),
+    ))
+}
+
+#[cfg(unix)]
+fn special_kind(ty: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ty.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if ty.is_socket() {
+        "a socket"
+    } else if ty.is_block_device() {
+        "a block device"
+    } else if ty.is_char_device() {
+        "a character device"
+    } else {
+        "not a regular file"
+    }
+}
+
+#[cfg(not(unix))]
+fn special_kind(_: &std::fs::FileType) -> &'static str {
+    "not a regular file"
 }

@@ -1,0 +1,317 @@
+//! Writing a Hugging Face model directory: `model.safetensors`, or shards `model-00001-of-0000N.safetensors`
+//! plus `model.safetensors.index.json` when the tensors exceed `--max-shard-size`; `config.json`; the
+//! tokenizer files copied from the input directory.
+//!
+//! Crash safety: everything is built in a temporary sibling directory (`.NAME.lowbit-tmp.PID`) that is renamed
+//! to the output path at the end; a failure (or a kill) never leaves a partial output under the real name, and
+//! the temporary directory is removed on error. Memory: tensors are buffered for the current shard only; a
+//! shard is written and synced before the next one is built.
+
+use crate::error::CliError;
+use lowbit::io::{TensorData, HF_INDEX_FILE, HF_WEIGHTS_FILE};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The files a model directory may carry besides weights and config, copied when the input directory has them.
+pub const TOKENIZER_FILES: [&str; 8] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+/// Parses a shard size: bytes (`1048576`), or an integer with a unit: `KB`, `MB`, `GB`, `TB` (powers of 10)
+/// or `KiB`, `MiB`, `GiB`, `TiB` (powers of 2), case-insensitive, as `transformers` reads `max_shard_size`.
+/// Zero is refused.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not a size; expected bytes or an integer with a unit: 500MB, 2GB, 1GiB");
+    let units: [(&str, u64); 9] = [
+        ("KIB", 1 << 10),
+        ("MIB", 1 << 20),
+        ("GIB", 1 << 30),
+        ("TIB", 1 << 40),
+        ("KB", 1_000),
+        ("MB", 1_000_000),
+        ("GB", 1_000_000_000),
+        ("TB", 1_000_000_000_000),
+        ("B", 1),
+    ];
+    let upper = t.to_ascii_uppercase();
+    let (digits, mult) =
+        units.iter().find_map(|(u, m)| upper.strip_suffix(u).map(|d| (d.trim(), *m))).unwrap_or((upper.as_str(), 1));
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let bytes = n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))?;
+    if bytes == 0 {
+        return Err(format!("{s:?}: a shard size must be at least 1 byte"));
+    }
+    Ok(bytes)
+}
+
+/// The directory whose tokenizer files a model-directory output copies: the input when it is a directory, the
+/// index's directory when it is a `*.index.json`, else none (a bare safetensors file or a GGUF).
+pub fn tokenizer_source(input: &Path) -> Option<&Path> {
+    if input.is_dir() {
+        return Some(input);
+    }
+    let is_index = input.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".index.json"));
+    is_index.then(|| input.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+}
+
+/// Refuses an output path that exists (unless `force`) or that is the input itself.
+pub fn check_dir_output(input: &Path, output: &Path, force: bool) -> Result<(), CliError> {
+    let parent = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(CliError::new(format!(
+            "cannot write {}: directory {} does not exist",
+            output.display(),
+            parent.display()
+        )));
+    }
+    if output.file_name().is_none() {
+        return Err(CliError::new(format!("output {} has no final name; expected a directory path", output.display())));
+    }
+    if !output.exists() {
+        return Ok(());
+    }
+    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(input), std::fs::canonicalize(output)) {
+        if a == b || a.starts_with(&b) {
+            return Err(CliError::new(format!(
+                "output {} holds the input; choose another output path (the input is never modified)",
+                output.display()
+            )));
+        }
+    }
+    if !force {
+        return Err(CliError::new(format!("output {} already exists; pass --force to replace it", output.display())));
+    }
+    Ok(())
+}
+
+/// What [`HfDirWriter::finish`] wrote.
+#[derive(Debug)]
+pub struct Written {
+    /// Number of safetensors files.
+    pub shards: usize,
+    /// Tensor bytes in all shards (`metadata.total_size` of the index).
+    pub total_size: u64,
+    /// The tokenizer (and generation config) files copied.
+    pub copied: Vec<&'static str>,
+}
+
+/// Builds a model directory shard by shard; see the module docs.
+pub struct HfDirWriter {
+    output: PathBuf,
+    tmp: PathBuf,
+    force: bool,
+    max_shard: u64,
+    /// `__metadata__` of every shard (`format: pt` and what the caller adds).
+    metadata: HashMap<String, String>,
+    current: Vec<(String, TensorData)>,
+    current_meta: HashMap<String, String>,
+    current_bytes: u64,
+    /// Written shards: temporary file name and the tensors it holds.
+    shards: Vec<(PathBuf, Vec<String>)>,
+    total_size: u64,
+    finished: bool,
+}
+
+impl HfDirWriter {
+    /// Starts a directory for `output` (checked with [`check_dir_output`] beforehand): creates the temporary
+    /// sibling. Every shard gets `metadata` plus `format: pt` (transformers refuses safetensors files without it).
+    pub fn create(
+        output: &Path,
+        force: bool,
+        max_shard: u64,
+        mut metadata: HashMap<String, String>,
+    ) -> Result<HfDirWriter, CliError> {
+        let parent = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = parent.join(format!(".{name}.lowbit-tmp.{}", std::process::id()));
+        if tmp.exists() {
+            // A leftover of a killed run with the same process id; the name is lowbit's own.
+            std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+        }
+        std::fs::create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
+        metadata.insert("format".to_string(), "pt".to_string());
+        Ok(HfDirWriter {
+            output: output.to_path_buf(),
+            tmp,
+            force,
+            max_shard,
+            metadata,
+            current: Vec::new(),
+            current_meta: HashMap::new(),
+            current_bytes: 0,
+            shards: Vec::new(),
+            total_size: 0,
+            finished: false,
+        })
+    }
+
+    /// The final output path.
+    pub fn output(&self) -> &Path {
+        &self.output
+    }
+
+    /// Adds the entries of one tensor (a quantized weight's codes and parameters stay in one shard), with
+    /// `__metadata__` entries that belong to the shard holding it. Starts a new shard first when the current
+    /// one is non-empty and would exceed the limit; a unit larger than the limit gets a shard of its own.
+    pub fn push(&mut self, unit: Vec<(String, TensorData)>, meta: HashMap<String, String>) -> Result<(), CliError> {
+        let bytes: u64 = unit.iter().map(|(_, t)| t.data.len() as u64).sum();
+        if !self.current.is_empty() && self.current_bytes + bytes > self.max_shard {
+            self.flush()?;
+        }
+        self.current_bytes += bytes;
+        self.total_size += bytes;
+        self.current.extend(unit);
+        self.current_meta.extend(meta);
+        Ok(())
+    }
+
+    /// Writes the buffered shard under a temporary name and releases its memory.
+    fn flush(&mut self) -> Result<(), CliError> {
+        let path = self.tmp.join(format!("shard-{:05}.part", self.shards.len() + 1));
+        let mut meta = self.metadata.clone();
+        meta.extend(std::mem::take(&mut self.current_meta));
+        lowbit::io::write_safetensors(&path, &self.current, Some(meta), false)?;
+        let names = std::mem::take(&mut self.current).into_iter().map(|(n, _)| n).collect();
+        self.shards.push((path, names));
+        self.current_bytes = 0;
+        Ok(())
+    }
+
+    /// Writes the last shard, names the shards (`model.safetensors` when there is one), writes the index,
+    /// `config` as `config.json` (if given) and copies the tokenizer files of `tokenizer_dir`, then moves the
+    /// directory into place (replacing an existing output only with `force`, as checked at the start).
+    pub fn finish(
+        mut self,
+        config: Option<&serde_json::Value>,
+        tokenizer_dir: Option<&Path>,
+    ) -> Result<Written, CliError> {
+        if !self.current.is_empty() || self.shards.is_empty() {
+            self.flush()?;
+        }
+        let n = self.shards.len();
+        let mut weight_map = BTreeMap::new();
+        for (i, (part, names)) in self.shards.iter().enumerate() {
+            let file =
+                if n == 1 { HF_WEIGHTS_FILE.to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
+            let dest = self.tmp.join(&file);
+            std::fs::rename(part, &dest).map_err(|e| io_err(&dest, e))?;
+            for name in names {
+                weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+            }
+        }
+        if n > 1 {
+            let index = serde_json::json!({
+                "metadata": { "total_size": self.total_size },
+                "weight_map": weight_map,
+            });
+            write_json(&self.tmp.join(HF_INDEX_FILE), &index)?;
+        }
+        if let Some(config) = config {
+            write_json(&self.tmp.join("config.json"), config)?;
+        }
+        let mut copied = Vec::new();
+        if let Some(dir) = tokenizer_dir {
+            for f in TOKENIZER_FILES {
+                let src = dir.join(f);
+                if src.is_file() {
+                    let dest = self.tmp.join(f);
+                    std::fs::copy(&src, &dest).map_err(|e| io_err(&src, e))?;
+                    copied.push(f);
+                }
+            }
+        }
+        sync_dir(&self.tmp);
+        self.move_into_place()?;
+        self.finished = true;
+        Ok(Written { shards: n, total_size: self.total_size, copied })
+    }
+
+    /// Renames the temporary directory to the output; an existing output (allowed by `force`) is renamed
+    /// aside first and removed after the new one is in place.
+    fn move_into_place(&self) -> Result<(), CliError> {
+        let out = &self.output;
+        let old = if out.symlink_metadata().is_ok() {
+            if !self.force {
+                return Err(CliError::new(format!(
+                    "output {} already exists; pass --force to replace it",
+                    out.display()
+                )));
+            }
+            let aside = self.tmp.with_extension("old");
+            std::fs::rename(out, &aside).map_err(|e| io_err(out, e))?;
+            Some(aside)
+        } else {
+            None
+        };
+        if let Err(e) = std::fs::rename(&self.tmp, out) {
+            if let Some(aside) = &old {
+                let _ = std::fs::rename(aside, out); // put the old output back
+            }
+            return Err(io_err(out, e));
+        }
+        if let Some(aside) = old {
+            let removed = if aside.is_dir() { std::fs::remove_dir_all(&aside) } else { std::fs::remove_file(&aside) };
+            removed.map_err(|e| io_err(&aside, e))?;
+        }
+        if let Some(parent) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            sync_dir(parent);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HfDirWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Writes pretty-printed JSON with a final newline (as `transformers` does), created with default permissions.
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), CliError> {
+    let mut text =
+        serde_json::to_string_pretty(value).map_err(|e| CliError::new(format!("{}: {e}", path.display())))?;
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| io_err(path, e))
+}
+
+/// Flushes a directory's entries to disk where the platform allows (best effort: renames are durable).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> CliError {
+    CliError::new(format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_like_transformers() {
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("10kib"), Ok(10 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4096B"), Ok(4096));
+        for bad in ["", "MB", "1.5GB", "-1", "5 XB", "0", "99999999999999999999TB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+}
