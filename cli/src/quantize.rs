@@ -73,6 +73,7 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
     let mut n = Counts::default();
     let mut kept_weights: Vec<&str> = Vec::new();
     let mut source_dtypes: Vec<DType> = Vec::new();
+    let mut lm_head_quantized = false;
     for name in &names {
         progress.set_message(name);
         let info = ck.tensor_info(name)?;
@@ -97,6 +98,7 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
                 source_dtypes.push(source);
             }
             n.quantized += 1;
+            lm_head_quantized |= name == "lm_head.weight";
             n.weights += info.shape.iter().product::<usize>();
             (unit, meta)
         } else {
@@ -111,7 +113,6 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
     }
 
     progress.set_message("writing");
-    let lm_head_quantized = names.iter().any(|n| n.starts_with("lm_head.") && !kept_weights.contains(&n.as_str()));
     let quantization = match q.scheme {
         Scheme::FourBit { format, double_quant, .. } => {
             // Compute in the dtype the weights had (f32 for GGUF's quantized types), f32 when they differ.

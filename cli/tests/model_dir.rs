@@ -362,6 +362,7 @@ fn skip_and_include_override_the_default_rule() {
     let up = ck.tensor("model.layers.0.mlp.up_proj.weight").unwrap();
     assert_eq!(up.dtype(), Dtype::F32);
     let q = &read_json(&out.join("config.json"))["quantization_config"];
+    // lm_head was quantized (--include), so it is not on the list.
     assert_eq!(
         q["llm_int8_skip_modules"],
         json!(["model.embed_tokens", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"])

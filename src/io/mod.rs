@@ -317,3 +317,35 @@ fn write_new_file(
     drop(w);
     file.sync_all().map_err(io)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensors() -> Vec<(String, TensorData)> {
+        vec![
+            ("b.codes".into(), TensorData::from_slice(Dtype::U8, vec![3, 1], &[1u8, 2, 3])),
+            ("a.weight".into(), TensorData::from_slice(Dtype::F32, vec![2], &[0.5f32, -1.0])),
+            ("c.half".into(), TensorData::from_slice(Dtype::BF16, vec![1, 2], &[7u16, 9])),
+            ("d.ids".into(), TensorData::from_slice(Dtype::I64, vec![1], &[42i64])),
+        ]
+    }
+
+    #[test]
+    fn serialize_is_byte_identical_to_the_safetensors_crate() {
+        let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        for m in [None, Some(meta)] {
+            let ours = serialize_safetensors(&tensors(), m.clone()).unwrap();
+            let theirs = safetensors::serialize(tensors().iter().map(|(n, t)| (n.as_str(), t)), m).unwrap();
+            assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn a_tensor_whose_bytes_do_not_match_its_shape_is_an_error() {
+        let mut t = tensors();
+        t[1].1.shape = vec![3];
+        let err = serialize_safetensors(&t, None).unwrap_err().to_string();
+        assert!(err.contains("a.weight") && err.contains("8 bytes"), "{err}");
+    }
+}
