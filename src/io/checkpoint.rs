@@ -621,7 +621,8 @@ impl Checkpoint {
             let ctx = format!("tensor `{name}` (GGUF `{}`) in {}", t.gguf_name, self.path.display());
             let numel = crate::shape::numel(&t.shape).map_err(|e| Error::format(&ctx, e.to_string()))?;
             self.limits.check_elements(&format!("{ctx} decoded to f32"), numel, 4)?;
-            return g.map.tensor_f32(&g.file, name).map_err(|e| with_file_context(e, &self.path));
+            // GgufFile's errors name the file already.
+            return g.map.tensor_f32(&g.file, name);
         }
         let view = self.tensor(name)?;
         let file = &self.files[self.tensors[name].file].path;

@@ -177,11 +177,12 @@ pub fn unpermute_rows<T: Copy>(data: &[T], row_len: usize, n_head: usize) -> Res
         ));
     }
     let rows = data.len() / row_len;
-    if !rows.is_multiple_of(2 * n_head) {
+    // `n_head` may come from a file: no overflow (a product past usize divides no row count anyway).
+    if !n_head.checked_mul(2).is_some_and(|pair| rows.is_multiple_of(pair)) {
         return Err(Error::invalid(
             "rows",
             rows,
-            format!("a multiple of 2 × n_head = {} (pairs of rows per head)", 2 * n_head),
+            format!("a multiple of 2 × n_head = 2 × {n_head} (pairs of rows per head)"),
         ));
     }
     let d = rows / n_head / 2;
@@ -295,7 +296,10 @@ impl HfMapping {
             };
             if let Some(h) = heads {
                 let rows = t.shape.first().copied().unwrap_or(0);
-                if t.shape.is_empty() || t.shape.len() > 2 || !rows.is_multiple_of(2 * h) {
+                if t.shape.is_empty()
+                    || t.shape.len() > 2
+                    || !h.checked_mul(2).is_some_and(|pair| rows.is_multiple_of(pair))
+                {
                     return Err(Error::format(
                         ctx(),
                         format!(
@@ -663,6 +667,7 @@ mod tests {
         assert!(unpermute_rows(&stored, cols, 5).is_err());
         assert!(unpermute_rows(&stored, 0, 1).is_err());
         assert!(unpermute_rows(&stored, cols, 0).is_err());
+        assert!(unpermute_rows(&stored, cols, usize::MAX).is_err());
     }
 
     #[test]
@@ -700,6 +705,11 @@ mod tests {
         m.insert("llama.attention.head_count".into(), GgufValue::String("two".into()));
         let e = HfMapping::from_parts(&m, &tensors()).unwrap_err().to_string();
         assert!(e.contains("llama.attention.head_count") && e.contains("a string"), "{e}");
+        let mut m = meta("llama");
+        for k in ["llama.attention.head_count", "llama.attention.head_count_kv"] {
+            m.insert(k.into(), GgufValue::U64(u64::MAX));
+        }
+        assert!(HfMapping::from_parts(&m, &tensors()).is_err(), "huge head counts: an error, no overflow");
         let e = HfMapping::from_parts(&meta("gpt2"), &tensors()).unwrap_err().to_string();
         assert!(e.contains("gpt2") && e.contains("llama, qwen2"), "{e}");
         let mut t = tensors();
