@@ -205,31 +205,32 @@ fn q6_k(b: &[u8; 210], out: &mut [f32; 256]) {
 
 // ---------------------------------------------------------------- spans
 
-/// Applies a fixed-size decoder to every whole block of `data` / `out` (lengths checked by the caller; a
-/// mismatch only shortens the work, it cannot read or write out of bounds).
-#[inline(always)]
-fn blocks<const BB: usize, const BE: usize>(data: &[u8], out: &mut [f32], f: impl Fn(&[u8; BB], &mut [f32; BE])) {
-    for (b, o) in data.chunks_exact(BB).zip(out.chunks_exact_mut(BE)) {
-        let (Ok(b), Ok(o)) = (<&[u8; BB]>::try_from(b), <&mut [f32; BE]>::try_from(o)) else { continue };
-        f(b, o);
-    }
+/// Applies the fixed-size decoder `$f` (`&[u8; $bb]` → `&mut [f32; $be]`) to every whole block of `$data` /
+/// `$out` (lengths checked by the caller; a mismatch only shortens the work, it cannot read or write out of
+/// bounds). A macro, not a function taking the decoder, so the decoder is a direct call that inlines into each
+/// instruction set's entry point.
+macro_rules! blocks {
+    ($data:expr, $out:expr, $f:ident, $bb:expr, $be:expr) => {
+        for (b, o) in $data.chunks_exact($bb).zip($out.chunks_exact_mut($be)) {
+            if let (Ok(b), Ok(o)) = (<&[u8; $bb]>::try_from(b), <&mut [f32; $be]>::try_from(o)) {
+                $f(b, o);
+            }
+        }
+    };
 }
 
-/// Plain (one-element) types: runs of 16 through `f`, then the tail element by element with the reference.
-#[inline(always)]
-fn plain<const BB: usize>(
-    data: &[u8],
-    out: &mut [f32],
-    f: impl Fn(&[u8; BB], &mut [f32; 16]),
-    one: reference::BlockFn,
-) {
-    let full = out.len() / 16 * 16;
-    let (head, tail) = out.split_at_mut(full);
-    blocks(&data[..full / 16 * BB], head, f);
-    let esize = BB / 16;
-    for (b, o) in data[full / 16 * BB..].chunks_exact(esize).zip(tail.chunks_exact_mut(1)) {
-        one(b, o);
-    }
+/// Plain (one-element) types of `$esize` bytes: runs of 16 through `$f`, then the tail element by element with
+/// the reference's `$one`.
+macro_rules! plain {
+    ($data:expr, $out:expr, $f:ident, $one:path, $esize:literal) => {{
+        let full = $out.len() / 16 * 16;
+        let (head, tail) = $out.split_at_mut(full);
+        let (data_head, data_tail) = $data.split_at((full * $esize).min($data.len()));
+        blocks!(data_head, head, $f, { 16 * $esize }, 16);
+        for (b, o) in data_tail.chunks_exact($esize).zip(tail.chunks_exact_mut(1)) {
+            $one(b, o);
+        }
+    }};
 }
 
 /// Decodes whole blocks of `ty` (any decodable type) with the decoders above; inlined into each instruction
@@ -239,19 +240,19 @@ fn plain<const BB: usize>(
 pub(crate) fn dequantize_blocks(ty: GgmlType, data: &[u8], out: &mut [f32]) {
     use GgmlType::*;
     match ty {
-        F32 => plain(data, out, f32x16, reference::block_f32),
-        F16 => plain(data, out, f16x16, reference::block_f16),
-        BF16 => plain(data, out, bf16x16, reference::block_bf16),
-        Q8_0 => blocks(data, out, q8_0),
-        Q4_0 => blocks(data, out, q4_0),
-        Q4_1 => blocks(data, out, q4_1),
-        Q5_0 => blocks(data, out, q5_0),
-        Q5_1 => blocks(data, out, q5_1),
-        Q2_K => blocks(data, out, q2_k),
-        Q3_K => blocks(data, out, q3_k),
-        Q4_K => blocks(data, out, q4_k),
-        Q5_K => blocks(data, out, q5_k),
-        Q6_K => blocks(data, out, q6_k),
+        F32 => plain!(data, out, f32x16, reference::block_f32, 4),
+        F16 => plain!(data, out, f16x16, reference::block_f16, 2),
+        BF16 => plain!(data, out, bf16x16, reference::block_bf16, 2),
+        Q8_0 => blocks!(data, out, q8_0, 34, 32),
+        Q4_0 => blocks!(data, out, q4_0, 18, 32),
+        Q4_1 => blocks!(data, out, q4_1, 20, 32),
+        Q5_0 => blocks!(data, out, q5_0, 22, 32),
+        Q5_1 => blocks!(data, out, q5_1, 24, 32),
+        Q2_K => blocks!(data, out, q2_k, 84, 256),
+        Q3_K => blocks!(data, out, q3_k, 110, 256),
+        Q4_K => blocks!(data, out, q4_k, 144, 256),
+        Q5_K => blocks!(data, out, q5_k, 176, 256),
+        Q6_K => blocks!(data, out, q6_k, 210, 256),
         _ => {}
     }
 }
