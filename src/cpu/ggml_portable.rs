@@ -1,11 +1,11 @@
 //! Portable ggml block decoders and the scalar and portable kernel tables. Same names and results as
 //! `ggml_x86.rs`, which compiles these very decoders for AVX2 / AVX-512.
 //!
-//! Each decoder takes one block as a fixed-size array and writes a fixed-size array, in runs of 16 or 32
-//! elements that share one scale, with the reference's f32 operations in the reference's order (one rounding
-//! per product and per difference, never fused), so the compiler vectorises them (nibble / bit-plane unpacking
-//! becomes byte shifts and masks, widening and `cvtdq2ps`, one multiply and one subtract per lane) and every
-//! result bit equals [`crate::reference::ggml`]'s. Nothing here is `unsafe`.
+//! Each decoder takes one block as a fixed-size array and writes a fixed-size array in two phases: first the
+//! integer codes as byte arrays (nibble, 2-bit and bit planes: byte shifts and masks), then one f32 multiply
+//! (and one add or subtract) per element with its sub-block's scale, the reference's operations in the
+//! reference's order (never fused). Both phases are plain loops over fixed-size arrays that the compiler
+//! vectorises, and every result bit equals [`crate::reference::ggml`]'s. Nothing here is `unsafe`.
 
 use super::table::GgmlKernels;
 use crate::format::ggml::GgmlType;
