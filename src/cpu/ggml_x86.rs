@@ -1,7 +1,7 @@
 //! AVX2 / AVX-512 versions of the ggml block decoders (same names as `ggml_portable.rs`): the portable
 //! decoders, inlined into entry points compiled with each instruction set's features, so the compiler
 //! vectorises them 8 or 16 lanes wide. Same f32 operations in the same order, hence the same bits; no explicit
-//! intrinsics (F16C's `vcvtph2ps` would quiet signalling NaNs, which gguf-py keeps).
+//! intrinsics (the F16 widening is the reference's integer one, which keeps signalling NaNs as gguf-py does).
 //!
 //! Reached only through the kernel tables, which need a detection token.
 

@@ -47,8 +47,10 @@ pub enum GgmlType {
 }
 
 /// `(type, id, name, elements per block, bytes per block)`, as ggml's `ggml.h` / gguf-py's
-/// `GGML_QUANT_SIZES` define them (checked against gguf-py 0.x: Q8_1 is 32 elements in 40 bytes, its `d` and
-/// `s` being f32 in gguf-py's table; NVFP4 and Q1_0 are the newest ids).
+/// `GGML_QUANT_SIZES` define them (checked against both). One disagreement: Q8_1 (an in-memory dot-product
+/// format, never stored in model files) is 36 bytes in ggml (`d`, `s` as f16; `ggml-common.h` asserts it)
+/// while gguf-py's table still says 40 (the old f32 layout); lowbit follows ggml. NVFP4 and Q1_0 are the
+/// newest ids.
 const TABLE: &[(GgmlType, u32, &str, usize, usize)] = &[
     (GgmlType::F32, 0, "F32", 1, 4),
     (GgmlType::F16, 1, "F16", 1, 2),
@@ -57,7 +59,7 @@ const TABLE: &[(GgmlType, u32, &str, usize, usize)] = &[
     (GgmlType::Q5_0, 6, "Q5_0", 32, 22),
     (GgmlType::Q5_1, 7, "Q5_1", 32, 24),
     (GgmlType::Q8_0, 8, "Q8_0", 32, 34),
-    (GgmlType::Q8_1, 9, "Q8_1", 32, 40),
+    (GgmlType::Q8_1, 9, "Q8_1", 32, 36),
     (GgmlType::Q2_K, 10, "Q2_K", 256, 84),
     (GgmlType::Q3_K, 11, "Q3_K", 256, 110),
     (GgmlType::Q4_K, 12, "Q4_K", 256, 144),
