@@ -204,3 +204,18 @@ proptest! {
         }
     }
 }
+
+/// `all_types.gguf` (written by gguf-py's `GGUFWriter`, one tensor per type named after it in lowercase) read
+/// through `GgufFile`: shapes as numpy sees them, and every tensor decodes to gguf-py's values bit for bit.
+#[test]
+fn all_types_gguf_through_the_reader_equals_gguf_py() {
+    let file = lowbit::io::gguf::GgufFile::open(fixture_dir().join("all_types.gguf")).expect("all_types.gguf");
+    for &(ty, rows, cols) in FIXTURES {
+        let name = ty.name().to_lowercase();
+        let info = file.tensor_info(&name).unwrap_or_else(|| panic!("tensor {name} in all_types.gguf"));
+        assert_eq!(info.ggml_type, ty, "{name}");
+        assert_eq!(info.shape, vec![rows, cols], "{name}");
+        let (_, want) = fixture(ty, rows, cols);
+        assert_same_bits(&file.tensor_f32(&name).unwrap(), &want, &format!("{name} via GgufFile"));
+    }
+}
