@@ -264,6 +264,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn f16_widening_equals_numpy_on_known_patterns() {
+        // From numpy: np.array([b], np.uint16).view(np.float16).astype(np.float32).view(np.uint32).
+        let numpy = [
+            (0x7c01u16, 0x7f80_2000u32),
+            (0xfe00, 0xffc0_0000),
+            (0x0001, 0x3380_0000),
+            (0x8000, 0x8000_0000),
+            (0x3c00, 0x3f80_0000),
+            (0x7bff, 0x477f_e000),
+            (0x03ff, 0x387f_c000),
+            (0x7c00, 0x7f80_0000),
+        ];
+        for (h, want) in numpy {
+            assert_eq!(f16_bits_to_f32(h).to_bits(), want, "{h:#06x}");
+        }
+    }
+
+    #[test]
     fn f16_widening_matches_half_except_for_the_nan_quiet_bit() {
         for h in 0..=u16::MAX {
             let ours = f16_bits_to_f32(h);

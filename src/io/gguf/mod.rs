@@ -3,7 +3,6 @@
 //! the file and [`Limits`] before allocating. Tensors are decoded to f32 by [`crate::ggml`].
 //! [`llama`] maps llama-family tensor names and layouts to Hugging Face's.
 
-mod float;
 pub mod llama;
 mod reader;
 mod tokenizer;
@@ -254,9 +253,9 @@ impl GgufFile {
     }
 
     /// Tensor `name` decoded to f32 (row-major, [`GgufTensorInfo::shape`]), as stored (no name or layout
-    /// mapping; see [`llama`] for that). F32, F16 and BF16 are widened exactly, NaN payloads included (as numpy
-    /// and so gguf-py do); the quantized types lowbit
-    /// decodes go through [`crate::ggml::dequantize`]. Errors: no such tensor, its f32 size above
+    /// mapping; see [`llama`] for that). Every type lowbit decodes (F32, F16 and BF16 widened exactly, NaN
+    /// payloads included, as numpy and so gguf-py do; the quantized types) goes through
+    /// [`crate::ggml::dequantize`]. Errors: no such tensor, its f32 size above
     /// [`Limits::max_tensor_bytes`], or a type lowbit cannot decode ([`Error::Unsupported`] naming it).
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
         let info = self.info_or_err(name)?;
@@ -264,9 +263,6 @@ impl GgufFile {
         let ty = info.ggml_type;
         self.limits.check_elements(&format!("{}: tensor `{name}` as f32", self.ctx()), numel, 4)?;
         let data = self.tensor_data(name)?;
-        if let Some(values) = float::widen(ty, data) {
-            return Ok(values);
-        }
         if !ty.can_dequantize() {
             return Err(Error::Unsupported {
                 what: format!(
