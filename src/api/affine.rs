@@ -85,10 +85,14 @@ pub fn calibrate_with<T: Element>(
     let params = crate::cpu::affine::calibrate(x, rows, cols, granularity, path);
     // A finite range whose width `max - min` overflows f32 (values near ±3.4e38 of both signs) gives an
     // infinite scale, which would dequantize every element to NaN: refuse it.
-    if let Some(i) = params.iter().position(|p| !p.scale.is_finite()) {
+    if let Some(i) = params.iter().position(|p| !scale_is_valid(p.scale)) {
         return Err(Error::invalid(
             "x",
-            format!("a range whose width max - min overflows f32 (parameter entry {i}, {granularity})"),
+            format!(
+                "a range whose width max - min overflows f32, or whose scale ({}) times 255 does (parameter entry \
+                 {i}, {granularity})",
+                params[i].scale
+            ),
             "values whose range per entry is at most f32::MAX wide",
         ));
     }
@@ -156,12 +160,8 @@ fn check_params(
     if params.len() != n {
         return Err(Error::shape(format!("number of params for shape {shape:?}, {granularity}"), params.len(), n));
     }
-    if let Some(i) = params.iter().position(|p| !(p.scale.is_finite() && p.scale > 0.0)) {
-        return Err(Error::invalid(
-            "params",
-            format!("scale {} at index {i}", params[i].scale),
-            "finite positive scales",
-        ));
+    if let Some(i) = params.iter().position(|p| !scale_is_valid(p.scale)) {
+        return Err(Error::invalid("params", format!("scale {} at index {i}", params[i].scale), SCALE_RULE));
     }
     Ok(())
 }

@@ -87,7 +87,7 @@ impl std::str::FromStr for Granularity {
 /// One scale and zero point.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AffineParams {
-    /// Step between neighbouring codes (> 0, at least `f32::EPSILON`).
+    /// Step between neighbouring codes (> 0, at least `f32::EPSILON`, and `scale · 255` finite).
     pub scale: f32,
     /// The code that represents 0.0 exactly.
     pub zero_point: u8,
@@ -96,6 +96,15 @@ pub struct AffineParams {
 impl AffineParams {
     /// Parameters for an empty range: scale 1, zero point 0.
     pub const EMPTY: AffineParams = AffineParams { scale: 1.0, zero_point: 0 };
+}
+
+/// What a valid scale is, for error messages.
+pub(crate) const SCALE_RULE: &str = "finite positive scales with scale × 255 finite (at most f32::MAX / 255 ≈                                       1.33e36), so that (q − zero_point) · scale cannot overflow f32";
+
+/// Whether `scale` is valid: positive and `scale · 255` finite, so that `(q − zp) · scale` is finite for every
+/// `q`, `zp` in `0..=255` and dequantizing a valid tensor never writes inf or NaN.
+pub(crate) fn scale_is_valid(scale: f32) -> bool {
+    scale > 0.0 && (scale * 255.0).is_finite()
 }
 
 /// A tensor quantized to 8-bit affine codes, with its parameters.
@@ -112,7 +121,8 @@ pub struct AffineTensor {
 }
 
 impl AffineTensor {
-    /// Builds a tensor from its parts, checking every length and that scales are finite and positive.
+    /// Builds a tensor from its parts, checking every length and that scales are positive with `scale · 255`
+    /// finite (so dequantizing can never overflow to inf).
     /// `codes` and `zero_points` are `Vec<u8>` or any [`Bytes`] (views keep sharing their buffer).
     pub fn from_parts(
         shape: Vec<usize>,
@@ -135,8 +145,8 @@ impl AffineTensor {
                 n,
             ));
         }
-        if let Some(i) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(Error::invalid("scales", format!("{} at index {i}", scales[i]), "finite positive scales"));
+        if let Some(i) = scales.iter().position(|s| !scale_is_valid(*s)) {
+            return Err(Error::invalid("scales", format!("{} at index {i}", scales[i]), SCALE_RULE));
         }
         Ok(AffineTensor { shape, granularity, codes, scales, zero_points })
     }

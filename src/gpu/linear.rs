@@ -528,8 +528,9 @@ impl GpuLinear {
     ///
     /// Checked before anything is recorded (errors, never GPU faults): `x` and `y` have `STORAGE` usage, are
     /// at least `m·in·4` and `m·out·4` bytes, are not the same buffer, and `m` rows fit the storage binding
-    /// and dispatch limits. Not checked (the contents are on the GPU): that `x` is finite; non-finite inputs
-    /// give non-finite outputs. `x` and `y` must belong to `ctx`'s device. `m == 0` records nothing.
+    /// and dispatch limits. Not checked (the contents are on the GPU): that `x` is finite, and that `y` is:
+    /// non-finite inputs, or finite ones whose result overflows f32, give non-finite outputs, which callers
+    /// that read `y` back must check (as [`forward`](Self::forward) does). `x` and `y` must belong to `ctx`'s device. `m == 0` records nothing.
     ///
     /// Pipelines are compiled on first use (see [`prepare`](Self::prepare) for the browser); bind groups and
     /// per-call uniforms are cached ([`bind_groups_created`](Self::bind_groups_created)).
@@ -604,7 +605,8 @@ impl GpuLinear {
     /// The general host-slice forward: `adapter_ids` `None` applies every enabled adapter to every row,
     /// `Some` is the multi-adapter batch; `choice` picks the kernel variant. Validates `x` (length, finite)
     /// and the ids, uploads `x` into a scratch buffer, records [`encode_forward_with`](Self::encode_forward_with)'s
-    /// commands plus a copy of `y` to a readback buffer, submits once and reads `y` back.
+    /// commands plus a copy of `y` to a readback buffer, submits once and reads `y` back. A non-finite `y`
+    /// (finite inputs whose result overflowed f32) is an [`Error::NonFinite`] for `y`, as on the CPU.
     pub async fn forward_with(
         &self,
         ctx: &GpuContext,
@@ -616,7 +618,10 @@ impl GpuLinear {
         let (scratch, _) = self.run(ctx, x, m, adapter_ids, choice, 1, false).await?;
         let y = read_f32(&ctx.device, &scratch.readback, m * self.n_out).await;
         self.put_scratch(scratch);
-        y
+        let y = y?;
+        // `x` and the layer were checked finite: an inf/NaN in `y` is an overflow, reported, never returned.
+        crate::linear::check_output(&y)?;
+        Ok(y)
     }
 
     /// Runs the forward `reps` times (x uploaded once) and returns the result of the last run together with

@@ -26,12 +26,15 @@
 //! ```
 
 mod bound;
+mod finite;
 #[cfg(feature = "gpu")]
 mod gpu;
 mod options;
 
 pub use crate::format::layer::{AdapterSelection, QuantWeight};
 pub use bound::{Agreement, BoundTarget};
+pub use finite::MAX_FORWARD_OUTPUT_BYTES;
+pub(crate) use finite::check_output;
 pub use options::{ForwardOptions, Workspace};
 
 use crate::cpu::KernelPath;
@@ -163,7 +166,9 @@ impl QuantLinear {
     /// written into the caller's `y: [M, out]` (f32, or rounded to nearest-even f16 / bf16 from the f32
     /// result), through the fastest path. `ws` holds every scratch buffer: after a first call with the same
     /// shape, a call allocates nothing proportional to M. Errors (and leaves `y` untouched) on a wrong length
-    /// or a non-finite `x`.
+    /// or a non-finite `x`. A result that is not finite although every input was (an overflow of f32, or of
+    /// f16 / bf16 when narrowing) is an [`Error::NonFinite`] for `y` (then `y` holds the computed values); the
+    /// check is one vectorisable pass over `y`.
     ///
     /// ```
     /// # use lowbit::linear::{QuantLinear, QuantWeight, Workspace};
@@ -202,22 +207,25 @@ impl QuantLinear {
         if opts.path == KernelPath::REFERENCE {
             let r = crate::reference::linear::forward(self.view(), xf, opts.adapters);
             O::narrow_slice(&r, y);
-            return Ok(());
+            return check_output(y);
         }
         crate::cpu::linear::forward_into(self.view(), xf, m, opts.adapters, opts.path, scratch, y);
-        Ok(())
+        check_output(y)
     }
 
     /// Convenience wrapper of [`forward_into`](Self::forward_into): returns a new `y: [M, out]` in f32.
+    /// Errors as `forward_into`, and (before allocating) when `y` would be larger than
+    /// [`MAX_FORWARD_OUTPUT_BYTES`] or cannot be allocated.
     pub fn forward<T: Element>(&self, x: &[T]) -> Result<Vec<f32>> {
         self.forward_with(x, ForwardOptions::default())
     }
 
     /// Convenience wrapper of [`forward_into_with`](Self::forward_into_with): returns a new `y: [M, out]`.
+    /// Errors as [`forward`](Self::forward).
     pub fn forward_with<T: Element>(&self, x: &[T], opts: ForwardOptions<'_>) -> Result<Vec<f32>> {
         // `forward_into_with` validates `x` (and the selection) before it looks at `y`, so a bad `x` is
-        // reported as such; `x` is scanned once.
-        let mut y = vec![0.0f32; x.len() / self.in_features * self.out_features];
+        // reported as such; `x` is scanned once. The size is checked before `y` is allocated.
+        let mut y = finite::alloc_output(x.len() / self.in_features, self.out_features)?;
         self.forward_into_with(x, &mut y, &mut Workspace::default(), opts)?;
         Ok(y)
     }
