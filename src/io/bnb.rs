@@ -401,7 +401,18 @@ pub fn load_weight_with_limits(file: &SafeTensors<'_>, name: &str, limits: &Limi
 pub(crate) fn load_weight_from(file: &dyn Source, name: &str, limits: &Limits) -> Result<FourBitTensor> {
     let ctx = format!("bitsandbytes weight `{name}`");
     let qs_prefix = format!("{name}{QUANT_STATE_INFIX}");
-    let mut qs_keys: Vec<&str> = file.names().into_iter().filter(|k| k.starts_with(&qs_prefix)).collect();
+    // The keys bitsandbytes writes are looked up directly (a hash lookup each), so loading every weight of a
+    // checkpoint is linear in its number of tensors. Only when neither is present are all names scanned, to
+    // name what is there instead (an error path, taken at most once per load). Known limitation: an extra
+    // unknown `W.quant_state.*` key next to a valid nf4/fp4 one is not noticed.
+    let known: Vec<String> =
+        [FourBitFormat::Fp4, FourBitFormat::Nf4].iter().map(|f| quant_state_key(name, *f)).collect();
+    let mut qs_keys: Vec<&str> = known.iter().map(String::as_str).filter(|k| file.entry(k).is_some()).collect();
+    let names;
+    if qs_keys.is_empty() {
+        names = file.names();
+        qs_keys = names.iter().copied().filter(|k| k.starts_with(&qs_prefix)).collect();
+    }
     qs_keys.sort();
     let qs_key = match qs_keys.as_slice() {
         [] => return Err(Error::format(ctx, format!("no `{qs_prefix}{QUANT_STATE_TAG}*` tensor: not a 4-bit weight"))),
@@ -603,13 +614,37 @@ pub fn quant_state_of(t: &FourBitTensor) -> QuantStateJson {
     }
 }
 
+/// The validity rule shared by the writer and the reader for a 4-bit weight's name and shape: the name is
+/// non-empty (a quant-state key `.quant_state.bitsandbytes__*` with nothing before it names no weight, so the
+/// reader would not see the weight) and the shape has at most [`MAX_DIMS`] dimensions (the reader refuses a
+/// longer quant-state `shape`). The quant-state JSON itself must be at most [`MAX_QUANT_STATE_LEN`] bytes,
+/// checked by [`to_tensors`] once it is built.
+pub fn check_writable(name: &str, shape: &[usize]) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid(
+            "tensor name",
+            "\"\" (empty)",
+            "a non-empty name (the reader cannot find a weight with an empty name)",
+        ));
+    }
+    if shape.len() > MAX_DIMS {
+        return Err(Error::invalid(
+            "shape",
+            format!("{shape:?} of weight {name:?} ({} dimensions)", shape.len()),
+            format!("at most {MAX_DIMS} dimensions (MAX_DIMS; the reader refuses more)"),
+        ));
+    }
+    Ok(())
+}
+
 /// The tensors bitsandbytes stores for weight `name` (module docs), in the order of
 /// `QuantState.as_dict(packed=True)` after the weight itself: `name`, `name.absmax`, `name.quant_map`,
 /// [`name.nested_absmax`, `name.nested_quant_map`,] `name.quant_state.bitsandbytes__<type>`.
 ///
 /// Errors if `t`'s table is not the built-in table of its format (bitsandbytes would decode it with the
-/// built-in one).
+/// built-in one), and on anything the reader would refuse ([`check_writable`]): what this writes, lowbit reads.
 pub fn to_tensors(name: &str, t: &FourBitTensor) -> Result<Vec<(String, TensorData)>> {
+    check_writable(name, t.shape())?;
     let builtin = t.format().table();
     if let Some(i) = (0..16).find(|&i| t.table()[i].to_bits() != builtin[i].to_bits()) {
         return Err(Error::invalid(
@@ -619,6 +654,13 @@ pub fn to_tensors(name: &str, t: &FourBitTensor) -> Result<Vec<(String, TensorDa
         ));
     }
     let json = quant_state_of(t).to_json()?;
+    if json.len() > MAX_QUANT_STATE_LEN {
+        return Err(Error::invalid(
+            "quant state",
+            format!("{} bytes of JSON for weight {name:?}", json.len()),
+            format!("at most {MAX_QUANT_STATE_LEN} (MAX_QUANT_STATE_LEN; the reader refuses more)"),
+        ));
+    }
     let nb = t.num_blocks();
     let mut out = vec![(name.to_string(), TensorData::from_slice(Dtype::U8, vec![t.packed().len(), 1], t.packed()))];
     match t.scales() {

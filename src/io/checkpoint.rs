@@ -750,20 +750,8 @@ fn map_file(path: &Path) -> Result<MappedFile> {
 /// larger than [`Limits::max_json_bytes`], and before parsing when it is nested deeper than
 /// [`Limits::max_json_depth`].
 fn read_json_file(path: &Path, limits: &Limits) -> Result<serde_json::Value> {
-    let ctx = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let max = limits.max_json_bytes as u64;
-    if len > max {
-        return Err(Error::format(
-            &ctx,
-            format!("{len} bytes of JSON, expected at most {max} (Limits::max_json_bytes)"),
-        ));
-    }
-    let mut bytes = Vec::with_capacity(len as usize);
-    // Reads at most one byte past the limit, even if the file grows meanwhile.
-    file.take(max + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
-    limits.parse_json(&ctx, &bytes)
+    let bytes = crate::io::small_file::read_capped(path, limits.max_json_bytes, "a JSON file")?;
+    limits.parse_json(&path.display().to_string(), &bytes)
 }
 
 /// A shard file name from a `weight_map` must be a relative path of plain components (no root, no `..`).

@@ -18,6 +18,7 @@ pub mod gguf;
 pub mod int8;
 mod limits;
 pub mod peft;
+pub mod small_file;
 mod source;
 
 pub use checkpoint::{Checkpoint, Layout, StoredType, TensorInfo, HF_INDEX_FILE, HF_WEIGHTS_FILE};

@@ -538,19 +538,8 @@ fn ab(is_a: bool) -> &'static str {
 }
 
 fn read_small_text(path: &Path, limits: &Limits) -> Result<String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let max = MAX_CONFIG_LEN.min(limits.max_json_bytes as u64);
-    if len > max {
-        return Err(Error::format(
-            path.display().to_string(),
-            format!("{len} bytes, more than the {max} accepted for a config (Limits::max_json_bytes)"),
-        ));
-    }
-    let mut bytes = Vec::with_capacity(len as usize);
-    // At most one byte past the limit, even if the file grows meanwhile (then parsing reports the size).
-    file.take(max + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    let max = (MAX_CONFIG_LEN as usize).min(limits.max_json_bytes);
+    let bytes = crate::io::small_file::read_capped(path, max, "the adapter config")?;
     String::from_utf8(bytes).map_err(|e| Error::format(path.display().to_string(), format!("not UTF-8: {e}")))
 }
 
