@@ -99,7 +99,8 @@ impl AffineParams {
 }
 
 /// What a valid scale is, for error messages.
-pub(crate) const SCALE_RULE: &str = "finite positive scales with scale × 255 finite (at most f32::MAX / 255 ≈                                       1.33e36), so that (q − zero_point) · scale cannot overflow f32";
+pub(crate) const SCALE_RULE: &str =
+    "finite positive scales with scale × 255 finite (at most f32::MAX / 255 ≈ 1.33e36), so that (q − zero_point) · scale cannot overflow f32";
 
 /// Whether `scale` is valid: positive and `scale · 255` finite, so that `(q − zp) · scale` is finite for every
 /// `q`, `zp` in `0..=255` and dequantizing a valid tensor never writes inf or NaN.
@@ -146,7 +147,7 @@ impl AffineTensor {
             ));
         }
         if let Some(i) = scales.iter().position(|s| !scale_is_valid(*s)) {
-            return Err(Error::invalid("scales", format!("{} at index {i}", scales[i]), SCALE_RULE));
+            return Err(Error::invalid("scales", format!("{:e} at index {i}", scales[i]), SCALE_RULE));
         }
         Ok(AffineTensor { shape, granularity, codes, scales, zero_points })
     }

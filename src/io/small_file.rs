@@ -24,10 +24,7 @@ pub fn read_capped(path: &Path, cap: usize, what: &str) -> Result<Vec<u8>> {
         let kind = file_kind(&ft);
         return Err(Error::io(
             path,
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{what} is {kind}, expected a regular file"),
-            ),
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what} is {kind}, expected a regular file")),
         ));
     }
     let file = std::fs::File::open(path).map_err(|e| io_err(path, what, e))?;

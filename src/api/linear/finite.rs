@@ -28,7 +28,11 @@ pub(crate) fn alloc_output(m: usize, out: usize) -> Result<Vec<f32>> {
     };
     let mut y = Vec::new();
     y.try_reserve_exact(n).map_err(|e| {
-        Error::invalid("x", format!("{m} rows, so y = [{m}, {out}] needs {} bytes ({e})", n * 4), "an output that fits in memory")
+        Error::invalid(
+            "x",
+            format!("{m} rows, so y = [{m}, {out}] needs {} bytes ({e})", n * 4),
+            "an output that fits in memory",
+        )
     })?;
     y.resize(n, 0.0);
     Ok(y)

@@ -33,8 +33,8 @@ mod options;
 
 pub use crate::format::layer::{AdapterSelection, QuantWeight};
 pub use bound::{Agreement, BoundTarget};
-pub use finite::MAX_FORWARD_OUTPUT_BYTES;
 pub(crate) use finite::check_output;
+pub use finite::MAX_FORWARD_OUTPUT_BYTES;
 pub use options::{ForwardOptions, Workspace};
 
 use crate::cpu::KernelPath;
