@@ -1,7 +1,7 @@
 //! A progress bar on stderr, shown only when stderr is a terminal (so logs and pipes stay clean).
 
-use indicatif::{ProgressBar, ProgressStyle};
 use crate::console;
+use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 
 /// Longest message shown after the bar, in characters.

@@ -69,7 +69,11 @@ impl Estimate {
             BYTE_RATE / 1e9,
             self.build,
             self.build / BUILD_RATE,
-            if self.reference_macs == 0.0 { "skipped".to_string() } else { format!("{:.3e} MACs", self.reference_macs) },
+            if self.reference_macs == 0.0 {
+                "skipped".to_string()
+            } else {
+                format!("{:.3e} MACs", self.reference_macs)
+            },
             self.reference_macs / REFERENCE_RATE,
         )
     }
