@@ -27,12 +27,18 @@ pub struct Dequantize<'a> {
     pub max_shard_size: u64,
     /// Replace an existing output.
     pub force: bool,
+    /// Let values beyond the range of an f16 / bf16 `dtype` round to ±inf (IEEE rounding) instead of failing.
+    pub allow_overflow: bool,
 }
 
 /// Dequantizes every quantized weight of `d.input` and writes `d.output`; parameter entries are dropped and
 /// every other tensor is copied unchanged. The dtype is `d.dtype` if given, else f32 for int8 weights and
 /// GGUF tensors of quantized ggml types, and the dtype each bitsandbytes quant state records for 4-bit
 /// weights. A directory output gets the input's `config.json` without `quantization_config`.
+///
+/// A finite value that becomes ±inf in an f16 / bf16 output (|x| beyond 65504 for f16) is an error naming the
+/// first such element (tensor, index, value), unless `d.allow_overflow`: then the
+/// IEEE rounding is kept (±inf written) and the summary counts those elements.
 pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
     let ck = Checkpoint::open(d.input)?;
     let names: Vec<String> = ck.tensor_names().into_iter().map(str::to_string).collect();
@@ -73,7 +79,7 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
     let mut sink = Sink::open(d.input, d.output, d.force, d.max_shard_size, metadata)?;
 
     let progress = Progress::new(names.len() as u64, "dequantizing");
-    let (mut n_weights, mut n_copied) = (0usize, 0usize);
+    let (mut n_weights, mut n_copied, mut n_overflowed) = (0usize, 0usize, 0usize);
     let mut dtypes_used: Vec<DType> = Vec::new();
     let mut note = |t: DType| {
         if !dtypes_used.contains(&t) {
@@ -90,6 +96,7 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
                 Quantized::FourBit(_) => q.source_dtype(),
             });
             let data = q.dequantize_to_bytes(target).context(|| format!("tensor `{name}`"))?;
+            n_overflowed += check_overflow(name, q.shape(), &data, target, d.allow_overflow, || q.dequantize_f32())?;
             note(target);
             n_weights += 1;
             Some(TensorData { dtype: safetensors_dtype(target), shape: q.shape().to_vec(), data })
@@ -102,7 +109,11 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
                 StoredType::Ggml(g)
                     if is_floating(info.stored) && !matches!(g, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) =>
                 {
-                    note(d.dtype.unwrap_or(DType::F32));
+                    let target = d.dtype.unwrap_or(DType::F32);
+                    n_overflowed += check_overflow(name, &info.shape, &t.data, target, d.allow_overflow, || {
+                        ck.tensor_f32(name).context(|| format!("tensor `{name}`"))
+                    })?;
+                    note(target);
                     n_weights += 1;
                 }
                 _ => n_copied += 1,
@@ -122,7 +133,61 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
     console::line(&format!(
         "dequantized {n_weights} tensor(s) to {}, copied {n_copied} unchanged; {wrote}",
         if dtypes.is_empty() { "-".to_string() } else { dtypes.join("/") },
-    ))
+    ))?;
+    if n_overflowed > 0 {
+        console::line(&format!(
+            "note: {n_overflowed} finite value(s) beyond the range of {} were written as ±inf (--allow-overflow)",
+            dtypes.join("/")
+        ))?;
+    }
+    Ok(())
+}
+
+/// Checks `data` (little-endian elements of `dtype`, the encoding of the f32 values `source` returns) for
+/// elements that overflowed: ±inf or NaN in `data` where the f32 value is finite. Returns how many there are
+/// when `allow`; otherwise the first one is an error naming `name`, its flat and multi-dimensional index and
+/// its value. f32 never overflows here; `source` is called only when `data` holds a non-finite element.
+fn check_overflow(
+    name: &str,
+    shape: &[usize],
+    data: &[u8],
+    dtype: DType,
+    allow: bool,
+    source: impl FnOnce() -> Result<Vec<f32>, CliError>,
+) -> Result<usize, CliError> {
+    let (exponent, limit) = match dtype {
+        DType::F32 => return Ok(0),
+        DType::F16 => (0x7c00u16, "65504"),
+        DType::BF16 => (0x7f80u16, "3.3895314e38"),
+    };
+    let non_finite = |c: &[u8]| u16::from_le_bytes([c[0], c[1]]) & exponent == exponent;
+    if !data.chunks_exact(2).any(non_finite) {
+        return Ok(0);
+    }
+    let x = source()?;
+    let mut overflowed = data.chunks_exact(2).zip(&x).enumerate().filter(|(_, (c, v))| non_finite(c) && v.is_finite());
+    if allow {
+        return Ok(overflowed.count());
+    }
+    let Some((i, (_, v))) = overflowed.next() else { return Ok(0) };
+    Err(CliError::new(format!(
+        "tensor `{name}`: element {i} (index {:?}) = {v:e} overflows {dtype} (largest finite magnitude {limit}) and \
+         would be written as {}inf; use --dtype f32, or --allow-overflow to keep the IEEE rounding to ±inf",
+        unflatten(i, shape),
+        if v.is_sign_negative() { "-" } else { "+" },
+    )))
+}
+
+/// The row-major multi-dimensional index of flat element `i` of `shape`.
+fn unflatten(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for (k, &d) in shape.iter().enumerate().rev() {
+        if d > 0 {
+            idx[k] = i % d;
+            i /= d;
+        }
+    }
+    idx
 }
 
 /// Loads quantized weight `name` with its parameter entries `params`: the entries are gathered into a small

@@ -29,8 +29,52 @@ struct Totals {
     quantized: usize,
     q_weights: usize,
     q_bits: f64,
-    /// The lowest SQNR with --compare, and its tensor.
-    worst: Option<(f64, String)>,
+    /// The worst SQNR with --compare (see [`worse`]) as printed, and its tensor.
+    worst: Option<(Sqnr, String)>,
+}
+
+/// An SQNR as `inspect` reports it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Sqnr {
+    /// A number of dB: `inf` for an exact reconstruction, `-inf` for an infinite error.
+    Db(f64),
+    /// A NaN appeared (in a value or in the error, e.g. inf - inf): the ratio means nothing.
+    NaN,
+    /// Nothing to measure: no elements, or all of them zero in both tensors.
+    Undefined,
+}
+
+impl Sqnr {
+    /// Reads `s`: NaN anywhere (NaN max error, or a NaN ratio of a nonzero error) is [`Sqnr::NaN`], a NaN
+    /// ratio of zero error over zero signal [`Sqnr::Undefined`].
+    fn of(s: &ErrorStats) -> Sqnr {
+        if s.max_abs.is_nan() || (s.sqnr_db.is_nan() && s.max_abs != 0.0) {
+            Sqnr::NaN
+        } else if s.sqnr_db.is_nan() {
+            Sqnr::Undefined
+        } else {
+            Sqnr::Db(s.sqnr_db)
+        }
+    }
+
+    /// `NaN`, `-` or the dB figure (`inf`, `-inf`, `12.34`).
+    fn text(self) -> String {
+        match self {
+            Sqnr::Db(db) => fmt_db(db),
+            Sqnr::NaN => "NaN".to_string(),
+            Sqnr::Undefined => "-".to_string(),
+        }
+    }
+}
+
+/// Whether `a` is worse than `b`: NaN is worst, then the lowest dB (`-inf` below every number); undefined
+/// ratios are never worse.
+fn worse(a: Sqnr, b: Sqnr) -> bool {
+    match (a, b) {
+        (Sqnr::Undefined, _) | (_, Sqnr::NaN) => false,
+        (Sqnr::NaN, _) | (_, Sqnr::Undefined) => true,
+        (Sqnr::Db(a), Sqnr::Db(b)) => a < b,
+    }
 }
 
 /// Lists `file`; with `compare`, measures every quantized tensor against the tensor of the same name there.
@@ -127,10 +171,11 @@ pub fn run(file: &Path, compare: Option<&Path>) -> Result<(), CliError> {
             }
             let x = orig.tensor_f32(name).context(ctx)?;
             let s = ErrorStats::compute(&x, &x_hat);
-            if !s.sqnr_db.is_nan() && t.worst.as_ref().is_none_or(|(w, _)| s.sqnr_db < *w) {
-                t.worst = Some((s.sqnr_db, name.to_string()));
+            let sqnr = Sqnr::of(&s);
+            if sqnr != Sqnr::Undefined && t.worst.as_ref().is_none_or(|(w, _)| worse(sqnr, *w)) {
+                t.worst = Some((sqnr, name.to_string()));
             }
-            row.extend([format!("{:.6e}", s.max_abs), format!("{:.6e}", s.mean_abs), fmt_db(s.sqnr_db)]);
+            row.extend([format!("{:.6e}", s.max_abs), format!("{:.6e}", s.mean_abs), sqnr.text()]);
         }
         table.push(row);
     }
@@ -158,11 +203,32 @@ pub fn run(file: &Path, compare: Option<&Path>) -> Result<(), CliError> {
         if t.params == 0 { "-".to_string() } else { format!("{:.3}", t.bytes as f64 * 8.0 / t.params as f64) }
     ));
     if compare.is_some() {
-        summary.push_str(&match &t.worst {
-            Some((db, name)) => format!("\nworst SQNR: {} dB (`{name}`)", fmt_db(*db)),
+        summary.push_str(&match t.worst {
+            Some((Sqnr::NaN, name)) => format!("\nworst SQNR: NaN (`{name}`: a NaN in the values or the error)"),
+            Some((sqnr, name)) => format!("\nworst SQNR: {} dB (`{name}`)", sqnr.text()),
             None => "\nworst SQNR: - (no quantized tensor to compare)".to_string(),
         });
     }
     console::line(&summary)?;
     console::out(&table.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_errors_are_reported_honestly() {
+        let sq = |x: &[f32], y: &[f32]| Sqnr::of(&ErrorStats::compute(x, y));
+        let (inf, nan) = (f32::INFINITY, f32::NAN);
+        assert_eq!(sq(&[1.0, 2.0], &[1.0, 2.0]).text(), "inf");
+        assert_eq!(sq(&[1.0, 2.0], &[inf, 2.0]).text(), "-inf");
+        assert_eq!(sq(&[1.0, 2.0], &[nan, 2.0]).text(), "NaN");
+        assert_eq!(sq(&[inf, 2.0], &[1.0, 2.0]).text(), "NaN"); // inf / inf
+        assert_eq!(sq(&[0.0], &[0.0]).text(), "-");
+        let db = sq(&[1.0, 2.0], &[1.5, 2.0]);
+        assert!(worse(Sqnr::NaN, Sqnr::Db(f64::NEG_INFINITY)) && !worse(Sqnr::Db(f64::NEG_INFINITY), Sqnr::NaN));
+        assert!(worse(Sqnr::Db(f64::NEG_INFINITY), db) && worse(db, Sqnr::Db(f64::INFINITY)));
+        assert!(!worse(Sqnr::Undefined, db) && worse(db, Sqnr::Undefined));
+    }
 }

@@ -3,7 +3,8 @@
 //! This file holds the command-line definitions (clap derive) and the dispatch; each user command lives in its
 //! own module. `demo` and `bench` are thin entry points: their implementation is `lowbit_testkit::demo` and
 //! `lowbit_testkit::bench`, whose errors become [`CliError`]s with the same message. Every error is printed
-//! as `error: <message>` and exits with status 1; usage errors from clap exit with status 2.
+//! as `error: <message>` (control characters made visible by `console::escape`) and exits with status 1;
+//! usage errors from clap exit with status 2.
 
 mod adapter;
 mod console;
@@ -104,7 +105,12 @@ weights take the dtype their quant state records. The input is memory-mapped and
 
 With -o FILE.safetensors the output is one file; with any other path, a dense Hugging Face model directory
 (shards over --max-shard-size, config.json without quantization_config, tokenizer files copied), built under
-a temporary name and renamed into place.";
+a temporary name and renamed into place.
+
+--dtype f16 / bf16 never overflows silently: a finite value beyond the dtype's range (|x| > 65504 for f16,
+about 3.39e38 for bf16, after rounding) is an error naming the first such element (tensor, index, value).
+With --allow-overflow such values keep the IEEE rounding and are written as +inf / -inf (not saturated to the
+largest finite value); the summary counts them.";
 
 const INSPECT_LONG_ABOUT: &str = "\
 Lists the tensors of a checkpoint: a safetensors file, a Hugging Face model directory (config.json +
@@ -119,7 +125,9 @@ its row.
 With --compare ORIGINAL (any checkpoint form above), every quantized tensor (lowbit int8, bitsandbytes 4-bit,
 or a quantized ggml type) is decoded to f32 and compared with the tensor of the same name in ORIGINAL: maximum
 and mean absolute error and the signal-to-quantization-noise ratio
-SQNR = 10 log10(sum x^2 / sum (x - x_hat)^2) in dB.";
+SQNR = 10 log10(sum x^2 / sum (x - x_hat)^2) in dB: `inf` means an exact reconstruction, `-inf` an infinite
+error, `NaN` a NaN in the values or the error (the maximum error is then NaN too), `-` nothing to measure
+(all zero). The summary's worst SQNR counts NaN as the worst.";
 
 const FORWARD_LONG_ABOUT: &str = "\
 Loads the linear layer whose weights are stored under PREFIX in CHECKPOINT (a safetensors file, a Hugging Face
@@ -178,6 +186,10 @@ weight read (codes + scales per forward / time).
 The result is then compared with the f64 reference forward: max |err|, relative L2 error and the largest
 ratio of error to the stated bound (f32 accumulation error, the bound tests/linear_paths.rs uses). The
 reference is skipped when OUT*IN*M exceeds 2e8. A result outside the bound fails with exit status 1.
+
+Before building anything, bench estimates its work: (2 warm-up + K) forwards of 2*M*OUT*IN FLOPs and the
+bytes of weight, x and y at 5 GFLOP/s and 1 GB/s, building the layer at 2e7 weights/s and the reference at
+1e8 multiply-adds/s (deliberately slow rates). Past 60 s it refuses with the estimate, unless --yes.
 
 With --all, runs a fixed suite instead (about 2 minutes on 2 cores; --quick: a few seconds): quantize and
 dequantize (int8 tensor/channel/group:128, NF4, NF4+DQ; 4096x4096), GEMV (M=1) and GEMM (M=8, 64) for NF4,
@@ -264,9 +276,13 @@ enum Command {
         #[arg(short, long, value_name = "OUT")]
         output: PathBuf,
         /// Element type of the dequantized weights [default: f32 for int8 and GGUF, the recorded dtype for
-        /// 4-bit].
+        /// 4-bit]. A finite value outside the f16 / bf16 range is an error naming it (see --allow-overflow).
         #[arg(long, value_enum)]
         dtype: Option<dtype_arg::DtypeArg>,
+        /// With --dtype f16 / bf16: write values beyond the dtype's range as ±inf (IEEE round-to-nearest, no
+        /// saturation) instead of failing; the summary counts them.
+        #[arg(long)]
+        allow_overflow: bool,
         /// Model directory output: largest shard, in tensor bytes (e.g. 500MB, 2GB, 1GiB, or bytes).
         #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "5GB")]
         max_shard_size: u64,
@@ -370,6 +386,9 @@ enum Command {
         /// adapter has them, else wall time per forward).
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
         device: Device,
+        /// Run even if the estimated work (printed when refused) exceeds about 60 s at conservative rates.
+        #[arg(long, conflicts_with = "all")]
+        yes: bool,
     },
 }
 
@@ -468,13 +487,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 force,
             })
         }
-        Command::Dequantize { input, output, dtype, max_shard_size, force } => {
+        Command::Dequantize { input, output, dtype, allow_overflow, max_shard_size, force } => {
             dequantize::run(dequantize::Dequantize {
                 input: &input,
                 output: &output,
                 dtype: dtype.map(Into::into),
                 max_shard_size,
                 force,
+                allow_overflow,
             })
         }
         Command::Inspect { file, compare } => inspect::run(&file, compare.as_deref()),
@@ -501,7 +521,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             },
         }),
         Command::Bench { all: true, json, quick, .. } => Ok(bench::all::run(bench::all::Suite { json, quick })?),
-        Command::Bench { format, shape, batch, lora_rank, threads, iters, device, .. } => {
+        Command::Bench { format, shape, batch, lora_rank, threads, iters, device, yes, .. } => {
             let (Some(format), Some((out, inp))) = (format, shape) else {
                 return Err(CliError::new("bench needs --format and --shape, or --all"));
             };
@@ -514,6 +534,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 threads: threads.map(|t| t as usize),
                 iters: iters as usize,
                 device: device.into(),
+                yes,
             })?)
         }
     }
@@ -530,7 +551,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Names and paths in the message are made visible and inert (console::escape).
+            eprintln!("error: {}", console::escape_lines(&e.to_string()));
             ExitCode::FAILURE
         }
     }

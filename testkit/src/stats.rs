@@ -3,7 +3,7 @@
 /// How far a reconstruction `x_hat` is from the original `x`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ErrorStats {
-    /// max |x - x_hat|.
+    /// max |x - x_hat|; NaN when any difference is NaN.
     pub max_abs: f64,
     /// mean |x - x_hat| (0 for empty tensors).
     pub mean_abs: f64,
@@ -20,7 +20,8 @@ impl ErrorStats {
         for (&a, &b) in x.iter().zip(x_hat) {
             let (a, b) = (a as f64, b as f64);
             let d = a - b;
-            max_abs = max_abs.max(d.abs());
+            // Not f64::max, which drops a NaN operand: a NaN anywhere makes the maximum NaN.
+            max_abs = if d.is_nan() || max_abs.is_nan() { f64::NAN } else { max_abs.max(d.abs()) };
             sum_abs += d.abs();
             signal += a * a;
             noise += d * d;
@@ -40,10 +41,13 @@ impl ErrorStats {
     }
 }
 
-/// Formats an SQNR for a table: `inf` for exact reconstructions, `-` when undefined.
+/// Formats an SQNR for a table: `inf` for exact reconstructions, `-inf` for an infinite error, `-` when
+/// undefined (NaN).
 pub fn fmt_db(db: f64) -> String {
     if db.is_nan() {
         "-".to_string()
+    } else if db == f64::NEG_INFINITY {
+        "-inf".to_string()
     } else if db.is_infinite() {
         "inf".to_string()
     } else {
@@ -65,5 +69,11 @@ mod tests {
         assert_eq!(ErrorStats::compute(&[1.0], &[1.0]).sqnr_db, f64::INFINITY);
         assert!(ErrorStats::compute(&[], &[]).sqnr_db.is_nan());
         assert_eq!(fmt_db(f64::INFINITY), "inf");
+        let inf = ErrorStats::compute(&[1.0, 2.0], &[f32::INFINITY, 2.0]);
+        assert_eq!((inf.max_abs, inf.sqnr_db), (f64::INFINITY, f64::NEG_INFINITY));
+        assert_eq!(fmt_db(inf.sqnr_db), "-inf");
+        for x_hat in [[f32::NAN, 5.0], [5.0, f32::NAN]] {
+            assert!(ErrorStats::compute(&[1.0, 2.0], &x_hat).max_abs.is_nan(), "{x_hat:?}");
+        }
     }
 }

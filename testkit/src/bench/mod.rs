@@ -2,6 +2,7 @@
 //! GPU adapter) and checks it against the f64 reference; [`all`] is `lowbit bench --all`.
 
 pub mod all;
+pub mod estimate;
 
 use crate::agreement;
 use crate::console;
@@ -48,10 +49,13 @@ pub struct Bench {
     pub iters: usize,
     /// Where to run the layer.
     pub device: Device,
+    /// Run even when the estimated work exceeds [`estimate::MAX_SECONDS`].
+    pub yes: bool,
 }
 
 /// Runs the benchmark, in a pool of `threads` threads when given. Returns an error if the fused result is
-/// outside the stated bound of the reference.
+/// outside the stated bound of the reference, and, before building anything, if the estimated work
+/// ([`estimate::Estimate`]) exceeds [`estimate::MAX_SECONDS`] and `b.yes` is not set.
 pub fn run(b: Bench) -> Result<(), Error> {
     if b.out.checked_mul(b.inp).is_none_or(|n| n > MAX_WEIGHT) {
         return Err(Error::new(format!(
@@ -63,6 +67,19 @@ pub fn run(b: Bench) -> Result<(), Error> {
         return Err(Error::new(format!(
             "--batch {} is too large for {}x{} (x and y would exceed {MAX_WEIGHT} elements)",
             b.batch, b.out, b.inp
+        )));
+    }
+    let work = estimate::Estimate::of(&b);
+    if work.seconds() > estimate::MAX_SECONDS && !b.yes {
+        return Err(Error::new(format!(
+            "this benchmark ({}x{}, M = {}, {} iterations) is estimated at {}; that is over the {} s bound. Pass \
+             --yes to run it anyway, or lower --iters, --batch or --shape",
+            b.out,
+            b.inp,
+            b.batch,
+            b.iters,
+            work.describe(),
+            estimate::MAX_SECONDS
         )));
     }
     if b.device == Device::Gpu {
