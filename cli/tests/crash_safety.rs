@@ -36,8 +36,10 @@ fn disk_tempdir() -> tempfile::TempDir {
 
 /// A safetensors file with one F32 `[rows, 1024]` weight of varied values.
 fn write_input(path: &Path, rows: usize) {
-    let v: Vec<f32> = (0..rows * 1024).map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 9) as f32 * 1e-7 - 0.4).collect();
-    let t = [("model.layers.0.mlp.up_proj.weight".to_string(), TensorData::from_slice(Dtype::F32, vec![rows, 1024], &v))];
+    let v: Vec<f32> =
+        (0..rows * 1024).map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 9) as f32 * 1e-7 - 0.4).collect();
+    let t =
+        [("model.layers.0.mlp.up_proj.weight".to_string(), TensorData::from_slice(Dtype::F32, vec![rows, 1024], &v))];
     lowbit::io::write_safetensors(path, &t, None, true).unwrap();
 }
 
@@ -233,7 +235,7 @@ fn inputs_are_never_the_output_even_through_hard_links_or_with_force() {
     let o = lowbit(&["dequantize", s(&base), "-o", s(&base_link), "--force"]);
     assert_refused(&o, "inputs are never replaced");
     // A directory output holding the input.
-    let o = lowbit(&["dequantize", s(&adapter_file), "-o", s(&adapter), "--force"]);
+    let o = lowbit(&["quantize", "--scheme", "int8", s(&adapter_file), "-o", s(&adapter), "--force"]);
     assert_refused(&o, "inputs are never replaced");
     assert_eq!(std::fs::read(&adapter_file).unwrap(), adapter_bytes);
     assert_eq!(std::fs::read(&base).unwrap(), base_bytes);
