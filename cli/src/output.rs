@@ -82,7 +82,7 @@ pub fn check_output(input: &Path, output: &Path, force: bool) -> Result<(), CliE
             dir.display()
         )));
     }
-    protect_inputs(&[(input, "the input")], output)?;
+    protect_inputs(&[(input, "the input file")], output)?;
     let Ok(meta) = std::fs::symlink_metadata(output) else { return Ok(()) };
     let followed = std::fs::metadata(output).unwrap_or(meta);
     if followed.is_dir() {
