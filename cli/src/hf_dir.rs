@@ -2,13 +2,15 @@
 //! plus `model.safetensors.index.json` when the tensors exceed `--max-shard-size`; `config.json`; the
 //! tokenizer files copied from the input directory.
 //!
-//! Crash safety: everything is built in a temporary sibling directory (`.NAME.lowbit-tmp.PID`) that is renamed
-//! to the output path at the end; a failure (or a kill) never leaves a partial output under the real name, and
-//! the temporary directory is removed on error. Memory: tensors are buffered for the current shard only; a
+//! Crash safety: everything is built in a temporary sibling directory (`.NAME.lowbit-tmp.PID.N`, registered
+//! with [`lowbit::io::atomic`] so SIGINT/SIGTERM delete it) that is renamed to the output path at the end
+//! without replacing anything (`renameat2(RENAME_NOREPLACE)`, or check-then-rename where that is unsupported)
+//! unless `--force`, which replaces only a directory lowbit could have written (or a regular file); a failure
+//! (or a kill) never leaves a partial output under the real name, and the temporary directory is removed. Memory: tensors are buffered for the current shard only; a
 //! shard is written and synced before the next one is built.
 
 use crate::error::CliError;
-use lowbit::io::{TensorData, HF_INDEX_FILE, HF_WEIGHTS_FILE};
+use lowbit::io::{atomic, TensorData, HF_INDEX_FILE, HF_WEIGHTS_FILE};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -65,9 +67,10 @@ pub fn tokenizer_source(input: &Path) -> Option<&Path> {
     is_index.then(|| input.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))
 }
 
-/// Refuses an output path that exists (unless `force`) or that is the input itself.
+/// Refuses an output path that is (or holds) the input, or that exists unless `force`; with `force`, an
+/// existing output must be a directory lowbit could have written ([`is_model_dir_output`]) or a regular file.
 pub fn check_dir_output(input: &Path, output: &Path, force: bool) -> Result<(), CliError> {
-    let parent = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = atomic::parent_dir(output);
     if !parent.is_dir() {
         return Err(CliError::new(format!(
             "cannot write {}: directory {} does not exist",
@@ -78,21 +81,38 @@ pub fn check_dir_output(input: &Path, output: &Path, force: bool) -> Result<(), 
     if output.file_name().is_none() {
         return Err(CliError::new(format!("output {} has no final name; expected a directory path", output.display())));
     }
-    if !output.exists() {
-        return Ok(());
-    }
-    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(input), std::fs::canonicalize(output)) {
-        if a == b || a.starts_with(&b) {
-            return Err(CliError::new(format!(
-                "output {} holds the input; choose another output path (the input is never modified)",
-                output.display()
-            )));
-        }
-    }
+    crate::output::protect_inputs(&[(input, "the input")], output)?;
+    let Ok(meta) = std::fs::symlink_metadata(output) else { return Ok(()) };
     if !force {
         return Err(CliError::new(format!("output {} already exists; pass --force to replace it", output.display())));
     }
+    let replaceable = meta.is_file() || (meta.is_dir() && is_model_dir_output(output));
+    if !replaceable {
+        let what = if meta.is_dir() {
+            "a directory holding files lowbit does not write".to_string()
+        } else {
+            atomic::describe_file_type(&meta).to_string()
+        };
+        return Err(CliError::new(format!(
+            "output {} is {what}; --force replaces only a regular file or a model directory (safetensors, JSON \
+             and tokenizer files only)",
+            output.display()
+        )));
+    }
     Ok(())
+}
+
+/// Whether `dir` holds only what a model directory output holds: regular `*.safetensors` and `*.json` files and
+/// the [`TOKENIZER_FILES`] (so `--force` can never delete a directory of other things).
+pub fn is_model_dir_output(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.take(100_000).all(|e| {
+        let Ok(e) = e else { return false };
+        let name = e.file_name().to_string_lossy().into_owned();
+        let known =
+            name.ends_with(".safetensors") || name.ends_with(".json") || TOKENIZER_FILES.contains(&name.as_str());
+        known && e.file_type().is_ok_and(|t| t.is_file())
+    })
 }
 
 /// What [`HfDirWriter::finish`] wrote.
@@ -121,6 +141,8 @@ pub struct HfDirWriter {
     shards: Vec<(PathBuf, Vec<String>)>,
     total_size: u64,
     finished: bool,
+    /// The temporary directory's entry in the registry that SIGINT/SIGTERM clean.
+    registration: Option<atomic::Registration>,
 }
 
 impl HfDirWriter {
@@ -132,14 +154,9 @@ impl HfDirWriter {
         max_shard: u64,
         mut metadata: HashMap<String, String>,
     ) -> Result<HfDirWriter, CliError> {
-        let parent = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = parent.join(format!(".{name}.lowbit-tmp.{}", std::process::id()));
-        if tmp.exists() {
-            // A leftover of a killed run with the same process id; the name is lowbit's own.
-            std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-        }
+        let tmp = atomic::temp_path_for(output);
         std::fs::create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
+        let registration = Some(atomic::register(&tmp, true));
         metadata.insert("format".to_string(), "pt".to_string());
         Ok(HfDirWriter {
             output: output.to_path_buf(),
@@ -153,6 +170,7 @@ impl HfDirWriter {
             shards: Vec::new(),
             total_size: 0,
             finished: false,
+            registration,
         })
     }
 
@@ -226,49 +244,92 @@ impl HfDirWriter {
                 let src = dir.join(f);
                 if src.is_file() {
                     let dest = self.tmp.join(f);
-                    std::fs::copy(&src, &dest).map_err(|e| io_err(&src, e))?;
+                    std::fs::copy(&src, &dest)
+                        .map_err(|e| CliError::new(format!("copying {} to {}: {e}", src.display(), dest.display())))?;
                     copied.push(f);
                 }
             }
         }
-        sync_dir(&self.tmp);
+        atomic::sync_dir(&self.tmp);
         self.move_into_place()?;
         self.finished = true;
+        if let Some(r) = self.registration.take() {
+            r.keep();
+        }
         Ok(Written { shards: n, total_size: self.total_size, copied })
     }
 
-    /// Renames the temporary directory to the output; an existing output (allowed by `force`) is renamed
-    /// aside first and removed after the new one is in place.
+    /// Renames the temporary directory to the output without replacing anything that exists (also one that
+    /// appeared during the write); with `force`, an existing output (checked replaceable at the start, and
+    /// again here) is renamed aside first and removed after the new one is in place.
     fn move_into_place(&self) -> Result<(), CliError> {
         let out = &self.output;
-        let old = if out.symlink_metadata().is_ok() {
-            if !self.force {
-                return Err(CliError::new(format!(
-                    "output {} already exists; pass --force to replace it",
-                    out.display()
-                )));
+        if !self.force {
+            rename_noreplace(&self.tmp, out)?;
+            atomic::sync_dir(atomic::parent_dir(out));
+            return Ok(());
+        }
+        let old = match std::fs::symlink_metadata(out) {
+            Ok(m) => {
+                if !(m.is_file() || (m.is_dir() && is_model_dir_output(out))) {
+                    return Err(CliError::new(format!(
+                        "output {} changed while writing and is no longer a model directory or a regular file; \
+                         nothing replaced",
+                        out.display()
+                    )));
+                }
+                let aside = atomic::temp_path_for(out);
+                std::fs::rename(out, &aside).map_err(|e| io_err(out, e))?;
+                Some(aside)
             }
-            let aside = self.tmp.with_extension("old");
-            std::fs::rename(out, &aside).map_err(|e| io_err(out, e))?;
-            Some(aside)
-        } else {
-            None
+            Err(_) => None,
         };
-        if let Err(e) = std::fs::rename(&self.tmp, out) {
+        if let Err(e) = rename_noreplace(&self.tmp, out) {
             if let Some(aside) = &old {
                 let _ = std::fs::rename(aside, out); // put the old output back
             }
-            return Err(io_err(out, e));
+            return Err(e);
         }
         if let Some(aside) = old {
             let removed = if aside.is_dir() { std::fs::remove_dir_all(&aside) } else { std::fs::remove_file(&aside) };
             removed.map_err(|e| io_err(&aside, e))?;
         }
-        if let Some(parent) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-            sync_dir(parent);
-        }
+        atomic::sync_dir(atomic::parent_dir(out));
         Ok(())
     }
+}
+
+/// Renames `from` to `to` only if `to` does not exist, atomically where the kernel offers
+/// `renameat2(RENAME_NOREPLACE)` (Linux); elsewhere, or on file systems without it, check then rename.
+fn rename_noreplace(from: &Path, to: &Path) -> Result<(), CliError> {
+    let appeared = || {
+        CliError::new(format!("{} appeared while writing; nothing replaced; pass --force to replace it", to.display()))
+    };
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        if let (Ok(f), Ok(t)) =
+            (std::ffi::CString::new(from.as_os_str().as_bytes()), std::ffi::CString::new(to.as_os_str().as_bytes()))
+        {
+            // SAFETY: both pointers are NUL-terminated strings that live for the call.
+            let rc = unsafe {
+                libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE)
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EEXIST) => return Err(appeared()),
+                Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {} // fall back below
+                _ => return Err(io_err(to, e)),
+            }
+        }
+    }
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(appeared());
+    }
+    std::fs::rename(from, to).map_err(|e| io_err(to, e))
 }
 
 impl Drop for HfDirWriter {
@@ -287,15 +348,8 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), CliError> {
     std::fs::write(path, text).map_err(|e| io_err(path, e))
 }
 
-/// Flushes a directory's entries to disk where the platform allows (best effort: renames are durable).
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
 fn io_err(path: &Path, e: std::io::Error) -> CliError {
-    CliError::new(format!("{}: {e}", path.display()))
+    CliError::new(format!("writing {}: {e}", path.display()))
 }
 
 #[cfg(test)]

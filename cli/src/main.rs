@@ -24,6 +24,7 @@ mod progress;
 mod quantize;
 mod quantized;
 mod select;
+mod signals;
 mod table;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -548,6 +549,7 @@ fn main() -> ExitCode {
         _ => false,
     };
     let _runtime_dir = gpu::RuntimeDir::prepare(uses_gpu); // before any thread starts
+    signals::install(); // SIGINT/SIGTERM delete lowbit's temporaries, exit 130/143
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

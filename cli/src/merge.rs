@@ -8,7 +8,7 @@ use crate::adapter;
 use crate::console;
 use crate::error::{CliError, Context, PathContext};
 use crate::layer;
-use crate::output::check_output;
+use crate::output::{check_output, protect_inputs};
 use crate::progress::Progress;
 use crate::quantized::{
     dequantize_weight, describe_weight, f32_to_bytes, is_in_scheme, load_from_checkpoint, quantize_f32, round_to,
@@ -116,24 +116,6 @@ fn lora_delta(a: &LoraAdapter) -> Vec<f32> {
         }
     }
     delta
-}
-
-/// Refuses an existing `output` that is one of the inputs: the base file, a file of the base directory, or a
-/// file of the adapter directory (with or without `--force`: inputs are never replaced).
-fn protect_inputs(inputs: &[(&Path, &str)], output: &Path) -> Result<(), CliError> {
-    let Ok(out) = std::fs::canonicalize(output) else { return Ok(()) };
-    for (input, what) in inputs {
-        if let Ok(c) = std::fs::canonicalize(input) {
-            if out == c || out.starts_with(&c) {
-                return Err(CliError::new(format!(
-                    "output {} is {what}; choose another output path (inputs are never replaced, even with \
-                     --force)",
-                    output.display()
-                )));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The shape `[out, in]` and source dtype of the dense 2-D weight `{path}.weight` of `ck`, if it has one that

@@ -1,10 +1,11 @@
 //! Where `quantize` and `dequantize` write: one safetensors file (`-o FILE.safetensors`) or a Hugging Face
-//! model directory (any other path, [`crate::hf_dir`]); and the guards around the output: never touch the
-//! input, never replace an existing output without `--force`.
+//! model directory (any other path, [`crate::hf_dir`]); and the guards around the output: never touch an
+//! input (by path or by inode), never replace an existing output without `--force`, and with it only a regular
+//! file; writes are crash-safe ([`lowbit::io::atomic`]).
 
 use crate::error::CliError;
 use crate::hf_dir::{check_dir_output, HfDirWriter};
-use lowbit::io::TensorData;
+use lowbit::io::{atomic, TensorData};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -13,13 +14,67 @@ pub fn is_file_output(output: &Path) -> bool {
     output.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
 }
 
-/// Checks, before any work is done, that `output` may be written: it must not be `input` itself (which is
-/// memory-mapped while we read it), and it must not exist unless `force` is set.
-pub fn check_output(input: &Path, output: &Path, force: bool) -> Result<(), CliError> {
-    if output.is_dir() {
-        return Err(CliError::new(format!("output {} is a directory; expected a file path", output.display())));
+/// The identity of an existing file: (device, inode) on Unix, so hard links to an input are recognised.
+#[cfg(unix)]
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Other platforms compare canonical paths only.
+#[cfg(not(unix))]
+fn file_id(_path: &Path) -> Option<(u64, u64)> {
+    None
+}
+
+/// The most directory entries looked at when an input directory's files are protected.
+const MAX_LISTED: usize = 100_000;
+
+/// `path` itself and, for a directory, the regular files directly in it (shards, index, config).
+fn with_files(path: &Path) -> Vec<PathBuf> {
+    let mut out = vec![path.to_path_buf()];
+    if path.is_dir() {
+        if let Ok(entries) = std::fs::read_dir(path) {
+            out.extend(entries.take(MAX_LISTED).flatten().map(|e| e.path()).filter(|p| p.is_file()));
+        }
     }
-    let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    out
+}
+
+/// The canonical form of `path`, also when it does not exist yet (its parent canonicalised, plus its name).
+fn canonical(path: &Path) -> Option<PathBuf> {
+    std::fs::canonicalize(path)
+        .ok()
+        .or_else(|| Some(std::fs::canonicalize(atomic::parent_dir(path)).ok()?.join(path.file_name()?)))
+}
+
+/// Refuses an `output` that is one of `inputs` (each with a description for the message), a file of an input
+/// directory, or a directory holding an input, compared by canonical path and by (device, inode) so hard
+/// links and symbolic links are caught. Holds even with `--force`: inputs are never replaced.
+pub fn protect_inputs(inputs: &[(&Path, &str)], output: &Path) -> Result<(), CliError> {
+    let Some(out) = canonical(output) else { return Ok(()) };
+    let out_id = file_id(output);
+    for (input, what) in inputs {
+        for p in with_files(input) {
+            let same_path = canonical(&p).is_some_and(|c| c == out || c.starts_with(&out));
+            let same_file = out_id.is_some() && file_id(&p) == out_id;
+            if same_path || same_file {
+                let what = if p == *input { what.to_string() } else { format!("{} (a file of {what})", p.display()) };
+                return Err(CliError::new(format!(
+                    "output {} is {what}; choose another output path (inputs are never replaced, even with --force)",
+                    output.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks, before any work is done, that `output` may be written: it must not be `input` (nor a file of it, nor
+/// a hard link to it), and it must not exist unless `force` is set, in which case it must be a regular file
+/// (a FIFO, device, socket or directory is never replaced).
+pub fn check_output(input: &Path, output: &Path, force: bool) -> Result<(), CliError> {
+    let dir = atomic::parent_dir(output);
     if !dir.is_dir() {
         return Err(CliError::new(format!(
             "cannot write {}: directory {} does not exist",
@@ -27,19 +82,21 @@ pub fn check_output(input: &Path, output: &Path, force: bool) -> Result<(), CliE
             dir.display()
         )));
     }
-    if !output.exists() {
-        return Ok(());
-    }
-    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(input), std::fs::canonicalize(output)) {
-        if a == b {
-            return Err(CliError::new(format!(
-                "output {} is the input file; choose another output path (the input is never modified)",
-                output.display()
-            )));
-        }
+    protect_inputs(&[(input, "the input file")], output)?;
+    let Ok(meta) = std::fs::symlink_metadata(output) else { return Ok(()) };
+    let followed = std::fs::metadata(output).unwrap_or(meta);
+    if followed.is_dir() {
+        return Err(CliError::new(format!("output {} is a directory; expected a file path", output.display())));
     }
     if !force {
         return Err(CliError::new(format!("output {} already exists; pass --force to replace it", output.display())));
+    }
+    if !followed.is_file() {
+        return Err(CliError::new(format!(
+            "output {} is {}; --force replaces only regular files",
+            output.display(),
+            atomic::describe_file_type(&followed)
+        )));
     }
     Ok(())
 }

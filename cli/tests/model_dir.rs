@@ -487,11 +487,18 @@ fn existing_outputs_and_failures_leave_no_trace() {
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep"), "x").unwrap();
     assert_fails(&lowbit(&["quantize", s(&input), "--scheme", "nf4", "-o", s(&out)]), 1, "--force");
+    // --force replaces only a directory lowbit could have written, never one holding other files.
+    assert_fails(
+        &lowbit(&["quantize", s(&input), "--scheme", "nf4", "-o", s(&out), "--force"]),
+        1,
+        "--force replaces only",
+    );
     assert!(out.join("keep").is_file());
+    std::fs::rename(out.join("keep"), out.join("keep.json")).unwrap();
     assert_ok(&lowbit(&["quantize", s(&input), "--scheme", "nf4", "-o", s(&out), "--force"]));
-    assert!(!out.join("keep").exists() && out.join("model.safetensors").is_file());
+    assert!(!out.join("keep.json").exists() && out.join("model.safetensors").is_file());
     // The input itself is never the output.
-    assert_fails(&lowbit(&["quantize", s(&input), "-o", s(&input), "--force"]), 1, "holds the input");
+    assert_fails(&lowbit(&["quantize", s(&input), "-o", s(&input), "--force"]), 1, "inputs are never replaced");
     assert!(input.join("model.safetensors").is_file());
 
     // A NaN in the last tensor fails after earlier shards were written: no output, no temporary directory.

@@ -6,12 +6,14 @@
 //!   rule and the [`Limits`] live there once; the older loaders below share the same code.
 //! * [`SafetensorsFile`] memory-maps a file and validates its header (no unbounded allocation on corrupt
 //!   input: safetensors checks every offset against the file length before anything is read).
-//! * [`write_safetensors`] writes to a temporary file next to the destination and renames it into place, so a
-//!   failed write never leaves a partial output.
+//! * [`write_safetensors`] writes to a temporary file next to the destination and moves it into place without
+//!   replacing anything that appeared meanwhile ([`atomic`]), so a failed or interrupted write never leaves a
+//!   partial output.
 //! * [`bnb`]: the bitsandbytes 4-bit layout.
 //! * [`Limits`]: resource limits for untrusted files (header and JSON size, JSON depth, tensor size), checked
 //!   before anything proportional to a declared size is allocated or parsed.
 
+pub mod atomic;
 pub mod bnb;
 mod checkpoint;
 pub mod gguf;
@@ -263,60 +265,53 @@ pub fn serialize_safetensors(
     Ok(out)
 }
 
-/// Writes tensors to `path` atomically: a temporary file in the same directory, written, flushed to disk
-/// (`fsync`) and renamed into place, so a failed write never leaves a partial output. The file is created with
-/// the default permissions (`0o666` less the process umask), like any file a tool creates, not `0o600`.
-/// Refuses to replace an existing file unless `overwrite` is true.
+/// Writes tensors to `path` atomically ([`atomic::TempFile`]): a registered temporary file in the same directory
+/// (`.NAME.lowbit-tmp.PID.N`), written, flushed to disk (`fsync`) and moved into place, so a failed write never
+/// leaves a partial output. The file is created with the default permissions (`0o666` less the process umask),
+/// like any file a tool creates, not `0o600`. Without `overwrite`, an existing `path` is refused, also when it
+/// appears during the write (hard link + unlink, no replace); with `overwrite`, only a regular file is replaced.
+/// I/O errors read "writing PATH: <os error>".
 pub fn write_safetensors(
     path: impl AsRef<Path>,
     tensors: &[(String, TensorData)],
     metadata: Option<HashMap<String, String>>,
     overwrite: bool,
 ) -> Result<()> {
-    let path = path.as_ref();
-    if !overwrite && path.exists() {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "output exists; pass --force (overwrite) to replace it",
-            ),
-        ));
-    }
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp); // a leftover of a killed run with the same process id
-    let result = write_new_file(&tmp, tensors, metadata)
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Creates `path` (which must not exist) with default permissions and writes the safetensors file, synced.
-fn write_new_file(
-    path: &Path,
-    tensors: &[(String, TensorData)],
-    metadata: Option<HashMap<String, String>>,
-) -> Result<()> {
     use std::io::Write;
+    let path = path.as_ref();
+    match std::fs::symlink_metadata(path) {
+        Ok(_) if !overwrite => {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "output exists; pass --force (overwrite) to replace it",
+                ),
+            ))
+        }
+        Ok(m) if !(m.file_type().is_file() || m.file_type().is_symlink()) => {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("is {}; --force replaces only regular files", atomic::describe_file_type(&m)),
+                ),
+            ))
+        }
+        _ => {}
+    }
     let (header, order) = safetensors_header(tensors, metadata)?;
-    // `OpenOptions` creates with mode 0o666, which the kernel reduces by the umask.
-    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| Error::io(path, e))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
-    let io = |e| Error::io(path, e);
+    let mut tmp = atomic::TempFile::create_for(path)?;
+    let tmp_path = tmp.path().to_path_buf();
+    let io = |e| atomic::write_error(&tmp_path, e);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.file());
     w.write_all(&header).map_err(io)?;
     for i in order {
         w.write_all(&tensors[i].1.data).map_err(io)?;
     }
     w.flush().map_err(io)?;
     drop(w);
-    file.sync_all().map_err(io)
+    tmp.persist(overwrite)
 }
 
 #[cfg(test)]
