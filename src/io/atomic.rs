@@ -126,7 +126,7 @@ pub struct TempFile {
 
 impl TempFile {
     /// Creates a fresh temporary for `dest` (which need not exist), mode `0o666` less the umask, and registers
-    /// it. Errors say "writing TEMP: <os error>".
+    /// it. Errors say "writing TEMP: `<os error>`".
     pub fn create_for(dest: &Path) -> Result<TempFile> {
         let path = temp_path_for(dest);
         // `create_new`: never follow or reuse something planted under our name.
@@ -239,7 +239,7 @@ fn not_replaceable(dest: &Path, m: &std::fs::Metadata) -> Error {
     )
 }
 
-/// An I/O error while writing: "writing PATH: <os error>".
+/// An I/O error while writing: `writing PATH: <os error>`.
 pub fn write_error(path: &Path, e: std::io::Error) -> Error {
     Error::io(format!("writing {}", path.display()), e)
 }

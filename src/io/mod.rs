@@ -270,7 +270,7 @@ pub fn serialize_safetensors(
 /// leaves a partial output. The file is created with the default permissions (`0o666` less the process umask),
 /// like any file a tool creates, not `0o600`. Without `overwrite`, an existing `path` is refused, also when it
 /// appears during the write (hard link + unlink, no replace); with `overwrite`, only a regular file is replaced.
-/// I/O errors read "writing PATH: <os error>".
+/// I/O errors read `writing PATH: <os error>`.
 pub fn write_safetensors(
     path: impl AsRef<Path>,
     tensors: &[(String, TensorData)],
