@@ -10,6 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use lowbit::affine::{quantize, Granularity};
 use lowbit::io::{parse_safetensors_with_limits, peft};
 use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit::Error;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 4 {
@@ -39,8 +40,12 @@ fuzz_target!(|data: &[u8]| {
     assert!(report.layers_without_adapter.is_empty());
     for (_, layer) in &layers {
         let x = vec![0.25f32; 2 * layer.in_features()];
-        let y = layer.forward(&x).expect("forward");
-        assert_eq!(y.len(), 2 * layer.out_features());
+        match layer.forward(&x) {
+            Ok(y) => assert_eq!(y.len(), 2 * layer.out_features()),
+            // Finite adapter weights from the file may still overflow f32 in the product: a typed error.
+            Err(Error::NonFinite { arg, .. }) if arg.starts_with('y') => {}
+            Err(e) => panic!("forward: {e}"),
+        }
         if let Ok((merged, _report)) = lowbit::merge::merge_into_layer(layer, "default") {
             assert_eq!(merged.out_features(), layer.out_features());
             assert!(merged.adapters().is_empty());

@@ -43,7 +43,13 @@ fn run<T: Element>(input: &Input, x: &[T], shape: &[usize], numel: usize) {
         Scheme::Int8(g) => {
             let valid = finite && len_ok && g.validate().is_ok();
             let r = affine::quantize_with(x, shape, g, path);
+            // A finite range wider than f32::MAX / 255 per entry gives a scale that is refused (formats.md).
+            let (range_must_fail, range_may_fail) = if valid { widest_entry(x, shape, g) } else { (false, false) };
             match r {
+                Err(e) if valid && range_may_fail => {
+                    assert!(matches!(e, Error::InvalidArgument { .. }), "range overflow reported as {e}")
+                }
+                Ok(_) if range_must_fail => panic!("a range too wide for an f32 scale accepted ({g})"),
                 Err(e) if valid => panic!("valid input rejected: {e}"),
                 Err(_) => {}
                 Ok(_) if !valid => panic!("invalid input accepted (finite {finite}, len ok {len_ok}, {g})"),
@@ -63,6 +69,29 @@ fn run<T: Element>(input: &Input, x: &[T], shape: &[usize], numel: usize) {
             }
         }
     }
+}
+
+/// Whether some parameter entry's range `max(x, 0) - min(x, 0)` is certainly / possibly too wide for a
+/// finite scale times 255 (a 1% margin either side of f32::MAX absorbs the f32 rounding of the width).
+fn widest_entry<T: Element>(x: &[T], shape: &[usize], g: Granularity) -> (bool, bool) {
+    let cols = shape.last().copied().unwrap_or(1).max(1);
+    let per_row = match g {
+        Granularity::PerGroup(gs) => cols.div_ceil(gs.max(1)),
+        _ => 1,
+    };
+    let entry = |i: usize| match g {
+        Granularity::PerTensor => 0,
+        Granularity::PerChannel => i / cols,
+        Granularity::PerGroup(gs) => (i / cols) * per_row + (i % cols) / gs.max(1),
+    };
+    let mut ranges: std::collections::HashMap<usize, (f64, f64)> = Default::default();
+    for (i, v) in x.iter().enumerate() {
+        let v = v.to_f32() as f64;
+        let r = ranges.entry(entry(i)).or_insert((0.0, 0.0));
+        *r = (r.0.min(v), r.1.max(v));
+    }
+    let widest = ranges.values().map(|(lo, hi)| hi - lo).fold(0.0, f64::max);
+    (widest > 1.01 * f32::MAX as f64, widest > 0.99 * f32::MAX as f64)
 }
 
 fn check_affine<T: Element>(x: &[T], q: &AffineTensor) {
