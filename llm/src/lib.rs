@@ -23,4 +23,10 @@ pub mod tokenizer;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 
+pub use config::Config;
 pub use error::{Error, Result};
+pub use kv_cache::KvCache;
+pub use linear::Linear;
+pub use load::{LoadOptions, WeightMode};
+pub use model::{Logits, Model, State};
+pub use sample::{Sampler, SamplingOptions};

@@ -1,1 +1,242 @@
-//! (being written)
+//! [`Linear`]: one projection of the model, either a lowbit [`QuantLinear`] (int8 / NF4 / FP4, fused
+//! dequantize-matmul-plus-LoRA) or dense f32 weights (the full-precision baseline) with optional LoRA adapters.
+
+use crate::{Error, Result};
+use lowbit::linear::{QuantLinear, QuantWeight, Workspace};
+use lowbit::lora::LoraAdapter;
+use rayon::prelude::*;
+use wide::f32x8;
+
+/// A linear layer `y = x·Wᵀ + bias + Σ s·(x·Aᵀ)·Bᵀ` over rows of `x`.
+#[derive(Debug)]
+pub enum Linear {
+    /// A lowbit quantized layer (its adapters live inside it).
+    Quant(QuantLinear),
+    /// Dense f32 weights.
+    Dense(DenseLinear),
+}
+
+/// Dense f32 weights `[out, in]` (row-major), an optional bias and enabled LoRA adapters.
+#[derive(Debug, Clone)]
+pub struct DenseLinear {
+    weight: Vec<f32>,
+    out_features: usize,
+    in_features: usize,
+    bias: Option<Vec<f32>>,
+    adapters: Vec<LoraAdapter>,
+}
+
+impl DenseLinear {
+    /// Checks `weight.len() == out·in`, the bias length and that every value is finite.
+    pub fn new(weight: Vec<f32>, out_features: usize, in_features: usize, bias: Option<Vec<f32>>) -> Result<Self> {
+        if out_features == 0 || in_features == 0 || weight.len() != out_features * in_features {
+            return Err(Error::Model(format!(
+                "dense weight of {} values for shape [{out_features}, {in_features}] (expected {})",
+                weight.len(),
+                out_features * in_features
+            )));
+        }
+        if let Some(b) = &bias {
+            if b.len() != out_features {
+                return Err(Error::Model(format!("bias of {} values, expected {out_features}", b.len())));
+            }
+        }
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        if !finite(&weight) || !bias.as_deref().is_none_or(finite) {
+            return Err(Error::Model("a dense weight or bias holds inf or NaN".into()));
+        }
+        Ok(DenseLinear { weight, out_features, in_features, bias, adapters: Vec::new() })
+    }
+
+    /// The weight, `[out, in]` row-major.
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+}
+
+impl Linear {
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        match self {
+            Linear::Quant(l) => l.out_features(),
+            Linear::Dense(d) => d.out_features,
+        }
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        match self {
+            Linear::Quant(l) => l.in_features(),
+            Linear::Dense(d) => d.in_features,
+        }
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        match self {
+            Linear::Quant(l) => l.bias(),
+            Linear::Dense(d) => d.bias.as_deref(),
+        }
+    }
+
+    /// The enabled LoRA adapters (the ones the forward applies).
+    pub fn adapters(&self) -> Vec<&LoraAdapter> {
+        match self {
+            Linear::Quant(l) => l.adapters().iter().filter(|a| a.is_enabled()).collect(),
+            Linear::Dense(d) => d.adapters.iter().collect(),
+        }
+    }
+
+    /// Attaches a LoRA adapter (shapes checked by lowbit for quantized layers, here for dense ones).
+    pub fn add_adapter(&mut self, adapter: LoraAdapter) -> Result<()> {
+        match self {
+            Linear::Quant(l) => {
+                l.add_adapter(adapter)?;
+            }
+            Linear::Dense(d) => {
+                if adapter.in_features() != d.in_features || adapter.out_features() != d.out_features {
+                    return Err(Error::Model(format!(
+                        "adapter `{}` is [{}, {}], the layer is [{}, {}]",
+                        adapter.name(),
+                        adapter.out_features(),
+                        adapter.in_features(),
+                        d.out_features,
+                        d.in_features
+                    )));
+                }
+                d.adapters.push(adapter);
+            }
+        }
+        Ok(())
+    }
+
+    /// The weight as f32 `[out, in]`: dequantized by lowbit's scalar reference, or the dense values.
+    pub fn dequantized_weight(&self) -> Vec<f32> {
+        match self {
+            Linear::Quant(l) => l.weight().dequantize_reference(),
+            Linear::Dense(d) => d.weight.clone(),
+        }
+    }
+
+    /// Bytes the weight occupies (what a forward streams from memory).
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Linear::Quant(l) => {
+                let n = (l.out_features() * l.in_features()) as f64;
+                let bits = match l.weight() {
+                    QuantWeight::Int8(t) => t.bits_per_weight(),
+                    QuantWeight::FourBit(t) => t.bits_per_weight(),
+                };
+                (bits * n / 8.0) as usize
+            }
+            Linear::Dense(d) => d.weight.len() * 4,
+        }
+    }
+
+    /// `y[m, out] = x[m, in]·Wᵀ + …` for `m = x.len() / in`. `ws` is reused across calls (no allocation per
+    /// call after the first with a given m). Errors on lengths that do not match, or (quantized layers)
+    /// a result that overflows f32.
+    pub fn forward(&self, x: &[f32], y: &mut [f32], ws: &mut Workspace) -> Result<()> {
+        match self {
+            Linear::Quant(l) => Ok(l.forward_into(x, y, ws)?),
+            Linear::Dense(d) => d.forward(x, y),
+        }
+    }
+}
+
+impl DenseLinear {
+    fn forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let (n_in, n_out) = (self.in_features, self.out_features);
+        if x.len() % n_in != 0 || y.len() != x.len() / n_in * n_out {
+            return Err(Error::Invalid(format!(
+                "dense forward: x has {} values and y {} for a [{n_out}, {n_in}] layer (expected x = m·{n_in}, y = m·{n_out})",
+                x.len(),
+                y.len()
+            )));
+        }
+        let m = x.len() / n_in;
+        matmul_t(&self.weight, n_out, n_in, x, y);
+        if let Some(bias) = &self.bias {
+            for row in y.chunks_exact_mut(n_out) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
+        for ad in &self.adapters {
+            let (rank, s) = (ad.rank(), ad.scaling());
+            let mut t = vec![0.0f32; rank];
+            for r in 0..m {
+                let xr = &x[r * n_in..(r + 1) * n_in];
+                for (k, tk) in t.iter_mut().enumerate() {
+                    *tk = dot(xr, &ad.a()[k * n_in..(k + 1) * n_in]);
+                }
+                for (o, yo) in y[r * n_out..(r + 1) * n_out].iter_mut().enumerate() {
+                    *yo += s * dot(&t, &ad.b()[o * rank..(o + 1) * rank]);
+                }
+            }
+        }
+        if let Some(i) = y.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Lowbit(lowbit::Error::NonFinite {
+                arg: "y (a dense forward of finite values overflowed f32)".into(),
+                index: i,
+                value: y[i],
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// `y[m, out] = x[m, in] · wᵀ` for dense `w` `[out, in]` (f32 accumulation, [`dot`]'s order), threaded over
+/// blocks of output features so that each block of `w` is read once for all `m` rows. Lengths must match
+/// (`x.len() = m·n_in`, `y.len() = m·n_out`, `w.len() = n_out·n_in`): checked by the callers and asserted
+/// here, since the writes below rely on them.
+pub(crate) fn matmul_t(w: &[f32], n_out: usize, n_in: usize, x: &[f32], y: &mut [f32]) {
+    let m = x.len() / n_in;
+    assert!(y.len() == m * n_out && w.len() == n_out * n_in && x.len() == m * n_in, "matmul_t lengths");
+    const BLOCK: usize = 16;
+    let out = SharedOut(y.as_mut_ptr());
+    (0..n_out.div_ceil(BLOCK)).into_par_iter().for_each(|b| {
+        let out = &out;
+        let o0 = b * BLOCK;
+        let o1 = (o0 + BLOCK).min(n_out);
+        for r in 0..m {
+            let xr = &x[r * n_in..(r + 1) * n_in];
+            for o in o0..o1 {
+                let v = dot(xr, &w[o * n_in..(o + 1) * n_in]);
+                // SAFETY: element (r, o) is written by exactly one task (the one owning block o / BLOCK),
+                // r < m and o < n_out, so the index is inside y, which outlives the parallel loop.
+                unsafe { *out.0.add(r * n_out + o) = v };
+            }
+        }
+    });
+}
+
+/// The output pointer shared by the tasks of one dense forward (each writes disjoint elements).
+struct SharedOut(*mut f32);
+// SAFETY: the tasks write disjoint elements (see the loop above) and the pointer outlives the loop.
+unsafe impl Sync for SharedOut {}
+
+/// `Σ a[i]·b[i]` in f32 with eight lanes and four accumulators (order fixed for a given length).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (mut s0, mut s1, mut s2, mut s3) = (f32x8::ZERO, f32x8::ZERO, f32x8::ZERO, f32x8::ZERO);
+    let lanes = |v: &[f32], i: usize| f32x8::from(<[f32; 8]>::try_from(&v[i..i + 8]).unwrap_or([0.0; 8]));
+    let mut i = 0;
+    while i + 32 <= n {
+        s0 = lanes(a, i).mul_add(lanes(b, i), s0);
+        s1 = lanes(a, i + 8).mul_add(lanes(b, i + 8), s1);
+        s2 = lanes(a, i + 16).mul_add(lanes(b, i + 16), s2);
+        s3 = lanes(a, i + 24).mul_add(lanes(b, i + 24), s3);
+        i += 32;
+    }
+    while i + 8 <= n {
+        s0 = lanes(a, i).mul_add(lanes(b, i), s0);
+        i += 8;
+    }
+    let mut s = ((s0 + s1) + (s2 + s3)).reduce_add();
+    for j in i..n {
+        s += a[j] * b[j];
+    }
+    s
+}

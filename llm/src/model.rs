@@ -1,1 +1,354 @@
-//! (being written)
+//! [`Model`]: the Llama-family decoder on the CPU — embeddings, `num_hidden_layers` blocks of RMSNorm →
+//! grouped-query attention with RoPE over a [`KvCache`] → residual → RMSNorm → SwiGLU MLP → residual, then
+//! the final RMSNorm and `lm_head` — and [`State`], the per-sequence buffers a forward reuses.
+
+use crate::linear::{matmul_t, Linear};
+use crate::ops::{apply_rope, rms_norm, silu_mul, softmax, RopeTable};
+use crate::{Config, Error, KvCache, Result};
+use lowbit::linear::Workspace;
+use rayon::prelude::*;
+
+/// One decoder block.
+#[derive(Debug)]
+pub struct Block {
+    pub attn_norm: Vec<f32>,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub mlp_norm: Vec<f32>,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Block {
+    /// The block's linear layers with their Hugging Face module names (relative to `model.layers.N.`).
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.q),
+            ("self_attn.k_proj", &self.k),
+            ("self_attn.v_proj", &self.v),
+            ("self_attn.o_proj", &self.o),
+            ("mlp.gate_proj", &self.gate),
+            ("mlp.up_proj", &self.up),
+            ("mlp.down_proj", &self.down),
+        ]
+    }
+
+    /// Mutable access to the linear layer named as in [`linears`](Self::linears).
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        Some(match name {
+            "self_attn.q_proj" => &mut self.q,
+            "self_attn.k_proj" => &mut self.k,
+            "self_attn.v_proj" => &mut self.v,
+            "self_attn.o_proj" => &mut self.o,
+            "mlp.gate_proj" => &mut self.gate,
+            "mlp.up_proj" => &mut self.up,
+            "mlp.down_proj" => &mut self.down,
+            _ => return None,
+        })
+    }
+}
+
+/// The output projection: its own linear layer, or the embedding matrix (tied weights, dense f32).
+#[derive(Debug)]
+pub enum LmHead {
+    Tied,
+    Own(Linear),
+}
+
+/// A loaded model: weights, config and the RoPE table. Immutable during forwards (shareable across threads);
+/// per-sequence data lives in [`State`].
+#[derive(Debug)]
+pub struct Model {
+    pub(crate) config: Config,
+    pub(crate) embed: Vec<f32>,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) lm_head: LmHead,
+    pub(crate) rope: RopeTable,
+}
+
+/// Which positions' logits a forward writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (`[vocab]`): generation.
+    Last,
+    /// Every token's (`[m, vocab]`): perplexity, `--logits-out`.
+    All,
+}
+
+/// Per-sequence state: the KV cache and every scratch buffer, grown on first use and reused, so that a
+/// forward of as many tokens as before allocates nothing.
+#[derive(Debug)]
+pub struct State {
+    pub cache: KvCache,
+    ws: Workspace,
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    tmp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    scores: Vec<f32>,
+    last: Vec<f32>,
+}
+
+impl Model {
+    /// Assembles a model from its parts, checking every shape against `config`.
+    pub fn from_parts(
+        config: Config,
+        embed: Vec<f32>,
+        blocks: Vec<Block>,
+        norm: Vec<f32>,
+        lm_head: LmHead,
+    ) -> Result<Model> {
+        let c = &config;
+        let want = |what: &str, got: usize, want: usize| {
+            if got == want {
+                Ok(())
+            } else {
+                Err(Error::Model(format!("{what} has {got} values, expected {want} for this config")))
+            }
+        };
+        want("model.embed_tokens.weight", embed.len(), c.vocab_size * c.hidden_size)?;
+        want("model.norm.weight", norm.len(), c.hidden_size)?;
+        if blocks.len() != c.num_hidden_layers {
+            return Err(Error::Model(format!("{} layers, config says {}", blocks.len(), c.num_hidden_layers)));
+        }
+        for (i, b) in blocks.iter().enumerate() {
+            want(&format!("model.layers.{i}.input_layernorm.weight"), b.attn_norm.len(), c.hidden_size)?;
+            want(&format!("model.layers.{i}.post_attention_layernorm.weight"), b.mlp_norm.len(), c.hidden_size)?;
+            let shapes = [
+                (c.q_width(), c.hidden_size),
+                (c.kv_width(), c.hidden_size),
+                (c.kv_width(), c.hidden_size),
+                (c.hidden_size, c.q_width()),
+                (c.intermediate_size, c.hidden_size),
+                (c.intermediate_size, c.hidden_size),
+                (c.hidden_size, c.intermediate_size),
+            ];
+            for ((name, l), (o, inp)) in b.linears().into_iter().zip(shapes) {
+                if (l.out_features(), l.in_features()) != (o, inp) {
+                    return Err(Error::Model(format!(
+                        "model.layers.{i}.{name} is [{}, {}], expected [{o}, {inp}]",
+                        l.out_features(),
+                        l.in_features()
+                    )));
+                }
+            }
+        }
+        if let LmHead::Own(l) = &lm_head {
+            if (l.out_features(), l.in_features()) != (c.vocab_size, c.hidden_size) {
+                return Err(Error::Model(format!(
+                    "lm_head is [{}, {}], expected [{}, {}]",
+                    l.out_features(),
+                    l.in_features(),
+                    c.vocab_size,
+                    c.hidden_size
+                )));
+            }
+        }
+        if !norm.iter().chain(&embed).all(|v| v.is_finite()) {
+            return Err(Error::Model("the embedding or final norm holds inf or NaN".into()));
+        }
+        let rope = RopeTable::new(c.head_dim, c.rope_theta, c.max_position_embeddings.min(1 << 16));
+        Ok(Model { config, embed, blocks, norm, lm_head, rope })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The decoder blocks.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// Mutable blocks (to attach adapters).
+    pub fn blocks_mut(&mut self) -> &mut [Block] {
+        &mut self.blocks
+    }
+
+    /// The embedding matrix `[vocab, hidden]`.
+    pub fn embedding(&self) -> &[f32] {
+        &self.embed
+    }
+
+    /// The final norm's weight.
+    pub fn final_norm(&self) -> &[f32] {
+        &self.norm
+    }
+
+    /// The output projection.
+    pub fn lm_head(&self) -> &LmHead {
+        &self.lm_head
+    }
+
+    /// The RoPE table.
+    pub fn rope(&self) -> &RopeTable {
+        &self.rope
+    }
+
+    /// Bytes of weights a decode step streams (every linear layer, the lm_head, norms; not the embedding).
+    pub fn weight_bytes(&self) -> usize {
+        let blocks: usize = self.blocks.iter().flat_map(|b| b.linears()).map(|(_, l)| l.weight_bytes()).sum();
+        let head = match &self.lm_head {
+            LmHead::Tied => self.embed.len() * 4,
+            LmHead::Own(l) => l.weight_bytes(),
+        };
+        blocks + head
+    }
+
+    /// A fresh state whose KV cache holds `capacity` positions (at most the RoPE table's,
+    /// `min(max_position_embeddings, 65536)`).
+    pub fn new_state(&self, capacity: usize) -> Result<State> {
+        if capacity > self.rope.max_pos() {
+            return Err(Error::Invalid(format!(
+                "a context of {capacity} positions; this model's RoPE covers at most {}",
+                self.rope.max_pos()
+            )));
+        }
+        Ok(State {
+            cache: KvCache::new(&self.config, capacity)?,
+            ws: Workspace::default(),
+            x: Vec::new(),
+            xn: Vec::new(),
+            q: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            att: Vec::new(),
+            tmp: Vec::new(),
+            gate: Vec::new(),
+            up: Vec::new(),
+            scores: Vec::new(),
+            last: Vec::new(),
+        })
+    }
+
+    /// Runs `tokens` at positions `state.cache.len()..` and appends them to the cache; writes the logits of
+    /// the last token (`logits.len() == vocab`) or of every token (`m · vocab`). Errors (nothing appended) on
+    /// an empty `tokens`, a token id ≥ vocab, a cache too small, a wrong `logits` length, or a layer whose
+    /// output overflows f32.
+    pub fn forward(&self, tokens: &[u32], state: &mut State, which: Logits, logits: &mut [f32]) -> Result<()> {
+        let c = &self.config;
+        let (m, d, pos0) = (tokens.len(), c.hidden_size, state.cache.len());
+        if m == 0 {
+            return Err(Error::Invalid("forward of no tokens (expected at least one)".into()));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Invalid(format!("token id {t}, expected < vocab size {}", c.vocab_size)));
+        }
+        if pos0 + m > state.cache.capacity() {
+            return Err(Error::Invalid(format!(
+                "{m} tokens after {pos0} cached positions exceed the context of {} (start a new state or use a longer --ctx)",
+                state.cache.capacity()
+            )));
+        }
+        let rows_out = if which == Logits::All { m } else { 1 };
+        if logits.len() != rows_out * c.vocab_size {
+            return Err(Error::Invalid(format!(
+                "logits buffer of {} values, expected {rows_out}·{}",
+                logits.len(),
+                c.vocab_size
+            )));
+        }
+        let s = state;
+        let fit = |v: &mut Vec<f32>, n: usize| {
+            if v.len() != n {
+                v.resize(n, 0.0)
+            }
+        };
+        fit(&mut s.x, m * d);
+        fit(&mut s.xn, m * d);
+        fit(&mut s.q, m * c.q_width());
+        fit(&mut s.k, m * c.kv_width());
+        fit(&mut s.v, m * c.kv_width());
+        fit(&mut s.att, m * c.q_width());
+        fit(&mut s.tmp, m * d);
+        fit(&mut s.gate, m * c.intermediate_size);
+        fit(&mut s.up, m * c.intermediate_size);
+        fit(&mut s.scores, m * c.num_attention_heads * (pos0 + m));
+        for (r, &t) in tokens.iter().enumerate() {
+            let t = t as usize;
+            s.x[r * d..(r + 1) * d].copy_from_slice(&self.embed[t * d..(t + 1) * d]);
+        }
+        for (l, b) in self.blocks.iter().enumerate() {
+            norm_rows(&s.x, &b.attn_norm, c.rms_norm_eps, &mut s.xn, d);
+            b.q.forward(&s.xn, &mut s.q, &mut s.ws)?;
+            b.k.forward(&s.xn, &mut s.k, &mut s.ws)?;
+            b.v.forward(&s.xn, &mut s.v, &mut s.ws)?;
+            for r in 0..m {
+                let (cos, sin) = self.rope.row(pos0 + r);
+                apply_rope(&mut s.q[r * c.q_width()..(r + 1) * c.q_width()], c.head_dim, cos, sin);
+                let kr = r * c.kv_width()..(r + 1) * c.kv_width();
+                apply_rope(&mut s.k[kr.clone()], c.head_dim, cos, sin);
+                s.cache.store(l, pos0 + r, &s.k[kr.clone()], &s.v[kr]);
+            }
+            attention(c, &s.cache, l, pos0, &s.q, &mut s.scores, &mut s.att);
+            b.o.forward(&s.att, &mut s.tmp, &mut s.ws)?;
+            add(&mut s.x, &s.tmp);
+            norm_rows(&s.x, &b.mlp_norm, c.rms_norm_eps, &mut s.xn, d);
+            b.gate.forward(&s.xn, &mut s.gate, &mut s.ws)?;
+            b.up.forward(&s.xn, &mut s.up, &mut s.ws)?;
+            silu_mul(&mut s.gate, &s.up);
+            b.down.forward(&s.gate, &mut s.tmp, &mut s.ws)?;
+            add(&mut s.x, &s.tmp);
+        }
+        let first = m - rows_out;
+        fit(&mut s.last, rows_out * d);
+        norm_rows(&s.x[first * d..], &self.norm, c.rms_norm_eps, &mut s.last, d);
+        match &self.lm_head {
+            LmHead::Tied => matmul_t(&self.embed, c.vocab_size, d, &s.last, logits),
+            LmHead::Own(l) => l.forward(&s.last, logits, &mut s.ws)?,
+        }
+        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Model(format!("logit {i} is {} (the forward overflowed f32)", logits[i])));
+        }
+        s.cache.set_len(pos0 + m);
+        Ok(())
+    }
+}
+
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], d: usize) {
+    for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        rms_norm(xr, w, eps, yr);
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Causal grouped-query attention of the `m` query rows at positions `pos0..pos0+m` over layer `l`'s cache
+/// (which already holds them), threaded over (row, head).
+fn attention(c: &Config, cache: &KvCache, l: usize, pos0: usize, q: &[f32], scores: &mut [f32], att: &mut [f32]) {
+    let (hd, nh) = (c.head_dim, c.num_attention_heads);
+    let group = nh / c.num_key_value_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let total = scores.len() / (att.len() / hd).max(1);
+    att.par_chunks_mut(hd).zip(scores.par_chunks_mut(total)).enumerate().for_each(|(i, (out, sc))| {
+        let (r, h) = (i / nh, i % nh);
+        let n = pos0 + r + 1;
+        let (keys, values) = cache.head(l, h / group, n);
+        let qv = &q[i * hd..(i + 1) * hd];
+        let sc = &mut sc[..n];
+        for (j, s) in sc.iter_mut().enumerate() {
+            *s = crate::linear::dot(qv, &keys[j * hd..(j + 1) * hd]) * scale;
+        }
+        softmax(sc);
+        out.fill(0.0);
+        for (j, &p) in sc.iter().enumerate() {
+            for (o, &v) in out.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
+                *o += p * v;
+            }
+        }
+    });
+}
