@@ -24,3 +24,4 @@ pub mod tokenizer;
 pub mod gpu;
 
 pub use error::{Error, Result};
+pub use tokenizer::Tokenizer;
