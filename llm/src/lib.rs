@@ -30,3 +30,4 @@ pub use linear::Linear;
 pub use load::{LoadOptions, WeightMode};
 pub use model::{Logits, Model, State};
 pub use sample::{Sampler, SamplingOptions};
+pub use tokenizer::Tokenizer;
