@@ -372,7 +372,7 @@ impl GpuOps {
         table: &RopeTable,
         s: HeadShape,
     ) -> Result<()> {
-        if s.head_dim == 0 || s.head_dim % 2 != 0 || table.half * 2 != s.head_dim {
+        if s.head_dim == 0 || !s.head_dim.is_multiple_of(2) || table.half * 2 != s.head_dim {
             return Err(invalid(format!(
                 "rope: head_dim {} must be even, non-zero and twice the table's half {}",
                 s.head_dim, table.half
@@ -452,7 +452,7 @@ impl GpuOps {
         if s.head_dim == 0 || s.head_dim > MAX_HEAD_DIM {
             return Err(invalid(format!("attention: head_dim {} (must be 1 ..= {MAX_HEAD_DIM})", s.head_dim)));
         }
-        if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+        if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
             return Err(invalid(format!(
                 "attention: n_heads {} must be a multiple of n_kv_heads {} >= 1",
                 s.n_heads, s.n_kv_heads
@@ -569,7 +569,7 @@ impl GpuOps {
         groups: u64,
     ) -> Result<()> {
         let limits = ctx.limits();
-        let max_binding = limits.max_storage_buffer_binding_size as u64;
+        let max_binding = limits.max_storage_buffer_binding_size;
         let name = op.name();
         for (i, a) in args.iter().enumerate() {
             if !a.buf.usage().contains(wgpu::BufferUsages::STORAGE) {
