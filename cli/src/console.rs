@@ -35,6 +35,17 @@ pub fn escape_lines(text: &str) -> String {
     text.split('\n').map(escape).collect::<Vec<_>>().join("\n")
 }
 
+/// Generated text for the terminal: newlines and tabs kept, every other unsafe character made visible as in
+/// [`escape`] (a model can emit ESC or bidi overrides like any other token).
+pub fn escape_text(text: &str) -> String {
+    text.split('\n').map(|l| l.split('\t').map(escape).collect::<Vec<_>>().join("\t")).collect::<Vec<_>>().join("\n")
+}
+
+/// Writes `text` as it is (already escaped) to stdout and flushes. A closed pipe is ignored.
+pub fn out_raw(text: &str) -> Result<(), CliError> {
+    Ok(lowbit_testkit::console::out(text)?)
+}
+
 /// Writes `text` to stdout, escaped with [`escape_lines`]. A closed pipe is ignored; any other write error is
 /// returned.
 pub fn out(text: &str) -> Result<(), CliError> {

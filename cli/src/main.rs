@@ -12,14 +12,17 @@ mod dequantize;
 mod dtype_arg;
 mod error;
 mod forward;
+mod generate;
 mod gpu;
 mod hf_config;
 mod hf_dir;
 mod inspect;
 mod int8_layout;
 mod layer;
+mod llm;
 mod merge;
 mod output;
+mod perplexity;
 mod progress;
 mod quantize;
 mod quantized;
@@ -391,6 +394,75 @@ enum Command {
         #[arg(long, conflicts_with = "all")]
         yes: bool,
     },
+    /// Generate text with a Llama-family model (SmolLM2, Llama, Qwen2) on lowbit's kernels: the prompt's
+    /// tokens run as one batch (prefill), then one token per step with a KV cache; the text is streamed to
+    /// stdout, then the prefill and decode speeds.
+    Generate {
+        /// The model: a .gguf file, a Hugging Face model directory (dense, bitsandbytes 4-bit, lowbit int8) or
+        /// a directory written by `lowbit quantize`.
+        #[arg(value_name = "MODEL")]
+        model: PathBuf,
+        /// Quantize the decoder's linear layers on load (same values as `quantize --scheme`; lm_head and the
+        /// embedding stay as stored). Without it a GGUF runs its weights as stored, dequantized to f32.
+        #[arg(long, value_parser = parse_scheme, value_name = "SCHEME")]
+        scheme: Option<lowbit::Scheme>,
+        /// PEFT LoRA adapter directory; repeatable (all enabled).
+        #[arg(long, value_name = "DIR")]
+        adapter: Vec<PathBuf>,
+        /// Where to run.
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+        /// The prompt text.
+        #[arg(long, value_name = "TEXT", conflicts_with = "tokens", required_unless_present = "tokens")]
+        prompt: Option<String>,
+        /// The prompt as token ids, e.g. 504,3575,282,4649,314.
+        #[arg(long, value_name = "ID,ID,...", value_delimiter = ',', num_args = 1..)]
+        tokens: Option<Vec<u32>>,
+        /// New tokens to generate at most (generation also stops at an end-of-sequence token).
+        #[arg(long, value_name = "N", default_value_t = 128)]
+        max_tokens: usize,
+        /// Sampling temperature; 0 = greedy.
+        #[arg(long, value_name = "T", default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling: keep the most likely tokens up to this total probability.
+        #[arg(long, value_name = "P", default_value_t = 1.0)]
+        top_p: f32,
+        /// Seed of the sampler.
+        #[arg(long, value_name = "S", default_value_t = 0)]
+        seed: u64,
+        /// Wrap the prompt in the ChatML chat template (a user turn, then the assistant's).
+        #[arg(long)]
+        chat: bool,
+        /// Write the logits of every prompt position (before any generated token) as safetensors, one f32
+        /// tensor `logits` [T_prompt, vocab]; with --max-tokens 0 a pure forward.
+        #[arg(long, value_name = "FILE")]
+        logits_out: Option<PathBuf>,
+        /// Replace the --logits-out file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Perplexity of a Llama-family model over a text file, in non-overlapping windows of --ctx tokens (the
+    /// first token of each window is not scored); prints `perplexity: X` and the tokens/s.
+    Perplexity {
+        /// The model (as for `generate`).
+        #[arg(value_name = "MODEL")]
+        model: PathBuf,
+        /// The text file (UTF-8).
+        #[arg(long, value_name = "FILE")]
+        text: PathBuf,
+        /// Window length in tokens.
+        #[arg(long, value_name = "N", default_value_t = 512)]
+        ctx: usize,
+        /// Quantize the decoder's linear layers on load (as for `generate`).
+        #[arg(long, value_parser = parse_scheme, value_name = "SCHEME")]
+        scheme: Option<lowbit::Scheme>,
+        /// PEFT LoRA adapter directory; repeatable.
+        #[arg(long, value_name = "DIR")]
+        adapter: Vec<PathBuf>,
+        /// Where to run.
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+    },
 }
 
 /// Parses a scheme (`lowbit::Scheme` text, e.g. `nf4:64+dq`, `int8:group:128`, `fp4:64`); `nf4-dq` is kept as
@@ -498,6 +570,41 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 allow_overflow,
             })
         }
+        Command::Generate {
+            model,
+            scheme,
+            adapter,
+            device,
+            prompt,
+            tokens,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            chat,
+            logits_out,
+            force,
+        } => generate::run(generate::Generate {
+            model: &model,
+            scheme,
+            adapters: &adapter,
+            device,
+            prompt: prompt.as_deref(),
+            tokens: tokens.as_deref(),
+            max_tokens,
+            sampling: lowbit_llm::SamplingOptions { temperature, top_p, seed },
+            chat,
+            logits_out: logits_out.as_deref(),
+            force,
+        }),
+        Command::Perplexity { model, text, ctx, scheme, adapter, device } => perplexity::run(perplexity::Perplexity {
+            model: &model,
+            text: &text,
+            ctx,
+            scheme,
+            adapters: &adapter,
+            device,
+        }),
         Command::Inspect { file, compare } => inspect::run(&file, compare.as_deref()),
         Command::Forward { checkpoint, layer, adapter, input, output, force, device } => {
             forward::run(forward::Forward {
@@ -545,7 +652,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let uses_gpu = match &cli.command {
         Command::Demo { .. } => true,
-        Command::Forward { device, .. } | Command::Bench { device, .. } => *device == Device::Gpu,
+        Command::Forward { device, .. }
+        | Command::Bench { device, .. }
+        | Command::Generate { device, .. }
+        | Command::Perplexity { device, .. } => *device == Device::Gpu,
         _ => false,
     };
     let _runtime_dir = gpu::RuntimeDir::prepare(uses_gpu); // before any thread starts

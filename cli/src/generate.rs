@@ -1,0 +1,105 @@
+//! `lowbit generate`: text generation with lowbit-llm — prompt (or token ids) in, streamed text out, then the
+//! prefill and decode speeds; `--logits-out` saves the logits of every prompt position.
+
+use crate::console;
+use crate::error::CliError;
+use crate::gpu::Device;
+use crate::output::check_output;
+use lowbit::io::TensorData;
+use lowbit_llm::{Logits, Sampler, SamplingOptions, Tokenizer};
+use safetensors::Dtype;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What `lowbit generate` was asked to do.
+pub struct Generate<'a> {
+    pub model: &'a Path,
+    pub scheme: Option<lowbit::Scheme>,
+    pub adapters: &'a [PathBuf],
+    pub device: Device,
+    pub prompt: Option<&'a str>,
+    pub tokens: Option<&'a [u32]>,
+    pub max_tokens: usize,
+    pub sampling: SamplingOptions,
+    pub chat: bool,
+    pub logits_out: Option<&'a Path>,
+    pub force: bool,
+}
+
+/// Runs the generation; the text goes to stdout as it is produced, then one line each for prefill and decode
+/// speed. Stops after `max_tokens` new tokens or at an end-of-sequence token.
+pub fn run(g: Generate) -> Result<(), CliError> {
+    if let Some(out) = g.logits_out {
+        check_output(g.model, out, g.force)?;
+    }
+    let sampler = Sampler::new(g.sampling)?;
+    let loaded = crate::llm::load(g.model, g.scheme, g.adapters, g.device)?;
+    let (model, tok) = (&loaded.model, &loaded.tokenizer);
+    let prompt = prompt_ids(tok, &g)?;
+    let vocab = model.config().vocab_size;
+    let mut state = model.new_state(prompt.len() + g.max_tokens.max(1))?;
+    let t = Instant::now();
+    let mut logits = vec![0.0f32; vocab];
+    if let Some(out) = g.logits_out {
+        let mut all = vec![0.0f32; prompt.len() * vocab];
+        model.forward(&prompt, &mut state, Logits::All, &mut all)?;
+        logits.copy_from_slice(&all[(prompt.len() - 1) * vocab..]);
+        let tensors = [("logits".to_string(), TensorData::from_slice(Dtype::F32, vec![prompt.len(), vocab], &all))];
+        lowbit::io::write_safetensors(out, &tensors, None, g.force)?;
+    } else {
+        model.forward(&prompt, &mut state, Logits::Last, &mut logits)?;
+    }
+    let prefill = t.elapsed().as_secs_f64();
+    let mut sampler = sampler;
+    let eos = tok.eos_ids();
+    let mut stream = tok.stream();
+    let t = Instant::now();
+    let mut generated = 0usize;
+    let mut decode_steps = 0usize;
+    while generated < g.max_tokens {
+        let id = sampler.sample(&logits);
+        generated += 1;
+        if eos.contains(&id) {
+            break;
+        }
+        let piece = stream.push(id)?;
+        console::out_raw(&console::escape_text(&piece))?;
+        if generated == g.max_tokens {
+            break;
+        }
+        model.forward(&[id], &mut state, Logits::Last, &mut logits)?;
+        decode_steps += 1;
+    }
+    let decode = t.elapsed().as_secs_f64();
+    console::out_raw(&console::escape_text(&stream.finish()?))?;
+    console::out_raw("\n")?;
+    console::line(&format!(
+        "prefill: {} tokens in {:.3} s, {:.1} tokens/s",
+        prompt.len(),
+        prefill,
+        prompt.len() as f64 / prefill.max(1e-9)
+    ))?;
+    console::line(&format!(
+        "decode: {} tokens in {:.3} s, {:.1} tokens/s ({} threads)",
+        decode_steps,
+        decode,
+        decode_steps as f64 / decode.max(1e-9),
+        rayon::current_num_threads()
+    ))?;
+    Ok(())
+}
+
+/// The prompt's token ids: `--tokens` as given (checked against the vocabulary), or `--prompt` encoded (in the
+/// ChatML template with `--chat`).
+fn prompt_ids(tok: &Tokenizer, g: &Generate) -> Result<Vec<u32>, CliError> {
+    let ids = match (g.tokens, g.prompt) {
+        (Some(t), _) => t.to_vec(),
+        (None, Some(p)) if g.chat => tok.encode(&Tokenizer::chat_prompt(&[("user", p)]), true)?,
+        (None, Some(p)) => tok.encode(p, true)?,
+        (None, None) => return Err(CliError::new("give --prompt TEXT or --tokens ID,ID,...")),
+    };
+    if ids.is_empty() {
+        return Err(CliError::new("the prompt is empty (it encodes to no tokens); give at least one token"));
+    }
+    Ok(ids)
+}
