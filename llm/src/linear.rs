@@ -11,7 +11,7 @@ use wide::f32x8;
 #[derive(Debug)]
 pub enum Linear {
     /// A lowbit quantized layer (its adapters live inside it).
-    Quant(QuantLinear),
+    Quant(Box<QuantLinear>),
     /// Dense f32 weights.
     Dense(DenseLinear),
 }
@@ -147,7 +147,7 @@ impl Linear {
 impl DenseLinear {
     fn forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         let (n_in, n_out) = (self.in_features, self.out_features);
-        if x.len() % n_in != 0 || y.len() != x.len() / n_in * n_out {
+        if !x.len().is_multiple_of(n_in) || y.len() != x.len() / n_in * n_out {
             return Err(Error::Invalid(format!(
                 "dense forward: x has {} values and y {} for a [{n_out}, {n_in}] layer (expected x = m·{n_in}, y = m·{n_out})",
                 x.len(),

@@ -58,7 +58,7 @@ impl Model {
         let dense = |name: &str| -> Result<Vec<f32>> { Ok(ck.tensor_f32(name)?) };
         let linear = |name: &str| -> Result<Linear> {
             if quantized.contains(name) {
-                return Ok(Linear::Quant(ck.layer(name)?));
+                return Ok(Linear::Quant(Box::new(ck.layer(name)?)));
             }
             let wname = format!("{name}.weight");
             let info = ck.tensor_info(&wname)?;
@@ -74,7 +74,7 @@ impl Model {
                 WeightMode::Quantize(scheme) => {
                     let q = QuantWeight::quantize(&w, &shape, scheme)
                         .map_err(|e| Error::Model(format!("quantizing {wname} as {scheme}: {e}")))?;
-                    Ok(Linear::Quant(QuantLinear::new(q, bias)?))
+                    Ok(Linear::Quant(Box::new(QuantLinear::new(q, bias)?)))
                 }
             }
         };
@@ -99,7 +99,7 @@ impl Model {
         let lm_head = if !config.tie_word_embeddings && (has("lm_head.weight") || quantized.contains("lm_head")) {
             // The output projection stays as stored (dense f32 or the checkpoint's quantization): quantizing
             // it costs the most quality per byte saved, as bitsandbytes' default skip list also assumes.
-            LmHead::Own(load_as_stored(&ck, &quantized, "lm_head")?)
+            LmHead::Own(Box::new(load_as_stored(&ck, &quantized, "lm_head")?))
         } else {
             LmHead::Tied
         };
@@ -134,7 +134,7 @@ impl Model {
 
 fn load_as_stored(ck: &Checkpoint, quantized: &BTreeSet<String>, name: &str) -> Result<Linear> {
     if quantized.contains(name) {
-        return Ok(Linear::Quant(ck.layer(name)?));
+        return Ok(Linear::Quant(Box::new(ck.layer(name)?)));
     }
     let wname = format!("{name}.weight");
     let info = ck.tensor_info(&wname)?;

@@ -55,7 +55,7 @@ impl Block {
 #[derive(Debug)]
 pub enum LmHead {
     Tied,
-    Own(Linear),
+    Own(Box<Linear>),
 }
 
 /// A loaded model: weights, config and the RoPE table. Immutable during forwards (shareable across threads);
