@@ -1,42 +1,14 @@
 //! End-to-end tests of the `lowbit` binary: quantize → inspect → dequantize round trips, corrupt inputs,
 //! output protection and the demo.
 
+mod common;
+
+use common::{assert_clean_failure, assert_ok, lowbit, s, stderr, stdout};
+
 use lowbit::affine::Granularity;
 use lowbit::io::{SafetensorsFile, TensorData};
 use safetensors::Dtype;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn lowbit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowbit")).args(args).output().expect("run lowbit")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "status {:?}\nstdout:\n{}\nstderr:\n{}", o.status, stdout(o), stderr(o));
-}
-
-/// A failure with exit status 1 and a one-line `error: ...` message, never a panic.
-#[track_caller]
-fn assert_clean_failure(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "stdout:\n{}\nstderr:\n{err}", stdout(o));
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains(needle), "expected {needle:?} in {err}");
-}
 
 /// Deterministic values with a spread of magnitudes, an exact zero and some negative runs.
 fn values(n: usize, salt: u32) -> Vec<f32> {

@@ -2,23 +2,15 @@
 //! output, an output created during the write survives, long output names work, `--force` never replaces a
 //! FIFO, and no input (also through a hard link) can be the output.
 
+mod common;
+
+use common::{lowbit, s, stderr};
+
 use lowbit::io::TensorData;
 use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn lowbit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowbit")).args(args).output().expect("run lowbit")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// A failure with exit status 1 and an `error: ...` message containing `needle`, never a panic.
 #[track_caller]

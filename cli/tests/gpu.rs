@@ -6,35 +6,18 @@
 //! `BoundTarget::Gpu`), the rule the commands use too.
 #![cfg(feature = "gpu")]
 
+mod common;
+
+use common::{assert_ok, lowbit, s, stderr, stdout};
+
 use lowbit::gpu::GpuContext;
 use lowbit::io::peft::{load_quant_linears, PeftAdapter};
 use lowbit::io::{bnb, SafetensorsFile, TensorData};
 use lowbit::linear::{Agreement, BoundTarget, ForwardOptions, QuantLinear};
 use safetensors::Dtype;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
-
-fn lowbit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowbit")).args(args).output().expect("run lowbit")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "status {:?}\nstdout:\n{}\nstderr:\n{}", o.status, stdout(o), stderr(o));
-}
 
 /// Exit status 1 with an `error: ...` line containing `needle`, never a panic.
 #[track_caller]

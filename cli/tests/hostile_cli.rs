@@ -2,22 +2,18 @@
 //! panic the table, `inspect --compare` reports infinite and NaN errors honestly, `dequantize --dtype f16 /
 //! bf16` refuses to overflow silently, and `bench` refuses a huge request at once. Files are built here.
 
+mod common;
+
+use common::{lowbit, s};
+
 use lowbit::io::TensorData;
 use safetensors::Dtype;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 /// The name from the issue: retitles the terminal, clears it and prints a fake green "quantized OK".
 const EVIL: &str = "\x1b]0;pwned\x07\x1b[2J\x1b[32mquantized OK";
-
-fn lowbit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowbit")).args(args).output().expect("run lowbit")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

@@ -1,5 +1,9 @@
 //! End-to-end tests of the QuantLinear commands: `lowbit forward`, `lowbit merge` and `lowbit bench`.
 
+mod common;
+
+use common::{assert_clean_failure, assert_ok, lowbit, s, stderr, stdout};
+
 use lowbit::affine::Granularity;
 use lowbit::io::bnb::QuantStateJson;
 use lowbit::io::peft::{load_quant_linears, PeftAdapter};
@@ -9,38 +13,6 @@ use lowbit::DType;
 use safetensors::Dtype;
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn lowbit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowbit")).args(args).output().expect("run lowbit")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "status {:?}\nstdout:\n{}\nstderr:\n{}", o.status, stdout(o), stderr(o));
-}
-
-/// A failure with exit status 1 and a one-line `error: ...` message, never a panic.
-#[track_caller]
-fn assert_clean_failure(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "stdout:\n{}\nstderr:\n{err}", stdout(o));
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains(needle), "expected {needle:?} in {err}");
-}
 
 #[test]
 fn bench_runs_every_format_and_checks_the_reference() {

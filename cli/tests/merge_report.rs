@@ -1,33 +1,16 @@
 //! `lowbit merge`: the per-layer report of how much of the adapter survived requantization, the warning when
 //! requantization erases it, the ways out (`--dtype`, `--scheme`), and the inputs it refuses to overwrite.
 
+mod common;
+
+use common::{assert_ok, lowbit, s, stderr, stdout};
+
 use lowbit::affine::Granularity;
 use lowbit::io::{bnb, Checkpoint, Layout, SafetensorsFile, TensorData};
 use lowbit::linear::QuantWeight;
 use safetensors::Dtype;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn lowbit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowbit")).args(args).output().expect("run lowbit")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "status {:?}\nstdout:\n{}\nstderr:\n{}", o.status, stdout(o), stderr(o));
-}
+use std::process::Output;
 
 #[track_caller]
 fn assert_clean_failure(o: &Output, needle: &str) {

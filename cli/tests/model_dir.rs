@@ -3,6 +3,10 @@
 //! tokenizer files, the default tensor selection with --skip / --include, strict --dtype, fp4, file modes
 //! under the user's umask, crash safety; and the real SmolLM2 GGUF when it is available.
 
+mod common;
+
+use common::{lowbit, s, stdout};
+
 use lowbit::io::{Checkpoint, Layout, TensorData};
 use lowbit::nf4::FourBitFormat;
 use lowbit_testkit::Rng;
@@ -11,14 +15,6 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
-
-fn lowbit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowbit")).args(args).output().expect("run lowbit")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
 
 #[track_caller]
 fn assert_ok(o: &Output) {
@@ -37,10 +33,6 @@ fn assert_fails(o: &Output, code: i32, needle: &str) {
     assert_eq!(o.status.code(), Some(code), "stderr:\n{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains(needle), "expected {needle:?} in {err}");
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// One tensor of the synthetic model, as the file stores it and widened to f32.

@@ -2,42 +2,15 @@
 //! `.weight` hint, one path per error message, a quiet `--device gpu` without XDG_RUNTIME_DIR, the inspect
 //! summary, and model directories (single and sharded) and GGUFs as inputs.
 
+mod common;
+
+use common::{assert_clean_failure, assert_ok, lowbit, s, stderr, stdout};
+
 use lowbit::io::{bnb, int8, Checkpoint, SafetensorsFile, TensorData};
 use lowbit::DType;
 use safetensors::Dtype;
 use std::path::Path;
 use std::process::{Command, Output};
-
-fn lowbit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowbit")).args(args).output().expect("run lowbit")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-#[track_caller]
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "status {:?}\nstdout:\n{}\nstderr:\n{}", o.status, stdout(o), stderr(o));
-}
-
-/// A failure with exit status 1 and a one-line `error: ...` message, never a panic.
-#[track_caller]
-fn assert_clean_failure(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "stdout:\n{}\nstderr:\n{err}", stdout(o));
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(err.contains(needle), "expected {needle:?} in {err}");
-}
 
 /// Deterministic values in about [-scale, scale].
 fn values(n: usize, salt: u64, scale: f32) -> Vec<f32> {
