@@ -19,9 +19,8 @@ fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
 pub fn read_capped(path: &Path, cap: usize, what: &str) -> Result<Vec<u8>> {
     // `metadata` follows symlinks: the type of what would be opened.
     let meta = std::fs::metadata(path).map_err(|e| io_err(path, what, e))?;
-    let ft = meta.file_type();
-    if !ft.is_file() {
-        let kind = file_kind(&ft);
+    if !meta.file_type().is_file() {
+        let kind = super::atomic::describe_file_type(&meta);
         return Err(Error::io(
             path,
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what} is {kind}, expected a regular file")),
@@ -40,24 +39,4 @@ pub fn read_capped(path: &Path, cap: usize, what: &str) -> Result<Vec<u8>> {
         ));
     }
     Ok(bytes)
-}
-
-fn file_kind(ft: &std::fs::FileType) -> &'static str {
-    if ft.is_dir() {
-        return "a directory";
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if ft.is_fifo() {
-            return "a FIFO";
-        }
-        if ft.is_socket() {
-            return "a socket";
-        }
-        if ft.is_block_device() || ft.is_char_device() {
-            return "a device";
-        }
-    }
-    "not a regular file"
 }
