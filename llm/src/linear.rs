@@ -163,16 +163,21 @@ impl DenseLinear {
                 }
             }
         }
+        // LoRA: t = x·Aᵀ in chunks of 64 ranks on the stack (no allocation per call), y += s·t·Bᵀ.
+        const RANKS: usize = 64;
+        let mut t = [0.0f32; RANKS];
         for ad in &self.adapters {
             let (rank, s) = (ad.rank(), ad.scaling());
-            let mut t = vec![0.0f32; rank];
             for r in 0..m {
                 let xr = &x[r * n_in..(r + 1) * n_in];
-                for (k, tk) in t.iter_mut().enumerate() {
-                    *tk = dot(xr, &ad.a()[k * n_in..(k + 1) * n_in]);
-                }
-                for (o, yo) in y[r * n_out..(r + 1) * n_out].iter_mut().enumerate() {
-                    *yo += s * dot(&t, &ad.b()[o * rank..(o + 1) * rank]);
+                for k0 in (0..rank).step_by(RANKS) {
+                    let k1 = (k0 + RANKS).min(rank);
+                    for (k, tk) in (k0..k1).zip(t.iter_mut()) {
+                        *tk = dot(xr, &ad.a()[k * n_in..(k + 1) * n_in]);
+                    }
+                    for (o, yo) in y[r * n_out..(r + 1) * n_out].iter_mut().enumerate() {
+                        *yo += s * dot(&t[..k1 - k0], &ad.b()[o * rank + k0..o * rank + k1]);
+                    }
                 }
             }
         }

@@ -226,7 +226,8 @@ impl Model {
             tmp: Vec::new(),
             gate: Vec::new(),
             up: Vec::new(),
-            scores: Vec::new(),
+            // Decode steps (one row) need heads · capacity scores at most: reserved once.
+            scores: Vec::with_capacity(self.config.num_attention_heads * capacity),
             last: Vec::new(),
         })
     }
@@ -236,6 +237,12 @@ impl Model {
     /// an empty `tokens`, a token id ≥ vocab, a cache too small, a wrong `logits` length, or a layer whose
     /// output overflows f32.
     pub fn forward(&self, tokens: &[u32], state: &mut State, which: Logits, logits: &mut [f32]) -> Result<()> {
+        // One entry into the thread pool per forward: the layers' parallel loops then start from a worker
+        // (work-stealing deques) instead of each being injected from outside (which also allocates).
+        rayon::scope(|_| self.forward_in_pool(tokens, state, which, logits))
+    }
+
+    fn forward_in_pool(&self, tokens: &[u32], state: &mut State, which: Logits, logits: &mut [f32]) -> Result<()> {
         let c = &self.config;
         let (m, d, pos0) = (tokens.len(), c.hidden_size, state.cache.len());
         if m == 0 {

@@ -2,13 +2,10 @@
 //! dequantized weights: dense, int8 (channel), NF4, NF4+DQ, with and without a LoRA adapter, on a tiny random
 //! model (always) and on SmolLM2-135M (when the GGUF is present).
 
-use lowbit::linear::{QuantLinear, QuantWeight};
-use lowbit::lora::LoraAdapter;
-use lowbit::Scheme;
-use lowbit_llm::linear::DenseLinear;
-use lowbit_llm::model::{Block, LmHead};
-use lowbit_llm::{reference, Config, Linear, LoadOptions, Logits, Model, WeightMode};
-use lowbit_testkit::Rng;
+mod common;
+
+use common::tiny_model;
+use lowbit_llm::{reference, LoadOptions, Logits, Model, WeightMode};
 
 /// Max |f32 − f64| over every logit, relative to max |logit| of the reference.
 fn relative_error(model: &Model, tokens: &[u32]) -> f64 {
@@ -19,65 +16,6 @@ fn relative_error(model: &Model, tokens: &[u32]) -> f64 {
     let want = reference::forward_f64(model, tokens).unwrap();
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     got.iter().zip(&want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max) / scale
-}
-
-fn values(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    rng.vec(n, scale)
-}
-
-fn tiny_config() -> Config {
-    Config {
-        model_type: "llama".into(),
-        vocab_size: 300,
-        hidden_size: 64,
-        intermediate_size: 96,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 16,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 64,
-        tie_word_embeddings: true,
-        bos_token_id: None,
-        eos_token_ids: vec![],
-    }
-}
-
-fn tiny_model(scheme: Option<Scheme>, lora: bool, seed: u64) -> Model {
-    let c = tiny_config();
-    let mut rng = Rng::new(seed);
-    let mut linear = |o: usize, i: usize, rng: &mut Rng| -> Linear {
-        let w = values(rng, o * i, 0.5 / (i as f32).sqrt() * 3.0);
-        let mut l = match scheme {
-            None => Linear::Dense(DenseLinear::new(w, o, i, None).unwrap()),
-            Some(s) => {
-                Linear::Quant(Box::new(QuantLinear::new(QuantWeight::quantize(&w, &[o, i], s).unwrap(), None).unwrap()))
-            }
-        };
-        if lora {
-            let r = 4;
-            let ad = LoraAdapter::new("t", r, values(rng, r * i, 0.2), values(rng, o * r, 0.2), 8.0, false).unwrap();
-            l.add_adapter(ad).unwrap();
-        }
-        l
-    };
-    let (d, q, kv, f) = (c.hidden_size, c.q_width(), c.kv_width(), c.intermediate_size);
-    let blocks = (0..c.num_hidden_layers)
-        .map(|_| Block {
-            attn_norm: (0..d).map(|j| 1.0 + 0.01 * j as f32).collect(),
-            q: linear(q, d, &mut rng),
-            k: linear(kv, d, &mut rng),
-            v: linear(kv, d, &mut rng),
-            o: linear(d, q, &mut rng),
-            mlp_norm: vec![0.9; d],
-            gate: linear(f, d, &mut rng),
-            up: linear(f, d, &mut rng),
-            down: linear(d, f, &mut rng),
-        })
-        .collect();
-    let embed = values(&mut rng, c.vocab_size * d, 1.0);
-    Model::from_parts(c, embed, blocks, vec![1.0; d], LmHead::Tied).unwrap()
 }
 
 /// f32 against f64 on the same weights: each dot of n ≤ 96 terms errs by ≤ n·eps·Σ|terms| in the worst case
