@@ -288,3 +288,22 @@ fn smollm2_greedy_says_paris() {
     assert_eq!(out[0], 7042, "expected \" Paris\"");
     assert_eq!((gpu.submissions(), gpu.readbacks()), (3, 3));
 }
+
+/// A prefill split into two calls (rows at `pos0 > 0` with `m > 1`) gives the CPU's one-call logits.
+#[test]
+fn chunked_prefill_matches_cpu() {
+    let Some(ctx) = ctx() else { return };
+    let model = build(CASES[1], 21);
+    let mut state = model.new_state(16).unwrap();
+    let mut cpu = vec![0f32; PREFILL.len() * VOCAB];
+    model.forward(&PREFILL, &mut state, Logits::All, &mut cpu).unwrap();
+    let mut gpu = GpuModel::upload(ctx, &model, 16, 4).unwrap();
+    let mut got = vec![0f32; PREFILL.len() * VOCAB];
+    let (a, b) = got.split_at_mut(4 * VOCAB);
+    gpu.forward(ctx, &PREFILL[..4], Logits::All, a).unwrap();
+    gpu.forward(ctx, &PREFILL[4..], Logits::All, b).unwrap();
+    let d = rel_dev(&got, cpu.iter().map(|&v| v as f64));
+    eprintln!("chunked prefill: GPU vs CPU {d:.2e}");
+    assert!(d <= BOUND_CPU, "chunked prefill: {d:e} > {BOUND_CPU:e}");
+    assert_eq!((gpu.len(), gpu.submissions(), gpu.readbacks()), (7, 2, 2));
+}
