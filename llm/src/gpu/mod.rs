@@ -27,18 +27,24 @@
 //! 32-bit index ranges, and the binding and dispatch limits. Buffer *contents* (ids < vocab, finite values)
 //! are the caller's business.
 //!
+//! # The whole model
+//! [`GpuModel`] uploads a [`Model`](crate::Model) once and runs each forward (every layer, the `lm_head` and,
+//! for greedy decoding, the argmax) as one submission with one readback.
+//!
 //! # Helpers
 //! [`storage_f32`], [`storage_u32`], [`storage_zeroed`] make storage buffers; [`read_f32_blocking`] /
 //! [`read_u32_blocking`] read them back (native only). [`RopeTable`] holds the cos / sin tables.
 
 mod buffers;
 mod cache;
+mod model;
 mod ops;
 mod rope;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use buffers::{read_f32_blocking, read_u32_blocking};
 pub use buffers::{storage_f32, storage_u32, storage_zeroed, STORAGE_USAGE};
+pub use model::GpuModel;
 pub use ops::{
     GpuOps, HeadShape, KvBuffers, ATTN_WG, BIND_GROUP_CACHE_ENTRIES, MAX_HEAD_DIM, UNIFORM_CACHE_ENTRIES, WG,
 };

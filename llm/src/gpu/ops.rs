@@ -36,9 +36,11 @@ enum Op {
     SiluMul,
     Add,
     Argmax,
+    MatmulDense,
 }
 
-const OPS: [Op; 8] = [Op::Embed, Op::RmsNorm, Op::Rope, Op::KvStore, Op::Attention, Op::SiluMul, Op::Add, Op::Argmax];
+const OPS: [Op; 9] =
+    [Op::Embed, Op::RmsNorm, Op::Rope, Op::KvStore, Op::Attention, Op::SiluMul, Op::Add, Op::Argmax, Op::MatmulDense];
 
 /// How a kernel binds a storage buffer (binding 0 is always the op's uniform).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +61,7 @@ impl Op {
             Op::SiluMul => "silu_mul",
             Op::Add => "add",
             Op::Argmax => "argmax",
+            Op::MatmulDense => "matmul_dense",
         }
     }
 
@@ -72,6 +75,7 @@ impl Op {
             Op::SiluMul => include_str!("../../shaders/silu_mul.wgsl"),
             Op::Add => include_str!("../../shaders/add.wgsl"),
             Op::Argmax => include_str!("../../shaders/argmax.wgsl"),
+            Op::MatmulDense => include_str!("../../shaders/matmul_dense.wgsl"),
         }
     }
 
@@ -86,6 +90,7 @@ impl Op {
             Op::SiluMul => &[Read, Read, Write],
             Op::Add => &[Write, Read],
             Op::Argmax => &[Read, Write],
+            Op::MatmulDense => &[Read, Read, Read, Write],
         }
     }
 
@@ -556,6 +561,49 @@ impl GpuOps {
         let params = [m as u32, vocab as u32, 0, 0, 0, 0, 0, 0];
         let args = [arg(logits, len, "logits"), arg(out, m, "out")];
         self.record(ctx, encoder, Op::Argmax, params, &args, m as u64)
+    }
+
+    /// Records a dense f32 linear layer: `y[r, o] = Σ_i x[r, i] · w[o, i] (+ bias[o])` for `r < m`, `o < n_out`
+    /// (the CPU's dense layers and a tied or dense `lm_head`).
+    ///
+    /// * `x`: `[m, n_in]` f32; `w`: `[n_out, n_in]` f32 row-major; `bias`: `[n_out]` f32 or `None`;
+    ///   `y`: `[m, n_out]` f32 (distinct from the inputs).
+    ///
+    /// One thread per output element, a sequential f32 sum over `i` (the order of a plain dot product).
+    /// `m == 0` records nothing; `n_out == 0` or `n_in == 0` is an error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_dense_matmul(
+        &self,
+        ctx: &GpuContext,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        bias: Option<&wgpu::Buffer>,
+        y: &wgpu::Buffer,
+        m: usize,
+        n_out: usize,
+        n_in: usize,
+    ) -> Result<()> {
+        if n_out == 0 || n_in == 0 {
+            return Err(invalid(format!("matmul_dense: [{n_out}, {n_in}] weight (both must be at least 1)")));
+        }
+        let nx = product(&[m, n_in], "matmul_dense x")?;
+        let ny = product(&[m, n_out], "matmul_dense y")?;
+        let nw = product(&[n_out, n_in], "matmul_dense weight")?;
+        if m == 0 {
+            return Ok(());
+        }
+        for (v, what) in [(nx, "m · n_in"), (ny, "m · n_out"), (nw, "n_out · n_in")] {
+            u32_of(v, what)?;
+        }
+        // Without a bias, the (unread) bias binding is `x` itself: a second read-only binding of one buffer.
+        let (b, nb) = match bias {
+            Some(b) => (b, n_out),
+            None => (x, 1),
+        };
+        let params = [m as u32, n_out as u32, n_in as u32, bias.is_some() as u32, 0, 0, 0, 0];
+        let args = [arg(x, nx, "x"), arg(w, nw, "w"), arg(b, nb, "bias"), arg(y, ny, "y")];
+        self.record(ctx, encoder, Op::MatmulDense, params, &args, (ny as u64).div_ceil(WG as u64))
     }
 
     /// Validates the buffers and the grid, then records one compute pass of `op` over `groups` workgroups.
