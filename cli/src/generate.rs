@@ -33,21 +33,21 @@ pub fn run(g: Generate) -> Result<(), CliError> {
         check_output(g.model, out, g.force)?;
     }
     let sampler = Sampler::new(g.sampling)?;
-    let loaded = crate::llm::load(g.model, g.scheme, g.adapters, g.device)?;
+    let loaded = crate::llm::load(g.model, g.scheme, g.adapters)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let prompt = prompt_ids(tok, &g)?;
     let vocab = model.config().vocab_size;
-    let mut state = model.new_state(prompt.len() + g.max_tokens.max(1))?;
+    let mut runner = crate::llm::Runner::new(model, g.device, prompt.len() + g.max_tokens.max(1), prompt.len())?;
     let t = Instant::now();
     let mut logits = vec![0.0f32; vocab];
     if let Some(out) = g.logits_out {
         let mut all = vec![0.0f32; prompt.len() * vocab];
-        model.forward(&prompt, &mut state, Logits::All, &mut all)?;
+        runner.forward(&prompt, Logits::All, &mut all)?;
         logits.copy_from_slice(&all[(prompt.len() - 1) * vocab..]);
         let tensors = [("logits".to_string(), TensorData::from_slice(Dtype::F32, vec![prompt.len(), vocab], &all))];
         lowbit::io::write_safetensors(out, &tensors, None, g.force)?;
     } else {
-        model.forward(&prompt, &mut state, Logits::Last, &mut logits)?;
+        runner.forward(&prompt, Logits::Last, &mut logits)?;
     }
     let prefill = t.elapsed().as_secs_f64();
     let mut sampler = sampler;
@@ -67,7 +67,7 @@ pub fn run(g: Generate) -> Result<(), CliError> {
         if generated == g.max_tokens {
             break;
         }
-        model.forward(&[id], &mut state, Logits::Last, &mut logits)?;
+        runner.forward(&[id], Logits::Last, &mut logits)?;
         decode_steps += 1;
     }
     let decode = t.elapsed().as_secs_f64();
@@ -80,11 +80,14 @@ pub fn run(g: Generate) -> Result<(), CliError> {
         prompt.len() as f64 / prefill.max(1e-9)
     ))?;
     console::line(&format!(
-        "decode: {} tokens in {:.3} s, {:.1} tokens/s ({} threads)",
+        "decode: {} tokens in {:.3} s, {:.1} tokens/s ({})",
         decode_steps,
         decode,
         decode_steps as f64 / decode.max(1e-9),
-        rayon::current_num_threads()
+        match g.device {
+            Device::Cpu => format!("CPU, {} threads", rayon::current_num_threads()),
+            Device::Gpu => "GPU".to_string(),
+        }
     ))?;
     Ok(())
 }

@@ -39,19 +39,19 @@ pub fn run(p: Perplexity) -> Result<(), CliError> {
     }
     let text = std::fs::read(p.text).map_err(io_err)?;
     let text = String::from_utf8(text).map_err(|e| CliError::new(format!("{}: not UTF-8 text ({e})", shown())))?;
-    let loaded = crate::llm::load(p.model, p.scheme, p.adapters, p.device)?;
+    let loaded = crate::llm::load(p.model, p.scheme, p.adapters)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let ids = tok.encode(&text, false)?;
     let vocab = model.config().vocab_size;
-    let mut state = model.new_state(p.ctx)?;
+    let mut runner = crate::llm::Runner::new(model, p.device, p.ctx, CHUNK.min(p.ctx))?;
     let mut logits = vec![0.0f32; CHUNK * vocab];
     let (mut nll, mut scored, mut run) = (0.0f64, 0usize, 0usize);
     let t = Instant::now();
     for window in ids.chunks(p.ctx).filter(|w| w.len() >= 2) {
-        state.cache.clear();
+        runner.reset();
         for (c, chunk) in window.chunks(CHUNK).enumerate() {
             let out = &mut logits[..chunk.len() * vocab];
-            model.forward(chunk, &mut state, Logits::All, out)?;
+            runner.forward(chunk, Logits::All, out)?;
             run += chunk.len();
             for (r, row) in out.chunks_exact(vocab).enumerate() {
                 let pos = c * CHUNK + r;

@@ -69,8 +69,6 @@ fn bad_arguments_are_clean_errors() {
     assert_clean_failure(&o, "top-p");
     let o = lowbit(&["perplexity", s(&missing), "--text", s(&missing), "--ctx", "1"]);
     assert_clean_failure(&o, "--ctx 1");
-    let o = lowbit(&["generate", s(&missing), "--prompt", "hi", "--device", "gpu"]);
-    assert_clean_failure(&o, "--device gpu");
     // Neither --prompt nor --tokens: a usage error (exit 2).
     assert_eq!(lowbit(&["generate", s(&missing)]).status.code(), Some(2));
 }

@@ -234,3 +234,21 @@ fn gpu_usage_errors() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
     }
 }
+
+/// `lowbit generate --device gpu`: the whole SmolLM2 model resident on the GPU (NF4+DQ) answers Paris, as
+/// the CPU does. About 20 s on lavapipe (a decode step there takes seconds; speed needs a real GPU).
+#[test]
+fn generate_on_the_gpu_answers_paris() {
+    let Some(g) = lowbit_testkit::model::smollm2_gguf("generate_on_the_gpu_answers_paris") else { return };
+    let has = has_adapter();
+    let args = ["generate", s(&g), "--prompt", "The capital of France is", "--scheme", "nf4:64+dq"];
+    let o = lowbit(&[&args[..], &["--device", "gpu", "--max-tokens", "2"]].concat());
+    if !has {
+        assert_clean_failure(&o, "--device gpu: no GPU adapter found");
+        return;
+    }
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(out.starts_with(" Paris"), "{out}");
+    assert!(out.contains("tokens/s (GPU)"), "{out}");
+}
