@@ -37,7 +37,7 @@ pub fn tiny_config() -> Config {
 pub fn tiny_model(scheme: Option<Scheme>, lora: bool, seed: u64) -> Model {
     let c = tiny_config();
     let mut rng = Rng::new(seed);
-    let mut linear = |o: usize, i: usize, rng: &mut Rng| -> Linear {
+    let linear = |o: usize, i: usize, rng: &mut Rng| -> Linear {
         let w = values(rng, o * i, 0.5 / (i as f32).sqrt() * 3.0);
         let mut l = match scheme {
             None => Linear::Dense(DenseLinear::new(w, o, i, None).unwrap()),
