@@ -85,7 +85,10 @@ pub fn run(g: Generate) -> Result<(), CliError> {
         decode,
         decode_steps as f64 / decode.max(1e-9),
         match g.device {
-            Device::Cpu => format!("CPU, {} threads", rayon::current_num_threads()),
+            Device::Cpu => match rayon::current_num_threads() {
+                1 => "CPU, 1 thread".to_string(),
+                n => format!("CPU, {n} threads"),
+            },
             Device::Gpu => "GPU".to_string(),
         }
     ))?;
