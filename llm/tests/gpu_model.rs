@@ -22,7 +22,6 @@ use lowbit_llm::linear::DenseLinear;
 use lowbit_llm::model::{Block, LmHead};
 use lowbit_llm::{reference, Config, Error, Linear, LoadOptions, Logits, Model, WeightMode};
 use lowbit_testkit::Rng;
-use std::sync::OnceLock;
 use std::time::Instant;
 
 /// GPU vs CPU f32 forward: `max|Δ| ≤ BOUND_CPU · max|logit|` (measured on lavapipe: 2.9e-7 int8:channel,
@@ -41,26 +40,8 @@ const VOCAB: usize = 300;
 const PREFILL: [u32; 7] = [5, 299, 17, 0, 123, 17, 64];
 const DECODE: [u32; 3] = [42, 7, 250];
 
-fn require() -> bool {
-    std::env::var("LOWBIT_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
-
 fn ctx() -> Option<&'static GpuContext> {
-    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-    let c = CTX.get_or_init(|| match GpuContext::new_blocking() {
-        Ok(ctx) => {
-            eprintln!("GPU adapter: {} ({:?})", ctx.adapter_name(), ctx.adapter_info().backend);
-            Some(ctx)
-        }
-        Err(e) => {
-            assert!(!require(), "LOWBIT_REQUIRE_GPU=1 but no GPU adapter: {e}");
-            None
-        }
-    });
-    if c.is_none() {
-        eprintln!("*** skipped: no GPU adapter (set LOWBIT_REQUIRE_GPU=1 to make this a failure) ***");
-    }
-    c.as_ref()
+    lowbit_testkit::gpu::test_context()
 }
 
 fn config() -> Config {

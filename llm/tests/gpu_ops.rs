@@ -41,28 +41,11 @@ const N_KV: usize = 3;
 const HEAD_DIM: usize = 64;
 const INTER: usize = 1536;
 
-fn require() -> bool {
-    std::env::var("LOWBIT_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
-
-/// The preferred adapter and the compiled ops (shared by all tests of this binary).
-fn env() -> Option<&'static (GpuContext, GpuOps)> {
-    static ENV: OnceLock<Option<(GpuContext, GpuOps)>> = OnceLock::new();
-    let e = ENV.get_or_init(|| match GpuContext::new_blocking() {
-        Ok(ctx) => {
-            eprintln!("GPU adapter: {} ({:?})", ctx.adapter_name(), ctx.adapter_info().backend);
-            let ops = GpuOps::new(&ctx).expect("compiling the kernels");
-            Some((ctx, ops))
-        }
-        Err(e) => {
-            assert!(!require(), "LOWBIT_REQUIRE_GPU=1 but no GPU adapter: {e}");
-            None
-        }
-    });
-    if e.is_none() {
-        eprintln!("*** skipped: no GPU adapter (set LOWBIT_REQUIRE_GPU=1 to make this a failure) ***");
-    }
-    e.as_ref()
+/// The preferred adapter (testkit's, shared) and the ops compiled for it once.
+fn env() -> Option<(&'static GpuContext, &'static GpuOps)> {
+    static OPS: OnceLock<GpuOps> = OnceLock::new();
+    let ctx = lowbit_testkit::gpu::test_context()?;
+    Some((ctx, OPS.get_or_init(|| GpuOps::new(ctx).expect("compiling the kernels"))))
 }
 
 /// Records with `f` into one encoder and submits it.

@@ -33,3 +33,29 @@ pub fn describe(ctx: &GpuContext) -> String {
     }
     s
 }
+
+/// Whether `LOWBIT_REQUIRE_GPU=1`: CI's rule that a GPU test finding no adapter fails instead of skipping.
+pub fn require() -> bool {
+    std::env::var("LOWBIT_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// The preferred adapter for GPU tests, opened once per test binary and shared. Without an adapter it prints
+/// `*** skipped: no GPU adapter ... ***` on every call and returns `None`, so the test can return; with
+/// `LOWBIT_REQUIRE_GPU=1` a missing adapter panics (the test fails).
+pub fn test_context() -> Option<&'static GpuContext> {
+    static CTX: std::sync::OnceLock<Option<GpuContext>> = std::sync::OnceLock::new();
+    let c = CTX.get_or_init(|| match GpuContext::new_blocking() {
+        Ok(c) => {
+            eprintln!("GPU adapter: {}", describe(&c));
+            Some(c)
+        }
+        Err(e) => {
+            assert!(!require(), "LOWBIT_REQUIRE_GPU=1 but no GPU adapter: {e}");
+            None
+        }
+    });
+    if c.is_none() {
+        eprintln!("*** skipped: no GPU adapter (set LOWBIT_REQUIRE_GPU=1 to make this a failure) ***");
+    }
+    c.as_ref()
+}

@@ -11,32 +11,9 @@ use std::sync::OnceLock;
 /// The one RNG of lowbit's harnesses (`lowbit-testkit`): `Rng::new(seed)`, `vec(n, scale)` uniform in ±scale.
 pub use lowbit_testkit::Rng;
 
-pub fn require() -> bool {
-    std::env::var("LOWBIT_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
-
-/// The preferred adapter (shared by all tests of this binary).
+/// The preferred adapter (shared by all tests of this binary; testkit's skip / LOWBIT_REQUIRE_GPU rule).
 pub fn ctx() -> Option<&'static GpuContext> {
-    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
-    let c = CTX.get_or_init(|| match GpuContext::new_blocking() {
-        Ok(c) => {
-            eprintln!(
-                "GPU adapter: {} ({:?}), features {:?}",
-                c.adapter_name(),
-                c.adapter_info().backend,
-                c.features()
-            );
-            Some(c)
-        }
-        Err(e) => {
-            assert!(!require(), "LOWBIT_REQUIRE_GPU=1 but no GPU adapter: {e}");
-            None
-        }
-    });
-    if c.is_none() {
-        eprintln!("*** skipped: no GPU adapter (set LOWBIT_REQUIRE_GPU=1 to make this a failure) ***");
-    }
-    c.as_ref()
+    lowbit_testkit::gpu::test_context()
 }
 
 /// The GL backend's adapter, if any (never required).
