@@ -349,6 +349,9 @@ fn tensor_info_errors() {
     assert_err_contains(one(raw("x", 0, &[u64::MAX], None, vec![])), "exceeds ggml's int64 range");
     assert_err_contains(one(raw("x", 0, &[1 << 32, 1 << 32, 1 << 32], None, vec![])), "overflows");
     assert_err_contains(one(raw("x", 0, &[1 << 40, 1 << 10], None, vec![])), "max_tensor_bytes");
+    // A zero extent does not hide the others: ggml's strides are their product (a fuzz find).
+    assert_err_contains(one(raw("x", 0, &[0, 1 << 32, 1 << 32, 1 << 32], None, vec![])), "overflows");
+    assert_err_contains(one(raw("x", 0, &[1 << 32, 1 << 32, 1 << 32, 0], None, vec![])), "overflows");
     assert_err_contains(one(raw("x", 0, &[1 << 20], None, vec![])), "past the end");
     assert_err_contains(one(raw("x", 2, &[33, 2], None, vec![0; 72])), "not whole Q4_0 blocks of 32");
     let two = GgufWriter::new()

@@ -272,16 +272,20 @@ pub(crate) fn parse(buf: &[u8], limits: &Limits, ctx: &str) -> Result<Parsed> {
     let mut tensors = Vec::with_capacity(raw.len());
     for RawInfo { name, ne, ty, offset } in raw {
         let tctx = || format!("tensor `{name}` ({ty}, ne {ne:?})");
-        let mut numel: u64 = 1;
+        // The product of the non-zero extents must fit (ggml's strides are those products even when another
+        // extent is 0), so every caller can multiply the shape out without overflow.
+        let mut nonzero_product: u64 = 1;
         for (d, &n) in ne.iter().enumerate() {
             if n > i64::MAX as u64 {
                 return Err(c.err(format!("{}: ne[{d}] = {n} exceeds ggml's int64 range", tctx())));
             }
-            numel =
-                numel.checked_mul(n).ok_or_else(|| c.err(format!("{}: the element count overflows u64", tctx())))?;
+            nonzero_product = nonzero_product
+                .checked_mul(n.max(1))
+                .ok_or_else(|| c.err(format!("{}: the element count overflows u64", tctx())))?;
         }
-        let numel =
-            usize::try_from(numel).map_err(|_| c.err(format!("{}: {numel} elements do not fit in usize", tctx())))?;
+        let nonzero_product = usize::try_from(nonzero_product)
+            .map_err(|_| c.err(format!("{}: {nonzero_product} elements do not fit in usize", tctx())))?;
+        let numel = if ne.contains(&0) { 0 } else { nonzero_product };
         let row = ne.first().copied().unwrap_or(1);
         let be = ty.block_elements() as u64;
         if row % be != 0 {
