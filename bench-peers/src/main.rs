@@ -126,7 +126,13 @@ fn gemm<T: GgmlType>(
     let mut y = vec![0.0f32; m * out];
     for (threads, pool) in pools {
         let path = if threads == "1" { KernelPath::single(Isa::best()) } else { KernelPath::best() };
-        let l = pool.install(|| time(budget, || drop(black_box(layer.forward_with(black_box(&x), lowbit::linear::ForwardOptions::default().path(path)).unwrap()))));
+        let l = pool.install(|| {
+            time(budget, || {
+                drop(black_box(
+                    layer.forward_with(black_box(&x), lowbit::linear::ForwardOptions::default().path(path)).unwrap(),
+                ))
+            })
+        });
         let c =
             pool.install(|| time(budget, || k_quants::matmul((m, inp, out), black_box(&x), &blocks, &mut y).unwrap()));
         rows.push(Row {

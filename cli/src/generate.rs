@@ -8,15 +8,12 @@ use crate::output::check_output;
 use lowbit::io::TensorData;
 use lowbit_llm::{Logits, Sampler, SamplingOptions, Tokenizer};
 use safetensors::Dtype;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// What `lowbit generate` was asked to do.
 pub struct Generate<'a> {
-    pub model: &'a Path,
-    pub scheme: Option<lowbit::Scheme>,
-    pub adapters: &'a [PathBuf],
-    pub device: Device,
+    pub model: &'a crate::llm::ModelArgs,
     pub prompt: Option<&'a str>,
     pub tokens: Option<&'a [u32]>,
     pub max_tokens: usize,
@@ -30,14 +27,14 @@ pub struct Generate<'a> {
 /// speed. Stops after `max_tokens` new tokens or at an end-of-sequence token.
 pub fn run(g: Generate) -> Result<(), CliError> {
     if let Some(out) = g.logits_out {
-        check_output(g.model, out, g.force)?;
+        check_output(&g.model.model, out, g.force)?;
     }
     let sampler = Sampler::new(g.sampling)?;
-    let loaded = crate::llm::load(g.model, g.scheme, g.adapters)?;
+    let loaded = crate::llm::load(g.model)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let prompt = prompt_ids(tok, &g)?;
     let vocab = model.config().vocab_size;
-    let mut runner = crate::llm::Runner::new(model, g.device, prompt.len() + g.max_tokens.max(1), prompt.len())?;
+    let mut runner = crate::llm::Runner::new(model, g.model.device, prompt.len() + g.max_tokens.max(1), prompt.len())?;
     let t = Instant::now();
     let mut logits = vec![0.0f32; vocab];
     if let Some(out) = g.logits_out {
@@ -84,7 +81,7 @@ pub fn run(g: Generate) -> Result<(), CliError> {
         decode_steps,
         decode,
         decode_steps as f64 / decode.max(1e-9),
-        match g.device {
+        match g.model.device {
             Device::Cpu => match rayon::current_num_threads() {
                 1 => "CPU, 1 thread".to_string(),
                 n => format!("CPU, {n} threads"),

@@ -4,7 +4,7 @@
 use crate::error::CliError;
 use crate::gpu::Device;
 use lowbit_llm::{LoadOptions, Logits, Model, State, Tokenizer, WeightMode};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 impl From<lowbit_llm::Error> for CliError {
@@ -19,21 +19,50 @@ pub struct Loaded {
     pub tokenizer: Tokenizer,
 }
 
-/// Loads `path` (GGUF, Hugging Face directory, lowbit / bitsandbytes quantized directory), quantizing the
-/// decoder's linear layers with `scheme` when given, attaching `adapters`. Reports what it loaded on stderr.
-pub fn load(path: &Path, scheme: Option<lowbit::Scheme>, adapters: &[PathBuf]) -> Result<Loaded, CliError> {
+/// The model options `generate` and `perplexity` share.
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// The model: a .gguf file, a Hugging Face model directory (dense, bitsandbytes 4-bit, lowbit int8) or
+    /// a directory written by `lowbit quantize`.
+    #[arg(value_name = "MODEL")]
+    pub model: PathBuf,
+    /// Quantize the decoder's linear layers on load (same values as `quantize --scheme`; lm_head and the
+    /// embedding stay as stored unless --lm-head). Without it a GGUF runs its weights as stored, dequantized
+    /// to f32.
+    #[arg(long, value_parser = crate::parse_scheme, value_name = "SCHEME")]
+    pub scheme: Option<lowbit::Scheme>,
+    /// Quantize the output projection too (a tied one: a quantized copy of the embedding) with this scheme,
+    /// e.g. `int8:channel` (llama.cpp runs SmolLM2's Q8_0 embedding there). Default: as stored (f32 when
+    /// tied), what transformers runs; it is the largest read of a decode step.
+    #[arg(long = "lm-head", value_parser = crate::parse_scheme, value_name = "SCHEME")]
+    pub lm_head: Option<lowbit::Scheme>,
+    /// PEFT LoRA adapter directory; repeatable (all enabled).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Vec<PathBuf>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+}
+
+/// Loads `args.model` (GGUF, Hugging Face directory, lowbit / bitsandbytes quantized directory), quantizing
+/// the decoder's linear layers with `--scheme` (and the output projection with `--lm-head`) when given,
+/// attaching the adapters. Reports what it loaded on stderr.
+pub fn load(args: &ModelArgs) -> Result<Loaded, CliError> {
     let t = Instant::now();
+    let (path, scheme) = (args.model.as_path(), args.scheme);
     let weights = scheme.map_or(WeightMode::AsStored, WeightMode::Quantize);
-    let model = Model::load(path, &LoadOptions { weights, adapters: adapters.to_vec() })?;
+    let opts = LoadOptions { weights, adapters: args.adapter.clone(), lm_head: args.lm_head };
+    let model = Model::load(path, &opts)?;
     let tokenizer = Tokenizer::for_model(path)?;
     let c = model.config();
     eprintln!(
-        "loaded {} ({} layers, hidden {}, vocab {}; linear layers {}; {:.1} MiB of weights per token) in {:.2} s",
+        "loaded {} ({} layers, hidden {}, vocab {}; linear layers {}; lm_head {}; {:.1} MiB of weights per token) in {:.2} s",
         crate::console::escape(&path.display().to_string()),
         c.num_hidden_layers,
         c.hidden_size,
         c.vocab_size,
         scheme.map_or("as stored".to_string(), |s| s.to_string()),
+        args.lm_head.map_or("as stored".to_string(), |s| s.to_string()),
         model.weight_bytes() as f64 / (1 << 20) as f64,
         t.elapsed().as_secs_f64()
     );

@@ -398,20 +398,8 @@ enum Command {
     /// tokens run as one batch (prefill), then one token per step with a KV cache; the text is streamed to
     /// stdout, then the prefill and decode speeds.
     Generate {
-        /// The model: a .gguf file, a Hugging Face model directory (dense, bitsandbytes 4-bit, lowbit int8) or
-        /// a directory written by `lowbit quantize`.
-        #[arg(value_name = "MODEL")]
-        model: PathBuf,
-        /// Quantize the decoder's linear layers on load (same values as `quantize --scheme`; lm_head and the
-        /// embedding stay as stored). Without it a GGUF runs its weights as stored, dequantized to f32.
-        #[arg(long, value_parser = parse_scheme, value_name = "SCHEME")]
-        scheme: Option<lowbit::Scheme>,
-        /// PEFT LoRA adapter directory; repeatable (all enabled).
-        #[arg(long, value_name = "DIR")]
-        adapter: Vec<PathBuf>,
-        /// Where to run.
-        #[arg(long, value_enum, default_value_t = Device::Cpu)]
-        device: Device,
+        #[command(flatten)]
+        model: llm::ModelArgs,
         /// The prompt text.
         #[arg(long, value_name = "TEXT", conflicts_with = "tokens", required_unless_present = "tokens")]
         prompt: Option<String>,
@@ -444,30 +432,20 @@ enum Command {
     /// Perplexity of a Llama-family model over a text file, in non-overlapping windows of --ctx tokens (the
     /// first token of each window is not scored); prints `perplexity: X` and the tokens/s.
     Perplexity {
-        /// The model (as for `generate`).
-        #[arg(value_name = "MODEL")]
-        model: PathBuf,
+        #[command(flatten)]
+        model: llm::ModelArgs,
         /// The text file (UTF-8).
         #[arg(long, value_name = "FILE")]
         text: PathBuf,
         /// Window length in tokens.
         #[arg(long, value_name = "N", default_value_t = 512)]
         ctx: usize,
-        /// Quantize the decoder's linear layers on load (as for `generate`).
-        #[arg(long, value_parser = parse_scheme, value_name = "SCHEME")]
-        scheme: Option<lowbit::Scheme>,
-        /// PEFT LoRA adapter directory; repeatable.
-        #[arg(long, value_name = "DIR")]
-        adapter: Vec<PathBuf>,
-        /// Where to run.
-        #[arg(long, value_enum, default_value_t = Device::Cpu)]
-        device: Device,
     },
 }
 
 /// Parses a scheme (`lowbit::Scheme` text, e.g. `nf4:64+dq`, `int8:group:128`, `fp4:64`); `nf4-dq` is kept as
 /// the older spelling of `nf4:64+dq`.
-fn parse_scheme(s: &str) -> Result<lowbit::Scheme, String> {
+pub(crate) fn parse_scheme(s: &str) -> Result<lowbit::Scheme, String> {
     let s = if s == "nf4-dq" { "nf4:64+dq" } else { s };
     s.parse().map_err(|e: lowbit::Error| e.to_string())
 }
@@ -570,41 +548,21 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 allow_overflow,
             })
         }
-        Command::Generate {
-            model,
-            scheme,
-            adapter,
-            device,
-            prompt,
-            tokens,
-            max_tokens,
-            temperature,
-            top_p,
-            seed,
-            chat,
-            logits_out,
-            force,
-        } => generate::run(generate::Generate {
-            model: &model,
-            scheme,
-            adapters: &adapter,
-            device,
-            prompt: prompt.as_deref(),
-            tokens: tokens.as_deref(),
-            max_tokens,
-            sampling: lowbit_llm::SamplingOptions { temperature, top_p, seed },
-            chat,
-            logits_out: logits_out.as_deref(),
-            force,
-        }),
-        Command::Perplexity { model, text, ctx, scheme, adapter, device } => perplexity::run(perplexity::Perplexity {
-            model: &model,
-            text: &text,
-            ctx,
-            scheme,
-            adapters: &adapter,
-            device,
-        }),
+        Command::Generate { model, prompt, tokens, max_tokens, temperature, top_p, seed, chat, logits_out, force } => {
+            generate::run(generate::Generate {
+                model: &model,
+                prompt: prompt.as_deref(),
+                tokens: tokens.as_deref(),
+                max_tokens,
+                sampling: lowbit_llm::SamplingOptions { temperature, top_p, seed },
+                chat,
+                logits_out: logits_out.as_deref(),
+                force,
+            })
+        }
+        Command::Perplexity { model, text, ctx } => {
+            perplexity::run(perplexity::Perplexity { model: &model, text: &text, ctx })
+        }
         Command::Inspect { file, compare } => inspect::run(&file, compare.as_deref()),
         Command::Forward { checkpoint, layer, adapter, input, output, force, device } => {
             forward::run(forward::Forward {
@@ -652,10 +610,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let uses_gpu = match &cli.command {
         Command::Demo { .. } => true,
-        Command::Forward { device, .. }
-        | Command::Bench { device, .. }
-        | Command::Generate { device, .. }
-        | Command::Perplexity { device, .. } => *device == Device::Gpu,
+        Command::Forward { device, .. } | Command::Bench { device, .. } => *device == Device::Gpu,
+        Command::Generate { model, .. } | Command::Perplexity { model, .. } => model.device == Device::Gpu,
         _ => false,
     };
     let _runtime_dir = gpu::RuntimeDir::prepare(uses_gpu); // before any thread starts

@@ -8,9 +8,8 @@
 
 use crate::console;
 use crate::error::CliError;
-use crate::gpu::Device;
 use lowbit_llm::Logits;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// Tokens run per forward inside a window (bounds the logits buffer to CHUNK · vocab floats).
@@ -18,12 +17,9 @@ const CHUNK: usize = 64;
 
 /// What `lowbit perplexity` was asked to do.
 pub struct Perplexity<'a> {
-    pub model: &'a Path,
+    pub model: &'a crate::llm::ModelArgs,
     pub text: &'a Path,
     pub ctx: usize,
-    pub scheme: Option<lowbit::Scheme>,
-    pub adapters: &'a [PathBuf],
-    pub device: Device,
 }
 
 /// Prints the method, `perplexity: X` and the tokens/s.
@@ -39,11 +35,11 @@ pub fn run(p: Perplexity) -> Result<(), CliError> {
     }
     let text = std::fs::read(p.text).map_err(io_err)?;
     let text = String::from_utf8(text).map_err(|e| CliError::new(format!("{}: not UTF-8 text ({e})", shown())))?;
-    let loaded = crate::llm::load(p.model, p.scheme, p.adapters)?;
+    let loaded = crate::llm::load(p.model)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let ids = tok.encode(&text, false)?;
     let vocab = model.config().vocab_size;
-    let mut runner = crate::llm::Runner::new(model, p.device, p.ctx, CHUNK.min(p.ctx))?;
+    let mut runner = crate::llm::Runner::new(model, p.model.device, p.ctx, CHUNK.min(p.ctx))?;
     let mut logits = vec![0.0f32; CHUNK * vocab];
     let (mut nll, mut scored, mut run) = (0.0f64, 0usize, 0usize);
     let t = Instant::now();

@@ -31,6 +31,12 @@ pub struct LoadOptions {
     pub weights: WeightMode,
     /// PEFT adapter directories, attached under their directory names (all enabled).
     pub adapters: Vec<PathBuf>,
+    /// Quantize the output projection (`lm_head`, or a copy of the embedding when they are tied) with this
+    /// scheme. `None` (the default) keeps it as stored: dense f32 for tied weights, which is what
+    /// transformers and bitsandbytes run, and the largest single read of a decode step (vocab × hidden × 4
+    /// bytes). llama.cpp runs its GGUF's `token_embd` type here (Q8_0 in SmolLM2's Q4_1 file), so
+    /// `int8:channel` is the comparable choice for speed.
+    pub lm_head: Option<Scheme>,
 }
 
 impl Model {
@@ -96,12 +102,37 @@ impl Model {
         let blocks: Vec<Block> = (0..config.num_hidden_layers).into_par_iter().map(block).collect::<Result<_>>()?;
         let embed = dense("model.embed_tokens.weight")?;
         let norm = dense("model.norm.weight")?;
-        let lm_head = if !config.tie_word_embeddings && (has("lm_head.weight") || quantized.contains("lm_head")) {
-            // The output projection stays as stored (dense f32 or the checkpoint's quantization): quantizing
-            // it costs the most quality per byte saved, as bitsandbytes' default skip list also assumes.
-            LmHead::Own(Box::new(load_as_stored(&ck, &quantized, "lm_head")?))
-        } else {
-            LmHead::Tied
+        let own = !config.tie_word_embeddings && (has("lm_head.weight") || quantized.contains("lm_head"));
+        // By default the output projection stays as stored (dense f32 or the checkpoint's quantization):
+        // quantizing it costs the most quality per byte saved, as bitsandbytes' default skip list also assumes.
+        let lm_head = match (own, opts.lm_head) {
+            (true, None) => LmHead::Own(Box::new(load_as_stored(&ck, &quantized, "lm_head")?)),
+            (false, None) => LmHead::Tied,
+            (true, Some(_)) if quantized.contains("lm_head") => {
+                return Err(Error::Invalid(format!(
+                    "{}: lm_head is already quantized; --lm-head applies to a dense output projection",
+                    path.display()
+                )))
+            }
+            (own, Some(scheme)) => {
+                let (name, w) = if own {
+                    ("lm_head.weight", dense("lm_head.weight")?)
+                } else {
+                    ("model.embed_tokens.weight (tied lm_head)", embed.clone())
+                };
+                let shape = [config.vocab_size, config.hidden_size];
+                if w.len() != shape[0] * shape[1] {
+                    return Err(Error::Model(format!(
+                        "{name} has {} values, expected {}·{}",
+                        w.len(),
+                        shape[0],
+                        shape[1]
+                    )));
+                }
+                let q = QuantWeight::quantize(&w, &shape, scheme)
+                    .map_err(|e| Error::Model(format!("quantizing {name} as {scheme}: {e}")))?;
+                LmHead::Own(Box::new(Linear::Quant(Box::new(QuantLinear::new(q, None)?))))
+            }
         };
         let mut model = Model::from_parts(config, embed, blocks, norm, lm_head)?;
         for dir in &opts.adapters {

@@ -252,7 +252,7 @@ fn smollm2_greedy_says_paris() {
     let t = Instant::now();
     let model = Model::load(
         &path,
-        &LoadOptions { weights: WeightMode::Quantize("nf4:64+dq".parse().unwrap()), adapters: vec![] },
+        &LoadOptions { weights: WeightMode::Quantize("nf4:64+dq".parse().unwrap()), ..Default::default() },
     )
     .unwrap();
     let t_load = t.elapsed().as_secs_f64();
