@@ -1,5 +1,5 @@
 //! A whole model against its peers, in one run: SmolLM2-135M (the Q4_1 GGUF) on lowbit-llm (dense f32, int8
-//! channel, NF4, NF4+DQ quantized on load), llama.cpp's `llama-bench` on the same GGUF, and
+//! channel, NF4, NF4+DQ quantized on load; with the tied lm_head f32 or int8), llama.cpp's `llama-bench` on the same GGUF, and
 //! candle-transformers' quantized llama on the same GGUF.
 //!
 //! What is timed is what `llama-bench -p 256 -n 128` times: prefill = one forward of a 256-token prompt into
@@ -28,11 +28,15 @@ use std::time::Instant;
 
 const PROMPT: usize = 256;
 const GEN: usize = 128;
-const LOWBIT: [(&str, Option<&str>); 4] = [
-    ("dense f32", None),
-    ("int8 channel", Some("int8:channel")),
-    ("NF4", Some("nf4:64")),
-    ("NF4+DQ", Some("nf4:64+dq")),
+/// lowbit rows: (label, `--scheme`, `--lm-head`). The tied lm_head is f32 unless `--lm-head` (llama.cpp runs
+/// the GGUF's Q8_0 `token_embd` there, so `int8:channel` is the like-for-like row).
+const LOWBIT: [(&str, &str, &str); 6] = [
+    ("dense f32", "-", "-"),
+    ("int8 channel", "int8:channel", "-"),
+    ("NF4", "nf4:64", "-"),
+    ("NF4+DQ", "nf4:64+dq", "-"),
+    ("int8 channel, lm_head int8", "int8:channel", "int8:channel"),
+    ("NF4+DQ, lm_head int8", "nf4:64+dq", "int8:channel"),
 ];
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -56,12 +60,13 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 /// (prefill tok/s, decode tok/s) of lowbit-llm, in this process (thread count from RAYON_NUM_THREADS).
-fn run_lowbit(gguf: &Path, scheme: Option<&str>) -> Res<(f64, f64)> {
+fn run_lowbit(gguf: &Path, scheme: &str, lm_head: &str) -> Res<(f64, f64)> {
     let weights = match scheme {
-        None => WeightMode::AsStored,
-        Some(s) => WeightMode::Quantize(s.parse()?),
+        "-" => WeightMode::AsStored,
+        s => WeightMode::Quantize(s.parse()?),
     };
-    let model = Model::load(gguf, &LoadOptions { weights, adapters: vec![], lm_head: None })?;
+    let lm_head = if lm_head == "-" { None } else { Some(lm_head.parse()?) };
+    let model = Model::load(gguf, &LoadOptions { weights, adapters: vec![], lm_head })?;
     let vocab = model.config().vocab_size;
     let prompt = prompt_ids(vocab);
     let mut logits = vec![0.0f32; vocab];
@@ -130,9 +135,9 @@ fn run_llama(bin: &Path, gguf: &Path, threads: usize) -> Res<(f64, f64)> {
 }
 
 /// Runs this binary again as a child with `RAYON_NUM_THREADS=threads` for one measurement.
-fn child(engine: &str, arg: &str, gguf: &Path, threads: usize) -> Res<(f64, f64)> {
+fn child(engine: &str, arg: &str, arg2: &str, gguf: &Path, threads: usize) -> Res<(f64, f64)> {
     let out = Command::new(std::env::current_exe()?)
-        .args(["--one", engine, arg, &gguf.to_string_lossy()])
+        .args(["--one", engine, arg, arg2, &gguf.to_string_lossy()])
         .env("RAYON_NUM_THREADS", threads.to_string())
         .output()?;
     if !out.status.success() {
@@ -154,9 +159,9 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--one") {
-        let gguf = Path::new(&args[3]);
+        let gguf = Path::new(&args[4]);
         let (p, d) = match args[1].as_str() {
-            "lowbit" => run_lowbit(gguf, (args[2] != "dense").then_some(args[2].as_str()))?,
+            "lowbit" => run_lowbit(gguf, &args[2], &args[3])?,
             _ => run_candle(gguf)?,
         };
         println!("{p} {d}");
@@ -176,7 +181,7 @@ fn main() -> Res<()> {
     let gguf = gguf.ok_or("usage: llm MODEL.gguf --llama-bench PATH [--rounds N]")?;
     let threads = [1usize, 2];
     // (engine label, thread count) → per-round (prefill, decode).
-    let mut names: Vec<String> = LOWBIT.iter().map(|(n, _)| format!("lowbit {n}")).collect();
+    let mut names: Vec<String> = LOWBIT.iter().map(|(n, _, _)| format!("lowbit {n}")).collect();
     names.push("candle Q4_1 (as stored)".into());
     if llama.is_some() {
         names.push("llama.cpp Q4_1 (as stored)".into());
@@ -189,9 +194,9 @@ fn main() -> Res<()> {
             bw[ti].push(membw::gb_s(limits.for_threads(t).read));
             for (ei, name) in names.iter().enumerate() {
                 let r = if ei < LOWBIT.len() {
-                    child("lowbit", LOWBIT[ei].1.unwrap_or("dense"), &gguf, t)?
+                    child("lowbit", LOWBIT[ei].1, LOWBIT[ei].2, &gguf, t)?
                 } else if ei == LOWBIT.len() {
-                    child("candle", "-", &gguf, t)?
+                    child("candle", "-", "-", &gguf, t)?
                 } else {
                     run_llama(llama.as_deref().ok_or("llama-bench")?, &gguf, t)?
                 };
