@@ -170,7 +170,7 @@ fn gemv_row_group<V: Vf, D: Table16<V>, const R: usize, const J: usize>(
 fn gemv_4bit_avx512(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
     let QuantWeight::FourBit(t) = job.layer.weight else { return false };
     let (n_in, m, bs) = (job.layer.in_features, job.m, t.blocksize());
-    if m == 0 || m > 4 || bs % 16 != 0 || n_in % bs != 0 {
+    if m == 0 || m > 4 || !bs.is_multiple_of(16) || !n_in.is_multiple_of(bs) {
         return false;
     }
     let mut j = 0;
@@ -219,7 +219,7 @@ fn gemv_4bit_avx512_rows<const R: usize, const J: usize>(
     // high nibble).
     let shifts: [u32; 16] = std::array::from_fn(|l| {
         let q = (l / 2) as u32;
-        8 * (q / 2) + if q % 2 == 0 { 4 } else { 0 }
+        8 * (q / 2) + if q.is_multiple_of(2) { 4 } else { 0 }
     });
     let order: [u32; 16] = std::array::from_fn(|l| ((l % 2) * 8 + l / 2) as u32);
     let row_scales: [&[f32]; J] = std::array::from_fn(|i| {
