@@ -127,7 +127,8 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
     }
     progress.set_message("writing");
     let config = hf_config::with_quantization(ck.config(), None);
-    let wrote = sink.finish(config.as_ref(), crate::hf_dir::tokenizer_source(d.input))?;
+    let gguf_tokenizer = ck.gguf().and_then(|g| g.tokenizer().ok());
+    let wrote = sink.finish(config.as_ref(), crate::hf_dir::tokenizer_source(d.input), gguf_tokenizer.as_ref())?;
     drop(progress);
     let dtypes: Vec<String> = dtypes_used.iter().map(DType::to_string).collect();
     console::line(&format!(

@@ -122,7 +122,7 @@ pub struct Written {
     pub shards: usize,
     /// Tensor bytes in all shards (`metadata.total_size` of the index).
     pub total_size: u64,
-    /// The tokenizer (and generation config) files copied.
+    /// The tokenizer (and generation config) files copied or generated.
     pub copied: Vec<&'static str>,
 }
 
@@ -207,12 +207,14 @@ impl HfDirWriter {
     }
 
     /// Writes the last shard, names the shards (`model.safetensors` when there is one), writes the index,
-    /// `config` as `config.json` (if given) and copies the tokenizer files of `tokenizer_dir`, then moves the
+    /// `config` as `config.json` (if given), copies the tokenizer files of `tokenizer_dir` and writes the
+    /// `generated` ones (name, contents; e.g. a GGUF's tokenizer as `tokenizer.json`), then moves the
     /// directory into place (replacing an existing output only with `force`, as checked at the start).
     pub fn finish(
         mut self,
         config: Option<&serde_json::Value>,
         tokenizer_dir: Option<&Path>,
+        generated: &[(&'static str, String)],
     ) -> Result<Written, CliError> {
         if !self.current.is_empty() || self.shards.is_empty() {
             self.flush()?;
@@ -248,6 +250,13 @@ impl HfDirWriter {
                         .map_err(|e| CliError::new(format!("copying {} to {}: {e}", src.display(), dest.display())))?;
                     copied.push(f);
                 }
+            }
+        }
+        for (f, text) in generated {
+            if !copied.contains(f) {
+                let dest = self.tmp.join(f);
+                std::fs::write(&dest, text).map_err(|e| io_err(&dest, e))?;
+                copied.push(f);
             }
         }
         atomic::sync_dir(&self.tmp);

@@ -150,8 +150,14 @@ impl Sink {
     }
 
     /// Writes what remains and returns a description for the summary line (`wrote DIR (3 shards, ...)`).
-    /// A directory also gets `config` as `config.json` and the tokenizer files of `tokenizer_dir`.
-    pub fn finish(self, config: Option<&serde_json::Value>, tokenizer_dir: Option<&Path>) -> Result<String, CliError> {
+    /// A directory also gets `config` as `config.json`, the tokenizer files of `tokenizer_dir`, or else, for a
+    /// GGUF input (`gguf_tokenizer`), its tokenizer as `tokenizer.json` + `tokenizer_config.json`.
+    pub fn finish(
+        self,
+        config: Option<&serde_json::Value>,
+        tokenizer_dir: Option<&Path>,
+        gguf_tokenizer: Option<&lowbit::io::gguf::GgufTokenizer>,
+    ) -> Result<String, CliError> {
         match self {
             Sink::File { path, force, tensors, metadata } => {
                 let metadata = if metadata.is_empty() { None } else { Some(metadata) };
@@ -160,7 +166,20 @@ impl Sink {
             }
             Sink::Dir(w) => {
                 let out = w.output().to_path_buf();
-                let written = w.finish(config, tokenizer_dir)?;
+                // A tokenizer lowbit cannot rebuild (not byte-level BPE) costs the tokenizer files, not the
+                // conversion: the weights and config are still a valid model directory.
+                let generated = match (tokenizer_dir, gguf_tokenizer) {
+                    (None, Some(tok)) => lowbit_llm::Tokenizer::hf_files_from_gguf(tok).unwrap_or_else(|e| {
+                        eprintln!(
+                            "warning: {} gets no tokenizer files: {}",
+                            crate::console::escape(&out.display().to_string()),
+                            crate::console::escape(&e.to_string())
+                        );
+                        Vec::new()
+                    }),
+                    _ => Vec::new(),
+                };
+                let written = w.finish(config, tokenizer_dir, &generated)?;
                 let mib = written.total_size as f64 / (1024.0 * 1024.0);
                 let files = if written.shards == 1 {
                     format!("model.safetensors, {mib:.2} MiB")
@@ -170,8 +189,10 @@ impl Sink {
                 let config = if config.is_some() { ", config.json" } else { ", no config.json (the input has none)" };
                 let tok = if written.copied.is_empty() {
                     String::new()
-                } else {
+                } else if generated.is_empty() {
                     format!(", copied {}", written.copied.join(", "))
+                } else {
+                    format!(", {} from the GGUF's tokenizer", written.copied.join(", "))
                 };
                 Ok(format!("wrote {} ({files}{config}{tok})", out.display()))
             }

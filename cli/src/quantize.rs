@@ -129,7 +129,8 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
     };
     let config = hf_config::with_quantization(ck.config(), Some(quantization));
     let tokenizer_dir = crate::hf_dir::tokenizer_source(q.input);
-    let wrote = sink.finish(config.as_ref(), tokenizer_dir)?;
+    let gguf_tokenizer = ck.gguf().and_then(|g| g.tokenizer().ok());
+    let wrote = sink.finish(config.as_ref(), tokenizer_dir, gguf_tokenizer.as_ref())?;
     drop(progress);
     let by_rule = if n.by_rule.is_empty() {
         String::new()

@@ -582,6 +582,19 @@ fn smollm2_gguf_to_nf4_dq_directory() {
         }
         other => panic!("{other:?}"),
     }
+    // The GGUF's tokenizer becomes tokenizer.json + tokenizer_config.json with the same ids, so the directory
+    // is a whole model: `lowbit generate` runs it and answers as from the GGUF.
+    let from_gguf = lowbit_llm::Tokenizer::for_model(&gguf).unwrap();
+    let from_dir = lowbit_llm::Tokenizer::for_model(&out).unwrap();
+    assert_eq!(from_dir.encode("The capital of France is", true).unwrap(), [504, 3575, 282, 4649, 314]);
+    for text in ["<|im_start|>user\nHi<|im_end|>", "  spaces\t\ttabs 12345 déjà vu 日本語 🙂", ""] {
+        assert_eq!(from_dir.encode(text, true).unwrap(), from_gguf.encode(text, true).unwrap(), "{text:?}");
+    }
+    assert_eq!((from_dir.bos_id(), from_dir.eos_ids()), (from_gguf.bos_id(), from_gguf.eos_ids()));
+    assert_eq!(from_dir.has_chat_template(), from_gguf.has_chat_template());
+    let g = lowbit(&["generate", s(&out), "--prompt", "The capital of France is", "--max-tokens", "3"]);
+    assert_ok(&g);
+    assert!(stdout(&g).contains("Paris"), "{}", stdout(&g));
 
     // Kept quantized GGUF tensors take --dtype; shards bound the size of each file.
     let bf16 = tmp.path().join("smollm2-nf4-bf16");
@@ -605,6 +618,7 @@ fn smollm2_gguf_to_nf4_dq_directory() {
     assert_ok(&lowbit(&["dequantize", s(&gguf), "--max-shard-size", "100MB", "-o", s(&dense)]));
     let ckd = Checkpoint::open(&dense).unwrap();
     assert_eq!(ckd.tensor_names(), src.tensor_names());
+    assert!(dense.join("tokenizer.json").is_file() && dense.join("tokenizer_config.json").is_file());
     for name in ["model.layers.7.self_attn.k_proj.weight", "model.norm.weight"] {
         let want: Vec<u8> = src.tensor_f32(name).unwrap().iter().flat_map(|v| v.to_le_bytes()).collect();
         assert!(ckd.tensor(name).unwrap().data() == want.as_slice(), "{name}");

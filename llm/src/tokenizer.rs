@@ -308,6 +308,31 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special).map_err(|e| tok_err(format!("decode: {e}")))
     }
 
+    /// The Hugging Face tokenizer files of a GGUF's tokenizer, for a model directory written from the GGUF:
+    /// `tokenizer.json` (this tokenizer, serialized by the `tokenizers` crate) and `tokenizer_config.json`
+    /// (`bos_token`, `eos_token`, `add_bos_token`, `chat_template` when the GGUF has one). Loading that
+    /// directory ([`for_model`](Self::for_model), or transformers' `AutoTokenizer`) gives the same ids as
+    /// [`from_gguf`](Self::from_gguf).
+    ///
+    /// Errors: as [`from_gguf`](Self::from_gguf), or a serialization failure ([`Error::Tokenizer`]).
+    pub fn hf_files_from_gguf(tok: &GgufTokenizer) -> Result<Vec<(&'static str, String)>> {
+        let t = Tokenizer::from_gguf(tok)?;
+        let json = t.inner.to_string(false).map_err(|e| tok_err(format!("serializing tokenizer.json: {e}")))?;
+        let name = |id: Option<u32>| id.and_then(|i| t.inner.id_to_token(i)).map(Value::String).unwrap_or(Value::Null);
+        let mut config = serde_json::Map::new();
+        config.insert("tokenizer_class".into(), Value::String("PreTrainedTokenizerFast".into()));
+        config.insert("bos_token".into(), name(t.bos_id));
+        config.insert("eos_token".into(), name(t.eos_id));
+        config.insert("add_bos_token".into(), Value::Bool(t.add_bos));
+        config.insert("clean_up_tokenization_spaces".into(), Value::Bool(false));
+        if let Some(template) = &tok.chat_template {
+            config.insert("chat_template".into(), Value::String(template.clone()));
+        }
+        let config = serde_json::to_string_pretty(&Value::Object(config))
+            .map_err(|e| tok_err(format!("serializing tokenizer_config.json: {e}")))?;
+        Ok(vec![("tokenizer.json", json), ("tokenizer_config.json", config)])
+    }
+
     /// The number of token ids, including added tokens (SmolLM2: 49152).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
