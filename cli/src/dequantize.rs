@@ -76,7 +76,8 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
             }
         }
     }
-    let mut sink = Sink::open(d.input, d.output, d.force, d.max_shard_size, metadata)?;
+    let mut sink =
+        Sink::open(d.input, d.output, d.force, d.max_shard_size, metadata, names.iter().map(String::as_str))?;
 
     let progress = Progress::new(names.len() as u64, "dequantizing");
     let (mut n_weights, mut n_copied, mut n_overflowed) = (0usize, 0usize, 0usize);

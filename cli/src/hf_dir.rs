@@ -6,11 +6,12 @@
 //! with [`lowbit::io::atomic`] so SIGINT/SIGTERM delete it) that is renamed to the output path at the end
 //! without replacing anything (`renameat2(RENAME_NOREPLACE)`, or check-then-rename where that is unsupported)
 //! unless `--force`, which replaces only a directory lowbit could have written (or a regular file); a failure
-//! (or a kill) never leaves a partial output under the real name, and the temporary directory is removed. Memory: tensors are buffered for the current shard only; a
-//! shard is written and synced before the next one is built.
+//! (or a kill) never leaves a partial output under the real name, and the temporary directory is removed.
+//! Memory: each tensor goes to its shard's file as it is pushed ([`SafetensorsWriter`]), so nothing is held
+//! beyond the tensor being converted; a shard is completed and synced before the next one starts.
 
 use crate::error::CliError;
-use lowbit::io::{atomic, TensorData, HF_INDEX_FILE, HF_WEIGHTS_FILE};
+use lowbit::io::{atomic, SafetensorsWriter, TensorData, HF_INDEX_FILE, HF_WEIGHTS_FILE};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -134,9 +135,11 @@ pub struct HfDirWriter {
     max_shard: u64,
     /// `__metadata__` of every shard (`format: pt` and what the caller adds).
     metadata: HashMap<String, String>,
-    current: Vec<(String, TensorData)>,
-    current_meta: HashMap<String, String>,
+    /// The shard being written (its tensors go to disk as they are pushed).
+    current: Option<SafetensorsWriter>,
     current_bytes: u64,
+    /// Header room reserved in each shard ([`SafetensorsWriter::header_estimate`]).
+    header_estimate: usize,
     /// Written shards: temporary file name and the tensors it holds.
     shards: Vec<(PathBuf, Vec<String>)>,
     total_size: u64,
@@ -147,12 +150,14 @@ pub struct HfDirWriter {
 
 impl HfDirWriter {
     /// Starts a directory for `output` (checked with [`check_dir_output`] beforehand): creates the temporary
-    /// sibling. Every shard gets `metadata` plus `format: pt` (transformers refuses safetensors files without it).
+    /// sibling. Every shard gets `metadata` plus `format: pt` (transformers refuses safetensors files without it)
+    /// and `header_estimate` bytes of room for its header.
     pub fn create(
         output: &Path,
         force: bool,
         max_shard: u64,
         mut metadata: HashMap<String, String>,
+        header_estimate: usize,
     ) -> Result<HfDirWriter, CliError> {
         let tmp = atomic::temp_path_for(output);
         std::fs::create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
@@ -164,9 +169,9 @@ impl HfDirWriter {
             force,
             max_shard,
             metadata,
-            current: Vec::new(),
-            current_meta: HashMap::new(),
+            current: None,
             current_bytes: 0,
+            header_estimate,
             shards: Vec::new(),
             total_size: 0,
             finished: false,
@@ -184,23 +189,41 @@ impl HfDirWriter {
     /// one is non-empty and would exceed the limit; a unit larger than the limit gets a shard of its own.
     pub fn push(&mut self, unit: Vec<(String, TensorData)>, meta: HashMap<String, String>) -> Result<(), CliError> {
         let bytes: u64 = unit.iter().map(|(_, t)| t.data.len() as u64).sum();
-        if !self.current.is_empty() && self.current_bytes + bytes > self.max_shard {
+        if self.current.is_some() && self.current_bytes + bytes > self.max_shard {
             self.flush()?;
         }
+        let w = match &mut self.current {
+            Some(w) => w,
+            None => {
+                let path = self.tmp.join(format!("shard-{:05}.part", self.shards.len() + 1));
+                let mut w = SafetensorsWriter::create(&path, self.header_estimate)?;
+                w.extend_metadata(self.metadata.clone());
+                self.current.insert(w)
+            }
+        };
+        for (name, t) in &unit {
+            w.push(name, t)?;
+        }
+        w.extend_metadata(meta);
         self.current_bytes += bytes;
         self.total_size += bytes;
-        self.current.extend(unit);
-        self.current_meta.extend(meta);
         Ok(())
     }
 
-    /// Writes the buffered shard under a temporary name and releases its memory.
+    /// Completes the current shard under a temporary name.
     fn flush(&mut self) -> Result<(), CliError> {
         let path = self.tmp.join(format!("shard-{:05}.part", self.shards.len() + 1));
-        let mut meta = self.metadata.clone();
-        meta.extend(std::mem::take(&mut self.current_meta));
-        lowbit::io::write_safetensors(&path, &self.current, Some(meta), false)?;
-        let names = std::mem::take(&mut self.current).into_iter().map(|(n, _)| n).collect();
+        let w = match self.current.take() {
+            Some(w) => w,
+            None => {
+                // An empty model still gets one (empty) shard.
+                let mut w = SafetensorsWriter::create(&path, 4096)?;
+                w.extend_metadata(self.metadata.clone());
+                w
+            }
+        };
+        let names = w.names().map(str::to_string).collect();
+        w.finish(false)?;
         self.shards.push((path, names));
         self.current_bytes = 0;
         Ok(())
@@ -216,7 +239,7 @@ impl HfDirWriter {
         tokenizer_dir: Option<&Path>,
         generated: &[(&'static str, String)],
     ) -> Result<Written, CliError> {
-        if !self.current.is_empty() || self.shards.is_empty() {
+        if self.current.is_some() || self.shards.is_empty() {
             self.flush()?;
         }
         let n = self.shards.len();

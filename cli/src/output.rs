@@ -5,7 +5,7 @@
 
 use crate::error::CliError;
 use crate::hf_dir::{check_dir_output, HfDirWriter};
-use lowbit::io::{atomic, TensorData};
+use lowbit::io::{atomic, SafetensorsWriter, TensorData};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -103,16 +103,14 @@ pub fn check_output(input: &Path, output: &Path, force: bool) -> Result<(), CliE
 
 /// The destination of a command's tensors.
 pub enum Sink {
-    /// One safetensors file, written at the end (the whole output is held in memory).
+    /// One safetensors file, written tensor by tensor (nothing but the tensor being converted is held).
     File {
-        /// The file.
+        /// The file being written (a temporary next to the output until [`Sink::finish`]).
+        writer: SafetensorsWriter,
+        /// The output.
         path: PathBuf,
         /// Replace an existing file.
         force: bool,
-        /// Everything pushed so far.
-        tensors: Vec<(String, TensorData)>,
-        /// `__metadata__`.
-        metadata: HashMap<String, String>,
     },
     /// A model directory, written shard by shard.
     Dir(Box<HfDirWriter>),
@@ -120,29 +118,36 @@ pub enum Sink {
 
 impl Sink {
     /// Checks `output` (file or directory rules) and prepares it. `metadata` goes into the file, or into
-    /// every shard of a directory.
-    pub fn open(
+    /// every shard of a directory. `names` (the input's tensor names) size the room reserved for headers.
+    pub fn open<'a>(
         input: &Path,
         output: &Path,
         force: bool,
         max_shard: u64,
         metadata: HashMap<String, String>,
+        names: impl IntoIterator<Item = &'a str>,
     ) -> Result<Sink, CliError> {
+        let meta_bytes = metadata.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+        let estimate = SafetensorsWriter::header_estimate(names, meta_bytes);
         if is_file_output(output) {
             check_output(input, output, force)?;
-            Ok(Sink::File { path: output.to_path_buf(), force, tensors: Vec::new(), metadata })
+            let mut writer = SafetensorsWriter::create(output, estimate)?;
+            writer.extend_metadata(metadata);
+            Ok(Sink::File { writer, path: output.to_path_buf(), force })
         } else {
             check_dir_output(input, output, force)?;
-            Ok(Sink::Dir(Box::new(HfDirWriter::create(output, force, max_shard, metadata)?)))
+            Ok(Sink::Dir(Box::new(HfDirWriter::create(output, force, max_shard, metadata, estimate)?)))
         }
     }
 
     /// Adds one tensor's entries and the `__metadata__` entries describing them.
     pub fn push(&mut self, unit: Vec<(String, TensorData)>, meta: HashMap<String, String>) -> Result<(), CliError> {
         match self {
-            Sink::File { tensors, metadata, .. } => {
-                tensors.extend(unit);
-                metadata.extend(meta);
+            Sink::File { writer, .. } => {
+                for (name, t) in &unit {
+                    writer.push(name, t)?;
+                }
+                writer.extend_metadata(meta);
                 Ok(())
             }
             Sink::Dir(w) => w.push(unit, meta),
@@ -159,9 +164,8 @@ impl Sink {
         gguf_tokenizer: Option<&lowbit::io::gguf::GgufTokenizer>,
     ) -> Result<String, CliError> {
         match self {
-            Sink::File { path, force, tensors, metadata } => {
-                let metadata = if metadata.is_empty() { None } else { Some(metadata) };
-                lowbit::io::write_safetensors(&path, &tensors, metadata, force)?;
+            Sink::File { writer, path, force } => {
+                writer.finish(force)?;
                 Ok(format!("wrote {}", path.display()))
             }
             Sink::Dir(w) => {

@@ -67,7 +67,8 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
         metadata.insert(int8_layout::SCHEME_KEY.to_string(), int8_layout::SCHEME_INT8.to_string());
         metadata.insert(int8_layout::GRANULARITY_KEY.to_string(), granularity.to_string());
     }
-    let mut sink = Sink::open(q.input, q.output, q.force, q.max_shard_size, metadata)?;
+    let mut sink =
+        Sink::open(q.input, q.output, q.force, q.max_shard_size, metadata, names.iter().map(String::as_str))?;
 
     let progress = Progress::new(names.len() as u64, "quantizing");
     let mut n = Counts::default();

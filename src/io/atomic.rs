@@ -130,8 +130,12 @@ impl TempFile {
     pub fn create_for(dest: &Path) -> Result<TempFile> {
         let path = temp_path_for(dest);
         // `create_new`: never follow or reuse something planted under our name.
-        let file =
-            std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| write_error(&path, e))?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| write_error(&path, e))?;
         let reg = register(&path, false);
         Ok(TempFile { file, reg, dest: dest.to_path_buf() })
     }

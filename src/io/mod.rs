@@ -22,9 +22,11 @@ mod limits;
 pub mod peft;
 pub mod small_file;
 mod source;
+pub mod stream_writer;
 
 pub use checkpoint::{Checkpoint, Layout, StoredType, TensorInfo, HF_INDEX_FILE, HF_WEIGHTS_FILE};
 pub use limits::Limits;
+pub use stream_writer::SafetensorsWriter;
 
 use crate::{DType, Error, Result};
 use safetensors::{Dtype, SafeTensors};
