@@ -16,12 +16,12 @@ use crate::quantized::{
 };
 use crate::table::{Align, Table};
 use lowbit::format::ggml::GgmlType;
-use lowbit::io::{float_dtype, int8, safetensors_dtype, Checkpoint, StoredType, TensorData};
+use lowbit::io::{float_dtype, int8, safetensors_dtype, Checkpoint, SafetensorsWriter, StoredType, TensorData};
 use lowbit::linear::QuantWeight;
 use lowbit::lora::LoraAdapter;
 use lowbit::{DType, Scheme};
 use lowbit_testkit::stats::fmt_db;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 
 /// What the merged weights become.
@@ -211,8 +211,12 @@ pub fn run(m: Merge<'_>) -> Result<(), CliError> {
         ("SQNR dB", Align::Right),
         ("", Align::Left),
     ]);
-    // Output entries of the merged weights, by weight name; source dtypes of int8 weights for the metadata.
-    let mut merged: BTreeMap<String, Vec<(String, TensorData)>> = BTreeMap::new();
+    // The output, written tensor by tensor as it is produced (memory stays at one layer, not the model).
+    let meta_bytes = ck.metadata().iter().map(|(k, v)| k.len() + v.len() + 8).sum::<usize>() + 4096;
+    let mut writer =
+        SafetensorsWriter::create(m.output, SafetensorsWriter::header_estimate(ck.tensor_names(), meta_bytes))?;
+    // The merged weights (written already); source dtypes of int8 weights for the metadata.
+    let mut merged: BTreeSet<String> = BTreeSet::new();
     let mut int8_dtypes: Vec<(String, DType)> = Vec::new();
     let (mut n_lost, mut formats) = (0usize, Vec::<String>::new());
     for mt in &matched {
@@ -299,21 +303,28 @@ pub fn run(m: Merge<'_>) -> Result<(), CliError> {
             fmt_db(s.sqnr_db),
             if s.lost { "!".into() } else { String::new() },
         ]);
-        merged.insert(weight_name, entries);
+        for (name, t) in &entries {
+            writer.push(name, t)?;
+        }
+        merged.insert(weight_name);
         progress.inc();
     }
 
     // Every other tensor: copied, or (with --dtype / --scheme) converted.
     progress.set_message("writing");
-    let mut out: Vec<(String, TensorData)> = Vec::new();
     let mut unchanged: HashSet<String> = HashSet::new();
     let (mut n_converted, mut n_kept) = (0usize, 0usize);
+    // `out` holds the entries of one tensor at a time: written at the start of the next iteration.
+    let mut out: Vec<(String, TensorData)> = Vec::new();
     for key in ck.tensor_names() {
-        if merged.contains_key(key) {
+        for (name, t) in out.drain(..) {
+            writer.push(&name, &t)?;
+        }
+        if merged.contains(key) {
             continue;
         }
         if let Some(owner) = layout.as_ref().and_then(|l| l.owner_of_param_entry(key)) {
-            let copy = !merged.contains_key(owner)
+            let copy = !merged.contains(owner)
                 && match m.target {
                     Target::Same => true,
                     Target::Dense(_) => false,
@@ -396,8 +407,9 @@ pub fn run(m: Merge<'_>) -> Result<(), CliError> {
             }
         }
     }
-    for entries in merged.into_values() {
-        out.extend(entries);
+
+    for (name, t) in out.drain(..) {
+        writer.push(&name, &t)?;
     }
 
     let mut metadata = if is_gguf { Default::default() } else { ck.metadata().clone() };
@@ -407,8 +419,8 @@ pub fn run(m: Merge<'_>) -> Result<(), CliError> {
             metadata.extend(int8::metadata(g, int8_dtypes.iter().map(|(n, d)| (n.as_str(), *d))));
         }
     }
-    let metadata = if metadata.is_empty() { None } else { Some(metadata) };
-    lowbit::io::write_safetensors(m.output, &out, metadata, m.force)?;
+    writer.extend_metadata(metadata);
+    writer.finish(m.force)?;
     drop(progress);
 
     console::out(&table.render())?;

@@ -106,7 +106,7 @@ pub enum Sink {
     /// One safetensors file, written tensor by tensor (nothing but the tensor being converted is held).
     File {
         /// The file being written (a temporary next to the output until [`Sink::finish`]).
-        writer: SafetensorsWriter,
+        writer: Box<SafetensorsWriter>,
         /// The output.
         path: PathBuf,
         /// Replace an existing file.
@@ -133,7 +133,7 @@ impl Sink {
             check_output(input, output, force)?;
             let mut writer = SafetensorsWriter::create(output, estimate)?;
             writer.extend_metadata(metadata);
-            Ok(Sink::File { writer, path: output.to_path_buf(), force })
+            Ok(Sink::File { writer: Box::new(writer), path: output.to_path_buf(), force })
         } else {
             check_dir_output(input, output, force)?;
             Ok(Sink::Dir(Box::new(HfDirWriter::create(output, force, max_shard, metadata, estimate)?)))

@@ -14,6 +14,7 @@ use lowbit::format::ggml::GgmlType;
 use lowbit::io::{float_dtype, safetensors_dtype, Checkpoint, StoredType, TensorData, TensorInfo};
 use lowbit::{DType, Element, Scheme};
 use safetensors::Dtype;
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
@@ -187,36 +188,39 @@ fn quantize_tensor(
     Ok((entries, meta, source))
 }
 
-/// A floating tensor's values in the element type they are stored in.
-enum Floats {
-    F32(Vec<f32>),
-    F16(Vec<lowbit::f16>),
-    BF16(Vec<lowbit::bf16>),
+/// A floating tensor's values in the element type they are stored in: borrowed from the mapped checkpoint
+/// when the bytes are aligned for the type (safetensors data usually is), else decoded into a copy.
+enum Floats<'a> {
+    F32(Cow<'a, [f32]>),
+    F16(Cow<'a, [lowbit::f16]>),
+    BF16(Cow<'a, [lowbit::bf16]>),
 }
 
 /// Reads a floating tensor in its own element type: safetensors F32/F16/BF16 as stored, GGUF F16/BF16 as
 /// themselves (their f32 widening is exact, so narrowing back is too), other GGUF types decoded to f32.
-fn floats(ck: &Checkpoint, name: &str, info: &TensorInfo) -> Result<(DType, Floats), CliError> {
+fn floats<'a>(ck: &'a Checkpoint, name: &str, info: &TensorInfo) -> Result<(DType, Floats<'a>), CliError> {
     Ok(match info.stored {
         StoredType::Safetensors(d) => {
             let view = ck.tensor(name)?;
             let data = view.data();
             match d {
-                Dtype::F16 => (DType::F16, Floats::F16(decode(data, lowbit::f16::from_le_bytes))),
-                Dtype::BF16 => (DType::BF16, Floats::BF16(decode(data, lowbit::bf16::from_le_bytes))),
-                Dtype::F32 => (DType::F32, Floats::F32(decode(data, f32::from_le_bytes))),
+                Dtype::F16 => (DType::F16, Floats::F16(cast_or_decode(data, lowbit::f16::from_le_bytes))),
+                Dtype::BF16 => (DType::BF16, Floats::BF16(cast_or_decode(data, lowbit::bf16::from_le_bytes))),
+                Dtype::F32 => (DType::F32, Floats::F32(cast_or_decode(data, f32::from_le_bytes))),
                 other => {
                     return Err(CliError::new(format!("dtype {other:?}; expected a floating tensor (F32, F16, BF16)")))
                 }
             }
         }
-        StoredType::Ggml(GgmlType::F16) => {
-            (DType::F16, Floats::F16(ck.tensor_f32(name)?.into_iter().map(lowbit::f16::from_f32).collect()))
-        }
-        StoredType::Ggml(GgmlType::BF16) => {
-            (DType::BF16, Floats::BF16(ck.tensor_f32(name)?.into_iter().map(lowbit::bf16::from_f32).collect()))
-        }
-        StoredType::Ggml(_) => (DType::F32, Floats::F32(ck.tensor_f32(name)?)),
+        StoredType::Ggml(GgmlType::F16) => (
+            DType::F16,
+            Floats::F16(ck.tensor_f32(name)?.into_iter().map(lowbit::f16::from_f32).collect::<Vec<_>>().into()),
+        ),
+        StoredType::Ggml(GgmlType::BF16) => (
+            DType::BF16,
+            Floats::BF16(ck.tensor_f32(name)?.into_iter().map(lowbit::bf16::from_f32).collect::<Vec<_>>().into()),
+        ),
+        StoredType::Ggml(_) => (DType::F32, Floats::F32(ck.tensor_f32(name)?.into())),
     })
 }
 
@@ -271,6 +275,15 @@ pub fn encode_f32(x: &[f32], dtype: DType) -> Vec<u8> {
         DType::BF16 => x.iter().for_each(|&v| out.extend_from_slice(&lowbit::bf16::from_f32(v).to_le_bytes())),
     }
     out
+}
+
+/// The elements in place when `bytes` is aligned for `T` on a little-endian machine (no copy: the mapped
+/// checkpoint is read once, by the quantizer), else decoded with `f`.
+fn cast_or_decode<T: bytemuck::Pod, const N: usize>(bytes: &[u8], f: fn([u8; N]) -> T) -> Cow<'_, [T]> {
+    match bytemuck::try_cast_slice::<u8, T>(bytes) {
+        Ok(v) if cfg!(target_endian = "little") && std::mem::size_of::<T>() == N => Cow::Borrowed(v),
+        _ => Cow::Owned(decode(bytes, f)),
+    }
 }
 
 /// Decodes little-endian elements of `N` bytes (any alignment).

@@ -180,7 +180,11 @@ fn describe_4bit(t: &FourBitTensor) -> String {
     format!("{} block:{}{nested}", t.format(), t.blocksize())
 }
 
-fn le_bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+/// The values as little-endian bytes: one `memcpy` on a little-endian machine, `f` per element elsewhere.
+fn le_bytes<T: bytemuck::Pod, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    if cfg!(target_endian = "little") && std::mem::size_of::<T>() == N {
+        return bytemuck::cast_slice::<T, u8>(v).to_vec();
+    }
     let mut out = Vec::with_capacity(v.len() * N);
     for &x in v {
         out.extend_from_slice(&f(x));
