@@ -87,6 +87,8 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
             dtypes_used.push(t);
         }
     };
+    // The dequantized bytes of one weight; the allocation moves into the written unit and back.
+    let mut scratch: Vec<u8> = Vec::new();
     for name in &names {
         progress.set_message(name);
         let weight = layout.as_ref().filter(|l| l.is_weight(name));
@@ -96,7 +98,8 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
                 Quantized::Int8(..) => DType::F32,
                 Quantized::FourBit(_) => q.source_dtype(),
             });
-            let data = q.dequantize_to_bytes(target).context(|| format!("tensor `{name}`"))?;
+            q.dequantize_into_bytes(target, &mut scratch).context(|| format!("tensor `{name}`"))?;
+            let data = std::mem::take(&mut scratch);
             n_overflowed += check_overflow(name, q.shape(), &data, target, d.allow_overflow, || q.dequantize_f32())?;
             note(target);
             n_weights += 1;
@@ -122,7 +125,12 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
             Some(t)
         };
         if let Some(t) = tensor {
-            sink.push(vec![(name.clone(), t)], HashMap::new())?;
+            let unit = [(name.clone(), t)];
+            sink.push(&unit, HashMap::new())?;
+            let [(_, t)] = unit;
+            if weight.is_some() {
+                scratch = t.data;
+            }
         }
         progress.inc();
     }

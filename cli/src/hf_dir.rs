@@ -187,7 +187,7 @@ impl HfDirWriter {
     /// Adds the entries of one tensor (a quantized weight's codes and parameters stay in one shard), with
     /// `__metadata__` entries that belong to the shard holding it. Starts a new shard first when the current
     /// one is non-empty and would exceed the limit; a unit larger than the limit gets a shard of its own.
-    pub fn push(&mut self, unit: Vec<(String, TensorData)>, meta: HashMap<String, String>) -> Result<(), CliError> {
+    pub fn push(&mut self, unit: &[(String, TensorData)], meta: HashMap<String, String>) -> Result<(), CliError> {
         let bytes: u64 = unit.iter().map(|(_, t)| t.data.len() as u64).sum();
         if self.current.is_some() && self.current_bytes + bytes > self.max_shard {
             self.flush()?;
@@ -201,7 +201,7 @@ impl HfDirWriter {
                 self.current.insert(w)
             }
         };
-        for (name, t) in &unit {
+        for (name, t) in unit {
             w.push(name, t)?;
         }
         w.extend_metadata(meta);

@@ -141,10 +141,10 @@ impl Sink {
     }
 
     /// Adds one tensor's entries and the `__metadata__` entries describing them.
-    pub fn push(&mut self, unit: Vec<(String, TensorData)>, meta: HashMap<String, String>) -> Result<(), CliError> {
+    pub fn push(&mut self, unit: &[(String, TensorData)], meta: HashMap<String, String>) -> Result<(), CliError> {
         match self {
             Sink::File { writer, .. } => {
-                for (name, t) in &unit {
+                for (name, t) in unit {
                     writer.push(name, t)?;
                 }
                 writer.extend_metadata(meta);

@@ -110,7 +110,7 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
             (vec![(name.clone(), plain_tensor(&ck, name, &info, q.dtype)?)], HashMap::new())
         };
         n.bytes_out += unit.iter().map(|(_, t)| t.data.len()).sum::<usize>();
-        sink.push(unit, meta)?;
+        sink.push(&unit, meta)?;
         progress.inc();
     }
 

@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 /// Bytes of the little-endian header length that starts every safetensors file.
 const LEN_BYTES: usize = 8;
 
+/// Largest single `write` of tensor data.
+const WRITE_CHUNK: usize = 1 << 20;
+
 /// A safetensors file being written; see the module docs.
 #[derive(Debug)]
 pub struct SafetensorsWriter {
@@ -82,7 +85,11 @@ impl SafetensorsWriter {
             return Err(Error::format(ctx, format!("tensor `{name}` written twice")));
         }
         let path = self.tmp.path().to_path_buf();
-        self.tmp.file().write_all(&t.data).map_err(|e| atomic::write_error(&path, e))?;
+        // In pieces of WRITE_CHUNK: one huge write() is several times slower into the page cache (measured on
+        // Linux/ext4: 4 GiB in 128 MiB writes 0.4 GB/s, in 1 MiB writes 4.4 GB/s).
+        for piece in t.data.chunks(WRITE_CHUNK) {
+            self.tmp.file().write_all(piece).map_err(|e| atomic::write_error(&path, e))?;
+        }
         let end = self.data_bytes + t.data.len();
         self.entries.push((
             name.to_string(),
