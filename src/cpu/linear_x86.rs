@@ -175,24 +175,25 @@ fn gemv_4bit_avx512(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> boo
     }
     let mut j = 0;
     while j + 4 <= ob {
-        match m {
-            1 => gemv_4bit_avx512_rows::<1, 4>(job, o0, j, ob, out),
-            2 => gemv_4bit_avx512_rows::<2, 4>(job, o0, j, ob, out),
-            3 => gemv_4bit_avx512_rows::<3, 4>(job, o0, j, ob, out),
-            _ => gemv_4bit_avx512_rows::<4, 4>(job, o0, j, ob, out),
-        }
+        gemv_4bit_avx512_group::<4>(job, o0, j, ob, out);
         j += 4;
     }
     while j < ob {
-        match m {
-            1 => gemv_4bit_avx512_rows::<1, 1>(job, o0, j, ob, out),
-            2 => gemv_4bit_avx512_rows::<2, 1>(job, o0, j, ob, out),
-            3 => gemv_4bit_avx512_rows::<3, 1>(job, o0, j, ob, out),
-            _ => gemv_4bit_avx512_rows::<4, 1>(job, o0, j, ob, out),
-        }
+        gemv_4bit_avx512_group::<1>(job, o0, j, ob, out);
         j += 1;
     }
     true
+}
+
+/// [`gemv_4bit_avx512_rows`] for `J` weight rows, with `R` = the number of `x` rows (1–4) as a constant.
+#[inline(always)]
+fn gemv_4bit_avx512_group<const J: usize>(job: &Job<'_>, o0: usize, j0: usize, ob: usize, out: &mut [f32]) {
+    match job.m {
+        1 => gemv_4bit_avx512_rows::<1, J>(job, o0, j0, ob, out),
+        2 => gemv_4bit_avx512_rows::<2, J>(job, o0, j0, ob, out),
+        3 => gemv_4bit_avx512_rows::<3, J>(job, o0, j0, ob, out),
+        _ => gemv_4bit_avx512_rows::<4, J>(job, o0, j0, ob, out),
+    }
 }
 
 /// Rows `o0 + j0 .. o0 + j0 + J` of [`gemv_4bit_avx512`] for `R` rows of `x`.

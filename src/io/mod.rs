@@ -203,40 +203,33 @@ pub(crate) fn parse_with_context<'a>(bytes: &'a [u8], limits: &Limits, ctx: &str
 /// The largest header the `safetensors` crate accepts when reading (its `MAX_HEADER_SIZE`).
 const MAX_HEADER_BYTES: usize = 100_000_000;
 
-/// The header of a safetensors file holding `tensors` (the 8-byte length, then the JSON padded with spaces to
-/// a multiple of 8) and the order their data follows in: by descending dtype alignment, then by name, exactly
-/// as the `safetensors` crate lays a file out.
-fn safetensors_header(
-    tensors: &[(String, TensorData)],
-    metadata: Option<HashMap<String, String>>,
-) -> Result<(Vec<u8>, Vec<usize>)> {
+/// Checks that a tensor's byte length matches its dtype and shape (what every safetensors writer checks
+/// before writing it).
+fn check_tensor_bytes(name: &str, t: &TensorData) -> Result<()> {
     let ctx = "safetensors output";
-    let mut order: Vec<usize> = (0..tensors.len()).collect();
-    order.sort_by(|&a, &b| tensors[b].1.dtype.cmp(&tensors[a].1.dtype).then(tensors[a].0.cmp(&tensors[b].0)));
-    let mut infos = Vec::with_capacity(tensors.len());
-    let mut offset = 0usize;
-    for &i in &order {
-        let (name, t) = &tensors[i];
-        let numel = crate::shape::numel(&t.shape).map_err(|e| Error::format(ctx, format!("`{name}`: {e}")))?;
-        let expected = numel.checked_mul(t.dtype.bitsize()).map(|b| b.div_ceil(8));
-        if expected != Some(t.data.len()) {
-            return Err(Error::format(
-                ctx,
-                format!(
-                    "tensor `{name}` has {} bytes; expected {expected:?} for {:?} {:?}",
-                    t.data.len(),
-                    t.dtype,
-                    t.shape
-                ),
-            ));
-        }
-        let end = offset + t.data.len();
-        infos.push((
-            name.clone(),
-            safetensors::tensor::TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (offset, end) },
+    let numel = crate::shape::numel(&t.shape).map_err(|e| Error::format(ctx, format!("`{name}`: {e}")))?;
+    let expected = numel.checked_mul(t.dtype.bitsize()).map(|b| b.div_ceil(8));
+    if expected != Some(t.data.len()) {
+        return Err(Error::format(
+            ctx,
+            format!(
+                "tensor `{name}` has {} bytes; expected {expected:?} for {:?} {:?}",
+                t.data.len(),
+                t.dtype,
+                t.shape
+            ),
         ));
-        offset = end;
     }
+    Ok(())
+}
+
+/// The JSON header for `infos` (data offsets already assigned) and `metadata`, padded with spaces to a
+/// multiple of 8; errors past [`MAX_HEADER_BYTES`].
+fn header_json(
+    metadata: Option<HashMap<String, String>>,
+    infos: Vec<(String, safetensors::tensor::TensorInfo)>,
+) -> Result<Vec<u8>> {
+    let ctx = "safetensors output";
     let meta = safetensors::tensor::Metadata::new(metadata, infos).map_err(|e| Error::format(ctx, e.to_string()))?;
     let mut json = serde_json::to_string(&meta).map_err(|e| Error::format(ctx, e.to_string()))?.into_bytes();
     json.resize(json.len().next_multiple_of(HEADER_LEN_BYTES), b' ');
@@ -246,6 +239,31 @@ fn safetensors_header(
             format!("header of {} bytes; readers accept at most {MAX_HEADER_BYTES}", json.len()),
         ));
     }
+    Ok(json)
+}
+
+/// The header of a safetensors file holding `tensors` (the 8-byte length, then the JSON padded with spaces to
+/// a multiple of 8) and the order their data follows in: by descending dtype alignment, then by name, exactly
+/// as the `safetensors` crate lays a file out.
+fn safetensors_header(
+    tensors: &[(String, TensorData)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(Vec<u8>, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| tensors[b].1.dtype.cmp(&tensors[a].1.dtype).then(tensors[a].0.cmp(&tensors[b].0)));
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for &i in &order {
+        let (name, t) = &tensors[i];
+        check_tensor_bytes(name, t)?;
+        let end = offset + t.data.len();
+        infos.push((
+            name.clone(),
+            safetensors::tensor::TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (offset, end) },
+        ));
+        offset = end;
+    }
+    let json = header_json(metadata, infos)?;
     let mut header = Vec::with_capacity(HEADER_LEN_BYTES + json.len());
     header.extend_from_slice(&(json.len() as u64).to_le_bytes());
     header.extend_from_slice(&json);

@@ -11,15 +11,12 @@
 //! ([`atomic::TempFile::persist`]), so an interrupted conversion leaves nothing behind.
 
 use super::atomic::{self, TempFile};
-use super::{TensorData, MAX_HEADER_BYTES};
+use super::{check_tensor_bytes, header_json, TensorData, HEADER_LEN_BYTES as LEN_BYTES, MAX_HEADER_BYTES};
 use crate::error::{Error, Result};
-use safetensors::tensor::{Metadata, TensorInfo};
-use std::collections::HashMap;
+use safetensors::tensor::TensorInfo;
+use std::collections::{HashMap, HashSet};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-
-/// Bytes of the little-endian header length that starts every safetensors file.
-const LEN_BYTES: usize = 8;
 
 /// Largest single `write` of tensor data.
 const WRITE_CHUNK: usize = 1 << 20;
@@ -32,6 +29,8 @@ pub struct SafetensorsWriter {
     /// Bytes reserved before the data: the 8-byte length plus room for the JSON header (a multiple of 8).
     reserved: usize,
     entries: Vec<(String, TensorInfo)>,
+    /// The names in `entries` (a duplicate check that stays linear in the number of tensors).
+    seen: HashSet<String>,
     data_bytes: usize,
     metadata: HashMap<String, String>,
 }
@@ -59,6 +58,7 @@ impl SafetensorsWriter {
             tmp,
             reserved,
             entries: Vec::new(),
+            seen: HashSet::new(),
             data_bytes: 0,
             metadata: HashMap::new(),
         })
@@ -67,22 +67,9 @@ impl SafetensorsWriter {
     /// Appends one tensor. Errors (nothing written) when its byte length does not match its dtype and
     /// shape, or the name is already in the file; a write error names the temporary.
     pub fn push(&mut self, name: &str, t: &TensorData) -> Result<()> {
-        let ctx = "safetensors output";
-        let numel = crate::shape::numel(&t.shape).map_err(|e| Error::format(ctx, format!("`{name}`: {e}")))?;
-        let expected = numel.checked_mul(t.dtype.bitsize()).map(|b| b.div_ceil(8));
-        if expected != Some(t.data.len()) {
-            return Err(Error::format(
-                ctx,
-                format!(
-                    "tensor `{name}` has {} bytes; expected {expected:?} for {:?} {:?}",
-                    t.data.len(),
-                    t.dtype,
-                    t.shape
-                ),
-            ));
-        }
-        if self.entries.iter().any(|(n, _)| n == name) {
-            return Err(Error::format(ctx, format!("tensor `{name}` written twice")));
+        check_tensor_bytes(name, t)?;
+        if self.seen.contains(name) {
+            return Err(Error::format("safetensors output", format!("tensor `{name}` written twice")));
         }
         let path = self.tmp.path().to_path_buf();
         // In pieces of WRITE_CHUNK: one huge write() is several times slower into the page cache (measured on
@@ -91,6 +78,7 @@ impl SafetensorsWriter {
             self.tmp.file().write_all(piece).map_err(|e| atomic::write_error(&path, e))?;
         }
         let end = self.data_bytes + t.data.len();
+        self.seen.insert(name.to_string());
         self.entries.push((
             name.to_string(),
             TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (self.data_bytes, end) },
@@ -118,17 +106,9 @@ impl SafetensorsWriter {
     /// only with `replace`; see [`atomic::persist_file`]). Returns the size of the file.
     pub fn finish(self, replace: bool) -> Result<u64> {
         let ctx = "safetensors output";
-        let SafetensorsWriter { dest, mut tmp, reserved, entries, data_bytes, metadata } = self;
+        let SafetensorsWriter { dest, mut tmp, reserved, entries, data_bytes, metadata, .. } = self;
         let metadata = if metadata.is_empty() { None } else { Some(metadata) };
-        let meta = Metadata::new(metadata, entries).map_err(|e| Error::format(ctx, e.to_string()))?;
-        let mut json = serde_json::to_string(&meta).map_err(|e| Error::format(ctx, e.to_string()))?.into_bytes();
-        json.resize(json.len().next_multiple_of(LEN_BYTES), b' ');
-        if json.len() > MAX_HEADER_BYTES {
-            return Err(Error::format(
-                ctx,
-                format!("header of {} bytes; readers accept at most {MAX_HEADER_BYTES}", json.len()),
-            ));
-        }
+        let mut json = header_json(metadata, entries)?;
         let path = tmp.path().to_path_buf();
         let io = |e| atomic::write_error(&path, e);
         if LEN_BYTES + json.len() <= reserved {
