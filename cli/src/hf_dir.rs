@@ -160,8 +160,13 @@ impl HfDirWriter {
         header_estimate: usize,
     ) -> Result<HfDirWriter, CliError> {
         let tmp = atomic::temp_path_for(output);
-        std::fs::create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
-        let registration = Some(atomic::register(&tmp, true));
+        // Registered first, so a signal right after creation still removes it.
+        let registration = atomic::register(&tmp, true);
+        if let Err(e) = std::fs::create_dir(&tmp) {
+            registration.keep(); // not ours: leave it
+            return Err(io_err(&tmp, e));
+        }
+        let registration = Some(registration);
         metadata.insert("format".to_string(), "pt".to_string());
         Ok(HfDirWriter {
             output: output.to_path_buf(),

@@ -129,14 +129,18 @@ impl TempFile {
     /// it. Errors say "writing TEMP: `<os error>`".
     pub fn create_for(dest: &Path) -> Result<TempFile> {
         let path = temp_path_for(dest);
-        // `create_new`: never follow or reuse something planted under our name.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| write_error(&path, e))?;
+        // Registered before it exists, so a signal between creation and registration cannot leave it behind
+        // (removing a registered path that does not exist yet is a no-op).
         let reg = register(&path, false);
+        // `create_new`: never follow or reuse something planted under our name.
+        let file = match std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                // Not ours: unregister without deleting whatever is there.
+                reg.keep();
+                return Err(write_error(&path, e));
+            }
+        };
         Ok(TempFile { file, reg, dest: dest.to_path_buf() })
     }
 
