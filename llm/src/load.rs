@@ -115,10 +115,11 @@ impl Model {
                 )))
             }
             (own, Some(scheme)) => {
-                let (name, w) = if own {
-                    ("lm_head.weight", dense("lm_head.weight")?)
+                // A tied head is quantized straight from the embedding (no copy of 28M floats).
+                let (name, w): (&str, std::borrow::Cow<[f32]>) = if own {
+                    ("lm_head.weight", dense("lm_head.weight")?.into())
                 } else {
-                    ("model.embed_tokens.weight (tied lm_head)", embed.clone())
+                    ("model.embed_tokens.weight (tied lm_head)", embed.as_slice().into())
                 };
                 let shape = [config.vocab_size, config.hidden_size];
                 if w.len() != shape[0] * shape[1] {
