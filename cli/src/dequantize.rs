@@ -7,12 +7,13 @@ use crate::error::{CliError, Context};
 use crate::hf_config;
 use crate::output::Sink;
 use crate::progress::Progress;
-use crate::quantize::{is_floating, plain_tensor};
-use crate::quantized::{Layout, Quantized};
+use crate::quantize::{copy_plain, is_floating, plain_tensor};
+use crate::quantized::Layout;
 use lowbit::format::ggml::GgmlType;
-use lowbit::io::{safetensors_dtype, Checkpoint, StoredType, TensorData};
+use lowbit::io::{Checkpoint, StoredType};
+use lowbit::linear::QuantWeight;
 use lowbit::DType;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// What `lowbit dequantize` was asked to do.
@@ -29,6 +30,8 @@ pub struct Dequantize<'a> {
     pub force: bool,
     /// Let values beyond the range of an f16 / bf16 `dtype` round to ±inf (IEEE rounding) instead of failing.
     pub allow_overflow: bool,
+    /// Memory for chunk buffers (`--memory-budget`; [`crate::chunked::chunk_bytes`]).
+    pub memory_budget: u64,
 }
 
 /// Dequantizes every quantized weight of `d.input` and writes `d.output`; parameter entries are dropped and
@@ -60,19 +63,12 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
     }
     let mut metadata = ck.metadata().clone();
     metadata.retain(|k, _| !k.starts_with("lowbit."));
-    // Each quantized weight's parameter entries, gathered so the weight can be loaded from any shard.
-    let mut params: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     if let Some(layout) = &layout {
         for w in layout.weights() {
             if names.binary_search_by(|n| n.as_str().cmp(w)).is_err() {
                 return Err(CliError::new(format!(
                     "the checkpoint lists quantized tensor `{w}`, but it has no such tensor"
                 )));
-            }
-        }
-        for name in &names {
-            if let Some(owner) = layout.owner_of_param_entry(name) {
-                params.entry(owner).or_default().push(name);
             }
         }
     }
@@ -87,51 +83,52 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
             dtypes_used.push(t);
         }
     };
-    // The dequantized bytes of one weight; the allocation moves into the written unit and back.
-    let mut scratch: Vec<u8> = Vec::new();
+    let chunk_bytes = crate::chunked::chunk_bytes(d.memory_budget);
+    ck.advise_sequential();
     for name in &names {
         progress.set_message(name);
-        let weight = layout.as_ref().filter(|l| l.is_weight(name));
-        let tensor = if let Some(layout) = weight {
-            let q = load(&ck, layout, name, params.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]))?;
-            let target = d.dtype.unwrap_or(match q {
-                Quantized::Int8(..) => DType::F32,
-                Quantized::FourBit(_) => q.source_dtype(),
+        if layout.as_ref().is_some_and(|l| l.is_weight(name)) {
+            // The codes stay in the map (views, no copy); the weight is written a chunk at a time.
+            let q = ck.quantized_weight(name)?;
+            let target = d.dtype.unwrap_or(match &q {
+                QuantWeight::Int8(_) => DType::F32,
+                QuantWeight::FourBit(t) => t.dtype(),
             });
-            q.dequantize_into_bytes(target, &mut scratch).context(|| format!("tensor `{name}`"))?;
-            let data = std::mem::take(&mut scratch);
-            n_overflowed += check_overflow(name, q.shape(), &data, target, d.allow_overflow, || q.dequantize_f32())?;
+            let numel: usize = q.shape().iter().product();
+            let shape = q.shape().to_vec();
+            let w = sink.begin_unit((numel * target.size()) as u64)?;
+            let mut check = |offset: usize, bytes: &[u8], values: &dyn Fn() -> Result<Vec<f32>, CliError>| {
+                n_overflowed += check_overflow(name, &shape, offset, bytes, target, d.allow_overflow, values)?;
+                Ok(())
+            };
+            crate::chunked::dequantize_into(w, name, &q, target, chunk_bytes, &mut check)
+                .context(|| format!("tensor `{name}`"))?;
+            sink.end_unit(HashMap::new());
             note(target);
             n_weights += 1;
-            Some(TensorData { dtype: safetensors_dtype(target), shape: q.shape().to_vec(), data })
         } else if layout.as_ref().is_some_and(|l| l.is_param_entry(name)) {
-            None
         } else {
             let info = ck.tensor_info(name)?;
-            let t = plain_tensor(&ck, name, &info, d.dtype)?;
             match info.stored {
                 StoredType::Ggml(g)
                     if is_floating(info.stored) && !matches!(g, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) =>
                 {
+                    let t = plain_tensor(&ck, name, &info, d.dtype)?;
                     let target = d.dtype.unwrap_or(DType::F32);
-                    n_overflowed += check_overflow(name, &info.shape, &t.data, target, d.allow_overflow, || {
+                    n_overflowed += check_overflow(name, &info.shape, 0, &t.data, target, d.allow_overflow, &|| {
                         ck.tensor_f32(name).context(|| format!("tensor `{name}`"))
                     })?;
+                    sink.push(&[(name.clone(), t)], HashMap::new())?;
                     note(target);
                     n_weights += 1;
                 }
-                _ => n_copied += 1,
-            }
-            Some(t)
-        };
-        if let Some(t) = tensor {
-            let unit = [(name.clone(), t)];
-            sink.push(&unit, HashMap::new())?;
-            let [(_, t)] = unit;
-            if weight.is_some() {
-                scratch = t.data;
+                _ => {
+                    copy_plain(&mut sink, &ck, name, &info, d.dtype)?;
+                    n_copied += 1;
+                }
             }
         }
+        ck.release(name);
         progress.inc();
     }
     progress.set_message("writing");
@@ -153,17 +150,19 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Checks `data` (little-endian elements of `dtype`, the encoding of the f32 values `source` returns) for
-/// elements that overflowed: ±inf or NaN in `data` where the f32 value is finite. Returns how many there are
-/// when `allow`; otherwise the first one is an error naming `name`, its flat and multi-dimensional index and
-/// its value. f32 never overflows here; `source` is called only when `data` holds a non-finite element.
+/// Checks `data` (little-endian elements of `dtype`, elements `offset..` of tensor `name`, the encoding of the
+/// f32 values `source` returns) for elements that overflowed: ±inf or NaN in `data` where the f32 value is
+/// finite. Returns how many there are when `allow`; otherwise the first one is an error naming `name`, its
+/// flat and multi-dimensional index and its value. f32 never overflows here; `source` is called only when
+/// `data` holds a non-finite element.
 fn check_overflow(
     name: &str,
     shape: &[usize],
+    offset: usize,
     data: &[u8],
     dtype: DType,
     allow: bool,
-    source: impl FnOnce() -> Result<Vec<f32>, CliError>,
+    source: &dyn Fn() -> Result<Vec<f32>, CliError>,
 ) -> Result<usize, CliError> {
     let (exponent, limit) = match dtype {
         DType::F32 => return Ok(0),
@@ -180,6 +179,7 @@ fn check_overflow(
         return Ok(overflowed.count());
     }
     let Some((i, (_, v))) = overflowed.next() else { return Ok(0) };
+    let i = offset + i;
     Err(CliError::new(format!(
         "tensor `{name}`: element {i} (index {:?}) = {v:e} overflows {dtype} (largest finite magnitude {limit}) and \
          would be written as {}inf; use --dtype f32, or --allow-overflow to keep the IEEE rounding to ±inf",
@@ -198,17 +198,4 @@ fn unflatten(mut i: usize, shape: &[usize]) -> Vec<usize> {
         }
     }
     idx
-}
-
-/// Loads quantized weight `name` with its parameter entries `params`: the entries are gathered into a small
-/// in-memory safetensors buffer (one weight's bytes), so a weight whose entries sit in different shards loads
-/// as well as one in a single file, through the same validating loaders.
-fn load(ck: &Checkpoint, layout: &Layout, name: &str, params: &[&str]) -> Result<Quantized, CliError> {
-    let mut entries = Vec::with_capacity(params.len() + 1);
-    for key in std::iter::once(&name).chain(params) {
-        entries.push((key.to_string(), TensorData::from_view(&ck.tensor(key)?)));
-    }
-    let bytes = lowbit::io::serialize_safetensors(&entries, None)?;
-    let st = lowbit::io::parse_safetensors_with_limits(&bytes, ck.limits())?;
-    layout.load(&st, name)
 }

@@ -11,7 +11,7 @@
 //! beyond the tensor being converted; a shard is completed and synced before the next one starts.
 
 use crate::error::CliError;
-use lowbit::io::{atomic, SafetensorsWriter, TensorData, HF_INDEX_FILE, HF_WEIGHTS_FILE};
+use lowbit::io::{atomic, SafetensorsWriter, HF_INDEX_FILE, HF_WEIGHTS_FILE};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -142,6 +142,8 @@ pub struct HfDirWriter {
     header_estimate: usize,
     /// Written shards: temporary file name and the tensors it holds.
     shards: Vec<(PathBuf, Vec<String>)>,
+    /// Data bytes of the current shard when the unit being written began.
+    unit_start: u64,
     total_size: u64,
     finished: bool,
     /// The temporary directory's entry in the registry that SIGINT/SIGTERM clean.
@@ -178,6 +180,7 @@ impl HfDirWriter {
             current_bytes: 0,
             header_estimate,
             shards: Vec::new(),
+            unit_start: 0,
             total_size: 0,
             finished: false,
             registration,
@@ -189,30 +192,33 @@ impl HfDirWriter {
         &self.output
     }
 
-    /// Adds the entries of one tensor (a quantized weight's codes and parameters stay in one shard), with
-    /// `__metadata__` entries that belong to the shard holding it. Starts a new shard first when the current
-    /// one is non-empty and would exceed the limit; a unit larger than the limit gets a shard of its own.
-    pub fn push(&mut self, unit: &[(String, TensorData)], meta: HashMap<String, String>) -> Result<(), CliError> {
-        let bytes: u64 = unit.iter().map(|(_, t)| t.data.len() as u64).sum();
+    /// The shard writer for the entries of one tensor of about `bytes` bytes, written by the caller (whole
+    /// or in pieces) before [`end_unit`](Self::end_unit). Starts a new shard first when the current one is
+    /// non-empty and would exceed the limit; a unit larger than the limit gets a shard of its own.
+    pub fn begin_unit(&mut self, bytes: u64) -> Result<&mut SafetensorsWriter, CliError> {
         if self.current.is_some() && self.current_bytes + bytes > self.max_shard {
             self.flush()?;
         }
-        let w = match &mut self.current {
-            Some(w) => w,
-            None => {
-                let path = self.tmp.join(format!("shard-{:05}.part", self.shards.len() + 1));
-                let mut w = SafetensorsWriter::create(&path, self.header_estimate)?;
-                w.extend_metadata(self.metadata.clone());
-                self.current.insert(w)
-            }
-        };
-        for (name, t) in unit {
-            w.push(name, t)?;
+        if self.current.is_none() {
+            let path = self.tmp.join(format!("shard-{:05}.part", self.shards.len() + 1));
+            let mut w = SafetensorsWriter::create(&path, self.header_estimate)?;
+            w.extend_metadata(self.metadata.clone());
+            self.current = Some(w);
         }
-        w.extend_metadata(meta);
-        self.current_bytes += bytes;
-        self.total_size += bytes;
-        Ok(())
+        let w = self.current.as_mut().expect("a shard is open");
+        self.unit_start = w.data_bytes() as u64;
+        Ok(w)
+    }
+
+    /// Completes the unit started by [`begin_unit`](Self::begin_unit): counts the bytes written to it and adds
+    /// `meta` to its shard's `__metadata__`.
+    pub fn end_unit(&mut self, meta: HashMap<String, String>) {
+        if let Some(w) = &mut self.current {
+            let bytes = w.data_bytes() as u64 - self.unit_start;
+            w.extend_metadata(meta);
+            self.current_bytes += bytes;
+            self.total_size += bytes;
+        }
     }
 
     /// Completes the current shard under a temporary name.

@@ -7,6 +7,7 @@
 //! usage errors from clap exit with status 2.
 
 mod adapter;
+mod chunked;
 mod console;
 mod dequantize;
 mod dtype_arg;
@@ -266,6 +267,10 @@ enum Command {
         /// Model directory output: largest shard, in tensor bytes (e.g. 500MB, 2GB, 1GiB, or bytes).
         #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "5GB")]
         max_shard_size: u64,
+        /// Memory for conversion buffers (e.g. 64MiB, 1GB): a large tensor is converted in chunks of a quarter
+        /// of it, so peak memory stays near this budget whatever the model's size.
+        #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "256MiB")]
+        memory_budget: u64,
         /// Replace OUT if it exists (a directory is replaced only after the new one is complete).
         #[arg(long)]
         force: bool,
@@ -290,6 +295,10 @@ enum Command {
         /// Model directory output: largest shard, in tensor bytes (e.g. 500MB, 2GB, 1GiB, or bytes).
         #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "5GB")]
         max_shard_size: u64,
+        /// Memory for conversion buffers (e.g. 64MiB, 1GB): a large tensor is converted in chunks of a quarter
+        /// of it, so peak memory stays near this budget whatever the model's size.
+        #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "256MiB")]
+        memory_budget: u64,
         /// Replace OUT if it exists (a directory is replaced only after the new one is complete).
         #[arg(long)]
         force: bool,
@@ -525,6 +534,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             include,
             dtype,
             max_shard_size,
+            memory_budget,
             force,
         } => {
             let scheme = quantize_scheme(scheme, granularity, blocksize, double_quant);
@@ -536,15 +546,17 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 dtype: dtype.map(Into::into),
                 max_shard_size,
                 force,
+                memory_budget,
             })
         }
-        Command::Dequantize { input, output, dtype, allow_overflow, max_shard_size, force } => {
+        Command::Dequantize { input, output, dtype, allow_overflow, max_shard_size, memory_budget, force } => {
             dequantize::run(dequantize::Dequantize {
                 input: &input,
                 output: &output,
                 dtype: dtype.map(Into::into),
                 max_shard_size,
                 force,
+                memory_budget,
                 allow_overflow,
             })
         }

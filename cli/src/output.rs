@@ -142,15 +142,30 @@ impl Sink {
 
     /// Adds one tensor's entries and the `__metadata__` entries describing them.
     pub fn push(&mut self, unit: &[(String, TensorData)], meta: HashMap<String, String>) -> Result<(), CliError> {
+        let bytes: u64 = unit.iter().map(|(_, t)| t.data.len() as u64).sum();
+        let w = self.begin_unit(bytes)?;
+        for (name, t) in unit {
+            w.push(name, t)?;
+        }
+        self.end_unit(meta);
+        Ok(())
+    }
+
+    /// The writer for one tensor's entries (about `bytes` bytes in all), which the caller writes whole
+    /// ([`SafetensorsWriter::push`]) or in pieces ([`SafetensorsWriter::begin`]) and completes with
+    /// [`end_unit`](Self::end_unit). A directory keeps a unit in one shard.
+    pub fn begin_unit(&mut self, bytes: u64) -> Result<&mut SafetensorsWriter, CliError> {
         match self {
-            Sink::File { writer, .. } => {
-                for (name, t) in unit {
-                    writer.push(name, t)?;
-                }
-                writer.extend_metadata(meta);
-                Ok(())
-            }
-            Sink::Dir(w) => w.push(unit, meta),
+            Sink::File { writer, .. } => Ok(writer),
+            Sink::Dir(w) => w.begin_unit(bytes),
+        }
+    }
+
+    /// Completes the unit from [`begin_unit`](Self::begin_unit), adding `meta` to the `__metadata__`.
+    pub fn end_unit(&mut self, meta: HashMap<String, String>) {
+        match self {
+            Sink::File { writer, .. } => writer.extend_metadata(meta),
+            Sink::Dir(w) => w.end_unit(meta),
         }
     }
 

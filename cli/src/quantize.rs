@@ -3,6 +3,7 @@
 //! layout ([`crate::int8_layout`]) or to the bitsandbytes 4-bit layout ([`lowbit::io::bnb`]), into one
 //! safetensors file or a model directory ([`crate::output::Sink`]).
 
+use crate::chunked::{self, Elems};
 use crate::console;
 use crate::error::{CliError, Context};
 use crate::hf_config;
@@ -12,9 +13,8 @@ use crate::progress::Progress;
 use crate::select::{Decision, Selection};
 use lowbit::format::ggml::GgmlType;
 use lowbit::io::{float_dtype, safetensors_dtype, Checkpoint, StoredType, TensorData, TensorInfo};
-use lowbit::{DType, Element, Scheme};
+use lowbit::{DType, Scheme};
 use safetensors::Dtype;
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
@@ -34,6 +34,8 @@ pub struct Quantize<'a> {
     pub max_shard_size: u64,
     /// Replace an existing output.
     pub force: bool,
+    /// Memory for chunk buffers (`--memory-budget`; [`chunked::chunk_bytes`]).
+    pub memory_budget: u64,
 }
 
 /// Whether a stored tensor is floating point (what can be quantized or widened to f32).
@@ -71,6 +73,8 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
     let mut sink =
         Sink::open(q.input, q.output, q.force, q.max_shard_size, metadata, names.iter().map(String::as_str))?;
 
+    let chunk_bytes = crate::chunked::chunk_bytes(q.memory_budget);
+    ck.advise_sequential();
     let progress = Progress::new(names.len() as u64, "quantizing");
     let mut n = Counts::default();
     let mut kept_weights: Vec<&str> = Vec::new();
@@ -87,30 +91,38 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
             Decision::KeptByRule => n.by_rule.push(name.as_str()),
             Decision::Skipped => n.skipped += 1,
         }
-        let (unit, meta) = if decision == Decision::Quantize {
-            let (unit, meta, source) =
-                quantize_tensor(&ck, name, &info, q.scheme).context(|| format!("tensor `{name}`"))?;
-            if let Some((key, _)) = unit.iter().skip(1).find(|(k, _)| all.contains(k.as_str())) {
+        if decision == Decision::Quantize {
+            let params = param_names(name, q.scheme);
+            if let Some(key) = params.iter().find(|k| all.contains(k.as_str())) {
                 return Err(CliError::new(format!(
                     "tensor `{name}` cannot be quantized: the input already has a tensor named `{key}`, where its \
                      parameters would go"
                 )));
             }
+            let numel: usize = info.shape.iter().product();
+            let w = sink.begin_unit(estimate_quantized_bytes(numel, q.scheme))?;
+            let start = w.data_bytes();
+            let source =
+                quantize_tensor(w, &ck, name, &info, q.scheme, chunk_bytes).context(|| format!("tensor `{name}`"))?;
+            n.bytes_out += w.data_bytes() - start;
+            let mut meta = HashMap::new();
+            if let Scheme::Int8(_) = q.scheme {
+                meta.insert(format!("{}{name}", int8_layout::DTYPE_KEY_PREFIX), source.torch_name().to_string());
+            }
+            sink.end_unit(meta);
             if !source_dtypes.contains(&source) {
                 source_dtypes.push(source);
             }
             n.quantized += 1;
             lm_head_quantized |= name == "lm_head.weight";
-            n.weights += info.shape.iter().product::<usize>();
-            (unit, meta)
+            n.weights += numel;
         } else {
             if is_floating(info.stored) && info.shape.len() >= 2 {
                 kept_weights.push(name);
             }
-            (vec![(name.clone(), plain_tensor(&ck, name, &info, q.dtype)?)], HashMap::new())
-        };
-        n.bytes_out += unit.iter().map(|(_, t)| t.data.len()).sum::<usize>();
-        sink.push(&unit, meta)?;
+            n.bytes_out += copy_plain(&mut sink, &ck, name, &info, q.dtype)?;
+        }
+        ck.release(name);
         progress.inc();
     }
 
@@ -153,9 +165,6 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
     ))
 }
 
-/// The entries of one tensor as written (a quantized weight's codes first, then its parameters).
-type Entries = Vec<(String, TensorData)>;
-
 #[derive(Default)]
 struct Counts<'a> {
     quantized: usize,
@@ -166,76 +175,126 @@ struct Counts<'a> {
     bytes_out: usize,
 }
 
-/// The entries storing tensor `name` quantized with `scheme` (the codes first), the `__metadata__` entries
-/// the layout needs for it, and the dtype it was quantized from.
+/// The names of the parameter entries `scheme` stores next to weight `name`.
+fn param_names(name: &str, scheme: Scheme) -> Vec<String> {
+    match scheme {
+        Scheme::Int8(_) => vec![int8_layout::scale_key(name), int8_layout::zero_point_key(name)],
+        Scheme::FourBit { format, .. } => [".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"]
+            .iter()
+            .map(|s| format!("{name}{s}"))
+            .chain(std::iter::once(lowbit::io::bnb::quant_state_key(name, format)))
+            .collect(),
+    }
+}
+
+/// About how many bytes `numel` weights take quantized with `scheme`, parameters included (an upper bound,
+/// for choosing a shard).
+fn estimate_quantized_bytes(numel: usize, scheme: Scheme) -> u64 {
+    let n = numel as u64;
+    match scheme {
+        Scheme::Int8(_) => 2 * n + 4096,
+        Scheme::FourBit { blocksize, .. } => n.div_ceil(2) + 4 * n.div_ceil(blocksize.max(1) as u64) + 4096,
+    }
+}
+
+/// Quantizes tensor `name` with `scheme` into `w` (codes in chunks of about `chunk_bytes` of input, then the
+/// parameters); returns the dtype it was quantized from.
 fn quantize_tensor(
+    w: &mut lowbit::io::SafetensorsWriter,
     ck: &Checkpoint,
     name: &str,
     info: &TensorInfo,
     scheme: Scheme,
-) -> Result<(Entries, HashMap<String, String>, DType), CliError> {
-    let (source, values) = floats(ck, name, info)?;
+    chunk_bytes: usize,
+) -> Result<DType, CliError> {
     let shape = &info.shape;
-    let entries = match &values {
-        Floats::F32(v) => quantize_values(name, v, shape, scheme)?,
-        Floats::F16(v) => quantize_values(name, v, shape, scheme)?,
-        Floats::BF16(v) => quantize_values(name, v, shape, scheme)?,
-    };
-    let mut meta = HashMap::new();
-    if let Scheme::Int8(_) = scheme {
-        meta.insert(format!("{}{name}", int8_layout::DTYPE_KEY_PREFIX), source.torch_name().to_string());
+    let (source, values) = floats(ck, name, info)?;
+    match &values {
+        Floats::F32(v) => chunked::quantize_into(w, name, v, shape, scheme, chunk_bytes)?,
+        Floats::F16(v) => chunked::quantize_into(w, name, v, shape, scheme, chunk_bytes)?,
+        Floats::BF16(v) => chunked::quantize_into(w, name, v, shape, scheme, chunk_bytes)?,
     }
-    Ok((entries, meta, source))
+    Ok(source)
 }
 
-/// A floating tensor's values in the element type they are stored in: borrowed from the mapped checkpoint
-/// when the bytes are aligned for the type (safetensors data usually is), else decoded into a copy.
+/// A floating tensor's values in the element type they are stored in (see [`Elems`]).
 enum Floats<'a> {
-    F32(Cow<'a, [f32]>),
-    F16(Cow<'a, [lowbit::f16]>),
-    BF16(Cow<'a, [lowbit::bf16]>),
+    F32(Elems<'a, f32>),
+    F16(Elems<'a, lowbit::f16>),
+    BF16(Elems<'a, lowbit::bf16>),
 }
 
-/// Reads a floating tensor in its own element type: safetensors F32/F16/BF16 as stored, GGUF F16/BF16 as
-/// themselves (their f32 widening is exact, so narrowing back is too), other GGUF types decoded to f32.
+/// Reads a floating tensor in its own element type: safetensors (and GGUF tensors stored as the Hugging Face
+/// tensor) F32/F16/BF16 from the map, in place when aligned; other GGUF F16/BF16 as themselves (their f32
+/// widening is exact, so narrowing back is too); other GGUF types decoded to f32.
 fn floats<'a>(ck: &'a Checkpoint, name: &str, info: &TensorInfo) -> Result<(DType, Floats<'a>), CliError> {
-    Ok(match info.stored {
-        StoredType::Safetensors(d) => {
-            let view = ck.tensor(name)?;
-            let data = view.data();
-            match d {
-                Dtype::F16 => (DType::F16, Floats::F16(cast_or_decode(data, lowbit::f16::from_le_bytes))),
-                Dtype::BF16 => (DType::BF16, Floats::BF16(cast_or_decode(data, lowbit::bf16::from_le_bytes))),
-                Dtype::F32 => (DType::F32, Floats::F32(cast_or_decode(data, f32::from_le_bytes))),
-                other => {
-                    return Err(CliError::new(format!("dtype {other:?}; expected a floating tensor (F32, F16, BF16)")))
-                }
+    let mapped = match info.stored {
+        StoredType::Safetensors(_) => Some(ck.tensor(name)?),
+        StoredType::Ggml(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => ck.tensor(name).ok(),
+        StoredType::Ggml(_) => None,
+    };
+    if let Some(view) = mapped {
+        let data = view.data();
+        return Ok(match view.dtype() {
+            Dtype::F16 => (DType::F16, Floats::F16(elems(data))),
+            Dtype::BF16 => (DType::BF16, Floats::BF16(elems(data))),
+            Dtype::F32 => (DType::F32, Floats::F32(elems(data))),
+            other => {
+                return Err(CliError::new(format!("dtype {other:?}; expected a floating tensor (F32, F16, BF16)")))
             }
+        });
+    }
+    let numel: usize = info.shape.iter().product();
+    Ok(match info.stored {
+        StoredType::Ggml(GgmlType::F16) => {
+            (DType::F16, Floats::F16(Elems::Owned(narrow(ck.tensor_f32(name)?, numel, lowbit::f16::from_f32)?)))
         }
-        StoredType::Ggml(GgmlType::F16) => (
-            DType::F16,
-            Floats::F16(ck.tensor_f32(name)?.into_iter().map(lowbit::f16::from_f32).collect::<Vec<_>>().into()),
-        ),
-        StoredType::Ggml(GgmlType::BF16) => (
-            DType::BF16,
-            Floats::BF16(ck.tensor_f32(name)?.into_iter().map(lowbit::bf16::from_f32).collect::<Vec<_>>().into()),
-        ),
-        StoredType::Ggml(_) => (DType::F32, Floats::F32(ck.tensor_f32(name)?.into())),
+        StoredType::Ggml(GgmlType::BF16) => {
+            (DType::BF16, Floats::BF16(Elems::Owned(narrow(ck.tensor_f32(name)?, numel, lowbit::bf16::from_f32)?)))
+        }
+        _ => (DType::F32, Floats::F32(Elems::Owned(ck.tensor_f32(name)?))),
     })
 }
 
-/// Quantizes values of one element type; the 4-bit quant state records that type.
-fn quantize_values<T: Element>(name: &str, x: &[T], shape: &[usize], scheme: Scheme) -> Result<Entries, CliError> {
-    Ok(match scheme {
-        Scheme::Int8(granularity) => {
-            let q = lowbit::affine::quantize(x, shape, granularity)?;
-            int8_layout::to_tensors(name, &q).into()
-        }
-        Scheme::FourBit { format, blocksize, double_quant } => {
-            let t = lowbit::nf4::quantize_4bit(format, x, shape, blocksize, double_quant)?;
-            lowbit::io::bnb::to_tensors(name, &t)?
-        }
-    })
+/// f32 values narrowed (exactly, they came from this type) to their stored type.
+fn narrow<T>(v: Vec<f32>, numel: usize, f: fn(f32) -> T) -> Result<Vec<T>, CliError> {
+    let mut out = Vec::new();
+    chunked::reserve(&mut out, numel)?;
+    out.extend(v.into_iter().map(f));
+    Ok(out)
+}
+
+/// The elements of `bytes` in place when aligned for `T` on a little-endian machine (no copy: the mapped
+/// checkpoint is read once, by the quantizer), else decoded a chunk at a time.
+fn elems<T: bytemuck::Pod>(bytes: &[u8]) -> Elems<'_, T> {
+    match bytemuck::try_cast_slice::<u8, T>(bytes) {
+        Ok(v) if cfg!(target_endian = "little") => Elems::Borrowed(v),
+        _ => Elems::Unaligned(bytes),
+    }
+}
+
+/// Writes a tensor that is not quantized ([`plain_tensor`]'s rules) as one unit; safetensors tensors straight
+/// from the map, without a copy. Returns the bytes written.
+pub fn copy_plain(
+    sink: &mut Sink,
+    ck: &Checkpoint,
+    name: &str,
+    info: &TensorInfo,
+    dtype: Option<DType>,
+) -> Result<usize, CliError> {
+    if let StoredType::Safetensors(_) = info.stored {
+        let view = ck.tensor(name)?;
+        let w = sink.begin_unit(view.data().len() as u64)?;
+        w.begin(name, view.dtype(), view.shape().to_vec())?;
+        w.write(view.data())?;
+        w.end()?;
+        sink.end_unit(HashMap::new());
+        return Ok(view.data().len());
+    }
+    let t = plain_tensor(ck, name, info, dtype)?;
+    let bytes = t.data.len();
+    sink.push(&[(name.to_string(), t)], HashMap::new())?;
+    Ok(bytes)
 }
 
 /// A tensor that is not quantized: safetensors tensors as stored; GGUF F32/F16/BF16 in their own type; GGUF
@@ -275,20 +334,6 @@ pub fn encode_f32(x: &[f32], dtype: DType) -> Vec<u8> {
         DType::BF16 => x.iter().for_each(|&v| out.extend_from_slice(&lowbit::bf16::from_f32(v).to_le_bytes())),
     }
     out
-}
-
-/// The elements in place when `bytes` is aligned for `T` on a little-endian machine (no copy: the mapped
-/// checkpoint is read once, by the quantizer), else decoded with `f`.
-fn cast_or_decode<T: bytemuck::Pod, const N: usize>(bytes: &[u8], f: fn([u8; N]) -> T) -> Cow<'_, [T]> {
-    match bytemuck::try_cast_slice::<u8, T>(bytes) {
-        Ok(v) if cfg!(target_endian = "little") && std::mem::size_of::<T>() == N => Cow::Borrowed(v),
-        _ => Cow::Owned(decode(bytes, f)),
-    }
-}
-
-/// Decodes little-endian elements of `N` bytes (any alignment).
-fn decode<T, const N: usize>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-    bytes.chunks_exact(N).map(|c| f(std::array::from_fn(|i| c[i]))).collect()
 }
 
 fn mib(bytes: usize) -> f64 {

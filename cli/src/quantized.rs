@@ -140,42 +140,6 @@ impl Quantized {
         })
     }
 
-    /// The dequantized values as little-endian bytes of `dtype`, into `out` (resized; its allocation is
-    /// reused across calls, so a conversion does not fault in fresh pages per tensor). Values are written in
-    /// place when `out` is aligned for the element type on a little-endian machine, else through
-    /// [`dequantize_to_bytes`](Self::dequantize_to_bytes).
-    pub fn dequantize_into_bytes(&self, dtype: DType, out: &mut Vec<u8>) -> Result<(), CliError> {
-        let n: usize = self.shape().iter().product();
-        let width = match dtype {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-        };
-        out.resize(n * width, 0);
-        if cfg!(target_endian = "little") {
-            let done = match dtype {
-                DType::F32 => self.fill(bytemuck::try_cast_slice_mut::<u8, f32>(out).ok())?,
-                DType::F16 => self.fill(bytemuck::try_cast_slice_mut::<u8, lowbit::f16>(out).ok())?,
-                DType::BF16 => self.fill(bytemuck::try_cast_slice_mut::<u8, lowbit::bf16>(out).ok())?,
-            };
-            if done {
-                return Ok(());
-            }
-        }
-        let bytes = self.dequantize_to_bytes(dtype)?;
-        out.copy_from_slice(&bytes);
-        Ok(())
-    }
-
-    /// Dequantizes into `out` when given; whether it did.
-    fn fill<T: lowbit::Element>(&self, out: Option<&mut [T]>) -> Result<bool, CliError> {
-        let Some(out) = out else { return Ok(false) };
-        match self {
-            Quantized::Int8(q, _) => q.dequantize_into(out)?,
-            Quantized::FourBit(t) => t.dequantize_into(out)?,
-        }
-        Ok(true)
-    }
-
     /// The dequantized values as little-endian bytes of `dtype`.
     pub fn dequantize_to_bytes(&self, dtype: DType) -> Result<Vec<u8>, CliError> {
         let bytes = match self {
@@ -320,26 +284,4 @@ pub fn dequantize_weight(w: &QuantWeight) -> Result<Vec<f32>, CliError> {
         QuantWeight::Int8(q) => q.dequantize::<f32>()?,
         QuantWeight::FourBit(t) => t.dequantize::<f32>()?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The in-place path writes the same bytes as the allocating one, for every scheme family and dtype,
-    /// also into a reused buffer that was larger before.
-    #[test]
-    fn dequantize_into_bytes_equals_dequantize_to_bytes() {
-        let x: Vec<f32> = (0..3 * 128).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
-        let shape = [3usize, 128];
-        let int8 = lowbit::affine::quantize(&x, &shape, lowbit::affine::Granularity::PerChannel).unwrap();
-        let nf4 = lowbit::nf4::quantize_4bit(lowbit::nf4::FourBitFormat::Nf4, &x, &shape, 64, true).unwrap();
-        let mut buf = vec![0xAAu8; 10_000];
-        for q in [Quantized::Int8(int8, DType::F32), Quantized::FourBit(nf4)] {
-            for dt in [DType::F32, DType::F16, DType::BF16] {
-                q.dequantize_into_bytes(dt, &mut buf).unwrap();
-                assert_eq!(buf, q.dequantize_to_bytes(dt).unwrap(), "{} {dt:?}", q.describe());
-            }
-        }
-    }
 }

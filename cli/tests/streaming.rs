@@ -105,3 +105,47 @@ fn conversions_hold_one_tensor_not_the_model() {
     assert_ok(&o);
     assert!(stdout(&o).contains(&format!("{TENSORS} tensor(s)")), "{}", stdout(&o));
 }
+
+/// One tensor larger than the whole budget is converted in chunks: a 512 MiB f32 weight (a sparse file, so
+/// the test costs no disk for the input) is quantized and dequantized with `--memory-budget 16MiB` in far less
+/// anonymous memory than the tensor (whole-tensor conversion needed its codes, 64 MiB for NF4 and 128 MiB for
+/// int8, or its 512 MiB of f32 at once).
+#[test]
+fn one_tensor_larger_than_the_budget_is_converted_in_chunks() {
+    if !Path::new("/proc/self/status").exists() {
+        eprintln!("skipped: no /proc (RssAnon sampling needs Linux)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = tmp.path().join("huge.safetensors");
+    let (rows, cols) = (8192usize, 16384usize);
+    let bytes = rows * cols * 4;
+    let header =
+        serde_json::json!({"model.embed.weight": {"dtype": "F32", "shape": [rows, cols], "data_offsets": [0, bytes]}});
+    let mut h = serde_json::to_vec(&header).unwrap();
+    h.resize(h.len().next_multiple_of(8), b' ');
+    let mut head = (h.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(&h);
+    std::fs::write(&dense, &head).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&dense).unwrap().set_len((head.len() + bytes) as u64).unwrap();
+    let bound = 48.0;
+    for scheme in ["nf4:64+dq", "int8:channel"] {
+        let q = tmp.path().join(format!("q-{}.safetensors", scheme.replace(':', "_")));
+        let args =
+            ["quantize", s(&dense), "--scheme", scheme, "--include", "*", "--memory-budget", "16MiB", "-o", s(&q)];
+        let (ok, peak, err) = peak_anon_mib(&args);
+        assert!(ok, "quantize {scheme}: {err}");
+        eprintln!("quantize {scheme}, one 512 MiB tensor: peak RssAnon {peak:.1} MiB");
+        assert!(peak < bound, "quantize {scheme}: peak anonymous memory {peak:.1} MiB ≥ {bound} MiB");
+        let back = tmp.path().join("back.safetensors");
+        let args = ["dequantize", s(&q), "--memory-budget", "16MiB", "--force", "-o", s(&back)];
+        let (ok, peak, err) = peak_anon_mib(&args);
+        assert!(ok, "dequantize {scheme}: {err}");
+        eprintln!("dequantize {scheme}, one 512 MiB tensor: peak RssAnon {peak:.1} MiB");
+        assert!(peak < bound, "dequantize {scheme}: peak anonymous memory {peak:.1} MiB ≥ {bound} MiB");
+        let ck = lowbit::io::Checkpoint::open(&back).unwrap();
+        let t = ck.tensor("model.embed.weight").unwrap();
+        assert_eq!((t.shape(), t.data().len()), (&[rows, cols][..], bytes), "{scheme}: the whole tensor back");
+        assert!(t.data().iter().all(|&b| b == 0), "{scheme}: zeros dequantize to zeros");
+    }
+}

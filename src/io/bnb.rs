@@ -602,12 +602,23 @@ pub fn load_checkpoint_with_limits(file: &SafeTensors<'_>, limits: &Limits) -> R
 
 /// The quant-state fields of `t` (what [`to_tensors`] writes as JSON).
 pub fn quant_state_of(t: &FourBitTensor) -> QuantStateJson {
+    quant_state(t.format(), t.blocksize(), t.dtype(), t.shape().to_vec(), t.scales())
+}
+
+/// The quant-state fields of a 4-bit weight of `shape` (quantized from `dtype`) with `scales`.
+pub fn quant_state(
+    format: FourBitFormat,
+    blocksize: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    scales: &BlockScales,
+) -> QuantStateJson {
     QuantStateJson {
-        format: t.format(),
-        blocksize: t.blocksize(),
-        dtype: t.dtype(),
-        shape: t.shape().to_vec(),
-        nested: match t.scales() {
+        format,
+        blocksize,
+        dtype,
+        shape,
+        nested: match scales {
             BlockScales::Plain(_) => None,
             BlockScales::Double(d) => Some(NestedJson { blocksize: d.nested_blocksize(), offset: d.offset() }),
         },
@@ -644,7 +655,6 @@ pub fn check_writable(name: &str, shape: &[usize]) -> Result<()> {
 /// Errors if `t`'s table is not the built-in table of its format (bitsandbytes would decode it with the
 /// built-in one), and on anything the reader would refuse ([`check_writable`]): what this writes, lowbit reads.
 pub fn to_tensors(name: &str, t: &FourBitTensor) -> Result<Vec<(String, TensorData)>> {
-    check_writable(name, t.shape())?;
     let builtin = t.format().table();
     if let Some(i) = (0..16).find(|&i| t.table()[i].to_bits() != builtin[i].to_bits()) {
         return Err(Error::invalid(
@@ -653,7 +663,29 @@ pub fn to_tensors(name: &str, t: &FourBitTensor) -> Result<Vec<(String, TensorDa
             format!("the built-in {} table ({:e}); bitsandbytes ignores a stored quant_map", t.format(), builtin[i]),
         ));
     }
-    let json = quant_state_of(t).to_json()?;
+    let params = param_tensors(name, &quant_state_of(t), t.scales())?;
+    let mut out = vec![(name.to_string(), TensorData::from_slice(Dtype::U8, vec![t.packed().len(), 1], t.packed()))];
+    out.extend(params);
+    Ok(out)
+}
+
+/// The entries [`to_tensors`] writes after the packed codes (`name.absmax`, ..., the quant state), from the
+/// quant state and the block scales alone: what a writer that streams the codes in pieces (see
+/// [`SafetensorsWriter::begin`](crate::io::SafetensorsWriter::begin)) adds after them. The codes entry is
+/// `name`, U8 of shape `[(numel + 1) / 2, 1]`. Errors as [`to_tensors`] ([`check_writable`], the quant-state
+/// size), or when the number of scales does not match the shape and block size.
+pub fn param_tensors(name: &str, state: &QuantStateJson, scales: &BlockScales) -> Result<Vec<(String, TensorData)>> {
+    check_writable(name, &state.shape)?;
+    let numel = crate::shape::numel(&state.shape)?;
+    let nb = numel.div_ceil(state.blocksize.max(1));
+    if scales.len() != nb {
+        return Err(Error::shape(
+            format!("number of block scales for shape {:?}, block size {}", state.shape, state.blocksize),
+            scales.len(),
+            nb,
+        ));
+    }
+    let json = state.to_json()?;
     if json.len() > MAX_QUANT_STATE_LEN {
         return Err(Error::invalid(
             "quant state",
@@ -661,22 +693,25 @@ pub fn to_tensors(name: &str, t: &FourBitTensor) -> Result<Vec<(String, TensorDa
             format!("at most {MAX_QUANT_STATE_LEN} (MAX_QUANT_STATE_LEN; the reader refuses more)"),
         ));
     }
-    let nb = t.num_blocks();
-    let mut out = vec![(name.to_string(), TensorData::from_slice(Dtype::U8, vec![t.packed().len(), 1], t.packed()))];
-    match t.scales() {
+    let table = state.format.table();
+    let mut out = Vec::with_capacity(5);
+    match scales {
         BlockScales::Plain(a) => {
             out.push((format!("{name}.absmax"), TensorData::from_slice(Dtype::F32, vec![nb], a)));
-            out.push((format!("{name}.quant_map"), TensorData::from_slice(Dtype::F32, vec![16], t.table())));
+            out.push((format!("{name}.quant_map"), TensorData::from_slice(Dtype::F32, vec![16], table)));
         }
         BlockScales::Double(d) => {
             out.push((format!("{name}.absmax"), TensorData::from_slice(Dtype::U8, vec![nb], d.codes())));
-            out.push((format!("{name}.quant_map"), TensorData::from_slice(Dtype::F32, vec![16], t.table())));
+            out.push((format!("{name}.quant_map"), TensorData::from_slice(Dtype::F32, vec![16], table)));
             let nn = d.nested_absmax();
             out.push((format!("{name}.nested_absmax"), TensorData::from_slice(Dtype::F32, vec![nn.len()], nn)));
             out.push((format!("{name}.nested_quant_map"), TensorData::from_slice(Dtype::F32, vec![256], &d.map()[..])));
         }
     }
-    out.push((quant_state_key(name, t.format()), TensorData::from_slice(Dtype::U8, vec![json.len()], json.as_bytes())));
+    out.push((
+        quant_state_key(name, state.format),
+        TensorData::from_slice(Dtype::U8, vec![json.len()], json.as_bytes()),
+    ));
     Ok(out)
 }
 

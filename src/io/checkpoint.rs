@@ -115,6 +115,9 @@ pub(crate) fn load_layer(src: &dyn Source, layout: &Layout, path: &str, limits: 
 struct MappedFile {
     path: PathBuf,
     bytes: SharedBytes,
+    /// The map behind `bytes` when lowbit mapped the file itself (for access advice); `None` for bytes from
+    /// the caller.
+    map: Option<Arc<memmap2::Mmap>>,
 }
 
 /// Where one tensor lives.
@@ -305,7 +308,7 @@ impl Checkpoint {
     pub fn from_gguf(file: GgufFile, limits: Limits) -> Result<Checkpoint> {
         let path = file.path().to_path_buf();
         let map = HfMapping::new(&file).map_err(|e| with_file_context(e, &path))?;
-        let files = vec![MappedFile { path: path.clone(), bytes: file.bytes().clone() }];
+        let files = vec![MappedFile { path: path.clone(), bytes: file.bytes().clone(), map: None }];
         Ok(Checkpoint {
             path,
             files,
@@ -343,7 +346,7 @@ impl Checkpoint {
         if (*bytes).as_ref().starts_with(GGUF_MAGIC) {
             return Checkpoint::from_gguf(GgufFile::from_shared(bytes, limits)?, limits);
         }
-        let file = MappedFile { path: PathBuf::from("<memory>"), bytes };
+        let file = MappedFile { path: PathBuf::from("<memory>"), bytes, map: None };
         Checkpoint::build(PathBuf::from("<memory>"), vec![file], None, limits)
     }
 
@@ -547,6 +550,22 @@ impl Checkpoint {
         load_layer(self, &self.layout, name, &self.limits).map_err(|e| with_file_context(e, &file))
     }
 
+    /// The quantized weight stored under tensor name `name` (e.g. `model.layers.0.mlp.up_proj.weight`, any
+    /// name [`quantized_weight_names`](Self::quantized_weight_names) lists), with its parameter entries from
+    /// whichever file holds them; the codes are views of the mapped files (no copy), validated as
+    /// [`layer`](Self::layer) validates a layer's weight. Errors on a dense checkpoint or a malformed weight.
+    pub fn quantized_weight(&self, name: &str) -> Result<QuantWeight> {
+        let file = self.tensors.get(name).map(|e| self.files[e.file].path.clone()).unwrap_or_default();
+        let w = match &self.layout {
+            Layout::Int8(l) => l.load_from(self, name, &self.limits).map(QuantWeight::Int8),
+            Layout::Bnb4bit => bnb::load_weight_from(self, name, &self.limits).map(QuantWeight::FourBit),
+            Layout::Dense => Err(Error::Unsupported {
+                what: format!("weight `{name}`: a dense checkpoint has no quantized weights"),
+            }),
+        };
+        w.map_err(|e| with_file_context(e, &file))
+    }
+
     /// Every quantized linear layer, `(module path, layer)`, sorted by path (the order of
     /// [`layer_names`](Self::layer_names)). Errors as [`layer`](Self::layer) on the first bad one.
     pub fn layers(&self) -> Result<Vec<(String, QuantLinear)>> {
@@ -592,6 +611,36 @@ impl Checkpoint {
         TensorView::new(e.dtype, e.shape.clone(), self.data(e)).map_err(|err| {
             Error::format(format!("tensor `{name}` in {}", self.files[e.file].path.display()), err.to_string())
         })
+    }
+
+    /// Tells the operating system that the mapped files will be read once, front to back (a whole-checkpoint
+    /// conversion): more read-ahead, and pages reclaimed sooner after use. Advice only: reading is unchanged,
+    /// and it does nothing for bytes the caller provided or on platforms without `madvise`.
+    pub fn advise_sequential(&self) {
+        #[cfg(unix)]
+        for f in &self.files {
+            if let Some(map) = &f.map {
+                let _ = map.advise(memmap2::Advice::Sequential);
+            }
+        }
+    }
+
+    /// Releases this process's mapping of the pages of tensor `name` once a conversion has consumed them, so
+    /// resident memory stays flat in model size; the pages stay in the page cache and reading the tensor again
+    /// maps them again, with the same bytes. Does nothing for an unknown name, bytes the caller provided,
+    /// GGUF files, or on platforms without `madvise`.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.tensors.get(name) {
+            if let Some(map) = &self.files[e.file].map {
+                // SAFETY: `map` is a read-only shared file mapping (`Mmap::map`, never written). MADV_DONTNEED on
+                // such a mapping drops only this process's page-table entries; the next access faults the same
+                // file bytes back in from the page cache, so every outstanding `&[u8]` into the map keeps
+                // reading the file's contents (it is not the zero-fill behaviour of private anonymous memory).
+                let _ =
+                    unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, e.start, e.end - e.start) };
+            }
+        }
     }
 
     /// The stored type, shape and size of tensor `name`; errors as [`tensor`](Self::tensor) (for a GGUF, only
@@ -742,8 +791,8 @@ fn map_file(path: &Path) -> Result<MappedFile> {
     // truncating or rewriting the file in place meanwhile: a truncation makes reading the lost pages raise
     // SIGBUS and a rewrite changes bytes under the views. `Checkpoint`'s docs ("Memory mapping") tell callers
     // not to do that and to use `Checkpoint::from_bytes` where they cannot rule it out.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    Ok(MappedFile { path: path.to_path_buf(), bytes: Arc::new(map) })
+    let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
+    Ok(MappedFile { path: path.to_path_buf(), bytes: map.clone(), map: Some(map) })
 }
 
 /// Reads and parses a small JSON file (a config or a shard index), refusing it before reading when it is

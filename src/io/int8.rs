@@ -60,12 +60,18 @@ pub fn zero_point_key(name: &str) -> String {
 /// The three entries that store `q` under `name`: codes (U8, `q`'s shape), scales (F32 `[n]`) and zero points
 /// (U8 `[n]`).
 pub fn to_tensors(name: &str, q: &AffineTensor) -> [(String, TensorData); 3] {
-    let n = q.scales().len();
-    let scales: Vec<u8> = q.scales().iter().flat_map(|s| s.to_le_bytes()).collect();
+    let [scale, zero_point] = param_tensors(name, q.scales(), q.zero_points());
+    [(name.to_string(), TensorData::from_slice(Dtype::U8, q.shape().to_vec(), q.codes())), scale, zero_point]
+}
+
+/// The entries [`to_tensors`] writes after the codes (`NAME.scale`, `NAME.zero_point`), from the parameters
+/// alone: what a writer that streams the codes in pieces adds after them. The codes entry is `NAME`, U8 of the
+/// weight's shape.
+pub fn param_tensors(name: &str, scales: &[f32], zero_points: &[u8]) -> [(String, TensorData); 2] {
+    let bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
     [
-        (name.to_string(), TensorData::from_slice(Dtype::U8, q.shape().to_vec(), q.codes())),
-        (scale_key(name), TensorData::from_slice(Dtype::F32, vec![n], &scales)),
-        (zero_point_key(name), TensorData::from_slice(Dtype::U8, vec![n], q.zero_points())),
+        (scale_key(name), TensorData::from_slice(Dtype::F32, vec![scales.len()], &bytes)),
+        (zero_point_key(name), TensorData::from_slice(Dtype::U8, vec![zero_points.len()], zero_points)),
     ]
 }
 

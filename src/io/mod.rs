@@ -230,8 +230,20 @@ fn header_json(
     infos: Vec<(String, safetensors::tensor::TensorInfo)>,
 ) -> Result<Vec<u8>> {
     let ctx = "safetensors output";
-    let meta = safetensors::tensor::Metadata::new(metadata, infos).map_err(|e| Error::format(ctx, e.to_string()))?;
-    let mut json = serde_json::to_string(&meta).map_err(|e| Error::format(ctx, e.to_string()))?.into_bytes();
+    let meta = safetensors::tensor::Metadata::new(None, infos).map_err(|e| Error::format(ctx, e.to_string()))?;
+    let tensors = serde_json::to_string(&meta).map_err(|e| Error::format(ctx, e.to_string()))?;
+    // `__metadata__` first, its keys sorted, so the same conversion always writes the same bytes (a HashMap
+    // would serialize in a different order in every process).
+    let mut json = match metadata.filter(|m| !m.is_empty()) {
+        None => tensors.into_bytes(),
+        Some(m) => {
+            let sorted: std::collections::BTreeMap<String, String> = m.into_iter().collect();
+            let m = serde_json::to_string(&sorted).map_err(|e| Error::format(ctx, e.to_string()))?;
+            let rest = tensors.strip_prefix('{').unwrap_or(&tensors);
+            let sep = if rest.starts_with('}') { "" } else { "," };
+            format!("{{\"__metadata__\":{m}{sep}{rest}").into_bytes()
+        }
+    };
     json.resize(json.len().next_multiple_of(HEADER_LEN_BYTES), b' ');
     if json.len() > MAX_HEADER_BYTES {
         return Err(Error::format(

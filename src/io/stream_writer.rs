@@ -9,11 +9,16 @@
 //! (`copy_file_range` on Linux): memory stays flat either way. Tensors are stored in the order pushed. The
 //! file is a registered temporary next to the destination until it is complete, synced and moved into place
 //! ([`atomic::TempFile::persist`]), so an interrupted conversion leaves nothing behind.
+//!
+//! A tensor too large to hold is written in pieces: [`begin`](SafetensorsWriter::begin) declares its name,
+//! dtype and shape (so its length is known), [`write`](SafetensorsWriter::write) appends bytes as they are
+//! converted, and [`end`](SafetensorsWriter::end) checks that exactly the declared length arrived.
 
 use super::atomic::{self, TempFile};
 use super::{check_tensor_bytes, header_json, TensorData, HEADER_LEN_BYTES as LEN_BYTES, MAX_HEADER_BYTES};
 use crate::error::{Error, Result};
 use safetensors::tensor::TensorInfo;
+use safetensors::Dtype;
 use std::collections::{HashMap, HashSet};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -33,6 +38,8 @@ pub struct SafetensorsWriter {
     seen: HashSet<String>,
     data_bytes: usize,
     metadata: HashMap<String, String>,
+    /// The tensor being written in pieces: its name, info and the bytes still expected.
+    open: Option<(String, TensorInfo, usize)>,
 }
 
 impl SafetensorsWriter {
@@ -61,6 +68,7 @@ impl SafetensorsWriter {
             seen: HashSet::new(),
             data_bytes: 0,
             metadata: HashMap::new(),
+            open: None,
         })
     }
 
@@ -68,23 +76,73 @@ impl SafetensorsWriter {
     /// shape, or the name is already in the file; a write error names the temporary.
     pub fn push(&mut self, name: &str, t: &TensorData) -> Result<()> {
         check_tensor_bytes(name, t)?;
+        self.begin(name, t.dtype, t.shape.clone())?;
+        self.write(&t.data)?;
+        self.end()
+    }
+
+    /// Starts tensor `name` of `dtype` and `shape`, whose bytes follow through [`write`](Self::write).
+    /// Errors when another tensor is still open, the name is already in the file, or the shape's byte length
+    /// overflows.
+    pub fn begin(&mut self, name: &str, dtype: Dtype, shape: Vec<usize>) -> Result<()> {
+        if let Some((open, ..)) = &self.open {
+            return Err(Error::format(
+                "safetensors output",
+                format!("tensor `{name}` started while `{open}` is still being written"),
+            ));
+        }
         if self.seen.contains(name) {
             return Err(Error::format("safetensors output", format!("tensor `{name}` written twice")));
         }
+        let len = crate::shape::numel(&shape)
+            .ok()
+            .and_then(|n| n.checked_mul(dtype.bitsize()))
+            .map(|b| b.div_ceil(8))
+            .ok_or_else(|| {
+                Error::format("safetensors output", format!("tensor `{name}`: {dtype:?} {shape:?} overflows usize"))
+            })?;
+        let start = self.data_bytes;
+        let info = TensorInfo { dtype, shape, data_offsets: (start, start + len) };
+        self.open = Some((name.to_string(), info, len));
+        Ok(())
+    }
+
+    /// Appends bytes of the open tensor. Errors when no tensor is open or `bytes` runs past its declared
+    /// length; a write error names the temporary.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let Some((name, _, left)) = &mut self.open else {
+            return Err(Error::format("safetensors output", "bytes written with no tensor started"));
+        };
+        if bytes.len() > *left {
+            return Err(Error::format(
+                "safetensors output",
+                format!("tensor `{name}`: {} more bytes than its dtype and shape hold", bytes.len() - *left),
+            ));
+        }
+        *left -= bytes.len();
         let path = self.tmp.path().to_path_buf();
         // In pieces of WRITE_CHUNK: one huge write() is several times slower into the page cache (measured on
         // Linux/ext4: 4 GiB in 128 MiB writes 0.4 GB/s, in 1 MiB writes 4.4 GB/s).
-        for piece in t.data.chunks(WRITE_CHUNK) {
+        for piece in bytes.chunks(WRITE_CHUNK) {
             self.tmp.file().write_all(piece).map_err(|e| atomic::write_error(&path, e))?;
         }
-        let end = self.data_bytes + t.data.len();
-        self.seen.insert(name.to_string());
-        self.entries.push((
-            name.to_string(),
-            TensorInfo { dtype: t.dtype, shape: t.shape.clone(), data_offsets: (self.data_bytes, end) },
-        ));
-        self.data_bytes = end;
+        self.data_bytes += bytes.len();
         Ok(())
+    }
+
+    /// Completes the open tensor. Errors when none is open or fewer bytes arrived than it holds.
+    pub fn end(&mut self) -> Result<()> {
+        match self.open.take() {
+            None => Err(Error::format("safetensors output", "end() with no tensor started")),
+            Some((name, _, left)) if left > 0 => {
+                Err(Error::format("safetensors output", format!("tensor `{name}` ended {left} bytes short")))
+            }
+            Some((name, info, _)) => {
+                self.seen.insert(name.clone());
+                self.entries.push((name, info));
+                Ok(())
+            }
+        }
     }
 
     /// Adds `__metadata__` entries.
@@ -106,6 +164,9 @@ impl SafetensorsWriter {
     /// only with `replace`; see [`atomic::persist_file`]). Returns the size of the file.
     pub fn finish(self, replace: bool) -> Result<u64> {
         let ctx = "safetensors output";
+        if let Some((name, ..)) = &self.open {
+            return Err(Error::format(ctx, format!("finished while tensor `{name}` is still being written")));
+        }
         let SafetensorsWriter { dest, mut tmp, reserved, entries, data_bytes, metadata, .. } = self;
         let metadata = if metadata.is_empty() { None } else { Some(metadata) };
         let mut json = header_json(metadata, entries)?;
