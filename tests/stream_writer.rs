@@ -100,3 +100,42 @@ fn unfinished_writers_leave_nothing_and_existing_files_survive_without_replace()
     w.finish(true).unwrap();
     assert_eq!(SafeTensors::deserialize(&std::fs::read(&path).unwrap()).unwrap().names(), ["a"]);
 }
+
+/// A tensor written in pieces (`begin` / `write` / `end`) is the same file as one pushed whole; misuse is an
+/// error, never a corrupt file: bytes with no tensor open, more or fewer bytes than the shape holds, a second
+/// tensor started before the first ended, finishing with a tensor open.
+#[test]
+fn pieces_equal_a_whole_push_and_misuse_is_an_error() {
+    let dir = lowbit_testkit::scratch::ScratchDir::new("stream-writer-pieces");
+    let vals: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
+    let t = TensorData::from_slice(Dtype::F32, vec![10, 100], &vals);
+    let whole = dir.path().join("whole.safetensors");
+    let mut w = SafetensorsWriter::create(&whole, 4096).unwrap();
+    w.push("w", &t).unwrap();
+    w.finish(false).unwrap();
+    let pieces = dir.path().join("pieces.safetensors");
+    let mut w = SafetensorsWriter::create(&pieces, 4096).unwrap();
+    w.begin("w", Dtype::F32, vec![10, 100]).unwrap();
+    for c in t.data.chunks(333) {
+        w.write(c).unwrap();
+    }
+    w.end().unwrap();
+    w.finish(false).unwrap();
+    assert_eq!(std::fs::read(&whole).unwrap(), std::fs::read(&pieces).unwrap());
+
+    let bad = dir.path().join("bad.safetensors");
+    let mut w = SafetensorsWriter::create(&bad, 4096).unwrap();
+    assert!(w.write(&[1, 2, 3]).unwrap_err().to_string().contains("no tensor started"));
+    assert!(w.end().is_err());
+    w.begin("a", Dtype::U8, vec![4]).unwrap();
+    assert!(w.begin("b", Dtype::U8, vec![4]).unwrap_err().to_string().contains("still being written"));
+    assert!(w.write(&[0; 5]).unwrap_err().to_string().contains("more bytes"));
+    w.write(&[0; 3]).unwrap();
+    assert!(w.end().unwrap_err().to_string().contains("1 bytes short"));
+    let mut w = SafetensorsWriter::create(&bad, 4096).unwrap();
+    w.begin("a", Dtype::U8, vec![4]).unwrap();
+    assert!(w.finish(false).unwrap_err().to_string().contains("still being written"));
+    assert!(!bad.exists(), "a failed writer leaves nothing at the destination");
+    let mut w = SafetensorsWriter::create(&bad, 4096).unwrap();
+    assert!(w.begin("huge", Dtype::F32, vec![usize::MAX / 2, 3]).unwrap_err().to_string().contains("overflow"));
+}

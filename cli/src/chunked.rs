@@ -117,15 +117,17 @@ fn at_offset(e: lowbit::Error, offset: usize) -> lowbit::Error {
 /// [`SafetensorsWriter::begin`]: lowbit::io::SafetensorsWriter::begin
 pub fn write_chunks<B: Send + Default>(
     w: &mut lowbit::io::SafetensorsWriter,
+    pool: &mut Vec<B>,
     chunks: usize,
     bytes: impl Fn(&B) -> &[u8] + Sync,
     mut produce: impl FnMut(usize, &mut B) -> Result<(), CliError>,
 ) -> Result<(), CliError> {
+    pool.resize_with(pool.len().max(2), B::default);
     if chunks <= 1 {
-        let mut b = B::default();
+        let b = &mut pool[0];
         for i in 0..chunks {
-            produce(i, &mut b)?;
-            w.write(bytes(&b))?;
+            produce(i, b)?;
+            w.write(bytes(b))?;
         }
         return Ok(());
     }
@@ -135,12 +137,15 @@ pub fn write_chunks<B: Send + Default>(
         let bytes = &bytes;
         let writer = s.spawn(move || -> Result<(), CliError> {
             for b in full_rx {
-                w.write(bytes(&b))?;
+                let wrote = w.write(bytes(&b));
                 let _ = empty_tx.send(b);
+                wrote?;
             }
             Ok(())
         });
-        let mut spare = vec![B::default(), B::default()];
+        // Two buffers in rotation, kept by the caller across tensors: a fresh large buffer per tensor would
+        // fault in every page of it again (measured: twice the page faults of the whole conversion).
+        let mut spare: Vec<B> = pool.drain(..2).collect();
         let mut produced = Ok(());
         for i in 0..chunks {
             // A buffer back from the writer; none when it stopped on an error (reported by its join).
@@ -155,8 +160,18 @@ pub fn write_chunks<B: Send + Default>(
         }
         drop(full_tx);
         let written = writer.join().unwrap_or_else(|_| Err(CliError::new("the writing thread panicked")));
+        pool.extend(spare);
+        pool.extend(empty_rx.try_iter());
         produced.and(written)
     })
+}
+
+/// Conversion buffers reused from tensor to tensor ([`write_chunks`]'s pool).
+#[derive(Default)]
+pub struct Buffers {
+    bytes: Vec<Vec<u8>>,
+    /// Words holding elements of any type up to 4 bytes (aligned for each), with the byte length in use.
+    words: Vec<(Vec<u32>, usize)>,
 }
 
 /// The elements of a buffer as little-endian bytes, in place (on a big-endian machine each element's bytes are
@@ -179,6 +194,7 @@ pub fn quantize_into<T: Element + bytemuck::Pod>(
     shape: &[usize],
     scheme: Scheme,
     chunk_bytes: usize,
+    buffers: &mut Buffers,
 ) -> Result<(), CliError> {
     let n = lowbit::shape::numel(shape)?;
     if x.len() != n {
@@ -187,9 +203,9 @@ pub fn quantize_into<T: Element + bytemuck::Pod>(
     let chunk_elems = chunk_bytes / std::mem::size_of::<T>();
     match scheme.validate()? {
         Scheme::FourBit { format, blocksize, double_quant } => {
-            quantize_4bit(w, name, x, shape, (format, blocksize, double_quant), chunk_elems)
+            quantize_4bit(w, name, x, shape, (format, blocksize, double_quant), chunk_elems, &mut buffers.bytes)
         }
-        Scheme::Int8(g) => quantize_int8(w, name, x, shape, g, chunk_elems),
+        Scheme::Int8(g) => quantize_int8(w, name, x, shape, g, chunk_elems, &mut buffers.bytes),
     }
 }
 
@@ -200,6 +216,7 @@ fn quantize_4bit<T: Element + bytemuck::Pod>(
     shape: &[usize],
     (format, bs, double_quant): (FourBitFormat, usize, bool),
     chunk_elems: usize,
+    pool: &mut Vec<Vec<u8>>,
 ) -> Result<(), CliError> {
     lowbit::io::bnb::check_writable(name, shape)?;
     let n = x.len();
@@ -210,6 +227,7 @@ fn quantize_4bit<T: Element + bytemuck::Pod>(
     w.begin(name, Dtype::U8, vec![n.div_ceil(2), 1])?;
     write_chunks(
         w,
+        pool,
         chunks.len(),
         |b: &Vec<u8>| b,
         |i, buf| {
@@ -244,6 +262,7 @@ fn quantize_int8<T: Element + bytemuck::Pod>(
     shape: &[usize],
     g: Granularity,
     chunk_elems: usize,
+    pool: &mut Vec<Vec<u8>>,
 ) -> Result<(), CliError> {
     let (rows, cols) = lowbit::shape::as_matrix(shape)?;
     let chunks = ranges(x.len(), chunk_elems, cols);
@@ -259,6 +278,7 @@ fn quantize_int8<T: Element + bytemuck::Pod>(
     w.begin(name, Dtype::U8, shape.to_vec())?;
     write_chunks(
         w,
+        pool,
         chunks.len(),
         |b: &Vec<u8>| b,
         |i, buf| {
@@ -335,12 +355,14 @@ pub fn dequantize_into(
     q: &QuantWeight,
     dtype: DType,
     chunk_bytes: usize,
+    buffers: &mut Buffers,
     check: &mut dyn FnMut(usize, &[u8], &dyn Fn() -> Result<Vec<f32>, CliError>) -> Result<(), CliError>,
 ) -> Result<(), CliError> {
+    let pool = &mut buffers.words;
     match dtype {
-        DType::F32 => dequantize_typed::<f32>(w, name, q, chunk_bytes, check),
-        DType::F16 => dequantize_typed::<lowbit::f16>(w, name, q, chunk_bytes, check),
-        DType::BF16 => dequantize_typed::<lowbit::bf16>(w, name, q, chunk_bytes, check),
+        DType::F32 => dequantize_typed::<f32>(w, name, q, chunk_bytes, pool, check),
+        DType::F16 => dequantize_typed::<lowbit::f16>(w, name, q, chunk_bytes, pool, check),
+        DType::BF16 => dequantize_typed::<lowbit::bf16>(w, name, q, chunk_bytes, pool, check),
     }
 }
 
@@ -349,6 +371,7 @@ fn dequantize_typed<T: Element + bytemuck::Pod>(
     name: &str,
     q: &QuantWeight,
     chunk_bytes: usize,
+    pool: &mut Vec<(Vec<u32>, usize)>,
     check: &mut dyn FnMut(usize, &[u8], &dyn Fn() -> Result<Vec<f32>, CliError>) -> Result<(), CliError>,
 ) -> Result<(), CliError> {
     let shape = q.shape().to_vec();
@@ -358,34 +381,39 @@ fn dequantize_typed<T: Element + bytemuck::Pod>(
         QuantWeight::FourBit(t) => t.blocksize(),
         QuantWeight::Int8(_) => cols,
     };
-    let chunks = ranges(n, chunk_bytes / std::mem::size_of::<T>(), align);
+    let size = std::mem::size_of::<T>();
+    let chunks = ranges(n, chunk_bytes / size, align);
     w.begin(name, lowbit::io::safetensors_dtype(T::DTYPE), shape)?;
-    write_chunks(
-        w,
-        chunks.len(),
-        |b: &Vec<T>| bytemuck::cast_slice(b),
-        |i, buf| {
-            let r = chunks[i].clone();
-            let part = part_of(q, r.clone(), cols)?;
-            buf.clear();
-            reserve(buf, r.len())?;
-            buf.resize(r.len(), T::default());
-            match &part {
-                QuantWeight::FourBit(t) => t.dequantize_into(buf)?,
-                QuantWeight::Int8(a) => a.dequantize_into(buf)?,
-            }
-            let values = || -> Result<Vec<f32>, CliError> {
-                Ok(match &part {
-                    QuantWeight::FourBit(t) => t.dequantize::<f32>()?,
-                    QuantWeight::Int8(a) => a.dequantize::<f32>()?,
-                })
-            };
-            // The buffer now holds little-endian bytes (swapped in place on a big-endian machine), as written.
-            check(r.start, le_bytes(buf), &values)
-        },
-    )?;
+    write_chunks(w, pool, chunks.len(), words_bytes, |i, (words, len)| {
+        let r = chunks[i].clone();
+        let part = part_of(q, r.clone(), cols)?;
+        *len = r.len() * size;
+        let need = len.div_ceil(4);
+        if words.len() < need {
+            reserve(words, need - words.len())?;
+            words.resize(need, 0);
+        }
+        let out = &mut bytemuck::cast_slice_mut::<u32, T>(words)[..r.len()];
+        match &part {
+            QuantWeight::FourBit(t) => t.dequantize_into(out)?,
+            QuantWeight::Int8(a) => a.dequantize_into(out)?,
+        }
+        let values = || -> Result<Vec<f32>, CliError> {
+            Ok(match &part {
+                QuantWeight::FourBit(t) => t.dequantize::<f32>()?,
+                QuantWeight::Int8(a) => a.dequantize::<f32>()?,
+            })
+        };
+        // The buffer now holds little-endian bytes (swapped in place on a big-endian machine), as written.
+        check(r.start, le_bytes(out), &values)
+    })?;
     w.end()?;
     Ok(())
+}
+
+/// The bytes in use of a words buffer.
+fn words_bytes(b: &(Vec<u32>, usize)) -> &[u8] {
+    &bytemuck::cast_slice::<u32, u8>(&b.0)[..b.1]
 }
 
 /// Elements `r` of `q` as a tensor of their own (`r` starts on a block boundary for 4-bit, a row boundary for

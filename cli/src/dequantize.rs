@@ -72,6 +72,22 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
             }
         }
     }
+    // The output's least possible size (4-bit weights may come back as 2-byte elements) against the free space.
+    let mut needed = 0u64;
+    for name in &names {
+        let info = ck.tensor_info(name)?;
+        let numel = info.shape.iter().product::<usize>() as u64;
+        needed += if layout.as_ref().is_some_and(|l| l.is_weight(name)) {
+            numel * d.dtype.map_or(2, |t| t.size()) as u64
+        } else if layout.as_ref().is_some_and(|l| l.is_param_entry(name)) {
+            0
+        } else if let StoredType::Ggml(_) = info.stored {
+            numel * d.dtype.map_or(4, |t| t.size()) as u64
+        } else {
+            info.bytes as u64
+        };
+    }
+    crate::output::check_free_space(d.output, needed)?;
     let mut sink =
         Sink::open(d.input, d.output, d.force, d.max_shard_size, metadata, names.iter().map(String::as_str))?;
 
@@ -84,6 +100,7 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
         }
     };
     let chunk_bytes = crate::chunked::chunk_bytes(d.memory_budget);
+    let mut buffers = crate::chunked::Buffers::default();
     ck.advise_sequential();
     for name in &names {
         progress.set_message(name);
@@ -101,7 +118,7 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
                 n_overflowed += check_overflow(name, &shape, offset, bytes, target, d.allow_overflow, values)?;
                 Ok(())
             };
-            crate::chunked::dequantize_into(w, name, &q, target, chunk_bytes, &mut check)
+            crate::chunked::dequantize_into(w, name, &q, target, chunk_bytes, &mut buffers, &mut check)
                 .context(|| format!("tensor `{name}`"))?;
             sink.end_unit(HashMap::new());
             note(target);

@@ -7,6 +7,7 @@
 //! usage errors from clap exit with status 2.
 
 mod adapter;
+mod bench_convert;
 mod chunked;
 mod console;
 mod dequantize;
@@ -366,6 +367,17 @@ enum Command {
     /// against the f64 reference; or, with --all, every kernel on every path against the memory limits.
     #[command(long_about = BENCH_LONG_ABOUT)]
     Bench {
+        /// Measure whole-checkpoint conversion instead: `quantize` (NF4+DQ, int8) and `dequantize` of a
+        /// synthetic f32 checkpoint of --size bytes, in GB/s next to the memory and file-write bandwidth of
+        /// the same run.
+        #[arg(long, conflicts_with_all = ["all", "format", "shape", "batch", "lora_rank", "threads", "device"])]
+        convert: bool,
+        /// With --convert: size of the synthetic checkpoint (e.g. 1GiB, 4GB).
+        #[arg(long, value_name = "SIZE", value_parser = hf_dir::parse_size, default_value = "1GiB", requires = "convert")]
+        size: u64,
+        /// With --convert: directory for the scratch files [default: the system's temporary directory].
+        #[arg(long, value_name = "DIR", requires = "convert")]
+        dir: Option<PathBuf>,
         /// Run the fixed suite (quantize, dequantize, GEMV, GEMM; every format and path) and print one
         /// Markdown table with each figure as a fraction of the memory bandwidth measured in the same run.
         #[arg(long, conflicts_with_all = ["format", "shape", "batch", "lora_rank", "threads", "iters", "device"])]
@@ -392,9 +404,9 @@ enum Command {
         /// Run in a pool of N threads [default: one per hardware thread].
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
         threads: Option<u32>,
-        /// Timed iterations (the median is reported).
-        #[arg(long, value_name = "K", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-        iters: u32,
+        /// Timed iterations (the median is reported) [default: 20, or 3 with --convert].
+        #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        iters: Option<u32>,
         /// Run on the CPU or on the preferred GPU adapter (kernel time from GPU timestamp queries where the
         /// adapter has them, else wall time per forward).
         #[arg(long, value_enum, default_value_t = Device::Cpu)]
@@ -599,6 +611,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
             },
         }),
         Command::Bench { all: true, json, quick, .. } => Ok(bench::all::run(bench::all::Suite { json, quick })?),
+        Command::Bench { convert: true, size, dir, iters, .. } => {
+            bench_convert::run(bench_convert::ConvertBench { size, iters: iters.unwrap_or(3) as usize, dir })
+        }
         Command::Bench { format, shape, batch, lora_rank, threads, iters, device, yes, .. } => {
             let (Some(format), Some((out, inp))) = (format, shape) else {
                 return Err(CliError::new("bench needs --format and --shape, or --all"));
@@ -610,7 +625,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 batch: batch as usize,
                 lora_rank: lora_rank.map(|r| r as usize),
                 threads: threads.map(|t| t as usize),
-                iters: iters as usize,
+                iters: iters.unwrap_or(20) as usize,
                 device: device.into(),
                 yes,
             })?)

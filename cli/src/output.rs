@@ -101,6 +101,47 @@ pub fn check_output(input: &Path, output: &Path, force: bool) -> Result<(), CliE
     Ok(())
 }
 
+/// Refuses, before anything is written, an output of about `needed` bytes that cannot fit in the free space
+/// of the filesystem that will hold `output` (what an unprivileged user may still write there). Does nothing
+/// where the free space cannot be read.
+pub fn check_free_space(output: &Path, needed: u64) -> Result<(), CliError> {
+    let Some(free) = free_bytes(atomic::parent_dir(output)) else { return Ok(()) };
+    if needed > free {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(CliError::new(format!(
+            "cannot write {}: the output needs about {:.2} GiB and its filesystem has {:.2} GiB free",
+            output.display(),
+            gib(needed),
+            gib(free)
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged user may still write on the filesystem holding `dir`.
+#[cfg(unix)]
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` points to writable memory for one `statvfs`, which the call
+    // fills completely when it returns 0 (the only case in which it is read).
+    let ok = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } == 0;
+    if !ok {
+        return None;
+    }
+    // SAFETY: initialised by the successful call above.
+    let st = unsafe { st.assume_init() };
+    // The field types differ between platforms (u32 / u64); widening is lossless everywhere.
+    #[allow(clippy::unnecessary_cast)]
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+#[cfg(not(unix))]
+fn free_bytes(_dir: &Path) -> Option<u64> {
+    None
+}
+
 /// The destination of a command's tensors.
 pub enum Sink {
     /// One safetensors file, written tensor by tensor (nothing but the tensor being converted is held).
@@ -216,5 +257,26 @@ impl Sink {
                 Ok(format!("wrote {} ({files}{config}{tok})", out.display()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An output larger than any filesystem's free space is refused up front with both sizes named; a small
+    /// one passes.
+    #[test]
+    fn free_space_is_checked_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("model.safetensors");
+        check_free_space(&out, 1 << 20).unwrap();
+        if free_bytes(dir.path()).is_none() {
+            eprintln!("skipped: the free space of {} cannot be read here", dir.path().display());
+            return;
+        }
+        let e = check_free_space(&out, u64::MAX).unwrap_err().to_string();
+        assert!(e.contains("needs about") && e.contains("GiB free"), "{e}");
+        assert!(!out.exists());
     }
 }

@@ -70,21 +70,36 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
         metadata.insert(int8_layout::SCHEME_KEY.to_string(), int8_layout::SCHEME_INT8.to_string());
         metadata.insert(int8_layout::GRANULARITY_KEY.to_string(), granularity.to_string());
     }
+    // Every tensor's size and fate up front: the output's size is checked against the free space before
+    // anything is written.
+    let mut plan = Vec::with_capacity(names.len());
+    let mut needed = 0u64;
+    for name in &names {
+        let info = ck.tensor_info(name)?;
+        let decision = q.selection.decide(name, is_floating(info.stored) && info.shape.len() >= 2);
+        let numel: usize = info.shape.iter().product();
+        needed += match (decision, info.stored) {
+            (Decision::Quantize, _) => estimate_quantized_bytes(numel, q.scheme),
+            (_, StoredType::Safetensors(_)) => info.bytes as u64,
+            (_, StoredType::Ggml(_)) => (numel * q.dtype.map_or(4, |d| d.size()).min(4)) as u64,
+        };
+        plan.push((info, decision));
+    }
+    crate::output::check_free_space(q.output, needed)?;
     let mut sink =
         Sink::open(q.input, q.output, q.force, q.max_shard_size, metadata, names.iter().map(String::as_str))?;
 
     let chunk_bytes = crate::chunked::chunk_bytes(q.memory_budget);
+    let mut buffers = chunked::Buffers::default();
     ck.advise_sequential();
     let progress = Progress::new(names.len() as u64, "quantizing");
     let mut n = Counts::default();
     let mut kept_weights: Vec<&str> = Vec::new();
     let mut source_dtypes: Vec<DType> = Vec::new();
     let mut lm_head_quantized = false;
-    for name in &names {
+    for (name, (info, decision)) in names.iter().zip(plan) {
         progress.set_message(name);
-        let info = ck.tensor_info(name)?;
         n.bytes_in += info.bytes;
-        let decision = q.selection.decide(name, is_floating(info.stored) && info.shape.len() >= 2);
         match decision {
             Decision::Quantize => {}
             Decision::NotQuantizable => {}
@@ -102,8 +117,8 @@ pub fn run(q: Quantize<'_>) -> Result<(), CliError> {
             let numel: usize = info.shape.iter().product();
             let w = sink.begin_unit(estimate_quantized_bytes(numel, q.scheme))?;
             let start = w.data_bytes();
-            let source =
-                quantize_tensor(w, &ck, name, &info, q.scheme, chunk_bytes).context(|| format!("tensor `{name}`"))?;
+            let source = quantize_tensor(w, &ck, name, &info, q.scheme, chunk_bytes, &mut buffers)
+                .context(|| format!("tensor `{name}`"))?;
             n.bytes_out += w.data_bytes() - start;
             let mut meta = HashMap::new();
             if let Scheme::Int8(_) = q.scheme {
@@ -206,13 +221,14 @@ fn quantize_tensor(
     info: &TensorInfo,
     scheme: Scheme,
     chunk_bytes: usize,
+    buffers: &mut chunked::Buffers,
 ) -> Result<DType, CliError> {
     let shape = &info.shape;
     let (source, values) = floats(ck, name, info)?;
     match &values {
-        Floats::F32(v) => chunked::quantize_into(w, name, v, shape, scheme, chunk_bytes)?,
-        Floats::F16(v) => chunked::quantize_into(w, name, v, shape, scheme, chunk_bytes)?,
-        Floats::BF16(v) => chunked::quantize_into(w, name, v, shape, scheme, chunk_bytes)?,
+        Floats::F32(v) => chunked::quantize_into(w, name, v, shape, scheme, chunk_bytes, buffers)?,
+        Floats::F16(v) => chunked::quantize_into(w, name, v, shape, scheme, chunk_bytes, buffers)?,
+        Floats::BF16(v) => chunked::quantize_into(w, name, v, shape, scheme, chunk_bytes, buffers)?,
     }
     Ok(source)
 }
