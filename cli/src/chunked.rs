@@ -346,6 +346,10 @@ fn calibrate_tensor<T: Element + bytemuck::Pod>(
     Ok(lowbit::affine::calibrate(&pair, &[1, pair.len()], Granularity::PerTensor)?)
 }
 
+/// What [`dequantize_into`] calls for every chunk: its first element's index, its bytes as written, and a
+/// function giving its f32 values (for the overflow check's message).
+pub type ChunkCheck<'a> = dyn FnMut(usize, &[u8], &dyn Fn() -> Result<Vec<f32>, CliError>) -> Result<(), CliError> + 'a;
+
 /// Dequantizes `q` to `dtype` and writes it to `w` as tensor `name`, in chunks of about `chunk_bytes` of
 /// output; the bytes equal those of dequantizing the whole tensor. `check(offset, bytes, values)` sees every
 /// chunk's bytes (element `offset` first) with a function giving its f32 values, for the overflow check.
@@ -356,7 +360,7 @@ pub fn dequantize_into(
     dtype: DType,
     chunk_bytes: usize,
     buffers: &mut Buffers,
-    check: &mut dyn FnMut(usize, &[u8], &dyn Fn() -> Result<Vec<f32>, CliError>) -> Result<(), CliError>,
+    check: &mut ChunkCheck<'_>,
 ) -> Result<(), CliError> {
     let pool = &mut buffers.words;
     match dtype {
@@ -372,7 +376,7 @@ fn dequantize_typed<T: Element + bytemuck::Pod>(
     q: &QuantWeight,
     chunk_bytes: usize,
     pool: &mut Vec<(Vec<u32>, usize)>,
-    check: &mut dyn FnMut(usize, &[u8], &dyn Fn() -> Result<Vec<f32>, CliError>) -> Result<(), CliError>,
+    check: &mut ChunkCheck<'_>,
 ) -> Result<(), CliError> {
     let shape = q.shape().to_vec();
     let n = lowbit::shape::numel(&shape)?;

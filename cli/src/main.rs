@@ -390,10 +390,10 @@ enum Command {
         quick: bool,
         /// Weight scheme: `nf4:64`, `nf4:64+dq` (or `nf4-dq`), `fp4:64`, `int8:channel` (or `int8`),
         /// `int8:tensor`, `int8:group:G`, ...
-        #[arg(long, value_parser = parse_scheme, value_name = "SCHEME", required_unless_present = "all")]
+        #[arg(long, value_parser = parse_scheme, value_name = "SCHEME", required_unless_present_any = ["all", "convert"])]
         format: Option<lowbit::Scheme>,
         /// Weight shape `OUTxIN`, e.g. 4096x4096 or 11008x4096.
-        #[arg(long, value_parser = parse_shape, value_name = "OUTxIN", required_unless_present = "all")]
+        #[arg(long, value_parser = parse_shape, value_name = "OUTxIN", required_unless_present_any = ["all", "convert"])]
         shape: Option<(usize, usize)>,
         /// Rows of the input x (1 = decode, hundreds = prefill).
         #[arg(long, value_name = "M", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
