@@ -642,7 +642,7 @@ fn main() -> ExitCode {
         _ => false,
     };
     let _runtime_dir = gpu::RuntimeDir::prepare(uses_gpu); // before any thread starts
-    signals::install(); // SIGINT/SIGTERM delete lowbit's temporaries, exit 130/143
+    signals::install(); // SIGINT/SIGTERM delete lowbit's temporaries, exit 130/143; SIGBUS (truncated input) exits 1
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -122,6 +122,43 @@ fn sigterm_mid_write_leaves_only_the_untouched_old_output() {
     interrupt_mid_write(libc::SIGTERM);
 }
 
+/// Another process truncates the input while lowbit has it mapped: reading a lost page raises SIGBUS, which
+/// lowbit turns into an error (exit 1, a message naming what happened, no temporaries, no output), never death
+/// by a signal. The input grows until the truncation lands mid-run.
+#[test]
+fn truncating_the_input_mid_run_is_an_error_not_a_signal() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = disk_tempdir();
+    let out = dir.path().join("out.safetensors");
+    for rows in [16_384, 65_536, 262_144] {
+        let input = dir.path().join(format!("in-{rows}.safetensors"));
+        write_input(&input, rows);
+        let mut child = spawn_quantize(&input, &out, false);
+        if !wait_for_temporary(&mut child, dir.path()) {
+            let o = child.wait_with_output().unwrap();
+            assert!(o.status.success(), "{}", stderr(&o));
+            eprintln!("lowbit finished before its temporary was seen with {rows} rows; retrying larger");
+            std::fs::remove_file(&out).unwrap();
+            std::fs::remove_file(&input).unwrap();
+            continue;
+        }
+        std::fs::OpenOptions::new().write(true).open(&input).unwrap().set_len(0).unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.signal(), None, "lowbit died by a signal: {}", stderr(&o));
+        if o.status.success() {
+            eprintln!("lowbit had read everything before the truncation with {rows} rows; retrying larger");
+            std::fs::remove_file(&out).unwrap();
+            std::fs::remove_file(&input).unwrap();
+            continue;
+        }
+        assert_refused(&o, "truncated or replaced while lowbit was reading it");
+        assert_eq!(temporaries(dir.path()), Vec::<PathBuf>::new(), "a temporary was left behind");
+        assert!(!out.exists(), "no output after a failed run");
+        return;
+    }
+    panic!("could not truncate the input while lowbit read it, even with a 1 GiB input");
+}
+
 /// Someone creates the output while lowbit writes it (no `--force`): their file survives and lowbit says so.
 /// Best effort on timing: if lowbit finishes first, our `create_new` fails and that order is checked instead.
 #[test]
