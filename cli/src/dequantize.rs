@@ -72,13 +72,37 @@ pub fn run(d: Dequantize<'_>) -> Result<(), CliError> {
             }
         }
     }
-    // The output's least possible size (4-bit weights may come back as 2-byte elements) against the free space.
+    // The output's size against the free space: each 4-bit weight in the dtype its quant state records (2 bytes
+    // when that cannot be read here; the load reports why later), int8 weights in f32, unless --dtype.
+    let mut recorded: HashMap<&str, DType> = HashMap::new();
+    if let Some(Layout::Bnb(_)) = &layout {
+        for name in &names {
+            if let Some(w) = lowbit::io::bnb::weight_of_quant_state_key(name) {
+                let state = ck
+                    .tensor(name)
+                    .ok()
+                    .and_then(|v| lowbit::io::bnb::QuantStateJson::parse_with_limits(v.data(), name, ck.limits()).ok());
+                if let Some(state) = state {
+                    recorded.insert(w, state.dtype);
+                }
+            }
+        }
+    }
     let mut needed = 0u64;
     for name in &names {
         let info = ck.tensor_info(name)?;
         let numel = info.shape.iter().product::<usize>() as u64;
         needed += if layout.as_ref().is_some_and(|l| l.is_weight(name)) {
-            numel * d.dtype.map_or(2, |t| t.size()) as u64
+            let default = match &layout {
+                Some(Layout::Int8(_)) => DType::F32,
+                _ => recorded.get(name.as_str()).copied().unwrap_or(DType::F16),
+            };
+            let size = d.dtype.unwrap_or(default).size() as u64;
+            // A 4-bit weight's stored entry is its packed codes: two weights per byte.
+            match &layout {
+                Some(Layout::Bnb(_)) => 2 * info.bytes as u64 * size,
+                _ => numel * size,
+            }
         } else if layout.as_ref().is_some_and(|l| l.is_param_entry(name)) {
             0
         } else if let StoredType::Ggml(_) = info.stored {
