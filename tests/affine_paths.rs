@@ -31,6 +31,11 @@ fn check_all_paths<T: Element>(x: &[T], shape: &[usize], g: Granularity) -> Affi
         assert_eq!(got_params, params, "params differ on {path} for {g} {shape:?}");
         let q = affine::quantize_with(x, shape, g, path).unwrap();
         assert_eq!(q.codes(), &codes[..], "codes differ on {path} for {g} {shape:?}");
+        // The caller-buffer form, into buffers holding garbage from an earlier call.
+        let mut got_codes = vec![0xA5u8; x.len()];
+        let mut got = vec![AffineParams { scale: 3.0, zero_point: 9 }; params.len()];
+        affine::quantize_into_with(x, shape, g, &mut got_codes, &mut got, path).unwrap();
+        assert_eq!((&got, &got_codes), (&params, &codes), "quantize_into differs on {path} for {g} {shape:?}");
         let d: Vec<f32> = q.dequantize_with(path).unwrap();
         assert_eq!(bits(&d), bits(&values), "f32 dequantization differs on {path}");
         let d: Vec<f16> = q.dequantize_with(path).unwrap();
@@ -213,4 +218,67 @@ fn input_is_not_modified() {
     let copy = x.clone();
     let _ = affine::quantize(&x, &[64, 64], Granularity::PerGroup(32)).unwrap();
     assert_eq!(bits(&x), bits(&copy));
+}
+
+/// NaN and ±inf are found by the min / max pass itself (no separate scan) on every path, granularity and
+/// element type, wherever they sit: inside a vector step, in a tail, in the last row; the error names the
+/// first one's flat index, for `calibrate`, `quantize` and `quantize_into`.
+#[test]
+fn non_finite_values_are_found_by_every_path_at_every_position() {
+    let (rows, cols) = (5usize, 203usize); // 203 = 3·64 + 11: full AVX-512 steps, a 16-step and a tail
+    let n = rows * cols;
+    let base: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for at in [0, 17, 63, 64, 200, 202, cols + 5, n - 1, n / 2] {
+            let mut x = base.clone();
+            x[at] = bad;
+            if at + 7 < n {
+                x[at + 7] = f32::NAN; // a later one must not be the one reported
+            }
+            for g in [Granularity::PerTensor, Granularity::PerChannel, Granularity::PerGroup(64)] {
+                for path in KernelPath::all_available() {
+                    check_non_finite(&x, &[rows, cols], g, path, at);
+                    let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+                    check_non_finite(&xh, &[rows, cols], g, path, at);
+                    let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                    check_non_finite(&xb, &[rows, cols], g, path, at);
+                }
+            }
+        }
+    }
+    // Large enough for the threaded per-tensor min / max.
+    let mut x = vec![0.25f32; 1 << 20];
+    x[(1 << 20) - 3] = f32::INFINITY;
+    for path in KernelPath::all_available() {
+        check_non_finite(&x, &[1024, 1024], Granularity::PerTensor, path, (1 << 20) - 3);
+        check_non_finite(&x, &[1024, 1024], Granularity::PerChannel, path, (1 << 20) - 3);
+    }
+}
+
+#[track_caller]
+fn check_non_finite<T: Element>(x: &[T], shape: &[usize], g: Granularity, path: KernelPath, at: usize) {
+    let want = format!("index {at}");
+    let e = affine::calibrate_with(x, shape, g, path).unwrap_err().to_string();
+    assert!(e.contains(&want), "calibrate on {path} {g}: {e}");
+    let e = affine::quantize_with(x, shape, g, path).unwrap_err().to_string();
+    assert!(e.contains(&want), "quantize on {path} {g}: {e}");
+    let (rows, cols) = lowbit::shape::as_matrix(shape).unwrap();
+    let mut codes = vec![0u8; x.len()];
+    let mut params = vec![AffineParams::EMPTY; g.num_params(rows, cols)];
+    let e = affine::quantize_into_with(x, shape, g, &mut codes, &mut params, path).unwrap_err().to_string();
+    assert!(e.contains(&want), "quantize_into on {path} {g}: {e}");
+}
+
+/// Caller buffers of the wrong length are errors, and then nothing is written.
+#[test]
+fn quantize_into_checks_its_buffers_first() {
+    let x = vec![0.5f32; 64];
+    let mut codes = vec![7u8; 63];
+    let mut params = vec![AffineParams::EMPTY; 4];
+    assert!(affine::quantize_into(&x, &[4, 16], Granularity::PerChannel, &mut codes, &mut params).is_err());
+    assert!(codes.iter().all(|&c| c == 7));
+    let mut codes = vec![7u8; 64];
+    let mut params = vec![AffineParams::EMPTY; 3];
+    assert!(affine::quantize_into(&x, &[4, 16], Granularity::PerChannel, &mut codes, &mut params).is_err());
+    assert!(codes.iter().all(|&c| c == 7));
 }

@@ -286,6 +286,7 @@ fn quantize_int8<T: Element + bytemuck::Pod>(
     };
     let n_params = g.num_params(rows, cols);
     let (mut scales, mut zero_points) = (Vec::new(), Vec::new());
+    let mut params = Vec::new();
     reserve(&mut scales, n_params)?;
     reserve(&mut zero_points, n_params)?;
     w.begin(name, Dtype::U8, shape.to_vec())?;
@@ -306,11 +307,15 @@ fn quantize_int8<T: Element + bytemuck::Pod>(
                 lowbit::affine::quantize_with_params_into(xs, &chunk_shape, g, p, buf, KernelPath::best())
                     .map_err(|e| at_offset(e, start))?;
             } else {
-                let q = lowbit::affine::quantize(xs, &chunk_shape, g).map_err(|e| at_offset(e, start))?;
-                reserve(buf, q.codes().len())?;
-                buf.extend_from_slice(q.codes());
-                scales.extend_from_slice(q.scales());
-                zero_points.extend_from_slice(q.zero_points());
+                // Straight into the write buffer (one pass per row: min / max, parameters, codes).
+                reserve(buf, xs.len())?;
+                buf.resize(xs.len(), 0);
+                params.clear();
+                params.resize(g.num_params(chunk_shape[0], cols), lowbit::affine::AffineParams::EMPTY);
+                lowbit::affine::quantize_into(xs, &chunk_shape, g, buf, &mut params)
+                    .map_err(|e| at_offset(e, start))?;
+                scales.extend(params.iter().map(|p| p.scale));
+                zero_points.extend(params.iter().map(|p| p.zero_point));
             }
             Ok(())
         },

@@ -60,31 +60,26 @@ impl AffineTensor {
 
 /// Validates the inputs shared by every quantize entry point and returns `(rows, cols)`.
 pub(crate) fn check_inputs<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<(usize, usize)> {
-    granularity.validate()?;
-    let dims = shape::check_len("x", x.len(), shape)?;
+    let dims = check_shape(x, shape, granularity)?;
     check_finite("x", x)?;
     Ok(dims)
 }
 
-/// Computes the parameters PyTorch's min/max observers would choose for `x` seen as `shape`, through the
-/// fastest path. Errors on NaN/Inf, a length that does not match `shape`, a bad group size, or a range
-/// `max - min` too wide for f32 (its scale would be infinite).
-pub fn calibrate<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<Vec<AffineParams>> {
-    calibrate_with(x, shape, granularity, KernelPath::best())
+/// [`check_inputs`] without the finiteness scan, for the entry points whose min / max pass finds a NaN or an
+/// infinity itself (then [`non_finite`] names it).
+fn check_shape<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<(usize, usize)> {
+    granularity.validate()?;
+    shape::check_len("x", x.len(), shape)
 }
 
-/// [`calibrate`] through an explicit `path`.
-pub fn calibrate_with<T: Element>(
-    x: &[T],
-    shape: &[usize],
-    granularity: Granularity,
-    path: KernelPath,
-) -> Result<Vec<AffineParams>> {
-    let (rows, cols) = check_inputs(x, shape, granularity)?;
-    path.check()?;
-    let params = crate::cpu::affine::calibrate(x, rows, cols, granularity, path);
-    // A finite range whose width `max - min` overflows f32 (values near ±3.4e38 of both signs) gives an
-    // infinite scale, which would dequantize every element to NaN: refuse it.
+/// The error for an `x` the min / max pass found non-finite, naming its first such element.
+fn non_finite<T: Element>(x: &[T]) -> Error {
+    check_finite("x", x).err().unwrap_or_else(|| Error::invalid("x", "a non-finite value", "finite numbers"))
+}
+
+/// Errors when a scale from calibration is unusable: a finite range whose width `max - min` overflows f32
+/// (values near ±3.4e38 of both signs) gives an infinite scale, which would dequantize every element to NaN.
+fn check_calibrated(params: &[AffineParams], granularity: Granularity) -> Result<()> {
     if let Some(i) = params.iter().position(|p| !scale_is_valid(p.scale)) {
         return Err(Error::invalid(
             "x",
@@ -96,6 +91,28 @@ pub fn calibrate_with<T: Element>(
             "values whose range per entry is at most f32::MAX wide",
         ));
     }
+    Ok(())
+}
+
+/// Computes the parameters PyTorch's min/max observers would choose for `x` seen as `shape`, through the
+/// fastest path. Errors on NaN/Inf, a length that does not match `shape`, a bad group size, or a range
+/// `max - min` too wide for f32 (its scale would be infinite).
+pub fn calibrate<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<Vec<AffineParams>> {
+    calibrate_with(x, shape, granularity, KernelPath::best())
+}
+
+/// [`calibrate`] through an explicit `path`. One pass over `x`: the min / max kernels also detect NaN and
+/// infinity.
+pub fn calibrate_with<T: Element>(
+    x: &[T],
+    shape: &[usize],
+    granularity: Granularity,
+    path: KernelPath,
+) -> Result<Vec<AffineParams>> {
+    let (rows, cols) = check_shape(x, shape, granularity)?;
+    path.check()?;
+    let params = crate::cpu::affine::calibrate(x, rows, cols, granularity, path).ok_or_else(|| non_finite(x))?;
+    check_calibrated(&params, granularity)?;
     Ok(params)
 }
 
@@ -111,8 +128,58 @@ pub fn quantize_with<T: Element>(
     granularity: Granularity,
     path: KernelPath,
 ) -> Result<AffineTensor> {
-    let params = calibrate_with(x, shape, granularity, path)?;
-    quantize_with_params_unchecked(x, shape, granularity, &params, path)
+    let (rows, cols) = check_shape(x, shape, granularity)?;
+    let mut codes = vec![0u8; x.len()];
+    let mut params = vec![AffineParams::EMPTY; granularity.num_params(rows, cols)];
+    quantize_into_with(x, shape, granularity, &mut codes, &mut params, path)?;
+    Ok(AffineTensor {
+        shape: shape.to_vec(),
+        granularity,
+        codes: codes.into(),
+        scales: params.iter().map(|p| p.scale).collect(),
+        zero_points: params.iter().map(|p| p.zero_point).collect::<Vec<u8>>().into(),
+    })
+}
+
+/// Calibrates and quantizes `x` into caller buffers through the fastest path: `codes` (one per element) and
+/// `params` (one per entry, [`Granularity::num_params`]), so that repeated calls reuse one allocation. The
+/// same codes and parameters as [`quantize`]; see [`quantize_into_with`].
+pub fn quantize_into<T: Element>(
+    x: &[T],
+    shape: &[usize],
+    granularity: Granularity,
+    codes: &mut [u8],
+    params: &mut [AffineParams],
+) -> Result<()> {
+    quantize_into_with(x, shape, granularity, codes, params, KernelPath::best())
+}
+
+/// [`quantize_into`] through an explicit `path`. Per channel and per group this is one pass over `x` (each
+/// row's min / max, parameters and codes while it is in cache; NaN and infinity found by the same pass); per
+/// tensor two (min / max, then codes). Errors as [`quantize`], or when `codes` / `params` have the wrong
+/// length (then nothing is written); after a data error (NaN/Inf, a too-wide range) their contents are
+/// unspecified.
+pub fn quantize_into_with<T: Element>(
+    x: &[T],
+    shape: &[usize],
+    granularity: Granularity,
+    codes: &mut [u8],
+    params: &mut [AffineParams],
+    path: KernelPath,
+) -> Result<()> {
+    let (rows, cols) = check_shape(x, shape, granularity)?;
+    path.check()?;
+    if codes.len() != x.len() {
+        return Err(Error::shape("length of `codes`", codes.len(), x.len()));
+    }
+    let n = granularity.num_params(rows, cols);
+    if params.len() != n {
+        return Err(Error::shape(format!("number of params for shape {shape:?}, {granularity}"), params.len(), n));
+    }
+    if !crate::cpu::affine::calibrate_quantize(x, rows, cols, granularity, params, codes, path) {
+        return Err(non_finite(x));
+    }
+    check_calibrated(params, granularity)
 }
 
 /// Quantizes `x` with given parameters (one per entry, in the layout of the module docs).

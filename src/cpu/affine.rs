@@ -11,11 +11,12 @@ use crate::cpu::{Isa, KernelPath};
 use crate::element::Element;
 use crate::format::affine::{AffineParams, AffineTensor, Granularity};
 use crate::reference::affine as reference;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Elements per stack chunk when converting between f32 and f16/bf16.
 const CHUNK: usize = 1024;
 
-fn minmax_run(isa: Isa, x: &[f32]) -> (f32, f32) {
+fn minmax_run(isa: Isa, x: &[f32]) -> (f32, f32, bool) {
     (kernels(isa).affine.minmax)(x)
 }
 
@@ -29,8 +30,8 @@ fn dequantize_run(isa: Isa, codes: &[u8], p: AffineParams, out: &mut [f32], stre
 
 // ---------------------------------------------------------------- element-type adapters
 
-/// Min/max of any element type (widening in chunks). `None` for an empty slice.
-fn minmax_elems<T: Element>(isa: Isa, x: &[T]) -> Option<(f32, f32)> {
+/// Min, max and finiteness of any element type (widening in chunks). `None` for an empty slice.
+fn minmax_elems<T: Element>(isa: Isa, x: &[T]) -> Option<(f32, f32, bool)> {
     if x.is_empty() {
         return None;
     }
@@ -38,13 +39,28 @@ fn minmax_elems<T: Element>(isa: Isa, x: &[T]) -> Option<(f32, f32)> {
         return Some(minmax_run(isa, xf));
     }
     let mut buf = [0.0f32; CHUNK];
-    let mut acc = (f32::INFINITY, f32::NEG_INFINITY);
+    let mut acc = (f32::INFINITY, f32::NEG_INFINITY, true);
     for c in x.chunks(CHUNK) {
         T::widen_slice(c, &mut buf[..c.len()]);
-        let (l, h) = minmax_run(isa, &buf[..c.len()]);
-        acc = (acc.0.min(l), acc.1.max(h));
+        let (l, h, f) = minmax_run(isa, &buf[..c.len()]);
+        acc = (acc.0.min(l), acc.1.max(h), acc.2 & f);
     }
     Some(acc)
+}
+
+/// The parameters of a run from its min / max (empty: [`AffineParams::EMPTY`]); `finite` is cleared when the
+/// run holds a non-finite element.
+fn params_of<T: Element>(isa: Isa, x: &[T], finite: &AtomicBool) -> AffineParams {
+    match minmax_elems(isa, x) {
+        None => AffineParams::EMPTY,
+        Some((l, h, f)) => {
+            if !f {
+                finite.store(false, Ordering::Relaxed);
+                return AffineParams::EMPTY;
+            }
+            reference::params_from_range(l, h)
+        }
+    }
 }
 
 fn quantize_elems<T: Element>(isa: Isa, x: &[T], p: AffineParams, out: &mut [u8]) {
@@ -79,41 +95,98 @@ fn as_f32_mut<T: Element>(x: &mut [T]) -> Option<&mut [f32]> {
 
 // ---------------------------------------------------------------- whole-tensor drivers
 
-/// Parameters for every entry; identical to [`reference::calibrate`] for every path.
+/// Parameters for every entry; identical to [`reference::calibrate`] for every path. `None` when `x` holds a
+/// NaN or an infinity (found in the same pass as the min / max).
 pub(crate) fn calibrate<T: Element>(
     x: &[T],
     rows: usize,
     cols: usize,
     g: Granularity,
     path: KernelPath,
-) -> Vec<AffineParams> {
-    let from = |r: Option<(f32, f32)>| r.map_or(AffineParams::EMPTY, |(l, h)| reference::params_from_range(l, h));
+) -> Option<Vec<AffineParams>> {
+    let mut out = vec![AffineParams::EMPTY; g.num_params(rows, cols)];
+    let finite = AtomicBool::new(true);
     match g {
-        Granularity::PerTensor => {
-            let mm = if use_threads(path, x.len()) { par_minmax(path.isa, x) } else { minmax_elems(path.isa, x) };
-            vec![from(mm)]
-        }
+        Granularity::PerTensor => out[0] = tensor_params(x, path, &finite),
         _ => {
             let gl = g.group_len(cols);
             let per_row = g.num_params(1, cols);
-            let mut out = vec![AffineParams::EMPTY; g.num_params(rows, cols)];
+            if cols == 0 || per_row == 0 {
+                return Some(out);
+            }
             let row_job = |(row, params): (&[T], &mut [AffineParams])| {
                 for (chunk, p) in row.chunks(gl).zip(params.iter_mut()) {
-                    *p = from(minmax_elems(path.isa, chunk));
+                    *p = params_of(path.isa, chunk, &finite);
                 }
             };
-            if cols == 0 || per_row == 0 {
-                return out;
-            }
             let rows_iter = x.chunks(cols).zip(out.chunks_mut(per_row));
             if use_threads(path, x.len()) {
                 par_rows(rows_iter.collect(), row_job);
             } else {
                 rows_iter.for_each(row_job);
             }
-            out
         }
     }
+    finite.into_inner().then_some(out)
+}
+
+/// The per-tensor parameters of `x` (threaded min / max when large).
+fn tensor_params<T: Element>(x: &[T], path: KernelPath, finite: &AtomicBool) -> AffineParams {
+    let mm = if use_threads(path, x.len()) { par_minmax(path.isa, x) } else { minmax_elems(path.isa, x) };
+    match mm {
+        None => AffineParams::EMPTY,
+        Some((_, _, false)) => {
+            finite.store(false, Ordering::Relaxed);
+            AffineParams::EMPTY
+        }
+        Some((l, h, true)) => reference::params_from_range(l, h),
+    }
+}
+
+/// Calibrates and quantizes in one pass over the data where the granularity allows it: per channel and per
+/// group, each run's min / max, parameters and codes are computed while the run is in cache (per tensor: the
+/// min / max pass, then the codes). Fills `params` (one per entry) and `codes` (one per element); the same
+/// values as [`calibrate`] then [`quantize`]. Returns false when `x` holds a NaN or an infinity (then both
+/// outputs are unspecified). Scales are not validated here.
+pub(crate) fn calibrate_quantize<T: Element>(
+    x: &[T],
+    rows: usize,
+    cols: usize,
+    g: Granularity,
+    params: &mut [AffineParams],
+    codes: &mut [u8],
+    path: KernelPath,
+) -> bool {
+    let finite = AtomicBool::new(true);
+    match g {
+        Granularity::PerTensor => {
+            params[0] = tensor_params(x, path, &finite);
+            if !finite.load(Ordering::Relaxed) {
+                return false;
+            }
+            quantize(x, rows, cols, g, params, codes, path);
+        }
+        _ => {
+            if cols == 0 {
+                return true;
+            }
+            let gl = g.group_len(cols);
+            let per_row = g.num_params(1, cols);
+            let job = |((row, out), ps): ((&[T], &mut [u8]), &mut [AffineParams])| {
+                for ((c, o), p) in row.chunks(gl).zip(out.chunks_mut(gl)).zip(ps.iter_mut()) {
+                    *p = params_of(path.isa, c, &finite);
+                    quantize_elems(path.isa, c, *p, o);
+                }
+            };
+            let it = x.chunks(cols).zip(codes.chunks_mut(cols)).zip(params.chunks_mut(per_row));
+            if use_threads(path, x.len()) {
+                par_rows(it.collect(), job);
+            } else {
+                it.for_each(job);
+            }
+        }
+    }
+    finite.into_inner()
 }
 
 /// Codes for every element; identical to [`reference::quantize`] for every path.
@@ -219,15 +292,16 @@ fn par_rows<I: Send, F: Fn(I) + Sync + Send>(items: Vec<I>, job: F) {
     items.into_iter().for_each(job);
 }
 
-/// Parallel min/max over fixed-size chunks; min and max are exact, so the split does not change the result.
-fn par_minmax<T: Element>(isa: Isa, x: &[T]) -> Option<(f32, f32)> {
+/// Parallel min/max (and finiteness) over fixed-size chunks; min and max are exact, so the split does not
+/// change the result.
+fn par_minmax<T: Element>(isa: Isa, x: &[T]) -> Option<(f32, f32, bool)> {
     #[cfg(feature = "rayon")]
     {
         use rayon::prelude::*;
         x.par_chunks(PAR_CHUNK).map(|c| minmax_elems(isa, c)).reduce(
             || None,
             |a, b| match (a, b) {
-                (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1))),
+                (Some(a), Some(b)) => Some((a.0.min(b.0), a.1.max(b.1), a.2 & b.2)),
                 (a, None) => a,
                 (None, b) => b,
             },

@@ -8,24 +8,35 @@ use wide::f32x8;
 
 // ---------------------------------------------------------------- portable run kernels (wide)
 
-/// Min and max of a non-empty f32 slice.
-pub(crate) fn minmax_portable(x: &[f32]) -> (f32, f32) {
+/// Min and max of a non-empty f32 slice, and whether every element is finite: `v * 0` is 0 for a finite `v`
+/// and NaN for ±inf or NaN, and a NaN survives every later addition, so one sum answers for the whole slice.
+pub(crate) fn minmax_portable(x: &[f32]) -> (f32, f32, bool) {
     let mut lo = f32x8::splat(f32::INFINITY);
     let mut hi = f32x8::splat(f32::NEG_INFINITY);
+    let mut bad = f32x8::splat(0.0);
+    let zero = f32x8::splat(0.0);
     let chunks = x.chunks_exact(8);
     let tail = chunks.remainder();
     for c in chunks {
         let v = f32x8::new(c.try_into().expect("chunk of 8"));
         lo = lo.fast_min(v);
         hi = hi.fast_max(v);
+        bad += v * zero;
     }
     let mut l = lo.to_array().into_iter().fold(f32::INFINITY, f32::min);
     let mut h = hi.to_array().into_iter().fold(f32::NEG_INFINITY, f32::max);
+    let mut finite = bad.to_array().into_iter().sum::<f32>() == 0.0;
     for &v in tail {
         l = l.min(v);
         h = h.max(v);
+        finite &= v.is_finite();
     }
-    (l, h)
+    (l, h, finite)
+}
+
+/// The scalar min, max and finiteness (the reference's order: `f32::min` / `f32::max` from ±inf).
+pub(crate) fn minmax_scalar(x: &[f32]) -> (f32, f32, bool) {
+    x.iter().fold((f32::INFINITY, f32::NEG_INFINITY, true), |(l, h, f), &v| (l.min(v), h.max(v), f & v.is_finite()))
 }
 
 pub(crate) fn quantize_run_portable(x: &[f32], p: AffineParams, out: &mut [u8]) {
@@ -70,7 +81,7 @@ pub(crate) fn dequantize_run_portable(codes: &[u8], p: AffineParams, out: &mut [
 
 /// The scalar reference run kernels.
 pub(crate) const SCALAR: AffineKernels = AffineKernels {
-    minmax: |x| x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v))),
+    minmax: minmax_scalar,
     quantize: |x, p, out| {
         for (d, &s) in out.iter_mut().zip(x) {
             *d = reference::quantize_value(s, p);

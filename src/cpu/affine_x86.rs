@@ -46,16 +46,20 @@ pub(crate) fn avx512(_: Avx512) -> AffineKernels {
     }
 }
 
-fn scalar_minmax(x: &[f32], acc: (f32, f32)) -> (f32, f32) {
-    x.iter().fold(acc, |(l, h), &v| (l.min(v), h.max(v)))
+/// Continues a min / max / finiteness fold over the tail `x`.
+fn scalar_minmax(x: &[f32], acc: (f32, f32, bool)) -> (f32, f32, bool) {
+    x.iter().fold(acc, |(l, h, f), &v| (l.min(v), h.max(v), f & v.is_finite()))
 }
 
 avx512_fn! {
-unsafe fn minmax_avx512(x: &[f32]) -> (f32, f32) {
+unsafe fn minmax_avx512(x: &[f32]) -> (f32, f32, bool) {
     let n = x.len();
     let p = x.as_ptr();
     let mut lo = [_mm512_set1_ps(f32::INFINITY); 4];
     let mut hi = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+    // Finiteness: fma(v, 0, bad) stays 0 while every v is finite; ±inf or NaN make it NaN for good.
+    let mut bad = [_mm512_setzero_ps(); 4];
+    let zero = _mm512_setzero_ps();
     let mut i = 0;
     while i + 64 <= n {
         for k in 0..4 {
@@ -63,6 +67,7 @@ unsafe fn minmax_avx512(x: &[f32]) -> (f32, f32) {
             let v = unsafe { _mm512_loadu_ps(p.add(i + 16 * k)) };
             lo[k] = _mm512_min_ps(lo[k], v);
             hi[k] = _mm512_max_ps(hi[k], v);
+            bad[k] = _mm512_fmadd_ps(v, zero, bad[k]);
         }
         i += 64;
     }
@@ -71,20 +76,26 @@ unsafe fn minmax_avx512(x: &[f32]) -> (f32, f32) {
         let v = unsafe { _mm512_loadu_ps(p.add(i)) };
         lo[0] = _mm512_min_ps(lo[0], v);
         hi[0] = _mm512_max_ps(hi[0], v);
+        bad[0] = _mm512_fmadd_ps(v, zero, bad[0]);
         i += 16;
     }
     let l = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
     let h = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
-    scalar_minmax(&x[i..], (_mm512_reduce_min_ps(l), _mm512_reduce_max_ps(h)))
+    let b = _mm512_add_ps(_mm512_add_ps(bad[0], bad[1]), _mm512_add_ps(bad[2], bad[3]));
+    let finite = _mm512_reduce_add_ps(b) == 0.0;
+    scalar_minmax(&x[i..], (_mm512_reduce_min_ps(l), _mm512_reduce_max_ps(h), finite))
 }
 }
 
 avx2_fn! {
-unsafe fn minmax_avx2(x: &[f32]) -> (f32, f32) {
+unsafe fn minmax_avx2(x: &[f32]) -> (f32, f32, bool) {
     let n = x.len();
     let p = x.as_ptr();
     let mut lo = [_mm256_set1_ps(f32::INFINITY); 4];
     let mut hi = [_mm256_set1_ps(f32::NEG_INFINITY); 4];
+    // Finiteness: fma(v, 0, bad) stays 0 while every v is finite; ±inf or NaN make it NaN for good.
+    let mut bad = [_mm256_setzero_ps(); 4];
+    let zero = _mm256_setzero_ps();
     let mut i = 0;
     while i + 32 <= n {
         for k in 0..4 {
@@ -92,19 +103,27 @@ unsafe fn minmax_avx2(x: &[f32]) -> (f32, f32) {
             let v = unsafe { _mm256_loadu_ps(p.add(i + 8 * k)) };
             lo[k] = _mm256_min_ps(lo[k], v);
             hi[k] = _mm256_max_ps(hi[k], v);
+            bad[k] = _mm256_fmadd_ps(v, zero, bad[k]);
         }
         i += 32;
     }
     let l = _mm256_min_ps(_mm256_min_ps(lo[0], lo[1]), _mm256_min_ps(lo[2], lo[3]));
     let h = _mm256_max_ps(_mm256_max_ps(hi[0], hi[1]), _mm256_max_ps(hi[2], hi[3]));
+    let b = _mm256_add_ps(_mm256_add_ps(bad[0], bad[1]), _mm256_add_ps(bad[2], bad[3]));
     let mut la = [0.0f32; 8];
     let mut ha = [0.0f32; 8];
+    let mut ba = [0.0f32; 8];
     // SAFETY: storing 8 floats into 8-element arrays.
     unsafe {
         _mm256_storeu_ps(la.as_mut_ptr(), l);
         _mm256_storeu_ps(ha.as_mut_ptr(), h);
+        _mm256_storeu_ps(ba.as_mut_ptr(), b);
     }
-    let acc = (la.into_iter().fold(f32::INFINITY, f32::min), ha.into_iter().fold(f32::NEG_INFINITY, f32::max));
+    let acc = (
+        la.into_iter().fold(f32::INFINITY, f32::min),
+        ha.into_iter().fold(f32::NEG_INFINITY, f32::max),
+        ba.into_iter().sum::<f32>() == 0.0,
+    );
     scalar_minmax(&x[i..], acc)
 }
 }

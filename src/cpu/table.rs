@@ -40,8 +40,9 @@ pub(crate) use with_out_slice;
 /// Affine int8 run kernels (one scale and zero point per run).
 #[derive(Clone, Copy)]
 pub(crate) struct AffineKernels {
-    /// Min and max of a non-empty slice.
-    pub minmax: fn(&[f32]) -> (f32, f32),
+    /// Min and max of a non-empty slice, and whether every element is finite (no NaN, no ±inf). When the flag
+    /// is false the min and max are meaningless.
+    pub minmax: fn(&[f32]) -> (f32, f32, bool),
     /// Codes of a run (`x.len() == out.len()`).
     pub quantize: fn(&[f32], AffineParams, &mut [u8]),
     /// Values of a run (`codes.len() == out.len()`); the flag asks for non-temporal stores.
