@@ -205,10 +205,12 @@ fn nf4_rows_of_whole_blocks_take_the_register_gemv() {
 
 #[test]
 fn int8_register_gemv_per_tensor_channel_and_group() {
-    // M <= 4 and groups that are multiples of 16 take the x86 register GEMV; group 24 and M = 5 do not.
+    // M <= 4 and groups that are multiples of 16 take the x86 register GEMV; group 24 and M = 5 do not. Rows
+    // of whole 16-multiples (96, 256) take the AVX-512 kernel that shares `x` across 4 weight rows (17 and 41
+    // rows: groups of 4 plus leftovers).
     let grans = [Granularity::PerTensor, Granularity::PerChannel, Granularity::PerGroup(32), Granularity::PerGroup(24)];
     for g in grans {
-        for (out, inp) in [(1, 1), (17, 100), (40, 257)] {
+        for (out, inp) in [(1, 1), (17, 100), (40, 257), (17, 96), (41, 256)] {
             let mut rng = Rng::new(5 + inp as u64);
             let layer = make_layer(Scheme::Int8(g), out, inp, true, &[3], &mut rng);
             for m in 1..=5 {

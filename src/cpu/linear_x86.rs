@@ -36,7 +36,10 @@ pub(crate) fn avx512(_: Avx512) -> LinearKernels {
 
 avx512_fn! {
 unsafe fn block_job_avx512(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
-    if !gemv_4bit_avx512(job, o0, ob, out) && !fused_gemv::<V512, Avx512Decoder>(job, o0, ob, out) {
+    if !gemv_4bit_avx512(job, o0, ob, out)
+        && !gemv_int8_avx512(job, o0, ob, out)
+        && !fused_gemv::<V512, Avx512Decoder>(job, o0, ob, out)
+    {
         tiled_product::<V512, Avx512Decoder>(job, o0, ob, out);
     }
     output_pass::<V512>(job, o0, ob, out);
@@ -264,6 +267,111 @@ fn gemv_4bit_avx512_rows<const R: usize, const J: usize>(
             for i in 0..J {
                 out[r * ob + j0 + i] += _mm512_reduce_add_ps(total[r][i]);
             }
+        }
+    }
+}
+
+/// AVX-512 int8 GEMV for M ≤ 4 whose runs of one scale (the row, or a group) are whole multiples of 16 inputs:
+/// 4 weight rows share every load of `x` (a long `x` lives in L2 and would otherwise be re-read per row), and
+/// `q − zp` is formed in integers before the one conversion to f32 (exact). Per row the arithmetic is
+/// [`int8_gemv_rows`]'s: one 16-lane accumulator per run, reduced and scaled once. Returns `false` (doing
+/// nothing) when the layer does not qualify.
+#[inline(always)]
+fn gemv_int8_avx512(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
+    let QuantWeight::Int8(t) = job.layer.weight else { return false };
+    let (n_in, m) = (job.layer.in_features, job.m);
+    let run = match t.granularity() {
+        Granularity::PerTensor | Granularity::PerChannel => n_in,
+        Granularity::PerGroup(g) => g,
+    };
+    if m == 0 || m > 4 || run == 0 || !run.is_multiple_of(16) || !n_in.is_multiple_of(run) {
+        return false;
+    }
+    let mut j = 0;
+    while j + 4 <= ob {
+        gemv_int8_avx512_group::<4>(job, o0, j, ob, out);
+        j += 4;
+    }
+    while j < ob {
+        gemv_int8_avx512_group::<1>(job, o0, j, ob, out);
+        j += 1;
+    }
+    true
+}
+
+/// [`gemv_int8_avx512_rows`] for `J` weight rows, with `R` = the number of `x` rows (1–4) as a constant.
+#[inline(always)]
+fn gemv_int8_avx512_group<const J: usize>(job: &Job<'_>, o0: usize, j0: usize, ob: usize, out: &mut [f32]) {
+    match job.m {
+        1 => gemv_int8_avx512_rows::<1, J>(job, o0, j0, ob, out),
+        2 => gemv_int8_avx512_rows::<2, J>(job, o0, j0, ob, out),
+        3 => gemv_int8_avx512_rows::<3, J>(job, o0, j0, ob, out),
+        _ => gemv_int8_avx512_rows::<4, J>(job, o0, j0, ob, out),
+    }
+}
+
+/// Rows `o0 + j0 .. o0 + j0 + J` of [`gemv_int8_avx512`] for `R` rows of `x`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn gemv_int8_avx512_rows<const R: usize, const J: usize>(
+    job: &Job<'_>,
+    o0: usize,
+    j0: usize,
+    ob: usize,
+    out: &mut [f32],
+) {
+    let n_in = job.layer.in_features;
+    let QuantWeight::Int8(t) = job.layer.weight else { return };
+    let (run, per_row) = match t.granularity() {
+        Granularity::PerTensor | Granularity::PerChannel => (n_in, 1),
+        Granularity::PerGroup(g) => (g, n_in / g),
+    };
+    let entry = |o: usize, gi: usize| match t.granularity() {
+        Granularity::PerTensor => 0,
+        Granularity::PerChannel => o,
+        Granularity::PerGroup(_) => o * per_row + gi,
+    };
+    let codes = t.codes();
+    let rows: [&[u8]; J] = std::array::from_fn(|i| {
+        let o = o0 + j0 + i;
+        &codes[o * n_in..(o + 1) * n_in]
+    });
+    let xs: [&[f32]; R] = std::array::from_fn(|r| &job.x[r * n_in..(r + 1) * n_in]);
+    let mut total = [[0.0f32; J]; R];
+    // SAFETY: AVX-512F is enabled in the only caller (`block_job_avx512`, built from a detection token).
+    // Every load reads a slice bounds-checked just before: 16 floats of `xs[r][k..k + 16]` and 16 bytes of
+    // `rows[i][k..k + 16]`.
+    unsafe {
+        for gi in 0..n_in / run {
+            let params: [(f32, __m512i); J] = std::array::from_fn(|i| {
+                let e = entry(o0 + j0 + i, gi);
+                (t.scales()[e], _mm512_set1_epi32(i32::from(t.zero_points()[e])))
+            });
+            let mut acc = [[_mm512_setzero_ps(); J]; R];
+            for c in 0..run / 16 {
+                let k = gi * run + c * 16;
+                let mut xv = [_mm512_setzero_ps(); R];
+                for r in 0..R {
+                    xv[r] = _mm512_loadu_ps(xs[r][k..k + 16].as_ptr());
+                }
+                for i in 0..J {
+                    let b = _mm_loadu_si128(rows[i][k..k + 16].as_ptr() as *const __m128i);
+                    let d = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), params[i].1));
+                    for r in 0..R {
+                        acc[r][i] = _mm512_fmadd_ps(xv[r], d, acc[r][i]);
+                    }
+                }
+            }
+            for i in 0..J {
+                for r in 0..R {
+                    total[r][i] += _mm512_reduce_add_ps(acc[r][i]) * params[i].0;
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for i in 0..J {
+            out[r * ob + j0 + i] += total[r][i];
         }
     }
 }
