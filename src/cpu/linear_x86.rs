@@ -48,7 +48,7 @@ unsafe fn block_job_avx512(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32])
 
 avx2_fn! {
 unsafe fn block_job_avx2(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
-    if !fused_gemv::<V256, Avx2Decoder>(job, o0, ob, out) {
+    if !gemv_int8_avx2(job, o0, ob, out) && !fused_gemv::<V256, Avx2Decoder>(job, o0, ob, out) {
         tiled_product::<V256, Avx2Decoder>(job, o0, ob, out);
     }
     output_pass::<V256>(job, o0, ob, out);
@@ -365,6 +365,112 @@ fn gemv_int8_avx512_rows<const R: usize, const J: usize>(
             for i in 0..J {
                 for r in 0..R {
                     total[r][i] += _mm512_reduce_add_ps(acc[r][i]) * params[i].0;
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for i in 0..J {
+            out[r * ob + j0 + i] += total[r][i];
+        }
+    }
+}
+
+/// The AVX2 twin of [`gemv_int8_avx512`]: 4 weight rows share each `x` load for one or two rows of `x` (2 for
+/// three or four, to stay within 16 registers), `q − zp` in integers, and per row the accumulation of
+/// [`int8_gemv_rows`] on 8 lanes (two halves of 16 codes into one accumulator, the same reduction).
+#[inline(always)]
+fn gemv_int8_avx2(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
+    let QuantWeight::Int8(t) = job.layer.weight else { return false };
+    let (n_in, m) = (job.layer.in_features, job.m);
+    let run = match t.granularity() {
+        Granularity::PerTensor | Granularity::PerChannel => n_in,
+        Granularity::PerGroup(g) => g,
+    };
+    if m == 0 || m > 4 || run == 0 || !run.is_multiple_of(16) || !n_in.is_multiple_of(run) {
+        return false;
+    }
+    match m {
+        1 => gemv_int8_avx2_all::<1, 4>(job, o0, ob, out),
+        2 => gemv_int8_avx2_all::<2, 4>(job, o0, ob, out),
+        3 => gemv_int8_avx2_all::<3, 2>(job, o0, ob, out),
+        _ => gemv_int8_avx2_all::<4, 2>(job, o0, ob, out),
+    }
+    true
+}
+
+/// Every row of the block: groups of `J` weight rows, then the rest one at a time.
+#[inline(always)]
+fn gemv_int8_avx2_all<const R: usize, const J: usize>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
+    let mut j = 0;
+    while j + J <= ob {
+        gemv_int8_avx2_rows::<R, J>(job, o0, j, ob, out);
+        j += J;
+    }
+    while j < ob {
+        gemv_int8_avx2_rows::<R, 1>(job, o0, j, ob, out);
+        j += 1;
+    }
+}
+
+/// Rows `o0 + j0 .. o0 + j0 + J` of [`gemv_int8_avx2`] for `R` rows of `x`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn gemv_int8_avx2_rows<const R: usize, const J: usize>(
+    job: &Job<'_>,
+    o0: usize,
+    j0: usize,
+    ob: usize,
+    out: &mut [f32],
+) {
+    let n_in = job.layer.in_features;
+    let QuantWeight::Int8(t) = job.layer.weight else { return };
+    let (run, per_row) = match t.granularity() {
+        Granularity::PerTensor | Granularity::PerChannel => (n_in, 1),
+        Granularity::PerGroup(g) => (g, n_in / g),
+    };
+    let entry = |o: usize, gi: usize| match t.granularity() {
+        Granularity::PerTensor => 0,
+        Granularity::PerChannel => o,
+        Granularity::PerGroup(_) => o * per_row + gi,
+    };
+    let codes = t.codes();
+    let rows: [&[u8]; J] = std::array::from_fn(|i| {
+        let o = o0 + j0 + i;
+        &codes[o * n_in..(o + 1) * n_in]
+    });
+    let xs: [&[f32]; R] = std::array::from_fn(|r| &job.x[r * n_in..(r + 1) * n_in]);
+    let mut total = [[0.0f32; J]; R];
+    // SAFETY: AVX2 and FMA are enabled in the only caller (`block_job_avx2`, built from a detection token).
+    // Every load reads a slice bounds-checked just before: 8 floats of `xs[r][k + 8h..k + 8h + 8]` and 8 bytes
+    // of `rows[i][k + 8h..k + 8h + 8]`.
+    unsafe {
+        for gi in 0..n_in / run {
+            let params: [(f32, __m256i); J] = std::array::from_fn(|i| {
+                let e = entry(o0 + j0 + i, gi);
+                (t.scales()[e], _mm256_set1_epi32(i32::from(t.zero_points()[e])))
+            });
+            let mut acc = [[_mm256_setzero_ps(); J]; R];
+            for c in 0..run / 16 {
+                let k = gi * run + c * 16;
+                for h in 0..2 {
+                    let kh = k + 8 * h;
+                    let mut xv = [_mm256_setzero_ps(); R];
+                    for r in 0..R {
+                        xv[r] = _mm256_loadu_ps(xs[r][kh..kh + 8].as_ptr());
+                    }
+                    for i in 0..J {
+                        let b = _mm_loadl_epi64(rows[i][kh..kh + 8].as_ptr() as *const __m128i);
+                        let d = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), params[i].1));
+                        for r in 0..R {
+                            acc[r][i] = _mm256_fmadd_ps(xv[r], d, acc[r][i]);
+                        }
+                    }
+                }
+            }
+            for i in 0..J {
+                for r in 0..R {
+                    total[r][i] += V256(acc[r][i]).hsum() * params[i].0;
                 }
             }
         }
