@@ -132,13 +132,18 @@ pub fn quantize_with<T: Element>(
     let mut codes = vec![0u8; x.len()];
     let mut params = vec![AffineParams::EMPTY; granularity.num_params(rows, cols)];
     quantize_into_with(x, shape, granularity, &mut codes, &mut params, path)?;
-    Ok(AffineTensor {
+    Ok(tensor_of(shape, granularity, codes, &params))
+}
+
+/// The tensor holding `codes` and `params` (already validated together).
+fn tensor_of(shape: &[usize], granularity: Granularity, codes: Vec<u8>, params: &[AffineParams]) -> AffineTensor {
+    AffineTensor {
         shape: shape.to_vec(),
         granularity,
         codes: codes.into(),
         scales: params.iter().map(|p| p.scale).collect(),
         zero_points: params.iter().map(|p| p.zero_point).collect::<Vec<u8>>().into(),
-    })
+    }
 }
 
 /// Calibrates and quantizes `x` into caller buffers through the fastest path: `codes` (one per element) and
@@ -243,11 +248,5 @@ fn quantize_with_params_unchecked<T: Element>(
     let (rows, cols) = shape::as_matrix(shape)?;
     let mut codes = vec![0u8; x.len()];
     crate::cpu::affine::quantize(x, rows, cols, granularity, params, &mut codes, path);
-    Ok(AffineTensor {
-        shape: shape.to_vec(),
-        granularity,
-        codes: codes.into(),
-        scales: params.iter().map(|p| p.scale).collect(),
-        zero_points: params.iter().map(|p| p.zero_point).collect::<Vec<u8>>().into(),
-    })
+    Ok(tensor_of(shape, granularity, codes, params))
 }

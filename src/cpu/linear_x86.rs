@@ -278,13 +278,7 @@ fn gemv_4bit_avx512_rows<const R: usize, const J: usize>(
 /// nothing) when the layer does not qualify.
 #[inline(always)]
 fn gemv_int8_avx512(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
-    let QuantWeight::Int8(t) = job.layer.weight else { return false };
-    let (n_in, m) = (job.layer.in_features, job.m);
-    let run = match t.granularity() {
-        Granularity::PerTensor | Granularity::PerChannel => n_in,
-        Granularity::PerGroup(g) => g,
-    };
-    if m == 0 || m > 4 || run == 0 || !run.is_multiple_of(16) || !n_in.is_multiple_of(run) {
+    if !Int8Runs::whole_sixteens(job) {
         return false;
     }
     let mut j = 0;
@@ -322,15 +316,8 @@ fn gemv_int8_avx512_rows<const R: usize, const J: usize>(
 ) {
     let n_in = job.layer.in_features;
     let QuantWeight::Int8(t) = job.layer.weight else { return };
-    let (run, per_row) = match t.granularity() {
-        Granularity::PerTensor | Granularity::PerChannel => (n_in, 1),
-        Granularity::PerGroup(g) => (g, n_in / g),
-    };
-    let entry = |o: usize, gi: usize| match t.granularity() {
-        Granularity::PerTensor => 0,
-        Granularity::PerChannel => o,
-        Granularity::PerGroup(_) => o * per_row + gi,
-    };
+    let runs = Int8Runs::of(t.granularity(), n_in);
+    let (run, entry) = (runs.run, |o, gi| runs.entry(o, gi));
     let codes = t.codes();
     let rows: [&[u8]; J] = std::array::from_fn(|i| {
         let o = o0 + j0 + i;
@@ -381,16 +368,10 @@ fn gemv_int8_avx512_rows<const R: usize, const J: usize>(
 /// [`int8_gemv_rows`] on 8 lanes (two halves of 16 codes into one accumulator, the same reduction).
 #[inline(always)]
 fn gemv_int8_avx2(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
-    let QuantWeight::Int8(t) = job.layer.weight else { return false };
-    let (n_in, m) = (job.layer.in_features, job.m);
-    let run = match t.granularity() {
-        Granularity::PerTensor | Granularity::PerChannel => n_in,
-        Granularity::PerGroup(g) => g,
-    };
-    if m == 0 || m > 4 || run == 0 || !run.is_multiple_of(16) || !n_in.is_multiple_of(run) {
+    if !Int8Runs::whole_sixteens(job) {
         return false;
     }
-    match m {
+    match job.m {
         1 => gemv_int8_avx2_all::<1, 4>(job, o0, ob, out),
         2 => gemv_int8_avx2_all::<2, 4>(job, o0, ob, out),
         3 => gemv_int8_avx2_all::<3, 2>(job, o0, ob, out),
@@ -425,15 +406,8 @@ fn gemv_int8_avx2_rows<const R: usize, const J: usize>(
 ) {
     let n_in = job.layer.in_features;
     let QuantWeight::Int8(t) = job.layer.weight else { return };
-    let (run, per_row) = match t.granularity() {
-        Granularity::PerTensor | Granularity::PerChannel => (n_in, 1),
-        Granularity::PerGroup(g) => (g, n_in / g),
-    };
-    let entry = |o: usize, gi: usize| match t.granularity() {
-        Granularity::PerTensor => 0,
-        Granularity::PerChannel => o,
-        Granularity::PerGroup(_) => o * per_row + gi,
-    };
+    let runs = Int8Runs::of(t.granularity(), n_in);
+    let (run, entry) = (runs.run, |o, gi| runs.entry(o, gi));
     let codes = t.codes();
     let rows: [&[u8]; J] = std::array::from_fn(|i| {
         let o = o0 + j0 + i;
@@ -482,6 +456,44 @@ fn gemv_int8_avx2_rows<const R: usize, const J: usize>(
     }
 }
 
+/// How the rows of an int8 weight split into runs of one scale and zero point: `run` inputs each (the whole
+/// row per tensor and per channel, a group otherwise), `per_row` runs per row (the last group may be short).
+#[derive(Clone, Copy)]
+struct Int8Runs {
+    granularity: Granularity,
+    run: usize,
+    per_row: usize,
+}
+
+impl Int8Runs {
+    fn of(granularity: Granularity, n_in: usize) -> Int8Runs {
+        let (run, per_row) = match granularity {
+            Granularity::PerTensor | Granularity::PerChannel => (n_in, 1),
+            Granularity::PerGroup(g) => (g, n_in.div_ceil(g.max(1))),
+        };
+        Int8Runs { granularity, run, per_row }
+    }
+
+    /// The parameter entry of run `gi` of output row `o`.
+    #[inline(always)]
+    fn entry(&self, o: usize, gi: usize) -> usize {
+        match self.granularity {
+            Granularity::PerTensor => 0,
+            Granularity::PerChannel => o,
+            Granularity::PerGroup(_) => o * self.per_row + gi,
+        }
+    }
+
+    /// Whether `job` suits the register int8 GEMVs that share `x` across weight rows: an int8 weight, M ≤ 4,
+    /// and rows made of whole runs that are multiples of 16 inputs.
+    fn whole_sixteens(job: &Job<'_>) -> bool {
+        let QuantWeight::Int8(t) = job.layer.weight else { return false };
+        let (n_in, m) = (job.layer.in_features, job.m);
+        let run = Int8Runs::of(t.granularity(), n_in).run;
+        (1..=4).contains(&m) && run > 0 && run.is_multiple_of(16) && n_in.is_multiple_of(run)
+    }
+}
+
 /// int8 GEMV for M ≤ 4: codes are widened in registers and `Σ (q − zp)·x` is accumulated per run of one
 /// scale (the row, or a group whose size is a multiple of 16), then scaled once. `(q − zp)` is exact, so the
 /// only difference to the reference is where the scale's rounding happens (inside the stated bound).
@@ -491,22 +503,18 @@ fn gemv_int8_avx2_rows<const R: usize, const J: usize>(
 fn int8_gemv_rows<V: Vf, D: Table16<V>, const R: usize>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
     let QuantWeight::Int8(t) = job.layer.weight else { return false };
     let n_in = job.layer.in_features;
-    let (run, per_row) = match t.granularity() {
-        Granularity::PerTensor | Granularity::PerChannel => (n_in, 1),
-        Granularity::PerGroup(g) if g % 16 == 0 => (g, n_in.div_ceil(g)),
-        Granularity::PerGroup(_) => return false,
-    };
+    if matches!(t.granularity(), Granularity::PerGroup(g) if g % 16 != 0) {
+        return false;
+    }
+    let runs = Int8Runs::of(t.granularity(), n_in);
+    let run = runs.run;
     let xs: [&[f32]; R] = std::array::from_fn(|r| &job.x[r * n_in..(r + 1) * n_in]);
     for j in 0..ob {
         let o = o0 + j;
         let codes = &t.codes()[o * n_in..(o + 1) * n_in];
         let mut total = [0.0f32; R];
         for (gi, seg) in codes.chunks(run).enumerate() {
-            let entry = match t.granularity() {
-                Granularity::PerTensor => 0,
-                Granularity::PerChannel => o,
-                Granularity::PerGroup(_) => o * per_row + gi,
-            };
+            let entry = runs.entry(o, gi);
             let (scale, zp) = (t.scales()[entry], t.zero_points()[entry] as f32);
             let zpv = V::splat(zp);
             let k0 = gi * run;
