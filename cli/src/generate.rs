@@ -20,13 +20,14 @@ pub struct Generate<'a> {
     pub sampling: SamplingOptions,
     pub chat: bool,
     pub logits_out: Option<&'a Path>,
+    pub ids_out: Option<&'a Path>,
     pub force: bool,
 }
 
 /// Runs the generation; the text goes to stdout as it is produced, then one line each for prefill and decode
 /// speed. Stops after `max_tokens` new tokens or at an end-of-sequence token.
 pub fn run(g: Generate) -> Result<(), CliError> {
-    if let Some(out) = g.logits_out {
+    for out in [g.logits_out, g.ids_out].into_iter().flatten() {
         check_output(&g.model.model, out, g.force)?;
     }
     let sampler = Sampler::new(g.sampling)?;
@@ -53,9 +54,11 @@ pub fn run(g: Generate) -> Result<(), CliError> {
     let t = Instant::now();
     let mut generated = 0usize;
     let mut decode_steps = 0usize;
+    let mut ids = Vec::with_capacity(g.max_tokens);
     while generated < g.max_tokens {
         let id = sampler.sample(&logits);
         generated += 1;
+        ids.push(id);
         if eos.contains(&id) {
             break;
         }
@@ -70,6 +73,10 @@ pub fn run(g: Generate) -> Result<(), CliError> {
     let decode = t.elapsed().as_secs_f64();
     console::out_raw(&console::escape_text(&stream.finish()?))?;
     console::out_raw("\n")?;
+    if let Some(out) = g.ids_out {
+        let json = serde_json::json!({ "prompt": prompt, "generated": ids });
+        write_text_atomically(out, &format!("{json}\n"), g.force)?;
+    }
     console::line(&format!(
         "prefill: {} tokens in {:.3} s, {:.1} tokens/s",
         prompt.len(),
@@ -89,6 +96,17 @@ pub fn run(g: Generate) -> Result<(), CliError> {
             Device::Gpu => "GPU".to_string(),
         }
     ))?;
+    Ok(())
+}
+
+/// Writes `text` to `path` through a temporary in the same directory (never a half-written file).
+fn write_text_atomically(path: &Path, text: &str, replace: bool) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut tmp = lowbit::io::atomic::TempFile::create_for(path)?;
+    tmp.file()
+        .write_all(text.as_bytes())
+        .map_err(|e| CliError::new(format!("writing {}: {e}", tmp.path().display())))?;
+    tmp.persist(replace)?;
     Ok(())
 }
 

@@ -446,7 +446,11 @@ enum Command {
         /// tensor `logits` [T_prompt, vocab]; with --max-tokens 0 a pure forward.
         #[arg(long, value_name = "FILE")]
         logits_out: Option<PathBuf>,
-        /// Replace the --logits-out file if it exists.
+        /// Write the token ids as JSON, `{"prompt": [ids], "generated": [ids]}` (an end-of-sequence token that
+        /// ended generation included), for comparing runs (the browser page's, another device's).
+        #[arg(long, value_name = "FILE")]
+        ids_out: Option<PathBuf>,
+        /// Replace the --logits-out / --ids-out file if it exists.
         #[arg(long)]
         force: bool,
     },
@@ -572,18 +576,29 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 allow_overflow,
             })
         }
-        Command::Generate { model, prompt, tokens, max_tokens, temperature, top_p, seed, chat, logits_out, force } => {
-            generate::run(generate::Generate {
-                model: &model,
-                prompt: prompt.as_deref(),
-                tokens: tokens.as_deref(),
-                max_tokens,
-                sampling: lowbit_llm::SamplingOptions { temperature, top_p, seed },
-                chat,
-                logits_out: logits_out.as_deref(),
-                force,
-            })
-        }
+        Command::Generate {
+            model,
+            prompt,
+            tokens,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            chat,
+            logits_out,
+            ids_out,
+            force,
+        } => generate::run(generate::Generate {
+            model: &model,
+            prompt: prompt.as_deref(),
+            tokens: tokens.as_deref(),
+            max_tokens,
+            sampling: lowbit_llm::SamplingOptions { temperature, top_p, seed },
+            chat,
+            logits_out: logits_out.as_deref(),
+            ids_out: ids_out.as_deref(),
+            force,
+        }),
         Command::Perplexity { model, text, ctx } => {
             perplexity::run(perplexity::Perplexity { model: &model, text: &text, ctx })
         }

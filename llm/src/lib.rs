@@ -27,7 +27,7 @@ pub use config::Config;
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use linear::Linear;
-pub use load::{LoadOptions, WeightMode};
+pub use load::{LoadOptions, ModelLoader, WeightMode};
 pub use model::{Logits, Model, State};
 pub use sample::{Sampler, SamplingOptions};
 pub use tokenizer::Tokenizer;

@@ -45,79 +45,182 @@ impl Model {
     /// an already quantized checkpoint, an adapter module that is not one of the model's linear layers.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
         let ck = Checkpoint::open(path)?;
+        let loader = ModelLoader::new(&ck, opts, &path.display().to_string())?;
+        // Layers in parallel (each quantizes its own weights); memory peaks at a few layers' f32 copies.
+        let blocks: Vec<Block> =
+            (0..loader.config().num_hidden_layers).into_par_iter().map(|i| loader.block(i)).collect::<Result<_>>()?;
+        let mut model = loader.finish(blocks)?;
+        for dir in &opts.adapters {
+            model.attach_adapter(dir)?;
+        }
+        Ok(model)
+    }
+
+    /// Loads the PEFT adapter in `dir` and attaches it (enabled, named after the directory) to every module
+    /// it has weights for. Errors when a module is not one of this model's decoder linear layers.
+    pub fn attach_adapter(&mut self, dir: &Path) -> Result<()> {
+        let adapter = PeftAdapter::load(dir)?;
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
+        self.attach_peft(&adapter, &name).map_err(|e| match e {
+            Error::Model(m) => Error::Model(format!("adapter {}: {m}", dir.display())),
+            e => e,
+        })
+    }
+
+    /// Attaches an already parsed PEFT adapter (enabled, under `name`) to every module it has weights for;
+    /// the model is unchanged when any module fails. Errors when a module is not one of this model's decoder
+    /// linear layers or its shapes do not match the layer.
+    pub fn attach_peft(&mut self, adapter: &PeftAdapter, name: &str) -> Result<()> {
+        // Everything is checked and built first, so that a bad module leaves no adapter half attached.
+        let mut pending = Vec::with_capacity(adapter.modules().len());
+        for m in adapter.modules() {
+            let lora = adapter.lora_adapter(&m.path, name)?;
+            let (i, sub) = parse_module(&m.path)
+                .filter(|(i, sub)| self.blocks.get(*i).is_some_and(|b| b.linears().iter().any(|(n, _)| n == sub)))
+                .ok_or_else(|| {
+                    Error::Model(format!(
+                        "module `{}` is not a decoder linear layer of this model (expected model.layers.N.self_attn.{{q,k,v,o}}_proj or model.layers.N.mlp.{{gate,up,down}}_proj, N < {})",
+                        m.path,
+                        self.blocks.len()
+                    ))
+                })?;
+            let layer = self.blocks[i].linears().into_iter().find(|(n, _)| *n == sub).map(|(_, l)| l);
+            if let Some(layer) = layer {
+                if lora.in_features() != layer.in_features() || lora.out_features() != layer.out_features() {
+                    return Err(Error::Model(format!(
+                        "module `{}`: the adapter is for a {}×{} layer (out × in), the model's is {}×{}",
+                        m.path,
+                        lora.out_features(),
+                        lora.in_features(),
+                        layer.out_features(),
+                        layer.in_features()
+                    )));
+                }
+            }
+            pending.push((i, sub.to_string(), lora));
+        }
+        for (i, sub, lora) in pending {
+            if let Some(target) = self.blocks[i].linear_mut(&sub) {
+                target.add_adapter(lora)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`Model`] from an open [`Checkpoint`] one piece at a time: [`block`](Self::block) for each
+/// decoder layer (in any order, from any thread), then [`finish`](Self::finish) for the embedding, final
+/// norm and output projection. [`Model::load`] runs the blocks in parallel; a caller that must stay
+/// responsive (a browser page) runs them one by one and reports progress between them.
+pub struct ModelLoader<'a> {
+    ck: &'a Checkpoint,
+    opts: &'a LoadOptions,
+    source: String,
+    config: Config,
+    quantized: BTreeSet<String>,
+}
+
+impl<'a> ModelLoader<'a> {
+    /// Reads the config (from `config.json` or the GGUF's metadata) and checks that `opts` fit the
+    /// checkpoint; `source` names it in errors (a path, a file name). Adapters in `opts` are not attached
+    /// here ([`Model::load`] does that after `finish`).
+    pub fn new(ck: &'a Checkpoint, opts: &'a LoadOptions, source: &str) -> Result<ModelLoader<'a>> {
         let json = ck.config().ok_or_else(|| {
             Error::Model(format!(
-                "{}: no config (a model directory needs config.json; a GGUF needs llama-family metadata)",
-                path.display()
+                "{source}: no config (a model directory needs config.json; a GGUF needs llama-family metadata)"
             ))
         })?;
         let config = Config::from_json(json)?;
         let quantized: BTreeSet<String> = ck.layer_names().into_iter().collect();
         if !quantized.is_empty() && matches!(opts.weights, WeightMode::Quantize(_)) {
             return Err(Error::Invalid(format!(
-                "{} is already quantized ({} layers); --scheme applies to dense or GGUF models",
-                path.display(),
+                "{source} is already quantized ({} layers); --scheme applies to dense or GGUF models",
                 quantized.len()
             )));
         }
-        let has = |name: &str| ck.tensor_info(name).is_ok();
-        let dense = |name: &str| -> Result<Vec<f32>> { Ok(ck.tensor_f32(name)?) };
-        let linear = |name: &str| -> Result<Linear> {
-            if quantized.contains(name) {
-                return Ok(Linear::Quant(Box::new(ck.layer(name)?)));
+        Ok(ModelLoader { ck, opts, source: source.to_string(), config, quantized })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.ck.tensor_info(name).is_ok()
+    }
+
+    fn dense(&self, name: &str) -> Result<Vec<f32>> {
+        Ok(self.ck.tensor_f32(name)?)
+    }
+
+    fn linear(&self, name: &str) -> Result<Linear> {
+        if self.quantized.contains(name) {
+            return Ok(Linear::Quant(Box::new(self.ck.layer(name)?)));
+        }
+        let wname = format!("{name}.weight");
+        let info = self.ck.tensor_info(&wname)?;
+        let shape = info.shape.clone();
+        if shape.len() != 2 {
+            return Err(Error::Model(format!("{wname} has shape {shape:?}, expected 2 dimensions")));
+        }
+        let w = self.dense(&wname)?;
+        let bname = format!("{name}.bias");
+        let bias = if self.has(&bname) { Some(self.dense(&bname)?) } else { None };
+        match self.opts.weights {
+            WeightMode::AsStored => Ok(Linear::Dense(DenseLinear::new(w, shape[0], shape[1], bias)?)),
+            WeightMode::Quantize(scheme) => {
+                let q = QuantWeight::quantize(&w, &shape, scheme)
+                    .map_err(|e| Error::Model(format!("quantizing {wname} as {scheme}: {e}")))?;
+                Ok(Linear::Quant(Box::new(QuantLinear::new(q, bias)?)))
             }
-            let wname = format!("{name}.weight");
-            let info = ck.tensor_info(&wname)?;
-            let shape = info.shape.clone();
-            if shape.len() != 2 {
-                return Err(Error::Model(format!("{wname} has shape {shape:?}, expected 2 dimensions")));
-            }
-            let w = dense(&wname)?;
-            let bname = format!("{name}.bias");
-            let bias = if has(&bname) { Some(dense(&bname)?) } else { None };
-            match opts.weights {
-                WeightMode::AsStored => Ok(Linear::Dense(DenseLinear::new(w, shape[0], shape[1], bias)?)),
-                WeightMode::Quantize(scheme) => {
-                    let q = QuantWeight::quantize(&w, &shape, scheme)
-                        .map_err(|e| Error::Model(format!("quantizing {wname} as {scheme}: {e}")))?;
-                    Ok(Linear::Quant(Box::new(QuantLinear::new(q, bias)?)))
-                }
-            }
-        };
-        let block = |i: usize| -> Result<Block> {
-            let p = format!("model.layers.{i}");
-            Ok(Block {
-                attn_norm: dense(&format!("{p}.input_layernorm.weight"))?,
-                q: linear(&format!("{p}.self_attn.q_proj"))?,
-                k: linear(&format!("{p}.self_attn.k_proj"))?,
-                v: linear(&format!("{p}.self_attn.v_proj"))?,
-                o: linear(&format!("{p}.self_attn.o_proj"))?,
-                mlp_norm: dense(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate: linear(&format!("{p}.mlp.gate_proj"))?,
-                up: linear(&format!("{p}.mlp.up_proj"))?,
-                down: linear(&format!("{p}.mlp.down_proj"))?,
-            })
-        };
-        // Layers in parallel (each quantizes its own weights); memory peaks at a few layers' f32 copies.
-        let blocks: Vec<Block> = (0..config.num_hidden_layers).into_par_iter().map(block).collect::<Result<_>>()?;
-        let embed = dense("model.embed_tokens.weight")?;
-        let norm = dense("model.norm.weight")?;
-        let own = !config.tie_word_embeddings && (has("lm_head.weight") || quantized.contains("lm_head"));
+        }
+    }
+
+    /// Decoder layer `i` (`model.layers.i.*`), its linear layers quantized on load when the options say so.
+    pub fn block(&self, i: usize) -> Result<Block> {
+        if i >= self.config.num_hidden_layers {
+            return Err(Error::Invalid(format!(
+                "layer {i} does not exist: the model has {} layers",
+                self.config.num_hidden_layers
+            )));
+        }
+        let p = format!("model.layers.{i}");
+        Ok(Block {
+            attn_norm: self.dense(&format!("{p}.input_layernorm.weight"))?,
+            q: self.linear(&format!("{p}.self_attn.q_proj"))?,
+            k: self.linear(&format!("{p}.self_attn.k_proj"))?,
+            v: self.linear(&format!("{p}.self_attn.v_proj"))?,
+            o: self.linear(&format!("{p}.self_attn.o_proj"))?,
+            mlp_norm: self.dense(&format!("{p}.post_attention_layernorm.weight"))?,
+            gate: self.linear(&format!("{p}.mlp.gate_proj"))?,
+            up: self.linear(&format!("{p}.mlp.up_proj"))?,
+            down: self.linear(&format!("{p}.mlp.down_proj"))?,
+        })
+    }
+
+    /// The model from its decoder layers (in order, as [`block`](Self::block) built them) plus the
+    /// embedding, final norm and output projection read now.
+    pub fn finish(self, blocks: Vec<Block>) -> Result<Model> {
+        let (ck, opts, config) = (self.ck, self.opts, &self.config);
+        let embed = self.dense("model.embed_tokens.weight")?;
+        let norm = self.dense("model.norm.weight")?;
+        let own = !config.tie_word_embeddings && (self.has("lm_head.weight") || self.quantized.contains("lm_head"));
         // By default the output projection stays as stored (dense f32 or the checkpoint's quantization):
         // quantizing it costs the most quality per byte saved, as bitsandbytes' default skip list also assumes.
         let lm_head = match (own, opts.lm_head) {
-            (true, None) => LmHead::Own(Box::new(load_as_stored(&ck, &quantized, "lm_head")?)),
+            (true, None) => LmHead::Own(Box::new(load_as_stored(ck, &self.quantized, "lm_head")?)),
             (false, None) => LmHead::Tied,
-            (true, Some(_)) if quantized.contains("lm_head") => {
+            (true, Some(_)) if self.quantized.contains("lm_head") => {
                 return Err(Error::Invalid(format!(
                     "{}: lm_head is already quantized; --lm-head applies to a dense output projection",
-                    path.display()
+                    self.source
                 )))
             }
             (own, Some(scheme)) => {
                 // A tied head is quantized straight from the embedding (no copy of 28M floats).
                 let (name, w): (&str, std::borrow::Cow<[f32]>) = if own {
-                    ("lm_head.weight", dense("lm_head.weight")?.into())
+                    ("lm_head.weight", self.dense("lm_head.weight")?.into())
                 } else {
                     ("model.embed_tokens.weight (tied lm_head)", embed.as_slice().into())
                 };
@@ -135,32 +238,7 @@ impl Model {
                 LmHead::Own(Box::new(Linear::Quant(Box::new(QuantLinear::new(q, None)?))))
             }
         };
-        let mut model = Model::from_parts(config, embed, blocks, norm, lm_head)?;
-        for dir in &opts.adapters {
-            model.attach_adapter(dir)?;
-        }
-        Ok(model)
-    }
-
-    /// Loads the PEFT adapter in `dir` and attaches it (enabled, named after the directory) to every module
-    /// it has weights for. Errors when a module is not one of this model's decoder linear layers.
-    pub fn attach_adapter(&mut self, dir: &Path) -> Result<()> {
-        let adapter = PeftAdapter::load(dir)?;
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
-        for m in adapter.modules() {
-            let lora = adapter.lora_adapter(&m.path, &name)?;
-            let target = parse_module(&m.path)
-                .and_then(|(i, sub)| self.blocks.get_mut(i).and_then(|b| b.linear_mut(sub)))
-                .ok_or_else(|| {
-                    Error::Model(format!(
-                        "adapter {}: module `{}` is not a decoder linear layer of this model (expected model.layers.N.self_attn.{{q,k,v,o}}_proj or model.layers.N.mlp.{{gate,up,down}}_proj)",
-                        dir.display(),
-                        m.path
-                    ))
-                })?;
-            target.add_adapter(lora)?;
-        }
-        Ok(())
+        Model::from_parts(self.config, embed, blocks, norm, lm_head)
     }
 }
 

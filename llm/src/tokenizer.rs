@@ -111,6 +111,38 @@ impl Tokenizer {
         let dir = path.parent().unwrap_or_else(|| Path::new("."));
         let config = read_json_if_present(&dir.join("tokenizer_config.json"))?;
         let special_map = read_json_if_present(&dir.join("special_tokens_map.json"))?;
+        let template_file = dir.join("chat_template.jinja").is_file();
+        Tokenizer::with_config(inner, config, special_map, template_file, &path.display().to_string())
+    }
+
+    /// As [`from_file`](Self::from_file), from the files' contents (a browser has no directory):
+    /// `tokenizer.json` and, when the model has them, `tokenizer_config.json` and `special_tokens_map.json`.
+    ///
+    /// Errors ([`Error::Tokenizer`]): a file that does not parse, a BOS / EOS token the vocabulary lacks.
+    pub fn from_json(
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<&[u8]>,
+        special_tokens_map: Option<&[u8]>,
+    ) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|e| tok_err(format!("tokenizer.json: cannot load: {e}")))?;
+        let parse = |name: &str, bytes: Option<&[u8]>| -> Result<Option<Value>> {
+            bytes
+                .map(|b| serde_json::from_slice(b).map_err(|e| tok_err(format!("{name}: expected JSON: {e}"))))
+                .transpose()
+        };
+        let config = parse("tokenizer_config.json", tokenizer_config)?;
+        let special_map = parse("special_tokens_map.json", special_tokens_map)?;
+        Tokenizer::with_config(inner, config, special_map, false, "tokenizer.json")
+    }
+
+    fn with_config(
+        inner: tokenizers::Tokenizer,
+        config: Option<Value>,
+        special_map: Option<Value>,
+        template_file: bool,
+        what: &str,
+    ) -> Result<Tokenizer> {
         let token_of = |key: &str| -> Option<String> {
             [&config, &special_map].into_iter().flatten().find_map(|json| match json.get(key)? {
                 Value::String(s) => Some(s.clone()),
@@ -121,20 +153,17 @@ impl Tokenizer {
         let id_of = |key: &str| -> Result<Option<u32>> {
             match token_of(key) {
                 None => Ok(None),
-                Some(token) => inner.token_to_id(&token).map(Some).ok_or_else(|| {
-                    tok_err(format!(
-                        "{}: {key} `{token}` is not in the vocabulary of {}",
-                        dir.display(),
-                        path.display()
-                    ))
-                }),
+                Some(token) => inner
+                    .token_to_id(&token)
+                    .map(Some)
+                    .ok_or_else(|| tok_err(format!("{key} `{token}` is not in the vocabulary of {what}"))),
             }
         };
         let bos_id = id_of("bos_token")?;
         let eos_id = id_of("eos_token")?;
         let add_bos = config.as_ref().and_then(|c| c.get("add_bos_token")).and_then(Value::as_bool).unwrap_or(false);
-        let has_chat_template = config.as_ref().and_then(|c| c.get("chat_template")).is_some_and(|t| !t.is_null())
-            || dir.join("chat_template.jinja").is_file();
+        let has_chat_template =
+            config.as_ref().and_then(|c| c.get("chat_template")).is_some_and(|t| !t.is_null()) || template_file;
         Tokenizer::assemble(inner, bos_id, eos_id, add_bos, has_chat_template)
     }
 

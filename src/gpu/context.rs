@@ -65,6 +65,7 @@ impl std::fmt::Debug for GpuContext {
     }
 }
 
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 fn rank(t: wgpu::DeviceType) -> u8 {
     match t {
         wgpu::DeviceType::DiscreteGpu => 0,
@@ -120,6 +121,7 @@ impl GpuContext {
     /// Opens an adapter chosen by `opts`. Requests only the WebGPU default limits (clamped to what the
     /// adapter offers), and `SHADER_F16` / `SUBGROUP` / `TIMESTAMP_QUERY` only when present and allowed.
     pub async fn with_options(opts: &ContextOptions) -> Result<GpuContext, Error> {
+        #[cfg_attr(target_arch = "wasm32", allow(unused_variables))]
         let (instance, backends) = Self::instance(opts.backends);
         #[cfg(not(target_arch = "wasm32"))]
         let adapter = {

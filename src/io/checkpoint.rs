@@ -116,7 +116,8 @@ struct MappedFile {
     path: PathBuf,
     bytes: SharedBytes,
     /// The map behind `bytes` when lowbit mapped the file itself (for access advice); `None` for bytes from
-    /// the caller.
+    /// the caller. Read only where `madvise` exists.
+    #[cfg_attr(not(unix), allow(dead_code))]
     map: Option<Arc<memmap2::Mmap>>,
 }
 
@@ -348,6 +349,28 @@ impl Checkpoint {
         }
         let file = MappedFile { path: PathBuf::from("<memory>"), bytes, map: None };
         Checkpoint::build(PathBuf::from("<memory>"), vec![file], None, limits)
+    }
+
+    /// As [`from_shared`](Self::from_shared) for one safetensors file of a model directory whose
+    /// `config.json` the caller read separately (a browser holds the directory's files, not the directory):
+    /// [`config`](Self::config) returns `config`. A GGUF carries its own config; passing one is an error.
+    pub fn from_shared_with_config(
+        bytes: SharedBytes,
+        config: serde_json::Value,
+        limits: Limits,
+    ) -> Result<Checkpoint> {
+        if (*bytes).as_ref().starts_with(GGUF_MAGIC) {
+            return Err(Error::invalid(
+                "config",
+                "a config.json for a GGUF file",
+                "a GGUF without a separate config (its metadata is the config)",
+            ));
+        }
+        if !config.is_object() {
+            return Err(Error::invalid("config.json", "a JSON value that is not an object", "a JSON object"));
+        }
+        let file = MappedFile { path: PathBuf::from("<memory>"), bytes, map: None };
+        Checkpoint::build(PathBuf::from("<memory>"), vec![file], Some(config), limits)
     }
 
     fn open_sharded(
@@ -629,6 +652,7 @@ impl Checkpoint {
     /// resident memory stays flat in model size; the pages stay in the page cache and reading the tensor again
     /// maps them again, with the same bytes. Does nothing for an unknown name, bytes the caller provided,
     /// GGUF files, or on platforms without `madvise`.
+    #[cfg_attr(not(unix), allow(unused_variables))]
     pub fn release(&self, name: &str) {
         #[cfg(unix)]
         if let Some(e) = self.tensors.get(name) {

@@ -8,6 +8,8 @@
 //!   one adapter id per row, `forwardAsync(x, m, device)` with `device` `"cpu"` or `"webgpu"`, the stated
 //!   error bound of the fused kernels against the reference, dequantization.
 //! * [`quantizeInt8`] / [`quantizeNf4`] — build a layer from f32 weights.
+//! * [`Model`] — a whole Llama-family model (SmolLM2, ...) from a GGUF or a model directory's files, quantized
+//!   in the page (NF4 + double quantization by default), PEFT adapters, streamed generation, logits.
 //! * [`initWebGpu`], [`buildInfo`] — what this build and this browser can run.
 //!
 //! Every error is a JS `Error` whose message is lowbit's message; nothing panics on bad input.
@@ -24,10 +26,13 @@ use lowbit::lora::LoraAdapter;
 use lowbit::nf4;
 use wasm_bindgen::prelude::*;
 
+mod model;
 mod webgpu;
 
+pub use model::{wasm_heap_bytes, Model};
+
 /// A lowbit (or other) error as a JS `Error` carrying the message.
-fn js_err(e: impl std::fmt::Display) -> JsError {
+pub(crate) fn js_err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
 
@@ -134,7 +139,7 @@ impl Checkpoint {
     }
 }
 
-fn parse_peft(config_json: &str, adapter_bytes: &[u8]) -> Result<PeftAdapter, JsError> {
+pub(crate) fn parse_peft(config_json: &str, adapter_bytes: &[u8]) -> Result<PeftAdapter, JsError> {
     let st = lowbit::io::parse_safetensors(adapter_bytes).map_err(js_err)?;
     PeftAdapter::from_parts(config_json, &st).map_err(js_err)
 }
