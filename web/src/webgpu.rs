@@ -27,7 +27,7 @@ mod imp {
         JsError::new(&e.to_string())
     }
 
-    async fn context() -> Result<Rc<GpuContext>, JsError> {
+    pub(crate) async fn context() -> Result<Rc<GpuContext>, JsError> {
         if let Some(c) = CTX.with(|c| c.borrow().clone()) {
             return Ok(c);
         }
@@ -111,6 +111,8 @@ mod imp {
     }
 }
 
+#[cfg(feature = "webgpu")]
+pub(crate) use imp::context;
 pub(crate) use imp::GpuLayer;
 
 /// Opens (once) the page's WebGPU device; JSON adapter info.

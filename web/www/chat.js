@@ -115,7 +115,19 @@ async function runTest() {
   report.model = state.model.info();
   report.load_s = (performance.now() - t0) / 1000;
   report.prompt_tokens = Array.from(state.model.encode(prompt, true));
+  try {
+    report.webgpu_adapter = JSON.parse(await lb.initWebGpu());
+    report.webgpu_available = true;
+  } catch (e) {
+    report.webgpu_available = false;
+    report.webgpu_unavailable = String(e && e.message || e);
+  }
   for (const device of devices) {
+    if (device === 'webgpu' && !report.webgpu_available) {
+      report.tokens_webgpu = null;
+      report.error_webgpu = report.webgpu_unavailable;
+      continue;
+    }
     $('device').value = device;
     state.history = [];
     try {

@@ -1,6 +1,7 @@
 //! Creating storage buffers from host slices and reading buffers back (blocking, native only): for tests and
 //! for the model's one-time uploads. Nothing here is used while recording a forward.
 
+#[cfg(not(target_arch = "wasm32"))]
 use crate::{Error, Result};
 use lowbit::gpu::{wgpu, GpuContext};
 use wgpu::util::DeviceExt;

@@ -284,9 +284,21 @@ impl GpuModel {
     /// cache; writes the last row's logits (`Logits::Last`, `logits.len() == vocab`) or every row's
     /// (`Logits::All`, `m · vocab`). Errors ([`Error::Invalid`], nothing appended) on an empty `tokens`, more
     /// than `max_batch` tokens, an id ≥ vocab, a full cache or a wrong `logits` length; ([`Error::Model`],
-    /// nothing appended) on non-finite logits.
+    /// nothing appended) on non-finite logits. Blocks until the GPU is done; in the browser, where nothing may
+    /// block, use [`forward_async`](Self::forward_async).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward(&mut self, ctx: &GpuContext, tokens: &[u32], which: Logits, logits: &mut [f32]) -> Result<()> {
+        lowbit::gpu::block_on(self.forward_async(ctx, tokens, which, logits))
+    }
+
+    /// [`forward`](Self::forward) awaiting the GPU instead of blocking (the same submission and results).
+    pub async fn forward_async(
+        &mut self,
+        ctx: &GpuContext,
+        tokens: &[u32],
+        which: Logits,
+        logits: &mut [f32],
+    ) -> Result<()> {
         let rows_out = if which == Logits::All { tokens.len() } else { 1 };
         if logits.len() != rows_out * self.config.vocab_size {
             return Err(Error::Invalid(format!(
@@ -295,7 +307,7 @@ impl GpuModel {
                 self.config.vocab_size
             )));
         }
-        let words = self.run(ctx, tokens, Output::Logits(which))?;
+        let words = self.run(ctx, tokens, Output::Logits(which)).await?;
         if let Some(i) = words.iter().position(|v| !v.is_finite()) {
             return Err(Error::Model(format!("logit {i} is {} (the forward overflowed f32)", words[i])));
         }
@@ -306,18 +318,22 @@ impl GpuModel {
 
     /// [`forward`](Self::forward) with greedy decoding on the GPU: returns the argmax of the last row's
     /// logits (the lowest index among equal maxima), reading back 4 bytes. The logits are not checked for
-    /// finiteness (they stay on the GPU).
+    /// finiteness (they stay on the GPU). Blocks; see [`forward_greedy_async`](Self::forward_greedy_async).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_greedy(&mut self, ctx: &GpuContext, tokens: &[u32]) -> Result<u32> {
-        let words = self.run(ctx, tokens, Output::Greedy)?;
+        lowbit::gpu::block_on(self.forward_greedy_async(ctx, tokens))
+    }
+
+    /// [`forward_greedy`](Self::forward_greedy) awaiting the GPU instead of blocking.
+    pub async fn forward_greedy_async(&mut self, ctx: &GpuContext, tokens: &[u32]) -> Result<u32> {
+        let words = self.run(ctx, tokens, Output::Greedy).await?;
         self.len += tokens.len();
         Ok(words[0].to_bits())
     }
 
     /// Validates, records the whole forward into one encoder, writes the ids, submits once and reads the
     /// staging buffer back once. Does not advance `len`.
-    #[cfg(not(target_arch = "wasm32"))]
-    fn run(&mut self, ctx: &GpuContext, tokens: &[u32], out: Output) -> Result<Vec<f32>> {
+    async fn run(&mut self, ctx: &GpuContext, tokens: &[u32], out: Output) -> Result<Vec<f32>> {
         let c = &self.config;
         let (m, pos0) = (tokens.len(), self.len);
         if m == 0 || m > self.max_batch {
@@ -337,7 +353,7 @@ impl GpuModel {
         ctx.queue().write_buffer(&self.s.ids, 0, bytemuck::cast_slice(tokens));
         ctx.queue().submit([enc.finish()]);
         self.submissions += 1;
-        let v = lowbit::gpu::block_on(lowbit::gpu::read_f32(ctx.device(), &self.s.staging, words))?;
+        let v = lowbit::gpu::read_f32(ctx.device(), &self.s.staging, words).await?;
         self.readbacks += 1;
         Ok(v)
     }
