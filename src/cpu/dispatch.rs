@@ -48,6 +48,10 @@ fn portable_kernels() -> Kernels {
     Kernels {
         affine: super::affine_portable::PORTABLE,
         four_bit: super::nf4_portable::PORTABLE,
+        // A wasm32 build with simd128 adds its register 4-bit GEMV to the portable kernels.
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        linear: super::linear_wasm::SIMD128,
+        #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
         linear: super::linear_kernels::PORTABLE,
         ggml: super::ggml_portable::PORTABLE,
     }

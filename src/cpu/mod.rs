@@ -19,6 +19,8 @@ pub(crate) mod ggml_portable;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod ggml_x86;
 pub(crate) mod linear_kernels;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+pub(crate) mod linear_wasm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_x86;
 pub(crate) mod nf4_portable;

@@ -80,9 +80,18 @@ async function main() {
     [`nf4+dq bs64 ${OUT}x${IN} +LoRA r${RANK}`, () => lb.quantizeNf4(w, OUT, IN, 64, true, r.vec(OUT, 0.1))],
     [`int8 channel ${OUT}x${IN} +LoRA r${RANK}`, () => lb.quantizeInt8(w, OUT, IN, 'channel', r.vec(OUT, 0.1))],
   ];
-  for (const [name, make] of makers) {
+  const layers = makers.map(([name, make]) => {
     const layer = make();
     layer.addLora('demo', RANK, r.vec(RANK * IN, 0.05), r.vec(OUT * RANK, 0.05), 2 * RANK, false);
+    return [name, layer];
+  });
+  // Warm-up: the browser first runs WASM through its baseline compiler and tiers hot functions up in the
+  // background; without this the first rows measured the baseline code (up to 20× slower).
+  const warm = performance.now();
+  while (performance.now() - warm < (quick ? 600 : 1500)) {
+    for (const [, layer] of layers) for (const m of MS) layer.forward(r.vec(m * layer.inFeatures, 1), m);
+  }
+  for (const [name, layer] of layers) {
     for (const m of MS) {
       await bench(name, layer, m, 'cpu', r);
       if (gpu.ok) await bench(name, layer, m, 'webgpu', r);
