@@ -10,6 +10,7 @@
 //! - `gpu` (feature `gpu`): the whole model resident on the GPU, one submission per token.
 
 pub mod config;
+pub mod embedding;
 pub mod error;
 pub mod kv_cache;
 pub mod linear;
@@ -24,6 +25,7 @@ pub mod tokenizer;
 pub mod gpu;
 
 pub use config::Config;
+pub use embedding::Embedding;
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use linear::Linear;

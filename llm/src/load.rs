@@ -5,7 +5,8 @@
 
 use crate::linear::{DenseLinear, Linear};
 use crate::model::{Block, LmHead};
-use crate::{Config, Error, Model, Result};
+use crate::{Config, Embedding, Error, Model, Result};
+use lowbit::affine::{AffineParams, AffineTensor, Granularity};
 use lowbit::io::peft::PeftAdapter;
 use lowbit::io::Checkpoint;
 use lowbit::linear::{QuantLinear, QuantWeight};
@@ -37,6 +38,12 @@ pub struct LoadOptions {
     /// bytes). llama.cpp runs its GGUF's `token_embd` type here (Q8_0 in SmolLM2's Q4_1 file), so
     /// `int8:channel` is the comparable choice for speed.
     pub lm_head: Option<Scheme>,
+    /// Store the token embedding int8-quantized with this scheme (`int8:channel`, `int8:group:N` or
+    /// `int8:tensor`) instead of dense f32: a quarter of the memory, rows dequantized on lookup. A tied
+    /// `lm_head` then runs on that same int8 matrix (so `lm_head` must stay `None`). The per-channel and
+    /// per-group schemes are built a slice of rows at a time (no f32 copy of the whole embedding). `None`
+    /// (the default): dense f32, as transformers runs it.
+    pub embedding: Option<Scheme>,
 }
 
 impl Model {
@@ -138,6 +145,19 @@ impl<'a> ModelLoader<'a> {
                 quantized.len()
             )));
         }
+        match opts.embedding {
+            None | Some(Scheme::Int8(_)) => {}
+            Some(s) => {
+                return Err(Error::Invalid(format!(
+                    "embedding scheme {s}: only int8 schemes (int8:channel, int8:group:N, int8:tensor) are supported for the embedding"
+                )))
+            }
+        }
+        if opts.embedding.is_some() && opts.lm_head.is_some() && config.tie_word_embeddings {
+            return Err(Error::Invalid(format!(
+                "{source}: the lm_head is tied to the embedding, so a quantized embedding is also the lm_head; give the embedding scheme or the lm_head scheme, not both"
+            )));
+        }
         Ok(ModelLoader { ck, opts, source: source.to_string(), config, quantized })
     }
 
@@ -203,6 +223,22 @@ impl<'a> ModelLoader<'a> {
     /// embedding, final norm and output projection read now.
     pub fn finish(self, blocks: Vec<Block>) -> Result<Model> {
         let (ck, opts, config) = (self.ck, self.opts, &self.config);
+        if let Some(Scheme::Int8(g)) = opts.embedding {
+            let embed = self.int8_embedding(g)?;
+            let norm = self.dense("model.norm.weight")?;
+            let own = !config.tie_word_embeddings && (self.has("lm_head.weight") || self.quantized.contains("lm_head"));
+            let lm_head = match (own, opts.lm_head) {
+                (false, _) => LmHead::Tied,
+                (true, None) => LmHead::Own(Box::new(load_as_stored(ck, &self.quantized, "lm_head")?)),
+                (true, Some(scheme)) => {
+                    let w = self.dense("lm_head.weight")?;
+                    let q = QuantWeight::quantize(&w, &[config.vocab_size, config.hidden_size], scheme)
+                        .map_err(|e| Error::Model(format!("quantizing lm_head.weight as {scheme}: {e}")))?;
+                    LmHead::Own(Box::new(Linear::Quant(Box::new(QuantLinear::new(q, None)?))))
+                }
+            };
+            return Model::from_parts_with_embedding(self.config, embed, blocks, norm, lm_head);
+        }
         let embed = self.dense("model.embed_tokens.weight")?;
         let norm = self.dense("model.norm.weight")?;
         let own = !config.tie_word_embeddings && (self.has("lm_head.weight") || self.quantized.contains("lm_head"));
@@ -239,6 +275,41 @@ impl<'a> ModelLoader<'a> {
             }
         };
         Model::from_parts(self.config, embed, blocks, norm, lm_head)
+    }
+}
+
+impl ModelLoader<'_> {
+    /// The embedding quantized to int8 with granularity `g`; row-local granularities a slice of rows at a
+    /// time (the codes equal the whole-tensor quantization's: each row's parameters depend on that row only).
+    fn int8_embedding(&self, g: Granularity) -> Result<Embedding> {
+        const NAME: &str = "model.embed_tokens.weight";
+        let (vocab, d) = (self.config.vocab_size, self.config.hidden_size);
+        let err = |e: lowbit::Error| Error::Model(format!("quantizing {NAME} as int8:{g}: {e}"));
+        let t = if g == Granularity::PerTensor {
+            let w = self.dense(NAME)?;
+            lowbit::affine::quantize(&w, &[vocab, d], g).map_err(err)?
+        } else {
+            const ROWS: usize = 1024;
+            let mut codes = vec![0u8; vocab * d];
+            let per_row = g.num_params(1, d);
+            let mut params = vec![AffineParams { scale: 1.0, zero_point: 0 }; vocab * per_row];
+            for r0 in (0..vocab).step_by(ROWS) {
+                let r1 = (r0 + ROWS).min(vocab);
+                let w = self.ck.tensor_rows_f32(NAME, r0..r1)?;
+                lowbit::affine::quantize_into(
+                    &w,
+                    &[r1 - r0, d],
+                    g,
+                    &mut codes[r0 * d..r1 * d],
+                    &mut params[r0 * per_row..r1 * per_row],
+                )
+                .map_err(err)?;
+            }
+            let scales = params.iter().map(|p| p.scale).collect();
+            let zero_points: Vec<u8> = params.iter().map(|p| p.zero_point).collect();
+            AffineTensor::from_parts(vec![vocab, d], g, codes, scales, zero_points).map_err(err)?
+        };
+        Embedding::int8(QuantLinear::new(QuantWeight::Int8(t), None)?)
     }
 }
 

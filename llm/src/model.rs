@@ -4,7 +4,7 @@
 
 use crate::linear::{matmul_t, Linear};
 use crate::ops::{apply_rope, rms_norm, silu_mul, softmax, RopeTable};
-use crate::{Config, Error, KvCache, Result};
+use crate::{Config, Embedding, Error, KvCache, Result};
 use lowbit::linear::Workspace;
 use rayon::prelude::*;
 
@@ -51,7 +51,8 @@ impl Block {
     }
 }
 
-/// The output projection: its own linear layer, or the embedding matrix (tied weights, dense f32).
+/// The output projection: its own linear layer, or the embedding matrix (tied weights: dense f32, or the
+/// same int8 matrix the embedding is stored as).
 #[derive(Debug)]
 pub enum LmHead {
     Tied,
@@ -63,7 +64,7 @@ pub enum LmHead {
 #[derive(Debug)]
 pub struct Model {
     pub(crate) config: Config,
-    pub(crate) embed: Vec<f32>,
+    pub(crate) embed: Embedding,
     pub(crate) blocks: Vec<Block>,
     pub(crate) norm: Vec<f32>,
     pub(crate) lm_head: LmHead,
@@ -99,10 +100,21 @@ pub struct State {
 }
 
 impl Model {
-    /// Assembles a model from its parts, checking every shape against `config`.
+    /// Assembles a model from its parts (a dense f32 embedding), checking every shape against `config`.
     pub fn from_parts(
         config: Config,
         embed: Vec<f32>,
+        blocks: Vec<Block>,
+        norm: Vec<f32>,
+        lm_head: LmHead,
+    ) -> Result<Model> {
+        Model::from_parts_with_embedding(config, Embedding::F32(embed), blocks, norm, lm_head)
+    }
+
+    /// [`from_parts`](Self::from_parts) with the embedding in any [`Embedding`] storage.
+    pub fn from_parts_with_embedding(
+        config: Config,
+        embed: Embedding,
         blocks: Vec<Block>,
         norm: Vec<f32>,
         lm_head: LmHead,
@@ -115,7 +127,14 @@ impl Model {
                 Err(Error::Model(format!("{what} has {got} values, expected {want} for this config")))
             }
         };
-        want("model.embed_tokens.weight", embed.len(), c.vocab_size * c.hidden_size)?;
+        let (rows, cols) = embed.dims(c.hidden_size);
+        want("model.embed_tokens.weight", rows * cols, c.vocab_size * c.hidden_size)?;
+        if cols != c.hidden_size {
+            return Err(Error::Model(format!(
+                "model.embed_tokens.weight has rows of {cols}, expected {}",
+                c.hidden_size
+            )));
+        }
         want("model.norm.weight", norm.len(), c.hidden_size)?;
         if blocks.len() != c.num_hidden_layers {
             return Err(Error::Model(format!("{} layers, config says {}", blocks.len(), c.num_hidden_layers)));
@@ -153,7 +172,7 @@ impl Model {
                 )));
             }
         }
-        if !norm.iter().chain(&embed).all(|v| v.is_finite()) {
+        if !norm.iter().all(|v| v.is_finite()) || !embed.is_finite() {
             return Err(Error::Model("the embedding or final norm holds inf or NaN".into()));
         }
         let rope = RopeTable::new(c.head_dim, c.rope_theta, c.max_position_embeddings.min(1 << 16));
@@ -176,7 +195,7 @@ impl Model {
     }
 
     /// The embedding matrix `[vocab, hidden]`.
-    pub fn embedding(&self) -> &[f32] {
+    pub fn embedding(&self) -> &Embedding {
         &self.embed
     }
 
@@ -199,7 +218,7 @@ impl Model {
     pub fn weight_bytes(&self) -> usize {
         let blocks: usize = self.blocks.iter().flat_map(|b| b.linears()).map(|(_, l)| l.weight_bytes()).sum();
         let head = match &self.lm_head {
-            LmHead::Tied => self.embed.len() * 4,
+            LmHead::Tied => self.embed.bytes(),
             LmHead::Own(l) => l.weight_bytes(),
         };
         blocks + head
@@ -282,8 +301,7 @@ impl Model {
         fit(&mut s.up, m * c.intermediate_size);
         fit(&mut s.scores, m * c.num_attention_heads * (pos0 + m));
         for (r, &t) in tokens.iter().enumerate() {
-            let t = t as usize;
-            s.x[r * d..(r + 1) * d].copy_from_slice(&self.embed[t * d..(t + 1) * d]);
+            self.embed.row_into(t as usize, &mut s.x[r * d..(r + 1) * d])?;
         }
         for (l, b) in self.blocks.iter().enumerate() {
             norm_rows(&s.x, &b.attn_norm, c.rms_norm_eps, &mut s.xn, d);
@@ -311,7 +329,10 @@ impl Model {
         fit(&mut s.last, rows_out * d);
         norm_rows(&s.x[first * d..], &self.norm, c.rms_norm_eps, &mut s.last, d);
         match &self.lm_head {
-            LmHead::Tied => matmul_t(&self.embed, c.vocab_size, d, &s.last, logits),
+            LmHead::Tied => match &self.embed {
+                Embedding::F32(e) => matmul_t(e, c.vocab_size, d, &s.last, logits),
+                Embedding::Int8(q) => q.forward_into(&s.last, logits, &mut s.ws)?,
+            },
             LmHead::Own(l) => l.forward(&s.last, logits, &mut s.ws)?,
         }
         if let Some(i) = logits.iter().position(|v| !v.is_finite()) {

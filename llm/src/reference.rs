@@ -13,7 +13,7 @@ pub fn forward_f64(model: &Model, tokens: &[u32]) -> Result<Vec<f64>> {
     if let Some(t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
         return Err(Error::Invalid(format!("token id {t}, expected < vocab size {}", c.vocab_size)));
     }
-    let emb = model.embedding();
+    let emb = model.embedding().to_f32();
     let mut x: Vec<f64> =
         tokens.iter().flat_map(|&t| emb[t as usize * d..(t as usize + 1) * d].iter().map(|&v| v as f64)).collect();
     let eps = c.rms_norm_eps as f64;
@@ -70,7 +70,7 @@ pub fn forward_f64(model: &Model, tokens: &[u32]) -> Result<Vec<f64>> {
     }
     let xn = norm(&x, model.final_norm(), eps, d);
     Ok(match model.lm_head() {
-        LmHead::Tied => matmul(emb, c.vocab_size, d, &xn),
+        LmHead::Tied => matmul(&emb, c.vocab_size, d, &xn),
         LmHead::Own(l) => linear(l, &xn),
     })
 }

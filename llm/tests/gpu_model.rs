@@ -20,7 +20,7 @@ use lowbit::lora::LoraAdapter;
 use lowbit_llm::gpu::GpuModel;
 use lowbit_llm::linear::DenseLinear;
 use lowbit_llm::model::{Block, LmHead};
-use lowbit_llm::{reference, Config, Error, Linear, LoadOptions, Logits, Model, WeightMode};
+use lowbit_llm::{reference, Config, Embedding, Error, Linear, LoadOptions, Logits, Model, WeightMode};
 use lowbit_testkit::Rng;
 use std::time::Instant;
 
@@ -73,12 +73,15 @@ struct Case {
     dense_head: bool,
     /// v_proj dense f32 (with a bias) instead of quantized.
     dense_v: bool,
+    /// The embedding stored as int8:channel (rows written from the host; the tied head runs on it).
+    int8_embed: bool,
 }
 
-const CASES: [Case; 3] = [
-    Case { scheme: "int8:channel", lora: false, dense_head: false, dense_v: false },
-    Case { scheme: "nf4:64", lora: true, dense_head: true, dense_v: false },
-    Case { scheme: "nf4:64+dq", lora: false, dense_head: false, dense_v: true },
+const CASES: [Case; 4] = [
+    Case { scheme: "int8:channel", lora: false, dense_head: false, dense_v: false, int8_embed: false },
+    Case { scheme: "nf4:64", lora: true, dense_head: true, dense_v: false, int8_embed: false },
+    Case { scheme: "nf4:64+dq", lora: false, dense_head: false, dense_v: true, int8_embed: false },
+    Case { scheme: "nf4:64+dq", lora: true, dense_head: false, dense_v: false, int8_embed: true },
 ];
 
 fn build(case: Case, seed: u64) -> Model {
@@ -131,6 +134,11 @@ fn build(case: Case, seed: u64) -> Model {
     } else {
         LmHead::Tied
     };
+    if case.int8_embed {
+        let q = QuantWeight::quantize(&embed, &[VOCAB, HIDDEN], "int8:channel".parse().unwrap()).unwrap();
+        let embed = Embedding::int8(QuantLinear::new(q, None).unwrap()).unwrap();
+        return Model::from_parts_with_embedding(c, embed, blocks, final_norm, lm_head).unwrap();
+    }
     Model::from_parts(c, embed, blocks, final_norm, lm_head).unwrap()
 }
 
@@ -204,11 +212,12 @@ fn gpu_logits_match_cpu_and_f64() {
     for (i, case) in CASES.into_iter().enumerate() {
         let model = build(case, 10 + i as u64);
         let name = format!(
-            "{}{}{}{}",
+            "{}{}{}{}{}",
             case.scheme,
             if case.lora { " +lora" } else { "" },
             if case.dense_head { " dense lm_head" } else { " tied" },
-            if case.dense_v { " dense v_proj" } else { "" }
+            if case.dense_v { " dense v_proj" } else { "" },
+            if case.int8_embed { " int8 embedding" } else { "" }
         );
         compare(ctx, &model, &name);
     }

@@ -20,7 +20,7 @@ fn lora_dir() -> PathBuf {
 }
 
 fn load(path: &Path, weights: WeightMode, adapters: Vec<PathBuf>) -> Model {
-    Model::load(path, &LoadOptions { weights, adapters, lm_head: None }).expect("the model loads")
+    Model::load(path, &LoadOptions { weights, adapters, lm_head: None, embedding: None }).expect("the model loads")
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -152,6 +152,7 @@ fn lm_head_option_quantizes_the_tied_head() {
         weights: WeightMode::Quantize(scheme),
         adapters: vec![],
         lm_head: Some("int8:channel".parse().unwrap()),
+        embedding: None,
     };
     let q = Model::load(&path, &opts).unwrap();
     assert!(matches!(base.lm_head(), lowbit_llm::model::LmHead::Tied));
@@ -184,6 +185,8 @@ fn lm_head_option_quantizes_the_tied_head() {
     let d = c.hidden_size;
     let half_step = base
         .embedding()
+        .as_f32()
+        .expect("a dense embedding")
         .chunks_exact(d)
         .map(|row| {
             let (lo, hi) = row.iter().fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));

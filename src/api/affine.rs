@@ -38,6 +38,34 @@ impl AffineTensor {
         self.dequantize_into_with(out, KernelPath::best())
     }
 
+    /// Dequantizes rows `rows` of the matrix view (`[rows, cols]`, [`matrix_dims`](Self::matrix_dims)) into
+    /// `out` (`rows.len() × cols` values): the same bits as the same rows of [`dequantize`](Self::dequantize),
+    /// without decoding the rest (an embedding lookup, a streamed conversion). Errors: a range past the last
+    /// row or reversed, or `out` of another length.
+    pub fn dequantize_rows_into(&self, rows: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
+        let (n_rows, cols) = self.matrix_dims();
+        if rows.start > rows.end || rows.end > n_rows {
+            return Err(Error::invalid("rows", format!("{rows:?}"), format!("a range within 0..{n_rows}")));
+        }
+        if out.len() != rows.len() * cols {
+            return Err(Error::shape("length of `out`", out.len(), rows.len() * cols));
+        }
+        let per_row = self.granularity.num_params(1, cols);
+        for (i, r) in rows.enumerate() {
+            let codes = &self.codes[r * cols..(r + 1) * cols];
+            let dst = &mut out[i * cols..(i + 1) * cols];
+            for (c, (&q, o)) in codes.iter().zip(dst.iter_mut()).enumerate() {
+                let entry = match self.granularity {
+                    Granularity::PerTensor => 0,
+                    Granularity::PerChannel => r,
+                    Granularity::PerGroup(g) => r * per_row + c / g,
+                };
+                *o = crate::reference::affine::dequantize_value(q, self.params(entry));
+            }
+        }
+        Ok(())
+    }
+
     /// Dequantizes into `out` through `path`. Every path writes the same bits.
     pub fn dequantize_into_with<T: Element>(&self, out: &mut [T], path: KernelPath) -> Result<()> {
         if out.len() != self.codes.len() {

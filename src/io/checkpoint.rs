@@ -708,6 +708,53 @@ impl Checkpoint {
         bytes_to_f32(name, view.dtype(), view.data())
     }
 
+    /// Rows `rows` of the 2-D tensor `name` decoded to f32 (`rows.len() × cols` values): the same values as
+    /// those rows of [`tensor_f32`](Self::tensor_f32), reading only their bytes, so that a large tensor can
+    /// be converted a slice at a time (memory stays at one slice, not the whole f32 tensor).
+    ///
+    /// Errors: an unknown name, a tensor that is not 2-D, a range past its rows; for a GGUF, a row that does
+    /// not hold whole ggml blocks or a tensor stored with permuted rows (llama's Q / K: use `tensor_f32`).
+    pub fn tensor_rows_f32(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let check = |shape: &[usize], ctx: &str| -> Result<usize> {
+            let [n_rows, cols] = shape else {
+                return Err(Error::format(ctx, format!("shape {shape:?}, expected 2 dimensions for a row range")));
+            };
+            if rows.start > rows.end || rows.end > *n_rows {
+                return Err(Error::invalid(
+                    "rows",
+                    format!("{rows:?} of {ctx}"),
+                    format!("a range within 0..{n_rows}"),
+                ));
+            }
+            Ok(*cols)
+        };
+        if let Some(g) = &self.gguf {
+            let t = self.gguf_tensor(g, name)?;
+            let ctx = format!("tensor `{name}` (GGUF `{}`) in {}", t.gguf_name, self.path.display());
+            let cols = check(&t.shape, &ctx)?;
+            if t.unpermute_heads.is_some() {
+                return Err(Error::Unsupported {
+                    what: format!("{ctx}: a row range of a tensor stored with permuted rows (read it whole)"),
+                });
+            }
+            let row_bytes = t.ggml_type.bytes_for(cols).map_err(|e| Error::format(&ctx, e.to_string()))?;
+            let data = g.file.tensor_data(&t.gguf_name)?;
+            let bytes = data
+                .get(rows.start * row_bytes..rows.end * row_bytes)
+                .ok_or_else(|| Error::format(&ctx, format!("{} bytes, too few for its rows", data.len())))?;
+            return crate::ggml::dequantize(t.ggml_type, bytes, rows.len() * cols);
+        }
+        let view = self.tensor(name)?;
+        let file = &self.files[self.tensors[name].file].path;
+        let ctx = format!("tensor `{name}` in {}", file.display());
+        let cols = check(view.shape(), &ctx)?;
+        let Some(elem) = float_dtype(view.dtype()).map(|d| d.size()) else {
+            return Err(Error::format(ctx, format!("dtype {:?}, expected F32, F16 or BF16", view.dtype())));
+        };
+        let row_bytes = cols * elem;
+        bytes_to_f32(name, view.dtype(), &view.data()[rows.start * row_bytes..rows.end * row_bytes])
+    }
+
     /// The mapped GGUF tensor with Hugging Face name `name`, or an error naming a few that exist (and saying so
     /// when `name` is a GGUF name).
     fn gguf_tensor<'a>(&self, g: &'a GgufParts, name: &str) -> Result<&'a crate::io::gguf::llama::HfTensor> {

@@ -176,6 +176,7 @@ struct Loaded {
     source: String,
     scheme: String,
     lm_head: String,
+    embedding: String,
     load_ms: f64,
     adapters: Vec<String>,
     /// The model uploaded to WebGPU by the first generation there; dropped when an adapter is attached.
@@ -199,8 +200,10 @@ impl Model {
     ///
     /// `options`: `scheme` — the linear layers are quantized in the page with this lowbit scheme
     /// (default `"nf4:64+dq"`; `"none"` keeps them as stored: dense f32 for a GGUF, which needs about 4× the
-    /// memory); `lmHead` — a scheme for the output projection (default: as stored, dense f32 when tied to the
-    /// embedding); `onProgress({phase, done, total})` with phase `"download"` (bytes), `"parse"`,
+    /// memory); `embedding` — `"int8:channel"` (the default: the embedding stored as int8, a quarter of
+    /// its f32 size, with a tied lm_head run on the same int8 matrix) or `"f32"` (as transformers runs it);
+    /// `lmHead` — a scheme for an untied output projection, or for a tied one with `embedding: "f32"`
+    /// (default: as stored); `onProgress({phase, done, total})` with phase `"download"` (bytes), `"parse"`,
     /// `"quantize"` (layers).
     ///
     /// Rejects with lowbit's message for a corrupt or unsupported file, a failed download, bad options.
@@ -211,6 +214,13 @@ impl Model {
         let lm_head = match opt_string(&options, "lmHead")? {
             None => None,
             Some(s) => Some(s.parse::<Scheme>().map_err(|e| JsError::new(&format!("options.lmHead: {e}")))?),
+        };
+        // The page's default keeps the 135M model's heap under 200 MB: the embedding (113 MB in f32) as
+        // int8:channel (28 MB), which the tied lm_head then runs on. "f32" keeps it dense.
+        let embedding = match opt_string(&options, "embedding")?.as_deref() {
+            None if lm_head.is_none() => Some(Scheme::Int8(lowbit::affine::Granularity::PerChannel)),
+            None | Some("f32") => None,
+            Some(s) => Some(s.parse::<Scheme>().map_err(|e| JsError::new(&format!("options.embedding: {e}")))?),
         };
         let (checkpoint, tokenizer, name) = if let Some(url) = source.as_string() {
             let bytes = JsFuture::from(lowbit_fetch(&url, on_progress.as_ref().map_or(&JsValue::UNDEFINED, |f| f)))
@@ -237,7 +247,7 @@ impl Model {
             WeightMode::AsStored => "as stored".to_string(),
             WeightMode::Quantize(s) => s.to_string(),
         };
-        let load_opts = LoadOptions { weights, adapters: Vec::new(), lm_head };
+        let load_opts = LoadOptions { weights, adapters: Vec::new(), lm_head, embedding };
         let loader = ModelLoader::new(&checkpoint, &load_opts, &name).map_err(js_err)?;
         let layers = loader.config().num_hidden_layers;
         let mut blocks = Vec::with_capacity(layers);
@@ -254,7 +264,11 @@ impl Model {
                 tokenizer,
                 source: name,
                 scheme,
-                lm_head: lm_head.map_or("as stored".to_string(), |s| s.to_string()),
+                lm_head: match embedding {
+                    Some(e) => format!("{e} (the embedding, tied)"),
+                    None => lm_head.map_or("as stored".to_string(), |s| s.to_string()),
+                },
+                embedding: embedding.map_or("f32".to_string(), |s| s.to_string()),
                 load_ms: lowbit_now() - t0,
                 adapters: Vec::new(),
                 gpu: None,
@@ -294,6 +308,7 @@ impl Model {
             ("vocab", (c.vocab_size as f64).into()),
             ("scheme", m.scheme.as_str().into()),
             ("lmHead", m.lm_head.as_str().into()),
+            ("embedding", m.embedding.as_str().into()),
             ("weightBytes", (m.model.weight_bytes() as f64).into()),
             ("loadMs", m.load_ms.into()),
             ("adapters", adapters.into()),

@@ -14,7 +14,9 @@ function showError(e) {
   return msg;
 }
 
+const heapTrace = [];
 function onProgress(p) {
+  if (p.phase !== 'download') heapTrace.push([p.phase, p.done, Math.round(lb.wasmHeapBytes() / 2 ** 20)]);
   const bar = $('bar');
   if (p.phase === 'download') { bar.max = p.total || 1; bar.value = p.done; $('modelinfo').textContent = `downloading ${(p.done / 1e6).toFixed(1)} MB${p.total ? ' of ' + (p.total / 1e6).toFixed(1) : ''}`; }
   else if (p.phase === 'parse') { bar.removeAttribute('value'); $('modelinfo').textContent = 'parsing…'; }
@@ -113,6 +115,7 @@ async function runTest() {
   const t0 = performance.now();
   await load('/models/smollm2.gguf', 'served SmolLM2');
   report.model = state.model.info();
+  report.heap_trace_mib = heapTrace.slice();
   report.load_s = (performance.now() - t0) / 1000;
   report.prompt_tokens = Array.from(state.model.encode(prompt, true));
   try {

@@ -66,7 +66,7 @@ fn run_lowbit(gguf: &Path, scheme: &str, lm_head: &str) -> Res<(f64, f64)> {
         s => WeightMode::Quantize(s.parse()?),
     };
     let lm_head = if lm_head == "-" { None } else { Some(lm_head.parse()?) };
-    let model = Model::load(gguf, &LoadOptions { weights, adapters: vec![], lm_head })?;
+    let model = Model::load(gguf, &LoadOptions { weights, adapters: vec![], lm_head, embedding: None })?;
     let vocab = model.config().vocab_size;
     let prompt = prompt_ids(vocab);
     let mut logits = vec![0.0f32; vocab];

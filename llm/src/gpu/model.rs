@@ -5,7 +5,7 @@ use super::ops::{GpuOps, HeadShape, KvBuffers};
 use super::rope::RopeTable;
 use crate::linear::Linear;
 use crate::model::{LmHead, Logits, Model};
-use crate::{Config, Error, Result};
+use crate::{Config, Embedding, Error, Result};
 use lowbit::gpu::{wgpu, GpuContext, GpuLinear};
 
 /// One linear layer on the GPU.
@@ -119,7 +119,7 @@ struct Scratch {
 pub struct GpuModel {
     config: Config,
     ops: GpuOps,
-    embed: wgpu::Buffer,
+    embed: GpuEmbed,
     blocks: Vec<GpuBlock>,
     norm: wgpu::Buffer,
     lm_head: GpuLin,
@@ -130,6 +130,16 @@ pub struct GpuModel {
     s: Scratch,
     submissions: u64,
     readbacks: u64,
+}
+
+/// Where the embedding rows come from.
+#[derive(Debug)]
+enum GpuEmbed {
+    /// The dense f32 table on the GPU, gathered by the embed kernel.
+    Table(wgpu::Buffer),
+    /// An int8 embedding stays on the host (it is also the tied head, uploaded as a quantized layer): the
+    /// forward's rows are dequantized there and written into `x` with the token ids.
+    Host(std::sync::Arc<lowbit::linear::QuantLinear>),
 }
 
 /// What a recorded forward ends with.
@@ -171,7 +181,10 @@ impl GpuModel {
             capacity,
             half,
         )?;
-        let embed = storage_f32(ctx, "embed_tokens", model.embedding());
+        let embed = match model.embedding() {
+            Embedding::F32(e) => GpuEmbed::Table(storage_f32(ctx, "embed_tokens", e)),
+            Embedding::Int8(q) => GpuEmbed::Host(q.clone()),
+        };
         let kv_len = c.num_key_value_heads * capacity * c.head_dim;
         let blocks = model
             .blocks()
@@ -195,7 +208,12 @@ impl GpuModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = match model.lm_head() {
-            LmHead::Tied => GpuLin::Dense { w: embed.clone(), bias: None, n_out: c.vocab_size, n_in: c.hidden_size },
+            LmHead::Tied => match &embed {
+                GpuEmbed::Table(w) => {
+                    GpuLin::Dense { w: w.clone(), bias: None, n_out: c.vocab_size, n_in: c.hidden_size }
+                }
+                GpuEmbed::Host(q) => GpuLin::Quant(Box::new(GpuLinear::upload(ctx, q)?)),
+            },
             LmHead::Own(l) => GpuLin::upload(ctx, "lm_head", l)?,
         };
         let (b, d) = (max_batch, c.hidden_size);
@@ -350,6 +368,15 @@ impl GpuModel {
         }
         let mut enc = ctx.device().create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
         let words = self.record(ctx, &mut enc, m, pos0, out)?;
+        if let GpuEmbed::Host(q) = &self.embed {
+            let d = c.hidden_size;
+            let mut rows = vec![0.0f32; m * d];
+            let emb = Embedding::Int8(q.clone());
+            for (r, &t) in tokens.iter().enumerate() {
+                emb.row_into(t as usize, &mut rows[r * d..(r + 1) * d])?;
+            }
+            ctx.queue().write_buffer(&self.s.x, 0, bytemuck::cast_slice(&rows));
+        }
         ctx.queue().write_buffer(&self.s.ids, 0, bytemuck::cast_slice(tokens));
         ctx.queue().submit([enc.finish()]);
         self.submissions += 1;
@@ -378,7 +405,9 @@ impl GpuModel {
             pos0,
         };
         let scale = 1.0 / (c.head_dim as f32).sqrt();
-        ops.encode_embed(ctx, enc, &self.embed, &s.ids, &s.x, m, vocab, d)?;
+        if let GpuEmbed::Table(table) = &self.embed {
+            ops.encode_embed(ctx, enc, table, &s.ids, &s.x, m, vocab, d)?;
+        }
         for b in &self.blocks {
             let kv = KvBuffers { k: &b.k_cache, v: &b.v_cache, max_seq: self.capacity };
             ops.encode_rms_norm(ctx, enc, &s.x, &b.attn_norm, &s.xn, m, d, eps)?;

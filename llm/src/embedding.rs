@@ -1,0 +1,89 @@
+//! [`Embedding`]: the token embedding `[vocab, hidden]`, dense f32 (what transformers runs) or int8-quantized
+//! (a quarter of the memory; rows dequantized on lookup, bit-identical to lowbit's dequantization), in which
+//! case a tied `lm_head` runs on the same quantized matrix through lowbit's fused kernels.
+
+use crate::{Error, Result};
+use lowbit::linear::{QuantLinear, QuantWeight};
+use std::sync::Arc;
+
+/// The token embedding.
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    /// Dense f32, row-major `[vocab, hidden]`.
+    F32(Vec<f32>),
+    /// An int8 weight `[vocab, hidden]` (any granularity; no bias, no adapters), shared with a GPU upload.
+    Int8(Arc<QuantLinear>),
+}
+
+impl Embedding {
+    /// An int8 embedding from a quantized matrix; errors for a 4-bit weight, a bias or adapters.
+    pub fn int8(q: QuantLinear) -> Result<Embedding> {
+        if !matches!(q.weight(), QuantWeight::Int8(_)) || q.bias().is_some() || !q.adapters().is_empty() {
+            return Err(Error::Model(
+                "a quantized embedding must be an int8 weight without bias or adapters (4-bit embeddings are not supported)"
+                    .into(),
+            ));
+        }
+        Ok(Embedding::Int8(Arc::new(q)))
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self, hidden: usize) -> (usize, usize) {
+        match self {
+            Embedding::F32(v) => (v.len() / hidden.max(1), hidden),
+            Embedding::Int8(q) => (q.out_features(), q.in_features()),
+        }
+    }
+
+    /// The dense matrix, when it is one.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            Embedding::F32(v) => Some(v),
+            Embedding::Int8(_) => None,
+        }
+    }
+
+    /// The whole matrix in f32 (a copy for a quantized one: for references and tests).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Embedding::F32(v) => v.clone(),
+            Embedding::Int8(q) => q.weight().dequantize_reference(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Embedding::F32(v) => v.len() * 4,
+            Embedding::Int8(q) => match q.weight() {
+                QuantWeight::Int8(t) => (t.bits_per_weight() * t.codes().len() as f64 / 8.0) as usize,
+                QuantWeight::FourBit(t) => {
+                    (t.bits_per_weight() * (q.out_features() * q.in_features()) as f64 / 8.0) as usize
+                }
+            },
+        }
+    }
+
+    /// Row `token` into `out` (`hidden` values). The caller checked `token < vocab`.
+    pub fn row_into(&self, token: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Embedding::F32(v) => {
+                let d = out.len();
+                out.copy_from_slice(&v[token * d..(token + 1) * d]);
+                Ok(())
+            }
+            Embedding::Int8(q) => match q.weight() {
+                QuantWeight::Int8(t) => Ok(t.dequantize_rows_into(token..token + 1, out)?),
+                QuantWeight::FourBit(_) => Err(Error::Model("a 4-bit embedding (not constructible)".into())),
+            },
+        }
+    }
+
+    /// Whether every value is finite (a quantized one is by construction).
+    pub fn is_finite(&self) -> bool {
+        match self {
+            Embedding::F32(v) => v.iter().all(|x| x.is_finite()),
+            Embedding::Int8(_) => true,
+        }
+    }
+}
