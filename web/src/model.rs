@@ -374,6 +374,9 @@ fn prompt_ids(tok: &Tokenizer, text: &str, chat: bool) -> Result<Vec<u32>, JsErr
     Ok(ids)
 }
 
+// The mutable borrow is held across the awaits on purpose: it is the "one generation at a time" lock. Another
+// call meanwhile fails `try_borrow(_mut)` with the "busy" error; nothing can panic on it.
+#[allow(clippy::await_holding_refcell_ref)]
 async fn generate(inner: Rc<RefCell<Loaded>>, prompt: String, options: JsValue) -> Result<JsValue, JsError> {
     let max_tokens = opt_count(&options, "maxTokens")?.unwrap_or(128);
     let sampling = SamplingOptions {
@@ -396,7 +399,7 @@ async fn generate(inner: Rc<RefCell<Loaded>>, prompt: String, options: JsValue) 
     let mut runner = if device == "webgpu" {
         Runner::Gpu(GpuRunner::prepare(&mut m.gpu, &m.model, capacity, ids.len()).await?)
     } else {
-        let state = m.model.new_state(capacity).map_err(js_err)?;
+        let state = Box::new(m.model.new_state(capacity).map_err(js_err)?);
         Runner::Wasm { model: &m.model, state, logits: vec![0.0f32; m.model.config().vocab_size] }
     };
     let t = lowbit_now();

@@ -96,7 +96,7 @@ pub(crate) use imp::GpuRunner;
 
 /// Where a generation runs: the WASM CPU path with its per-sequence state, or the GPU upload.
 pub(crate) enum Runner<'a> {
-    Wasm { model: &'a Model, state: lowbit_llm::State, logits: Vec<f32> },
+    Wasm { model: &'a Model, state: Box<lowbit_llm::State>, logits: Vec<f32> },
     Gpu(&'a mut GpuRunner),
 }
 
