@@ -54,20 +54,27 @@ else
   prompt="What is the capital of France?"
   # The same model, scheme, prompt and greedy decoding natively (the CLI as the workspace tests build it).
   (cd .. && cargo build --quiet -p lowbit-cli --all-features --profile test)
-  ../target/debug/lowbit generate "$model" --scheme nf4:64+dq --chat --prompt "$prompt" --max-tokens 16 \
-    --ids-out ../target/web/chat-native.json --force
-  TIMEOUT_MS="${CHAT_TIMEOUT_MS:-900000}" node run.mjs chat "test=1&tokens=16&devices=wasm,webgpu&prompt=$(node -e 'process.stdout.write(encodeURIComponent(process.argv[1]))' "$prompt")"
-  # target/web/chat.json gains tokens_native; the three token arrays must be equal.
-  node - ../target/web/chat.json ../target/web/chat-native.json "${WEBGPU:-auto}" <<'JS'
+  # The page's defaults: NF4+DQ linear layers, the embedding (and tied lm_head) as int8:channel.
+  for lora in "" "--adapter ../llm/tests/data/smollm2_lora"; do
+    ../target/debug/lowbit generate "$model" --scheme nf4:64+dq --embedding int8:channel --chat --prompt "$prompt" \
+      --max-tokens 16 $lora --ids-out "../target/web/chat-native${lora:+-lora}.json" --force
+  done
+  TIMEOUT_MS="${CHAT_TIMEOUT_MS:-900000}" node run.mjs chat "test=1&tokens=16&devices=wasm,webgpu&adapter=/llm/tests/data/smollm2_lora&prompt=$(node -e 'process.stdout.write(encodeURIComponent(process.argv[1]))' "$prompt")"
+  # target/web/chat.json gains tokens_native (and tokens_native_lora); the token arrays must be equal.
+  node - ../target/web/chat.json ../target/web/chat-native.json ../target/web/chat-native-lora.json "${WEBGPU:-auto}" <<'JS'
 const fs = require('fs');
-const [file, nativeFile, webgpuMode] = process.argv.slice(2);
+const [file, nativeFile, nativeLoraFile, webgpuMode] = process.argv.slice(2);
 const r = JSON.parse(fs.readFileSync(file, 'utf8'));
 r.tokens_native = JSON.parse(fs.readFileSync(nativeFile, 'utf8')).generated;
+r.tokens_native_lora = JSON.parse(fs.readFileSync(nativeLoraFile, 'utf8')).generated;
 fs.writeFileSync(file, JSON.stringify(r, null, 1));
 const same = (a, b) => Array.isArray(a) && Array.isArray(b) && a.length === b.length && a.every((x, i) => x === b[i]);
 let ok = true;
 console.log(`native ${JSON.stringify(r.tokens_native)}\nwasm   ${JSON.stringify(r.tokens_wasm)}\nwebgpu ${JSON.stringify(r.tokens_webgpu)}`);
+console.log(`with the LoRA adapter: native ${JSON.stringify(r.tokens_native_lora)}\n                       wasm   ${JSON.stringify(r.tokens_wasm_lora)}`);
 if (!same(r.tokens_native, r.tokens_wasm)) { console.log('FAIL: WASM tokens differ from the native runtime\'s'); ok = false; }
+if (!same(r.tokens_native_lora, r.tokens_wasm_lora)) { console.log('FAIL: WASM tokens with the adapter differ from the native runtime\'s'); ok = false; }
+if (same(r.tokens_native_lora, r.tokens_native)) { console.log('FAIL: the adapter changed no token (is it attached?)'); ok = false; }
 if (!r.webgpu_available && webgpuMode !== 'require') {
   console.log(`skipped: no WebGPU adapter in this browser (${r.webgpu_unavailable}); WEBGPU=require makes this a failure`);
 } else if (!same(r.tokens_native, r.tokens_webgpu)) {

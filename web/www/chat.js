@@ -66,7 +66,9 @@ async function send(text, opts = {}) {
   if (!state.model || state.busy) return null;
   state.busy = true; $('send').disabled = true;
   $('error').textContent = '';
-  const user = document.createElement('div'); user.className = 'user'; user.textContent = '> ' + text;
+  const user = document.createElement('div'); user.className = 'user';
+  const adapters = state.model.info().adapters;
+  user.textContent = `> ${text}   [${opts.device || $('device').value}${adapters.length ? ', adapter ' + adapters.join(', ') : ''}]`;
   const bot = document.createElement('div'); bot.className = 'bot';
   $('log').append(user, bot);
   state.history.push(['user', text]);
@@ -159,6 +161,19 @@ async function runTest() {
   await expectRejects(c, 'unknown device', state.model.generate('hi', { device: 'tpu' }), /expected "wasm" or "webgpu"/);
   const again = await state.model.generate(prompt, { maxTokens: 2, chat: true });
   c.push({ name: 'model still works after the errors', ok: again.tokens.length === 2 && again.tokens[0] === report.tokens_wasm?.[0], detail: `tokens ${again.tokens}` });
+  c.push({ name: 'a directory without weights', ok: await lb.Model.load({ files: { 'config.json': new Uint8Array(2) } }).then(() => false, (e) => /no \.safetensors file/.test(e.message)) });
+  // With a PEFT adapter (served from llm/tests/data): the same greedy run on WASM, compared natively by test.sh.
+  const adapter = q.get('adapter');
+  if (adapter) {
+    const acfg = await (await fetch(`${adapter}/adapter_config.json`)).text();
+    state.model.attachPeft(acfg, await fetchBytes(`${adapter}/adapter_model.safetensors`), 'lora');
+    report.model_with_adapter = state.model.info();
+    $('device').value = 'wasm';
+    state.history = [];
+    const r = await send(prompt, { maxTokens: tokens, temperature: 0, device: 'wasm' });
+    report.tokens_wasm_lora = r.tokens;
+    report.text_wasm_lora = r.text;
+  }
   report.heap_mb = lb.wasmHeapBytes() / 2 ** 20;
   report.total_s = (performance.now() - t0) / 1000;
   const wasmOk = Array.isArray(report.tokens_wasm) && report.tokens_wasm.length > 0;
