@@ -738,11 +738,8 @@ impl Checkpoint {
                 });
             }
             let row_bytes = t.ggml_type.bytes_for(cols).map_err(|e| Error::format(&ctx, e.to_string()))?;
-            let data = g.file.tensor_data(&t.gguf_name)?;
-            let bytes = data
-                .get(rows.start * row_bytes..rows.end * row_bytes)
-                .ok_or_else(|| Error::format(&ctx, format!("{} bytes, too few for its rows", data.len())))?;
-            return crate::ggml::dequantize(t.ggml_type, bytes, rows.len() * cols);
+            let bytes = g.file.tensor_bytes(&t.gguf_name, rows.start * row_bytes..rows.end * row_bytes)?;
+            return crate::ggml::dequantize(t.ggml_type, &bytes, rows.len() * cols);
         }
         let view = self.tensor(name)?;
         let file = &self.files[self.tensors[name].file].path;

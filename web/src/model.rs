@@ -10,6 +10,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
+use lowbit::io::gguf::{GgufFile, ReadAt};
 use lowbit::io::Limits;
 use lowbit::Scheme;
 use lowbit_llm::{LoadOptions, Logits, ModelLoader, Sampler, SamplingOptions, Tokenizer, WeightMode};
@@ -222,14 +223,15 @@ impl Model {
             None | Some("f32") => None,
             Some(s) => Some(s.parse::<Scheme>().map_err(|e| JsError::new(&format!("options.embedding: {e}")))?),
         };
+        // A GGUF stays where it is (a JS buffer, outside the WASM heap): the header is copied in, each tensor's
+        // bytes only while it is decoded. A model directory's files are copied in (one safetensors file).
         let (checkpoint, tokenizer, name) = if let Some(url) = source.as_string() {
             let bytes = JsFuture::from(lowbit_fetch(&url, on_progress.as_ref().map_or(&JsValue::UNDEFINED, |f| f)))
                 .await
                 .map_err(|e| JsError::new(&js_message(&e)))?;
-            let bytes = bytes_of(&bytes, "downloaded body")?;
             progress(&on_progress, "parse", 0.0, 1.0);
             next_tick().await;
-            let (ck, tok) = from_gguf_bytes(bytes, &url)?;
+            let (ck, tok) = gguf_on_demand(uint8_array(&bytes, "downloaded body")?, &url)?;
             (ck, tok, url)
         } else if let Some(files) = opt(&source, "files")? {
             progress(&on_progress, "parse", 0.0, 1.0);
@@ -237,10 +239,10 @@ impl Model {
             let (ck, tok) = from_directory_files(&files)?;
             (ck, tok, "model directory".to_string())
         } else {
-            let bytes = bytes_of(&source, "source (a GGUF's bytes, a URL, or {files: {...}})")?;
+            let bytes = uint8_array(&source, "source (a GGUF's bytes, a URL, or {files: {...}})")?;
             progress(&on_progress, "parse", 0.0, 1.0);
             next_tick().await;
-            let (ck, tok) = from_gguf_bytes(bytes, "GGUF bytes")?;
+            let (ck, tok) = gguf_on_demand(bytes, "GGUF bytes")?;
             (ck, tok, "GGUF bytes".to_string())
         };
         let scheme = match weights {
@@ -460,17 +462,51 @@ async fn generate(inner: Rc<RefCell<Loaded>>, prompt: String, options: JsValue) 
     ]))
 }
 
-/// A GGUF's checkpoint and tokenizer from its bytes (moved into wasm memory once).
-fn from_gguf_bytes(bytes: Vec<u8>, what: &str) -> Result<(lowbit::io::Checkpoint, Tokenizer), JsError> {
-    if !bytes.starts_with(b"GGUF") {
+/// `Uint8Array` or `ArrayBuffer` → a `Uint8Array` over it (no copy).
+fn uint8_array(v: &JsValue, what: &str) -> Result<Uint8Array, JsError> {
+    if let Some(a) = v.dyn_ref::<Uint8Array>() {
+        return Ok(a.clone());
+    }
+    if v.is_instance_of::<js_sys::ArrayBuffer>() {
+        return Ok(Uint8Array::new(v));
+    }
+    Err(JsError::new(&format!("{what}: expected a Uint8Array or an ArrayBuffer")))
+}
+
+/// A JS buffer that stays outside the WASM heap, read a range at a time.
+struct JsFile(Uint8Array);
+
+// SAFETY: `ReadAt` requires `Send + Sync`, which a JS value is not. This crate is built for
+// wasm32-unknown-unknown without the `atomics` feature: there is one thread, so the value is never sent to or
+// shared with another thread.
+unsafe impl Send for JsFile {}
+// SAFETY: as for `Send` above: a single-threaded target.
+unsafe impl Sync for JsFile {}
+
+/// A GGUF's checkpoint and tokenizer, read on demand from a JS buffer: only its header is copied into wasm
+/// memory (`GgufFile::from_reader`), each tensor's bytes while it is decoded.
+fn gguf_on_demand(file: Uint8Array, what: &str) -> Result<(lowbit::io::Checkpoint, Tokenizer), JsError> {
+    let len = file.length() as usize;
+    let mut magic = [0u8; 4];
+    if len >= 4 {
+        file.subarray(0, 4).copy_to(&mut magic);
+    }
+    if &magic != b"GGUF" {
         return Err(JsError::new(&format!(
             "{what}: not a GGUF file (it does not start with the GGUF magic); give a .gguf file, or a model \
              directory's files as {{files: {{...}}}}"
         )));
     }
-    let ck = lowbit::io::Checkpoint::from_shared(Arc::new(bytes), Limits::DEFAULT).map_err(js_err)?;
-    let gguf = ck.gguf().ok_or_else(|| JsError::new(&format!("{what}: opened, but not as a GGUF checkpoint")))?;
+    let reader = JsFile(file);
+    let read_at: ReadAt = Arc::new(move |offset, n| {
+        let end =
+            offset.checked_add(n).filter(|&e| e <= reader.0.length() as usize).ok_or("past the end of the buffer")?;
+        Ok(reader.0.subarray(offset as u32, end as u32).to_vec())
+    });
+    let gguf =
+        GgufFile::from_reader(len, read_at, Limits::DEFAULT).map_err(|e| JsError::new(&format!("{what}: {e}")))?;
     let tok = Tokenizer::from_gguf(&gguf.tokenizer().map_err(js_err)?).map_err(js_err)?;
+    let ck = lowbit::io::Checkpoint::from_gguf(gguf, Limits::DEFAULT).map_err(js_err)?;
     Ok((ck, tok))
 }
 

@@ -100,7 +100,10 @@ pub struct GgufTokenizer {
 #[derive(Clone)]
 pub struct GgufFile {
     path: PathBuf,
+    /// The whole file, or (with `read_at`) a prefix holding its header.
     bytes: SharedBytes,
+    /// Reads tensor data of a file that is not in memory ([`GgufFile::from_reader`]).
+    read_at: Option<ReadAt>,
     version: u32,
     alignment: usize,
     metadata: BTreeMap<String, GgufValue>,
@@ -109,6 +112,11 @@ pub struct GgufFile {
     limits: Limits,
 }
 
+/// Reads `len` bytes at byte `offset` of a GGUF file that is not held in memory (a browser's buffer outside
+/// the WASM heap, a file read on demand, an HTTP range request). It must return exactly `len` bytes, or an
+/// error message.
+pub type ReadAt = Arc<dyn Fn(usize, usize) -> std::result::Result<Vec<u8>, String> + Send + Sync>;
+
 impl fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GgufFile")
@@ -116,6 +124,7 @@ impl fmt::Debug for GgufFile {
             .field("version", &self.version)
             .field("alignment", &self.alignment)
             .field("bytes", &self.bytes.as_ref().as_ref().len())
+            .field("read_at", &self.read_at.is_some())
             .field("metadata", &self.metadata.len())
             .field("tensors", &self.tensors.len())
             .field("architecture", &self.architecture())
@@ -156,6 +165,53 @@ impl GgufFile {
         GgufFile::parse(PathBuf::from("<memory>"), bytes, limits)
     }
 
+    /// A GGUF file of `file_len` bytes that is not held in memory, read through `read_at`: its header
+    /// (metadata and tensor infos) is read and kept, tensor data are read on demand, so memory stays at the
+    /// header plus the tensors being decoded. [`tensor_f32`](Self::tensor_f32) and
+    /// [`tensor_bytes`](Self::tensor_bytes) read through `read_at`; [`tensor_data`](Self::tensor_data)
+    /// serves only what lies in the header's bytes.
+    ///
+    /// The header is read as a prefix of 1 MiB, doubled while it does not parse, up to 64 MiB (a vocabulary
+    /// of millions of tokens); a file whose header does not parse within that is an error with the parser's
+    /// message. Errors also: a failed or short read.
+    pub fn from_reader(file_len: usize, read_at: ReadAt, limits: Limits) -> Result<GgufFile> {
+        GgufFile::from_reader_with(file_len, 1 << 20, read_at, limits)
+    }
+
+    /// [`from_reader`](Self::from_reader) whose first read is `first_read` bytes (at least 64), doubled
+    /// while the header does not parse, up to 64 MiB.
+    pub fn from_reader_with(file_len: usize, first_read: usize, read_at: ReadAt, limits: Limits) -> Result<GgufFile> {
+        const MAX_HEADER: usize = 64 << 20;
+        let path = PathBuf::from("<reader>");
+        let ctx = format!("GGUF file {}", path.display());
+        let mut n = first_read.clamp(64, MAX_HEADER).min(file_len);
+        loop {
+            let header = read_at(0, n).map_err(|e| Error::format(&ctx, format!("reading its first {n} bytes: {e}")))?;
+            if header.len() != n {
+                return Err(Error::format(&ctx, format!("reading its first {n} bytes: got {}", header.len())));
+            }
+            match reader::parse_with_len(&header, file_len, &limits, &ctx) {
+                Ok(p) => {
+                    let index = p.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+                    return Ok(GgufFile {
+                        path,
+                        bytes: Arc::new(header),
+                        read_at: Some(read_at),
+                        version: p.version,
+                        alignment: p.alignment,
+                        metadata: p.metadata,
+                        tensors: p.tensors,
+                        index,
+                        limits,
+                    });
+                }
+                // A header longer than the prefix reads as truncated: try a longer prefix.
+                Err(_) if n < file_len.min(MAX_HEADER) => n = (n * 2).min(file_len).min(MAX_HEADER),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn parse(path: PathBuf, bytes: SharedBytes, limits: Limits) -> Result<GgufFile> {
         let ctx = format!("GGUF file {}", path.display());
         let p = reader::parse((*bytes).as_ref(), &limits, &ctx)?;
@@ -163,6 +219,7 @@ impl GgufFile {
         Ok(GgufFile {
             path,
             bytes,
+            read_at: None,
             version: p.version,
             alignment: p.alignment,
             metadata: p.metadata,
@@ -245,11 +302,48 @@ impl GgufFile {
         let info = self.info_or_err(name)?;
         let bytes: &[u8] = (*self.bytes).as_ref();
         bytes.get(info.start..info.start + info.len).ok_or_else(|| {
-            Error::format(
+            let why = if self.read_at.is_some() {
+                "not in memory (this file is read on demand: use tensor_bytes or tensor_f32)"
+            } else {
+                "data past the end of the buffer (changed since parsing?)"
+            };
+            Error::format(self.ctx(), format!("tensor `{name}`: {why}"))
+        })
+    }
+
+    /// Bytes `range` (relative to the tensor's data) of tensor `name`: borrowed from memory, or read through
+    /// the [`ReadAt`] of a file opened with [`from_reader`](Self::from_reader). Errors: no such tensor, a
+    /// range past its data, a failed or short read.
+    pub fn tensor_bytes(&self, name: &str, range: std::ops::Range<usize>) -> Result<std::borrow::Cow<'_, [u8]>> {
+        let info = self.info_or_err(name)?;
+        if range.start > range.end || range.end > info.len {
+            return Err(Error::invalid(
+                "byte range",
+                format!("{range:?} of tensor `{name}`"),
+                format!("a range within its {} bytes", info.len),
+            ));
+        }
+        let (start, len) = (info.start + range.start, range.len());
+        let bytes: &[u8] = (*self.bytes).as_ref();
+        if let Some(b) = bytes.get(start..start + len) {
+            return Ok(std::borrow::Cow::Borrowed(b));
+        }
+        let Some(read_at) = &self.read_at else {
+            return Err(Error::format(
                 self.ctx(),
                 format!("tensor `{name}`: data past the end of the buffer (changed since parsing?)"),
-            )
-        })
+            ));
+        };
+        let got = read_at(start, len).map_err(|e| {
+            Error::format(self.ctx(), format!("reading {len} bytes of tensor `{name}` at {start}: {e}"))
+        })?;
+        if got.len() != len {
+            return Err(Error::format(
+                self.ctx(),
+                format!("reading tensor `{name}`: got {} bytes at {start}, expected {len}", got.len()),
+            ));
+        }
+        Ok(std::borrow::Cow::Owned(got))
     }
 
     /// Tensor `name` decoded to f32 (row-major, [`GgufTensorInfo::shape`]), as stored (no name or layout
@@ -262,7 +356,6 @@ impl GgufFile {
         let numel: usize = info.shape.iter().product();
         let ty = info.ggml_type;
         self.limits.check_elements(&format!("{}: tensor `{name}` as f32", self.ctx()), numel, 4)?;
-        let data = self.tensor_data(name)?;
         if !ty.can_dequantize() {
             return Err(Error::Unsupported {
                 what: format!(
@@ -272,7 +365,8 @@ impl GgufFile {
                 ),
             });
         }
-        crate::ggml::dequantize(ty, data, numel)
+        let data = self.tensor_bytes(name, 0..info.len)?;
+        crate::ggml::dequantize(ty, &data, numel)
     }
 
     /// The tokenizer metadata; an error if the file has none (`tokenizer.ggml.model` / `tokens` missing), or

@@ -169,6 +169,12 @@ impl<'a> Cursor<'a> {
 
 /// Parses a whole GGUF file. `ctx` names it in errors (`GGUF file model.gguf`).
 pub(crate) fn parse(buf: &[u8], limits: &Limits, ctx: &str) -> Result<Parsed> {
+    parse_with_len(buf, buf.len(), limits, ctx)
+}
+
+/// Parses the header in `buf` (the whole file, or a prefix holding at least its header) of a GGUF file of
+/// `file_len` bytes: tensor data are checked against `file_len`, and only the header is read.
+pub(crate) fn parse_with_len(buf: &[u8], file_len: usize, limits: &Limits, ctx: &str) -> Result<Parsed> {
     let mut c = Cursor { buf, pos: 0, ctx };
     let magic = c.take(4, &|| "the magic".into())?;
     if magic != MAGIC {
@@ -303,7 +309,6 @@ pub(crate) fn parse(buf: &[u8], limits: &Limits, ctx: &str) -> Result<Parsed> {
                 c.err(format!("{}: data offset {offset} is not a multiple of the alignment {alignment}", tctx()))
             );
         }
-        let file_len = buf.len();
         let past = || {
             c.err(format!(
                 "{}: its {len} bytes at data offset {offset} (data section at {data_start}) lie past the end of \
