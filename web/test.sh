@@ -37,8 +37,10 @@ CHROMEDRIVER=/usr/bin/chromedriver CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER="$
   /usr/bin/cargo test --locked --release --target wasm32-unknown-unknown -Zbuild-std=std,panic_abort \
   ${features:+--features "$features"} --test browser
 
-step "browser test: web/www/test.html in headless Chromium"
+step "browser test: web/www/test.html in headless Chromium (the relaxed-SIMD build where Chromium has it)"
 node run.mjs test "webgpu=${WEBGPU:-auto}"
+step "browser test: web/www/test.html with the simd128 build (?simd=128)"
+node run.mjs test "webgpu=skip&simd=128"
 
 step "demo page: web/www/index.html?quick=1 in headless Chromium (screenshot: target/web/demo.png)"
 node run.mjs demo quick=1

@@ -6,7 +6,9 @@
 //! rounds of unpack shuffles, so the decode never touches memory (the portable path decodes through a
 //! 256-entry byte → pair table into a scratch tile and multiplies that in a second pass). Each decoded group
 //! of 16 weights is used by every row of `x`; `J` weight rows share each load of `x`; the block's partial sum
-//! `Σ table[q]·x` is scaled by its absmax once per block, as the x86 register GEMVs do.
+//! `Σ table[q]·x` is scaled by its absmax once per block, as the x86 register GEMVs do. A build with
+//! `+relaxed-simd` (web/build.sh makes one for browsers that validate it) multiplies and adds with
+//! `f32x4.relaxed_madd`, fused where the hardware has FMA; the error bound covers both.
 
 use super::linear_kernels::{dot, output_pass, tiled_product, PortableDecoder};
 use super::table::{Job, LinearKernels};
@@ -108,6 +110,20 @@ fn decode16(bytes: u64, planes: &[v128; 4]) -> [v128; 4] {
     ]
 }
 
+/// `a·b + c`: one fused or unfused multiply-add with relaxed SIMD (a `+relaxed-simd` build, for browsers
+/// that validate it), a multiply then an add with plain simd128.
+#[inline(always)]
+fn madd(a: v128, b: v128, c: v128) -> v128 {
+    #[cfg(target_feature = "relaxed-simd")]
+    {
+        f32x4_relaxed_madd(a, b, c)
+    }
+    #[cfg(not(target_feature = "relaxed-simd"))]
+    {
+        f32x4_add(f32x4_mul(a, b), c)
+    }
+}
+
 #[inline(always)]
 fn hsum(v: v128) -> f32 {
     (f32x4_extract_lane::<0>(v) + f32x4_extract_lane::<1>(v))
@@ -147,8 +163,8 @@ fn gemv_rows<const R: usize, const JJ: usize>(job: &Job<'_>, o0: usize, j0: usiz
                 let bytes: [u8; 8] = rows[i][k / 2..k / 2 + 8].try_into().expect("8 bytes");
                 let w = decode16(u64::from_le_bytes(bytes), &planes);
                 for r in 0..R {
-                    let s01 = f32x4_add(f32x4_mul(xv[r][0], w[0]), f32x4_mul(xv[r][1], w[1]));
-                    let s23 = f32x4_add(f32x4_mul(xv[r][2], w[2]), f32x4_mul(xv[r][3], w[3]));
+                    let s01 = madd(xv[r][0], w[0], f32x4_mul(xv[r][1], w[1]));
+                    let s23 = madd(xv[r][2], w[2], f32x4_mul(xv[r][3], w[3]));
                     acc[r][i] = f32x4_add(acc[r][i], f32x4_add(s01, s23));
                 }
             }
@@ -156,7 +172,7 @@ fn gemv_rows<const R: usize, const JJ: usize>(job: &Job<'_>, o0: usize, j0: usiz
         for i in 0..JJ {
             let s = f32x4_splat(row_scales[i][b]);
             for r in 0..R {
-                total[r][i] = f32x4_add(total[r][i], f32x4_mul(acc[r][i], s));
+                total[r][i] = madd(acc[r][i], s, total[r][i]);
             }
         }
     }

@@ -69,6 +69,7 @@ pub fn build_info() -> String {
         "version": env!("CARGO_PKG_VERSION"),
         "isa": Isa::best().name(),
         "simd128": cfg!(target_feature = "simd128"),
+        "relaxed_simd": cfg!(target_feature = "relaxed-simd"),
         "webgpu_compiled": cfg!(feature = "webgpu"),
     })
     .to_string()

@@ -1,7 +1,7 @@
 // The chat page: load a model (the served SmolLM2 GGUF, or a dropped file), quantize it in the page, chat with it
 // on WASM or WebGPU, optionally with a PEFT adapter. `?test=1` runs the automated check that web/test.sh reads:
 // 16 greedy tokens for a fixed prompt on each device, the error paths, tokens/s and heap size in #out.
-import init, * as lb from '../pkg/lowbit_web.js';
+import { init, lb, variant } from './lowbit.js';
 
 const $ = (id) => document.getElementById(id);
 const q = new URLSearchParams(location.search);
@@ -26,7 +26,7 @@ function onProgress(p) {
 function describe(info) {
   return `${info.source}: ${info.layers} layers, hidden ${info.hidden}, vocab ${info.vocab}; linear layers ${info.scheme}, ` +
     `lm_head ${info.lmHead}; ${(info.weightBytes / 2 ** 20).toFixed(1)} MiB read per token; loaded in ${(info.loadMs / 1000).toFixed(1)} s; ` +
-    `WASM heap ${(lb.wasmHeapBytes() / 2 ** 20).toFixed(1)} MiB` + (info.adapters.length ? `; adapters ${info.adapters.join(', ')}` : '');
+    `WASM heap ${(lb.wasmHeapBytes() / 2 ** 20).toFixed(1)} MiB; build ${variant}` + (info.adapters.length ? `; adapters ${info.adapters.join(', ')}` : '');
 }
 
 async function load(source, label) {
@@ -117,6 +117,7 @@ async function runTest() {
   const t0 = performance.now();
   await load('/models/smollm2.gguf', 'served SmolLM2');
   report.model = state.model.info();
+  report.wasm_build = variant;
   report.heap_trace_mib = heapTrace.slice();
   report.load_s = (performance.now() - t0) / 1000;
   report.prompt_tokens = Array.from(state.model.encode(prompt, true));

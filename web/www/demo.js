@@ -1,6 +1,6 @@
 // lowbit demo page: builds layers, runs the fused forward on WASM SIMD and on WebGPU, shows time, throughput
 // and the error against the reference, and a checkpoint with a PEFT adapter from tests/data.
-import init, * as lb from '../pkg/lowbit_web.js';
+import { init, lb, variant } from './lowbit.js';
 import { fetchBytes, rng, compare, timeIt } from './common.js';
 
 const q = new URLSearchParams(location.search);
@@ -70,7 +70,7 @@ async function main() {
     gpu.adapter.name ||= [i.vendor, i.architecture, i.device, i.description].filter(Boolean).join(' ') || 'unnamed adapter';
     gpu.adapter.fallback = i.isFallbackAdapter ?? a?.isFallbackAdapter;
   } catch (e) { gpu = { ok: false, why: String(e && e.message || e) }; }
-  $('env').textContent = `lowbit-web ${info.version}; CPU kernels: ${info.isa} (WASM SIMD ${info.simd128 ? 'on' : 'off'}), single thread\n` +
+  $('env').textContent = `lowbit-web ${info.version}; CPU kernels: ${info.isa} (WASM SIMD ${info.simd128 ? 'on' : 'off'}, build ${variant}), single thread\n` +
     (gpu.ok ? `WebGPU: ${gpu.adapter.name}${gpu.adapter.fallback ? ' (fallback adapter)' : ''} — ${gpu.adapter.type === 'Cpu' ? 'a CPU (software) adapter, ' : ''}${gpu.adapter.backend}${gpu.adapter.driver ? ', ' + gpu.adapter.driver : ''}; f16 ${gpu.adapter.f16}, subgroups ${gpu.adapter.subgroups}`
       : `WebGPU unavailable: ${gpu.why}`);
 

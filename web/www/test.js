@@ -1,7 +1,7 @@
 // Browser test of lowbit-web: CPU (WASM SIMD) forward vs reference within the stated bound, NF4/FP4
 // dequantization bit-exact vs values computed natively by bitsandbytes, PEFT adapters from the fixtures, errors as
 // JS exceptions (the page keeps working), and the WebGPU path when the build and the browser have it.
-import init, * as lb from '../pkg/lowbit_web.js';
+import { init, lb, variant } from './lowbit.js';
 import { fetchBytes, tensorF32, rng, compare, bitMismatches } from './common.js';
 
 const out = document.getElementById('out');
@@ -94,6 +94,7 @@ async function main() {
   await init();
   const info = JSON.parse(lb.buildInfo());
   expect('build uses WASM SIMD (simd128)', info.simd128 === true && info.isa === 'portable', JSON.stringify(info));
+  expect(`loaded build: ${variant}`, info.relaxed_simd === (variant === 'relaxed-simd'), JSON.stringify(info));
 
   // 1. Every format on the CPU path vs the reference.
   const synth = syntheticLayers();
