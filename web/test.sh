@@ -66,15 +66,16 @@ else
   ../target/debug/lowbit generate ../target/web/smollm2-nf4dq --embedding int8:channel --chat --prompt "$prompt" \
     --max-tokens 16 --ids-out ../target/web/chat-native-dir.json --force
   q="prompt=$(node -e 'process.stdout.write(encodeURIComponent(process.argv[1]))' "$prompt")"
-  TIMEOUT_MS="${CHAT_TIMEOUT_MS:-900000}" node run.mjs chat \
-    "test=1&tokens=16&devices=wasm,webgpu&adapter=/llm/tests/data/smollm2_lora&dir=/target/web/smollm2-nf4dq&$q"
+  TIMEOUT_MS="${CHAT_TIMEOUT_MS:-900000}" node run.mjs chat "test=1&tokens=16&devices=wasm,webgpu&adapter=/llm/tests/data/smollm2_lora&$q"
+  REPORT=chat-dir node run.mjs chat "test=1&tokens=16&devices=wasm&dir=/target/web/smollm2-nf4dq&$q"
   # The same page as a browser without WebGPU sees it: device "webgpu" must fail with a clear error.
   REPORT=chat-nogpu node run.mjs chat "test=1&tokens=2&devices=wasm,webgpu&nogpu=1&$q"
   # target/web/chat.json gains tokens_native (and _lora, _dir); the token arrays must be equal.
-  node - ../target/web/chat.json ../target/web/chat-native.json ../target/web/chat-native-lora.json ../target/web/chat-native-dir.json "${WEBGPU:-auto}" <<'JS'
+  node - ../target/web/chat.json ../target/web/chat-native.json ../target/web/chat-native-lora.json ../target/web/chat-native-dir.json ../target/web/chat-dir.json "${WEBGPU:-auto}" <<'JS'
 const fs = require('fs');
-const [file, nativeFile, nativeLoraFile, nativeDirFile, webgpuMode] = process.argv.slice(2);
+const [file, nativeFile, nativeLoraFile, nativeDirFile, dirFile, webgpuMode] = process.argv.slice(2);
 const r = JSON.parse(fs.readFileSync(file, 'utf8'));
+r.tokens_wasm_dir = JSON.parse(fs.readFileSync(dirFile, 'utf8')).tokens_wasm_dir;
 r.tokens_native = JSON.parse(fs.readFileSync(nativeFile, 'utf8')).generated;
 r.tokens_native_lora = JSON.parse(fs.readFileSync(nativeLoraFile, 'utf8')).generated;
 r.tokens_native_dir = JSON.parse(fs.readFileSync(nativeDirFile, 'utf8')).generated;
@@ -93,7 +94,7 @@ if (!r.webgpu_available && webgpuMode !== 'require') {
 } else if (!same(r.tokens_native, r.tokens_webgpu)) {
   console.log(`FAIL: WebGPU tokens differ from the native runtime's${r.error_webgpu ? ' (' + r.error_webgpu + ')' : ''}`); ok = false;
 }
-console.log(`WASM ${r.tok_s_wasm?.toFixed(1)} tokens/s, WebGPU ${r.tok_s_webgpu?.toFixed(2)} tokens/s, WASM heap ${r.heap_mb?.toFixed(1)} MiB`);
+console.log(`WASM ${r.tok_s_wasm?.toFixed(1)} tokens/s, WebGPU ${r.tok_s_webgpu?.toFixed(2)} tokens/s, WASM heap ${(r.model.heapBytes / 2 ** 20).toFixed(1)} MiB after loading, ${r.heap_mb?.toFixed(1)} MiB at the end`);
 process.exit(ok ? 0 : 1);
 JS
 fi

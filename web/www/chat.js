@@ -119,6 +119,7 @@ async function runTest() {
   const t0 = performance.now();
   await load('/models/smollm2.gguf', 'served SmolLM2');
   report.model = state.model.info();
+  report.heap_mb_loaded = report.model.heapBytes / 2 ** 20;
   report.wasm_build = variant;
   report.heap_trace_mib = heapTrace.slice();
   report.load_s = (performance.now() - t0) / 1000;
