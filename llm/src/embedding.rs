@@ -64,12 +64,19 @@ impl Embedding {
         }
     }
 
-    /// Row `token` into `out` (`hidden` values). The caller checked `token < vocab`.
+    /// Row `token` into `out` (`hidden` values; a dense matrix is read as rows of `out.len()`). Errors for a
+    /// token past the last row, or (int8) an `out` of another length than its rows.
     pub fn row_into(&self, token: usize, out: &mut [f32]) -> Result<()> {
+        let (rows, cols) = self.dims(out.len());
+        if token >= rows || out.len() != cols {
+            return Err(Error::Invalid(format!(
+                "embedding row {token} into {} values: the embedding has {rows} rows of {cols}",
+                out.len()
+            )));
+        }
         match self {
             Embedding::F32(v) => {
-                let d = out.len();
-                out.copy_from_slice(&v[token * d..(token + 1) * d]);
+                out.copy_from_slice(&v[token * cols..(token + 1) * cols]);
                 Ok(())
             }
             Embedding::Int8(q) => match q.weight() {
@@ -85,5 +92,31 @@ impl Embedding {
             Embedding::F32(v) => v.iter().all(|x| x.is_finite()),
             Embedding::Int8(_) => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_equal_the_dequantized_matrix_and_bad_rows_are_errors() {
+        let w: Vec<f32> = (0..12).map(|i| (i as f32 - 5.5) * 0.37).collect();
+        let q = QuantWeight::quantize(&w, &[4, 3], "int8:channel".parse().unwrap()).unwrap();
+        let full = q.dequantize_reference();
+        let e = Embedding::int8(QuantLinear::new(q, None).unwrap()).unwrap();
+        for (emb, want, knows_width) in [(Embedding::F32(w.clone()), &w, false), (e, &full, true)] {
+            let mut out = [0.0f32; 3];
+            for t in 0..4 {
+                emb.row_into(t, &mut out).unwrap();
+                assert_eq!(out.map(f32::to_bits), <[f32; 3]>::try_from(&want[t * 3..t * 3 + 3]).unwrap().map(f32::to_bits));
+            }
+            assert!(emb.row_into(4, &mut out).is_err(), "past the last row");
+            // A dense matrix has no row width of its own (rows of `out.len()`); an int8 one does.
+            assert_eq!(emb.row_into(0, &mut [0.0; 2]).is_err(), knows_width, "a short row");
+            assert!(emb.row_into(usize::MAX / 2, &mut out).is_err(), "a huge token id");
+        }
+        let four_bit = QuantWeight::quantize(&[0.5; 64], &[1, 64], "nf4:64".parse().unwrap()).unwrap();
+        assert!(Embedding::int8(QuantLinear::new(four_bit, None).unwrap()).is_err());
     }
 }
