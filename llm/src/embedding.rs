@@ -109,7 +109,10 @@ mod tests {
             let mut out = [0.0f32; 3];
             for t in 0..4 {
                 emb.row_into(t, &mut out).unwrap();
-                assert_eq!(out.map(f32::to_bits), <[f32; 3]>::try_from(&want[t * 3..t * 3 + 3]).unwrap().map(f32::to_bits));
+                assert_eq!(
+                    out.map(f32::to_bits),
+                    <[f32; 3]>::try_from(&want[t * 3..t * 3 + 3]).unwrap().map(f32::to_bits)
+                );
             }
             assert!(emb.row_into(4, &mut out).is_err(), "past the last row");
             // A dense matrix has no row width of its own (rows of `out.len()`); an int8 one does.
