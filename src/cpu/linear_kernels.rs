@@ -43,6 +43,13 @@ pub(crate) trait Decoder {
     );
 }
 
+/// `N` consecutive rows of `len` values of a row-major `data`, starting at row `first` (the rows of `x`, of
+/// packed codes or of block scales a register GEMV walks side by side).
+#[inline(always)]
+pub(crate) fn row_slices<T, const N: usize>(data: &[T], len: usize, first: usize) -> [&[T]; N] {
+    std::array::from_fn(|i| &data[(first + i) * len..(first + i + 1) * len])
+}
+
 /// Portable 4-bit decoding through a 256-entry table of (high nibble, low nibble) values.
 pub(crate) struct PortableDecoder;
 

@@ -10,7 +10,7 @@
 //! `+relaxed-simd` (web/build.sh makes one for browsers that validate it) multiplies and adds with
 //! `f32x4.relaxed_madd`, fused where the hardware has FMA; the error bound covers both.
 
-use super::linear_kernels::{dot, output_pass, tiled_product, PortableDecoder};
+use super::linear_kernels::{dot, output_pass, row_slices, tiled_product, PortableDecoder};
 use super::table::{Job, LinearKernels};
 use crate::format::layer::QuantWeight;
 use core::arch::wasm32::*;
@@ -140,15 +140,9 @@ fn gemv_rows<const R: usize, const JJ: usize>(job: &Job<'_>, o0: usize, j0: usiz
     let scales = job.layer.block_scales();
     let packed = t.packed();
     let planes = byte_planes(t.table());
-    let rows: [&[u8]; JJ] = std::array::from_fn(|i| {
-        let o = o0 + j0 + i;
-        &packed[o * n_in / 2..(o + 1) * n_in / 2]
-    });
-    let row_scales: [&[f32]; JJ] = std::array::from_fn(|i| {
-        let o = o0 + j0 + i;
-        &scales[o * n_in / bs..(o + 1) * n_in / bs]
-    });
-    let xs: [&[f32]; R] = std::array::from_fn(|r| &job.x[r * n_in..(r + 1) * n_in]);
+    let rows: [&[u8]; JJ] = row_slices(packed, n_in / 2, o0 + j0);
+    let row_scales: [&[f32]; JJ] = row_slices(scales, n_in / bs, o0 + j0);
+    let xs: [&[f32]; R] = row_slices(job.x, n_in, 0);
     let zero = f32x4_splat(0.0);
     let mut total = [[zero; JJ]; R];
     for b in 0..n_in / bs {

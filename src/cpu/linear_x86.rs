@@ -2,7 +2,9 @@
 //! `#[target_feature]` functions (so LLVM vectorizes them to AVX2 / AVX-512 with FMA), and 4-bit decoders that
 //! look the 16-entry table up in registers.
 
-use super::linear_kernels::{dot as generic_dot, four_bit_segments, output_pass, tiled_product, Decoder, Vf};
+use super::linear_kernels::{
+    dot as generic_dot, four_bit_segments, output_pass, row_slices, tiled_product, Decoder, Vf,
+};
 use super::table::Job;
 use super::table::LinearKernels;
 use super::x86_features::{avx2_fn, avx512_fn, Avx2, Avx512};
@@ -125,10 +127,7 @@ fn gemv_row_group<V: Vf, D: Table16<V>, const R: usize, const J: usize>(
     let QuantWeight::FourBit(t) = job.layer.weight else { return };
     let tab = D::load_table(t.table());
     let scales = job.layer.block_scales();
-    let rows: [&[u8]; J] = std::array::from_fn(|i| {
-        let o = o0 + j0 + i;
-        &packed[o * n_in / 2..(o + 1) * n_in / 2]
-    });
+    let rows: [&[u8]; J] = row_slices(packed, n_in / 2, o0 + j0);
     let mut total = [[V::zero(); J]; R];
     for b in 0..n_in / bs {
         let mut acc = [[V::zero(); J]; R];
@@ -214,11 +213,8 @@ fn gemv_4bit_avx512_rows<const R: usize, const J: usize>(
     let bs = t.blocksize();
     let scales = job.layer.block_scales();
     let packed = t.packed();
-    let rows: [&[u8]; J] = std::array::from_fn(|i| {
-        let o = o0 + j0 + i;
-        &packed[o * n_in / 2..(o + 1) * n_in / 2]
-    });
-    let xs: [&[f32]; R] = std::array::from_fn(|r| &job.x[r * n_in..(r + 1) * n_in]);
+    let rows: [&[u8]; J] = row_slices(packed, n_in / 2, o0 + j0);
+    let xs: [&[f32]; R] = row_slices(job.x, n_in, 0);
     // Lane L = 2q + h holds code 8h + q: bit 8·(q / 2) + 4·(q even) of its 32-bit half (first code in the
     // high nibble).
     let shifts: [u32; 16] = std::array::from_fn(|l| {
@@ -226,10 +222,7 @@ fn gemv_4bit_avx512_rows<const R: usize, const J: usize>(
         8 * (q / 2) + if q.is_multiple_of(2) { 4 } else { 0 }
     });
     let order: [u32; 16] = std::array::from_fn(|l| ((l % 2) * 8 + l / 2) as u32);
-    let row_scales: [&[f32]; J] = std::array::from_fn(|i| {
-        let o = o0 + j0 + i;
-        &scales[o * n_in / bs..(o + 1) * n_in / bs]
-    });
+    let row_scales: [&[f32]; J] = row_slices(scales, n_in / bs, o0 + j0);
     // SAFETY: AVX-512F is enabled in the only caller (`block_job_avx512`, built from a detection token).
     // Every load reads a slice that was bounds-checked just before: 16 floats of `xs[r][k..k + 16]`, 8 bytes
     // of `rows[i][k / 2..k / 2 + 8]`, 16 lanes of the local arrays and of `t.table()`.
@@ -319,11 +312,8 @@ fn gemv_int8_avx512_rows<const R: usize, const J: usize>(
     let runs = Int8Runs::of(t.granularity(), n_in);
     let (run, entry) = (runs.run, |o, gi| runs.entry(o, gi));
     let codes = t.codes();
-    let rows: [&[u8]; J] = std::array::from_fn(|i| {
-        let o = o0 + j0 + i;
-        &codes[o * n_in..(o + 1) * n_in]
-    });
-    let xs: [&[f32]; R] = std::array::from_fn(|r| &job.x[r * n_in..(r + 1) * n_in]);
+    let rows: [&[u8]; J] = row_slices(codes, n_in, o0 + j0);
+    let xs: [&[f32]; R] = row_slices(job.x, n_in, 0);
     let mut total = [[0.0f32; J]; R];
     // SAFETY: AVX-512F is enabled in the only caller (`block_job_avx512`, built from a detection token).
     // Every load reads a slice bounds-checked just before: 16 floats of `xs[r][k..k + 16]` and 16 bytes of
@@ -409,11 +399,8 @@ fn gemv_int8_avx2_rows<const R: usize, const J: usize>(
     let runs = Int8Runs::of(t.granularity(), n_in);
     let (run, entry) = (runs.run, |o, gi| runs.entry(o, gi));
     let codes = t.codes();
-    let rows: [&[u8]; J] = std::array::from_fn(|i| {
-        let o = o0 + j0 + i;
-        &codes[o * n_in..(o + 1) * n_in]
-    });
-    let xs: [&[f32]; R] = std::array::from_fn(|r| &job.x[r * n_in..(r + 1) * n_in]);
+    let rows: [&[u8]; J] = row_slices(codes, n_in, o0 + j0);
+    let xs: [&[f32]; R] = row_slices(job.x, n_in, 0);
     let mut total = [[0.0f32; J]; R];
     // SAFETY: AVX2 and FMA are enabled in the only caller (`block_job_avx2`, built from a detection token).
     // Every load reads a slice bounds-checked just before: 8 floats of `xs[r][k + 8h..k + 8h + 8]` and 8 bytes
@@ -508,7 +495,7 @@ fn int8_gemv_rows<V: Vf, D: Table16<V>, const R: usize>(job: &Job<'_>, o0: usize
     }
     let runs = Int8Runs::of(t.granularity(), n_in);
     let run = runs.run;
-    let xs: [&[f32]; R] = std::array::from_fn(|r| &job.x[r * n_in..(r + 1) * n_in]);
+    let xs: [&[f32]; R] = row_slices(job.x, n_in, 0);
     for j in 0..ob {
         let o = o0 + j;
         let codes = &t.codes()[o * n_in..(o + 1) * n_in];

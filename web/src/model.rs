@@ -149,15 +149,9 @@ fn progress(on_progress: &Option<Function>, phase: &str, done: f64, total: f64) 
     }
 }
 
-/// `Uint8Array` or `ArrayBuffer` → bytes in wasm memory.
+/// `Uint8Array` or `ArrayBuffer` → bytes in wasm memory (a copy).
 fn bytes_of(v: &JsValue, what: &str) -> Result<Vec<u8>, JsError> {
-    if let Some(a) = v.dyn_ref::<Uint8Array>() {
-        return Ok(a.to_vec());
-    }
-    if v.is_instance_of::<js_sys::ArrayBuffer>() {
-        return Ok(Uint8Array::new(v).to_vec());
-    }
-    Err(JsError::new(&format!("{what}: expected a Uint8Array or an ArrayBuffer")))
+    uint8_array(v, what).map(|a| a.to_vec())
 }
 
 /// The scheme option: `"none"` → as stored, a scheme → quantize with it, `undefined` → decided by the

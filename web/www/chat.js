@@ -2,6 +2,7 @@
 // on WASM or WebGPU, optionally with a PEFT adapter. `?test=1` runs the automated check that web/test.sh reads:
 // 16 greedy tokens for a fixed prompt on each device, the error paths, tokens/s and heap size in #out.
 import { init, lb, variant } from './lowbit.js';
+import { fetchBytes } from './common.js';
 
 // ?nogpu=1: the page as a browser without WebGPU sees it (the error path of device "webgpu").
 if (new URLSearchParams(location.search).get('nogpu')) Object.defineProperty(navigator, 'gpu', { value: undefined });
@@ -92,12 +93,6 @@ async function send(text, opts = {}) {
   } finally {
     state.busy = false; $('send').disabled = false;
   }
-}
-
-async function fetchBytes(url) {
-  const r = await fetch(url);
-  if (!r.ok) throw new Error(`fetch ${url}: HTTP ${r.status}`);
-  return new Uint8Array(await r.arrayBuffer());
 }
 
 async function expectRejects(checks, name, promiseOrFn, pattern) {

@@ -191,20 +191,7 @@ impl GgufFile {
                 return Err(Error::format(&ctx, format!("reading its first {n} bytes: got {}", header.len())));
             }
             match reader::parse_with_len(&header, file_len, &limits, &ctx) {
-                Ok(p) => {
-                    let index = p.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-                    return Ok(GgufFile {
-                        path,
-                        bytes: Arc::new(header),
-                        read_at: Some(read_at),
-                        version: p.version,
-                        alignment: p.alignment,
-                        metadata: p.metadata,
-                        tensors: p.tensors,
-                        index,
-                        limits,
-                    });
-                }
+                Ok(p) => return Ok(GgufFile::from_parsed(path, Arc::new(header), Some(read_at), p, limits)),
                 // A header longer than the prefix reads as truncated: try a longer prefix.
                 Err(_) if n < file_len.min(MAX_HEADER) => n = (n * 2).min(file_len).min(MAX_HEADER),
                 Err(e) => return Err(e),
@@ -215,18 +202,29 @@ impl GgufFile {
     fn parse(path: PathBuf, bytes: SharedBytes, limits: Limits) -> Result<GgufFile> {
         let ctx = format!("GGUF file {}", path.display());
         let p = reader::parse((*bytes).as_ref(), &limits, &ctx)?;
+        Ok(GgufFile::from_parsed(path, bytes, None, p, limits))
+    }
+
+    /// The file from its parsed header, its bytes (all of it, or the header with `read_at` for the rest).
+    fn from_parsed(
+        path: PathBuf,
+        bytes: SharedBytes,
+        read_at: Option<ReadAt>,
+        p: reader::Parsed,
+        limits: Limits,
+    ) -> GgufFile {
         let index = p.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(GgufFile {
+        GgufFile {
             path,
             bytes,
-            read_at: None,
+            read_at,
             version: p.version,
             alignment: p.alignment,
             metadata: p.metadata,
             tensors: p.tensors,
             index,
             limits,
-        })
+        }
     }
 
     /// `GGUF file <path>`, the context of this file's errors.
