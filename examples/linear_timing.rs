@@ -17,6 +17,12 @@ fn main() -> lowbit::Result<()> {
     let layer = QuantLinear::new(weight, None)?;
     let x: Vec<f32> = (0..m * inp).map(|i| (i % 17) as f32 / 17.0).collect();
     let only = std::env::var("ONLY").ok();
+    // ACT8=1: int8 activations (`docs/formats.md` §12).
+    let act = if std::env::var("ACT8").is_ok_and(|v| v == "1") {
+        lowbit::linear::Activations::Int8
+    } else {
+        lowbit::linear::Activations::F32
+    };
     for path in KernelPath::all_available()
         .into_iter()
         .filter(|p| *p != KernelPath::REFERENCE && only.as_deref().is_none_or(|o| o == p.name()))
@@ -24,7 +30,9 @@ fn main() -> lowbit::Result<()> {
         let t = Instant::now();
         let reps: usize = std::env::var("REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
         for _ in 0..reps {
-            std::hint::black_box(layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path))?);
+            std::hint::black_box(
+                layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path).activations(act))?,
+            );
         }
         println!("{path}: {:.3} ms", t.elapsed().as_secs_f64() * 1e3 / reps as f64);
     }

@@ -35,7 +35,7 @@ pub fn run(g: Generate) -> Result<(), CliError> {
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let prompt = prompt_ids(tok, &g)?;
     let vocab = model.config().vocab_size;
-    let mut runner = crate::llm::Runner::new(model, g.model.device, prompt.len() + g.max_tokens.max(1), prompt.len())?;
+    let mut runner = crate::llm::Runner::new(model, g.model, prompt.len() + g.max_tokens.max(1), prompt.len())?;
     let t = Instant::now();
     let mut logits = vec![0.0f32; vocab];
     if let Some(out) = g.logits_out {

@@ -47,6 +47,11 @@ pub struct ModelArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+    /// Int8 activations in the quantized layers: each layer's input quantized to int8 per block of 32 and
+    /// multiplied in integers (AVX-512 VNNI where the CPU has it). Faster, approximate (bound in
+    /// docs/formats.md §12); CPU only. Default: f32 activations, exact up to f32 accumulation.
+    #[arg(long)]
+    pub act8: bool,
 }
 
 /// Loads `args.model` (GGUF, Hugging Face directory, lowbit / bitsandbytes quantized directory), quantizing
@@ -95,9 +100,19 @@ pub enum Runner<'m> {
 
 impl<'m> Runner<'m> {
     /// A runner for sequences of up to `capacity` positions, fed at most `max_batch` tokens per call.
-    pub fn new(model: &'m Model, device: Device, capacity: usize, max_batch: usize) -> Result<Runner<'m>, CliError> {
-        match device {
-            Device::Cpu => Ok(Runner::Cpu { model, state: Box::new(model.new_state(capacity)?) }),
+    /// Runs on `args.device`, with int8 activations when `args.act8` (CPU only).
+    pub fn new(model: &'m Model, args: &ModelArgs, capacity: usize, max_batch: usize) -> Result<Runner<'m>, CliError> {
+        if args.act8 && args.device != Device::Cpu {
+            return Err(CliError::new("--act8 runs on the CPU kernels only (drop --act8 or use --device cpu)"));
+        }
+        match args.device {
+            Device::Cpu => {
+                let mut state = Box::new(model.new_state(capacity)?);
+                if args.act8 {
+                    state.set_activations(lowbit::linear::Activations::Int8);
+                }
+                Ok(Runner::Cpu { model, state })
+            }
             #[cfg(feature = "gpu")]
             Device::Gpu => {
                 let ctx = crate::gpu::open()?;

@@ -39,7 +39,7 @@ pub fn run(p: Perplexity) -> Result<(), CliError> {
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let ids = tok.encode(&text, false)?;
     let vocab = model.config().vocab_size;
-    let mut runner = crate::llm::Runner::new(model, p.model.device, p.ctx, CHUNK.min(p.ctx))?;
+    let mut runner = crate::llm::Runner::new(model, p.model, p.ctx, CHUNK.min(p.ctx))?;
     let mut logits = vec![0.0f32; CHUNK * vocab];
     let (mut nll, mut scored, mut run) = (0.0f64, 0usize, 0usize);
     let t = Instant::now();

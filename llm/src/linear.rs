@@ -2,7 +2,7 @@
 //! dequantize-matmul-plus-LoRA) or dense f32 weights (the full-precision baseline) with optional LoRA adapters.
 
 use crate::{Error, Result};
-use lowbit::linear::{QuantLinear, QuantWeight, Workspace};
+use lowbit::linear::{Activations, ForwardOptions, QuantLinear, QuantWeight, Workspace};
 use lowbit::lora::LoraAdapter;
 use rayon::prelude::*;
 use wide::f32x8;
@@ -137,8 +137,15 @@ impl Linear {
     /// call after the first with a given m). Errors on lengths that do not match, or (quantized layers)
     /// a result that overflows f32.
     pub fn forward(&self, x: &[f32], y: &mut [f32], ws: &mut Workspace) -> Result<()> {
+        self.forward_with(x, y, ws, Activations::F32)
+    }
+
+    /// [`forward`](Self::forward) with the activation mode of a quantized layer ([`Activations::Int8`]:
+    /// `x` quantized to int8 per block of 32, integer products; `docs/formats.md` §12). Dense layers
+    /// always run in f32.
+    pub fn forward_with(&self, x: &[f32], y: &mut [f32], ws: &mut Workspace, act: Activations) -> Result<()> {
         match self {
-            Linear::Quant(l) => Ok(l.forward_into(x, y, ws)?),
+            Linear::Quant(l) => Ok(l.forward_into_with(x, y, ws, ForwardOptions::default().activations(act))?),
             Linear::Dense(d) => d.forward(x, y),
         }
     }

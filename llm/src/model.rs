@@ -5,7 +5,7 @@
 use crate::linear::{matmul_t, Linear};
 use crate::ops::{apply_rope, rms_norm, silu_mul, softmax, RopeTable};
 use crate::{Config, Embedding, Error, KvCache, Result};
-use lowbit::linear::Workspace;
+use lowbit::linear::{Activations, ForwardOptions, Workspace};
 use rayon::prelude::*;
 
 /// One decoder block.
@@ -71,6 +71,21 @@ pub struct Model {
     pub(crate) rope: RopeTable,
 }
 
+impl State {
+    /// Runs the quantized layers (and a tied int8 lm_head) of later forwards with `activations`:
+    /// [`Activations::Int8`] quantizes each layer's input to int8 per block of 32 and multiplies in integers
+    /// (faster, approximate: `docs/formats.md` §12); [`Activations::F32`] (the default) is exact up to f32
+    /// accumulation. Dense layers always run in f32.
+    pub fn set_activations(&mut self, activations: Activations) {
+        self.activations = activations;
+    }
+
+    /// The activation mode later forwards use.
+    pub fn activations(&self) -> Activations {
+        self.activations
+    }
+}
+
 /// Which positions' logits a forward writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -85,6 +100,9 @@ pub enum Logits {
 #[derive(Debug)]
 pub struct State {
     pub cache: KvCache,
+    /// The activation mode of the quantized layers ([`Activations::F32`] by default; see
+    /// [`State::set_activations`]).
+    activations: Activations,
     ws: Workspace,
     x: Vec<f32>,
     xn: Vec<f32>,
@@ -235,6 +253,7 @@ impl Model {
         }
         Ok(State {
             cache: KvCache::new(&self.config, capacity)?,
+            activations: Activations::F32,
             ws: Workspace::default(),
             x: Vec::new(),
             xn: Vec::new(),
@@ -303,11 +322,12 @@ impl Model {
         for (r, &t) in tokens.iter().enumerate() {
             self.embed.row_into(t as usize, &mut s.x[r * d..(r + 1) * d])?;
         }
+        let act = s.activations;
         for (l, b) in self.blocks.iter().enumerate() {
             norm_rows(&s.x, &b.attn_norm, c.rms_norm_eps, &mut s.xn, d);
-            b.q.forward(&s.xn, &mut s.q, &mut s.ws)?;
-            b.k.forward(&s.xn, &mut s.k, &mut s.ws)?;
-            b.v.forward(&s.xn, &mut s.v, &mut s.ws)?;
+            b.q.forward_with(&s.xn, &mut s.q, &mut s.ws, act)?;
+            b.k.forward_with(&s.xn, &mut s.k, &mut s.ws, act)?;
+            b.v.forward_with(&s.xn, &mut s.v, &mut s.ws, act)?;
             for r in 0..m {
                 let (cos, sin) = self.rope.row(pos0 + r);
                 apply_rope(&mut s.q[r * c.q_width()..(r + 1) * c.q_width()], c.head_dim, cos, sin);
@@ -316,13 +336,13 @@ impl Model {
                 s.cache.store(l, pos0 + r, &s.k[kr.clone()], &s.v[kr]);
             }
             attention(c, &s.cache, l, pos0, &s.q, &mut s.scores, &mut s.att);
-            b.o.forward(&s.att, &mut s.tmp, &mut s.ws)?;
+            b.o.forward_with(&s.att, &mut s.tmp, &mut s.ws, act)?;
             add(&mut s.x, &s.tmp);
             norm_rows(&s.x, &b.mlp_norm, c.rms_norm_eps, &mut s.xn, d);
-            b.gate.forward(&s.xn, &mut s.gate, &mut s.ws)?;
-            b.up.forward(&s.xn, &mut s.up, &mut s.ws)?;
+            b.gate.forward_with(&s.xn, &mut s.gate, &mut s.ws, act)?;
+            b.up.forward_with(&s.xn, &mut s.up, &mut s.ws, act)?;
             silu_mul(&mut s.gate, &s.up);
-            b.down.forward(&s.gate, &mut s.tmp, &mut s.ws)?;
+            b.down.forward_with(&s.gate, &mut s.tmp, &mut s.ws, act)?;
             add(&mut s.x, &s.tmp);
         }
         let first = m - rows_out;
@@ -331,9 +351,11 @@ impl Model {
         match &self.lm_head {
             LmHead::Tied => match &self.embed {
                 Embedding::F32(e) => matmul_t(e, c.vocab_size, d, &s.last, logits),
-                Embedding::Int8(q) => q.forward_into(&s.last, logits, &mut s.ws)?,
+                Embedding::Int8(q) => {
+                    q.forward_into_with(&s.last, logits, &mut s.ws, ForwardOptions::default().activations(act))?
+                }
             },
-            LmHead::Own(l) => l.forward(&s.last, logits, &mut s.ws)?,
+            LmHead::Own(l) => l.forward_with(&s.last, logits, &mut s.ws, act)?,
         }
         if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
             return Err(Error::Model(format!("logit {i} is {} (the forward overflowed f32)", logits[i])));

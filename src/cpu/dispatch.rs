@@ -72,7 +72,10 @@ fn avx512_kernels(t: super::x86_features::Avx512) -> Kernels {
     Kernels {
         affine: super::affine_x86::avx512(t),
         four_bit: super::nf4_x86::avx512(t),
-        linear: super::linear_x86::avx512(t),
+        linear: match super::x86_features::Avx512Vnni::detect() {
+            Some(v) => super::linear_act8_x86::vnni(v, super::linear_x86::avx512(t)),
+            None => super::linear_x86::avx512(t),
+        },
         ggml: super::ggml_x86::avx512(t),
     }
 }

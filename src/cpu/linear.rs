@@ -14,6 +14,7 @@
 
 use super::dispatch::kernels;
 use super::table::Job;
+use crate::api::linear::{Activations, ForwardOptions};
 use crate::cpu::KernelPath;
 use crate::element::Element;
 use crate::format::layer::{AdapterSelection, LayerView, QuantWeight};
@@ -28,6 +29,7 @@ pub(crate) struct Scratch {
     shrink: Vec<Vec<f32>>,
     used: Vec<bool>,
     acc: Vec<f32>,
+    act8: super::linear_act8::Act8X,
 }
 
 /// The LoRA shrink `t = x·Aᵀ` for every adapter used by some row (rows that do not use it stay zero), into
@@ -76,14 +78,14 @@ fn pair_table(table: &[f32; 16]) -> [[f32; 2]; 256] {
     std::array::from_fn(|b| [table[b >> 4], table[b & 15]])
 }
 
-/// The fused forward into `y` (`[m, out]` row-major, rounded to `O`). `x` is `[m, in]` f32, already validated
-/// together with `sel`; `y.len() == m * out`. Allocates only when `scratch` must grow.
+/// The fused forward into `y` (`[m, out]` row-major, rounded to `O`) with `opts`' path, adapter selection and
+/// activation mode. `x` is `[m, in]` f32, already validated together with the selection; `y.len() == m * out`.
+/// Allocates only when `scratch` must grow.
 pub(crate) fn forward_into<O: Element>(
     layer: LayerView<'_>,
     x: &[f32],
     m: usize,
-    sel: AdapterSelection<'_>,
-    path: KernelPath,
+    opts: ForwardOptions<'_>,
     scratch: &mut Scratch,
     y: &mut [O],
 ) {
@@ -95,15 +97,21 @@ pub(crate) fn forward_into<O: Element>(
         QuantWeight::FourBit(t) => pair_table(t.table()),
         QuantWeight::Int8(_) => [[0.0; 2]; 256],
     };
+    let ForwardOptions { path, adapters: sel, activations, .. } = opts;
     let isa = path.isa;
     shrink_all(layer, x, m, sel, path, scratch);
-    let Scratch { shrink, used, acc } = scratch;
-    let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel };
+    let table = &kernels(isa).linear;
+    let Scratch { shrink, used, acc, act8 } = scratch;
+    let int8 = activations == Activations::Int8;
+    if int8 {
+        act8.prepare(x, m, layer.in_features, layer.weight, table.act8_layout);
+    }
+    let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel, act8: int8.then(|| act8.view()) };
     // Block-major accumulator: block b (outputs o0..o0+ob) is `[m, ob]` at offset o0 * m, so every block owns
     // one contiguous piece (disjoint pieces for the threads).
     acc.clear();
     acc.resize(m * n_out, 0.0);
-    let block = kernels(isa).linear.block;
+    let block = if int8 { table.act8_block } else { table.block };
     let run = |b: usize, out: &mut [f32]| block(&job, b * OUT_BLOCK, out.len() / m, out);
     let chunk = m * OUT_BLOCK;
     if path.parallel && n_out > OUT_BLOCK {

@@ -383,5 +383,9 @@ pub(crate) fn output_pass<V: Vf>(job: &Job<'_>, o0: usize, ob: usize, out: &mut 
 }
 
 /// The portable (`wide`) linear kernels.
-pub(crate) const PORTABLE: LinearKernels =
-    LinearKernels { block: block_job::<wide::f32x8, PortableDecoder>, dot: dot::<wide::f32x8> };
+pub(crate) const PORTABLE: LinearKernels = LinearKernels {
+    block: block_job::<wide::f32x8, PortableDecoder>,
+    dot: dot::<wide::f32x8>,
+    act8_block: super::linear_act8::block_portable,
+    act8_layout: super::linear_act8::Act8Layout::Natural,
+};

@@ -16,7 +16,12 @@ use crate::format::layer::QuantWeight;
 use core::arch::wasm32::*;
 
 /// The simd128 linear kernels (selected at compile time: this module exists only in a `+simd128` build).
-pub(crate) const SIMD128: LinearKernels = LinearKernels { block: block_job_simd128, dot: dot::<wide::f32x8> };
+pub(crate) const SIMD128: LinearKernels = LinearKernels {
+    block: block_job_simd128,
+    dot: dot::<wide::f32x8>,
+    act8_block: super::linear_act8::block_portable,
+    act8_layout: super::linear_act8::Act8Layout::Natural,
+};
 
 fn block_job_simd128(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
     if !gemv_4bit_simd128(job, o0, ob, out) {

@@ -21,6 +21,8 @@ pub(crate) fn avx2(_: Avx2) -> LinearKernels {
         // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
         // checked by the drivers (and asserted inside the kernels).
         dot: |a, b| unsafe { dot_avx2(a, b) },
+        act8_block: super::linear_act8::block_portable,
+        act8_layout: super::linear_act8::Act8Layout::Natural,
     }
 }
 
@@ -33,6 +35,8 @@ pub(crate) fn avx512(_: Avx512) -> LinearKernels {
         // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
         // checked by the drivers (and asserted inside the kernels).
         dot: |a, b| unsafe { dot_avx512(a, b) },
+        act8_block: super::linear_act8::block_portable,
+        act8_layout: super::linear_act8::Act8Layout::Natural,
     }
 }
 

@@ -70,6 +70,10 @@ pub(crate) struct LinearKernels {
     pub block: fn(&Job<'_>, usize, usize, &mut [f32]),
     /// A dot product (LoRA shrink).
     pub dot: fn(&[f32], &[f32]) -> f32,
+    /// [`block`](Self::block) with int8 activations (`Job::act8` prepared in `act8_layout`).
+    pub act8_block: fn(&Job<'_>, usize, usize, &mut [f32]),
+    /// The layout of the quantized `x` that `act8_block` reads.
+    pub act8_layout: super::linear_act8::Act8Layout,
 }
 
 /// ggml / GGUF tensor-type kernels.
@@ -99,4 +103,6 @@ pub(crate) struct Job<'a> {
     /// Per adapter: whether any row uses it.
     pub used: &'a [bool],
     pub sel: AdapterSelection<'a>,
+    /// `x` quantized to int8 (int8-activation forwards only).
+    pub act8: Option<super::linear_act8::Act8View<'a>>,
 }

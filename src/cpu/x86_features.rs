@@ -11,6 +11,10 @@ pub(crate) struct Avx2(());
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512(());
 
+/// Proof that this CPU has AVX-512 VNNI on top of [`Avx512`]'s features (`avx512vnni_fn!`'s feature list).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512Vnni(());
+
 impl Avx2 {
     /// The token, if the CPU has every feature of `avx2_fn!`.
     pub fn detect() -> Option<Avx2> {
@@ -33,6 +37,13 @@ impl Avx512 {
     }
 }
 
+impl Avx512Vnni {
+    /// The token, if the CPU has every feature of `avx512vnni_fn!`.
+    pub fn detect() -> Option<Avx512Vnni> {
+        (Avx512::detect().is_some() && std::arch::is_x86_feature_detected!("avx512vnni")).then_some(Avx512Vnni(()))
+    }
+}
+
 /// Compiles the wrapped functions for AVX2 + FMA + F16C (the one place this list is written).
 macro_rules! avx2_fn {
     ($($item:item)*) => { $( #[target_feature(enable = "avx2,fma,f16c")] $item )* };
@@ -44,3 +55,11 @@ macro_rules! avx512_fn {
     ($($item:item)*) => { $( #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")] $item )* };
 }
 pub(crate) use avx512_fn;
+
+/// Compiles the wrapped functions for AVX-512 F/BW/VL/DQ + VNNI (+ AVX2, FMA, F16C).
+macro_rules! avx512vnni_fn {
+    ($($item:item)*) => {
+        $( #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")] $item )*
+    };
+}
+pub(crate) use avx512vnni_fn;

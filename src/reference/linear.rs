@@ -21,10 +21,15 @@ pub(crate) fn dequantize_weight(weight: &QuantWeight) -> Vec<f32> {
 /// `y = x·Wᵀ + bias + Σ s·(x·Aᵀ)·Bᵀ` with every sum in f64, rounded to f32 once per output.
 /// `x` is `[M, in]` f32, already validated.
 pub(crate) fn forward(layer: LayerView<'_>, x: &[f32], sel: AdapterSelection<'_>) -> Vec<f32> {
+    forward_f64(layer, x, sel).into_iter().map(|v| v as f32).collect()
+}
+
+/// [`forward`] before its final rounding.
+pub(crate) fn forward_f64(layer: LayerView<'_>, x: &[f32], sel: AdapterSelection<'_>) -> Vec<f64> {
     let (n_out, n_in) = (layer.out_features, layer.in_features);
     let m = x.len() / n_in;
     let w = dequantize_weight(layer.weight);
-    let mut y = vec![0.0f32; m * n_out];
+    let mut y = vec![0.0f64; m * n_out];
     for r in 0..m {
         let xr = &x[r * n_in..(r + 1) * n_in];
         let adapters: Vec<usize> = layer.adapters_for_row(sel, r).collect();
@@ -47,7 +52,7 @@ pub(crate) fn forward(layer: LayerView<'_>, x: &[f32], sel: AdapterSelection<'_>
                 let e: f64 = t.iter().zip(brow).map(|(&t, &b)| t * b as f64).sum();
                 acc += ad.scaling() as f64 * e;
             }
-            y[r * n_out + o] = acc as f32;
+            y[r * n_out + o] = acc;
         }
     }
     y

@@ -2,6 +2,7 @@
 //!
 //! Each function follows `docs/formats.md` rule by rule. Every fast path is tested against these.
 
+pub mod act8;
 pub mod affine;
 pub mod double_quant;
 pub mod ggml;

@@ -35,7 +35,7 @@ pub use crate::format::layer::{AdapterSelection, QuantWeight};
 pub use bound::{Agreement, BoundTarget};
 pub(crate) use finite::check_output;
 pub use finite::MAX_FORWARD_OUTPUT_BYTES;
-pub use options::{ForwardOptions, Workspace};
+pub use options::{Activations, ForwardOptions, Workspace};
 
 use crate::cpu::KernelPath;
 use crate::element::{check_finite, Element};
@@ -205,11 +205,14 @@ impl QuantLinear {
         opts.path.check()?;
         let (xf, scratch) = ws.split(x);
         if opts.path == KernelPath::REFERENCE {
-            let r = crate::reference::linear::forward(self.view(), xf, opts.adapters);
+            let r = match opts.activations {
+                Activations::F32 => crate::reference::linear::forward(self.view(), xf, opts.adapters),
+                Activations::Int8 => crate::reference::act8::forward(self.view(), xf, opts.adapters),
+            };
             O::narrow_slice(&r, y);
             return check_output(y);
         }
-        crate::cpu::linear::forward_into(self.view(), xf, m, opts.adapters, opts.path, scratch, y);
+        crate::cpu::linear::forward_into(self.view(), xf, m, opts, scratch, y);
         check_output(y)
     }
 
@@ -273,10 +276,24 @@ impl QuantLinear {
     /// `(K+3)·ε·Σ|x·w| + ε·|bias| + Σ_adapters (K+r+3)·ε·|s|·Σ_r(Σ_k|x·A|)·|B|`, plus for the GPU kernels the
     /// double-quant FMA and late-bias terms, plus the f16 product term for the f16 GEMM (derivation in
     /// `docs/formats.md` §8). Tests, the CLI, the web page and the benches compare against it through
-    /// [`Agreement`]. `opts.path` is ignored (every CPU path is within the same bound).
+    /// [`Agreement`]. `opts.path` is ignored (every CPU path is within the same bound). With
+    /// [`Activations::Int8`] the bound adds the quantization of `x` and of the 4-bit table and the int8
+    /// kernels' rounding (`docs/formats.md` §12; CPU kernels only: `target` must be [`BoundTarget::Cpu`]).
     pub fn error_bound<T: Element>(&self, x: &[T], opts: ForwardOptions<'_>, target: BoundTarget) -> Result<Vec<f64>> {
         self.check_input(x, opts.adapters)?;
         let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-        Ok(crate::reference::linear::error_bound(self.view(), &xf, opts.adapters, target.terms()))
+        match opts.activations {
+            Activations::F32 => {
+                Ok(crate::reference::linear::error_bound(self.view(), &xf, opts.adapters, target.terms()))
+            }
+            Activations::Int8 if target == BoundTarget::Cpu => {
+                Ok(crate::reference::act8::error_bound(self.view(), &xf, opts.adapters))
+            }
+            Activations::Int8 => Err(Error::invalid(
+                "error bound target",
+                format!("{target:?} with int8 activations"),
+                "BoundTarget::Cpu (int8 activations run on the CPU kernels only)",
+            )),
+        }
     }
 }

@@ -5,8 +5,33 @@ use crate::cpu::KernelPath;
 use crate::element::{DType, Element};
 use crate::format::layer::AdapterSelection;
 
-/// How a forward runs: the kernel path and which adapters apply to which rows. One value replaces the old
-/// `forward_batch` / `*_with` / `*_reference` variants.
+/// What the base product multiplies: `x` as given (f32, exact up to f32 accumulation: the default), or `x`
+/// quantized per row to symmetric int8 in blocks of 32 with integer dot products (faster, approximate; the
+/// arithmetic and its error bound are in `docs/formats.md` §12).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Activations {
+    /// `x` in f32: the fused kernels agree with the f64 reference within f32 accumulation rounding.
+    #[default]
+    F32,
+    /// `x` quantized per row to int8 (blocks of 32, one f32 scale each), 4-bit table values mapped to int8
+    /// (`round(127·T[i])`), products as i8×i8→i32 (AVX-512 VNNI where the CPU has it), one f32 scale multiply
+    /// per block. The LoRA terms and the bias stay f32.
+    Int8,
+}
+
+impl Activations {
+    /// `f32` or `int8` (the CLI's spelling).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Int8 => "int8",
+        }
+    }
+}
+
+/// How a forward runs: the kernel path, which adapters apply to which rows, and the activation mode. One value
+/// replaces the old `forward_batch` / `*_with` / `*_reference` variants.
 ///
 /// ```
 /// use lowbit::cpu::KernelPath;
@@ -22,22 +47,29 @@ pub struct ForwardOptions<'a> {
     pub path: KernelPath,
     /// Which adapters apply ([`AdapterSelection::Enabled`] by default).
     pub adapters: AdapterSelection<'a>,
+    /// f32 activations (default, exact) or int8 activations ([`Activations::Int8`], approximate and faster).
+    pub activations: Activations,
 }
 
 impl Default for ForwardOptions<'_> {
     fn default() -> Self {
-        ForwardOptions { path: KernelPath::best(), adapters: AdapterSelection::Enabled }
+        ForwardOptions { path: KernelPath::best(), adapters: AdapterSelection::Enabled, activations: Activations::F32 }
     }
 }
 
 impl<'a> ForwardOptions<'a> {
-    /// The reference forward (f64 accumulation, every enabled adapter).
+    /// The reference forward (f64 accumulation, every enabled adapter, f32 activations).
     pub fn reference() -> Self {
-        ForwardOptions { path: KernelPath::REFERENCE, adapters: AdapterSelection::Enabled }
+        ForwardOptions { path: KernelPath::REFERENCE, ..Self::default() }
     }
     /// These options through `path`.
     pub fn path(self, path: KernelPath) -> Self {
         ForwardOptions { path, ..self }
+    }
+    /// These options with `activations` (with [`KernelPath::REFERENCE`] and [`Activations::Int8`] the reference
+    /// computes the int8 products exactly in f64: the value the int8 kernels round).
+    pub fn activations(self, activations: Activations) -> Self {
+        ForwardOptions { activations, ..self }
     }
     /// These options as a multi-adapter batch: row `m` adds only adapter `ids[m]` (or none).
     pub fn adapter_ids(self, ids: &'a [Option<usize>]) -> ForwardOptions<'a> {

@@ -4,6 +4,8 @@
 //! Suite (default): quantize and dequantize (f32 out) of a 4096×4096 weight in int8 tensor / channel /
 //! group:128, NF4 and NF4 + double quantization; GEMV (M = 1) and GEMM (M = 8, 64) of NF4, NF4 + DQ and int8
 //! channel at 4096×4096 and 4096×14336 (out × in), without and with a rank-16 LoRA adapter. Paths: the scalar
+//! Each GEMV / GEMM without LoRA also runs with int8 activations (kernels `gemv-act8`, `gemm-act8`,
+//! `docs/formats.md` §12). Paths: the scalar
 //! reference (quantize / dequantize, and GEMV M = 1 without LoRA at 4096×4096 only: the larger cases would take
 //! minutes), the best instruction set on one thread, and the best instruction set on every thread of the pool.
 //! `--quick`: 4096×4096 only, M = 1 and 8, no scalar path, shorter timing.
@@ -25,7 +27,7 @@ use crate::membw::{self, Direction, Limits};
 use crate::synthetic::{self, DEMO_SCHEMES};
 use lowbit::affine::{self, Granularity};
 use lowbit::cpu::{Isa, KernelPath};
-use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit::linear::{Activations, ForwardOptions, QuantLinear, QuantWeight};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -41,7 +43,8 @@ pub struct Suite {
 /// One measured kernel (or one memory limit, kernel `memory-read` / `memory-write` / `memory-copy`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
-    /// `quantize`, `dequantize`, `gemv`, `gemm`, with `+lora16` when an adapter is attached.
+    /// `quantize`, `dequantize`, `gemv`, `gemm`, `gemv-act8`, `gemm-act8` (int8 activations), with `+lora16`
+    /// when an adapter is attached.
     pub kernel: String,
     /// Weight format, e.g. `int8 group:128`, `nf4`, `nf4+dq`.
     pub format: String,
@@ -314,20 +317,31 @@ fn linear(
                 let read = packed + 4.0 * (m * inp + out + lora_elems) as f64;
                 let written = 4.0 * (m * out) as f64;
                 let flops = 2.0 * (m * (out * inp + lora_elems)) as f64;
-                let kernel =
-                    format!("{}{}", if m == 1 { "gemv" } else { "gemm" }, if rank.is_some() { "+lora16" } else { "" });
-                for r in runners {
-                    if r.path.isa == Isa::Scalar && (rank.is_some() || m > 1 || (out, inp) != (4096, 4096)) {
-                        continue;
+                // Int8 activations (`gemv-act8`, `gemm-act8`) beside the default f32 mode, without LoRA.
+                let modes: &[Activations] =
+                    if rank.is_none() { &[Activations::F32, Activations::Int8] } else { &[Activations::F32] };
+                for &act in modes {
+                    let kernel = format!(
+                        "{}{}{}",
+                        if m == 1 { "gemv" } else { "gemm" },
+                        if act == Activations::Int8 { "-act8" } else { "" },
+                        if rank.is_some() { "+lora16" } else { "" }
+                    );
+                    for r in runners {
+                        let scalar_skip =
+                            rank.is_some() || m > 1 || (out, inp) != (4096, 4096) || act != Activations::F32;
+                        if r.path.isa == Isa::Scalar && scalar_skip {
+                            continue;
+                        }
+                        let mut next = 0;
+                        let t = r.pool.install(|| {
+                            median(budget, || {
+                                next = (next + 1) % copies;
+                                forward(&layers[next], &x, r.path, act)
+                            })
+                        })?;
+                        rec.push(kernel.clone(), &name, (out, inp), m, r, t, (read, written), Some(flops));
                     }
-                    let mut next = 0;
-                    let t = r.pool.install(|| {
-                        median(budget, || {
-                            next = (next + 1) % copies;
-                            forward(&layers[next], &x, r.path)
-                        })
-                    })?;
-                    rec.push(kernel.clone(), &name, (out, inp), m, r, t, (read, written), Some(flops));
                 }
             }
         }
@@ -345,8 +359,8 @@ fn cold_bytes() -> usize {
     (2 * llc).max(64 << 20)
 }
 
-fn forward(layer: &QuantLinear, x: &[f32], path: KernelPath) -> lowbit::Result<()> {
-    black_box(layer.forward_with(black_box(x), lowbit::linear::ForwardOptions::default().path(path))?);
+fn forward(layer: &QuantLinear, x: &[f32], path: KernelPath, act: Activations) -> lowbit::Result<()> {
+    black_box(layer.forward_with(black_box(x), ForwardOptions::default().path(path).activations(act))?);
     Ok(())
 }
 

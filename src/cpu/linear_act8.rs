@@ -1,0 +1,260 @@
+//! Int8 activations (`Activations::Int8`): `x` quantized once per forward by the reference quantizer
+//! ([`crate::reference::act8::quantize_row`], blocks of 32), then integer dot products against the weight's
+//! integer codes (4-bit: the int8 table `round(127·T)`; int8: `code − zero_point`), one f32 scale multiply per
+//! block. This file holds the quantized `x` (and the layout the AVX-512 VNNI kernel reads) and the portable
+//! kernel; `linear_act8_x86.rs` has the VNNI one. Every path computes the same exact integer sums; only the
+//! f32 accumulation of the block terms differs (bound: `reference::act8::kernel_bound`).
+
+use super::linear_kernels::output_pass;
+use super::table::Job;
+use crate::format::affine::Granularity;
+use crate::format::layer::QuantWeight;
+use crate::reference::act8::{int8_table, quantize_row, BLOCK};
+
+/// Which layout of the quantized `x` a kernel table reads besides the natural one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Act8Layout {
+    /// Codes in `x`'s order only (the portable kernel).
+    Natural,
+    /// Also the VNNI layout: for 4-bit weights each block of 32 codes reordered as its 16 even then its 16 odd
+    /// elements (the order the packed nibbles decode to), plus per 4 codes their sum (`lanes`).
+    Vnni,
+}
+
+/// `x` quantized row by row (the scratch of an int8-activation forward; reused across calls).
+#[derive(Debug, Default)]
+pub(crate) struct Act8X {
+    /// Codes `[m, in]` in `x`'s order.
+    pub q: Vec<i8>,
+    /// Scales `[m, in.div_ceil(32)]`.
+    pub d: Vec<f32>,
+    /// VNNI layout codes `[m, in]` (empty unless prepared).
+    pub vq: Vec<i8>,
+    /// Sum of each 4 consecutive `vq` codes, `[m, in / 4]`.
+    pub lanes: Vec<i32>,
+}
+
+impl Act8X {
+    /// Quantizes `x` (`[m, n_in]`, finite) and, for `layout == Vnni` when [`vnni_eligible`], the VNNI layout.
+    pub fn prepare(&mut self, x: &[f32], m: usize, n_in: usize, weight: &QuantWeight, layout: Act8Layout) {
+        let nb = n_in.div_ceil(BLOCK);
+        self.q.clear();
+        self.q.resize(m * n_in, 0);
+        self.d.clear();
+        self.d.resize(m * nb, 0.0);
+        for r in 0..m {
+            quantize_row(
+                &x[r * n_in..(r + 1) * n_in],
+                &mut self.q[r * n_in..(r + 1) * n_in],
+                &mut self.d[r * nb..(r + 1) * nb],
+            );
+        }
+        self.vq.clear();
+        self.lanes.clear();
+        if layout != Act8Layout::Vnni || !vnni_eligible(weight, n_in) {
+            return;
+        }
+        match weight {
+            QuantWeight::FourBit(_) => {
+                self.vq.resize(m * n_in, 0);
+                for (src, dst) in self.q.chunks_exact(BLOCK).zip(self.vq.chunks_exact_mut(BLOCK)) {
+                    for i in 0..BLOCK / 2 {
+                        dst[i] = src[2 * i];
+                        dst[BLOCK / 2 + i] = src[2 * i + 1];
+                    }
+                }
+            }
+            QuantWeight::Int8(_) => self.vq.extend_from_slice(&self.q),
+        }
+        self.lanes.extend(self.vq.chunks_exact(4).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
+    }
+
+    /// The borrowed view a kernel reads.
+    pub fn view(&self) -> Act8View<'_> {
+        Act8View { q: &self.q, d: &self.d, vq: &self.vq, lanes: &self.lanes }
+    }
+}
+
+/// Borrowed [`Act8X`].
+#[derive(Clone, Copy)]
+pub(crate) struct Act8View<'a> {
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub vq: &'a [i8],
+    pub lanes: &'a [i32],
+}
+
+/// Whether the VNNI kernel takes this layer: rows of whole 64-code chunks, and int8 parameters constant over
+/// each chunk (per tensor, per channel, or groups of a multiple of 64).
+pub(crate) fn vnni_eligible(weight: &QuantWeight, n_in: usize) -> bool {
+    n_in.is_multiple_of(64)
+        && match weight {
+            QuantWeight::FourBit(_) => true,
+            QuantWeight::Int8(t) => match t.granularity() {
+                Granularity::PerGroup(g) => g.is_multiple_of(64),
+                _ => true,
+            },
+        }
+}
+
+/// `1/127` as f32: the 4-bit scale is `d · absmax · INV127` (two roundings after the exact integer sum).
+pub(crate) const INV127: f32 = 1.0 / 127.0;
+
+/// The portable int8-activation block: base product through exact integer sums per block, then the f32
+/// output pass (bias, LoRA).
+pub(crate) fn block_portable(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
+    base_portable(job, o0, ob, out);
+    output_pass::<wide::f32x8>(job, o0, ob, out);
+}
+
+/// `out[r, j] += Σ_segments scale · Σ q·c` for rows `o0..o0+ob` of `W`: segments are the 32-blocks of `x` cut
+/// further where the weight's scale changes (4-bit blocks are ≥ 32 and aligned in the flat index; int8 groups
+/// may be any size).
+pub(crate) fn base_portable(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
+    let act = job.act8.expect("int8 activations prepared");
+    let (n_in, m) = (job.layer.in_features, job.m);
+    let nb = n_in.div_ceil(BLOCK);
+    let mut codes = vec![0i16; n_in];
+    let table8 = match job.layer.weight {
+        QuantWeight::FourBit(t) => int8_table(t.table()),
+        QuantWeight::Int8(_) => [0; 16],
+    };
+    for j in 0..ob {
+        let o = o0 + j;
+        // The row's integer weights and where each weight scale run ends: (end, scale).
+        let mut runs: Vec<(usize, f32)> = Vec::new();
+        match job.layer.weight {
+            QuantWeight::FourBit(t) => {
+                let packed = t.packed();
+                for (k, c) in codes.iter_mut().enumerate() {
+                    let e = o * n_in + k;
+                    let byte = packed[e / 2];
+                    *c = table8[(if e.is_multiple_of(2) { byte >> 4 } else { byte & 15 }) as usize] as i16;
+                }
+                let (bs, scales) = (t.blocksize(), job.layer.block_scales());
+                let mut k = 0;
+                while k < n_in {
+                    let e = o * n_in + k;
+                    let end = ((e / bs + 1) * bs - o * n_in).min(n_in);
+                    runs.push((end, scales[e / bs]));
+                    k = end;
+                }
+            }
+            QuantWeight::Int8(t) => {
+                let row = &t.codes()[o * n_in..(o + 1) * n_in];
+                let param = |p: usize| (t.scales()[p], t.zero_points()[p] as i16);
+                let mut put = |from: usize, to: usize, p: usize| {
+                    let (s, zp) = param(p);
+                    for k in from..to {
+                        codes[k] = row[k] as i16 - zp;
+                    }
+                    runs.push((to, s));
+                };
+                match t.granularity() {
+                    Granularity::PerTensor => put(0, n_in, 0),
+                    Granularity::PerChannel => put(0, n_in, o),
+                    Granularity::PerGroup(g) => {
+                        let per_row = n_in.div_ceil(g);
+                        for (i, k) in (0..n_in).step_by(g).enumerate() {
+                            put(k, (k + g).min(n_in), o * per_row + i);
+                        }
+                    }
+                }
+            }
+        }
+        let four_bit = matches!(job.layer.weight, QuantWeight::FourBit(_));
+        for r in 0..m {
+            let q = &act.q[r * n_in..(r + 1) * n_in];
+            let d = &act.d[r * nb..(r + 1) * nb];
+            let mut acc = 0f32;
+            let (mut k, mut run) = (0, 0);
+            while k < n_in {
+                while runs[run].0 <= k {
+                    run += 1;
+                }
+                let (run_end, s) = runs[run];
+                let end = ((k / BLOCK + 1) * BLOCK).min(run_end);
+                let sum: i32 = q[k..end].iter().zip(&codes[k..end]).map(|(&a, &b)| a as i32 * b as i32).sum();
+                let scale = if four_bit { d[k / BLOCK] * s * INV127 } else { d[k / BLOCK] * s };
+                acc += scale * sum as f32;
+                k = end;
+            }
+            out[r * ob + j] += acc;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every int8-activation path against the exact int8 value (`reference::act8::forward`) within the kernels'
+    //! rounding bound (`reference::act8::kernel_bound`: `(K + 8)·ε·Σ|x̂ŵ|` on top of the f32 bound of the bias
+    //! and LoRA terms). The integer sums are exact on every path, so a wrong lane, scale or zero point is far
+    //! outside it.
+    use crate::api::linear::{Activations, ForwardOptions, QuantLinear, QuantWeight};
+    use crate::cpu::KernelPath;
+    use crate::format::affine::Granularity;
+    use crate::format::layer::AdapterSelection;
+    use crate::format::lora::LoraAdapter;
+    use crate::format::scheme::Scheme;
+
+    fn rng(seed: &mut u64, scale: f32) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    }
+
+    fn layer(scheme: Scheme, out: usize, inp: usize, ranks: &[usize], seed: &mut u64) -> QuantLinear {
+        let w: Vec<f32> = (0..out * inp).map(|_| rng(seed, 0.5)).collect();
+        let bias: Vec<f32> = (0..out).map(|_| rng(seed, 1.0)).collect();
+        let mut l = QuantLinear::new(QuantWeight::quantize(&w, &[out, inp], scheme).unwrap(), Some(bias)).unwrap();
+        for (i, &r) in ranks.iter().enumerate() {
+            let a: Vec<f32> = (0..r * inp).map(|_| rng(seed, 0.3)).collect();
+            let b: Vec<f32> = (0..out * r).map(|_| rng(seed, 0.3)).collect();
+            l.add_adapter(LoraAdapter::new(format!("a{i}"), r, a, b, 2.0 * r as f32, false).unwrap()).unwrap();
+        }
+        l
+    }
+
+    #[test]
+    fn int8_activation_paths_match_the_exact_int8_value() {
+        let schemes = [
+            Scheme::nf4(64, true),
+            Scheme::nf4(32, false),
+            Scheme::fp4(128, false),
+            Scheme::Int8(Granularity::PerTensor),
+            Scheme::Int8(Granularity::PerChannel),
+            Scheme::Int8(Granularity::PerGroup(64)),
+            Scheme::Int8(Granularity::PerGroup(128)),
+            Scheme::Int8(Granularity::PerGroup(7)),
+            Scheme::Int8(Granularity::PerGroup(48)),
+        ];
+        let mut seed = 7u64;
+        let mut checked = 0;
+        for scheme in schemes {
+            for (out, inp) in [(9, 64), (70, 128), (5, 256), (3, 96), (4, 37), (67, 512)] {
+                let l = layer(scheme, out, inp, &[3], &mut seed);
+                for m in [1, 2, 3, 4, 5, 9] {
+                    // Blocks of x with very different magnitudes, and one all-zero block.
+                    let mut x: Vec<f32> =
+                        (0..m * inp).map(|i| rng(&mut seed, if (i / 32) % 3 == 0 { 4.0 } else { 0.05 })).collect();
+                    x[..inp.min(32)].fill(0.0);
+                    let want = l.forward_with(&x, ForwardOptions::reference().activations(Activations::Int8)).unwrap();
+                    let bound = crate::reference::act8::kernel_bound(l.view(), &x, AdapterSelection::Enabled);
+                    for path in KernelPath::all_available() {
+                        let opts = ForwardOptions::default().path(path).activations(Activations::Int8);
+                        let got = l.forward_with(&x, opts).unwrap();
+                        for (i, ((&g, &w), &b)) in got.iter().zip(&want).zip(&bound).enumerate() {
+                            let err = (g as f64 - w as f64).abs();
+                            let allowed = b + w.abs() as f64 * f32::EPSILON as f64 * 0.5;
+                            assert!(
+                                err <= allowed,
+                                "{scheme:?} {out}x{inp} M={m} {path}: y[{i}] = {g}, exact int8 value {w}, |err| {err:e} > {allowed:e}"
+                            );
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked >= 9 * 6 * 6);
+    }
+}
