@@ -85,13 +85,13 @@ pub(crate) struct Act8View<'a> {
 }
 
 /// Whether the VNNI kernel takes this layer: rows of whole 64-code chunks, and int8 parameters constant over
-/// each chunk (per tensor, per channel, or groups of a multiple of 64).
+/// each chunk (per tensor, per channel, or groups of 64·2ⁿ that divide the row).
 pub(crate) fn vnni_eligible(weight: &QuantWeight, n_in: usize) -> bool {
     n_in.is_multiple_of(64)
         && match weight {
             QuantWeight::FourBit(_) => true,
             QuantWeight::Int8(t) => match t.granularity() {
-                Granularity::PerGroup(g) => g.is_multiple_of(64),
+                Granularity::PerGroup(g) => g >= 64 && g.is_power_of_two() && n_in.is_multiple_of(g),
                 _ => true,
             },
         }

@@ -79,7 +79,30 @@ struct Int8<'a> {
     scales: &'a [f32],
     zero_points: &'a [u8],
     n_in: usize,
-    granularity: Granularity,
+    /// Parameter index of chunk `c` of row `o`: `o·row_stride + ((c >> chunk_shift) & chunk_mask)` (no division
+    /// or branch per chunk; groups are powers of two of at least 64, see `vnni_eligible`).
+    row_stride: usize,
+    chunk_shift: u32,
+    chunk_mask: usize,
+}
+
+impl<'a> Int8<'a> {
+    fn new(t: &'a crate::format::affine::AffineTensor, n_in: usize) -> Int8<'a> {
+        let (row_stride, chunk_shift, chunk_mask) = match t.granularity() {
+            Granularity::PerTensor => (0, 0, 0),
+            Granularity::PerChannel => (1, 0, 0),
+            Granularity::PerGroup(g) => (n_in / g, (g / 64).trailing_zeros(), usize::MAX),
+        };
+        Int8 {
+            codes: t.codes().as_ptr(),
+            scales: t.scales(),
+            zero_points: t.zero_points(),
+            n_in,
+            row_stride,
+            chunk_shift,
+            chunk_mask,
+        }
+    }
 }
 
 impl Chunks for Int8<'_> {
@@ -88,11 +111,7 @@ impl Chunks for Int8<'_> {
     unsafe fn chunk(&self, o: usize, c: usize) -> (__m512i, __m512, __m512i) {
         // SAFETY: the caller checked `codes` holds `out × in` bytes and `in % 64 == 0`.
         let w = _mm512_loadu_si512(self.codes.add(o * self.n_in + 64 * c) as *const _);
-        let p = match self.granularity {
-            Granularity::PerTensor => 0,
-            Granularity::PerChannel => o,
-            Granularity::PerGroup(g) => o * self.n_in.div_ceil(g) + 64 * c / g,
-        };
+        let p = o * self.row_stride + ((c >> self.chunk_shift) & self.chunk_mask);
         (w, _mm512_set1_ps(self.scales[p]), _mm512_set1_epi32(-(self.zero_points[p] as i32)))
     }
 }
@@ -124,13 +143,7 @@ unsafe fn block_vnni(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
             }
             QuantWeight::Int8(t) => {
                 assert!(t.codes().len() >= job.layer.out_features * n_in);
-                let w = Int8 {
-                    codes: t.codes().as_ptr(),
-                    scales: t.scales(),
-                    zero_points: t.zero_points(),
-                    n_in,
-                    granularity: t.granularity(),
-                };
+                let w = Int8::new(t, n_in);
                 base(job, act, &w, o0, ob, out);
             }
         }

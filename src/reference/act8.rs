@@ -15,7 +15,8 @@ pub(crate) const BLOCK: usize = 32;
 /// (`amax` below ~3.7e-37) the product is formed in f64. `q.len() == x.len()`, `d.len() == x.len().div_ceil(32)`.
 pub(crate) fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     for ((xb, qb), db) in x.chunks(BLOCK).zip(q.chunks_mut(BLOCK)).zip(d.iter_mut()) {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // For finite values the order of |x| is the order of its bits as u32 (a loop that vectorizes).
+        let amax = f32::from_bits(xb.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)));
         if amax == 0.0 {
             qb.fill(0);
             *db = 0.0;
@@ -24,8 +25,11 @@ pub(crate) fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32]) {
         *db = amax / 127.0;
         let inv = 127.0 / amax;
         if inv.is_finite() {
+            // |v·inv| ≤ 127·(1 + ε) < 2²²: adding and subtracting 1.5·2²³ rounds the f32 product to an integer,
+            // half to even, exactly as `round_ties_even` (which is a libm call without SSE4.1).
+            const MAGIC: f32 = 12_582_912.0;
             for (c, &v) in qb.iter_mut().zip(xb) {
-                *c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                *c = ((v * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
             }
         } else {
             let inv = 127.0 / amax as f64;
@@ -176,4 +180,48 @@ fn bound(layer: LayerView<'_>, x: &[f32], sel: AdapterSelection<'_>, quantizatio
         }
     }
     bounds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fast rounding and max in `quantize_row` equal `round_ties_even` of the f32 product and `max|x|`.
+    #[test]
+    fn quantize_row_equals_the_plain_formula() {
+        let mut seed = 3u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed
+        };
+        for case in 0..2000 {
+            let n = 1 + (next() % 100) as usize;
+            let scale = [1.0f32, 1e-30, 1e30, 3.0e-39][case % 4];
+            let mut x: Vec<f32> =
+                (0..n).map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale).collect();
+            // Exact ties of the scaled value: x = (k + 0.5)·amax/127 for a few k.
+            if case % 5 == 0 && n > 2 {
+                x[0] = 127.0;
+                x[1] = 2.5;
+                x[2] = -0.5;
+            }
+            let mut q = vec![0i8; n];
+            let mut d = vec![0f32; n.div_ceil(BLOCK)];
+            quantize_row(&x, &mut q, &mut d);
+            for (b, xb) in x.chunks(BLOCK).enumerate() {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert_eq!(d[b], if amax == 0.0 { 0.0 } else { amax / 127.0 });
+                for (i, &v) in xb.iter().enumerate() {
+                    let want = if amax == 0.0 {
+                        0
+                    } else if (127.0 / amax).is_finite() {
+                        (v * (127.0 / amax)).round_ties_even().clamp(-127.0, 127.0) as i8
+                    } else {
+                        (v as f64 * (127.0 / amax as f64)).round_ties_even().clamp(-127.0, 127.0) as i8
+                    };
+                    assert_eq!(q[b * BLOCK + i], want, "x = {v}, amax = {amax}");
+                }
+            }
+        }
+    }
 }

@@ -8,6 +8,7 @@
 
 pub mod agreement;
 pub mod bench;
+pub mod compute;
 pub mod console;
 pub mod demo;
 pub mod error;

@@ -19,8 +19,11 @@
 //! = 2·M·out·in (+ 2·M·r·(in + out) for LoRA) / time, for GEMV / GEMM only. `% of limit` divides GB/s by the
 //! measured bandwidth of the same thread count in the kernel's dominant direction: read (GEMV, GEMM), write, or
 //! copy (quantize, dequantize; a copy's figure counts its reads and writes). GEMM at M = 64 is compute-bound,
-//! so its fraction of the memory limit is expected to be low.
+//! so its fraction of the memory limit is expected to be low; `% of compute` holds GEMV / GEMM against the compute
+//! peaks measured in the same run ([`crate::compute`]: the f32 FMA peak, and for `-act8` kernels the int8 dot
+//! peak where the CPU has one), records `compute-f32-fma` / `compute-int8-dot`.
 
+use crate::compute::{self, ComputePeaks};
 use crate::console;
 use crate::error::{Context, Error};
 use crate::membw::{self, Direction, Limits};
@@ -66,6 +69,9 @@ pub struct Record {
     pub frac_of_limit: f64,
     /// The limit used: `read`, `write` or `copy`.
     pub limit: &'static str,
+    /// GEMV / GEMM: `gflop_s` over the compute peak of the same thread count measured in the same run (the f32
+    /// FMA peak; the int8 dot peak for `-act8` kernels where the CPU has one, else the f32 peak).
+    pub frac_of_compute: Option<f64>,
     /// Bytes (read, written) per call.
     pub traffic: (f64, f64),
 }
@@ -86,6 +92,7 @@ impl Record {
             "gflop_s": self.gflop_s.map_or(serde_json::Value::Null, num),
             "frac_of_limit": num(self.frac_of_limit),
             "limit": self.limit,
+            "frac_of_compute": self.frac_of_compute.map_or(serde_json::Value::Null, num),
         })
     }
 }
@@ -166,6 +173,7 @@ impl Recorder {
             gflop_s: flops.map(|f| f / median_s / 1e9),
             frac_of_limit: f64::NAN, // once the limits are known
             limit: Direction::of(read, written).name(),
+            frac_of_compute: None, // once the peaks are known
             traffic: (read, written),
         });
     }
@@ -191,6 +199,7 @@ pub fn run(s: Suite) -> Result<(), Error> {
     // in a busy moment and make every fraction look better than it is.
     let all_pool = &runners[runners.len() - 1].pool;
     let before = all_pool.install(|| membw::measure(membw::DEFAULT_BYTES, 3));
+    let peaks_before = all_pool.install(|| compute::measure(3));
     let mut rec = Recorder { records: Vec::new() };
     quant_dequant(&mut rec, &runners, budget, 4096, 4096)?;
     let shapes: &[(usize, usize)] = if s.quick { &[(4096, 4096)] } else { &[(4096, 4096), (4096, 14336)] };
@@ -199,11 +208,14 @@ pub fn run(s: Suite) -> Result<(), Error> {
         linear(&mut rec, &runners, budget, (out, inp), batches)?;
     }
     let limits = before.max(&all_pool.install(|| membw::measure(membw::DEFAULT_BYTES, 3)));
+    let peaks = best_peaks(peaks_before, all_pool.install(|| compute::measure(3)));
     for r in &mut rec.records {
         let (read, written) = r.traffic;
         r.frac_of_limit = limits.fraction(r.threads, read, written, r.median_s);
+        let peak = if r.kernel.contains("-act8") { peaks.int8_for(r.threads) } else { None };
+        r.frac_of_compute = r.gflop_s.map(|g| g / peak.unwrap_or_else(|| peaks.f32_for(r.threads)));
     }
-    rec.records.splice(0..0, limit_records(&limits));
+    rec.records.splice(0..0, limit_records(&limits).into_iter().chain(peak_records(&peaks)));
 
     if s.json {
         let v: Vec<serde_json::Value> = rec.records.iter().map(Record::to_json).collect();
@@ -227,6 +239,50 @@ pub fn run(s: Suite) -> Result<(), Error> {
     )
 }
 
+/// The better of two measurements of each peak (a busy moment only lowers a figure).
+fn best_peaks(a: ComputePeaks, b: ComputePeaks) -> ComputePeaks {
+    let max_opt = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    };
+    ComputePeaks {
+        f32_single: a.f32_single.max(b.f32_single),
+        f32_all: a.f32_all.max(b.f32_all),
+        int8_single: max_opt(a.int8_single, b.int8_single),
+        int8_all: max_opt(a.int8_all, b.int8_all),
+        ..a
+    }
+}
+
+/// The compute peaks as records (`compute-f32-fma`, `compute-int8-dot`, at one thread and at all threads).
+fn peak_records(p: &ComputePeaks) -> Vec<Record> {
+    let mut v = Vec::new();
+    for threads in [1, p.threads] {
+        let path = if threads == 1 { "1 thread" } else { "all threads" };
+        let peaks =
+            [("compute-f32-fma", "f32", Some(p.f32_for(threads))), ("compute-int8-dot", "i8", p.int8_for(threads))];
+        for (kernel, format, g) in peaks {
+            let Some(g) = g else { continue };
+            v.push(Record {
+                kernel: kernel.into(),
+                format: format.into(),
+                shape: p.isa.into(),
+                batch: 1,
+                path: path.into(),
+                threads,
+                median_s: f64::NAN,
+                gb_s: f64::NAN,
+                gflop_s: Some(g),
+                frac_of_limit: f64::NAN,
+                limit: "compute",
+                frac_of_compute: Some(1.0),
+                traffic: (0.0, 0.0),
+            });
+        }
+    }
+    v
+}
+
 /// The memory limits as records (`memory-read`, … at one thread and at all threads).
 fn limit_records(l: &Limits) -> Vec<Record> {
     let mut v = Vec::new();
@@ -245,6 +301,7 @@ fn limit_records(l: &Limits) -> Vec<Record> {
                 gflop_s: None,
                 frac_of_limit: 1.0,
                 limit: d.name(),
+                frac_of_compute: None,
                 traffic: (0.0, 0.0),
             });
         }
@@ -373,26 +430,39 @@ pub fn load_average() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// `v` with `digits` decimals, or `-` when it is not finite (the compute peaks have no time or bytes).
+fn finite(v: f64, digits: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.digits$}")
+    } else {
+        "-".into()
+    }
+}
+
 /// The records as one Markdown table.
 pub fn markdown(records: &[Record]) -> String {
     let mut s = String::from(
-        "| kernel | format | shape | batch | path | threads | median ms | GB/s | GFLOP/s | % of limit |\n\
-         |---|---|---|---:|---|---:|---:|---:|---:|---:|\n",
+        "| kernel | format | shape | batch | path | threads | median ms | GB/s | GFLOP/s | % of limit | % of compute |\n\
+         |---|---|---|---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in records {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.3} | {:.2} | {} | {:.0}% {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.kernel,
             r.format,
             r.shape,
             r.batch,
             r.path,
             r.threads,
-            r.median_s * 1e3,
-            r.gb_s,
+            finite(r.median_s * 1e3, 3),
+            finite(r.gb_s, 2),
             r.gflop_s.map_or_else(|| "-".to_string(), |g| format!("{g:.1}")),
-            r.frac_of_limit * 100.0,
-            r.limit,
+            if r.frac_of_limit.is_finite() {
+                format!("{:.0}% {}", r.frac_of_limit * 100.0, r.limit)
+            } else {
+                "-".into()
+            },
+            r.frac_of_compute.map_or_else(|| "-".to_string(), |f| format!("{:.0}%", f * 100.0)),
         ));
     }
     s
@@ -415,6 +485,7 @@ mod tests {
             gflop_s: None,
             frac_of_limit: 0.25,
             limit: "read",
+            frac_of_compute: None,
             traffic: (1.0, 0.0),
         }
     }
@@ -422,7 +493,18 @@ mod tests {
     #[test]
     fn json_records_have_the_documented_fields() {
         let v = record().to_json();
-        for k in ["kernel", "format", "shape", "batch", "threads", "median_s", "gb_s", "gflop_s", "frac_of_limit"] {
+        for k in [
+            "kernel",
+            "format",
+            "shape",
+            "batch",
+            "threads",
+            "median_s",
+            "gb_s",
+            "gflop_s",
+            "frac_of_limit",
+            "frac_of_compute",
+        ] {
             assert!(v.get(k).is_some(), "{k} missing in {v}");
         }
         assert!(v["gflop_s"].is_null());
@@ -432,7 +514,7 @@ mod tests {
     fn markdown_has_one_line_per_record() {
         let t = markdown(&[record(), record()]);
         assert_eq!(t.lines().count(), 4);
-        assert!(t.contains("| gemv | nf4 | 8x16 | 1 | avx2 | 1 | 500.000 | 2.00 | - | 25% read |"), "{t}");
+        assert!(t.contains("| gemv | nf4 | 8x16 | 1 | avx2 | 1 | 500.000 | 2.00 | - | 25% read | - |"), "{t}");
     }
 
     #[test]
