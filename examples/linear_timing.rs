@@ -5,7 +5,12 @@ use std::time::Instant;
 
 fn main() -> lowbit::Result<()> {
     let m: usize = std::env::var("M").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-    let (out, inp) = (4096usize, 14336usize);
+    // SHAPE=OUTxIN (default 4096x14336).
+    let shape = std::env::var("SHAPE").unwrap_or_else(|_| "4096x14336".into());
+    let (out, inp) = shape
+        .split_once('x')
+        .and_then(|(o, i)| Some((o.parse::<usize>().ok()?, i.parse::<usize>().ok()?)))
+        .unwrap_or((4096, 14336));
     let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 5000.0).collect();
     let weight = match std::env::var("FORMAT").as_deref() {
         Ok("int8") => {
@@ -27,14 +32,20 @@ fn main() -> lowbit::Result<()> {
         .into_iter()
         .filter(|p| *p != KernelPath::REFERENCE && only.as_deref().is_none_or(|o| o == p.name()))
     {
-        let t = Instant::now();
         let reps: usize = std::env::var("REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
+        // Caller-owned output and workspace, as an engine runs it; one warm-up call, then the median.
+        let mut y = vec![0f32; m * out];
+        let mut ws = lowbit::linear::Workspace::default();
+        let opts = lowbit::linear::ForwardOptions::default().path(path).activations(act);
+        layer.forward_into_with(&x, &mut y, &mut ws, opts)?;
+        let mut times = Vec::with_capacity(reps);
         for _ in 0..reps {
-            std::hint::black_box(
-                layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path).activations(act))?,
-            );
+            let t = Instant::now();
+            layer.forward_into_with(std::hint::black_box(&x), &mut y, &mut ws, opts)?;
+            times.push(t.elapsed().as_secs_f64());
         }
-        println!("{path}: {:.3} ms", t.elapsed().as_secs_f64() * 1e3 / reps as f64);
+        times.sort_by(f64::total_cmp);
+        println!("{path}: {:.4} ms (median of {reps})", times[reps / 2] * 1e3);
     }
     // Memory proxy: one pass summing the packed bytes (what a memory-bound GEMV must read).
     if let QuantWeight::FourBit(t) = layer.weight() {

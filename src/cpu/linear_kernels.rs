@@ -24,7 +24,7 @@ pub(crate) const KC: usize = 1024;
 /// timing 4×1024 against 16×256 at M = 8 and 64 (4096×14336): 4×1024 was 1.7× faster.
 const TILE_ROWS: usize = 4;
 /// Up to this many rows of `x`, the weight is swept tile by tile along K (GEMV order).
-const GEMV_MAX_M: usize = 8;
+pub(crate) const GEMV_MAX_M: usize = 8;
 /// Micro-kernel: rows of `x` × rows of `W`, each a 16-lane accumulator.
 const MR: usize = 4;
 const NR: usize = 4;
@@ -118,7 +118,7 @@ pub(crate) fn four_bit_pairs(
 
 /// Decodes a tile: rows `o0..o0+rows` of `W`, columns `k0..k0+kc`, into `tile[j * KC ..]`.
 #[inline(always)]
-fn decode_tile<D: Decoder>(job: &Job<'_>, o0: usize, rows: usize, k0: usize, kc: usize, tile: &mut [f32]) {
+pub(crate) fn decode_tile<D: Decoder>(job: &Job<'_>, o0: usize, rows: usize, k0: usize, kc: usize, tile: &mut [f32]) {
     let n_in = job.layer.in_features;
     for j in 0..rows {
         let o = o0 + j;

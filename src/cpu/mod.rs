@@ -21,6 +21,8 @@ pub(crate) mod ggml_x86;
 pub(crate) mod linear_act8;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_act8_x86;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod linear_gemm_x86;
 pub(crate) mod linear_kernels;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 pub(crate) mod linear_wasm;

@@ -1,0 +1,163 @@
+//! AVX-512 GEMM for the f32 mode at larger M (prefill): the outer-product form. A strip of 32 output features
+//! × `KP` inputs of `W` is decoded once (bit-identical to the reference dequantization) into a transposed
+//! panel `P[k][32]`, L1-resident; the micro-kernel then holds `MR × 2` accumulators of 16 outputs each and, per
+//! `k`, loads the panel's two vectors and broadcasts one `x` value per row into 2 FMAs. No horizontal sums, and
+//! every loaded value feeds several FMAs (the tiled inner-product kernel of `linear_kernels.rs` sums along K and
+//! reduces each accumulator once per chunk).
+//!
+//! Order of the sums: each output adds its products in ascending `k` within a panel and the panels in
+//! ascending `k`: fixed, independent of M's split and the thread count; a different order than the GEMV's,
+//! inside the same stated bound (any order of a K-term f32 sum is).
+
+use super::linear_kernels::{decode_tile, Decoder};
+use super::table::Job;
+use std::arch::x86_64::*;
+
+/// Inputs per panel (32 outputs × 128 inputs × 4 bytes = 16 KiB: L1 beside the rows of `x`).
+const KP: usize = 128;
+/// Output features per panel (two 16-lane vectors).
+const NP: usize = 32;
+/// Rows of `x` per micro-kernel call (24 accumulators of the 32 registers).
+const MR: usize = 12;
+
+/// `out += x · W[o0..o0+ob]ᵀ` (`out` is `[m, ob]`) through transposed panels. Call inside an `avx512_fn!`.
+#[inline(always)]
+pub(crate) unsafe fn panel_gemm<D: Decoder>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
+    let (n_in, m) = (job.layer.in_features, job.m);
+    assert!(job.x.len() >= m * n_in && out.len() >= m * ob);
+    let mut panel = [0f32; KP * NP];
+    // The strip's rows decoded row-major (16 at a time), then transposed into the panel.
+    let mut rows = [0f32; 16 * KP];
+    for s0 in (0..ob).step_by(NP) {
+        let ns = NP.min(ob - s0);
+        for k0 in (0..n_in).step_by(KP) {
+            let kc = KP.min(n_in - k0);
+            for half in 0..NP / 16 {
+                for j in 0..16 {
+                    let row = &mut rows[j * KP..(j + 1) * KP];
+                    if half * 16 + j < ns {
+                        decode_tile::<D>(job, o0 + s0 + half * 16 + j, 1, k0, kc, row);
+                    } else {
+                        row.fill(0.0);
+                    }
+                }
+                let full = kc / 16 * 16;
+                for c in (0..full).step_by(16) {
+                    // SAFETY: rows holds 16 rows of KP ≥ c + 16 floats; the panel holds KP·NP floats and
+                    // rows c..c+16 of it, columns half·16..half·16+16, are inside.
+                    transpose16(rows.as_ptr().add(c), KP, panel.as_mut_ptr().add(c * NP + half * 16), NP);
+                }
+                for k in full..kc {
+                    for j in 0..16 {
+                        panel[k * NP + half * 16 + j] = rows[j * KP + k];
+                    }
+                }
+            }
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = (m - r0).min(MR);
+                let args = Strip { x: job.x, n_in, r0, k0, kc, out_row: ob, col: s0, ns };
+                match rows {
+                    12 => micro::<12>(&args, &panel, out),
+                    11 => micro::<11>(&args, &panel, out),
+                    10 => micro::<10>(&args, &panel, out),
+                    9 => micro::<9>(&args, &panel, out),
+                    8 => micro::<8>(&args, &panel, out),
+                    7 => micro::<7>(&args, &panel, out),
+                    6 => micro::<6>(&args, &panel, out),
+                    5 => micro::<5>(&args, &panel, out),
+                    4 => micro::<4>(&args, &panel, out),
+                    3 => micro::<3>(&args, &panel, out),
+                    2 => micro::<2>(&args, &panel, out),
+                    _ => micro::<1>(&args, &panel, out),
+                }
+                r0 += rows;
+            }
+        }
+    }
+}
+
+/// Writes the transpose of the 16×16 block at `src` (rows `src_stride` apart) to `dst` (rows `dst_stride` apart):
+/// `dst[c·dst_stride + r] = src[r·src_stride + c]`, with 64 shuffles (unpack 32-bit, unpack 64-bit, two rounds
+/// of 128-bit block shuffles).
+#[inline(always)]
+unsafe fn transpose16(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * src_stride)));
+    // t[2p], t[2p+1]: rows 2p and 2p+1 interleaved (per 128-bit block L: columns 4L, 4L+1 / 4L+2, 4L+3).
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let p = i / 2 * 2;
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(r[p], r[p + 1])
+        } else {
+            _mm512_unpackhi_ps(r[p], r[p + 1])
+        }
+    });
+    // u[4g + q]: per block L, column 4L + q of rows 4g..4g+3.
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (g, q) = (i / 4, i % 4);
+        let (a, b) = (_mm512_castps_pd(t[4 * g + q / 2]), _mm512_castps_pd(t[4 * g + 2 + q / 2]));
+        _mm512_castpd_ps(if q % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
+    });
+    for q in 0..4 {
+        // [g0.L0, g0.L1, g1.L0, g1.L1] and [g0.L2, g0.L3, g1.L2, g1.L3], likewise for groups 2 and 3.
+        let v01 = _mm512_shuffle_f32x4::<0x44>(u[q], u[4 + q]);
+        let w01 = _mm512_shuffle_f32x4::<0xee>(u[q], u[4 + q]);
+        let v23 = _mm512_shuffle_f32x4::<0x44>(u[8 + q], u[12 + q]);
+        let w23 = _mm512_shuffle_f32x4::<0xee>(u[8 + q], u[12 + q]);
+        _mm512_storeu_ps(dst.add(q * dst_stride), _mm512_shuffle_f32x4::<0x88>(v01, v23));
+        _mm512_storeu_ps(dst.add((4 + q) * dst_stride), _mm512_shuffle_f32x4::<0xdd>(v01, v23));
+        _mm512_storeu_ps(dst.add((8 + q) * dst_stride), _mm512_shuffle_f32x4::<0x88>(w01, w23));
+        _mm512_storeu_ps(dst.add((12 + q) * dst_stride), _mm512_shuffle_f32x4::<0xdd>(w01, w23));
+    }
+}
+
+/// Where a micro-kernel call reads and writes.
+struct Strip<'a> {
+    x: &'a [f32],
+    n_in: usize,
+    /// First row of `x`.
+    r0: usize,
+    /// First input of the panel and its length.
+    k0: usize,
+    kc: usize,
+    /// Row length of `out` (the block's `ob`), first column of the strip and its width (≤ 32).
+    out_row: usize,
+    col: usize,
+    ns: usize,
+}
+
+/// `out[r0 + i, col..col+ns] += Σ_k x[r0 + i, k0 + k] · P[k][..ns]` for `R` rows.
+#[inline(always)]
+unsafe fn micro<const R: usize>(s: &Strip<'_>, panel: &[f32; KP * NP], out: &mut [f32]) {
+    // Lanes of the strip's two vectors that exist (the last strip of a block may be narrower).
+    let m0: __mmask16 = if s.ns >= 16 { 0xffff } else { (1u16 << s.ns) - 1 };
+    let m1: __mmask16 = if s.ns >= 32 {
+        0xffff
+    } else if s.ns > 16 {
+        (1u16 << (s.ns - 16)) - 1
+    } else {
+        0
+    };
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    // SAFETY (every pointer below): rows r0..r0+R < m, columns k0..k0+kc ≤ n_in of `x` (`x.len() ≥ m·n_in`,
+    // asserted by the caller); `panel` holds KP·NP floats and k < kc ≤ KP; `out` holds m·ob floats and
+    // col + ns ≤ ob with the masks limiting the lanes to ns.
+    let xp = s.x.as_ptr().add(s.r0 * s.n_in + s.k0);
+    for k in 0..s.kc {
+        let w0 = _mm512_loadu_ps(panel.as_ptr().add(k * NP));
+        let w1 = _mm512_loadu_ps(panel.as_ptr().add(k * NP + 16));
+        for (i, a) in acc.iter_mut().enumerate() {
+            let xv = _mm512_set1_ps(*xp.add(i * s.n_in + k));
+            a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+            a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let o = out.as_mut_ptr().add((s.r0 + i) * s.out_row + s.col);
+        _mm512_mask_storeu_ps(o, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, o), a[0]));
+        if m1 != 0 {
+            let o1 = o.add(16);
+            _mm512_mask_storeu_ps(o1, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, o1), a[1]));
+        }
+    }
+}
