@@ -11,6 +11,7 @@
 
 use super::linear_act8::{base_portable, vnni_eligible, Act8Layout, Act8View, INV127};
 use super::linear_kernels::output_pass;
+use super::linear_x86::GEMV_PREFETCH;
 use super::table::{Job, LinearKernels};
 use super::x86_features::{avx512vnni_fn, Avx512Vnni};
 use crate::format::affine::Granularity;
@@ -58,6 +59,8 @@ impl Chunks for FourBit<'_> {
         // SAFETY: the caller checked `packed` holds `out × in / 2` bytes and `in % 64 == 0`, so the 32 bytes of
         // this chunk are inside.
         let v = _mm512_castsi256_si512(_mm256_loadu_si256(self.packed.add(flat / 2) as *const __m256i));
+        // Four row streams restart every row group: ask for the bytes PREFETCH ahead (a hint, never faults).
+        _mm_prefetch::<_MM_HINT_T0>(self.packed.wrapping_add(flat / 2 + GEMV_PREFETCH) as *const i8);
         let z = _mm512_shuffle_i64x2::<0x50>(v, v); // quarters [b0..15, b0..15, b16..31, b16..31]
         let z = _mm512_mask_srli_epi16::<4>(z, 0x00ff_00ff, z); // high nibbles in quarters 0 and 2
         let idx = _mm512_and_si512(z, _mm512_set1_epi8(15));
@@ -111,6 +114,7 @@ impl Chunks for Int8<'_> {
     unsafe fn chunk(&self, o: usize, c: usize) -> (__m512i, __m512, __m512i) {
         // SAFETY: the caller checked `codes` holds `out × in` bytes and `in % 64 == 0`.
         let w = _mm512_loadu_si512(self.codes.add(o * self.n_in + 64 * c) as *const _);
+        _mm_prefetch::<_MM_HINT_T0>(self.codes.wrapping_add(o * self.n_in + 64 * c + GEMV_PREFETCH) as *const i8);
         let p = o * self.row_stride + ((c >> self.chunk_shift) & self.chunk_mask);
         (w, _mm512_set1_ps(self.scales[p]), _mm512_set1_epi32(-(self.zero_points[p] as i32)))
     }
