@@ -39,10 +39,20 @@ fn main() -> lowbit::Result<()> {
         let opts = lowbit::linear::ForwardOptions::default().path(path).activations(act);
         layer.forward_into_with(&x, &mut y, &mut ws, opts)?;
         let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let t = Instant::now();
-            layer.forward_into_with(std::hint::black_box(&x), &mut y, &mut ws, opts)?;
-            times.push(t.elapsed().as_secs_f64());
+        // IN_POOL=1: calls start on a pool worker, as inside an engine's `rayon::scope`.
+        let in_pool = std::env::var("IN_POOL").is_ok_and(|v| v == "1");
+        let mut run = || -> lowbit::Result<()> {
+            for _ in 0..reps {
+                let t = Instant::now();
+                layer.forward_into_with(std::hint::black_box(&x), &mut y, &mut ws, opts)?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            Ok(())
+        };
+        if in_pool {
+            rayon::scope(|_| run())?;
+        } else {
+            run()?;
         }
         times.sort_by(f64::total_cmp);
         println!("{path}: {:.4} ms (median of {reps})", times[reps / 2] * 1e3);

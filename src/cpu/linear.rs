@@ -114,7 +114,7 @@ pub(crate) fn forward_into<O: Element>(
     let block = if int8 { table.act8_block } else { table.block };
     let run = |b: usize, out: &mut [f32]| block(&job, b * OUT_BLOCK, out.len() / m, out);
     let chunk = m * OUT_BLOCK;
-    if path.parallel && n_out > OUT_BLOCK {
+    if path.parallel && n_out > OUT_BLOCK && worth_threads(m, n_out, layer.in_features, int8) {
         par_chunks_for_each(acc, chunk, run);
     } else {
         acc.chunks_mut(chunk).enumerate().for_each(|(b, out)| run(b, out));
@@ -126,6 +126,28 @@ pub(crate) fn forward_into<O: Element>(
             O::narrow_slice(&part[r * ob..(r + 1) * ob], &mut y[r * n_out + o0..r * n_out + o0 + ob]);
         }
     }
+}
+
+/// Multiply-adds of the base product below which a forward called from outside the thread pool runs on the
+/// calling thread: injecting the blocks into the pool (waking a sleeping worker, joining) cost about 20–25 µs
+/// per call on the development machine (2-core Zen 4), more than the whole GEMV of a small layer. Measured
+/// from outside the pool (NF4+DQ, one thread / two): SmolLM2's 192×576 M=1 3.4 / 26 µs, 576×576 M=1
+/// 9.1 / 30 µs and M=8 88 / 99 µs, 576×1536 M=1 39 / 51 µs; above the line 576×1536 M=8 239 / 156 µs,
+/// 1536×576 M=8 231 / 132 µs. Int8 activations do about a third of the work per multiply-add, so their line is
+/// 3× higher. A forward already running on a pool worker (an engine's forward inside `rayon::scope`, as
+/// lowbit-llm's) always splits: its siblings are awake and a split costs ~1 µs (SmolLM2 decode at 2 threads,
+/// NF4+DQ: 219 tokens/s splitting every layer, 153 with this line applied inside the pool too, 128 never
+/// splitting). Results never depend on it (the blocks are fixed either way).
+const PARALLEL_MIN_MACS: usize = 4 << 20;
+
+/// Whether splitting the base product over the pool pays (see [`PARALLEL_MIN_MACS`]).
+fn worth_threads(m: usize, n_out: usize, n_in: usize, int8_activations: bool) -> bool {
+    #[cfg(feature = "rayon")]
+    if rayon::current_thread_index().is_some() {
+        return true;
+    }
+    let macs = m.saturating_mul(n_out).saturating_mul(n_in);
+    macs >= if int8_activations { 3 * PARALLEL_MIN_MACS } else { PARALLEL_MIN_MACS }
 }
 
 /// `f(i, &mut items[i])` for every item, over the rayon pool when the feature is on.
