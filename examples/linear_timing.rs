@@ -19,7 +19,13 @@ fn main() -> lowbit::Result<()> {
         Ok("nf4-dq") => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, true)?),
         _ => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, false)?),
     };
-    let layer = QuantLinear::new(weight, None)?;
+    let mut layer = QuantLinear::new(weight, None)?;
+    // LORA=R: one rank-R adapter.
+    if let Some(r) = std::env::var("LORA").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&r| r > 0) {
+        let a: Vec<f32> = (0..r * inp).map(|i| ((i % 13) as f32 - 6.0) / 100.0).collect();
+        let b: Vec<f32> = (0..out * r).map(|i| ((i % 11) as f32 - 5.0) / 100.0).collect();
+        layer.add_adapter(lowbit::lora::LoraAdapter::new("lora", r, a, b, 2.0 * r as f32, false)?)?;
+    }
     let x: Vec<f32> = (0..m * inp).map(|i| (i % 17) as f32 / 17.0).collect();
     let only = std::env::var("ONLY").ok();
     // ACT8=1: int8 activations (`docs/formats.md` §12).
