@@ -197,14 +197,17 @@ Before building anything, bench estimates its work: (2 warm-up + K) forwards of 
 bytes of weight, x and y at 5 GFLOP/s and 1 GB/s, building the layer at 2e7 weights/s and the reference at
 1e8 multiply-adds/s (deliberately slow rates). Past 60 s it refuses with the estimate, unless --yes.
 
-With --all, runs a fixed suite instead (about 2 minutes on 2 cores; --quick: a few seconds): quantize and
+With --all, runs a fixed suite instead (about 6 minutes on 2 cores; --quick: under a minute): quantize and
 dequantize (int8 tensor/channel/group:128, NF4, NF4+DQ; 4096x4096), GEMV (M=1) and GEMM (M=8, 64) for NF4,
-NF4+DQ and int8 channel at 4096x4096 and 4096x14336 with and without a rank-16 LoRA adapter, on the scalar
-path (small cases only), the best instruction set on one thread and on all threads. It first measures the
-memory read, write and copy bandwidth over 256 MiB buffers (one thread, all threads) and prints one Markdown
-table: median ms, GB/s = (bytes read + written) / median, GFLOP/s, and GB/s as a percentage of the measured
-bandwidth in the kernel's dominant direction at the same thread count. --json prints the same as JSON records
-(kernel, format, shape, batch, path, threads, median_s, gb_s, gflop_s, frac_of_limit, limit).
+NF4+DQ and int8 channel at 4096x4096 and 4096x14336 with and without a rank-16 LoRA adapter, and without LoRA
+also with int8 activations (kernels gemv-act8, gemm-act8), on the scalar path (small cases only), the best
+instruction set on one thread and on all threads. It first measures the memory read, write and copy
+bandwidth over 256 MiB buffers and the compute peaks (f32 FMA; int8 dot where the CPU has AVX-512 VNNI), one
+thread and all threads, and prints one Markdown table: median ms, GB/s = (bytes read + written) / median,
+GFLOP/s, GB/s as a percentage of the measured bandwidth in the kernel's dominant direction, and GFLOP/s as a
+percentage of the compute peak (int8 for -act8 kernels), at the same thread count. --json prints the same as
+JSON records (kernel, format, shape, batch, path, threads, median_s, gb_s, gflop_s, frac_of_limit, limit,
+frac_of_compute).
 
 With --device gpu the layer runs on the preferred GPU adapter (fused WGSL kernels): the time is the median
 kernel time from GPU timestamp queries when the adapter has them, else the median wall time of a whole
