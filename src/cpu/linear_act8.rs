@@ -119,10 +119,12 @@ pub(crate) fn base_portable(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]
         QuantWeight::FourBit(t) => int8_table(t.table()),
         QuantWeight::Int8(_) => [0; 16],
     };
+    // The current row's weight scale runs, (end, scale); one buffer for the block, not one per row.
+    let mut runs: Vec<(usize, f32)> = Vec::new();
     for j in 0..ob {
         let o = o0 + j;
-        // The row's integer weights and where each weight scale run ends: (end, scale).
-        let mut runs: Vec<(usize, f32)> = Vec::new();
+        // The row's integer weights and where each weight scale run ends.
+        runs.clear();
         match job.layer.weight {
             QuantWeight::FourBit(t) => {
                 let packed = t.packed();
