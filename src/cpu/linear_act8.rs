@@ -10,6 +10,7 @@ use super::table::Job;
 use crate::format::affine::Granularity;
 use crate::format::layer::QuantWeight;
 use crate::reference::act8::{int8_table, quantize_row, BLOCK};
+use crate::reference::nf4::code_at;
 
 /// Which layout of the quantized `x` a kernel table reads besides the natural one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,9 +130,7 @@ pub(crate) fn base_portable(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]
             QuantWeight::FourBit(t) => {
                 let packed = t.packed();
                 for (k, c) in codes.iter_mut().enumerate() {
-                    let e = o * n_in + k;
-                    let byte = packed[e / 2];
-                    *c = table8[(if e.is_multiple_of(2) { byte >> 4 } else { byte & 15 }) as usize] as i16;
+                    *c = table8[code_at(packed, o * n_in + k) as usize] as i16;
                 }
                 let (bs, scales) = (t.blocksize(), job.layer.block_scales());
                 let mut k = 0;

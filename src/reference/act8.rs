@@ -55,8 +55,7 @@ fn weight_hat(weight: &QuantWeight) -> Vec<f64> {
             let scales = t.decoded_scales();
             (0..t.numel())
                 .map(|e| {
-                    let byte = t.packed()[e / 2];
-                    let code = if e.is_multiple_of(2) { byte >> 4 } else { byte & 15 };
+                    let code = super::nf4::code_at(t.packed(), e);
                     c[code as usize] as f64 * scales[e / t.blocksize()] as f64 / 127.0
                 })
                 .collect()

@@ -102,8 +102,7 @@ pub(crate) fn error_bound(layer: LayerView<'_>, x: &[f32], sel: AdapterSelection
             BlockScales::Double(dq) => Some(
                 (0..n_out * n_in)
                     .map(|e| {
-                        let byte = t.packed()[e / 2];
-                        let q = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
+                        let q = super::nf4::code_at(t.packed(), e);
                         let b = e / t.blocksize();
                         let c = dq.codes()[b] as usize;
                         let s = (dq.map()[c] as f64 * dq.nested_absmax()[b / dq.nested_blocksize()] as f64).abs()
