@@ -74,7 +74,7 @@ fn shrink_all(
 }
 
 /// Byte → (value of the high nibble, value of the low nibble).
-fn pair_table(table: &[f32; 16]) -> [[f32; 2]; 256] {
+pub(crate) fn pair_table(table: &[f32; 16]) -> [[f32; 2]; 256] {
     std::array::from_fn(|b| [table[b >> 4], table[b & 15]])
 }
 

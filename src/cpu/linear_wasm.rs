@@ -21,6 +21,7 @@ pub(crate) const SIMD128: LinearKernels = LinearKernels {
     dot: dot::<wide::f32x8>,
     act8_block: super::linear_act8::block_portable,
     act8_layout: super::linear_act8::Act8Layout::Natural,
+    backward_cols: super::linear_backward_kernels::backward_cols::<wide::f32x8, super::linear_kernels::PortableDecoder>,
 };
 
 fn block_job_simd128(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {

@@ -23,6 +23,9 @@ pub(crate) fn avx2(_: Avx2) -> LinearKernels {
         dot: |a, b| unsafe { dot_avx2(a, b) },
         act8_block: super::linear_act8::block_portable,
         act8_layout: super::linear_act8::Act8Layout::Natural,
+        // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
+        // asserted inside the kernel.
+        backward_cols: |job, dy, k0, out| unsafe { backward_cols_avx2(job, dy, k0, out) },
     }
 }
 
@@ -37,6 +40,9 @@ pub(crate) fn avx512(_: Avx512) -> LinearKernels {
         dot: |a, b| unsafe { dot_avx512(a, b) },
         act8_block: super::linear_act8::block_portable,
         act8_layout: super::linear_act8::Act8Layout::Natural,
+        // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
+        // asserted inside the kernel.
+        backward_cols: |job, dy, k0, out| unsafe { backward_cols_avx512(job, dy, k0, out) },
     }
 }
 
@@ -574,6 +580,18 @@ pub(crate) trait Table16<V: Vf> {
     fn decode(bytes: &[u8; 8], tab: &Self::Tab) -> [V; 2];
     /// The 16 bytes widened to f32 (exact), as 16 / LANES vectors (unused second vector is zero).
     fn widen16(bytes: &[u8; 16]) -> [V; 2];
+}
+
+avx512_fn! {
+unsafe fn backward_cols_avx512(job: &Job<'_>, dy: &[f32], k0: usize, out: &mut [f32]) {
+    super::linear_backward_kernels::backward_cols::<V512, Avx512Decoder>(job, dy, k0, out)
+}
+}
+
+avx2_fn! {
+unsafe fn backward_cols_avx2(job: &Job<'_>, dy: &[f32], k0: usize, out: &mut [f32]) {
+    super::linear_backward_kernels::backward_cols::<V256, Avx2Decoder>(job, dy, k0, out)
+}
 }
 
 avx512_fn! {

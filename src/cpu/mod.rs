@@ -21,6 +21,7 @@ pub(crate) mod ggml_x86;
 pub(crate) mod linear_act8;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_act8_x86;
+pub(crate) mod linear_backward_kernels;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_gemm_x86;
 pub(crate) mod linear_kernels;
@@ -40,6 +41,7 @@ pub(crate) mod dispatch;
 pub(crate) mod affine;
 pub(crate) mod ggml;
 pub(crate) mod linear;
+pub(crate) mod linear_backward;
 pub(crate) mod nf4;
 
 /// An instruction-set level for CPU kernels.

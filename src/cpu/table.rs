@@ -72,6 +72,8 @@ pub(crate) struct LinearKernels {
     pub dot: fn(&[f32], &[f32]) -> f32,
     /// [`block`](Self::block) with int8 activations (`Job::act8` prepared in `act8_layout`).
     pub act8_block: fn(&Job<'_>, usize, usize, &mut [f32]),
+    /// `out[r, c] = Σ_o dy[r, o]·W[o, k0 + c]`: one column chunk of the backward's `dx` (`linear_backward.rs`).
+    pub backward_cols: fn(&Job<'_>, &[f32], usize, &mut [f32]),
     /// The layout of the quantized `x` that `act8_block` reads.
     pub act8_layout: super::linear_act8::Act8Layout,
 }

@@ -81,6 +81,15 @@ impl LoraAdapter {
     pub fn b(&self) -> &[f32] {
         &self.b
     }
+    /// `A` for updating in place (training): its shape cannot change. The caller keeps the values finite
+    /// (forwards check their outputs, so a non-finite value shows up as [`crate::Error::NonFinite`]).
+    pub fn a_mut(&mut self) -> &mut [f32] {
+        &mut self.a
+    }
+    /// `B` for updating in place (training); see [`a_mut`](Self::a_mut).
+    pub fn b_mut(&mut self) -> &mut [f32] {
+        &mut self.b
+    }
     /// `lora_alpha`.
     pub fn alpha(&self) -> f32 {
         self.alpha

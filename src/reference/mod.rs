@@ -7,4 +7,5 @@ pub mod affine;
 pub mod double_quant;
 pub mod ggml;
 pub mod linear;
+pub mod linear_backward;
 pub mod nf4;

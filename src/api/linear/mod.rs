@@ -25,6 +25,7 @@
 //! # Ok::<(), lowbit::Error>(())
 //! ```
 
+mod backward;
 mod bound;
 mod finite;
 #[cfg(feature = "gpu")]
@@ -32,6 +33,7 @@ mod gpu;
 mod options;
 
 pub use crate::format::layer::{AdapterSelection, QuantWeight};
+pub use backward::{AdapterGrad, BackwardBound, BackwardOptions, LinearGrads};
 pub use bound::{Agreement, BoundTarget};
 pub(crate) use finite::check_output;
 pub use finite::MAX_FORWARD_OUTPUT_BYTES;
@@ -68,7 +70,7 @@ pub struct QuantLinear {
     out_features: usize,
     in_features: usize,
     bias: Option<Vec<f32>>,
-    adapters: Vec<LoraAdapter>,
+    pub(super) adapters: Vec<LoraAdapter>,
 }
 
 impl QuantLinear {

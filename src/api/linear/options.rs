@@ -86,9 +86,15 @@ pub struct Workspace {
     /// `x` widened to f32 (unused when `x` already is f32).
     x: Vec<f32>,
     cpu: Scratch,
+    backward: crate::cpu::linear_backward::BackwardScratch,
 }
 
 impl Workspace {
+    /// The backward's scratch.
+    pub(crate) fn backward(&mut self) -> &mut crate::cpu::linear_backward::BackwardScratch {
+        &mut self.backward
+    }
+
     /// `x` as f32 (borrowed when it is f32, else widened into this workspace) and the kernel scratch.
     pub(crate) fn split<'a, T: Element>(&'a mut self, x: &'a [T]) -> (&'a [f32], &'a mut Scratch) {
         if T::DTYPE == DType::F32 {
