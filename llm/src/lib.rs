@@ -7,8 +7,11 @@
 //!   scheme or dense f32 weights (the full-precision baseline).
 //! - [`Tokenizer`]: the `tokenizers` crate, from `tokenizer.json` or built from a GGUF's vocabulary.
 //! - [`Sampler`]: greedy or temperature / top-p sampling with a seed.
+//! - [`backward`]: backward passes of the non-linear operations (RMSNorm, RoPE, SiLU·mul, attention,
+//!   cross-entropy) for fine-tuning.
 //! - `gpu` (feature `gpu`): the whole model resident on the GPU, one submission per token.
 
+pub mod backward;
 pub mod config;
 pub mod embedding;
 pub mod error;

@@ -378,8 +378,17 @@ fn add(x: &mut [f32], y: &[f32]) {
 }
 
 /// Causal grouped-query attention of the `m` query rows at positions `pos0..pos0+m` over layer `l`'s cache
-/// (which already holds them), threaded over (row, head).
-fn attention(c: &Config, cache: &KvCache, l: usize, pos0: usize, q: &[f32], scores: &mut [f32], att: &mut [f32]) {
+/// (which already holds them), threaded over (row, head). `pub(crate)` so that the training forward
+/// (`backward::attention_train_forward`) can be tested bit-for-bit against it.
+pub(crate) fn attention(
+    c: &Config,
+    cache: &KvCache,
+    l: usize,
+    pos0: usize,
+    q: &[f32],
+    scores: &mut [f32],
+    att: &mut [f32],
+) {
     let (hd, nh) = (c.head_dim, c.num_attention_heads);
     let group = nh / c.num_key_value_heads;
     let scale = 1.0 / (hd as f32).sqrt();
