@@ -42,7 +42,7 @@ pub mod cpu;
 pub mod gpu;
 
 mod api;
-pub use api::{affine, double_quant, ggml, linear, merge, nf4};
+pub use api::{affine, double_quant, ggml, linear, merge, nf4, optim};
 
 #[cfg(feature = "io")]
 pub mod io;

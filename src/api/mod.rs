@@ -8,3 +8,4 @@ pub mod ggml;
 pub mod linear;
 pub mod merge;
 pub mod nf4;
+pub mod optim;

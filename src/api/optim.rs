@@ -1,0 +1,743 @@
+//! Optimizers for (Q)LoRA fine-tuning over caller-owned `f32` parameters: [`Optimizer`] with AdamW
+//! (torch's arithmetic), bitsandbytes-style 8-bit AdamW, and plain SGD; LoRA+ learning rates and
+//! global-norm gradient clipping.
+//!
+//! * **AdamW** follows `torch.optim.AdamW`'s single-tensor path (`foreach=False`, `amsgrad=False`,
+//!   `maximize=False`, `capturable=False`) operation by operation, in f32, with the scalars derived in f64 as
+//!   torch derives them from Python floats and then rounded to f32 where torch's kernels take them as `f32`
+//!   scalars. Per element, with `lr_p` the parameter's learning rate and `t` the step (from 1):
+//!   1. `θ ← θ·f32(1 − lr_p·wd)` (only when `wd ≠ 0`);
+//!   2. `m ← lerp(m, g, f32(1 − β1))`, torch's lerp: `fma(w, g − m, m)` for `w < 0.5`, else
+//!      `fma(w − 1, g − m, g)`;
+//!   3. `v ← fma(f32(1 − β2)·g, g, v·f32(β2))` (`mul_(β2).addcmul_(g, g, value = 1 − β2)`);
+//!   4. `denom ← √v / f32((1 − β2ᵗ)^0.5) + f32(eps)`;
+//!   5. `θ ← θ + (f32(−lr_p / (1 − β1ᵗ))·m) / denom`.
+//!
+//!   The fused multiply-adds are those of torch's vectorised CPU kernels on x86-64 with AVX2 / AVX-512 (checked
+//!   against torch 2.15 in `tests/optim_torch.rs`). The one known difference: torch's CPU `sqrt` goes through
+//!   MKL's vector math library, which is not correctly rounded (off by one ulp for some inputs); lowbit's `√`
+//!   is. The resulting parameter differences and their bound are stated in that test.
+//! * **AdamW8bit** (see [`OptimizerKind::AdamW8bit`] and `optim_8bit`): bitsandbytes' blockwise 8-bit states for
+//!   tensors of at least [`MIN_8BIT_SIZE`] elements, 32-bit states below.
+//! * **SGD**: `θ ← fma(f32(−lr_p), g, θ)` (torch's `param.add_(grad, alpha=-lr)`); no momentum, no weight
+//!   decay.
+//! * **LoRA+**: a parameter declared with [`ParamSpec::lora_b`] gets `lr_p = lora_plus_ratio·lr` (in f64),
+//!   the others `lr`.
+//! * **Clipping** ([`OptimizerConfig::max_grad_norm`]), like `torch.nn.utils.clip_grad_norm_`: the global L2
+//!   norm over all gradients is accumulated in f64 (`Σ g²`, then `√`), rounded to f32, and the coefficient is
+//!   computed as torch computes it, in f32: `coef = f32(max_norm) · (1 / (norm + f32(1e-6)))`. Gradients are
+//!   multiplied by `coef` (in f32, in place) when `coef < 1`.
+//!
+//! Hyperparameters are `f64`, like torch's Python floats, so that the derived scalars (`1 − β1`,
+//! `lr/(1 − β1ᵗ)`, `1 − lr·wd`) are the same numbers as torch's, including for the defaults 0.9 and 0.999.
+
+use crate::element::check_finite;
+use crate::{Error, Result};
+
+/// Parameters with fewer elements than this keep 32-bit Adam states under [`OptimizerKind::AdamW8bit`]
+/// (bitsandbytes' `min_8bit_size` default).
+pub const MIN_8BIT_SIZE: usize = 4096;
+
+/// Which update rule an [`Optimizer`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OptimizerKind {
+    /// AdamW with f32 states, torch's arithmetic (module docs).
+    AdamW,
+    /// AdamW with bitsandbytes' blockwise 8-bit states (blocks of 256, an f32 absmax per block; signed dynamic
+    /// map for `m`, unsigned for `v`) for parameters of at least [`MIN_8BIT_SIZE`] elements; smaller ones keep
+    /// f32 states, as bitsandbytes does.
+    AdamW8bit,
+    /// Plain SGD: no momentum, no weight decay.
+    Sgd,
+}
+
+impl OptimizerKind {
+    /// Every kind, in the order [`parse`](Self::parse) lists them.
+    pub const ALL: [OptimizerKind; 3] = [OptimizerKind::AdamW, OptimizerKind::AdamW8bit, OptimizerKind::Sgd];
+
+    /// Parses `adamw`, `adamw8bit` or `sgd` (ASCII case-insensitive); anything else is an error listing them.
+    pub fn parse(s: &str) -> Result<OptimizerKind> {
+        let lower = s.trim().to_ascii_lowercase();
+        OptimizerKind::ALL
+            .into_iter()
+            .find(|k| k.name() == lower)
+            .ok_or_else(|| Error::invalid("optimizer", format!("{s:?}"), "one of \"adamw\", \"adamw8bit\", \"sgd\""))
+    }
+
+    /// The name [`parse`](Self::parse) accepts.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::AdamW => "adamw",
+            OptimizerKind::AdamW8bit => "adamw8bit",
+            OptimizerKind::Sgd => "sgd",
+        }
+    }
+
+    fn is_adam(self) -> bool {
+        matches!(self, OptimizerKind::AdamW | OptimizerKind::AdamW8bit)
+    }
+}
+
+impl std::fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Hyperparameters of an [`Optimizer`]. Build with [`OptimizerConfig::new`] and adjust the public fields;
+/// [`validate`](Self::validate) (also run by [`Optimizer::new`]) checks them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OptimizerConfig {
+    /// The update rule.
+    pub kind: OptimizerKind,
+    /// Learning rate (finite, > 0). Change it during training with [`Optimizer::set_lr`].
+    pub lr: f64,
+    /// Adam's first-moment decay β1, in `[0, 1)` (default 0.9). Ignored by SGD.
+    pub beta1: f64,
+    /// Adam's second-moment decay β2, in `[0, 1)` (default 0.999). Ignored by SGD.
+    pub beta2: f64,
+    /// Adam's denominator term (finite, > 0; default 1e-8). Ignored by SGD.
+    pub eps: f64,
+    /// Decoupled weight decay (finite, ≥ 0; default 0, like the Hugging Face Trainer). Must be 0 for SGD.
+    pub weight_decay: f64,
+    /// LoRA+ ratio `lr_B / lr` for parameters marked [`ParamSpec::lora_b`] (finite, > 0; 1 = plain LoRA).
+    pub lora_plus_ratio: f64,
+    /// Clip the global gradient norm to this value (finite, > 0) before each step; `None`: no clipping.
+    pub max_grad_norm: Option<f64>,
+}
+
+impl OptimizerConfig {
+    /// `kind` with learning rate `lr` and the defaults: β = (0.9, 0.999), eps 1e-8, no weight decay, LoRA+
+    /// ratio 1, no clipping. Not validated until [`validate`](Self::validate) or [`Optimizer::new`].
+    pub fn new(kind: OptimizerKind, lr: f64) -> OptimizerConfig {
+        OptimizerConfig {
+            kind,
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            lora_plus_ratio: 1.0,
+            max_grad_norm: None,
+        }
+    }
+
+    /// Checks every field against the ranges documented on it; the error names the field, its value and
+    /// the accepted range.
+    pub fn validate(&self) -> Result<()> {
+        check_lr(self.lr)?;
+        for (arg, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(Error::invalid(arg, v, "a number in [0, 1)"));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(Error::invalid("eps", self.eps, "a finite number > 0"));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::invalid("weight_decay", self.weight_decay, "a finite number ≥ 0"));
+        }
+        if self.kind == OptimizerKind::Sgd && self.weight_decay != 0.0 {
+            return Err(Error::invalid(
+                "weight_decay",
+                self.weight_decay,
+                "0 with the sgd optimizer (plain SGD has no weight decay; use adamw for decoupled decay)",
+            ));
+        }
+        if !(self.lora_plus_ratio.is_finite() && self.lora_plus_ratio > 0.0) {
+            return Err(Error::invalid(
+                "lora_plus_ratio",
+                self.lora_plus_ratio,
+                "a finite number > 0 (1 = plain LoRA)",
+            ));
+        }
+        if let Some(n) = self.max_grad_norm {
+            if !(n.is_finite() && n > 0.0) {
+                return Err(Error::invalid("max_grad_norm", n, "a finite number > 0, or None for no clipping"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The learning rate of a parameter: `lr·lora_plus_ratio` for a LoRA `B` matrix, else `lr`.
+    pub fn lr_for(&self, spec: &ParamSpec) -> f64 {
+        if spec.lora_b {
+            self.lr * self.lora_plus_ratio
+        } else {
+            self.lr
+        }
+    }
+}
+
+fn check_lr(lr: f64) -> Result<()> {
+    if lr.is_finite() && lr > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid("lr", lr, "a finite learning rate > 0"))
+    }
+}
+
+/// What the optimizer needs to know about one parameter tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    /// Number of `f32` elements (≥ 1).
+    pub len: usize,
+    /// Whether this is a LoRA `B` matrix (gets the LoRA+ learning rate).
+    pub lora_b: bool,
+}
+
+/// What one [`Optimizer::step`] did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// Global L2 norm of all gradients before clipping, accumulated in f64.
+    pub grad_norm: f64,
+    /// The factor the gradients were multiplied by: `min(coef, 1)`, 1 when not clipped (or no clipping).
+    pub clip_coef: f32,
+    /// The step just taken, counting from 1.
+    pub step: u64,
+}
+
+/// Per-parameter optimizer state.
+#[derive(Clone, Debug)]
+pub(crate) enum State {
+    /// SGD: none.
+    None,
+    /// Adam moments in f32.
+    Adam { m: Vec<f32>, v: Vec<f32> },
+}
+
+impl State {
+    fn bytes(&self) -> usize {
+        match self {
+            State::None => 0,
+            State::Adam { m, v } => 4 * (m.len() + v.len()),
+        }
+    }
+}
+
+/// An optimizer over caller-owned `f32` parameter slices (module docs: the update rules).
+///
+/// The parameter list is fixed at construction ([`ParamSpec`]s); every [`step`](Self::step) takes the
+/// parameters and gradients in the same order and with the same lengths.
+///
+/// ```
+/// use lowbit::optim::{Optimizer, OptimizerConfig, OptimizerKind, ParamSpec};
+///
+/// let mut a = vec![0.5f32; 6]; // a LoRA A matrix
+/// let mut b = vec![0.0f32; 4]; // its B matrix: LoRA+ gives it 16× the learning rate
+/// let mut config = OptimizerConfig::new(OptimizerKind::AdamW, 1e-3);
+/// config.lora_plus_ratio = 16.0;
+/// config.max_grad_norm = Some(1.0);
+/// let specs = [ParamSpec { len: 6, lora_b: false }, ParamSpec { len: 4, lora_b: true }];
+/// let mut opt = Optimizer::new(config, &specs)?;
+///
+/// let (mut ga, mut gb) = (vec![0.1f32; 6], vec![-2.0f32; 4]);
+/// let stats = opt.step(&mut [&mut a, &mut b], &mut [&mut ga, &mut gb])?;
+/// assert_eq!(stats.step, 1);
+/// assert!(stats.grad_norm > 1.0 && stats.clip_coef < 1.0); // clipped to norm 1
+/// assert!(a[0] < 0.5 && b[0] > 0.0); // the first Adam step moves each element by about lr_p
+/// assert!((b[0] - 16e-3).abs() < 1e-5);
+///
+/// // A wrong length is an error, and nothing changes.
+/// let before = a.clone();
+/// assert!(opt.step(&mut [&mut a, &mut b], &mut [&mut ga[..5], &mut gb]).is_err());
+/// assert_eq!(a, before);
+/// # Ok::<(), lowbit::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Optimizer {
+    config: OptimizerConfig,
+    specs: Vec<ParamSpec>,
+    states: Vec<State>,
+    step: u64,
+}
+
+impl Optimizer {
+    /// An optimizer for parameters shaped like `params` (at least one, each with `len ≥ 1`), with zeroed
+    /// states. Errors: an invalid `config` ([`OptimizerConfig::validate`]), no parameters, or an empty one.
+    pub fn new(config: OptimizerConfig, params: &[ParamSpec]) -> Result<Optimizer> {
+        config.validate()?;
+        if config.kind == OptimizerKind::AdamW8bit {
+            return Err(Error::Unsupported { what: "the adamw8bit optimizer (not implemented yet)".into() });
+        }
+        if params.is_empty() {
+            return Err(Error::invalid("params", "an empty list", "at least one parameter"));
+        }
+        if let Some(i) = params.iter().position(|p| p.len == 0) {
+            return Err(Error::invalid("params", format!("params[{i}].len = 0"), "every parameter with len ≥ 1"));
+        }
+        let states = params
+            .iter()
+            .map(|p| match config.kind {
+                OptimizerKind::Sgd => State::None,
+                OptimizerKind::AdamW | OptimizerKind::AdamW8bit => {
+                    State::Adam { m: vec![0.0; p.len], v: vec![0.0; p.len] }
+                }
+            })
+            .collect();
+        Ok(Optimizer { config, specs: params.to_vec(), states, step: 0 })
+    }
+
+    /// The configuration (with the current learning rate).
+    pub fn config(&self) -> &OptimizerConfig {
+        &self.config
+    }
+
+    /// The parameter specs given to [`new`](Self::new).
+    pub fn params(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    /// Sets the base learning rate for the following steps (for schedules); LoRA+ parameters get
+    /// `lr·lora_plus_ratio`. Errors (and keeps the old rate) unless `lr` is finite and > 0.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        check_lr(lr)?;
+        self.config.lr = lr;
+        Ok(())
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Bytes of optimizer state held (moments, 8-bit codes and block maxima); 0 for SGD.
+    pub fn state_bytes(&self) -> usize {
+        self.states.iter().map(State::bytes).sum()
+    }
+
+    /// The state of parameter `i` (tests).
+    #[cfg(test)]
+    pub(crate) fn state(&self, i: usize) -> &State {
+        &self.states[i]
+    }
+
+    /// One optimization step: clips `grads` in place if configured, then updates `params` in place.
+    ///
+    /// Validated before anything is modified: as many parameters and gradients as [`ParamSpec`]s, each of the
+    /// declared length, and every gradient finite. On error, parameters, gradients, states and the step count
+    /// are unchanged. Parameters are not checked for finiteness.
+    pub fn step(&mut self, params: &mut [&mut [f32]], grads: &mut [&mut [f32]]) -> Result<StepStats> {
+        self.check(params, grads)?;
+        let grad_norm = global_norm(grads);
+        let mut clip_coef = 1.0f32;
+        if let Some(max_norm) = self.config.max_grad_norm {
+            let coef = clip_coefficient(max_norm, grad_norm);
+            if coef < 1.0 {
+                for g in grads.iter_mut() {
+                    g.iter_mut().for_each(|x| *x *= coef);
+                }
+                clip_coef = coef;
+            }
+        }
+        self.step += 1;
+        let c = &self.config;
+        for (((p, g), spec), state) in params.iter_mut().zip(grads.iter()).zip(&self.specs).zip(&mut self.states) {
+            let lr = c.lr_for(spec);
+            match state {
+                State::None => sgd_update(p, g, lr),
+                State::Adam { m, v } => {
+                    adamw_update(p, g, m, v, &AdamScalars::new(c, lr, self.step));
+                }
+            }
+        }
+        Ok(StepStats { grad_norm, clip_coef, step: self.step })
+    }
+
+    fn check(&self, params: &[&mut [f32]], grads: &[&mut [f32]]) -> Result<()> {
+        let n = self.specs.len();
+        if params.len() != n {
+            return Err(Error::shape("number of parameters passed to Optimizer::step", params.len(), n));
+        }
+        if grads.len() != n {
+            return Err(Error::shape("number of gradients passed to Optimizer::step", grads.len(), n));
+        }
+        for (i, ((p, g), spec)) in params.iter().zip(grads).zip(&self.specs).enumerate() {
+            if p.len() != spec.len {
+                return Err(Error::shape(format!("length of params[{i}]"), p.len(), spec.len));
+            }
+            if g.len() != spec.len {
+                return Err(Error::shape(format!("length of grads[{i}]"), g.len(), spec.len));
+            }
+        }
+        if !self.config.kind.is_adam() && self.states.iter().any(|s| !matches!(s, State::None)) {
+            return Err(Error::format("optimizer state", "SGD with Adam states (internal error)"));
+        }
+        for (i, g) in grads.iter().enumerate() {
+            check_finite(&format!("grads[{i}]"), g)?;
+        }
+        Ok(())
+    }
+}
+
+/// `√(Σ g²)` over all gradients, squares and sum in f64.
+pub(crate) fn global_norm(grads: &[&mut [f32]]) -> f64 {
+    grads.iter().flat_map(|g| g.iter()).map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
+}
+
+/// torch's `clip_grad_norm_` coefficient from the norm: in f32, `f32(max_norm) · (1 / (f32(norm) + f32(1e-6)))`
+/// (torch evaluates `max_norm / (total_norm + 1e-6)` on an f32 tensor as `reciprocal() * max_norm`).
+pub(crate) fn clip_coefficient(max_norm: f64, norm: f64) -> f32 {
+    (1.0f32 / (norm as f32 + 1e-6f32)) * max_norm as f32
+}
+
+/// `θ ← fma(f32(−lr), g, θ)`.
+pub(crate) fn sgd_update(p: &mut [f32], g: &[f32], lr: f64) {
+    let neg_lr = -lr as f32;
+    for (x, &gi) in p.iter_mut().zip(g) {
+        *x = neg_lr.mul_add(gi, *x);
+    }
+}
+
+/// The f32 scalars of one AdamW step for one parameter, derived in f64 as torch derives them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AdamScalars {
+    /// `f32(1 − lr·wd)`, or `None` when `wd = 0` (torch skips the multiply).
+    pub decay: Option<f32>,
+    /// `f32(1 − β1)`: the lerp weight.
+    pub w1: f32,
+    /// `f32(β2)`.
+    pub beta2: f32,
+    /// `f32(1 − β2)`.
+    pub one_minus_beta2: f32,
+    /// `f32((1 − β2ᵗ)^0.5)` (Python's `** 0.5`, i.e. `pow`).
+    pub bc2_sqrt: f32,
+    /// `f32(eps)`.
+    pub eps: f32,
+    /// `f32(−lr / (1 − β1ᵗ))`.
+    pub neg_step_size: f32,
+}
+
+impl AdamScalars {
+    pub(crate) fn new(c: &OptimizerConfig, lr: f64, step: u64) -> AdamScalars {
+        let t = step as f64;
+        let bc1 = 1.0 - c.beta1.powf(t);
+        let bc2 = 1.0 - c.beta2.powf(t);
+        AdamScalars {
+            decay: (c.weight_decay != 0.0).then_some((1.0 - lr * c.weight_decay) as f32),
+            w1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            bc2_sqrt: bc2.powf(0.5) as f32,
+            eps: c.eps as f32,
+            neg_step_size: (-(lr / bc1)) as f32,
+        }
+    }
+}
+
+/// torch's CPU `lerp` with an f32 scalar weight, as its vectorised kernel computes it (one fused multiply-add).
+#[inline]
+pub(crate) fn lerp(start: f32, end: f32, w: f32) -> f32 {
+    if w.abs() < 0.5 {
+        w.mul_add(end - start, start)
+    } else {
+        (w - 1.0).mul_add(end - start, end)
+    }
+}
+
+/// One AdamW step of one parameter, in place (module docs: the five operations).
+pub(crate) fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamScalars) {
+    for (((x, &gi), mi), vi) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        if let Some(d) = s.decay {
+            *x *= d;
+        }
+        *mi = lerp(*mi, gi, s.w1);
+        *vi = (s.one_minus_beta2 * gi).mul_add(gi, *vi * s.beta2);
+        let denom = vi.sqrt() / s.bc2_sqrt + s.eps;
+        *x += (s.neg_step_size * *mi) / denom;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// f32 unit roundoff `u = 2⁻²⁴`.
+    const U: f64 = f32::EPSILON as f64 / 2.0;
+
+    fn specs(lens: &[usize], lora_b: &[bool]) -> Vec<ParamSpec> {
+        lens.iter().zip(lora_b).map(|(&len, &lora_b)| ParamSpec { len, lora_b }).collect()
+    }
+
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    fn adam_state(opt: &Optimizer, i: usize) -> (Vec<f32>, Vec<f32>) {
+        match opt.state(i) {
+            State::Adam { m, v } => (m.clone(), v.clone()),
+            other => panic!("expected f32 Adam state, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn kinds_parse_and_name() {
+        for k in OptimizerKind::ALL {
+            assert_eq!(OptimizerKind::parse(k.name()).unwrap(), k);
+            assert_eq!(OptimizerKind::parse(&k.name().to_uppercase()).unwrap(), k);
+        }
+        let err = OptimizerKind::parse("adam").unwrap_err().to_string();
+        assert!(err.contains("\"adam\"") && err.contains("adamw8bit") && err.contains("sgd"), "{err}");
+    }
+
+    #[test]
+    fn invalid_configs_are_refused_with_the_field_named() {
+        let base = OptimizerConfig::new(OptimizerKind::AdamW, 1e-3);
+        base.validate().unwrap();
+        let cases: Vec<(&str, OptimizerConfig)> = vec![
+            ("`lr`", OptimizerConfig { lr: 0.0, ..base }),
+            ("`lr`", OptimizerConfig { lr: f64::NAN, ..base }),
+            ("`lr`", OptimizerConfig { lr: -1e-3, ..base }),
+            ("`beta1`", OptimizerConfig { beta1: 1.0, ..base }),
+            ("`beta2`", OptimizerConfig { beta2: -0.1, ..base }),
+            ("`eps`", OptimizerConfig { eps: 0.0, ..base }),
+            ("`weight_decay`", OptimizerConfig { weight_decay: f64::INFINITY, ..base }),
+            ("`weight_decay`", OptimizerConfig { weight_decay: -0.01, ..base }),
+            ("`weight_decay`", OptimizerConfig { kind: OptimizerKind::Sgd, weight_decay: 0.01, ..base }),
+            ("`lora_plus_ratio`", OptimizerConfig { lora_plus_ratio: 0.0, ..base }),
+            ("`max_grad_norm`", OptimizerConfig { max_grad_norm: Some(f64::NAN), ..base }),
+            ("`max_grad_norm`", OptimizerConfig { max_grad_norm: Some(0.0), ..base }),
+        ];
+        for (field, c) in cases {
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("expected"), "{field}: {err}");
+            assert!(Optimizer::new(c, &[ParamSpec { len: 1, lora_b: false }]).is_err());
+        }
+        assert!(Optimizer::new(base, &[]).unwrap_err().to_string().contains("at least one"));
+        let err = Optimizer::new(base, &specs(&[3, 0], &[false, true])).unwrap_err().to_string();
+        assert!(err.contains("params[1].len = 0"), "{err}");
+        let mut opt = Optimizer::new(base, &specs(&[3], &[false])).unwrap();
+        assert!(opt.set_lr(f64::INFINITY).is_err());
+        assert_eq!(opt.config().lr, 1e-3);
+        opt.set_lr(2e-4).unwrap();
+        assert_eq!(opt.config().lr, 2e-4);
+    }
+
+    #[test]
+    fn a_refused_step_changes_nothing() {
+        for kind in [OptimizerKind::AdamW, OptimizerKind::Sgd] {
+            let mut c = OptimizerConfig::new(kind, 1e-2);
+            c.max_grad_norm = Some(0.1);
+            let lens = [5, MIN_8BIT_SIZE + 3];
+            let mut opt = Optimizer::new(c, &specs(&lens, &[false, true])).unwrap();
+            let (mut p0, mut p1) = (values(lens[0], 1, 1.0), values(lens[1], 2, 1.0));
+            let (mut g0, mut g1) = (values(lens[0], 3, 1.0), values(lens[1], 4, 1.0));
+            opt.step(&mut [&mut p0, &mut p1], &mut [&mut g0, &mut g1]).unwrap();
+            let (mut g0, mut g1) = (values(lens[0], 5, 1.0), values(lens[1], 6, 1.0));
+            let snapshot = |o: &Optimizer| format!("{:?}", o.states);
+            let (before_p, before_g, before_s) = ((p0.clone(), p1.clone()), (g0.clone(), g1.clone()), snapshot(&opt));
+
+            g1[17] = f32::NAN;
+            let err = opt.step(&mut [&mut p0, &mut p1], &mut [&mut g0, &mut g1]).unwrap_err();
+            assert!(matches!(&err, Error::NonFinite { arg, index: 17, .. } if arg == "grads[1]"), "{err}");
+            g1[17] = before_g.1[17];
+            let err = opt.step(&mut [&mut p0, &mut p1[..10]], &mut [&mut g0, &mut g1]).unwrap_err().to_string();
+            assert!(err.contains("params[1]") && err.contains(&lens[1].to_string()), "{err}");
+            let err = opt.step(&mut [&mut p0, &mut p1], &mut [&mut g0[..4], &mut g1]).unwrap_err().to_string();
+            assert!(err.contains("grads[0]"), "{err}");
+            let err = opt.step(&mut [&mut p0], &mut [&mut g0]).unwrap_err().to_string();
+            assert!(err.contains("number of parameters"), "{err}");
+            let err = opt.step(&mut [&mut p0, &mut p1], &mut [&mut g0]).unwrap_err().to_string();
+            assert!(err.contains("number of gradients"), "{err}");
+
+            assert_eq!((p0.clone(), p1.clone()), before_p, "{kind}: params changed by a refused step");
+            assert_eq!((g0.clone(), g1.clone()), before_g, "{kind}: grads changed by a refused step");
+            assert_eq!(snapshot(&opt), before_s, "{kind}: state changed by a refused step");
+            assert_eq!(opt.steps(), 1);
+            // ... and the same call with valid inputs goes through.
+            opt.step(&mut [&mut p0, &mut p1], &mut [&mut g0, &mut g1]).unwrap();
+            assert_eq!(opt.steps(), 2);
+            assert_ne!((p0, p1), before_p);
+        }
+    }
+
+    #[test]
+    fn state_bytes_counts_the_moments() {
+        let lens = [10, MIN_8BIT_SIZE, MIN_8BIT_SIZE + 1];
+        let s = specs(&lens, &[false, false, true]);
+        let total: usize = lens.iter().sum();
+        let adam = Optimizer::new(OptimizerConfig::new(OptimizerKind::AdamW, 1e-3), &s).unwrap();
+        assert_eq!(adam.state_bytes(), 8 * total);
+        let sgd = Optimizer::new(OptimizerConfig::new(OptimizerKind::Sgd, 1e-3), &s).unwrap();
+        assert_eq!(sgd.state_bytes(), 0);
+    }
+
+    /// One exact (f64) AdamW step from the given f32 state: returns (θ', m', v') and the update magnitude
+    /// `|lr_p/bc1 · m'/(√v'/√bc2 + eps)|` computed from the *f32* moments the optimizer produced, so that the
+    /// parameter check isolates the parameter update's own rounding.
+    fn adamw_exact(
+        c: &OptimizerConfig,
+        lr: f64,
+        t: u64,
+        (p, g, m, v): (f32, f32, f32, f32),
+        (m32, v32): (f32, f32),
+    ) -> (f64, f64, f64, f64) {
+        let (p, g, m, v) = (f64::from(p), f64::from(g), f64::from(m), f64::from(v));
+        let m_new = c.beta1 * m + (1.0 - c.beta1) * g;
+        let v_new = c.beta2 * v + (1.0 - c.beta2) * g * g;
+        let bc1 = 1.0 - c.beta1.powi(t as i32);
+        let bc2 = 1.0 - c.beta2.powi(t as i32);
+        let upd = lr / bc1 * f64::from(m32) / (f64::from(v32).sqrt() / bc2.sqrt() + c.eps);
+        let p_new = p * (1.0 - lr * c.weight_decay) - upd;
+        (p_new, m_new, v_new, upd.abs())
+    }
+
+    /// Runs `steps` steps of AdamW or SGD on random data and checks every step against the exact f64 rule
+    /// applied to the f32 state before that step. Bounds (`u = 2⁻²⁴`; every f32 operation rounds with relative
+    /// error ≤ u, scalars converted from f64 to f32 too):
+    /// * `m' = m + w(g − m)` via one fma: roundings of the weight (`≤ u·|w|`, and `w − 1` is exact), of
+    ///   `g − m` and of the fma: `|Δm| ≤ u·|m'| + 2u·(|g| + |m|)` (first order; checked with factor 2 slack);
+    /// * `v' = β2·v + (1 − β2)·g²`, all terms ≥ 0: 2 roundings per term plus the fma's: `|Δv| ≤ 3u·v'` (slack 2);
+    /// * θ: the decay factor and product (2u·|θ|), the update's 8 roundings (√, `f32(√bc2)`, ÷, `f32(eps)`,
+    ///   +, `f32(step)`, ×, ÷: ≤ 8u relative) and the final add (u·|θ'|): `|Δθ| ≤ 2u|θ| + 8u·|upd| + u|θ'|`
+    ///   (slack 2);
+    /// * SGD `θ' = θ − lr·g`: `f32(lr)` and the fma: `|Δθ| ≤ u·|lr·g| + u·|θ'|` (slack 2).
+    fn check_against_exact(kind: OptimizerKind, c: OptimizerConfig, lens: &[usize], lora: &[bool], seed: u64) {
+        let s = specs(lens, lora);
+        let mut opt = Optimizer::new(OptimizerConfig { kind, ..c }, &s).unwrap();
+        let mut params: Vec<Vec<f32>> =
+            lens.iter().enumerate().map(|(i, &n)| values(n, seed + i as u64, 1.0)).collect();
+        for t in 1..=4u64 {
+            let mut grads: Vec<Vec<f32>> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| values(n, seed * 31 + t * 7 + i as u64, [0.01, 1.0, 0.1, 3.0][t as usize - 1]))
+                .collect();
+            let before: Vec<Vec<f32>> = params.clone();
+            let states: Vec<(Vec<f32>, Vec<f32>)> = (0..lens.len())
+                .map(|i| if kind == OptimizerKind::Sgd { (vec![], vec![]) } else { adam_state(&opt, i) })
+                .collect();
+            let exact_norm = grads.iter().flatten().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+            let mut pr: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
+            let mut gr: Vec<&mut [f32]> = grads.iter_mut().map(|g| &mut g[..]).collect();
+            let stats = opt.step(&mut pr, &mut gr).unwrap();
+            assert_eq!(stats.step, t);
+            assert!((stats.grad_norm - exact_norm).abs() <= 1e-12 * exact_norm);
+            // The clip coefficient: exact `max/(norm + 1e-6)` vs f32 (norm, 1e-6, +, ÷, f32(max), ×: ≤ 6u).
+            let coef = c.max_grad_norm.map_or(1.0, |mx| (mx / (exact_norm + 1e-6)).min(1.0));
+            assert!((f64::from(stats.clip_coef) - coef).abs() <= 2.0 * 6.0 * U * coef, "{} vs {coef}", stats.clip_coef);
+            for i in 0..lens.len() {
+                let lr = c.lr * if lora[i] { c.lora_plus_ratio } else { 1.0 };
+                for k in 0..lens[i] {
+                    let g = grads[i][k]; // clipped in place by the step
+                    let (p_new, p_old) = (f64::from(params[i][k]), f64::from(before[i][k]));
+                    if kind == OptimizerKind::Sgd {
+                        let exact = p_old - lr * f64::from(g);
+                        let bound = 2.0 * U * ((lr * f64::from(g)).abs() + exact.abs());
+                        assert!((p_new - exact).abs() <= bound, "sgd t{t} p{i}[{k}]: {p_new} vs {exact}");
+                        continue;
+                    }
+                    let (m32, v32) = match opt.state(i) {
+                        State::Adam { m, v } => (m[k], v[k]),
+                        _ => unreachable!(),
+                    };
+                    let (m_old, v_old) = (states[i].0[k], states[i].1[k]);
+                    let (pe, me, ve, upd) = adamw_exact(&c, lr, t, (before[i][k], g, m_old, v_old), (m32, v32));
+                    let mb = 2.0 * (U * me.abs() + 2.0 * U * (f64::from(g).abs() + f64::from(m_old).abs()));
+                    assert!((f64::from(m32) - me).abs() <= mb, "m t{t} p{i}[{k}]: {m32} vs {me}");
+                    assert!((f64::from(v32) - ve).abs() <= 2.0 * 3.0 * U * ve, "v t{t} p{i}[{k}]: {v32} vs {ve}");
+                    let pb = 2.0 * (2.0 * U * p_old.abs() + 8.0 * U * upd + U * pe.abs());
+                    assert!((p_new - pe).abs() <= pb, "θ t{t} p{i}[{k}]: {p_new} vs {pe} (bound {pb})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn adamw_matches_the_exact_rule() {
+        let mut c = OptimizerConfig::new(OptimizerKind::AdamW, 1e-2);
+        c.weight_decay = 0.01;
+        c.lora_plus_ratio = 16.0;
+        check_against_exact(OptimizerKind::AdamW, c, &[33, 7, 300], &[false, true, false], 1);
+        c.max_grad_norm = Some(1.0);
+        c.beta1 = 0.2; // w = 0.8: torch's other lerp branch
+        check_against_exact(OptimizerKind::AdamW, c, &[33, 7, 300], &[false, true, false], 2);
+    }
+
+    #[test]
+    fn sgd_matches_the_exact_rule() {
+        let mut c = OptimizerConfig::new(OptimizerKind::Sgd, 0.1);
+        c.lora_plus_ratio = 4.0;
+        check_against_exact(OptimizerKind::Sgd, c, &[17, 64], &[true, false], 3);
+        c.max_grad_norm = Some(0.5);
+        check_against_exact(OptimizerKind::Sgd, c, &[17, 64], &[true, false], 4);
+    }
+
+    #[test]
+    fn lora_plus_scales_the_b_learning_rate() {
+        // SGD makes the rate visible: the same gradient moves B `ratio` times as far as A.
+        let mut c = OptimizerConfig::new(OptimizerKind::Sgd, 0.125);
+        c.lora_plus_ratio = 8.0;
+        let mut opt = Optimizer::new(c, &specs(&[1, 1], &[false, true])).unwrap();
+        let (mut a, mut b) = ([0.0f32], [0.0f32]);
+        opt.step(&mut [&mut a, &mut b], &mut [&mut [1.0], &mut [1.0]]).unwrap();
+        assert_eq!((a[0], b[0]), (-0.125, -1.0));
+        // Adam's first step moves every element by ≈ lr_p·sign(g) whatever the gradient's size.
+        c.kind = OptimizerKind::AdamW;
+        c.lr = 1e-3;
+        let mut opt = Optimizer::new(c, &specs(&[2, 2], &[false, true])).unwrap();
+        let (mut a, mut b) = ([0.0f32; 2], [0.0f32; 2]);
+        opt.step(&mut [&mut a, &mut b], &mut [&mut [3.0, -1e-3], &mut [5.0, -0.5]]).unwrap();
+        for (x, want) in a.iter().chain(&b).zip([-1e-3, 1e-3, -8e-3, 8e-3]) {
+            assert!((f64::from(*x) - want).abs() < 1e-5 * want.abs().max(1e-3) + 1e-8, "{x} vs {want}");
+        }
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm_only_above_it() {
+        let mut c = OptimizerConfig::new(OptimizerKind::Sgd, 1.0);
+        c.max_grad_norm = Some(1.0);
+        let mut opt = Optimizer::new(c, &specs(&[2, 1], &[false, false])).unwrap();
+        let (mut p, mut q) = ([0.0f32; 2], [0.0f32]);
+        let (mut g, mut h) = ([3.0f32, 0.0], [4.0f32]); // norm 5
+        let s = opt.step(&mut [&mut p, &mut q], &mut [&mut g, &mut h]).unwrap();
+        assert_eq!(s.grad_norm, 5.0);
+        assert!((s.clip_coef - 0.2).abs() < 1e-6, "{s:?}");
+        let clipped = (f64::from(g[0]).powi(2) + f64::from(h[0]).powi(2)).sqrt();
+        assert!((clipped - 1.0).abs() < 1e-6, "{clipped}");
+        assert_eq!((p[0], q[0]), (-g[0], -h[0]));
+        let (mut g, mut h) = ([0.3f32, 0.0], [0.4f32]); // norm 0.5: untouched
+        let s = opt.step(&mut [&mut p, &mut q], &mut [&mut g, &mut h]).unwrap();
+        assert_eq!((s.clip_coef, g, h), (1.0, [0.3, 0.0], [0.4]));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_configs_match_the_exact_rule(
+            lens in proptest::collection::vec(1usize..70, 1..4),
+            lr_exp in -5i32..-1,
+            wd in prop_oneof![Just(0.0), 0.0f64..0.1],
+            beta1 in 0.0f64..0.99,
+            beta2 in 0.9f64..0.9999,
+            ratio in 1.0f64..20.0,
+            clip in prop_oneof![Just(None), (0.05f64..5.0).prop_map(Some)],
+            sgd in any::<bool>(),
+            seed in 0u64..1000,
+        ) {
+            let lora: Vec<bool> = (0..lens.len()).map(|i| i % 2 == 1).collect();
+            let kind = if sgd { OptimizerKind::Sgd } else { OptimizerKind::AdamW };
+            let c = OptimizerConfig {
+                kind,
+                lr: 10f64.powi(lr_exp),
+                beta1,
+                beta2,
+                eps: 1e-8,
+                weight_decay: if sgd { 0.0 } else { wd },
+                lora_plus_ratio: ratio,
+                max_grad_norm: clip,
+            };
+            check_against_exact(kind, c, &lens, &lora, seed);
+        }
+    }
+}
