@@ -23,6 +23,7 @@ pub mod ops;
 pub mod reference;
 pub mod sample;
 pub mod tokenizer;
+pub mod train;
 
 #[cfg(feature = "gpu")]
 pub mod gpu;

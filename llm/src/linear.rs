@@ -2,7 +2,7 @@
 //! dequantize-matmul-plus-LoRA) or dense f32 weights (the full-precision baseline) with optional LoRA adapters.
 
 use crate::{Error, Result};
-use lowbit::linear::{Activations, ForwardOptions, QuantLinear, QuantWeight, Workspace};
+use lowbit::linear::{Activations, AdapterGrad, BackwardOptions, ForwardOptions, QuantLinear, QuantWeight, Workspace};
 use lowbit::lora::LoraAdapter;
 use rayon::prelude::*;
 use wide::f32x8;
@@ -151,7 +151,117 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Zeroed gradients for every adapter of the layer (enabled or not), in the layer's order.
+    pub fn zero_grads(&self) -> Vec<AdapterGrad> {
+        match self {
+            Linear::Quant(l) => l.zero_grads(),
+            Linear::Dense(d) => d
+                .adapters
+                .iter()
+                .map(|ad| AdapterGrad { a: vec![0.0; ad.a().len()], b: vec![0.0; ad.b().len()] })
+                .collect(),
+        }
+    }
+
+    /// How many adapters the layer has (enabled or not).
+    pub fn adapter_count(&self) -> usize {
+        match self {
+            Linear::Quant(l) => l.adapters().len(),
+            Linear::Dense(d) => d.adapters.len(),
+        }
+    }
+
+    /// Every adapter of the layer, mutable (values only: for an optimizer step).
+    pub fn adapters_mut(&mut self) -> &mut [LoraAdapter] {
+        match self {
+            Linear::Quant(l) => l.adapters_mut(),
+            Linear::Dense(d) => &mut d.adapters,
+        }
+    }
+
+    /// The backward of [`forward`](Self::forward) for `x` `[m, in]` and `dy` `[m, out]`: writes
+    /// `dx = dy·W + Σ s·(dy·B)·A` and ADDS each enabled adapter's `∂L/∂A`, `∂L/∂B` into `grads` (from
+    /// [`zero_grads`](Self::zero_grads)). The weight and bias are frozen. Quantized layers run lowbit's fused
+    /// backward (the weight is never built); dense ones plain f32 loops.
+    pub fn backward(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        grads: &mut [AdapterGrad],
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        match self {
+            Linear::Quant(l) => Ok(l.backward_into(x, dy, Some(dx), grads, ws, BackwardOptions::default())?),
+            Linear::Dense(d) => d.backward(x, dy, dx, grads),
+        }
+    }
+}
+
 impl DenseLinear {
+    fn backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32], grads: &mut [AdapterGrad]) -> Result<()> {
+        let (n_in, n_out) = (self.in_features, self.out_features);
+        let m = x.len() / n_in;
+        if !x.len().is_multiple_of(n_in)
+            || dy.len() != m * n_out
+            || dx.len() != m * n_in
+            || grads.len() != self.adapters.len()
+        {
+            return Err(Error::Invalid(format!(
+                "dense backward: x {} / dy {} / dx {} values and {} gradient sets for a [{n_out}, {n_in}] layer with {} adapters",
+                x.len(),
+                dy.len(),
+                dx.len(),
+                grads.len(),
+                self.adapters.len()
+            )));
+        }
+        // dx[r, :] = Σ_o dy[r, o]·W[o, :], rows split over threads (each row whole: thread-independent).
+        dx.par_chunks_mut(n_in).zip(dy.par_chunks(n_out)).for_each(|(dxr, dyr)| {
+            dxr.fill(0.0);
+            for (o, &d) in dyr.iter().enumerate() {
+                for (v, &w) in dxr.iter_mut().zip(&self.weight[o * n_in..(o + 1) * n_in]) {
+                    *v += d * w;
+                }
+            }
+        });
+        for (ad, g) in self.adapters.iter().zip(grads.iter_mut()) {
+            let (rank, s) = (ad.rank(), ad.scaling());
+            if g.a.len() != ad.a().len() || g.b.len() != ad.b().len() {
+                return Err(Error::Invalid(format!("gradients of adapter `{}` have the wrong shape", ad.name())));
+            }
+            for r in 0..m {
+                let (xr, dyr) = (&x[r * n_in..(r + 1) * n_in], &dy[r * n_out..(r + 1) * n_out]);
+                let t: Vec<f32> = (0..rank).map(|k| dot(xr, &ad.a()[k * n_in..(k + 1) * n_in])).collect();
+                let mut u = vec![0.0f32; rank];
+                for (o, &d) in dyr.iter().enumerate() {
+                    for (uk, &b) in u.iter_mut().zip(&ad.b()[o * rank..(o + 1) * rank]) {
+                        *uk += d * b;
+                    }
+                }
+                for (k, &uk) in u.iter().enumerate() {
+                    let c = s * uk;
+                    let ak = &ad.a()[k * n_in..(k + 1) * n_in];
+                    for ((dxv, ga), (&av, &xv)) in dx[r * n_in..(r + 1) * n_in]
+                        .iter_mut()
+                        .zip(&mut g.a[k * n_in..(k + 1) * n_in])
+                        .zip(ak.iter().zip(xr))
+                    {
+                        *dxv += c * av;
+                        *ga += c * xv;
+                    }
+                }
+                for (o, &d) in dyr.iter().enumerate() {
+                    for (gb, &tk) in g.b[o * rank..(o + 1) * rank].iter_mut().zip(&t) {
+                        *gb += s * d * tk;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         let (n_in, n_out) = (self.in_features, self.out_features);
         if !x.len().is_multiple_of(n_in) || y.len() != x.len() / n_in * n_out {

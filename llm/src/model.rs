@@ -36,6 +36,11 @@ impl Block {
         ]
     }
 
+    /// Every linear layer, mutable, in [`linears`](Self::linears) order.
+    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
+    }
+
     /// Mutable access to the linear layer named as in [`linears`](Self::linears).
     pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
         Some(match name {

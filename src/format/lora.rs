@@ -90,6 +90,10 @@ impl LoraAdapter {
     pub fn b_mut(&mut self) -> &mut [f32] {
         &mut self.b
     }
+    /// `A` and `B` mutable at once (an optimizer step updates both); see [`a_mut`](Self::a_mut).
+    pub fn weights_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        (&mut self.a, &mut self.b)
+    }
     /// `lora_alpha`.
     pub fn alpha(&self) -> f32 {
         self.alpha
