@@ -17,8 +17,10 @@
 //!   against torch 2.15 in `tests/optim_torch.rs`). The one known difference: torch's CPU `sqrt` goes through
 //!   MKL's vector math library, which is not correctly rounded (off by one ulp for some inputs); lowbit's `√`
 //!   is. The resulting parameter differences and their bound are stated in that test.
-//! * **AdamW8bit** (see [`OptimizerKind::AdamW8bit`] and `optim_8bit`): bitsandbytes' blockwise 8-bit states for
-//!   tensors of at least [`MIN_8BIT_SIZE`] elements, 32-bit states below.
+//! * **AdamW8bit** ([`OptimizerKind::AdamW8bit`]): not implemented yet; [`Optimizer::new`] returns
+//!   [`Error::Unsupported`]. Planned: bitsandbytes' blockwise 8-bit states for tensors of at least
+//!   [`MIN_8BIT_SIZE`] elements, bitsandbytes' 32-bit Adam below (`tests/data/optim_torch.safetensors` already
+//!   holds a bitsandbytes 0.50.2 CPU run to test it against).
 //! * **SGD**: `θ ← fma(f32(−lr_p), g, θ)` (torch's `param.add_(grad, alpha=-lr)`); no momentum, no weight
 //!   decay.
 //! * **LoRA+**: a parameter declared with [`ParamSpec::lora_b`] gets `lr_p = lora_plus_ratio·lr` (in f64),
@@ -34,8 +36,8 @@
 use crate::element::check_finite;
 use crate::{Error, Result};
 
-/// Parameters with fewer elements than this keep 32-bit Adam states under [`OptimizerKind::AdamW8bit`]
-/// (bitsandbytes' `min_8bit_size` default).
+/// Parameters with fewer elements than this will keep 32-bit Adam states under [`OptimizerKind::AdamW8bit`]
+/// (bitsandbytes' `min_8bit_size` default; the 8-bit optimizer is not implemented yet).
 pub const MIN_8BIT_SIZE: usize = 4096;
 
 /// Which update rule an [`Optimizer`] applies.
@@ -44,8 +46,8 @@ pub enum OptimizerKind {
     /// AdamW with f32 states, torch's arithmetic (module docs).
     AdamW,
     /// AdamW with bitsandbytes' blockwise 8-bit states (blocks of 256, an f32 absmax per block; signed dynamic
-    /// map for `m`, unsigned for `v`) for parameters of at least [`MIN_8BIT_SIZE`] elements; smaller ones keep
-    /// f32 states, as bitsandbytes does.
+    /// map for `m`, unsigned for `v`) for parameters of at least [`MIN_8BIT_SIZE`] elements. **Not implemented
+    /// yet**: accepted by [`parse`](Self::parse), refused by [`Optimizer::new`] with [`Error::Unsupported`].
     AdamW8bit,
     /// Plain SGD: no momentum, no weight decay.
     Sgd,
@@ -301,7 +303,7 @@ impl Optimizer {
         self.step
     }
 
-    /// Bytes of optimizer state held (moments, 8-bit codes and block maxima); 0 for SGD.
+    /// Bytes of optimizer state held (the f32 moments, 8 bytes per element for AdamW); 0 for SGD.
     pub fn state_bytes(&self) -> usize {
         self.states.iter().map(State::bytes).sum()
     }
@@ -558,6 +560,13 @@ mod tests {
             assert_eq!(opt.steps(), 2);
             assert_ne!((p0, p1), before_p);
         }
+    }
+
+    #[test]
+    fn adamw8bit_is_refused_until_implemented() {
+        let c = OptimizerConfig::new(OptimizerKind::AdamW8bit, 1e-3);
+        let err = Optimizer::new(c, &specs(&[MIN_8BIT_SIZE], &[false])).unwrap_err();
+        assert!(matches!(&err, Error::Unsupported { what } if what.contains("adamw8bit")), "{err}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod gguf;
 pub mod int8;
 mod limits;
 pub mod peft;
+mod peft_write;
 pub mod small_file;
 mod source;
 pub mod stream_writer;

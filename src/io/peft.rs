@@ -1,5 +1,6 @@
 //! PEFT LoRA adapter directories (`docs/formats.md` §5): loading, validating and attaching them to
-//! [`QuantLinear`] layers, plus [`load_quant_linears`] to build those layers from a quantized checkpoint.
+//! [`QuantLinear`] layers, plus [`load_quant_linears`] to build those layers from a quantized checkpoint, and
+//! writing them ([`save_adapter`], e.g. after QLoRA training).
 //!
 //! A directory written by PEFT's `save_pretrained` holds
 //! * `adapter_config.json`: `r`, `lora_alpha`, `use_rslora` (default false), `target_modules` (a list of
@@ -33,6 +34,8 @@
 //! assert!(report.unmatched_modules.is_empty(), "{report:?}");
 //! # Ok::<(), lowbit::Error>(())
 //! ```
+
+pub use crate::io::peft_write::{adapter_files, save_adapter, AdapterSaveConfig, PEFT_FORMAT_VERSION};
 
 use crate::io::checkpoint::{self, Layout};
 use crate::io::source::Borrowed;
