@@ -20,7 +20,7 @@ pub struct Loaded {
 }
 
 /// The model options `generate` and `perplexity` share.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// The model: a .gguf file, a Hugging Face model directory (dense, bitsandbytes 4-bit, lowbit int8) or
     /// a directory written by `lowbit quantize`.

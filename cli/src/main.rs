@@ -13,6 +13,7 @@ mod console;
 mod dequantize;
 mod dtype_arg;
 mod error;
+mod finetune;
 mod forward;
 mod generate;
 mod gpu;
@@ -457,6 +458,70 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// QLoRA fine-tuning on the CPU: trains LoRA adapters on a frozen model (quantized on load with --scheme,
+    /// e.g. `--scheme nf4 --double-quant`) with the fused backward through the quantized layers, AdamW (or
+    /// SGD) and LoRA+; prints `step N loss X` per step (the batch's mean next-token loss before that step's
+    /// update, then the gradient norm and tokens/s) and writes a PEFT adapter directory that PEFT and
+    /// `lowbit generate --adapter` load.
+    Finetune {
+        #[command(flatten)]
+        model: llm::ModelArgs,
+        /// Training text (UTF-8), tokenized without special tokens and cut into windows of --ctx tokens.
+        #[arg(long, value_name = "FILE", conflicts_with = "tokens", required_unless_present = "tokens")]
+        text: Option<PathBuf>,
+        /// Training data as token ids, e.g. 504,3575,282,4649,314.
+        #[arg(long, value_name = "ID,ID,...", value_delimiter = ',', num_args = 1..)]
+        tokens: Option<Vec<u32>>,
+        /// Where to write the trained adapter (adapter_config.json + adapter_model.safetensors).
+        #[arg(long, value_name = "DIR")]
+        adapter_out: PathBuf,
+        /// Double-quantize the block scales of the 4-bit --scheme (QLoRA's NF4 + double quantization).
+        #[arg(long)]
+        double_quant: bool,
+        /// Modules to adapt (new adapter; default q_proj,v_proj).
+        #[arg(long, value_name = "NAME,...", value_delimiter = ',', num_args = 1..)]
+        targets: Option<Vec<String>>,
+        /// LoRA rank of a new adapter (default 8).
+        #[arg(long, value_name = "R")]
+        rank: Option<usize>,
+        /// lora_alpha of a new adapter (default 16); the scaling is alpha / r (alpha / √r with --use-rslora).
+        #[arg(long, value_name = "A")]
+        alpha: Option<f32>,
+        /// rsLoRA scaling alpha / √r for a new adapter.
+        #[arg(long)]
+        use_rslora: bool,
+        /// Learning rate of A (and of B times --lora-plus-ratio).
+        #[arg(long, value_name = "LR", default_value_t = 2e-4)]
+        lr: f64,
+        /// LoRA+: B's learning rate is this times --lr (1 = plain LoRA; the LoRA+ paper suggests 16).
+        #[arg(long, value_name = "X", default_value_t = 1.0)]
+        lora_plus_ratio: f64,
+        /// adamw (bias-corrected, decoupled weight decay), adamw8bit (bitsandbytes' blockwise 8-bit states) or
+        /// sgd (θ ← θ − lr·g).
+        #[arg(long, value_name = "NAME", value_parser = parse_optimizer, default_value = "adamw")]
+        optimizer: lowbit::optim::OptimizerKind,
+        /// AdamW's decoupled weight decay.
+        #[arg(long, value_name = "WD", default_value_t = 0.0)]
+        weight_decay: f64,
+        /// Clip the global gradient norm to this (default: no clipping).
+        #[arg(long, value_name = "G")]
+        max_grad_norm: Option<f64>,
+        /// Optimizer steps.
+        #[arg(long, value_name = "N", default_value_t = 50)]
+        steps: usize,
+        /// Tokens per training window.
+        #[arg(long, value_name = "T", default_value_t = 128)]
+        ctx: usize,
+        /// Windows per step (their gradients accumulate before one update).
+        #[arg(long, value_name = "B", default_value_t = 1)]
+        batch: usize,
+        /// Seed of a new adapter's initialisation.
+        #[arg(long, value_name = "S", default_value_t = 0)]
+        seed: u64,
+        /// Replace --adapter-out if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Perplexity of a Llama-family model over a text file, in non-overlapping windows of --ctx tokens (the
     /// first token of each window is not scored); prints `perplexity: X` and the tokens/s.
     Perplexity {
@@ -476,6 +541,11 @@ enum Command {
 pub(crate) fn parse_scheme(s: &str) -> Result<lowbit::Scheme, String> {
     let s = if s == "nf4-dq" { "nf4:64+dq" } else { s };
     s.parse().map_err(|e: lowbit::Error| e.to_string())
+}
+
+/// Parses an optimizer name (`adamw`, `adamw8bit`, `sgd`).
+fn parse_optimizer(s: &str) -> Result<lowbit::optim::OptimizerKind, String> {
+    lowbit::optim::OptimizerKind::parse(s).map_err(|e| e.to_string())
 }
 
 /// Parses `OUTxIN` (both ≥ 1).
@@ -602,6 +672,47 @@ fn run(cli: Cli) -> Result<(), CliError> {
             ids_out: ids_out.as_deref(),
             force,
         }),
+        Command::Finetune {
+            model,
+            text,
+            tokens,
+            adapter_out,
+            double_quant,
+            targets,
+            rank,
+            alpha,
+            use_rslora,
+            lr,
+            lora_plus_ratio,
+            optimizer,
+            weight_decay,
+            max_grad_norm,
+            steps,
+            ctx,
+            batch,
+            seed,
+            force,
+        } => finetune::run(finetune::Finetune {
+            model: &model,
+            text: text.as_deref(),
+            tokens: tokens.as_deref(),
+            adapter_out: &adapter_out,
+            double_quant,
+            targets: targets.as_deref(),
+            rank,
+            alpha,
+            use_rslora,
+            lr,
+            lora_plus_ratio,
+            optimizer,
+            weight_decay,
+            max_grad_norm,
+            steps,
+            ctx,
+            batch,
+            seed,
+            force,
+        }),
         Command::Perplexity { model, text, ctx } => {
             perplexity::run(perplexity::Perplexity { model: &model, text: &text, ctx })
         }
@@ -656,7 +767,9 @@ fn main() -> ExitCode {
     let uses_gpu = match &cli.command {
         Command::Demo { .. } => true,
         Command::Forward { device, .. } | Command::Bench { device, .. } => *device == Device::Gpu,
-        Command::Generate { model, .. } | Command::Perplexity { model, .. } => model.device == Device::Gpu,
+        Command::Generate { model, .. } | Command::Perplexity { model, .. } | Command::Finetune { model, .. } => {
+            model.device == Device::Gpu
+        }
         _ => false,
     };
     let _runtime_dir = gpu::RuntimeDir::prepare(uses_gpu); // before any thread starts

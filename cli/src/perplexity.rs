@@ -27,14 +27,7 @@ pub fn run(p: Perplexity) -> Result<(), CliError> {
     if p.ctx < 2 {
         return Err(CliError::new(format!("--ctx {}: a window needs at least 2 tokens", p.ctx)));
     }
-    let shown = || console::escape(&p.text.display().to_string());
-    let io_err = |e: std::io::Error| CliError::new(format!("reading the text {}: {e}", shown()));
-    let meta = std::fs::metadata(p.text).map_err(io_err)?;
-    if !meta.is_file() || meta.len() > 256 << 20 {
-        return Err(CliError::new(format!("{}: expected a regular text file of at most 256 MiB", shown())));
-    }
-    let text = std::fs::read(p.text).map_err(io_err)?;
-    let text = String::from_utf8(text).map_err(|e| CliError::new(format!("{}: not UTF-8 text ({e})", shown())))?;
+    let text = read_text(p.text)?;
     let loaded = crate::llm::load(p.model)?;
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let ids = tok.encode(&text, false)?;
@@ -75,6 +68,18 @@ pub fn run(p: Perplexity) -> Result<(), CliError> {
         rayon::current_num_threads()
     ))?;
     Ok(())
+}
+
+/// Reads a UTF-8 text file of at most 256 MiB (a regular file), with errors naming it.
+pub fn read_text(path: &Path) -> Result<String, CliError> {
+    let shown = || console::escape(&path.display().to_string());
+    let io_err = |e: std::io::Error| CliError::new(format!("reading the text {}: {e}", shown()));
+    let meta = std::fs::metadata(path).map_err(io_err)?;
+    if !meta.is_file() || meta.len() > 256 << 20 {
+        return Err(CliError::new(format!("{}: expected a regular text file of at most 256 MiB", shown())));
+    }
+    let text = std::fs::read(path).map_err(io_err)?;
+    String::from_utf8(text).map_err(|e| CliError::new(format!("{}: not UTF-8 text ({e})", shown())))
 }
 
 /// `log softmax(row)[i]` in f64.
