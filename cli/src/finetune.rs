@@ -148,7 +148,7 @@ fn train(f: Finetune, args: &ModelArgs, optim: OptimizerConfig, data: Data, cont
         );
         (init.rank, init.alpha, init.use_rslora)
     };
-    let mut trainer = Trainer::new(model, optim.clone())?;
+    let mut trainer = Trainer::new(model, optim)?;
     eprintln!(
         "training: {} windows of ≤ {} tokens ({} tokens), batch {}, {} steps, {} lr {} (B: ×{}{}){}, {} threads",
         windows.len(),
