@@ -56,7 +56,7 @@ pub(crate) fn backward_into(
         t.resize_with(layer.adapters.len(), Vec::new);
         u.resize_with(layer.adapters.len(), Vec::new);
     }
-    // t = x·Aᵀ and u = dy·B for the rows that use each adapter (zero elsewhere).
+    // t = x·Aᵀ and u = dy·B for the rows that use each adapter (zero elsewhere), one row per task.
     for (a, ad) in layer.adapters.iter().enumerate() {
         if !used[a] {
             continue;
@@ -67,18 +67,24 @@ pub(crate) fn backward_into(
         ta.resize(m * rank, 0.0);
         ua.clear();
         ua.resize(m * rank, 0.0);
-        for r in (0..m).filter(|&r| layer.uses(sel, r, a)) {
-            let xr = &x[r * n_in..(r + 1) * n_in];
-            for (k, tk) in ta[r * rank..(r + 1) * rank].iter_mut().enumerate() {
-                *tk = (table.dot)(xr, &ad.a()[k * n_in..(k + 1) * n_in]);
-            }
-            let ur = &mut ua[r * rank..(r + 1) * rank];
-            for (o, &d) in dy[r * n_out..(r + 1) * n_out].iter().enumerate() {
-                for (uk, &b) in ur.iter_mut().zip(&ad.b()[o * rank..(o + 1) * rank]) {
-                    *uk += d * b;
+        let par = parallel && m > 1;
+        par_chunks(par, ta, rank, |r, tr| {
+            if layer.uses(sel, r, a) {
+                let xr = &x[r * n_in..(r + 1) * n_in];
+                for (k, tk) in tr.iter_mut().enumerate() {
+                    *tk = (table.dot)(xr, &ad.a()[k * n_in..(k + 1) * n_in]);
                 }
             }
-        }
+        });
+        par_chunks(par, ua, rank, |r, ur| {
+            if layer.uses(sel, r, a) {
+                for (o, &d) in dy[r * n_out..(r + 1) * n_out].iter().enumerate() {
+                    for (uk, &b) in ur.iter_mut().zip(&ad.b()[o * rank..(o + 1) * rank]) {
+                        *uk += d * b;
+                    }
+                }
+            }
+        });
     }
     let (t, u, used) = (&t[..], &u[..], &used[..]);
     if let Some(dx) = dx {
