@@ -873,7 +873,7 @@ mod tests {
 
     #[test]
     fn a_refused_step_changes_nothing() {
-        for kind in [OptimizerKind::AdamW, OptimizerKind::Sgd] {
+        for kind in OptimizerKind::ALL {
             let mut c = OptimizerConfig::new(kind, 1e-2);
             c.max_grad_norm = Some(0.1);
             let lens = [5, MIN_8BIT_SIZE + 3];
@@ -910,10 +910,20 @@ mod tests {
     }
 
     #[test]
-    fn adamw8bit_is_refused_until_implemented() {
+    fn adamw8bit_keeps_8bit_states_from_min_8bit_size_on() {
         let c = OptimizerConfig::new(OptimizerKind::AdamW8bit, 1e-3);
-        let err = Optimizer::new(c, &specs(&[MIN_8BIT_SIZE], &[false])).unwrap_err();
-        assert!(matches!(&err, Error::Unsupported { what } if what.contains("adamw8bit")), "{err}");
+        let lens = [MIN_8BIT_SIZE - 1, MIN_8BIT_SIZE, MIN_8BIT_SIZE + 1];
+        let opt = Optimizer::new(c, &specs(&lens, &[false, false, true])).unwrap();
+        assert!(matches!(opt.state(0), State::Adam { .. }));
+        assert!(opt.adam8bit_state(0).is_none() && opt.adam8bit_state(3).is_none());
+        for (i, blocks) in [(1, 16), (2, 17)] {
+            let st = opt.adam8bit_state(i).unwrap();
+            assert_eq!((st.m_codes.len(), st.v_codes.len()), (lens[i], lens[i]));
+            assert_eq!((st.m_absmax.len(), st.v_absmax.len()), (blocks, blocks));
+        }
+        let adamw =
+            Optimizer::new(OptimizerConfig::new(OptimizerKind::AdamW, 1e-3), &specs(&lens, &[false; 3])).unwrap();
+        assert!(adamw.adam8bit_state(1).is_none());
     }
 
     #[test]
@@ -925,6 +935,220 @@ mod tests {
         assert_eq!(adam.state_bytes(), 8 * total);
         let sgd = Optimizer::new(OptimizerConfig::new(OptimizerKind::Sgd, 1e-3), &s).unwrap();
         assert_eq!(sgd.state_bytes(), 0);
+        // AdamW8bit: f32 moments below MIN_8BIT_SIZE, else 2 bytes per element + 2 f32 per block of 256.
+        let adam8 = Optimizer::new(OptimizerConfig::new(OptimizerKind::AdamW8bit, 1e-3), &s).unwrap();
+        let eight = 2 * (2 * MIN_8BIT_SIZE + 1) + 8 * (16 + 17);
+        assert_eq!(adam8.state_bytes(), 8 * 10 + eight);
+        assert!(adam8.state_bytes() * 3 < adam.state_bytes());
+    }
+
+    /// The scalar rule of `create_dynamic_map(signed=False)` (module docs of [`DYNAMIC_MAP_UNSIGNED`]), with
+    /// torch's f32 `linspace` (it computes the second half backwards from the end).
+    fn unsigned_map_by_rule() -> Vec<f32> {
+        let linspace = |steps: usize| -> Vec<f32> {
+            let (start, end) = (0.1f32, 1.0f32);
+            let step = (end - start) / (steps - 1) as f32;
+            let half = steps / 2;
+            (0..steps)
+                .map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+                .collect()
+        };
+        let mut v: Vec<f32> = vec![0.0, 1.0];
+        for i in 0..7 {
+            let s = 10f64.powi(i - 6) as f32;
+            v.extend(linspace((2 << i) + 1).windows(2).map(|w| s * ((w[0] + w[1]) / 2.0)));
+        }
+        v.sort_by(f32::total_cmp);
+        v
+    }
+
+    #[test]
+    fn unsigned_map_follows_the_rule() {
+        let rule = unsigned_map_by_rule();
+        assert_eq!(rule.len(), 256);
+        let ulps = |a: f32, b: f32| (i64::from(a.to_bits()) - i64::from(b.to_bits())).unsigned_abs();
+        let differ: Vec<usize> = (0..256).filter(|&i| rule[i].to_bits() != DYNAMIC_MAP_UNSIGNED[i].to_bits()).collect();
+        let worst = (0..256).map(|i| ulps(rule[i], DYNAMIC_MAP_UNSIGNED[i])).max().unwrap_or(0);
+        // As for the signed map: torch's vectorised linspace rounds a few points differently from the scalar
+        // formula, so the dumped literals are the truth; the rule lands within 2 ulps of every one.
+        assert!(worst <= 2, "worst {worst} ulps at {differ:?}");
+        assert!(differ.len() < 64, "{differ:?}");
+        assert_eq!((DYNAMIC_MAP_UNSIGNED[0], DYNAMIC_MAP_UNSIGNED[255]), (0.0, 1.0));
+        for map in [StateMap::Signed, StateMap::Unsigned] {
+            assert!(map.values().windows(2).all(|w| w[0] < w[1]), "{map:?} sorted and distinct");
+        }
+        assert_eq!(StateMap::Signed.values()[127], 0.0);
+    }
+
+    /// bitsandbytes' lookup table, checked against its definition: `lut[j]` is the map entry nearest the grid
+    /// point `x_j` (ties to the lower), and codes never decrease along the grid.
+    #[test]
+    fn lookup_table_is_the_nearest_entry_of_each_grid_point() {
+        for map in [StateMap::Signed, StateMap::Unsigned] {
+            let (lut, values) = (map.lut(), map.values());
+            assert_eq!(lut.len(), LUT_LEN);
+            assert!(lut.windows(2).all(|w| w[0] <= w[1]));
+            for j in (0..LUT_LEN).step_by(97).chain([0, 32767, 32768, LUT_LEN - 1]) {
+                let x = (j as f32 + j as f32) / 65535.0 - 1.0;
+                let c = usize::from(lut[j]);
+                let d = |i: usize| (f64::from(values[i]) - f64::from(x)).abs();
+                // Thresholds are f32 midpoints: allow their rounding (half an ulp of the midpoint).
+                let slack = f64::from(values[c].abs().max(1e-30)) * 1e-7;
+                if c > 0 {
+                    assert!(d(c) <= d(c - 1) + slack, "{map:?} j {j}: code {c}");
+                }
+                if c < 255 {
+                    assert!(d(c) <= d(c + 1) + slack, "{map:?} j {j}: code {c}");
+                }
+            }
+        }
+        // 0 is not a grid point: it lands on x_32768 = 65536/65535 − 1 ≈ 1.53e-5, whose nearest signed entry is
+        // 2.125e-5 (code 131), and whose nearest unsigned entry is 1.5625e-5 (code 7).
+        assert_eq!(StateMap::Signed.lut()[32768], 131);
+        assert_eq!(StateMap::Unsigned.lut()[32768], 7);
+    }
+
+    #[test]
+    fn blockwise_quantization_round_trips_within_the_map_spacing() {
+        let n = 3 * STATE_BLOCKSIZE + 45;
+        for (map, seed) in [(StateMap::Signed, 11u64), (StateMap::Unsigned, 12)] {
+            let mut x = values(n, seed, 3.0);
+            if map == StateMap::Unsigned {
+                x.iter_mut().for_each(|v| *v = *v * *v);
+            }
+            x[STATE_BLOCKSIZE..2 * STATE_BLOCKSIZE].iter_mut().for_each(|v| *v = 0.0); // an all-zero block
+            x[n - 1] = 10.0; // the partial block's absmax (the signed map has +1.0 but no −1.0)
+            let (mut codes, mut absmax) = (vec![0u8; n], vec![0f32; state_blocks(n)]);
+            quantize_blockwise(&x, map, &mut codes, &mut absmax).unwrap();
+            assert_eq!(absmax[1], 0.0);
+            assert!(codes[STATE_BLOCKSIZE..2 * STATE_BLOCKSIZE].iter().all(|&c| c == 0));
+            assert_eq!(absmax[3], 10.0);
+            for (b, blk) in x.chunks(STATE_BLOCKSIZE).enumerate() {
+                assert_eq!(absmax[b], blk.iter().fold(0.0f32, |a, v| a.max(v.abs())));
+            }
+            let mut y = vec![f32::NAN; n];
+            dequantize_blockwise(&codes, &absmax, map, &mut y).unwrap();
+            assert_eq!(y[n - 1], x[n - 1], "the absmax element decodes exactly (code 255 = 1.0)");
+            let vals = map.values();
+            for k in 0..n {
+                let a = absmax[k / STATE_BLOCKSIZE];
+                assert_eq!(y[k].to_bits(), (vals[usize::from(codes[k])] * a).to_bits());
+                if a == 0.0 {
+                    continue;
+                }
+                // Within the larger of the two gaps around the chosen entry, plus the grid's half-spacing.
+                let c = usize::from(codes[k]);
+                let gap = (vals[c.min(254) + 1] - vals[c.saturating_sub(1).min(254)]).abs();
+                let tol = f64::from(a) * (f64::from(gap) + 2.0 / 65535.0);
+                assert!((f64::from(y[k]) - f64::from(x[k])).abs() <= tol, "{map:?} [{k}] {} vs {}", y[k], x[k]);
+            }
+            // Requantizing the decoded values gives the same codes (every map value sits inside its own cell).
+            let (mut codes2, mut absmax2) = (vec![0u8; n], vec![0f32; state_blocks(n)]);
+            quantize_blockwise(&y, map, &mut codes2, &mut absmax2).unwrap();
+            // (A block whose absmax element is negative decodes it to −0.993·absmax on the signed map, so its
+            // absmax shrinks and its codes shift; compare the other blocks.)
+            let same = |k: &usize| absmax2[k / STATE_BLOCKSIZE] == absmax[k / STATE_BLOCKSIZE];
+            let moved = (0..n).filter(same).filter(|&k| codes[k] != codes2[k]).count();
+            assert!(moved * 100 <= n, "{map:?}: {moved} codes moved on requantization");
+        }
+    }
+
+    #[test]
+    fn blockwise_quantization_refuses_mismatched_lengths() {
+        let x = vec![0.5f32; 300];
+        let (mut codes, mut absmax) = (vec![9u8; 300], vec![9.0f32; 2]);
+        for (c, a) in [(299usize, 2usize), (301, 2), (300, 1), (300, 3)] {
+            let (mut cc, mut aa) = (vec![9u8; c], vec![9.0f32; a]);
+            let err = quantize_blockwise(&x, StateMap::Signed, &mut cc, &mut aa).unwrap_err().to_string();
+            assert!(err.contains("8-bit state codes") || err.contains("absmax"), "{err}");
+            assert!(cc.iter().all(|&v| v == 9) && aa.iter().all(|&v| v == 9.0), "nothing written on error");
+        }
+        quantize_blockwise(&x, StateMap::Signed, &mut codes, &mut absmax).unwrap();
+        assert_eq!(absmax, [0.5, 0.5]);
+        assert!(codes.iter().all(|&c| c == 255));
+        let mut out = vec![0.0f32; 299];
+        assert!(dequantize_blockwise(&codes, &absmax, StateMap::Signed, &mut out).is_err());
+        let mut out = vec![0.0f32; 300];
+        assert!(dequantize_blockwise(&codes, &absmax[..1], StateMap::Signed, &mut out).is_err());
+        assert!(out.iter().all(|&v| v == 0.0));
+        // Empty input: no blocks, nothing to do.
+        quantize_blockwise(&[], StateMap::Unsigned, &mut [], &mut []).unwrap();
+        // Non-finite values are not refused and do not panic: NaN is skipped by the absmax.
+        let mut y = vec![1.0f32; 4];
+        y[1] = f32::NAN;
+        y[2] = f32::INFINITY;
+        let (mut c, mut a) = (vec![0u8; 4], vec![0.0f32; 1]);
+        quantize_blockwise(&y, StateMap::Signed, &mut c, &mut a).unwrap();
+        assert_eq!(a[0], f32::INFINITY);
+    }
+
+    /// AdamW8bit against an f64 Adam on the same (dequantized) states: the 8-bit states are the f64 moments
+    /// quantized, within the map's spacing, and the parameters move like Adam's.
+    #[test]
+    fn adamw8bit_follows_adam_through_its_quantized_states() {
+        let mut c = OptimizerConfig::new(OptimizerKind::AdamW8bit, 1e-3);
+        c.weight_decay = 0.01;
+        c.lora_plus_ratio = 4.0;
+        let lens = [MIN_8BIT_SIZE + 100, 33];
+        let mut opt = Optimizer::new(c, &specs(&lens, &[true, false])).unwrap();
+        let mut params: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &n)| values(n, 40 + i as u64, 1.0)).collect();
+        // f64 moments of the small tensor, and `Σ`-magnitudes of `m` (its rounding errors scale with them).
+        let (mut m_ref, mut v_ref, mut m_mag) = (vec![0.0f64; lens[1]], vec![0.0f64; lens[1]], vec![0.0f64; lens[1]]);
+        for t in 1..=5u64 {
+            let mut grads: Vec<Vec<f32>> =
+                lens.iter().enumerate().map(|(i, &n)| values(n, 100 * t + i as u64, 0.1)).collect();
+            let before = params.clone();
+            // f64 Adam from lowbit's dequantized states (so that each step's check is one step deep).
+            let mut m_prev = vec![0.0f32; lens[0]];
+            let mut v_prev = vec![0.0f32; lens[0]];
+            let st = opt.adam8bit_state(0).unwrap();
+            dequantize_blockwise(st.m_codes, st.m_absmax, StateMap::Signed, &mut m_prev).unwrap();
+            dequantize_blockwise(st.v_codes, st.v_absmax, StateMap::Unsigned, &mut v_prev).unwrap();
+            let mut pr: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
+            let mut gr: Vec<&mut [f32]> = grads.iter_mut().map(|g| &mut g[..]).collect();
+            opt.step(&mut pr, &mut gr).unwrap();
+            let (bc1, bc2) = (1.0 - c.beta1.powi(t as i32), 1.0 - c.beta2.powi(t as i32));
+            let st = opt.adam8bit_state(0).unwrap();
+            let mut m_now = vec![0.0f32; lens[0]];
+            let mut v_now = vec![0.0f32; lens[0]];
+            dequantize_blockwise(st.m_codes, st.m_absmax, StateMap::Signed, &mut m_now).unwrap();
+            dequantize_blockwise(st.v_codes, st.v_absmax, StateMap::Unsigned, &mut v_now).unwrap();
+            for k in 0..lens[0] {
+                let g = f64::from(grads[0][k]);
+                let m = c.beta1 * f64::from(m_prev[k]) + (1.0 - c.beta1) * g;
+                let v = c.beta2 * f64::from(v_prev[k]) + (1.0 - c.beta2) * g * g;
+                let b = k / STATE_BLOCKSIZE;
+                // The requantized states: within the map's widest relevant gap (0.0141 of absmax for the signed
+                // map's top decade, 0.0070 for the unsigned) plus the grid spacing.
+                let tol_m = f64::from(st.m_absmax[b]) * (0.0141 + 2.0 / 65535.0) + 1e-12;
+                let tol_v = f64::from(st.v_absmax[b]) * (0.0071 + 2.0 / 65535.0) + 1e-15;
+                assert!((f64::from(m_now[k]) - m).abs() <= tol_m, "t{t} m[{k}] {} vs {m}", m_now[k]);
+                assert!((f64::from(v_now[k]) - v).abs() <= tol_v, "t{t} v[{k}] {} vs {v}", v_now[k]);
+                // The parameter: exact f64 Adam from the unquantized m, v of this step, relative 1e-5.
+                let lr = c.lr * c.lora_plus_ratio;
+                let upd = lr / bc1 * m / (v.sqrt() / bc2.sqrt() + c.eps);
+                let want = f64::from(before[0][k]) * (1.0 - lr * c.weight_decay) - upd;
+                let got = f64::from(params[0][k]);
+                assert!((got - want).abs() <= 1e-5 * upd.abs() + 1e-6 * want.abs(), "t{t} θ[{k}] {got} vs {want}");
+            }
+            // The small tensor: bitsandbytes' 32-bit rule, f32 moments against f64 ones.
+            let (m32, v32) = adam_state(&opt, 1);
+            for k in 0..lens[1] {
+                let g = f64::from(grads[1][k]);
+                m_ref[k] = c.beta1 * m_ref[k] + (1.0 - c.beta1) * g;
+                m_mag[k] = c.beta1 * m_mag[k] + (1.0 - c.beta1) * g.abs();
+                v_ref[k] = c.beta2 * v_ref[k] + (1.0 - c.beta2) * g * g;
+                assert!((f64::from(m32[k]) - m_ref[k]).abs() <= 1e-6 * m_mag[k], "t{t} small m[{k}]");
+                assert!((f64::from(v32[k]) - v_ref[k]).abs() <= 1e-6 * v_ref[k], "t{t} small v[{k}]");
+                let upd = c.lr / bc1 * f64::from(m32[k]) / (f64::from(v32[k]).sqrt() / bc2.sqrt() + c.eps);
+                let want = f64::from(before[1][k]) * (1.0 - c.lr * c.weight_decay) - upd;
+                let got = f64::from(params[1][k]);
+                assert!(
+                    (got - want).abs() <= 1e-6 * upd.abs() + 1e-6 * want.abs(),
+                    "t{t} small θ[{k}] {got} vs {want}"
+                );
+            }
+        }
     }
 
     /// One exact (f64) AdamW step from the given f32 state: returns (θ', m', v') and the update magnitude
