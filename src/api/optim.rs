@@ -32,8 +32,9 @@
 //!     the same `m`, `v` updates, then `θ ← θ·f32(1 − lr_p·wd)` (when `wd > 0`) and
 //!     `θ ← fma(m / (√v + f32(eps·c2)), f32(−lr_p·c2 / (1 − β1ᵗ)), θ)`.
 //!
-//!   Against bitsandbytes 0.50.2 on the CPU (`tests/optim_torch.rs`): the 8-bit states (codes and absmax) are
-//!   **bit-identical** after every step, and so are the f32 moments they decode to. The parameters agree
+//!   Against bitsandbytes 0.50.2 on the CPU (`tests/optim_torch.rs`, 3 steps, weight decay, no LoRA+ or
+//!   clipping on the bitsandbytes side): the final 8-bit states (codes and absmax of `m` and `v`) and both maps
+//!   are **bit-identical** (they never depend on `θ` or `√`). The parameters agree
 //!   except where torch's CPU `sqrt` (MKL vector math, not correctly rounded) is one ulp off lowbit's
 //!   correctly rounded `√`; the resulting bound is derived in that test (measured: 7 of 4396 parameter values
 //!   differ after step 1 and 19 after step 3, none of the 100 of the 32-bit tensor).
