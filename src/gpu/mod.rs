@@ -78,12 +78,14 @@
 mod context;
 mod layout;
 mod linear;
+mod linear_backward;
 mod readback;
 mod shader;
 
 pub use context::{ContextOptions, GpuContext, GpuFeatures};
 pub use layout::{uniform_layouts, UniformLayout};
 pub use linear::{GpuLinear, KernelChoice, UploadOptions, CACHE_ENTRIES, F16_SAFE_PRODUCT};
+pub use linear_backward::GpuAdapterGrad;
 pub use readback::read_f32;
 pub use shader::{KernelKey, KernelOp};
 /// The `wgpu` version lowbit is built with (for `wgpu::Backends` in [`ContextOptions`] and device access).
