@@ -484,9 +484,10 @@ impl GpuLinear {
     pub fn bind_group_cache_len(&self) -> usize {
         lock(&self.caches).groups.map.len()
     }
-    /// Empties the bind group and per-call caches, releasing this layer's references to callers' `x` / `y`
-    /// buffers. Forwards already recorded stay valid.
+    /// Empties the bind group and per-call caches (forward and backward), releasing this layer's references
+    /// to callers' buffers. Forwards and backwards already recorded stay valid.
     pub fn clear_bind_groups(&self) {
+        lock(&self.bwd).clear_groups();
         let mut c = lock(&self.caches);
         c.groups = Lru::default();
         c.calls = Lru::default();

@@ -64,6 +64,13 @@ pub(crate) struct BwdCaches {
     bind_groups_created: u64,
 }
 
+impl BwdCaches {
+    /// Drops the cached bind groups (and with them the references to callers' buffers).
+    pub(super) fn clear_groups(&mut self) {
+        self.groups = Lru::default();
+    }
+}
+
 /// Workgroup counts of one backward, validated before anything is recorded.
 #[derive(Clone, Debug)]
 struct BwdDispatch {
