@@ -32,16 +32,25 @@ fn validate(module: &naga::Module, caps: Capabilities) -> Result<naga::valid::Mo
     Validator::new(ValidationFlags::all(), caps).validate(module).map_err(|e| format!("{e:?}"))
 }
 
+/// Every forward and backward variant.
+fn every_key() -> Vec<KernelKey> {
+    let mut v = KernelKey::all();
+    v.extend(KernelKey::all_backward());
+    v
+}
+
 #[test]
 fn every_variant_parses_and_validates() {
-    let all = KernelKey::all();
-    // Every op × scheme family × optional feature the code can produce, each once.
-    assert_eq!(all.len(), 1 + 2 * 2 * KernelKey::SCHEME_FAMILIES.len());
+    let all = every_key();
+    // Every op × scheme family × optional feature the code can produce, each once; the backward's dx per
+    // scheme family and its four LoRA kernels.
+    assert_eq!(KernelKey::all().len(), 1 + 2 * 2 * KernelKey::SCHEME_FAMILIES.len());
+    assert_eq!(KernelKey::all_backward().len(), KernelKey::SCHEME_FAMILIES.len() + 4);
     for (i, a) in all.iter().enumerate() {
         assert!(all[i + 1..].iter().all(|b| b != a), "{} listed twice", a.name());
         assert!(all[i + 1..].iter().all(|b| b.name() != a.name()), "two variants named {}", a.name());
     }
-    for op in [KernelOp::Gemv, KernelOp::Gemm] {
+    for op in [KernelOp::Gemv, KernelOp::Gemm, KernelOp::BackwardDx] {
         for s in KernelKey::SCHEME_FAMILIES {
             assert!(all.iter().any(|k| k.op == op && k.scheme == s), "{op:?} {s} missing");
         }
@@ -67,9 +76,15 @@ fn every_variant_parses_and_validates() {
 
 #[test]
 fn uniform_structs_have_the_rust_layout() {
-    for key in KernelKey::all() {
+    for key in every_key() {
         let (_, module) = parse(&key);
-        for layout in uniform_layouts() {
+        // `Chunk` and `Call` in every kernel, `Grad` in the backward's LoRA kernels (the prelude declares only
+        // the structs a kernel's bindings use).
+        let grad = matches!(
+            key.op,
+            KernelOp::BackwardShrink | KernelOp::BackwardU | KernelOp::BackwardDa | KernelOp::BackwardDb
+        );
+        for layout in uniform_layouts().into_iter().filter(|l| l.name != "Grad" || grad) {
             let (ty, members, span) = module
                 .types
                 .iter()
@@ -105,13 +120,15 @@ fn shader_files_do_not_redeclare_generated_items() {
         n += 1;
         let text = std::fs::read_to_string(&path).unwrap();
         let code: String = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
-        for generated in ["struct Chunk", "struct Call", "@binding(", "const WG", "const MAXM", "const GEMM_"] {
+        for generated in
+            ["struct Chunk", "struct Call", "struct Grad", "@binding(", "const WG", "const MAXM", "const GEMM_"]
+        {
             assert!(!code.contains(generated), "{}: declares `{generated}`, which the host generates", path.display());
         }
     }
-    assert_eq!(n, 4, "expected common, gemv, gemm and shrink in {}", dir.display());
+    assert_eq!(n, 6, "expected common, gemv, gemm, shrink, backward_dx and lora_grads in {}", dir.display());
     // No preprocessor directive survives into a variant.
-    for key in KernelKey::all() {
+    for key in every_key() {
         let (src, _) = parse(&key);
         assert!(!src.lines().any(|l| l.trim_start().starts_with('#')), "{}: leftover directive", key.name());
     }

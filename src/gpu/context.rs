@@ -1,6 +1,6 @@
 //! The GPU context: instance, adapter, device, queue, the optional features in use, and the pipeline cache.
 
-use super::layout;
+use super::layout::{self, BindingSet};
 use super::shader::{KernelKey, KernelOp};
 use crate::Error;
 use std::collections::HashMap;
@@ -53,9 +53,10 @@ pub struct GpuContext {
     info: wgpu::AdapterInfo,
     features: GpuFeatures,
     pub(crate) limits: wgpu::Limits,
-    /// The one bind group layout of every kernel ([`layout::BINDINGS`]): bind groups fit every variant.
-    pub(crate) bind_layout: wgpu::BindGroupLayout,
-    pipeline_layout: wgpu::PipelineLayout,
+    /// The bind group layouts, one per [`BindingSet`] (in [`BindingSet::ALL`] order): every forward kernel
+    /// shares the first, so a forward's bind groups fit every forward variant.
+    bind_layouts: Vec<wgpu::BindGroupLayout>,
+    pipeline_layouts: Vec<wgpu::PipelineLayout>,
     pipelines: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
 }
 
@@ -193,15 +194,25 @@ impl GpuContext {
             .await
             .map_err(|e| Error::gpu(format!("request device from {}", adapter.get_info().name), e))?;
         let info = adapter.get_info();
-        let bind_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("lowbit kernels"),
-            entries: &layout::layout_entries(),
-        });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("lowbit kernels"),
-            bind_group_layouts: &[Some(&bind_layout)],
-            immediate_size: 0,
-        });
+        let bind_layouts: Vec<wgpu::BindGroupLayout> = BindingSet::ALL
+            .iter()
+            .map(|&set| {
+                device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some("lowbit kernels"),
+                    entries: &layout::layout_entries(set),
+                })
+            })
+            .collect();
+        let pipeline_layouts = bind_layouts
+            .iter()
+            .map(|bl| {
+                device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some("lowbit kernels"),
+                    bind_group_layouts: &[Some(bl)],
+                    immediate_size: 0,
+                })
+            })
+            .collect();
         Ok(GpuContext {
             adapter,
             device,
@@ -209,8 +220,8 @@ impl GpuContext {
             info,
             features: GpuFeatures { f16, subgroups, timestamps },
             limits,
-            bind_layout,
-            pipeline_layout,
+            bind_layouts,
+            pipeline_layouts,
             pipelines: Mutex::new(HashMap::new()),
         })
     }
@@ -242,6 +253,10 @@ impl GpuContext {
     /// The limits the device was opened with (the WebGPU defaults, or lower where the adapter is lower).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+    /// The bind group layout of `set`.
+    pub(crate) fn bind_layout(&self, set: BindingSet) -> &wgpu::BindGroupLayout {
+        &self.bind_layouts[set.index()]
     }
     /// Whether this is a CPU adapter (lavapipe, llvmpipe, SwiftShader): fine for correctness, meaningless
     /// for speed.
@@ -312,7 +327,7 @@ impl GpuContext {
         });
         Ok(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key.name()),
-            layout: Some(&self.pipeline_layout),
+            layout: Some(&self.pipeline_layouts[key.op.binding_set().index()]),
             module: &module,
             entry_point: Some("main"),
             compilation_options: Default::default(),

@@ -137,9 +137,24 @@ uniform_struct! {
     }
 }
 
+uniform_struct! {
+    /// `Grad`: which adapter one backward gradient dispatch (`dA` / `dB`) works on. One immutable buffer per
+    /// adapter of a layer, created on the first backward.
+    GradParams => "Grad" {
+        /// Adapter id (index into the descriptors at `Chunk::ad_off`).
+        adapter: u32,
+        /// Padding to 16 bytes.
+        _p0: u32,
+        /// Padding to 16 bytes.
+        _p1: u32,
+        /// Padding to 16 bytes.
+        _p2: u32,
+    }
+}
+
 /// Layouts of every uniform struct the kernels read.
 pub fn uniform_layouts() -> Vec<UniformLayout> {
-    vec![ChunkParams::layout(), CallParams::layout()]
+    vec![ChunkParams::layout(), CallParams::layout(), GradParams::layout()]
 }
 
 /// How a binding is declared.
@@ -177,8 +192,119 @@ pub(crate) mod bind {
     pub(crate) const CALL: u32 = 9;
 }
 
-/// Every binding: (index, WGSL name, kind). One bind group layout serves every kernel (the shrink kernel
-/// ignores the weight bindings), so bind groups do not depend on the kernel variant.
+/// Binding indices of the backward's `dx` kernel (decodes the weight; its own bind group layout).
+pub(crate) mod bind_dx {
+    /// Packed codes of one chunk.
+    pub(crate) const CODES: u32 = 0;
+    /// Scales of one chunk.
+    pub(crate) const SCALES: u32 = 1;
+    /// Per-layer constants.
+    pub(crate) const LCONST: u32 = 2;
+    /// `dy` [m, out].
+    pub(crate) const DY: u32 = 3;
+    /// `dx` [m, in] (written).
+    pub(crate) const DX: u32 = 4;
+    /// Backward scratch: `t = x·Aᵀ` [m, r_total] then `u = dy·B` [m, r_total] (read here).
+    pub(crate) const T: u32 = 5;
+    /// All adapters' A then B.
+    pub(crate) const LORA: u32 = 6;
+    /// Adapter masks per row.
+    pub(crate) const ROWINFO: u32 = 7;
+    /// `Chunk` uniform.
+    pub(crate) const CHUNK: u32 = 8;
+    /// `Call` uniform.
+    pub(crate) const CALL: u32 = 9;
+}
+
+/// Binding indices of the backward's LoRA kernels (shrink, `u = dy·B`, `dA`, `dB`; no weight bindings).
+pub(crate) mod bind_lora {
+    /// Per-layer constants.
+    pub(crate) const LCONST: u32 = 0;
+    /// `x` [m, in].
+    pub(crate) const X: u32 = 1;
+    /// `dy` [m, out].
+    pub(crate) const DY: u32 = 2;
+    /// Backward scratch: `t` [m, r_total] then `u` [m, r_total] (written).
+    pub(crate) const T: u32 = 3;
+    /// All adapters' A then B.
+    pub(crate) const LORA: u32 = 4;
+    /// Adapter masks per row.
+    pub(crate) const ROWINFO: u32 = 5;
+    /// ∂L/∂A of one adapter, [rank, in] (accumulated into).
+    pub(crate) const DA: u32 = 6;
+    /// ∂L/∂B of one adapter, [out, rank] (accumulated into).
+    pub(crate) const DB: u32 = 7;
+    /// `Chunk` uniform (chunk 0's: the layer-wide fields).
+    pub(crate) const CHUNK: u32 = 8;
+    /// `Call` uniform.
+    pub(crate) const CALL: u32 = 9;
+    /// `Grad` uniform.
+    pub(crate) const GRAD: u32 = 10;
+}
+
+/// The three bind group layouts: the forward's (every forward kernel), the backward `dx` kernel's and the
+/// backward LoRA kernels'. Each stays within WebGPU's 8 storage buffers per stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum BindingSet {
+    /// [`BINDINGS`].
+    Forward,
+    /// [`BINDINGS_DX`].
+    BackwardDx,
+    /// [`BINDINGS_LORA`].
+    BackwardLora,
+}
+
+impl BindingSet {
+    /// Every set, in the order of the context's layouts.
+    pub(crate) const ALL: [BindingSet; 3] = [BindingSet::Forward, BindingSet::BackwardDx, BindingSet::BackwardLora];
+
+    /// The set's bindings.
+    pub(crate) fn bindings(self) -> &'static [(u32, &'static str, BindKind)] {
+        match self {
+            BindingSet::Forward => BINDINGS,
+            BindingSet::BackwardDx => BINDINGS_DX,
+            BindingSet::BackwardLora => BINDINGS_LORA,
+        }
+    }
+
+    /// Index into [`Self::ALL`].
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Bindings of the backward `dx` kernel: (index, WGSL name, kind).
+pub(crate) const BINDINGS_DX: &[(u32, &str, BindKind)] = &[
+    (bind_dx::CODES, "codes", BindKind::StorageRead("array<u32>")),
+    (bind_dx::SCALES, "scales", BindKind::StorageRead("array<u32>")),
+    (bind_dx::LCONST, "lconst", BindKind::StorageRead("array<u32>")),
+    (bind_dx::DY, "dy", BindKind::StorageRead("array<f32>")),
+    (bind_dx::DX, "dx", BindKind::StorageReadWrite("array<f32>")),
+    (bind_dx::T, "t", BindKind::StorageRead("array<f32>")),
+    (bind_dx::LORA, "lora", BindKind::StorageRead("array<f32>")),
+    (bind_dx::ROWINFO, "rowinfo", BindKind::StorageRead("array<u32>")),
+    (bind_dx::CHUNK, "ck", BindKind::Uniform("Chunk")),
+    (bind_dx::CALL, "call", BindKind::Uniform("Call")),
+];
+
+/// Bindings of the backward LoRA kernels. The names the forward's shrink kernel uses (`lconst`, `x`, `t`,
+/// `lora`, `rowinfo`, `ck`, `call`) are the same, so `shrink.wgsl` runs unchanged as the backward's shrink.
+pub(crate) const BINDINGS_LORA: &[(u32, &str, BindKind)] = &[
+    (bind_lora::LCONST, "lconst", BindKind::StorageRead("array<u32>")),
+    (bind_lora::X, "x", BindKind::StorageRead("array<f32>")),
+    (bind_lora::DY, "dy", BindKind::StorageRead("array<f32>")),
+    (bind_lora::T, "t", BindKind::StorageReadWrite("array<f32>")),
+    (bind_lora::LORA, "lora", BindKind::StorageRead("array<f32>")),
+    (bind_lora::ROWINFO, "rowinfo", BindKind::StorageRead("array<u32>")),
+    (bind_lora::DA, "da", BindKind::StorageReadWrite("array<f32>")),
+    (bind_lora::DB, "db", BindKind::StorageReadWrite("array<f32>")),
+    (bind_lora::CHUNK, "ck", BindKind::Uniform("Chunk")),
+    (bind_lora::CALL, "call", BindKind::Uniform("Call")),
+    (bind_lora::GRAD, "gp", BindKind::Uniform("Grad")),
+];
+
+/// Every binding of the forward kernels: (index, WGSL name, kind). One bind group layout serves every forward
+/// kernel (the shrink kernel ignores the weight bindings), so bind groups do not depend on the kernel variant.
 pub(crate) const BINDINGS: &[(u32, &str, BindKind)] = &[
     (bind::CODES, "codes", BindKind::StorageRead("array<u32>")),
     (bind::SCALES, "scales", BindKind::StorageRead("array<u32>")),
@@ -192,9 +318,9 @@ pub(crate) const BINDINGS: &[(u32, &str, BindKind)] = &[
     (bind::CALL, "call", BindKind::Uniform("Call")),
 ];
 
-/// The bind group layout entries matching [`BINDINGS`].
-pub(crate) fn layout_entries() -> Vec<wgpu::BindGroupLayoutEntry> {
-    BINDINGS
+/// The bind group layout entries of `set`.
+pub(crate) fn layout_entries(set: BindingSet) -> Vec<wgpu::BindGroupLayoutEntry> {
+    set.bindings()
         .iter()
         .map(|&(binding, _, kind)| wgpu::BindGroupLayoutEntry {
             binding,
@@ -233,8 +359,8 @@ const _: () =
     assert!(GEMM_TILE.is_multiple_of(GEMM_THREAD) && GEMM_TILE_LEN.is_multiple_of(GEMM_WG_SIDE * GEMM_WG_SIDE));
 const _: () = assert!(WG.is_power_of_two() && MAXM <= WG);
 
-/// The WGSL declarations prepended to every kernel: constants, uniform structs, bindings.
-pub(crate) fn wgsl_prelude() -> String {
+/// The WGSL declarations prepended to every kernel: constants, uniform structs (those `set` binds), bindings.
+pub(crate) fn wgsl_prelude(set: BindingSet) -> String {
     let mut s = String::new();
     let consts: [(&str, u32); 10] = [
         ("WG", WG),
@@ -251,10 +377,13 @@ pub(crate) fn wgsl_prelude() -> String {
     for (name, v) in consts {
         let _ = writeln!(s, "const {name}: u32 = {v}u;");
     }
+    let bindings = set.bindings();
     for l in uniform_layouts() {
-        s.push_str(&l.wgsl());
+        if bindings.iter().any(|&(_, _, k)| k == BindKind::Uniform(l.name)) {
+            s.push_str(&l.wgsl());
+        }
     }
-    for &(binding, name, kind) in BINDINGS {
+    for &(binding, name, kind) in bindings {
         let (space, ty) = match kind {
             BindKind::StorageRead(t) => ("storage, read", t),
             BindKind::StorageReadWrite(t) => ("storage, read_write", t),

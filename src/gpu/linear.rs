@@ -2,7 +2,7 @@
 //! cached, why nothing is rewritten through the queue) is documented in the `gpu` module docs.
 
 use super::context::GpuContext;
-use super::layout::{bind, CallParams, ChunkParams, GEMM_TILE, MAXM};
+use super::layout::{bind, BindingSet, CallParams, ChunkParams, GEMM_TILE, MAXM};
 use super::readback::{read_f32, read_u64};
 use super::shader::{KernelKey, KernelOp};
 use crate::format::affine::Granularity;
@@ -47,11 +47,11 @@ pub const CACHE_ENTRIES: usize = 64;
 
 /// One slice of the weight: whole output rows `[row0, row0 + rows)`.
 #[derive(Debug)]
-struct Chunk {
-    codes: wgpu::Buffer,
-    scales: wgpu::Buffer,
-    params: wgpu::Buffer,
-    rows: u32,
+pub(super) struct Chunk {
+    pub(super) codes: wgpu::Buffer,
+    pub(super) scales: wgpu::Buffer,
+    pub(super) params: wgpu::Buffer,
+    pub(super) rows: u32,
 }
 
 /// Buffers of the host-slice forwards (x upload, y, readback), reused while M fits.
@@ -65,7 +65,7 @@ struct Scratch {
 
 /// Which adapters each row adds, as stored in the `rowinfo` buffer.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Masks {
+pub(super) enum Masks {
     /// Every row uses the same adapter mask, stored once (`mask_stride` 0).
     Shared(Vec<u32>),
     /// One mask per row (`mask_stride` = words per mask).
@@ -74,17 +74,17 @@ enum Masks {
 
 /// A validated adapter selection for `m` rows.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct CallKey {
-    m: u32,
-    masks: Masks,
+pub(super) struct CallKey {
+    pub(super) m: u32,
+    pub(super) masks: Masks,
 }
 
 /// The immutable per-call buffers of one [`CallKey`].
 #[derive(Debug)]
-struct CallState {
-    call: wgpu::Buffer,
-    rowinfo: wgpu::Buffer,
-    use_lora: bool,
+pub(super) struct CallState {
+    pub(super) call: wgpu::Buffer,
+    pub(super) rowinfo: wgpu::Buffer,
+    pub(super) use_lora: bool,
 }
 
 /// What a cached bind group binds besides the layer's own buffers.
@@ -99,7 +99,7 @@ struct GroupKey {
 
 /// A small least-recently-used map.
 #[derive(Debug)]
-struct Lru<K, V> {
+pub(super) struct Lru<K, V> {
     map: HashMap<K, (V, u64)>,
     tick: u64,
 }
@@ -111,7 +111,7 @@ impl<K, V> Default for Lru<K, V> {
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> Lru<K, V> {
-    fn get(&mut self, k: &K) -> Option<V> {
+    pub(super) fn get(&mut self, k: &K) -> Option<V> {
         self.tick += 1;
         let tick = self.tick;
         self.map.get_mut(k).map(|(v, t)| {
@@ -120,7 +120,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Lru<K, V> {
         })
     }
 
-    fn insert(&mut self, k: K, v: V) {
+    pub(super) fn insert(&mut self, k: K, v: V) {
         if self.map.len() >= CACHE_ENTRIES {
             if let Some(old) = self.map.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone()) {
                 self.map.remove(&old);
@@ -133,8 +133,8 @@ impl<K: Eq + Hash + Clone, V: Clone> Lru<K, V> {
 
 /// Per-layer caches of the recording path.
 #[derive(Debug, Default)]
-struct Caches {
-    calls: Lru<CallKey, Arc<CallState>>,
+pub(super) struct Caches {
+    pub(super) calls: Lru<CallKey, Arc<CallState>>,
     groups: Lru<GroupKey, Arc<Vec<wgpu::BindGroup>>>,
     /// The LoRA scratch `t`, grown (never shrunk) to the largest m·Σr recorded.
     t: Option<wgpu::Buffer>,
@@ -158,29 +158,32 @@ struct Dispatch {
 /// accumulation order.
 #[derive(Debug)]
 pub struct GpuLinear {
-    n_in: usize,
-    n_out: usize,
+    pub(super) n_in: usize,
+    pub(super) n_out: usize,
     scheme: Scheme,
-    chunks: Vec<Chunk>,
-    consts: wgpu::Buffer,
-    lora: wgpu::Buffer,
-    r_total: usize,
-    adapter_names: Vec<String>,
-    adapter_enabled: Vec<bool>,
+    pub(super) chunks: Vec<Chunk>,
+    pub(super) consts: wgpu::Buffer,
+    pub(super) lora: wgpu::Buffer,
+    pub(super) r_total: usize,
+    pub(super) adapter_names: Vec<String>,
+    pub(super) adapter_enabled: Vec<bool>,
+    pub(super) adapter_ranks: Vec<usize>,
     max_abs_w: f32,
     packed_bytes: u64,
-    max_binding: u64,
+    pub(super) max_binding: u64,
     scratch: Mutex<Option<Scratch>>,
-    caches: Mutex<Caches>,
+    pub(super) caches: Mutex<Caches>,
+    /// Caches of the backward's recording path.
+    pub(super) bwd: Mutex<super::linear_backward::BwdCaches>,
 }
 
-fn too_big(what: &str, bytes: u64, limit: u64) -> Error {
+pub(super) fn too_big(what: &str, bytes: u64, limit: u64) -> Error {
     Error::Unsupported {
         what: format!("{what} of {bytes} bytes exceeds the GPU storage binding limit of {limit} bytes"),
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
@@ -417,11 +420,13 @@ impl GpuLinear {
             r_total,
             adapter_names: ads.iter().map(|a| a.name().to_string()).collect(),
             adapter_enabled: ads.iter().map(|a| a.is_enabled()).collect(),
+            adapter_ranks: ads.iter().map(|a| a.rank()).collect(),
             max_abs_w,
             packed_bytes: layer.weight.packed_bytes() as u64,
             max_binding,
             scratch: Mutex::new(None),
             caches: Mutex::new(Caches::default()),
+            bwd: Mutex::new(Default::default()),
         })
     }
 
@@ -479,9 +484,10 @@ impl GpuLinear {
     pub fn bind_group_cache_len(&self) -> usize {
         lock(&self.caches).groups.map.len()
     }
-    /// Empties the bind group and per-call caches, releasing this layer's references to callers' `x` / `y`
-    /// buffers. Forwards already recorded stay valid.
+    /// Empties the bind group and per-call caches (forward and backward), releasing this layer's references
+    /// to callers' buffers. Forwards and backwards already recorded stay valid.
     pub fn clear_bind_groups(&self) {
+        lock(&self.bwd).clear_groups();
         let mut c = lock(&self.caches);
         c.groups = Lru::default();
         c.calls = Lru::default();
@@ -490,8 +496,8 @@ impl GpuLinear {
     /// The kernel variant `choice` resolves to for `m` rows on `ctx` (with f32 tiles if `x` might overflow f16).
     pub fn kernel_for(&self, ctx: &GpuContext, m: usize, choice: KernelChoice) -> Result<KernelKey, Error> {
         let op = choice.op.unwrap_or(if m <= GEMV_MAX_M { KernelOp::Gemv } else { KernelOp::Gemm });
-        if op == KernelOp::Shrink {
-            return Err(Error::invalid("KernelChoice::op", "Shrink", "Gemv, Gemm or None"));
+        if !matches!(op, KernelOp::Gemv | KernelOp::Gemm) {
+            return Err(Error::invalid("KernelChoice::op", format!("{op:?}"), "Gemv, Gemm or None"));
         }
         let f = ctx.features();
         let subgroups = op == KernelOp::Gemv && choice.subgroups.unwrap_or(f.subgroups);
@@ -715,7 +721,7 @@ impl GpuLinear {
     }
 
     /// Validates `adapter_ids` for `m` rows and builds the adapter masks.
-    fn masks(&self, m: usize, adapter_ids: Option<&[Option<usize>]>) -> Result<CallKey, Error> {
+    pub(super) fn masks(&self, m: usize, adapter_ids: Option<&[Option<usize>]>) -> Result<CallKey, Error> {
         let n_ad = self.adapter_names.len();
         let words = n_ad.div_ceil(32).max(1);
         let mk = m as u32; // check_m bounded m·in below u32::MAX
@@ -786,6 +792,39 @@ impl GpuLinear {
         Ok(())
     }
 
+    /// The cached immutable per-call buffers (`Call` uniform, adapter masks) of `call_key`, created on a miss.
+    pub(super) fn call_state(&self, dev: &wgpu::Device, c: &mut Caches, call_key: &CallKey) -> Arc<CallState> {
+        let m = call_key.m;
+        match c.calls.get(call_key) {
+            Some(s) => s,
+            None => {
+                let (words, stride, any) = match &call_key.masks {
+                    Masks::Shared(w) => (w.as_slice(), 0, m > 0 && w.iter().any(|&v| v != 0)),
+                    Masks::PerRow(w) => {
+                        (w.as_slice(), self.adapter_names.len().div_ceil(32).max(1), w.iter().any(|&v| v != 0))
+                    }
+                };
+                let use_lora = any && self.r_total > 0;
+                let params = CallParams {
+                    m,
+                    mask_words: self.adapter_names.len().div_ceil(32).max(1) as u32,
+                    mask_stride: stride as u32,
+                    use_lora: use_lora as u32,
+                };
+                let init = |label, contents: &[u8], usage| {
+                    dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage })
+                };
+                let s = Arc::new(CallState {
+                    call: init("lowbit call params", bytemuck::bytes_of(&params), wgpu::BufferUsages::UNIFORM),
+                    rowinfo: init("lowbit rowinfo", bytemuck::cast_slice(words), wgpu::BufferUsages::STORAGE),
+                    use_lora,
+                });
+                c.calls.insert(call_key.clone(), s.clone());
+                s
+            }
+        }
+    }
+
     /// The cached per-call state and bind groups (one per chunk) for these buffers, created on a miss.
     fn bind_groups(
         &self,
@@ -815,34 +854,7 @@ impl GpuLinear {
                 t
             }
         };
-        let state = match c.calls.get(call_key) {
-            Some(s) => s,
-            None => {
-                let (words, stride, any) = match &call_key.masks {
-                    Masks::Shared(w) => (w.as_slice(), 0, m > 0 && w.iter().any(|&v| v != 0)),
-                    Masks::PerRow(w) => {
-                        (w.as_slice(), self.adapter_names.len().div_ceil(32).max(1), w.iter().any(|&v| v != 0))
-                    }
-                };
-                let use_lora = any && self.r_total > 0;
-                let params = CallParams {
-                    m,
-                    mask_words: self.adapter_names.len().div_ceil(32).max(1) as u32,
-                    mask_stride: stride as u32,
-                    use_lora: use_lora as u32,
-                };
-                let init = |label, contents: &[u8], usage| {
-                    dev.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage })
-                };
-                let s = Arc::new(CallState {
-                    call: init("lowbit call params", bytemuck::bytes_of(&params), wgpu::BufferUsages::UNIFORM),
-                    rowinfo: init("lowbit rowinfo", bytemuck::cast_slice(words), wgpu::BufferUsages::STORAGE),
-                    use_lora,
-                });
-                c.calls.insert(call_key.clone(), s.clone());
-                s
-            }
-        };
+        let state = self.call_state(dev, &mut c, call_key);
         let gkey = GroupKey { x: x.clone(), y: y.clone(), t: t.clone(), call: state.call.clone(), m };
         let groups = match c.groups.get(&gkey) {
             Some(g) => g,
@@ -853,7 +865,7 @@ impl GpuLinear {
                     .map(|ch| {
                         dev.create_bind_group(&wgpu::BindGroupDescriptor {
                             label: Some("lowbit forward"),
-                            layout: &ctx.bind_layout,
+                            layout: ctx.bind_layout(BindingSet::Forward),
                             entries: &[
                                 entry(bind::CODES, ch.codes.as_entire_binding()),
                                 entry(bind::SCALES, ch.scales.as_entire_binding()),
@@ -1029,7 +1041,7 @@ impl GpuLinear {
 }
 
 /// `n` workgroups in one dimension, or an error when the device cannot dispatch that many.
-fn groups(ctx: &GpuContext, n: usize) -> Result<u32, Error> {
+pub(super) fn groups(ctx: &GpuContext, n: usize) -> Result<u32, Error> {
     u32::try_from(n)
         .ok()
         .filter(|&g| g <= ctx.limits.max_compute_workgroups_per_dimension)
@@ -1037,11 +1049,11 @@ fn groups(ctx: &GpuContext, n: usize) -> Result<u32, Error> {
 }
 
 /// The first `bytes` of `buf` (the caller's buffers may be larger than m rows, even larger than one binding).
-fn sized(buf: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
+pub(super) fn sized(buf: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
     wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: buf, offset: 0, size: wgpu::BufferSize::new(bytes) })
 }
 
-fn entry(binding: u32, resource: wgpu::BindingResource<'_>) -> wgpu::BindGroupEntry<'_> {
+pub(super) fn entry(binding: u32, resource: wgpu::BindingResource<'_>) -> wgpu::BindGroupEntry<'_> {
     wgpu::BindGroupEntry { binding, resource }
 }
 

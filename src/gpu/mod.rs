@@ -63,6 +63,15 @@
 //! A cached bind group holds a reference to the caller's `x` and `y` buffers, keeping them alive until the
 //! entry is evicted or [`GpuLinear::clear_bind_groups`] is called.
 
+//! # Backward (QLoRA training)
+//! [`GpuLinear::encode_backward`] records `dx = dy·W + Σ s·(dy·B)·A` (writing a caller buffer; `W` decoded in
+//! the kernel, never materialised) and ADDS the LoRA gradients `dA = s·(dy·B)ᵀ·x`, `dB = s·dyᵀ·(x·Aᵀ)` into
+//! caller buffers ([`GpuAdapterGrad`]), under the same recording rules as the forward. Every output element is
+//! summed in one fixed order, so results are deterministic. Its own two bind group layouts
+//! (`shaders/backward_dx.wgsl`; `shaders/lora_grads.wgsl` plus `shrink.wgsl`) keep each kernel within
+//! WebGPU's 8 storage buffers. [`GpuLinear::backward`] is the host-slice convenience. The stated error bound is
+//! `QuantLinear::backward_error_bound_for(.., BoundTarget::Gpu)`.
+//!
 //! # Layout on the GPU
 //! * Codes: the packed bytes reinterpreted as little-endian `u32` words (4-bit: 8 codes per word, first element
 //!   in the high nibble of each byte; int8: 4 codes per word). Blocks run over the flattened tensor, so a
@@ -78,12 +87,14 @@
 mod context;
 mod layout;
 mod linear;
+mod linear_backward;
 mod readback;
 mod shader;
 
 pub use context::{ContextOptions, GpuContext, GpuFeatures};
 pub use layout::{uniform_layouts, UniformLayout};
 pub use linear::{GpuLinear, KernelChoice, UploadOptions, CACHE_ENTRIES, F16_SAFE_PRODUCT};
+pub use linear_backward::GpuAdapterGrad;
 pub use readback::read_f32;
 pub use shader::{KernelKey, KernelOp};
 /// The `wgpu` version lowbit is built with (for `wgpu::Backends` in [`ContextOptions`] and device access).

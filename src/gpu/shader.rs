@@ -7,7 +7,7 @@
 //! generated from the Rust definitions in [`super::layout`]: the constants (`WG`, `MAXM`, `RED_LEN`,
 //! `GEMM_*`), the uniform structs `Chunk` and `Call`, and the bindings. No size or layout is written twice.
 
-use super::layout;
+use super::layout::{self, BindingSet};
 use crate::format::affine::Granularity;
 use crate::{Error, Scheme};
 
@@ -17,6 +17,8 @@ const FILES: &[(&str, &str)] = &[
     ("gemv.wgsl", include_str!("../../shaders/gemv.wgsl")),
     ("gemm.wgsl", include_str!("../../shaders/gemm.wgsl")),
     ("shrink.wgsl", include_str!("../../shaders/shrink.wgsl")),
+    ("backward_dx.wgsl", include_str!("../../shaders/backward_dx.wgsl")),
+    ("lora_grads.wgsl", include_str!("../../shaders/lora_grads.wgsl")),
 ];
 
 /// Which compute program.
@@ -28,6 +30,34 @@ pub enum KernelOp {
     Gemv,
     /// Tiled matrix–matrix product.
     Gemm,
+    /// Backward: `dx = dy·W (+ Σ s·u·A)`, decoding `W` in the kernel (one variant per scheme family).
+    BackwardDx,
+    /// Backward: the LoRA shrink `t = x·Aᵀ` (`shrink.wgsl` under the backward's LoRA bindings).
+    BackwardShrink,
+    /// Backward: `u = dy·B`.
+    BackwardU,
+    /// Backward: `dA += s·uᵀ·x` for one adapter.
+    BackwardDa,
+    /// Backward: `dB += s·dyᵀ·t` for one adapter.
+    BackwardDb,
+}
+
+impl KernelOp {
+    /// Whether the program decodes the weight (its key depends on the scheme family).
+    fn decodes_weight(self) -> bool {
+        matches!(self, KernelOp::Gemv | KernelOp::Gemm | KernelOp::BackwardDx)
+    }
+
+    /// The bind group layout the program is compiled against.
+    pub(crate) fn binding_set(self) -> BindingSet {
+        match self {
+            KernelOp::Shrink | KernelOp::Gemv | KernelOp::Gemm => BindingSet::Forward,
+            KernelOp::BackwardDx => BindingSet::BackwardDx,
+            KernelOp::BackwardShrink | KernelOp::BackwardU | KernelOp::BackwardDa | KernelOp::BackwardDb => {
+                BindingSet::BackwardLora
+            }
+        }
+    }
 }
 
 /// A kernel variant: the program, the weight's [`Scheme`] and the optional features it uses.
@@ -40,7 +70,8 @@ pub enum KernelOp {
 pub struct KernelKey {
     /// Program.
     pub op: KernelOp,
-    /// The weight's scheme (ignored for [`KernelOp::Shrink`]).
+    /// The weight's scheme (ignored by the kernels that do not decode the weight: the shrinks and the
+    /// backward's LoRA kernels).
     pub scheme: Scheme,
     /// Reduce with subgroup operations (GEMV only; needs `Features::SUBGROUP`).
     pub subgroups: bool,
@@ -64,8 +95,7 @@ impl std::hash::Hash for KernelKey {
 
 impl KernelKey {
     /// The LoRA shrink kernel (the one variant of [`KernelOp::Shrink`]).
-    pub const SHRINK: KernelKey =
-        KernelKey { op: KernelOp::Shrink, scheme: Scheme::nf4(64, false), subgroups: false, f16: false };
+    pub const SHRINK: KernelKey = Self::lora(KernelOp::Shrink);
 
     /// One scheme of each kernel family: 4-bit plain, 4-bit double-quantized, int8 per tensor / channel /
     /// group.
@@ -77,8 +107,36 @@ impl KernelKey {
         Scheme::Int8(Granularity::PerGroup(64)),
     ];
 
-    /// Every variant lowbit can request: the shrink kernel, GEMV of each scheme family with and without
-    /// subgroups, GEMM of each family with f32 and f16 tiles (21 in all).
+    /// A weight-independent kernel (`op` other than GEMV, GEMM and the backward `dx`).
+    const fn lora(op: KernelOp) -> KernelKey {
+        KernelKey { op, scheme: Scheme::nf4(64, false), subgroups: false, f16: false }
+    }
+
+    /// The backward kernels of a layer with scheme `scheme`: `dx` (per scheme family), then the LoRA shrink,
+    /// `u = dy·B`, `dA` and `dB`.
+    pub fn backward(scheme: Scheme) -> [KernelKey; 5] {
+        [
+            KernelKey { op: KernelOp::BackwardDx, scheme, subgroups: false, f16: false },
+            Self::lora(KernelOp::BackwardShrink),
+            Self::lora(KernelOp::BackwardU),
+            Self::lora(KernelOp::BackwardDa),
+            Self::lora(KernelOp::BackwardDb),
+        ]
+    }
+
+    /// Every backward variant: `dx` of each scheme family and the four LoRA kernels (9 in all).
+    pub fn all_backward() -> Vec<KernelKey> {
+        let mut v: Vec<KernelKey> = Self::SCHEME_FAMILIES
+            .iter()
+            .map(|&scheme| KernelKey { op: KernelOp::BackwardDx, scheme, subgroups: false, f16: false })
+            .collect();
+        v.extend_from_slice(&Self::backward(Self::SCHEME_FAMILIES[0])[1..]);
+        v
+    }
+
+    /// Every forward variant lowbit can request: the shrink kernel, GEMV of each scheme family with and
+    /// without subgroups, GEMM of each family with f32 and f16 tiles (21 in all). The backward's are
+    /// [`all_backward`](Self::all_backward).
     pub fn all() -> Vec<KernelKey> {
         let mut v = vec![Self::SHRINK];
         for scheme in Self::SCHEME_FAMILIES {
@@ -93,7 +151,7 @@ impl KernelKey {
     /// The weight part of the kernel: its name and the preprocessor names it defines.
     fn family(&self) -> (&'static str, &'static [&'static str]) {
         match self.scheme {
-            _ if self.op == KernelOp::Shrink => ("", &[]),
+            _ if !self.op.decodes_weight() => ("", &[]),
             Scheme::FourBit { double_quant: false, .. } => ("4bit", &["FOURBIT"]),
             Scheme::FourBit { double_quant: true, .. } => ("4bit-dq", &["FOURBIT", "DQ"]),
             Scheme::Int8(Granularity::PerTensor) => ("int8-tensor", &["GRAN_TENSOR"]),
@@ -123,8 +181,13 @@ impl KernelKey {
     pub fn name(&self) -> String {
         let op = match self.op {
             KernelOp::Shrink => return "lora-shrink".into(),
+            KernelOp::BackwardShrink => return "backward-lora-shrink".into(),
+            KernelOp::BackwardU => return "backward-lora-u".into(),
+            KernelOp::BackwardDa => return "backward-lora-da".into(),
+            KernelOp::BackwardDb => return "backward-lora-db".into(),
             KernelOp::Gemv => "gemv",
             KernelOp::Gemm => "gemm",
+            KernelOp::BackwardDx => "backward-dx",
         };
         let mut s = format!("{op}-{}", self.family().0);
         if self.subgroups {
@@ -148,15 +211,23 @@ impl KernelKey {
             defs.push("F16");
         }
         let file = match self.op {
-            KernelOp::Shrink => "shrink.wgsl",
+            KernelOp::Shrink | KernelOp::BackwardShrink => "shrink.wgsl",
             KernelOp::Gemv => "gemv.wgsl",
             KernelOp::Gemm => "gemm.wgsl",
+            KernelOp::BackwardDx => "backward_dx.wgsl",
+            KernelOp::BackwardU | KernelOp::BackwardDa | KernelOp::BackwardDb => "lora_grads.wgsl",
         };
+        match self.op {
+            KernelOp::BackwardU => defs.push("GRAD_U"),
+            KernelOp::BackwardDa => defs.push("GRAD_DA"),
+            KernelOp::BackwardDb => defs.push("GRAD_DB"),
+            _ => {}
+        }
         let mut out = String::new();
         if self.f16 {
             out.push_str("enable f16;\n");
         }
-        out.push_str(&layout::wgsl_prelude());
+        out.push_str(&layout::wgsl_prelude(self.op.binding_set()));
         preprocess(file, &defs, &mut out, 0)?;
         Ok(out)
     }

@@ -62,6 +62,27 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum()
 }
 
+/// Per weight element of a double-quantized 4-bit weight, `|T[q]|·(|map[c]·nested| + |offset|)`: the size
+/// of what a kernel decoding the block scale as one FMA `map[c]·nested + offset` (instead of the reference's
+/// two roundings) may change, in units of ε (see [`error_bound`] and the backward's bound). `None` for other
+/// weights, where the GPU decoder performs exactly the reference's f32 operations.
+pub(crate) fn dq_fma_terms(weight: &QuantWeight) -> Option<Vec<f64>> {
+    let QuantWeight::FourBit(t) = weight else { return None };
+    let BlockScales::Double(dq) = t.scales() else { return None };
+    Some(
+        (0..t.numel())
+            .map(|e| {
+                let q = super::nf4::code_at(t.packed(), e);
+                let b = e / t.blocksize();
+                let c = dq.codes()[b] as usize;
+                let s = (dq.map()[c] as f64 * dq.nested_absmax()[b / dq.nested_blocksize()] as f64).abs()
+                    + (dq.offset() as f64).abs();
+                (t.table()[q as usize] as f64).abs() * s
+            })
+            .collect(),
+    )
+}
+
 /// Which kernels' rounding an error bound covers (see [`error_bound`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct GpuTerms {
@@ -97,24 +118,7 @@ pub(crate) fn error_bound(layer: LayerView<'_>, x: &[f32], sel: AdapterSelection
     let (uh, sub) = (2f64.powi(-11), 2f64.powi(-24));
     let abs_dot = |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum() };
     // Double-quantization FMA allowance per weight: |T[q]|·(|map[c]·nested| + |offset|).
-    let dq_term: Option<Vec<f64>> = match layer.weight {
-        QuantWeight::FourBit(t) if terms.gpu => match t.scales() {
-            BlockScales::Double(dq) => Some(
-                (0..n_out * n_in)
-                    .map(|e| {
-                        let q = super::nf4::code_at(t.packed(), e);
-                        let b = e / t.blocksize();
-                        let c = dq.codes()[b] as usize;
-                        let s = (dq.map()[c] as f64 * dq.nested_absmax()[b / dq.nested_blocksize()] as f64).abs()
-                            + (dq.offset() as f64).abs();
-                        (t.table()[q as usize] as f64).abs() * s
-                    })
-                    .collect(),
-            ),
-            BlockScales::Plain(_) => None,
-        },
-        _ => None,
-    };
+    let dq_term = if terms.gpu { dq_fma_terms(layer.weight) } else { None };
     let bias_factor = if terms.gpu { 3.0 } else { 1.0 };
     let mut bounds = Vec::with_capacity(m * n_out);
     for r in 0..m {

@@ -80,7 +80,27 @@ pub(crate) fn backward_f64(layer: LayerView<'_>, x: &[f32], dy: &[f32], sel: Ada
 ///
 /// plus 1e-30 for underflow. The bound covers one call into zeroed gradients; adding into non-zero ones
 /// costs one more rounding of the sum (ε/2 of its magnitude).
-pub(crate) fn error_bound(layer: LayerView<'_>, x: &[f32], dy: &[f32], sel: AdapterSelection<'_>) -> Grads64 {
+///
+/// `gpu` adds what the GPU kernels (`shaders/backward_dx.wgsl`, `shaders/lora_grads.wgsl`) may do
+/// differently. Their sums are the same kinds of f32 sums (any fixed order, a split weight's chunk partials
+/// added in row order, with or without FMA), so the terms above cover them; the LoRA kernels never touch `W`.
+/// The one difference is the weight decode of a double-quantized 4-bit weight: the shader computes the block
+/// scale `s̃ = map[c]·nested + offset`, which a driver may contract into one FMA, where the reference rounds
+/// twice. With `P = map[c]·nested`, `S = P + offset` exact and u = ε/2: the reference `s` has
+/// `|s − S| ≤ 2u|P| + u|offset| + O(u²)`, the FMA `|s̃ − S| ≤ u(|P| + |offset|)`, and the decoded weights
+/// `fl(T[q]·s̃)`, `fl(T[q]·s)` add one rounding each (`u·|T[q]|·(|P| + |offset|)·(1 + 2u)` apiece), so
+/// `|w̃ − w| ≤ |T[q]|·(5u|P| + 4u|offset|) + O(u²) ≤ 3ε·|T[q]|·(|P| + |offset|)`. Through `dx = Σ_o dy·W` this
+/// adds `3ε·Σ_o |dy[m, o]|·|T[q_oi]|·(|map[c]·nested| + |offset|)` to `dx[m, i]` (zero for other weights,
+/// which the shader decodes with exactly the reference's f32 operations). A GPU that flushes subnormals
+/// changes each operation by less than 2⁻¹²⁶, which the 1e-30 floor covers for any sum of fewer than 10⁷
+/// terms.
+pub(crate) fn error_bound(
+    layer: LayerView<'_>,
+    x: &[f32],
+    dy: &[f32],
+    sel: AdapterSelection<'_>,
+    gpu: bool,
+) -> Grads64 {
     let (n_out, n_in) = (layer.out_features, layer.in_features);
     let m = x.len() / n_in;
     let eps = f32::EPSILON as f64;
@@ -95,6 +115,16 @@ pub(crate) fn error_bound(layer: LayerView<'_>, x: &[f32], dy: &[f32], sel: Adap
         }
         for v in &mut dx[r * n_in..(r + 1) * n_in] {
             *v *= (n_out + 3) as f64 * eps;
+        }
+    }
+    if let Some(dq) = gpu.then(|| super::linear::dq_fma_terms(layer.weight)).flatten() {
+        for r in 0..m {
+            for o in 0..n_out {
+                let d = 3.0 * eps * (dy[r * n_out + o] as f64).abs();
+                for (b, &t) in dx[r * n_in..(r + 1) * n_in].iter_mut().zip(&dq[o * n_in..(o + 1) * n_in]) {
+                    *b += d * t;
+                }
+            }
         }
     }
     let mut adapters = Vec::with_capacity(layer.adapters.len());

@@ -7,7 +7,7 @@
 //! [`crate::reference::linear_backward`] is the f64 oracle; [`QuantLinear::backward_error_bound`] states the
 //! tolerance. Results do not depend on the number of threads.
 
-use super::{QuantLinear, Workspace};
+use super::{BoundTarget, QuantLinear, Workspace};
 use crate::cpu::KernelPath;
 use crate::element::check_finite;
 use crate::format::layer::AdapterSelection;
@@ -190,10 +190,38 @@ impl QuantLinear {
     /// Per-element bound on `|g − g_ref|` for every CPU backward path, where `g_ref` is the exact (f64)
     /// gradient: `(out+3)·ε·Σ_o|dy·W|` for the base part of `dx`, plus per adapter the f32 accumulation of the
     /// `dy·B`, `x·Aᵀ` and M-row sums (derivation in `crate::reference::linear_backward` and
-    /// `docs/formats.md` §13). Errors as [`backward_into`](Self::backward_into) on bad inputs.
+    /// `docs/formats.md` §13). Errors as [`backward_into`](Self::backward_into) on bad inputs. The same as
+    /// [`backward_error_bound_for`](Self::backward_error_bound_for) with [`BoundTarget::Cpu`].
     pub fn backward_error_bound(&self, x: &[f32], dy: &[f32], sel: AdapterSelection<'_>) -> Result<BackwardBound> {
+        self.backward_error_bound_for(x, dy, sel, BoundTarget::Cpu)
+    }
+
+    /// [`backward_error_bound`](Self::backward_error_bound) for the kernels of `target`:
+    /// [`BoundTarget::Cpu`] (every CPU path) or [`BoundTarget::Gpu`] (the GPU backward,
+    /// `GpuLinear::encode_backward`), which adds, for double-quantized 4-bit weights, the allowance of a
+    /// block scale decoded with an FMA: `3ε·Σ_o |dy[m, o]|·|T[q_oi]|·(|map[c]·nested| + |offset|)` per element
+    /// of `dx` (derived in `crate::reference::linear_backward::error_bound`). [`BoundTarget::GpuF16`] is an
+    /// error: the backward has no f16 kernels.
+    pub fn backward_error_bound_for(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        sel: AdapterSelection<'_>,
+        target: BoundTarget,
+    ) -> Result<BackwardBound> {
+        let gpu = match target {
+            BoundTarget::Cpu => false,
+            BoundTarget::Gpu => true,
+            other => {
+                return Err(Error::invalid(
+                    "target",
+                    format!("{other:?}"),
+                    "BoundTarget::Cpu or BoundTarget::Gpu (the backward has no f16 kernels)",
+                ))
+            }
+        };
         self.check_backward(x, dy, sel)?;
-        let b = crate::reference::linear_backward::error_bound(self.view(), x, dy, sel);
+        let b = crate::reference::linear_backward::error_bound(self.view(), x, dy, sel, gpu);
         let adapters = b
             .adapters
             .into_iter()
