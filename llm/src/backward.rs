@@ -408,16 +408,17 @@ pub fn cross_entropy(logits: &[f32], targets: &[u32], scale: f32, dlogits: &mut 
     Ok(losses.iter().sum())
 }
 
-/// Most rows of `c` one task of [`matmul_nn`] computes.
-const MATMUL_ROWS: usize = 32;
+/// Columns of `c` one task of [`matmul_nn`] computes.
+const MATMUL_COLS: usize = 64;
 
 /// `c[m, n] = a[m, k] · b[k, n]` (row-major, overwriting `c`), e.g. the tied `lm_head`'s input gradient
 /// `dx[rows, hidden] = dlogits[rows, vocab] · E[vocab, hidden]`.
 ///
 /// Each element is `Σ_p a[r, p]·b[p, col]` accumulated in f32 in ascending `p`, by one task, so the result
-/// does not depend on the thread count (nor on how rows are grouped into tasks). Tasks own blocks of up to
-/// 32 rows of `c` and stream `b` once per block. No allocation. Errors unless `a.len() = m·k`,
-/// `b.len() = k·n`, `c.len() = m·n`.
+/// does not depend on the thread count. Tasks own blocks of 64 columns of `c` for every row (an `[m, 64]`
+/// accumulator), so `b` is read from memory once per call whatever `m` (for the lm_head, `b` is the 113 MB
+/// embedding: splitting by rows instead streamed it once per task). Allocates the accumulators (`m·n`
+/// floats). Errors unless `a.len() = m·k`, `b.len() = k·n`, `c.len() = m·n`.
 pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
     const WHAT: &str = "matmul_nn";
     expect_len("matmul_nn: a [m, k]", a.len(), product(WHAT, &[m, k])?)?;
@@ -426,21 +427,92 @@ pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f3
     if c.is_empty() {
         return Ok(());
     }
-    let rows = m.div_ceil(rayon::current_num_threads() * 4).clamp(1, MATMUL_ROWS);
-    c.par_chunks_mut(rows * n).enumerate().for_each(|(blk, cb)| {
-        let r0 = blk * rows;
-        cb.fill(0.0);
+    // Column-chunk-major accumulators: chunk j (columns c0..c0+w) is `[m, w]` at offset c0·m.
+    let mut acc = vec![0.0f32; m * n];
+    acc.par_chunks_mut(m * MATMUL_COLS).enumerate().for_each(|(j, cb)| {
+        let c0 = j * MATMUL_COLS;
+        let w = cb.len() / m;
+        if w == MATMUL_COLS {
+            nn_block_dispatch(m, k, n, a, b, c0, cb);
+        } else {
+            nn_block_generic(k, n, a, b, c0, w, cb);
+        }
+    });
+    for (j, cb) in acc.chunks(m * MATMUL_COLS).enumerate() {
+        let (c0, w) = (j * MATMUL_COLS, cb.len() / m);
+        for r in 0..m {
+            c[r * n + c0..r * n + c0 + w].copy_from_slice(&cb[r * w..(r + 1) * w]);
+        }
+    }
+    Ok(())
+}
+
+/// One task of [`matmul_nn`] for a partial column block (`w < 64` columns): plain loops, `p` ascending.
+fn nn_block_generic(k: usize, n: usize, a: &[f32], b: &[f32], c0: usize, w: usize, cb: &mut [f32]) {
+    for p in 0..k {
+        let bseg = &b[p * n + c0..p * n + c0 + w];
+        for (rr, crow) in cb.chunks_exact_mut(w).enumerate() {
+            let av = a[rr * k + p];
+            for (cv, &bv) in crow.iter_mut().zip(bseg) {
+                *cv += av * bv;
+            }
+        }
+    }
+}
+
+/// One task of [`matmul_nn`] for a whole block of 64 columns: rows in groups of 4 whose `4 × 64`
+/// accumulators stay in registers over all of `k` (the same additions in the same order as
+/// [`nn_block_generic`], so the same bits). Runs the AVX-512 or AVX2 compilation of the same code where the
+/// CPU has it (measured: the tied lm_head's `dlogits·E` of a 64-token SmolLM2 training step took 28% of the
+/// step with the plain loops).
+fn nn_block_dispatch(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c0: usize, cb: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was detected on this CPU just above.
+            return unsafe { nn_block_avx512(m, k, n, a, b, c0, cb) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected on this CPU just above.
+            return unsafe { nn_block_avx2(m, k, n, a, b, c0, cb) };
+        }
+    }
+    nn_block_64(m, k, n, a, b, c0, cb)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn nn_block_avx512(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c0: usize, cb: &mut [f32]) {
+    nn_block_64(m, k, n, a, b, c0, cb)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn nn_block_avx2(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c0: usize, cb: &mut [f32]) {
+    nn_block_64(m, k, n, a, b, c0, cb)
+}
+
+#[inline(always)]
+fn nn_block_64(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c0: usize, cb: &mut [f32]) {
+    const W: usize = MATMUL_COLS;
+    let mut r0 = 0;
+    while r0 < m {
+        let rr = 4.min(m - r0);
+        let mut acc = [[0.0f32; W]; 4];
         for p in 0..k {
-            let brow = &b[p * n..(p + 1) * n];
-            for (rr, crow) in cb.chunks_exact_mut(n).enumerate() {
-                let av = a[(r0 + rr) * k + p];
-                for (cv, &bv) in crow.iter_mut().zip(brow) {
+            let bseg: &[f32; W] = b[p * n + c0..p * n + c0 + W].try_into().expect("64 columns");
+            for (i, ai) in acc.iter_mut().enumerate().take(rr) {
+                let av = a[(r0 + i) * k + p];
+                for (cv, &bv) in ai.iter_mut().zip(bseg) {
                     *cv += av * bv;
                 }
             }
         }
-    });
-    Ok(())
+        for (i, ai) in acc.iter().enumerate().take(rr) {
+            cb[(r0 + i) * W..(r0 + i + 1) * W].copy_from_slice(ai);
+        }
+        r0 += rr;
+    }
 }
 
 #[cfg(test)]
@@ -837,5 +909,26 @@ mod tests {
         invalid(ce(&z(10), &[0, 1], 1.0, &mut z(9)), "dlogits");
         invalid(ce(&[0.0, f32::NAN], &[0], 1.0, &mut z(2)), "NaN logit");
         invalid(ce(&z(10), &[0, 1], f32::INFINITY, &mut z(10)), "scale");
+    }
+
+    /// Whole 64-column blocks (register-blocked, possibly AVX-512 / AVX2) give the same bits as the plain
+    /// loops: same additions in the same order.
+    #[test]
+    fn matmul_nn_blocks_equal_the_plain_loops() {
+        let (m, k, n) = (7, 53, 150);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 30.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 40.0).collect();
+        let mut c = vec![0.0f32; m * n];
+        matmul_nn(m, k, n, &a, &b, &mut c).unwrap();
+        for c0 in [0, 64, 128] {
+            let w = 64.min(n - c0);
+            let mut cb = vec![0.0f32; m * w];
+            nn_block_generic(k, n, &a, &b, c0, w, &mut cb);
+            for r in 0..m {
+                assert_eq!(&c[r * n + c0..r * n + c0 + w], &cb[r * w..(r + 1) * w], "block {c0} row {r}");
+            }
+        }
+        let exact: f64 = (0..k).map(|p| a[2 * k + p] as f64 * b[p * n + 70] as f64).sum();
+        assert!((c[2 * n + 70] as f64 - exact).abs() < 1e-4 * exact.abs().max(1.0));
     }
 }
