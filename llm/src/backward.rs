@@ -495,23 +495,33 @@ unsafe fn nn_block_avx2(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c0: 
 #[inline(always)]
 fn nn_block_64(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c0: usize, cb: &mut [f32]) {
     const W: usize = MATMUL_COLS;
-    let mut r0 = 0;
-    while r0 < m {
-        let rr = 4.min(m - r0);
-        let mut acc = [[0.0f32; W]; 4];
-        for p in 0..k {
-            let bseg: &[f32; W] = b[p * n + c0..p * n + c0 + W].try_into().expect("64 columns");
+    // `k` in chunks of 512 (a 128 KiB slice of `b`, L2-resident) so that every group of rows reuses it: `b` is
+    // read from memory once, not once per row group.
+    const KC: usize = 512;
+    cb.fill(0.0);
+    for k0 in (0..k).step_by(KC) {
+        let k1 = (k0 + KC).min(k);
+        let mut r0 = 0;
+        while r0 < m {
+            let rr = 4.min(m - r0);
+            let mut acc = [[0.0f32; W]; 4];
             for (i, ai) in acc.iter_mut().enumerate().take(rr) {
-                let av = a[(r0 + i) * k + p];
-                for (cv, &bv) in ai.iter_mut().zip(bseg) {
-                    *cv += av * bv;
+                ai.copy_from_slice(&cb[(r0 + i) * W..(r0 + i + 1) * W]);
+            }
+            for p in k0..k1 {
+                let bseg: &[f32; W] = b[p * n + c0..p * n + c0 + W].try_into().expect("64 columns");
+                for (i, ai) in acc.iter_mut().enumerate().take(rr) {
+                    let av = a[(r0 + i) * k + p];
+                    for (cv, &bv) in ai.iter_mut().zip(bseg) {
+                        *cv += av * bv;
+                    }
                 }
             }
+            for (i, ai) in acc.iter().enumerate().take(rr) {
+                cb[(r0 + i) * W..(r0 + i + 1) * W].copy_from_slice(ai);
+            }
+            r0 += rr;
         }
-        for (i, ai) in acc.iter().enumerate().take(rr) {
-            cb[(r0 + i) * W..(r0 + i + 1) * W].copy_from_slice(ai);
-        }
-        r0 += rr;
     }
 }
 
