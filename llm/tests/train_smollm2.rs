@@ -162,9 +162,25 @@ fn peft_gives_the_same_logits_as_lowbit_for_a_lowbit_trained_adapter() {
             embedding: None,
         };
         let model = Model::load(&path, &opts).unwrap();
-        let mut st = model.new_state(tokens.len()).unwrap();
-        let mut logits = vec![0.0f32; tokens.len() * vocab];
-        model.forward(&tokens, &mut st, lowbit_llm::Logits::All, &mut logits).unwrap();
+        let run = |model: &Model| {
+            let mut st = model.new_state(tokens.len()).unwrap();
+            let mut logits = vec![0.0f32; tokens.len() * vocab];
+            model.forward(&tokens, &mut st, lowbit_llm::Logits::All, &mut logits).unwrap();
+            logits
+        };
+        let logits = run(&model);
+        if adapter {
+            // The browser page's path (`Model.attachPeft(config, bytes)`: the files' contents parsed in memory,
+            // attached to a loaded base) gives the same bits as loading the directory.
+            let dir = data.join("smollm2_lowbit_lora");
+            let json = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+            let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+            let st = lowbit::io::parse_safetensors(&bytes).unwrap();
+            let peft = lowbit::io::peft::PeftAdapter::from_parts(&json, &st).unwrap();
+            let mut base = Model::load(&path, &LoadOptions { adapters: vec![], ..opts.clone() }).unwrap();
+            base.attach_peft(&peft, "page").unwrap();
+            assert!(run(&base) == logits, "attach_peft from bytes gives the directory load's logits");
+        }
         let want = tensor_f64(&f, key);
         let want_lse = tensor_f64(&f, lse_key);
         let (mut worst, mut worst_lse) = (0.0f64, 0.0f64);
