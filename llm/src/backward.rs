@@ -447,6 +447,47 @@ pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f3
     Ok(())
 }
 
+/// `c[m, n] = a[m, k] · b[n, k]ᵀ` (row-major, overwriting `c`): the tied `lm_head`'s logits in training,
+/// `logits[rows, vocab] = x[rows, hidden] · E[vocab, hidden]ᵀ`. Each task transposes 64 rows of `b` into a
+/// `[k, 64]` scratch and runs [`matmul_nn`]'s register-blocked block on it, so each element is
+/// `Σ_p a[r, p]·b[col, p]` in f32, ascending `p`, by one task (thread-count independent). Not the inference
+/// forward's summation order (`crate::linear::matmul_t`), so the logits can differ from it in the last bits.
+/// Allocates the accumulators and one `k × 64` scratch per task. Errors unless `a.len() = m·k`,
+/// `b.len() = n·k`, `c.len() = m·n`.
+pub fn matmul_nt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
+    const WHAT: &str = "matmul_nt";
+    expect_len("matmul_nt: a [m, k]", a.len(), product(WHAT, &[m, k])?)?;
+    expect_len("matmul_nt: b [n, k]", b.len(), product(WHAT, &[n, k])?)?;
+    expect_len("matmul_nt: c [m, n]", c.len(), product(WHAT, &[m, n])?)?;
+    if c.is_empty() {
+        return Ok(());
+    }
+    let mut acc = vec![0.0f32; m * n];
+    acc.par_chunks_mut(m * MATMUL_COLS).enumerate().for_each(|(j, cb)| {
+        let c0 = j * MATMUL_COLS;
+        let w = cb.len() / m;
+        // bt[p, q] = b[c0 + q, p]: the block's columns as a [k, w] row-major matrix.
+        let mut bt = vec![0.0f32; k * w];
+        for q in 0..w {
+            for (p, &v) in b[(c0 + q) * k..(c0 + q + 1) * k].iter().enumerate() {
+                bt[p * w + q] = v;
+            }
+        }
+        if w == MATMUL_COLS {
+            nn_block_dispatch(m, k, w, a, &bt, 0, cb);
+        } else {
+            nn_block_generic(k, w, a, &bt, 0, w, cb);
+        }
+    });
+    for (j, cb) in acc.chunks(m * MATMUL_COLS).enumerate() {
+        let (c0, w) = (j * MATMUL_COLS, cb.len() / m);
+        for r in 0..m {
+            c[r * n + c0..r * n + c0 + w].copy_from_slice(&cb[r * w..(r + 1) * w]);
+        }
+    }
+    Ok(())
+}
+
 /// One task of [`matmul_nn`] for a partial column block (`w < 64` columns): plain loops, `p` ascending.
 fn nn_block_generic(k: usize, n: usize, a: &[f32], b: &[f32], c0: usize, w: usize, cb: &mut [f32]) {
     for p in 0..k {
@@ -940,5 +981,18 @@ mod tests {
         }
         let exact: f64 = (0..k).map(|p| a[2 * k + p] as f64 * b[p * n + 70] as f64).sum();
         assert!((c[2 * n + 70] as f64 - exact).abs() < 1e-4 * exact.abs().max(1.0));
+    }
+
+    #[test]
+    fn matmul_nt_is_matmul_nn_of_the_transpose() {
+        let (m, k, n) = (6, 41, 140);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 29 % 83) as f32 - 41.0) / 30.0).collect();
+        let b: Vec<f32> = (0..n * k).map(|i| ((i * 71 % 89) as f32 - 44.0) / 40.0).collect();
+        let bt: Vec<f32> = (0..k * n).map(|i| b[(i % n) * k + i / n]).collect();
+        let (mut c1, mut c2) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+        matmul_nt(m, k, n, &a, &b, &mut c1).unwrap();
+        matmul_nn(m, k, n, &a, &bt, &mut c2).unwrap();
+        assert_eq!(c1, c2);
+        assert!(matmul_nt(m, k, n, &a, &b[1..], &mut c1).is_err());
     }
 }

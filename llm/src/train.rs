@@ -10,8 +10,8 @@
 //! frozen; only LoRA adapters get gradients.
 
 use crate::backward::{
-    attention_backward, attention_train_forward, cross_entropy, matmul_nn, rms_norm_backward_rows, rope_backward,
-    silu_mul_backward, AttentionDims,
+    attention_backward, attention_train_forward, cross_entropy, matmul_nn, matmul_nt, rms_norm_backward_rows,
+    rope_backward, silu_mul_backward, AttentionDims,
 };
 use crate::model::LmHead;
 use crate::ops::{apply_rope, rms_norm, silu_mul};
@@ -219,7 +219,7 @@ impl Model {
         let head_in = &s.xnf[..n * d];
         match &self.lm_head {
             LmHead::Tied => match &self.embed {
-                Embedding::F32(e) => crate::linear::matmul_t(e, vocab, d, head_in, &mut s.logits),
+                Embedding::F32(e) => matmul_nt(n, d, vocab, head_in, e, &mut s.logits)?,
                 Embedding::Int8(q) => q.forward_into(head_in, &mut s.logits, &mut s.ws)?,
             },
             LmHead::Own(l) => l.forward(head_in, &mut s.logits, &mut s.ws)?,
