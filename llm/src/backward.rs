@@ -427,16 +427,25 @@ pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f3
     if c.is_empty() {
         return Ok(());
     }
-    // Column-chunk-major accumulators: chunk j (columns c0..c0+w) is `[m, w]` at offset c0·m.
-    let mut acc = vec![0.0f32; m * n];
-    acc.par_chunks_mut(m * MATMUL_COLS).enumerate().for_each(|(j, cb)| {
-        let c0 = j * MATMUL_COLS;
-        let w = cb.len() / m;
+    column_blocks(m, n, c, |c0, w, cb| {
         if w == MATMUL_COLS {
             nn_block_dispatch(m, k, n, a, b, c0, cb);
         } else {
             nn_block_generic(k, n, a, b, c0, w, cb);
         }
+    });
+    Ok(())
+}
+
+/// Runs `block(c0, w, acc)` for every block of [`MATMUL_COLS`] columns of `c` (`[m, n]`) over the thread
+/// pool, each writing its `[m, w]` accumulator, then copies the accumulators into `c`'s rows. The shared
+/// driver of [`matmul_nn`] and [`matmul_nt`].
+fn column_blocks(m: usize, n: usize, c: &mut [f32], block: impl Fn(usize, usize, &mut [f32]) + Sync + Send) {
+    // Column-chunk-major accumulators: chunk j (columns c0..c0+w) is `[m, w]` at offset c0·m.
+    let mut acc = vec![0.0f32; m * n];
+    acc.par_chunks_mut(m * MATMUL_COLS).enumerate().for_each(|(j, cb)| {
+        let w = cb.len() / m;
+        block(j * MATMUL_COLS, w, cb)
     });
     for (j, cb) in acc.chunks(m * MATMUL_COLS).enumerate() {
         let (c0, w) = (j * MATMUL_COLS, cb.len() / m);
@@ -444,7 +453,6 @@ pub fn matmul_nn(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f3
             c[r * n + c0..r * n + c0 + w].copy_from_slice(&cb[r * w..(r + 1) * w]);
         }
     }
-    Ok(())
 }
 
 /// `c[m, n] = a[m, k] · b[n, k]ᵀ` (row-major, overwriting `c`): the tied `lm_head`'s logits in training,
@@ -462,10 +470,7 @@ pub fn matmul_nt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f3
     if c.is_empty() {
         return Ok(());
     }
-    let mut acc = vec![0.0f32; m * n];
-    acc.par_chunks_mut(m * MATMUL_COLS).enumerate().for_each(|(j, cb)| {
-        let c0 = j * MATMUL_COLS;
-        let w = cb.len() / m;
+    column_blocks(m, n, c, |c0, w, cb| {
         // bt[p, q] = b[c0 + q, p]: the block's columns as a [k, w] row-major matrix.
         let mut bt = vec![0.0f32; k * w];
         for q in 0..w {
@@ -479,12 +484,6 @@ pub fn matmul_nt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f3
             nn_block_generic(k, w, a, &bt, 0, w, cb);
         }
     });
-    for (j, cb) in acc.chunks(m * MATMUL_COLS).enumerate() {
-        let (c0, w) = (j * MATMUL_COLS, cb.len() / m);
-        for r in 0..m {
-            c[r * n + c0..r * n + c0 + w].copy_from_slice(&cb[r * w..(r + 1) * w]);
-        }
-    }
     Ok(())
 }
 
