@@ -75,8 +75,12 @@ fn micro<V: Vf, const R: usize>(d: [&[f32]; R], panel: &[f32], c: usize, r0: usi
         panel.len() >= rows * BACKWARD_COLS && c + 2 * V::LANES <= BACKWARD_COLS && d.iter().all(|s| s.len() == rows)
     );
     assert!((r0 + R) * kb <= out.len() && c + 2 * V::LANES <= kb);
-    let mut acc: [[V; 2]; R] =
-        std::array::from_fn(|i| [V::load(&out[(r0 + i) * kb + c..]), V::load(&out[(r0 + i) * kb + c + V::LANES..])]);
+    // A loop, not `array::from_fn`: a closure is compiled without the caller's target features, so its loads
+    // would be out-of-line calls.
+    let mut acc: [[V; 2]; R] = [[V::splat(0.0); 2]; R];
+    for (i, a) in acc.iter_mut().enumerate() {
+        *a = [V::load(&out[(r0 + i) * kb + c..]), V::load(&out[(r0 + i) * kb + c + V::LANES..])];
+    }
     for j in 0..rows {
         let base = j * BACKWARD_COLS + c;
         // SAFETY: base + 2·LANES ≤ rows·BACKWARD_COLS ≤ panel.len() (asserted above).

@@ -82,22 +82,25 @@ pub(crate) unsafe fn panel_gemm<D: Decoder>(job: &Job<'_>, o0: usize, ob: usize,
 /// of 128-bit block shuffles).
 #[inline(always)]
 unsafe fn transpose16(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
-    let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(src.add(i * src_stride)));
+    // Loops, not `array::from_fn`: a closure is compiled without this function's target features, so its
+    // intrinsics would be out-of-line calls.
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (i, v) in r.iter_mut().enumerate() {
+        *v = _mm512_loadu_ps(src.add(i * src_stride));
+    }
     // t[2p], t[2p+1]: rows 2p and 2p+1 interleaved (per 128-bit block L: columns 4L, 4L+1 / 4L+2, 4L+3).
-    let t: [__m512; 16] = std::array::from_fn(|i| {
-        let p = i / 2 * 2;
-        if i % 2 == 0 {
-            _mm512_unpacklo_ps(r[p], r[p + 1])
-        } else {
-            _mm512_unpackhi_ps(r[p], r[p + 1])
-        }
-    });
+    let mut t = [_mm512_setzero_ps(); 16];
+    for p in (0..16).step_by(2) {
+        t[p] = _mm512_unpacklo_ps(r[p], r[p + 1]);
+        t[p + 1] = _mm512_unpackhi_ps(r[p], r[p + 1]);
+    }
     // u[4g + q]: per block L, column 4L + q of rows 4g..4g+3.
-    let u: [__m512; 16] = std::array::from_fn(|i| {
+    let mut u = [_mm512_setzero_ps(); 16];
+    for (i, v) in u.iter_mut().enumerate() {
         let (g, q) = (i / 4, i % 4);
         let (a, b) = (_mm512_castps_pd(t[4 * g + q / 2]), _mm512_castps_pd(t[4 * g + 2 + q / 2]));
-        _mm512_castpd_ps(if q % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
-    });
+        *v = _mm512_castpd_ps(if q % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) });
+    }
     for q in 0..4 {
         // [g0.L0, g0.L1, g1.L0, g1.L1] and [g0.L2, g0.L3, g1.L2, g1.L3], likewise for groups 2 and 3.
         let v01 = _mm512_shuffle_f32x4::<0x44>(u[q], u[4 + q]);

@@ -351,10 +351,12 @@ fn gemv_int8_avx512_rows<const R: usize, const J: usize>(
     // `rows[i][k..k + 16]`.
     unsafe {
         for gi in 0..n_in / run {
-            let params: [(f32, __m512i); J] = std::array::from_fn(|i| {
+            // A loop, not `array::from_fn`: a closure would not inline the intrinsic (no target features).
+            let mut params = [(0.0f32, _mm512_setzero_si512()); J];
+            for (i, p) in params.iter_mut().enumerate() {
                 let e = entry(o0 + j0 + i, gi);
-                (t.scales()[e], _mm512_set1_epi32(i32::from(t.zero_points()[e])))
-            });
+                *p = (t.scales()[e], _mm512_set1_epi32(i32::from(t.zero_points()[e])));
+            }
             let mut acc = [[_mm512_setzero_ps(); J]; R];
             for c in 0..run / 16 {
                 let k = gi * run + c * 16;
@@ -444,10 +446,12 @@ fn gemv_int8_avx2_rows<const R: usize, const J: usize>(
     // of `rows[i][k + 8h..k + 8h + 8]`.
     unsafe {
         for gi in 0..n_in / run {
-            let params: [(f32, __m256i); J] = std::array::from_fn(|i| {
+            // A loop, not `array::from_fn`: a closure would not inline the intrinsic (no target features).
+            let mut params = [(0.0f32, _mm256_setzero_si256()); J];
+            for (i, p) in params.iter_mut().enumerate() {
                 let e = entry(o0 + j0 + i, gi);
-                (t.scales()[e], _mm256_set1_epi32(i32::from(t.zero_points()[e])))
-            });
+                *p = (t.scales()[e], _mm256_set1_epi32(i32::from(t.zero_points()[e])));
+            }
             let mut acc = [[_mm256_setzero_ps(); J]; R];
             for c in 0..run / 16 {
                 let k = gi * run + c * 16;
@@ -710,34 +714,6 @@ unsafe fn nibbles16(bytes: __m128i) -> __m128i {
     _mm_unpacklo_epi8(hi, lo)
 }
 
-/// Decodes the 16-aligned middle of a range 16 codes at a time with `lookup16(8 packed bytes, scale)`; heads
-/// and tails go through the portable segment decoder. Block sizes are multiples of 16, so an aligned group of
-/// 16 codes never crosses a block.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn four_bit_aligned(
-    packed: &[u8],
-    flat: usize,
-    table: &[f32; 16],
-    pairs: &[[f32; 2]; 256],
-    scales: &[f32],
-    shift: u32,
-    out: &mut [f32],
-    mut store16: impl FnMut(&[u8; 8], f32, &mut [f32]),
-) {
-    let n = out.len();
-    let head = ((16 - flat % 16) % 16).min(n);
-    four_bit_segments(packed, flat, table, pairs, scales, shift, &mut out[..head]);
-    let mut i = head;
-    while i + 16 <= n {
-        let f = flat + i;
-        let bytes: &[u8; 8] = packed[f / 2..f / 2 + 8].try_into().expect("8 bytes");
-        store16(bytes, scales[f >> shift], &mut out[i..i + 16]);
-        i += 16;
-    }
-    four_bit_segments(packed, flat + i, table, pairs, scales, shift, &mut out[i..]);
-}
-
 struct Avx512Decoder;
 
 impl Decoder for Avx512Decoder {
@@ -757,6 +733,12 @@ impl Decoder for Avx512Decoder {
 
 /// 4-bit decode into `out` through the register table of `D` (aligned groups of 16) and the portable decoder
 /// (heads and tails). Values are `table[q] * scale` with one rounding, as the reference.
+///
+/// Groups of 16 codes start at a multiple of 16 in the flat index (a head of up to 15 values goes through the
+/// portable decoder first), so one group reads 8 whole bytes and, blocks being multiples of 16, never crosses a
+/// block. No closure on this path: every helper is `#[inline(always)]`, so the whole decode is compiled inside
+/// the caller's `#[target_feature]` function and its intrinsics inline (a closure is compiled without the
+/// caller's features, and on AVX2 its intrinsics became out-of-line calls: ~30% of a training step).
 #[inline(always)]
 fn four_bit_registers<V: Vf, D: Table16<V>>(
     packed: &[u8],
@@ -768,13 +750,22 @@ fn four_bit_registers<V: Vf, D: Table16<V>>(
     out: &mut [f32],
 ) {
     let tab = D::load_table(table);
-    four_bit_aligned(packed, flat, table, pairs, scales, shift, out, |bytes, scale, dst| {
+    let n = out.len();
+    let head = ((16 - flat % 16) % 16).min(n);
+    four_bit_segments(packed, flat, table, pairs, scales, shift, &mut out[..head]);
+    let mut i = head;
+    while i + 16 <= n {
+        let f = flat + i;
+        let bytes: &[u8; 8] = packed[f / 2..f / 2 + 8].try_into().expect("8 bytes");
         let w = D::decode(bytes, &tab);
-        let s = V::splat(scale);
+        let s = V::splat(scales[f >> shift]);
+        let dst = &mut out[i..i + 16];
         for (h, wh) in w.iter().enumerate().take(16 / V::LANES) {
             V::mul(*wh, s).store(&mut dst[h * V::LANES..]);
         }
-    });
+        i += 16;
+    }
+    four_bit_segments(packed, flat + i, table, pairs, scales, shift, &mut out[i..]);
 }
 
 struct Avx2Decoder;
@@ -819,6 +810,21 @@ impl Table16<V512> for Avx512Decoder {
     }
 }
 
+/// `table[idx]` for 8 codes in `0..16` from a 16-entry table held as two halves: two `vpermps` and a blend on
+/// bit 3 of the code. A function, not a closure, so it inlines into the AVX2 caller with its features.
+///
+/// # Safety
+/// AVX2 must be available (every caller is compiled with it).
+#[inline(always)]
+unsafe fn lookup16_avx2(tab: &(__m256, __m256), idx: __m256i) -> __m256 {
+    // SAFETY: register-only AVX2 operations; the caller guarantees AVX2.
+    unsafe {
+        let lo = _mm256_permutevar8x32_ps(tab.0, idx);
+        let hi = _mm256_permutevar8x32_ps(tab.1, idx);
+        _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+    }
+}
+
 impl Table16<V256> for Avx2Decoder {
     type Tab = (__m256, __m256);
     #[inline(always)]
@@ -830,13 +836,11 @@ impl Table16<V256> for Avx2Decoder {
     fn decode(bytes: &[u8; 8], tab: &(__m256, __m256)) -> [V256; 2] {
         // SAFETY: reads the 8 bytes of `bytes`; AVX2 enabled in every caller.
         unsafe {
-            let lookup = |idx: __m256i| {
-                let lo = _mm256_permutevar8x32_ps(tab.0, idx);
-                let hi = _mm256_permutevar8x32_ps(tab.1, idx);
-                _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-            };
             let codes = nibbles16(_mm_loadl_epi64(bytes.as_ptr() as *const __m128i));
-            [V256(lookup(_mm256_cvtepu8_epi32(codes))), V256(lookup(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes))))]
+            [
+                V256(lookup16_avx2(tab, _mm256_cvtepu8_epi32(codes))),
+                V256(lookup16_avx2(tab, _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes)))),
+            ]
         }
     }
     #[inline(always)]
