@@ -8,8 +8,18 @@ use lowbit::gpu::{block_on, GpuLinear, KernelChoice, KernelOp};
 mod common;
 use common::*;
 
+/// The two tests share one GL context and run one at a time: wgpu's GL backend holds a context lock around
+/// every driver call and panics (aborting the test process) when a thread waits for it more than 6 s, which
+/// llvmpipe's shader compiles on a loaded 2-core machine exceed when both tests compile at once.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn gl_backend_variants() {
+    let _one_at_a_time = serial();
     let Some(ctx) = gl_ctx() else { return };
     run_matrix(ctx, FORMATS, SHAPES, MS, 4242);
     // Variants needing features GL lacks are errors, not faults.
@@ -29,6 +39,7 @@ fn gl_backend_variants() {
 
 #[test]
 fn gl_backend_encode_forward() {
+    let _one_at_a_time = serial();
     let Some(ctx) = gl_ctx() else { return };
     // Layers chained in one submission, and one layer recorded several times into one encoder.
     let mut rng = Rng::new(4343);
