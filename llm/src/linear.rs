@@ -164,6 +164,15 @@ impl Linear {
         }
     }
 
+    /// Every adapter of the layer, enabled or not, in the layer's order (the order of
+    /// [`zero_grads`](Self::zero_grads) and of a GPU upload).
+    pub fn all_adapters(&self) -> Vec<&LoraAdapter> {
+        match self {
+            Linear::Quant(l) => l.adapters().iter().collect(),
+            Linear::Dense(d) => d.adapters.iter().collect(),
+        }
+    }
+
     /// How many adapters the layer has (enabled or not).
     pub fn adapter_count(&self) -> usize {
         match self {

@@ -296,11 +296,7 @@ impl Model {
         let mut out = Vec::new();
         for (i, b) in self.blocks.iter().enumerate() {
             for (name, l) in b.linears() {
-                let ads: Vec<&LoraAdapter> = match l {
-                    crate::Linear::Quant(q) => q.adapters().iter().collect(),
-                    crate::Linear::Dense(_) => l.adapters(),
-                };
-                for ad in ads {
+                for ad in l.all_adapters() {
                     out.push((format!("model.layers.{i}.{name}"), ad));
                 }
             }
@@ -449,6 +445,21 @@ impl Trainer {
     /// One step on `batch` (each sequence ≥ 2 tokens): loss and gradients, then the update. Errors (the
     /// adapters unchanged) on a bad sequence or a non-finite gradient.
     pub fn step(&mut self, model: &mut Model, batch: &[&[u32]]) -> Result<StepReport> {
+        let mut state = std::mem::take(&mut self.state);
+        let report = self.accumulate(batch, |seq, scale, grads| model.loss_and_grads(seq, scale, grads, &mut state));
+        self.state = state;
+        let report = report?;
+        let stats = self.apply(model)?;
+        Ok(StepReport { stats, ..report })
+    }
+
+    /// Zeroes the gradients and runs `loss_and_grads(sequence, scale, grads)` over `batch` with the scale of
+    /// a mean over every predicted position; returns the report without optimizer statistics.
+    pub(crate) fn accumulate(
+        &mut self,
+        batch: &[&[u32]],
+        mut loss_and_grads: impl FnMut(&[u32], f32, &mut ModelGrads) -> Result<LossSum>,
+    ) -> Result<StepReport> {
         if batch.is_empty() {
             return Err(Error::Invalid("an empty batch (expected at least one sequence)".into()));
         }
@@ -458,14 +469,14 @@ impl Trainer {
         self.grads.zero();
         let mut sum = 0.0;
         for seq in batch {
-            sum += model.loss_and_grads(seq, scale, &mut self.grads, &mut self.state)?.sum;
+            sum += loss_and_grads(seq, scale, &mut self.grads)?.sum;
         }
-        let stats = self.apply(model)?;
+        let stats = StepStats { grad_norm: 0.0, clip_coef: 1.0, step: 0 };
         Ok(StepReport { loss: sum / predicted as f64, predicted, tokens, stats })
     }
 
     /// The optimizer update with the accumulated gradients.
-    fn apply(&mut self, model: &mut Model) -> Result<StepStats> {
+    pub(crate) fn apply(&mut self, model: &mut Model) -> Result<StepStats> {
         let mut params: Vec<&mut [f32]> = Vec::new();
         let mut grads: Vec<&mut [f32]> = Vec::new();
         for (b, gb) in model.blocks.iter_mut().zip(self.grads.blocks.iter_mut()) {

@@ -70,6 +70,44 @@ fn norm(v: &[f32]) -> f64 {
     v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt()
 }
 
+/// The loss (mean) and every gradient against the fixture's f64 run, within the header's tolerances.
+fn check_against_fixture(f: &SafetensorsFile, device: &str, loss: f64, grads: &lowbit_llm::train::ModelGrads) {
+    let want = tensor_f64(f, "loss_f64")[0];
+    eprintln!("{device} loss: lowbit {loss}, PyTorch f64 {want}, f32 {}", tensor_f64(f, "loss")[0]);
+    assert!((loss - want).abs() <= 1e-5 * want, "loss {loss} vs {want}");
+    // Per-module gradient norms.
+    let norms = tensor_f64(f, "grad_norms_f64");
+    let mut worst_norm = 0.0f64;
+    for layer in 0..30 {
+        for (k, name) in ["self_attn.q_proj", "self_attn.v_proj"].into_iter().enumerate() {
+            let g = &grads.layer(layer, name).unwrap()[0];
+            let j = 2 * layer + k;
+            for (which, v) in [(0, &g.a), (1, &g.b)] {
+                let want = norms[2 * j + which];
+                let rel = (norm(v) - want).abs() / want;
+                worst_norm = worst_norm.max(rel);
+                assert!(rel <= 1e-3, "layer {layer} {name} {}: |g| {} vs {want}", ["A", "B"][which], norm(v));
+            }
+        }
+    }
+    // Full gradients of layers 0, 14 and 29.
+    let mut worst = 0.0f64;
+    for layer in [0, 14, 29] {
+        for short in ["q_proj", "v_proj"] {
+            let g = &grads.layer(layer, &format!("self_attn.{short}")).unwrap()[0];
+            for (which, got) in [("A", &g.a), ("B", &g.b)] {
+                let want = tensor_f64(f, &format!("grad.{layer}.{short}.lora_{which}_f64"));
+                assert_eq!(got.len(), want.len());
+                let max = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                let err = got.iter().zip(&want).fold(0.0f64, |m, (&a, b)| m.max((a as f64 - b).abs()));
+                worst = worst.max(err / max);
+                assert!(err <= 1.5e-3 * max, "layer {layer} {short} d{which}: max |Δ| {err:e} vs max |g| {max:e}");
+            }
+        }
+    }
+    eprintln!("{device} gradients vs PyTorch f64: max |Δ|/max|g| {worst:.2e}; norms max relative {worst_norm:.2e}");
+}
+
 #[test]
 fn smollm2_qlora_loss_and_gradients_match_pytorch() {
     let Some(path) = lowbit_testkit::model::smollm2_gguf("smollm2_qlora_loss_and_gradients_match_pytorch") else {
@@ -91,40 +129,7 @@ fn smollm2_qlora_loss_and_gradients_match_pytorch() {
     let loss = model.loss_and_grads(&tokens, 1.0 / n as f32, &mut grads, &mut TrainState::default()).unwrap();
     eprintln!("forward + backward of {} tokens: {:.3} s", tokens.len(), t.elapsed().as_secs_f64());
     let loss = loss.sum / n as f64;
-    let want = tensor_f64(&f, "loss_f64")[0];
-    eprintln!("loss: lowbit {loss}, PyTorch f64 {want}, f32 {}", tensor_f64(&f, "loss")[0]);
-    assert!((loss - want).abs() <= 1e-5 * want, "loss {loss} vs {want}");
-    // Per-module gradient norms.
-    let norms = tensor_f64(&f, "grad_norms_f64");
-    let mut worst_norm = 0.0f64;
-    for layer in 0..30 {
-        for (k, name) in ["self_attn.q_proj", "self_attn.v_proj"].into_iter().enumerate() {
-            let g = &grads.layer(layer, name).unwrap()[0];
-            let j = 2 * layer + k;
-            for (which, v) in [(0, &g.a), (1, &g.b)] {
-                let want = norms[2 * j + which];
-                let rel = (norm(v) - want).abs() / want;
-                worst_norm = worst_norm.max(rel);
-                assert!(rel <= 1e-3, "layer {layer} {name} {}: |g| {} vs {want}", ["A", "B"][which], norm(v));
-            }
-        }
-    }
-    // Full gradients of layers 0, 14 and 29.
-    let mut worst = 0.0f64;
-    for layer in [0, 14, 29] {
-        for short in ["q_proj", "v_proj"] {
-            let g = &grads.layer(layer, &format!("self_attn.{short}")).unwrap()[0];
-            for (which, got) in [("A", &g.a), ("B", &g.b)] {
-                let want = tensor_f64(&f, &format!("grad.{layer}.{short}.lora_{which}_f64"));
-                assert_eq!(got.len(), want.len());
-                let max = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                let err = got.iter().zip(&want).fold(0.0f64, |m, (&a, b)| m.max((a as f64 - b).abs()));
-                worst = worst.max(err / max);
-                assert!(err <= 1.5e-3 * max, "layer {layer} {short} d{which}: max |Δ| {err:e} vs max |g| {max:e}");
-            }
-        }
-    }
-    eprintln!("gradients vs PyTorch f64: max |Δ|/max|g| {worst:.2e}; norms max relative {worst_norm:.2e}");
+    check_against_fixture(&f, "CPU", loss, &grads);
     // One SGD step (lr 0.5, as the fixture) moves every adapter by −lr·grad; the loss after it matches.
     let mut trainer = Trainer::new(&model, OptimizerConfig::new(OptimizerKind::Sgd, 0.5)).unwrap();
     let r = trainer.step(&mut model, &[&tokens]).unwrap();
@@ -135,6 +140,30 @@ fn smollm2_qlora_loss_and_gradients_match_pytorch() {
     let want = tensor_f64(&f, "loss_after_sgd_f64")[0];
     eprintln!("loss after one SGD step (lr 0.5): lowbit {after}, PyTorch f64 {want}");
     assert!((after - want).abs() <= 1e-4 * want, "loss after SGD {after} vs {want}");
+}
+
+/// The same on the GPU (lavapipe in CI): `GpuModel::loss_and_grads` against the fixture's f64 run, with the
+/// same tolerances (the GPU computes the same f32 operations in another order). One pass only: it takes about
+/// 90 s on lavapipe; `Trainer::step_gpu` and the upload of updated adapters are checked against the CPU
+/// trainer in `gpu_train.rs`.
+/// Needs both the model and a GPU adapter (each skips loudly; `LOWBIT_REQUIRE_*` make the skips failures).
+#[cfg(feature = "gpu")]
+#[test]
+fn smollm2_qlora_on_the_gpu_matches_pytorch() {
+    let Some(path) = lowbit_testkit::model::smollm2_gguf("smollm2_qlora_on_the_gpu_matches_pytorch") else {
+        return;
+    };
+    let Some(ctx) = lowbit_testkit::gpu::test_context() else { return };
+    let f = fixture();
+    let tokens: Vec<u32> = tensor_f64(&f, "tokens").into_iter().map(|v| v as u32).collect();
+    let model = model_with_adapters(&path);
+    let mut gpu = lowbit_llm::gpu::GpuModel::upload(ctx, &model, tokens.len(), 1).unwrap();
+    let n = tokens.len() - 1;
+    let mut grads = model.zero_grads();
+    let t = std::time::Instant::now();
+    let loss = gpu.loss_and_grads(ctx, &tokens, 1.0 / n as f32, &mut grads).unwrap();
+    eprintln!("GPU forward + backward of {} tokens: {:.3} s", tokens.len(), t.elapsed().as_secs_f64());
+    check_against_fixture(&f, "GPU", loss.sum / n as f64, &grads);
 }
 
 /// An adapter written by `lowbit finetune` (`tests/data/smollm2_lowbit_lora`: v_proj, r 2, LoRA+) loads in

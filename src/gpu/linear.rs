@@ -302,7 +302,8 @@ impl GpuLinear {
         let lora_buf = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("lowbit lora"),
             contents: bytemuck::cast_slice(&lora),
-            usage: storage,
+            // COPY_DST: `write_adapter_weights` updates A and B in place (training).
+            usage: storage | wgpu::BufferUsages::COPY_DST,
         });
 
         // Chunks of whole rows, each within one binding.
@@ -472,6 +473,43 @@ impl GpuLinear {
             Error::invalid("adapter name", format!("{name:?}"), format!("one of {:?}", self.adapter_names))
         })?;
         self.adapter_enabled[id] = enabled;
+        Ok(())
+    }
+
+    /// Replaces the weights of adapter `id` on the GPU with `a` (`[rank, in]`) and `b` (`[out, rank]`), e.g.
+    /// after an optimizer step on the host copies (training). The rank, scaling and name stay as uploaded.
+    /// The write goes through `queue.write_buffer`, so it takes effect at the next submission, before any of
+    /// its commands: work already submitted sees the old weights, every forward or backward submitted after
+    /// the call sees the new ones. Errors, writing nothing, on an id out of range, wrong lengths or a
+    /// non-finite value.
+    pub fn write_adapter_weights(&self, ctx: &GpuContext, id: usize, a: &[f32], b: &[f32]) -> Result<(), Error> {
+        let n = self.adapter_ranks.len();
+        if id >= n {
+            return Err(Error::invalid("adapter id", id.to_string(), format!("below {n}")));
+        }
+        let r = self.adapter_ranks[id];
+        if a.len() != r * self.n_in {
+            return Err(Error::shape("A of the adapter (rank · in)", a.len(), r * self.n_in));
+        }
+        if b.len() != self.n_out * r {
+            return Err(Error::shape("B of the adapter (out · rank)", b.len(), self.n_out * r));
+        }
+        if let Some(i) = a.iter().chain(b).position(|v| !v.is_finite()) {
+            return Err(Error::invalid(
+                "adapter weights",
+                format!("a non-finite value at index {i} of A then B"),
+                "finite values",
+            ));
+        }
+        // Layout of the upload: every adapter's A rows concatenated, then every B in id order.
+        let r_before: usize = self.adapter_ranks[..id].iter().sum();
+        let a_off = r_before * self.n_in;
+        let b_off = self.r_total * self.n_in + r_before * self.n_out;
+        let q = ctx.queue();
+        if !a.is_empty() {
+            q.write_buffer(&self.lora, a_off as u64 * 4, bytemuck::cast_slice(a));
+            q.write_buffer(&self.lora, b_off as u64 * 4, bytemuck::cast_slice(b));
+        }
         Ok(())
     }
 

@@ -31,6 +31,14 @@
 //! [`GpuModel`] uploads a [`Model`](crate::Model) once and runs each forward (every layer, the `lm_head` and,
 //! for greedy decoding, the argmax) as one submission with one readback.
 //!
+//! # Training
+//! [`GpuModel::loss_and_grads`] runs a training forward and backward of one sequence (activations kept on the
+//! GPU, attention probabilities recomputed) in one submission and reads back the loss and the adapter
+//! gradients; the training kernels ([`GpuOps::encode_cross_entropy`], [`GpuOps::encode_matmul_nn`] and the
+//! backward of RMSNorm, SiLU·mul and attention) live in `ops_backward.rs`, the layers' backward is lowbit's
+//! `GpuLinear::encode_backward`. The optimizer runs on the host ([`Trainer::step_gpu`](crate::train::Trainer::step_gpu)),
+//! then [`GpuModel::write_adapters`] uploads the updated adapters.
+//!
 //! # Helpers
 //! [`storage_f32`], [`storage_u32`], [`storage_zeroed`] make storage buffers; [`read_f32_blocking`] /
 //! [`read_u32_blocking`] read them back (native only). [`RopeTable`] holds the cos / sin tables.
@@ -39,7 +47,9 @@ mod buffers;
 mod cache;
 mod model;
 mod ops;
+mod ops_backward;
 mod rope;
+mod train;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use buffers::{read_f32_blocking, read_u32_blocking};
@@ -48,4 +58,5 @@ pub use model::GpuModel;
 pub use ops::{
     GpuOps, HeadShape, KvBuffers, ATTN_WG, BIND_GROUP_CACHE_ENTRIES, MAX_HEAD_DIM, UNIFORM_CACHE_ENTRIES, WG,
 };
+pub use ops_backward::AttentionGradBuffers;
 pub use rope::RopeTable;

@@ -10,7 +10,7 @@ use lowbit::gpu::{wgpu, GpuContext, GpuLinear};
 
 /// One linear layer on the GPU.
 #[derive(Debug)]
-enum GpuLin {
+pub(super) enum GpuLin {
     /// A lowbit quantized layer (its adapters uploaded with it).
     Quant(Box<GpuLinear>),
     /// Dense f32 weights `[n_out, n_in]` and an optional bias (also the tied `lm_head`: the embedding buffer).
@@ -38,7 +38,7 @@ impl GpuLin {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn encode(
+    pub(super) fn encode(
         &self,
         ops: &GpuOps,
         ctx: &GpuContext,
@@ -58,18 +58,25 @@ impl GpuLin {
 
 /// One decoder block's weights and its slice of the KV cache.
 #[derive(Debug)]
-struct GpuBlock {
-    attn_norm: wgpu::Buffer,
-    mlp_norm: wgpu::Buffer,
-    q: GpuLin,
-    k: GpuLin,
-    v: GpuLin,
-    o: GpuLin,
-    gate: GpuLin,
-    up: GpuLin,
-    down: GpuLin,
-    k_cache: wgpu::Buffer,
-    v_cache: wgpu::Buffer,
+pub(super) struct GpuBlock {
+    pub(super) attn_norm: wgpu::Buffer,
+    pub(super) mlp_norm: wgpu::Buffer,
+    pub(super) q: GpuLin,
+    pub(super) k: GpuLin,
+    pub(super) v: GpuLin,
+    pub(super) o: GpuLin,
+    pub(super) gate: GpuLin,
+    pub(super) up: GpuLin,
+    pub(super) down: GpuLin,
+    pub(super) k_cache: wgpu::Buffer,
+    pub(super) v_cache: wgpu::Buffer,
+}
+
+impl GpuBlock {
+    /// The seven linear layers in [`crate::model::Block::linears`] order (q, k, v, o, gate, up, down).
+    pub(super) fn linears(&self) -> [&GpuLin; 7] {
+        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+    }
 }
 
 /// Activation buffers for up to `max_batch` rows (each op writes a buffer none of its inputs is).
@@ -117,24 +124,28 @@ struct Scratch {
 /// linears. Real GPUs are the target.
 #[derive(Debug)]
 pub struct GpuModel {
-    config: Config,
-    ops: GpuOps,
-    embed: GpuEmbed,
-    blocks: Vec<GpuBlock>,
-    norm: wgpu::Buffer,
-    lm_head: GpuLin,
-    rope: RopeTable,
-    capacity: usize,
-    max_batch: usize,
-    len: usize,
+    pub(super) config: Config,
+    pub(super) ops: GpuOps,
+    pub(super) embed: GpuEmbed,
+    pub(super) blocks: Vec<GpuBlock>,
+    pub(super) norm: wgpu::Buffer,
+    pub(super) lm_head: GpuLin,
+    pub(super) rope: RopeTable,
+    /// `rope` with negated sines: the inverse rotation.
+    pub(super) rope_inv: RopeTable,
+    pub(super) capacity: usize,
+    pub(super) max_batch: usize,
+    pub(super) len: usize,
     s: Scratch,
-    submissions: u64,
-    readbacks: u64,
+    /// Buffers of training ([`GpuModel::loss_and_grads`]), allocated on first use.
+    pub(super) train: Option<super::train::TrainBuffers>,
+    pub(super) submissions: u64,
+    pub(super) readbacks: u64,
 }
 
 /// Where the embedding rows come from.
 #[derive(Debug)]
-enum GpuEmbed {
+pub(super) enum GpuEmbed {
     /// The dense f32 table on the GPU, gathered by the embed kernel.
     Table(wgpu::Buffer),
     /// An int8 embedding stays on the host (it is also the tied head, uploaded as a quantized layer): the
@@ -181,6 +192,9 @@ impl GpuModel {
             capacity,
             half,
         )?;
+        // The inverse rotation (RoPE's backward, for training): the same kernel with negated sines.
+        let neg_sin: Vec<f32> = host_rope.sin()[..capacity * half].iter().map(|s| -s).collect();
+        let rope_inv = RopeTable::from_slices(ctx, &host_rope.cos()[..capacity * half], &neg_sin, capacity, half)?;
         let embed = match model.embedding() {
             Embedding::F32(e) => GpuEmbed::Table(storage_f32(ctx, "embed_tokens", e)),
             Embedding::Int8(q) => GpuEmbed::Host(q.clone()),
@@ -249,10 +263,12 @@ impl GpuModel {
             blocks,
             lm_head,
             rope,
+            rope_inv,
             capacity,
             max_batch,
             len: 0,
             s,
+            train: None,
             submissions: 0,
             readbacks: 0,
         })
@@ -368,21 +384,29 @@ impl GpuModel {
         }
         let mut enc = ctx.device().create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
         let words = self.record(ctx, &mut enc, m, pos0, out)?;
-        if let GpuEmbed::Host(q) = &self.embed {
-            let d = c.hidden_size;
-            let mut rows = vec![0.0f32; m * d];
-            let emb = Embedding::Int8(q.clone());
-            for (r, &t) in tokens.iter().enumerate() {
-                emb.row_into(t as usize, &mut rows[r * d..(r + 1) * d])?;
-            }
-            ctx.queue().write_buffer(&self.s.x, 0, bytemuck::cast_slice(&rows));
-        }
+        self.write_host_embedding(ctx, tokens, &self.s.x)?;
         ctx.queue().write_buffer(&self.s.ids, 0, bytemuck::cast_slice(tokens));
         ctx.queue().submit([enc.finish()]);
         self.submissions += 1;
         let v = lowbit::gpu::read_f32(ctx.device(), &self.s.staging, words).await?;
         self.readbacks += 1;
         Ok(v)
+    }
+
+    /// With an int8 embedding kept on the host ([`GpuEmbed::Host`]), dequantizes the rows of `tokens` there and
+    /// writes them into `x` (taking effect at the next submission); with a GPU table, does nothing (the embed
+    /// kernel gathers the rows).
+    pub(super) fn write_host_embedding(&self, ctx: &GpuContext, tokens: &[u32], x: &wgpu::Buffer) -> Result<()> {
+        if let GpuEmbed::Host(q) = &self.embed {
+            let d = self.config.hidden_size;
+            let mut rows = vec![0.0f32; tokens.len() * d];
+            let emb = Embedding::Int8(q.clone());
+            for (r, &t) in tokens.iter().enumerate() {
+                emb.row_into(t as usize, &mut rows[r * d..(r + 1) * d])?;
+            }
+            ctx.queue().write_buffer(x, 0, bytemuck::cast_slice(&rows));
+        }
+        Ok(())
     }
 
     /// Records the forward of `m` rows at `pos0` and the copy of its result into the staging buffer; returns

@@ -27,7 +27,7 @@ const GRID_X: u64 = 65535;
 
 /// The kernels, in the order of [`GpuOps`]'s pipelines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Op {
+pub(super) enum Op {
     Embed,
     RmsNorm,
     Rope,
@@ -37,10 +37,32 @@ enum Op {
     Add,
     Argmax,
     MatmulDense,
+    // Training (see `ops_backward.rs`).
+    CrossEntropy,
+    MatmulNn,
+    RmsNormBackward,
+    SiluMulBackward,
+    AttentionBackwardQ,
+    AttentionBackwardKv,
 }
 
-const OPS: [Op; 9] =
-    [Op::Embed, Op::RmsNorm, Op::Rope, Op::KvStore, Op::Attention, Op::SiluMul, Op::Add, Op::Argmax, Op::MatmulDense];
+const OPS: [Op; 15] = [
+    Op::Embed,
+    Op::RmsNorm,
+    Op::Rope,
+    Op::KvStore,
+    Op::Attention,
+    Op::SiluMul,
+    Op::Add,
+    Op::Argmax,
+    Op::MatmulDense,
+    Op::CrossEntropy,
+    Op::MatmulNn,
+    Op::RmsNormBackward,
+    Op::SiluMulBackward,
+    Op::AttentionBackwardQ,
+    Op::AttentionBackwardKv,
+];
 
 /// How a kernel binds a storage buffer (binding 0 is always the op's uniform).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +84,12 @@ impl Op {
             Op::Add => "add",
             Op::Argmax => "argmax",
             Op::MatmulDense => "matmul_dense",
+            Op::CrossEntropy => "cross_entropy",
+            Op::MatmulNn => "matmul_nn",
+            Op::RmsNormBackward => "rms_norm_backward",
+            Op::SiluMulBackward => "silu_mul_backward",
+            Op::AttentionBackwardQ => "attention_backward_q",
+            Op::AttentionBackwardKv => "attention_backward_kv",
         }
     }
 
@@ -76,6 +104,12 @@ impl Op {
             Op::Add => include_str!("../../shaders/add.wgsl"),
             Op::Argmax => include_str!("../../shaders/argmax.wgsl"),
             Op::MatmulDense => include_str!("../../shaders/matmul_dense.wgsl"),
+            Op::CrossEntropy => include_str!("../../shaders/cross_entropy.wgsl"),
+            Op::MatmulNn => include_str!("../../shaders/matmul_nn.wgsl"),
+            Op::RmsNormBackward => include_str!("../../shaders/rms_norm_backward.wgsl"),
+            Op::SiluMulBackward => include_str!("../../shaders/silu_mul_backward.wgsl"),
+            Op::AttentionBackwardQ => include_str!("../../shaders/attention_backward_q.wgsl"),
+            Op::AttentionBackwardKv => include_str!("../../shaders/attention_backward_kv.wgsl"),
         }
     }
 
@@ -91,11 +125,17 @@ impl Op {
             Op::Add => &[Write, Read],
             Op::Argmax => &[Read, Write],
             Op::MatmulDense => &[Read, Read, Read, Write],
+            Op::CrossEntropy => &[Write, Read, Write],
+            Op::MatmulNn => &[Read, Read, Write],
+            Op::RmsNormBackward => &[Read, Read, Read, Write],
+            Op::SiluMulBackward => &[Read, Read, Read, Write, Write],
+            Op::AttentionBackwardQ => &[Read, Read, Read, Read, Write, Write, Write],
+            Op::AttentionBackwardKv => &[Read, Read, Read, Read, Write, Write],
         }
     }
 
     fn workgroup_size(self) -> u32 {
-        if self == Op::Attention {
+        if matches!(self, Op::Attention | Op::AttentionBackwardQ) {
             ATTN_WG
         } else {
             WG
@@ -127,22 +167,22 @@ struct Caches {
 }
 
 /// One storage argument of a call: the buffer, the bytes the op touches, and its name for errors.
-struct Arg<'a> {
+pub(super) struct Arg<'a> {
     buf: &'a wgpu::Buffer,
     bytes: u64,
     what: &'static str,
 }
 
-fn arg<'a>(buf: &'a wgpu::Buffer, elems: usize, what: &'static str) -> Arg<'a> {
+pub(super) fn arg<'a>(buf: &'a wgpu::Buffer, elems: usize, what: &'static str) -> Arg<'a> {
     Arg { buf, bytes: (elems as u64).saturating_mul(4), what }
 }
 
-fn invalid(msg: impl Into<String>) -> Error {
+pub(super) fn invalid(msg: impl Into<String>) -> Error {
     Error::Invalid(msg.into())
 }
 
 /// `a · b · …` as usize, or an error naming `what` when it overflows.
-fn product(factors: &[usize], what: &str) -> Result<usize> {
+pub(super) fn product(factors: &[usize], what: &str) -> Result<usize> {
     factors
         .iter()
         .try_fold(1usize, |acc, &f| acc.checked_mul(f))
@@ -150,7 +190,7 @@ fn product(factors: &[usize], what: &str) -> Result<usize> {
 }
 
 /// `v` as u32 (every index the shaders compute is u32), or an error.
-fn u32_of(v: usize, what: &str) -> Result<u32> {
+pub(super) fn u32_of(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| invalid(format!("{what} = {v} exceeds the shaders' 32-bit indices")))
 }
 
@@ -607,7 +647,7 @@ impl GpuOps {
     }
 
     /// Validates the buffers and the grid, then records one compute pass of `op` over `groups` workgroups.
-    fn record(
+    pub(super) fn record(
         &self,
         ctx: &GpuContext,
         encoder: &mut wgpu::CommandEncoder,
