@@ -1,5 +1,6 @@
 //! `lowbit finetune`: QLoRA fine-tuning of LoRA adapters on a frozen (quantized) Llama-family model, on the
-//! CPU, writing a PEFT adapter directory.
+//! CPU or the GPU (`--device gpu`: forward and backward on the GPU, the optimizer on the host), writing a PEFT
+//! adapter directory.
 //!
 //! Data: the text is tokenized without special tokens (or `--tokens` is taken as is) and cut into consecutive
 //! windows of `--ctx` tokens (a last window shorter than 2 tokens is dropped). Step `n` (from 1) runs the
@@ -45,11 +46,6 @@ const DEFAULT_ALPHA: f32 = 16.0;
 
 /// Trains, printing `step N loss X …` per step, and writes the adapter.
 pub fn run(f: Finetune) -> Result<(), CliError> {
-    if f.model.device != Device::Cpu {
-        return Err(CliError::new(
-            "--device gpu: training runs on the CPU kernels only in this version (the GPU backward is not built yet); use --device cpu",
-        ));
-    }
     if f.model.act8 {
         return Err(CliError::new("--act8 is an inference mode; training runs in f32 (drop --act8)"));
     }
@@ -149,8 +145,9 @@ fn train(f: Finetune, args: &ModelArgs, optim: OptimizerConfig, data: Data, cont
         (init.rank, init.alpha, init.use_rslora)
     };
     let mut trainer = Trainer::new(model, optim)?;
+    let mut engine = Engine::new(args.device, model, f.ctx)?;
     eprintln!(
-        "training: {} windows of ≤ {} tokens ({} tokens), batch {}, {} steps, {} lr {} (B: ×{}{}){}, {} threads",
+        "training: {} windows of ≤ {} tokens ({} tokens), batch {}, {} steps, {} lr {} (B: ×{}{}){}, on {}",
         windows.len(),
         f.ctx,
         ids.len(),
@@ -161,13 +158,13 @@ fn train(f: Finetune, args: &ModelArgs, optim: OptimizerConfig, data: Data, cont
         optim.lora_plus_ratio,
         if optim.lora_plus_ratio != 1.0 { ", LoRA+" } else { "" },
         optim.max_grad_norm.map_or(String::new(), |g| format!(", grad norm clipped at {g}")),
-        rayon::current_num_threads()
+        engine.describe()
     );
     let start = Instant::now();
     for step in 1..=f.steps {
         let batch: Vec<&[u32]> = (0..f.batch).map(|j| windows[((step - 1) * f.batch + j) % windows.len()]).collect();
         let t = Instant::now();
-        let r = trainer.step(model, &batch)?;
+        let r = engine.step(&mut trainer, model, &batch)?;
         let secs = t.elapsed().as_secs_f64();
         console::line(&format!(
             "step {step} loss {:.6} grad_norm {:.4} tokens/s {:.1} ({:.2} s)",
@@ -189,6 +186,58 @@ fn train(f: Finetune, args: &ModelArgs, optim: OptimizerConfig, data: Data, cont
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Where the forward and backward of a step run.
+enum Engine {
+    Cpu,
+    #[cfg(feature = "gpu")]
+    Gpu {
+        ctx: Box<lowbit::gpu::GpuContext>,
+        model: Box<lowbit_llm::gpu::GpuModel>,
+    },
+}
+
+impl Engine {
+    /// The CPU, or the model uploaded to the preferred GPU adapter for windows of up to `ctx` tokens.
+    fn new(device: Device, model: &lowbit_llm::Model, ctx: usize) -> Result<Engine, CliError> {
+        match device {
+            Device::Cpu => Ok(Engine::Cpu),
+            #[cfg(feature = "gpu")]
+            Device::Gpu => {
+                let (ctx, model) = crate::llm::upload_gpu(model, ctx, 1)?;
+                Ok(Engine::Gpu { ctx, model })
+            }
+            #[cfg(not(feature = "gpu"))]
+            Device::Gpu => {
+                let _ = (model, ctx);
+                Err(crate::gpu::not_built())
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Engine::Cpu => format!("the CPU ({} threads)", rayon::current_num_threads()),
+            #[cfg(feature = "gpu")]
+            Engine::Gpu { ctx, .. } => {
+                format!("the GPU ({}; optimizer on the host)", console::escape(ctx.adapter_name()))
+            }
+        }
+    }
+
+    fn step(
+        &mut self,
+        trainer: &mut Trainer,
+        model: &mut lowbit_llm::Model,
+        batch: &[&[u32]],
+    ) -> Result<lowbit_llm::train::StepReport, CliError> {
+        Ok(match self {
+            Engine::Cpu => trainer.step(model, batch)?,
+            #[cfg(feature = "gpu")]
+            Engine::Gpu { ctx, model: gpu } => trainer.step_gpu(ctx, gpu, model, batch)?,
+        })
+    }
 }
 
 /// Refuses, before any work: an `--adapter-out` whose parent directory does not exist, one that is the model

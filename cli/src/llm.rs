@@ -84,6 +84,21 @@ pub fn load(args: &ModelArgs) -> Result<Loaded, CliError> {
     Ok(Loaded { model, tokenizer })
 }
 
+/// Opens the preferred GPU adapter and uploads `model` to it (KV cache for `capacity` positions, scratch for
+/// `max_batch` rows), printing the adapter and the upload time.
+#[cfg(feature = "gpu")]
+pub fn upload_gpu(
+    model: &Model,
+    capacity: usize,
+    max_batch: usize,
+) -> Result<(Box<lowbit::gpu::GpuContext>, Box<lowbit_llm::gpu::GpuModel>), CliError> {
+    let ctx = crate::gpu::open()?;
+    let t = Instant::now();
+    let gpu = lowbit_llm::gpu::GpuModel::upload(&ctx, model, capacity, max_batch)?;
+    eprintln!("uploaded to {} in {:.2} s", crate::console::escape(ctx.adapter_name()), t.elapsed().as_secs_f64());
+    Ok((Box::new(ctx), Box::new(gpu)))
+}
+
 /// Runs forwards of one sequence: on the CPU (a [`State`]: KV cache and buffers) or on the GPU (every weight,
 /// the KV cache and the activations resident; one submission and one readback per call).
 pub enum Runner<'m> {
@@ -115,15 +130,8 @@ impl<'m> Runner<'m> {
             }
             #[cfg(feature = "gpu")]
             Device::Gpu => {
-                let ctx = crate::gpu::open()?;
-                let t = Instant::now();
-                let gpu = lowbit_llm::gpu::GpuModel::upload(&ctx, model, capacity, max_batch)?;
-                eprintln!(
-                    "uploaded to {} in {:.2} s",
-                    crate::console::escape(ctx.adapter_name()),
-                    t.elapsed().as_secs_f64()
-                );
-                Ok(Runner::Gpu { ctx: Box::new(ctx), model: Box::new(gpu) })
+                let (ctx, model) = upload_gpu(model, capacity, max_batch)?;
+                Ok(Runner::Gpu { ctx, model })
             }
             #[cfg(not(feature = "gpu"))]
             Device::Gpu => {

@@ -1,6 +1,7 @@
 //! `lowbit finetune` on the real SmolLM2-135M-Instruct GGUF (skipped loudly without it; LOWBIT_REQUIRE_MODEL=1
 //! makes that a failure): it trains, prints `step N loss X`, writes a PEFT adapter that `lowbit generate` loads
-//! and that training can continue from; and its argument errors (always run).
+//! and that training can continue from; `--device gpu` (lavapipe in CI) gives the CPU's losses; and its
+//! argument errors (always run).
 
 mod common;
 
@@ -133,6 +134,55 @@ fn finetune_trains_writes_a_peft_adapter_and_generate_loads_it() {
     assert_clean_failure(&o, "--adapter continues training");
 }
 
+/// `--device gpu` trains the same adapter as the CPU: two SGD steps print the same losses (the second one
+/// after the GPU layers received the first update). Tolerance: the GPU's training pass agrees with the CPU's to
+/// ~3e-6 of each gradient's scale (`llm/tests/gpu_train.rs`); the losses are compared at 1e-4 relative.
+#[cfg(feature = "gpu")]
+#[test]
+fn finetune_on_the_gpu_prints_the_cpu_losses() {
+    let Some(g) = lowbit_testkit::model::smollm2_gguf("finetune_on_the_gpu_prints_the_cpu_losses") else { return };
+    if lowbit_testkit::gpu::test_context().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = |device: &str| {
+        let out = dir.path().join(format!("lora-{device}"));
+        let o = lowbit(&[
+            "finetune",
+            s(&g),
+            "--scheme",
+            "nf4:64+dq",
+            "--tokens",
+            "504,3575,282,4649,314,7042,30,378,3575,282,5611,314",
+            "--adapter-out",
+            s(&out),
+            "--steps",
+            "2",
+            "--ctx",
+            "12",
+            "--rank",
+            "4",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.5",
+            "--device",
+            device,
+        ]);
+        assert_ok(&o);
+        assert!(out.join("adapter_model.safetensors").is_file());
+        losses(&stdout(&o))
+    };
+    let (cpu, gpu) = (run("cpu"), run("gpu"));
+    eprintln!("losses: CPU {cpu:?}, GPU {gpu:?}");
+    assert_eq!(cpu.len(), 2);
+    assert_eq!(gpu.len(), 2);
+    assert!(cpu[1] < cpu[0], "SGD lowers the loss: {cpu:?}");
+    for (a, b) in cpu.iter().zip(&gpu) {
+        assert!((a - b).abs() <= 1e-4 * a, "CPU {cpu:?} vs GPU {gpu:?}");
+    }
+}
+
 #[test]
 fn finetune_argument_errors_are_clean() {
     let dir = tempfile::tempdir().unwrap();
@@ -154,7 +204,8 @@ fn finetune_argument_errors_are_clean() {
     assert!(common::stderr(&o).contains("expected one of \"adamw\", \"adamw8bit\", \"sgd\""), "{}", common::stderr(&o));
     assert_clean_failure(&run(&["--lr=-1"]), "lr");
     assert_clean_failure(&run(&["--optimizer", "sgd", "--weight-decay", "0.1"]), "weight_decay");
-    assert_clean_failure(&run(&["--device", "gpu"]), "--device");
+    // --device gpu is accepted (the missing model is what fails).
+    assert_clean_failure(&run(&["--device", "gpu"]), "missing.gguf");
     // No data at all.
     let o = lowbit(&["finetune", s(&model), "--adapter-out", s(&out)]);
     assert!(!o.status.success());
