@@ -20,6 +20,8 @@ pub(crate) mod ggml_portable;
 pub(crate) mod ggml_x86;
 pub(crate) mod linear_act8;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod linear_act8_avx2;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_act8_x86;
 pub(crate) mod linear_backward_kernels;
 #[cfg(target_arch = "x86_64")]
