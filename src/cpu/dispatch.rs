@@ -30,8 +30,19 @@ pub(crate) fn kernels(isa: Isa) -> &'static Kernels {
                 .as_ref()
                 .unwrap_or_else(portable)
         }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => {
+            static NEON: OnceLock<Kernels> = OnceLock::new();
+            NEON.get_or_init(neon_kernels)
+        }
         _ => portable(),
     }
+}
+
+/// The portable kernels with the NEON linear block (NEON is in the aarch64 baseline: no token).
+#[cfg(target_arch = "aarch64")]
+fn neon_kernels() -> Kernels {
+    Kernels { linear: super::linear_neon::NEON, ..portable_kernels() }
 }
 
 fn scalar_kernels() -> Kernels {

@@ -43,7 +43,11 @@ pub(crate) mod dispatch;
 pub(crate) mod affine;
 pub(crate) mod ggml;
 pub(crate) mod linear;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod linear_act8_neon;
 pub(crate) mod linear_backward;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod linear_neon;
 pub(crate) mod nf4;
 
 /// An instruction-set level for CPU kernels.
@@ -55,6 +59,9 @@ pub enum Isa {
     /// Portable SIMD through `wide`: SSE2 on x86_64, NEON on aarch64, simd128 on wasm32 when built with
     /// `-C target-feature=+simd128` (the same kernels, compiled for the target; not listed separately).
     Portable,
+    /// aarch64 Advanced SIMD (NEON, part of the aarch64 baseline): hand-written NEON kernels where they exist
+    /// (the 4-bit GEMV), the portable ones elsewhere.
+    Neon,
     /// x86_64 AVX2 + FMA + F16C, detected at run time.
     Avx2,
     /// x86_64 AVX-512 F/BW/VL/DQ, detected at run time.
@@ -67,6 +74,7 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Portable => "portable",
+            Isa::Neon => "neon",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
         }
@@ -76,6 +84,7 @@ impl Isa {
     pub fn is_available(self) -> bool {
         match self {
             Isa::Scalar | Isa::Portable => true,
+            Isa::Neon => cfg!(target_arch = "aarch64"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86_features::Avx2::detect().is_some(),
             #[cfg(target_arch = "x86_64")]
@@ -88,7 +97,10 @@ impl Isa {
     /// Every level this CPU can run, lowest first (always starts with `Scalar`, `Portable`). Only levels
     /// with kernels of their own are listed, so no kernel is timed or labelled twice.
     pub fn available() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.is_available()).collect()
+        [Isa::Scalar, Isa::Portable, Isa::Neon, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.is_available())
+            .collect()
     }
 
     /// The fastest available level (cached after the first call).
