@@ -382,6 +382,44 @@ pub(crate) fn output_pass<V: Vf>(job: &Job<'_>, o0: usize, ob: usize, out: &mut 
     }
 }
 
+/// How the rows of an int8 weight split into runs of one scale and zero point: `run` inputs each (the whole
+/// row per tensor and per channel, a group otherwise), `per_row` runs per row (the last group may be short).
+#[derive(Clone, Copy)]
+pub(crate) struct Int8Runs {
+    granularity: Granularity,
+    pub run: usize,
+    per_row: usize,
+}
+
+impl Int8Runs {
+    pub(crate) fn of(granularity: Granularity, n_in: usize) -> Int8Runs {
+        let (run, per_row) = match granularity {
+            Granularity::PerTensor | Granularity::PerChannel => (n_in, 1),
+            Granularity::PerGroup(g) => (g, n_in.div_ceil(g.max(1))),
+        };
+        Int8Runs { granularity, run, per_row }
+    }
+
+    /// The parameter entry of run `gi` of output row `o`.
+    #[inline(always)]
+    pub(crate) fn entry(&self, o: usize, gi: usize) -> usize {
+        match self.granularity {
+            Granularity::PerTensor => 0,
+            Granularity::PerChannel => o,
+            Granularity::PerGroup(_) => o * self.per_row + gi,
+        }
+    }
+
+    /// Whether `job` suits the register int8 GEMVs that share `x` across weight rows: an int8 weight, M ≤ 4,
+    /// and rows made of whole runs that are multiples of 16 inputs.
+    pub(crate) fn whole_sixteens(job: &Job<'_>) -> bool {
+        let QuantWeight::Int8(t) = job.layer.weight else { return false };
+        let (n_in, m) = (job.layer.in_features, job.m);
+        let run = Int8Runs::of(t.granularity(), n_in).run;
+        (1..=4).contains(&m) && run > 0 && run.is_multiple_of(16) && n_in.is_multiple_of(run)
+    }
+}
+
 /// The portable (`wide`) linear kernels.
 pub(crate) const PORTABLE: LinearKernels = LinearKernels {
     block: block_job::<wide::f32x8, PortableDecoder>,

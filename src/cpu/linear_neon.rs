@@ -1,5 +1,5 @@
-//! aarch64 NEON version of the fused linear kernels: a register-resident 4-bit GEMV for the decode step
-//! (M ≤ 4) and, through `linear_act8_neon.rs`, the int8-activation kernel. Everything else is the portable code
+//! aarch64 NEON version of the fused linear kernels: register-resident 4-bit and int8 GEMVs for the decode
+//! step (M ≤ 4) and, through `linear_act8_neon.rs`, the int8-activation kernel. Everything else is the portable code
 //! (`wide` compiles to NEON by itself).
 //!
 //! The same design as the simd128 kernel (`linear_wasm.rs`): the 16-entry f32 table lives in four registers,
@@ -10,7 +10,7 @@
 //! is scaled by its absmax once per block, as the x86 register GEMVs do (error: inside the stated bound, which
 //! allows fused or unfused multiply-adds).
 
-use super::linear_kernels::{dot, output_pass, row_slices, tiled_product, PortableDecoder};
+use super::linear_kernels::{dot, output_pass, row_slices, tiled_product, Int8Runs, PortableDecoder};
 use super::table::{Job, LinearKernels};
 use crate::format::layer::QuantWeight;
 use core::arch::aarch64::*;
@@ -25,7 +25,7 @@ pub(crate) const NEON: LinearKernels = LinearKernels {
 };
 
 fn block_job_neon(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
-    if !gemv_4bit_neon(job, o0, ob, out) {
+    if !gemv_4bit_neon(job, o0, ob, out) && !gemv_int8_neon(job, o0, ob, out) {
         tiled_product::<wide::f32x8, PortableDecoder>(job, o0, ob, out);
     }
     output_pass::<wide::f32x8>(job, o0, ob, out);
@@ -169,6 +169,112 @@ fn gemv_rows<const R: usize, const JJ: usize>(job: &Job<'_>, o0: usize, j0: usiz
         for i in 0..JJ {
             // SAFETY: see above.
             out[r * ob + j0 + i] += unsafe { vaddvq_f32(total[r][i]) };
+        }
+    }
+}
+
+/// int8 GEMV for M ≤ 4 (rows of whole runs that are multiples of 16 inputs, as the x86 ones): codes widened
+/// in registers, `(q − zp)` exact in i16 then converted to f32, `Σ (q − zp)·x` accumulated per run of one
+/// scale with fused multiply-adds, then scaled once (inside the stated bound). Returns `false` (doing nothing)
+/// when the layer does not qualify.
+#[inline(always)]
+fn gemv_int8_neon(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) -> bool {
+    if !Int8Runs::whole_sixteens(job) {
+        return false;
+    }
+    let mut j = 0;
+    while j + J <= ob {
+        gemv_int8_group::<J>(job, o0, j, ob, out);
+        j += J;
+    }
+    while j < ob {
+        gemv_int8_group::<1>(job, o0, j, ob, out);
+        j += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn gemv_int8_group<const JJ: usize>(job: &Job<'_>, o0: usize, j0: usize, ob: usize, out: &mut [f32]) {
+    match job.m {
+        1 => gemv_int8_rows::<1, JJ>(job, o0, j0, ob, out),
+        2 => gemv_int8_rows::<2, JJ>(job, o0, j0, ob, out),
+        3 => gemv_int8_rows::<3, JJ>(job, o0, j0, ob, out),
+        _ => gemv_int8_rows::<4, JJ>(job, o0, j0, ob, out),
+    }
+}
+
+/// The 16 codes at `b` minus `zp`, as four float32x4 (elements 0–3, 4–7, 8–11, 12–15). Exact.
+#[inline(always)]
+fn widen16(b: &[u8], zp: int16x8_t) -> [float32x4_t; 4] {
+    let b: &[u8; 16] = b[..16].try_into().expect("16 bytes");
+    // SAFETY: `b` is 16 readable bytes; the rest are register-only intrinsics (NEON is in the aarch64
+    // baseline).
+    unsafe {
+        let v = vld1q_u8(b.as_ptr());
+        let lo = vsubq_s16(vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(v))), zp);
+        let hi = vsubq_s16(vreinterpretq_s16_u16(vmovl_high_u8(v)), zp);
+        [
+            vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))),
+            vcvtq_f32_s32(vmovl_high_s16(lo)),
+            vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))),
+            vcvtq_f32_s32(vmovl_high_s16(hi)),
+        ]
+    }
+}
+
+/// Rows `o0 + j0 .. o0 + j0 + JJ` of [`gemv_int8_neon`] for `R` rows of `x`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn gemv_int8_rows<const R: usize, const JJ: usize>(job: &Job<'_>, o0: usize, j0: usize, ob: usize, out: &mut [f32]) {
+    let n_in = job.layer.in_features;
+    let QuantWeight::Int8(t) = job.layer.weight else { return };
+    let runs = Int8Runs::of(t.granularity(), n_in);
+    let run = runs.run;
+    let rows: [&[u8]; JJ] = row_slices(t.codes(), n_in, o0 + j0);
+    let xs: [&[f32]; R] = row_slices(job.x, n_in, 0);
+    // SAFETY (every block below): register-only intrinsics; NEON is in the aarch64 baseline.
+    let zero = unsafe { vdupq_n_f32(0.0) };
+    let mut total = [[0f32; JJ]; R];
+    for gi in 0..n_in / run {
+        let mut scale = [0f32; JJ];
+        let mut zp = [unsafe { vdupq_n_s16(0) }; JJ];
+        for i in 0..JJ {
+            let e = runs.entry(o0 + j0 + i, gi);
+            scale[i] = t.scales()[e];
+            zp[i] = unsafe { vdupq_n_s16(i16::from(t.zero_points()[e])) };
+        }
+        let mut acc = [[zero; JJ]; R];
+        for c in 0..run / 16 {
+            let k = gi * run + c * 16;
+            let mut xv = [[zero; 4]; R];
+            for r in 0..R {
+                for h in 0..4 {
+                    xv[r][h] = load4(&xs[r][k + 4 * h..]);
+                }
+            }
+            for i in 0..JJ {
+                let w = widen16(&rows[i][k..], zp[i]);
+                for r in 0..R {
+                    // SAFETY: see above.
+                    acc[r][i] = unsafe {
+                        let s01 = vfmaq_f32(vmulq_f32(xv[r][1], w[1]), xv[r][0], w[0]);
+                        let s23 = vfmaq_f32(vmulq_f32(xv[r][3], w[3]), xv[r][2], w[2]);
+                        vaddq_f32(acc[r][i], vaddq_f32(s01, s23))
+                    };
+                }
+            }
+        }
+        for i in 0..JJ {
+            for r in 0..R {
+                // SAFETY: see above.
+                total[r][i] += unsafe { vaddvq_f32(acc[r][i]) } * scale[i];
+            }
+        }
+    }
+    for r in 0..R {
+        for i in 0..JJ {
+            out[r * ob + j0 + i] += total[r][i];
         }
     }
 }

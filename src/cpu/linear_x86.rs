@@ -3,7 +3,7 @@
 //! look the 16-entry table up in registers.
 
 use super::linear_kernels::{
-    dot as generic_dot, four_bit_segments, output_pass, row_slices, tiled_product, Decoder, Vf,
+    dot as generic_dot, four_bit_segments, output_pass, row_slices, tiled_product, Decoder, Int8Runs, Vf,
 };
 use super::table::Job;
 use super::table::LinearKernels;
@@ -481,44 +481,6 @@ fn gemv_int8_avx2_rows<const R: usize, const J: usize>(
         for i in 0..J {
             out[r * ob + j0 + i] += total[r][i];
         }
-    }
-}
-
-/// How the rows of an int8 weight split into runs of one scale and zero point: `run` inputs each (the whole
-/// row per tensor and per channel, a group otherwise), `per_row` runs per row (the last group may be short).
-#[derive(Clone, Copy)]
-struct Int8Runs {
-    granularity: Granularity,
-    run: usize,
-    per_row: usize,
-}
-
-impl Int8Runs {
-    fn of(granularity: Granularity, n_in: usize) -> Int8Runs {
-        let (run, per_row) = match granularity {
-            Granularity::PerTensor | Granularity::PerChannel => (n_in, 1),
-            Granularity::PerGroup(g) => (g, n_in.div_ceil(g.max(1))),
-        };
-        Int8Runs { granularity, run, per_row }
-    }
-
-    /// The parameter entry of run `gi` of output row `o`.
-    #[inline(always)]
-    fn entry(&self, o: usize, gi: usize) -> usize {
-        match self.granularity {
-            Granularity::PerTensor => 0,
-            Granularity::PerChannel => o,
-            Granularity::PerGroup(_) => o * self.per_row + gi,
-        }
-    }
-
-    /// Whether `job` suits the register int8 GEMVs that share `x` across weight rows: an int8 weight, M ≤ 4,
-    /// and rows made of whole runs that are multiples of 16 inputs.
-    fn whole_sixteens(job: &Job<'_>) -> bool {
-        let QuantWeight::Int8(t) = job.layer.weight else { return false };
-        let (n_in, m) = (job.layer.in_features, job.m);
-        let run = Int8Runs::of(t.granularity(), n_in).run;
-        (1..=4).contains(&m) && run > 0 && run.is_multiple_of(16) && n_in.is_multiple_of(run)
     }
 }
 
