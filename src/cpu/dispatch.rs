@@ -39,10 +39,11 @@ pub(crate) fn kernels(isa: Isa) -> &'static Kernels {
     }
 }
 
-/// The portable kernels with the NEON linear block (NEON is in the aarch64 baseline: no token).
+/// The portable kernels with the NEON 4-bit dequantize and linear kernels (NEON is in the aarch64 baseline: no
+/// token).
 #[cfg(target_arch = "aarch64")]
 fn neon_kernels() -> Kernels {
-    Kernels { linear: super::linear_neon::NEON, ..portable_kernels() }
+    Kernels { four_bit: super::nf4_neon::NEON, linear: super::linear_neon::NEON, ..portable_kernels() }
 }
 
 fn scalar_kernels() -> Kernels {

@@ -76,7 +76,7 @@ fn load4(x: &[f32]) -> float32x4_t {
 
 /// The table's byte planes: plane `k` holds byte `k` (little-endian) of each of the 16 entries.
 #[inline(always)]
-fn byte_planes(table: &[f32; 16]) -> [uint8x16_t; 4] {
+pub(crate) fn byte_planes(table: &[f32; 16]) -> [uint8x16_t; 4] {
     let mut planes = [[0u8; 16]; 4];
     for (c, v) in table.iter().enumerate() {
         for (k, byte) in v.to_le_bytes().into_iter().enumerate() {
@@ -90,7 +90,7 @@ fn byte_planes(table: &[f32; 16]) -> [uint8x16_t; 4] {
 /// The table values of the 16 codes in 8 packed bytes (code `2p` in the high nibble of byte `p`, code
 /// `2p + 1` in the low one), in code order: lanes 0–3, 4–7, 8–11, 12–15. Bit-identical to the table entries.
 #[inline(always)]
-fn decode16(bytes: u64, planes: &[uint8x16_t; 4]) -> [float32x4_t; 4] {
+pub(crate) fn decode16(bytes: u64, planes: &[uint8x16_t; 4]) -> [float32x4_t; 4] {
     // SAFETY: register-only intrinsics; NEON is in the aarch64 baseline.
     unsafe {
         let v = vreinterpretq_u8_u64(vdupq_n_u64(bytes));

@@ -49,6 +49,8 @@ pub(crate) mod linear_backward;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod linear_neon;
 pub(crate) mod nf4;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod nf4_neon;
 
 /// An instruction-set level for CPU kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
