@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The lowbit library's tests for aarch64 (the portable `wide` paths as NEON, runtime detection falling back),
+# The lowbit library's tests for aarch64 (the `neon` level's kernels and the portable `wide` paths as NEON),
 # cross-built with Debian's rustc-web and -Zbuild-std and run under qemu user-mode emulation
 # (../shared/docs/toolchain.md §3b). Linker and runner come from the environment, so no .cargo/config.toml.
 set -euo pipefail
