@@ -3,8 +3,8 @@
 //! integer codes (4-bit: the int8 table `round(127·T)`; int8: `code − zero_point`), one f32 scale multiply per
 //! block. This file holds the quantized `x` (and the layout the SIMD kernels read) and the portable kernel;
 //! `linear_act8_x86.rs` has the AVX-512 VNNI one, `linear_act8_avx2.rs` the AVX2 one, `linear_act8_neon.rs`
-//! the NEON one. Every path computes the same exact integer sums; only the f32 accumulation of the block terms
-//! differs (bound: `reference::act8::kernel_bound`).
+//! the NEON one, `linear_act8_wasm.rs` the simd128 one. Every path computes the same exact integer sums; only
+//! the f32 accumulation of the block terms differs (bound: `reference::act8::kernel_bound`).
 
 use super::linear_kernels::output_pass;
 use super::table::Job;
@@ -18,7 +18,7 @@ use crate::reference::nf4::code_at;
 pub(crate) enum Act8Layout {
     /// Codes in `x`'s order only (the portable kernel).
     Natural,
-    /// Also the layout of the integer kernels (AVX-512 VNNI, AVX2, NEON): for 4-bit weights each block of 32
+    /// Also the layout of the integer kernels (AVX-512 VNNI, AVX2, NEON, simd128): for 4-bit weights each block of 32
     /// codes reordered as its 16 even then its 16 odd elements (the order the packed nibbles decode to), plus
     /// per 4 codes their sum (`lanes`, read by VNNI only).
     Vnni,
@@ -83,7 +83,14 @@ impl Act8X {
 pub(crate) struct Act8View<'a> {
     pub q: &'a [i8],
     pub d: &'a [f32],
-    #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+    #[cfg_attr(
+        not(any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            all(target_arch = "wasm32", target_feature = "simd128")
+        )),
+        allow(dead_code)
+    )]
     pub vq: &'a [i8],
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub lanes: &'a [i32],

@@ -385,12 +385,14 @@ pub(crate) fn output_pass<V: Vf>(job: &Job<'_>, o0: usize, ob: usize, out: &mut 
 /// How the rows of an int8 weight split into runs of one scale and zero point: `run` inputs each (the whole
 /// row per tensor and per channel, a group otherwise), `per_row` runs per row (the last group may be short).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 pub(crate) struct Int8Runs {
     granularity: Granularity,
     pub run: usize,
     per_row: usize,
 }
 
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 impl Int8Runs {
     pub(crate) fn of(granularity: Granularity, n_in: usize) -> Int8Runs {
         let (run, per_row) = match granularity {

@@ -1,5 +1,6 @@
 //! WebAssembly SIMD (simd128) version of the fused linear kernels: a register-resident 4-bit GEMV for the
-//! decode step (M ≤ 4). Everything else is the portable code (`wide` compiles to simd128 by itself).
+//! decode step (M ≤ 4) and, through `linear_act8_wasm.rs`, the int8-activation kernel. Everything else is the
+//! portable code (`wide` compiles to simd128 by itself).
 //!
 //! The 16-entry f32 table lives in four registers, one per byte plane (byte `k` of every entry). Sixteen
 //! codes are looked up with four `i8x16.swizzle`s and their bytes re-interleaved into four f32x4 by two
@@ -19,8 +20,8 @@ use core::arch::wasm32::*;
 pub(crate) const SIMD128: LinearKernels = LinearKernels {
     block: block_job_simd128,
     dot: dot::<wide::f32x8>,
-    act8_block: super::linear_act8::block_portable,
-    act8_layout: super::linear_act8::Act8Layout::Natural,
+    act8_block: super::linear_act8_wasm::block_simd128,
+    act8_layout: super::linear_act8::Act8Layout::Vnni,
     backward_cols: super::linear_backward_kernels::backward_cols::<wide::f32x8, super::linear_kernels::PortableDecoder>,
 };
 

@@ -89,6 +89,45 @@ fn peft_fixture_attaches_and_forwards() {
 }
 
 #[wasm_bindgen_test]
+fn int8_activations_simd128_equal_the_exact_int8_value() {
+    // The simd128 int8-activation kernel (the `portable` level of this build) against the exact int8 value
+    // (the reference path with `Activations::Int8`). With x ≥ 0 and W ≥ 0 every product is ≥ 0, so the f32
+    // rounding of the kernel's exact integer block sums is at most (K + 8)·ε·|y| (docs/formats.md §12).
+    use lowbit::affine::Granularity;
+    use lowbit::cpu::{Isa, KernelPath};
+    use lowbit::linear::{Activations, ForwardOptions, QuantLinear, QuantWeight};
+    use lowbit::Scheme;
+    let schemes = [
+        Scheme::nf4(64, false),
+        Scheme::nf4(32, true),
+        Scheme::Int8(Granularity::PerTensor),
+        Scheme::Int8(Granularity::PerChannel),
+        Scheme::Int8(Granularity::PerGroup(64)),
+        Scheme::Int8(Granularity::PerGroup(128)),
+    ];
+    let mut checked = 0;
+    for scheme in schemes {
+        for (out, inp) in [(13, 256), (6, 192)] {
+            let w: Vec<f32> = vec(out * inp, 11, 0.5).iter().map(|v| v.abs()).collect();
+            let layer = QuantLinear::new(QuantWeight::quantize(&w, &[out, inp], scheme).unwrap(), None).unwrap();
+            for m in [1, 2, 3] {
+                let x: Vec<f32> = vec(m * inp, 12 + m as u64, 2.0).iter().map(|v| v.abs()).collect();
+                let want = layer.forward_with(&x, ForwardOptions::reference().activations(Activations::Int8)).unwrap();
+                let simd = ForwardOptions::default().path(KernelPath::single(Isa::Portable));
+                let got = layer.forward_with(&x, simd.activations(Activations::Int8)).unwrap();
+                for (i, (&g, &v)) in got.iter().zip(&want).enumerate() {
+                    let allowed = (inp + 8) as f64 * f32::EPSILON as f64 * v.abs() as f64;
+                    let err = (g as f64 - v as f64).abs();
+                    assert!(err <= allowed, "{scheme:?} {out}x{inp} m={m}: y[{i}] = {g}, exact {v}, |err| {err:e}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 6 * 2 * 3);
+}
+
+#[wasm_bindgen_test]
 fn corrupt_input_is_an_error_not_a_panic() {
     let mut bad = PEFT_BASE.to_vec();
     bad[9] ^= 0x55;
