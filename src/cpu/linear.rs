@@ -41,6 +41,7 @@ fn shrink_all(
     m: usize,
     sel: AdapterSelection<'_>,
     path: KernelPath,
+    split: bool,
     scratch: &mut Scratch,
 ) {
     let n_in = layer.in_features;
@@ -65,7 +66,7 @@ fn shrink_all(
                 *v = dot_fn(&x[r * n_in..(r + 1) * n_in], &ad.a()[k * n_in..(k + 1) * n_in]);
             }
         };
-        if path.parallel && m * rank * n_in >= 1 << 16 {
+        if split && m * rank * n_in >= 1 << 16 {
             par_for_each(t, one);
         } else {
             t.iter_mut().enumerate().for_each(|(i, v)| one(i, v));
@@ -98,28 +99,33 @@ pub(crate) fn forward_into<O: Element>(
         QuantWeight::Int8(_) => [[0.0; 2]; 256],
     };
     let ForwardOptions { path, adapters: sel, activations, .. } = opts;
-    let isa = path.isa;
-    shrink_all(layer, x, m, sel, path, scratch);
-    let table = &kernels(isa).linear;
-    let Scratch { shrink, used, acc, act8 } = scratch;
     let int8 = activations == Activations::Int8;
-    if int8 {
-        act8.prepare(x, m, layer.in_features, layer.weight, table.act8_layout);
-    }
-    let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel, act8: int8.then(|| act8.view()) };
-    // Block-major accumulator: block b (outputs o0..o0+ob) is `[m, ob]` at offset o0 * m, so every block owns
-    // one contiguous piece (disjoint pieces for the threads).
-    acc.clear();
-    acc.resize(m * n_out, 0.0);
-    let block = if int8 { table.act8_block } else { table.block };
-    let run = |b: usize, out: &mut [f32]| block(&job, b * OUT_BLOCK, out.len() / m, out);
+    let split = path.parallel && n_out > OUT_BLOCK && worth_threads(m, n_out, layer.in_features, int8);
     let chunk = m * OUT_BLOCK;
-    if path.parallel && n_out > OUT_BLOCK && worth_threads(m, n_out, layer.in_features, int8) {
-        par_chunks_for_each(acc, chunk, run);
-    } else {
-        acc.chunks_mut(chunk).enumerate().for_each(|(b, out)| run(b, out));
-    }
+    // One entry into the pool for the shrink and the blocks (the shrink's split is then ~1 µs, not a second
+    // wake-up of the workers).
+    on_pool(split, || {
+        shrink_all(layer, x, m, sel, path, split, scratch);
+        let table = &kernels(path.isa).linear;
+        let Scratch { shrink, used, acc, act8 } = scratch;
+        if int8 {
+            act8.prepare(x, m, layer.in_features, layer.weight, table.act8_layout);
+        }
+        let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel, act8: int8.then(|| act8.view()) };
+        // Block-major accumulator: block b (outputs o0..o0+ob) is `[m, ob]` at offset o0 * m, so every block
+        // owns one contiguous piece (disjoint pieces for the threads).
+        acc.clear();
+        acc.resize(m * n_out, 0.0);
+        let block = if int8 { table.act8_block } else { table.block };
+        let run = |b: usize, out: &mut [f32]| block(&job, b * OUT_BLOCK, out.len() / m, out);
+        if split {
+            par_chunks_for_each(acc, chunk, run);
+        } else {
+            acc.chunks_mut(chunk).enumerate().for_each(|(b, out)| run(b, out));
+        }
+    });
     // Scatter the blocks into y's rows, rounding to O.
+    let acc = &scratch.acc;
     for (b, part) in acc.chunks(chunk).enumerate() {
         let (o0, ob) = (b * OUT_BLOCK, part.len() / m);
         for r in 0..m {
@@ -148,6 +154,17 @@ fn worth_threads(m: usize, n_out: usize, n_in: usize, int8_activations: bool) ->
     }
     let macs = m.saturating_mul(n_out).saturating_mul(n_in);
     macs >= if int8_activations { 3 * PARALLEL_MIN_MACS } else { PARALLEL_MIN_MACS }
+}
+
+/// Runs `f` on a pool worker when `split` and the caller is outside the pool (one injection: the splits inside
+/// `f` then cost what a split between awake workers costs), else on the calling thread.
+fn on_pool(split: bool, f: impl FnOnce() + Send) {
+    #[cfg(feature = "rayon")]
+    if split && rayon::current_thread_index().is_none() {
+        return rayon::scope(|_| f());
+    }
+    let _ = split;
+    f()
 }
 
 /// `f(i, &mut items[i])` for every item, over the rayon pool when the feature is on.
