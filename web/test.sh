@@ -3,8 +3,8 @@
 # wasm-bindgen-test suite web/tests/browser.rs (through chromedriver), then web/www/test.html (every check
 # against the reference), then the demo page (index.html?quick=1; its result must be OK too), then the chat
 # page with the real model (SmolLM2 GGUF, quantized in the page to NF4+DQ, 16 greedy tokens on WASM and on
-# WebGPU, equal to the native runtime's). Exit status non-zero on any failure or timeout. Screenshots and JSON
-# reports: target/web/{test,demo,chat}.{png,json}.
+# WebGPU, equal to the native runtime's; also with a PEFT adapter and with one `lowbit finetune` trained). Exit
+# status non-zero on any failure or timeout. Screenshots and JSON reports: target/web/{test,demo,chat}.{png,json}.
 # Installs only what is missing (apt: rustc-web…, chromium, chromium-driver; cargo: wasm-bindgen-cli;
 # npm: playwright-core).
 #   WEBGPU=require web/test.sh   fail when the browser has no WebGPU adapter (default: auto, report it as skipped)
@@ -61,6 +61,10 @@ else
     ../target/debug/lowbit generate "$model" --scheme nf4:64+dq --embedding int8:channel --chat --prompt "$prompt" \
       --max-tokens 16 $lora --ids-out "../target/web/chat-native${lora:+-lora}.json" --force
   done
+  # The adapter `lowbit finetune` trained (llm/tests/data/smollm2_lowbit_lora: v_proj, r 2, LoRA+), attached in
+  # the page from its files as PEFT's is.
+  ../target/debug/lowbit generate "$model" --scheme nf4:64+dq --embedding int8:channel --chat --prompt "$prompt" \
+    --max-tokens 16 --adapter ../llm/tests/data/smollm2_lowbit_lora --ids-out ../target/web/chat-native-trained.json --force
   # A model directory (bitsandbytes NF4+DQ, as lowbit quantize writes it), loaded in the page from its files.
   ../target/debug/lowbit quantize "$model" --scheme nf4:64+dq -o ../target/web/smollm2-nf4dq --force
   ../target/debug/lowbit generate ../target/web/smollm2-nf4dq --embedding int8:channel --chat --prompt "$prompt" \
@@ -68,17 +72,20 @@ else
   q="prompt=$(node -e 'process.stdout.write(encodeURIComponent(process.argv[1]))' "$prompt")"
   TIMEOUT_MS="${CHAT_TIMEOUT_MS:-900000}" node run.mjs chat "test=1&tokens=16&devices=wasm,webgpu&adapter=/llm/tests/data/smollm2_lora&$q"
   REPORT=chat-dir node run.mjs chat "test=1&tokens=16&devices=wasm&dir=/target/web/smollm2-nf4dq&$q"
+  REPORT=chat-trained node run.mjs chat "test=1&tokens=16&devices=wasm&adapter=/llm/tests/data/smollm2_lowbit_lora&$q"
   # The same page as a browser without WebGPU sees it: device "webgpu" must fail with a clear error.
   REPORT=chat-nogpu node run.mjs chat "test=1&tokens=2&devices=wasm,webgpu&nogpu=1&$q"
   # target/web/chat.json gains tokens_native (and _lora, _dir); the token arrays must be equal.
-  node - ../target/web/chat.json ../target/web/chat-native.json ../target/web/chat-native-lora.json ../target/web/chat-native-dir.json ../target/web/chat-dir.json "${WEBGPU:-auto}" <<'JS'
+  node - ../target/web/chat.json ../target/web/chat-native.json ../target/web/chat-native-lora.json ../target/web/chat-native-dir.json ../target/web/chat-dir.json "${WEBGPU:-auto}" ../target/web/chat-native-trained.json ../target/web/chat-trained.json <<'JS'
 const fs = require('fs');
-const [file, nativeFile, nativeLoraFile, nativeDirFile, dirFile, webgpuMode] = process.argv.slice(2);
+const [file, nativeFile, nativeLoraFile, nativeDirFile, dirFile, webgpuMode, nativeTrainedFile, trainedFile] = process.argv.slice(2);
 const r = JSON.parse(fs.readFileSync(file, 'utf8'));
 r.tokens_wasm_dir = JSON.parse(fs.readFileSync(dirFile, 'utf8')).tokens_wasm_dir;
 r.tokens_native = JSON.parse(fs.readFileSync(nativeFile, 'utf8')).generated;
 r.tokens_native_lora = JSON.parse(fs.readFileSync(nativeLoraFile, 'utf8')).generated;
 r.tokens_native_dir = JSON.parse(fs.readFileSync(nativeDirFile, 'utf8')).generated;
+r.tokens_native_trained = JSON.parse(fs.readFileSync(nativeTrainedFile, 'utf8')).generated;
+r.tokens_wasm_trained = JSON.parse(fs.readFileSync(trainedFile, 'utf8')).tokens_wasm_lora;
 fs.writeFileSync(file, JSON.stringify(r, null, 1));
 const same = (a, b) => Array.isArray(a) && Array.isArray(b) && a.length === b.length && a.every((x, i) => x === b[i]);
 let ok = true;
@@ -87,6 +94,8 @@ console.log(`with the LoRA adapter: native ${JSON.stringify(r.tokens_native_lora
 if (!same(r.tokens_native, r.tokens_wasm)) { console.log('FAIL: WASM tokens differ from the native runtime\'s'); ok = false; }
 if (!same(r.tokens_native_lora, r.tokens_wasm_lora)) { console.log('FAIL: WASM tokens with the adapter differ from the native runtime\'s'); ok = false; }
 if (same(r.tokens_native_lora, r.tokens_native)) { console.log('FAIL: the adapter changed no token (is it attached?)'); ok = false; }
+console.log(`with the adapter lowbit finetune trained: native ${JSON.stringify(r.tokens_native_trained)}\n                                          wasm   ${JSON.stringify(r.tokens_wasm_trained)}`);
+if (!same(r.tokens_native_trained, r.tokens_wasm_trained)) { console.log('FAIL: WASM tokens with the trained adapter differ from the native runtime\'s'); ok = false; }
 console.log(`model directory's files:  native ${JSON.stringify(r.tokens_native_dir)}\n                          wasm   ${JSON.stringify(r.tokens_wasm_dir)}`);
 if (!same(r.tokens_native_dir, r.tokens_wasm_dir)) { console.log('FAIL: WASM tokens from the model directory differ from the native runtime\'s'); ok = false; }
 if (!r.webgpu_available && webgpuMode !== 'require') {
