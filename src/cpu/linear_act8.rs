@@ -18,9 +18,11 @@ use crate::reference::nf4::code_at;
 pub(crate) enum Act8Layout {
     /// Codes in `x`'s order only (the portable kernel).
     Natural,
-    /// Also the layout of the integer kernels (AVX-512 VNNI, AVX2, NEON, simd128): for 4-bit weights each block of 32
-    /// codes reordered as its 16 even then its 16 odd elements (the order the packed nibbles decode to), plus
-    /// per 4 codes their sum (`lanes`, read by VNNI only).
+    /// Also the layout of the SIMD integer kernels (AVX2, NEON, simd128): for 4-bit weights each block of 32
+    /// codes reordered as its 16 even then its 16 odd elements (the order the packed nibbles decode to).
+    EvenOdd,
+    /// [`EvenOdd`](Self::EvenOdd) plus, per 4 codes, their sum (`lanes`: the AVX-512 VNNI kernel removes its
+    /// weight offset with it).
     Vnni,
 }
 
@@ -31,14 +33,15 @@ pub(crate) struct Act8X {
     pub q: Vec<i8>,
     /// Scales `[m, in.div_ceil(32)]`.
     pub d: Vec<f32>,
-    /// VNNI layout codes `[m, in]` (empty unless prepared).
+    /// Even/odd layout codes `[m, in]` (empty unless prepared).
     pub vq: Vec<i8>,
-    /// Sum of each 4 consecutive `vq` codes, `[m, in / 4]`.
+    /// Sum of each 4 consecutive `vq` codes, `[m, in / 4]` (`Vnni` only).
     pub lanes: Vec<i32>,
 }
 
 impl Act8X {
-    /// Quantizes `x` (`[m, n_in]`, finite) and, for `layout == Vnni` when [`vnni_eligible`], the VNNI layout.
+    /// Quantizes `x` (`[m, n_in]`, finite) and, for `layout` `EvenOdd` or `Vnni` when [`vnni_eligible`], that
+    /// layout.
     pub fn prepare(&mut self, x: &[f32], m: usize, n_in: usize, weight: &QuantWeight, layout: Act8Layout) {
         let nb = n_in.div_ceil(BLOCK);
         self.q.clear();
@@ -54,7 +57,7 @@ impl Act8X {
         }
         self.vq.clear();
         self.lanes.clear();
-        if layout != Act8Layout::Vnni || !vnni_eligible(weight, n_in) {
+        if layout == Act8Layout::Natural || !vnni_eligible(weight, n_in) {
             return;
         }
         match weight {
@@ -69,7 +72,9 @@ impl Act8X {
             }
             QuantWeight::Int8(_) => self.vq.extend_from_slice(&self.q),
         }
-        self.lanes.extend(self.vq.chunks_exact(4).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
+        if layout == Act8Layout::Vnni {
+            self.lanes.extend(self.vq.chunks_exact(4).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
+        }
     }
 
     /// The borrowed view a kernel reads.

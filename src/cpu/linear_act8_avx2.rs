@@ -28,7 +28,7 @@ pub(crate) fn avx2(_: Avx2, base: LinearKernels) -> LinearKernels {
         // SAFETY: built only from an `Avx2` token (its features were detected); the kernel checks the lengths
         // of every slice it reads through raw pointers before its loops.
         act8_block: |job, o0, ob, out| unsafe { block_avx2(job, o0, ob, out) },
-        act8_layout: Act8Layout::Vnni,
+        act8_layout: Act8Layout::EvenOdd,
         ..base
     }
 }

@@ -18,7 +18,7 @@ use super::buffers::storage_zeroed;
 use super::model::{GpuEmbed, GpuLin, GpuModel};
 use super::ops::{GpuOps, HeadShape, KvBuffers};
 use super::ops_backward::AttentionGradBuffers;
-use crate::train::{LossSum, ModelGrads, StepReport, Trainer};
+use crate::train::{LossSum, ModelGrads, Trainer};
 use crate::{Error, Model, Result};
 use lowbit::gpu::{wgpu, GpuAdapterGrad, GpuContext};
 
@@ -455,10 +455,10 @@ impl Trainer {
         gpu: &mut GpuModel,
         model: &mut Model,
         batch: &[&[u32]],
-    ) -> Result<StepReport> {
+    ) -> Result<crate::train::StepReport> {
         let report = self.accumulate(batch, |seq, scale, grads| gpu.loss_and_grads(ctx, seq, scale, grads))?;
         let stats = self.apply(model)?;
         gpu.write_adapters(ctx, model)?;
-        Ok(StepReport { stats, ..report })
+        Ok(crate::train::StepReport { stats, ..report })
     }
 }
