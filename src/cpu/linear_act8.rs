@@ -114,6 +114,99 @@ pub(crate) fn vnni_eligible(weight: &QuantWeight, n_in: usize) -> bool {
         }
 }
 
+/// Where the SIMD int8-activation kernels find an int8 weight's scale and zero point: piece `c` (of `chunk`
+/// codes) of row `o` uses entry `o·row_stride + ((c >> shift) & mask)`, with no division or branch per piece
+/// (groups are powers of two of at least 64 that divide the row, see [`vnni_eligible`]).
+#[derive(Clone, Copy)]
+#[cfg_attr(
+    not(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        all(target_arch = "wasm32", target_feature = "simd128")
+    )),
+    allow(dead_code)
+)]
+pub(crate) struct Int8ParamIndex {
+    row_stride: usize,
+    shift: u32,
+    mask: usize,
+}
+
+#[cfg_attr(
+    not(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        all(target_arch = "wasm32", target_feature = "simd128")
+    )),
+    allow(dead_code)
+)]
+impl Int8ParamIndex {
+    /// The index for rows of `n_in` codes read `chunk` (a power of two ≤ 64) at a time.
+    pub fn new(granularity: Granularity, n_in: usize, chunk: usize) -> Int8ParamIndex {
+        let (row_stride, shift, mask) = match granularity {
+            Granularity::PerTensor => (0, 0, 0),
+            Granularity::PerChannel => (1, 0, 0),
+            Granularity::PerGroup(g) => (n_in / g, (g / chunk).trailing_zeros(), usize::MAX),
+        };
+        Int8ParamIndex { row_stride, shift, mask }
+    }
+
+    /// The parameter entry of piece `c` of row `o`.
+    #[inline(always)]
+    pub fn get(&self, o: usize, c: usize) -> usize {
+        o * self.row_stride + ((c >> self.shift) & self.mask)
+    }
+}
+
+/// One register tile of a SIMD int8-activation kernel (VNNI, AVX2, NEON, simd128).
+pub(crate) trait Act8Tile<const J: usize, const R: usize> {
+    /// `acc[i][j] = Σ_k x[r0 + i, k]·W[rows[j], k]` (block-scaled) for `i < rr ≤ R`.
+    ///
+    /// # Safety
+    /// The kernel's instruction set is available, and the slices it reads hold `rows` and `r0 + rr` rows (each
+    /// kernel's `base` asserts their lengths before calling [`add_tiles`]).
+    unsafe fn tile(&self, rows: [usize; J], r0: usize, rr: usize, acc: &mut [[f32; J]; R]);
+}
+
+/// `out[r, j] += ` the tiles' sums for rows `o0..o0+ob` of `W` and the `m` rows of `x`: `J` weight rows × up to
+/// `R` rows of `x` per tile. Rows past the block repeat its last row; their sums are dropped.
+///
+/// # Safety
+/// As [`Act8Tile::tile`].
+#[inline(always)]
+#[cfg_attr(
+    not(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        all(target_arch = "wasm32", target_feature = "simd128")
+    )),
+    allow(dead_code)
+)]
+pub(crate) unsafe fn add_tiles<const J: usize, const R: usize>(
+    tiles: &impl Act8Tile<J, R>,
+    m: usize,
+    o0: usize,
+    ob: usize,
+    out: &mut [f32],
+) {
+    for j0 in (0..ob).step_by(J) {
+        let rows: [usize; J] = std::array::from_fn(|j| o0 + (j0 + j).min(ob - 1));
+        let mut r0 = 0;
+        while r0 < m {
+            let rr = (m - r0).min(R);
+            let mut acc = [[0f32; J]; R];
+            // SAFETY: forwarded from the caller.
+            unsafe { tiles.tile(rows, r0, rr, &mut acc) };
+            for (i, acc_row) in acc.iter().enumerate().take(rr) {
+                for (j, a) in acc_row.iter().enumerate().take((ob - j0).min(J)) {
+                    out[(r0 + i) * ob + j0 + j] += a;
+                }
+            }
+            r0 += R;
+        }
+    }
+}
+
 /// `1/127` as f32: the 4-bit scale is `d · absmax · INV127` (two roundings after the exact integer sum).
 pub(crate) const INV127: f32 = 1.0 / 127.0;
 

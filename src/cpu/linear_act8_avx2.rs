@@ -12,12 +12,13 @@
 //! Every lane holds an exact integer sum; only the f32 accumulation differs from the portable kernel, within
 //! `reference::act8::kernel_bound` (at most 8 lane partial sums per block, as the VNNI kernel's 16 per chunk).
 
-use super::linear_act8::{base_portable, vnni_eligible, Act8Layout, Act8View, INV127};
+use super::linear_act8::{
+    add_tiles, base_portable, vnni_eligible, Act8Layout, Act8Tile, Act8View, Int8ParamIndex, INV127,
+};
 use super::linear_kernels::output_pass;
 use super::linear_x86::GEMV_PREFETCH;
 use super::table::{Job, LinearKernels};
 use super::x86_features::{avx2_fn, Avx2};
-use crate::format::affine::Granularity;
 use crate::format::layer::QuantWeight;
 use crate::reference::act8::{int8_table, BLOCK};
 use std::arch::x86_64::*;
@@ -105,28 +106,18 @@ struct Int8<'a> {
     scales: &'a [f32],
     zero_points: &'a [u8],
     n_in: usize,
-    /// Parameter index of block `c` of row `o`: `o·row_stride + ((c >> block_shift) & block_mask)` (no division
-    /// or branch per block; groups are powers of two of at least 64, see `vnni_eligible`).
-    row_stride: usize,
-    block_shift: u32,
-    block_mask: usize,
+    /// The scale and zero point entry of each block.
+    params: Int8ParamIndex,
 }
 
 impl<'a> Int8<'a> {
     fn new(t: &'a crate::format::affine::AffineTensor, n_in: usize) -> Int8<'a> {
-        let (row_stride, block_shift, block_mask) = match t.granularity() {
-            Granularity::PerTensor => (0, 0, 0),
-            Granularity::PerChannel => (1, 0, 0),
-            Granularity::PerGroup(g) => (n_in / g, (g / BLOCK).trailing_zeros(), usize::MAX),
-        };
         Int8 {
             codes: t.codes().as_ptr(),
             scales: t.scales(),
             zero_points: t.zero_points(),
             n_in,
-            row_stride,
-            block_shift,
-            block_mask,
+            params: Int8ParamIndex::new(t.granularity(), n_in, BLOCK),
         }
     }
 }
@@ -148,7 +139,7 @@ impl Blocks for Int8<'_> {
         // SAFETY: the caller checked `codes` holds `out × in` bytes and `in % 64 == 0`.
         let v = _mm256_loadu_si256(self.codes.add(at) as *const __m256i);
         _mm_prefetch::<_MM_HINT_T0>(self.codes.wrapping_add(at + GEMV_PREFETCH) as *const i8);
-        let p = o * self.row_stride + ((c >> self.block_shift) & self.block_mask);
+        let p = self.params.get(o, c);
         let zp = _mm256_set1_epi16(self.zero_points[p] as i16);
         let w0 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(v)), zp);
         let w1 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(v)), zp);
@@ -207,26 +198,26 @@ unsafe fn block_avx2(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
 unsafe fn base<W: Blocks>(job: &Job<'_>, act: Act8View<'_>, w: &W, o0: usize, ob: usize, out: &mut [f32]) {
     let (n_in, m) = (job.layer.in_features, job.m);
     assert!(act.vq.len() == m * n_in && act.d.len() == m * (n_in / BLOCK));
-    for j0 in (0..ob).step_by(J) {
-        // Rows past the block repeat its last row; their sums are dropped.
-        let rows: [usize; J] = std::array::from_fn(|j| o0 + (j0 + j).min(ob - 1));
-        let mut r0 = 0;
-        while r0 < m {
-            let mut acc = [[0f32; J]; R];
-            if m - r0 == 1 {
-                tile::<W, 1>(act, w, rows, r0, n_in, &mut acc);
-            } else {
-                tile::<W, R>(act, w, rows, r0, n_in, &mut acc);
-            }
-            for (i, acc_row) in acc.iter().enumerate().take((m - r0).min(R)) {
-                for (j, a) in acc_row.iter().enumerate().take((ob - j0).min(J)) {
-                    out[(r0 + i) * ob + j0 + j] += a;
-                }
-            }
-            r0 += R;
+    add_tiles(&Tiles { act, w, n_in }, m, o0, ob, out);
+}
+}
+
+/// The kernel's tiles over one layer (see [`add_tiles`]).
+struct Tiles<'a, W> {
+    act: Act8View<'a>,
+    w: &'a W,
+    n_in: usize,
+}
+
+impl<W: Blocks> Act8Tile<J, R> for Tiles<'_, W> {
+    #[inline(always)]
+    unsafe fn tile(&self, rows: [usize; J], r0: usize, rr: usize, acc: &mut [[f32; J]; R]) {
+        if rr == 1 {
+            tile::<W, 1>(self.act, self.w, rows, r0, self.n_in, acc);
+        } else {
+            tile::<W, R>(self.act, self.w, rows, r0, self.n_in, acc);
         }
     }
-}
 }
 
 /// `acc[i][j] = Σ over the row of x row `r0 + i` · weight row `rows[j]` (`RR` ≤ `R` rows of `x`).

@@ -12,10 +12,9 @@
 //! Every lane holds an exact integer sum; only the f32 accumulation differs from the portable kernel, within
 //! `reference::act8::kernel_bound` (4 lane partial sums per block).
 
-use super::linear_act8::{base_portable, vnni_eligible, Act8View, INV127};
+use super::linear_act8::{add_tiles, base_portable, vnni_eligible, Act8Tile, Act8View, Int8ParamIndex, INV127};
 use super::linear_kernels::output_pass;
 use super::table::Job;
-use crate::format::affine::Granularity;
 use crate::format::layer::QuantWeight;
 use crate::reference::act8::{int8_table, BLOCK};
 use core::arch::aarch64::*;
@@ -89,28 +88,18 @@ struct Int8<'a> {
     scales: &'a [f32],
     zero_points: &'a [u8],
     n_in: usize,
-    /// Parameter index of block `c` of row `o`: `o·row_stride + ((c >> block_shift) & block_mask)` (no division
-    /// or branch per block; groups are powers of two of at least 64, see `vnni_eligible`).
-    row_stride: usize,
-    block_shift: u32,
-    block_mask: usize,
+    /// The scale and zero point entry of each block.
+    params: Int8ParamIndex,
 }
 
 impl<'a> Int8<'a> {
     fn new(t: &'a crate::format::affine::AffineTensor, n_in: usize) -> Int8<'a> {
-        let (row_stride, block_shift, block_mask) = match t.granularity() {
-            Granularity::PerTensor => (0, 0, 0),
-            Granularity::PerChannel => (1, 0, 0),
-            Granularity::PerGroup(g) => (n_in / g, (g / BLOCK).trailing_zeros(), usize::MAX),
-        };
         Int8 {
             codes: t.codes().as_ptr(),
             scales: t.scales(),
             zero_points: t.zero_points(),
             n_in,
-            row_stride,
-            block_shift,
-            block_mask,
+            params: Int8ParamIndex::new(t.granularity(), n_in, BLOCK),
         }
     }
 }
@@ -131,7 +120,7 @@ impl Blocks for Int8<'_> {
         let at = o * self.n_in + BLOCK * c;
         // SAFETY: the caller checked `codes` holds `out × in` bytes and `in % 64 == 0`.
         let (a, b) = (vld1q_u8(self.codes.add(at)), vld1q_u8(self.codes.add(at + 16)));
-        let p = o * self.row_stride + ((c >> self.block_shift) & self.block_mask);
+        let p = self.params.get(o, c);
         let zp = vdupq_n_s16(self.zero_points[p] as i16);
         let widen = |h: uint16x8_t| vsubq_s16(vreinterpretq_s16_u16(h), zp);
         let w = [
@@ -203,23 +192,23 @@ pub(crate) fn block_neon(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
 unsafe fn base<W: Blocks>(job: &Job<'_>, act: Act8View<'_>, w: &W, o0: usize, ob: usize, out: &mut [f32]) {
     let (n_in, m) = (job.layer.in_features, job.m);
     assert!(act.vq.len() == m * n_in && act.d.len() == m * (n_in / BLOCK));
-    for j0 in (0..ob).step_by(J) {
-        // Rows past the block repeat its last row; their sums are dropped.
-        let rows: [usize; J] = std::array::from_fn(|j| o0 + (j0 + j).min(ob - 1));
-        let mut r0 = 0;
-        while r0 < m {
-            let mut acc = [[0f32; J]; R];
-            if m - r0 == 1 {
-                tile::<W, 1>(act, w, rows, r0, n_in, &mut acc);
-            } else {
-                tile::<W, R>(act, w, rows, r0, n_in, &mut acc);
-            }
-            for (i, acc_row) in acc.iter().enumerate().take((m - r0).min(R)) {
-                for (j, a) in acc_row.iter().enumerate().take((ob - j0).min(J)) {
-                    out[(r0 + i) * ob + j0 + j] += a;
-                }
-            }
-            r0 += R;
+    add_tiles(&Tiles { act, w, n_in }, m, o0, ob, out);
+}
+
+/// The kernel's tiles over one layer (see [`add_tiles`]).
+struct Tiles<'a, W> {
+    act: Act8View<'a>,
+    w: &'a W,
+    n_in: usize,
+}
+
+impl<W: Blocks> Act8Tile<J, R> for Tiles<'_, W> {
+    #[inline(always)]
+    unsafe fn tile(&self, rows: [usize; J], r0: usize, rr: usize, acc: &mut [[f32; J]; R]) {
+        if rr == 1 {
+            tile::<W, 1>(self.act, self.w, rows, r0, self.n_in, acc);
+        } else {
+            tile::<W, R>(self.act, self.w, rows, r0, self.n_in, acc);
         }
     }
 }

@@ -9,12 +9,13 @@
 //! `[hi(b0..15), lo(b0..15), hi(b16..31), lo(b16..31)]`, elements `0,2,…,30, 1,3,…,31, 32,…,62, 33,…,63`: the
 //! order of `Act8X::vq` (each 32-block's even codes, then its odd ones).
 
-use super::linear_act8::{base_portable, vnni_eligible, Act8Layout, Act8View, INV127};
+use super::linear_act8::{
+    add_tiles, base_portable, vnni_eligible, Act8Layout, Act8Tile, Act8View, Int8ParamIndex, INV127,
+};
 use super::linear_kernels::output_pass;
 use super::linear_x86::GEMV_PREFETCH;
 use super::table::{Job, LinearKernels};
 use super::x86_features::{avx512vnni_fn, Avx512Vnni};
-use crate::format::affine::Granularity;
 use crate::format::layer::QuantWeight;
 use crate::reference::act8::{int8_table, BLOCK};
 use std::arch::x86_64::*;
@@ -82,28 +83,18 @@ struct Int8<'a> {
     scales: &'a [f32],
     zero_points: &'a [u8],
     n_in: usize,
-    /// Parameter index of chunk `c` of row `o`: `o·row_stride + ((c >> chunk_shift) & chunk_mask)` (no division
-    /// or branch per chunk; groups are powers of two of at least 64, see `vnni_eligible`).
-    row_stride: usize,
-    chunk_shift: u32,
-    chunk_mask: usize,
+    /// The scale and zero point entry of each chunk.
+    params: Int8ParamIndex,
 }
 
 impl<'a> Int8<'a> {
     fn new(t: &'a crate::format::affine::AffineTensor, n_in: usize) -> Int8<'a> {
-        let (row_stride, chunk_shift, chunk_mask) = match t.granularity() {
-            Granularity::PerTensor => (0, 0, 0),
-            Granularity::PerChannel => (1, 0, 0),
-            Granularity::PerGroup(g) => (n_in / g, (g / 64).trailing_zeros(), usize::MAX),
-        };
         Int8 {
             codes: t.codes().as_ptr(),
             scales: t.scales(),
             zero_points: t.zero_points(),
             n_in,
-            row_stride,
-            chunk_shift,
-            chunk_mask,
+            params: Int8ParamIndex::new(t.granularity(), n_in, 64),
         }
     }
 }
@@ -115,7 +106,7 @@ impl Chunks for Int8<'_> {
         // SAFETY: the caller checked `codes` holds `out × in` bytes and `in % 64 == 0`.
         let w = _mm512_loadu_si512(self.codes.add(o * self.n_in + 64 * c) as *const _);
         _mm_prefetch::<_MM_HINT_T0>(self.codes.wrapping_add(o * self.n_in + 64 * c + GEMV_PREFETCH) as *const i8);
-        let p = o * self.row_stride + ((c >> self.chunk_shift) & self.chunk_mask);
+        let p = self.params.get(o, c);
         (w, _mm512_set1_ps(self.scales[p]), _mm512_set1_epi32(-(self.zero_points[p] as i32)))
     }
 }
@@ -162,27 +153,28 @@ unsafe fn base<W: Chunks>(job: &Job<'_>, act: Act8View<'_>, w: &W, o0: usize, ob
     let (n_in, m) = (job.layer.in_features, job.m);
     let nb = n_in / BLOCK;
     assert!(act.vq.len() == m * n_in && act.lanes.len() == m * n_in / 4 && act.d.len() == m * nb);
-    for j0 in (0..ob).step_by(J) {
-        // Rows past the block repeat its last row; their sums are dropped.
-        let rows: [usize; J] = std::array::from_fn(|j| o0 + (j0 + j).min(ob - 1));
-        let mut r0 = 0;
-        while r0 < m {
-            let mut acc = [[0f32; J]; R];
-            match m - r0 {
-                1 => tile::<W, 1>(act, w, rows, r0, n_in, &mut acc),
-                2 => tile::<W, 2>(act, w, rows, r0, n_in, &mut acc),
-                3 => tile::<W, 3>(act, w, rows, r0, n_in, &mut acc),
-                _ => tile::<W, R>(act, w, rows, r0, n_in, &mut acc),
-            }
-            for (i, acc_row) in acc.iter().enumerate().take((m - r0).min(R)) {
-                for (j, a) in acc_row.iter().enumerate().take((ob - j0).min(J)) {
-                    out[(r0 + i) * ob + j0 + j] += a;
-                }
-            }
-            r0 += R;
+    add_tiles(&Tiles { act, w, n_in }, m, o0, ob, out);
+}
+}
+
+/// The kernel's tiles over one layer (see [`add_tiles`]).
+struct Tiles<'a, W> {
+    act: Act8View<'a>,
+    w: &'a W,
+    n_in: usize,
+}
+
+impl<W: Chunks> Act8Tile<J, R> for Tiles<'_, W> {
+    #[inline(always)]
+    unsafe fn tile(&self, rows: [usize; J], r0: usize, rr: usize, acc: &mut [[f32; J]; R]) {
+        let (act, w, n_in) = (self.act, self.w, self.n_in);
+        match rr {
+            1 => tile::<W, 1>(act, w, rows, r0, n_in, acc),
+            2 => tile::<W, 2>(act, w, rows, r0, n_in, acc),
+            3 => tile::<W, 3>(act, w, rows, r0, n_in, acc),
+            _ => tile::<W, R>(act, w, rows, r0, n_in, acc),
         }
     }
-}
 }
 
 /// `acc[i][j] = Σ over the row of x row `r0 + i` · weight row `rows[j]` (`RR` ≤ `R` rows of `x`).
