@@ -1,4 +1,6 @@
-//! lowbit against candle-core's quantized CPU kernels, same shapes, same data, same run.
+//! lowbit against its peers' quantized CPU kernels, same shapes, same data, same run: candle-core always, and
+//! ggml (llama.cpp's kernels, with its load-time repacking) when `--ggml PATH` names the `ggml-kernels` binary
+//! that `ggml/build.sh` builds outside the tracked tree.
 //!
 //! Pairs (nearest formats): lowbit int8 against candle `Q8_0` (int8 codes, one f16 scale per 32 weights), lowbit
 //! NF4 (block 64, f32 absmax) against `Q4_0` (4-bit, one f16 scale per 32) and `Q4_1` (4-bit, f16 scale and min
@@ -7,11 +9,20 @@
 //! `GgmlType::from_float` / `to_float` / `k_quants::matmul` (what `QMatMul::forward` runs on the CPU, without
 //! the tensor wrapping; it quantizes x to Q8_0 and calls `vec_dot` per output).
 //!
-//! Quantize and dequantize run on one thread (candle's are single-threaded); GEMV / GEMM run on one thread and on
-//! the whole pool for both libraries. `ratio` = lowbit time / candle time: below 1.0 lowbit is faster.
+//! ggml's rows use its nearest formats too (`q8_0`; `q4_0`, `q4_1` and `iq4_nl`, whose 16-entry non-linear table
+//! is NF4's closest relative), once with plain weights and once per extra CPU buffer type the build has
+//! (`CPU_REPACK`: Q4_0 / IQ4_NL interleaved 8×8 at load; `AMX` on CPUs with AMX-INT8), the weight set through it
+//! as llama.cpp does when it loads a model; its mul_mat quantizes `x` to Q8_0 and runs integer dot products.
+//! Each ggml figure comes from a child process that times the kernel itself (warm, median, the same budget).
 //!
-//! `cargo run --release` in this directory (its own workspace: the lowbit workspace never compiles candle);
-//! `--quick` for the 4096×4096 shape only.
+//! Quantize and dequantize run on one thread (candle's and ggml's are single-threaded); GEMV / GEMM run on one
+//! thread and on all of them for every library. lowbit's GEMV / GEMM are timed with f32 activations (the
+//! exact default) and with int8 activations (`Activations::Int8`, the peers' arithmetic). Rounds are interleaved
+//! (every measurement once per round, in the same order); the tables give medians over rounds, and
+//! `ratio` = lowbit's best time ÷ the best peer's time: below 1.0 lowbit is faster.
+//!
+//! `cargo run --release -- [--ggml PATH] [--rounds N] [--quick]` in this directory (its own workspace: the
+//! lowbit workspace never compiles candle); `--quick` for the 4096×4096 shape only.
 //!
 //! candle chooses its SIMD at compile time (`#[cfg(target_feature = "avx2")]` in `k_quants.rs`): a default
 //! build runs its scalar code. For the fair comparison build with
@@ -23,8 +34,11 @@ use lowbit_testkit::membw;
 use candle_core::quantized::k_quants::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType};
 use lowbit::affine::{self, Granularity};
 use lowbit::cpu::{Isa, KernelPath};
-use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit::linear::{Activations, ForwardOptions, QuantLinear, QuantWeight, Workspace};
 use std::hint::black_box;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Median seconds of `f`: one warm-up call, then calls until `budget` has passed (at least 3, at most 200).
@@ -58,14 +72,17 @@ fn data(n: usize, cols: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// One measurement: seconds per call, or `None` when the kernel does not exist for that case (printed as `–`).
+type Measure = Box<dyn FnMut(Duration) -> Option<f64>>;
+
+/// One line of the table: lowbit's modes and the peers, each measured once per round.
 struct Row {
     op: String,
     shape: String,
-    threads: String,
+    threads: usize,
     lowbit_fmt: &'static str,
-    lowbit_s: f64,
-    candle_fmt: &'static str,
-    candle_s: f64,
+    lowbit: Vec<(&'static str, Measure)>,
+    peers: Vec<(String, Measure)>,
 }
 
 fn candle_blocks<T: GgmlType>(w: &[f32]) -> Vec<T> {
@@ -74,76 +91,207 @@ fn candle_blocks<T: GgmlType>(w: &[f32]) -> Vec<T> {
     b
 }
 
-fn quant_dequant<T: GgmlType>(rows: &mut Vec<Row>, budget: Duration, name: &'static str, w: &[f32], shape: &str) {
-    let one = KernelPath::single(Isa::best());
-    let (out, inp) = parse(shape);
-    let mut dst = vec![0.0f32; w.len()];
-    let mut blocks = vec![T::zeros(); w.len() / T::BLCK_SIZE];
-    let (lf, lq, ld) = if name == "Q8_0" {
-        let q = affine::quantize_with(w, &[out, inp], Granularity::PerChannel, one).unwrap();
-        let lq = time(budget, || {
-            black_box(affine::quantize_with(black_box(w), &[out, inp], Granularity::PerChannel, one).unwrap());
-        });
-        let ld = time(budget, || q.dequantize_into_with(black_box(&mut dst[..]), one).unwrap());
-        ("int8 channel", lq, ld)
-    } else {
-        let q = lowbit::nf4::quantize_nf4_with(w, &[out, inp], 64, false, one).unwrap();
-        let lq = time(budget, || {
-            black_box(lowbit::nf4::quantize_nf4_with(black_box(w), &[out, inp], 64, false, one).unwrap());
-        });
-        let ld = time(budget, || q.dequantize_into_with(black_box(&mut dst[..]), one).unwrap());
-        ("nf4 b64", lq, ld)
-    };
-    let cq = time(budget, || T::from_float(black_box(w), &mut blocks));
-    let cd = time(budget, || T::to_float(black_box(&blocks), &mut dst));
-    for (op, l, c) in [("quantize", lq, cq), ("dequantize", ld, cd)] {
-        rows.push(Row {
-            op: op.into(),
-            shape: shape.into(),
-            threads: "1".into(),
-            lowbit_fmt: lf,
-            lowbit_s: l,
-            candle_fmt: name,
-            candle_s: c,
-        });
+/// The `ggml-kernels` child process: one warm, median-of-calls measurement per call.
+#[derive(Clone)]
+struct Ggml {
+    bin: PathBuf,
+    bufts: Vec<String>,
+}
+
+impl Ggml {
+    fn new(bin: PathBuf) -> Ggml {
+        let out = Command::new(&bin).arg("bufts").output().unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
+        assert!(out.status.success(), "{} bufts failed", bin.display());
+        let bufts = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+        Ggml { bin, bufts }
+    }
+
+    fn run(&self, args: &[String]) -> Option<f64> {
+        let out = Command::new(&self.bin).args(args).output().expect("ggml-kernels runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        match out.status.code() {
+            Some(0) => text.trim().strip_prefix("seconds ").and_then(|s| s.parse().ok()),
+            Some(2) => None,
+            // ggml's AMX kernels crash on some VMs (tile use without the kernel's permission): no figure.
+            None => {
+                eprintln!("ggml-kernels {args:?} was killed by a signal: no figure");
+                None
+            }
+            _ => panic!("ggml-kernels {args:?} failed: {text}{}", String::from_utf8_lossy(&out.stderr)),
+        }
+    }
+
+    fn measure(&self, args: Vec<String>) -> Measure {
+        let me = self.clone();
+        Box::new(move |budget| {
+            let mut a = args.clone();
+            a.push(budget.as_millis().to_string());
+            me.run(&a)
+        })
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gemm<T: GgmlType>(
-    rows: &mut Vec<Row>,
-    budget: Duration,
-    name: &'static str,
-    layer: &QuantLinear,
-    lf: &'static str,
-    w: &[f32],
-    m: usize,
-    pools: &[(String, rayon::ThreadPool)],
-) {
-    let (out, inp) = (layer.out_features(), layer.in_features());
+fn strings(a: &[&dyn ToString]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// Quantize and dequantize rows (one thread): lowbit int8 per channel against Q8_0, NF4 block 64 against the
+/// 4-bit formats.
+fn convert_rows(rows: &mut Vec<Row>, w: &Arc<Vec<f32>>, shape: &str, ggml: Option<&Ggml>) {
+    let one = KernelPath::single(Isa::best());
+    let (out, inp) = parse(shape);
+    for int8 in [true, false] {
+        let mut q_rows: Vec<(String, Measure)> = Vec::new();
+        let mut d_rows: Vec<(String, Measure)> = Vec::new();
+        fn candle<T: GgmlType + 'static>(
+            name: &str,
+            w: &Arc<Vec<f32>>,
+            q: &mut Vec<(String, Measure)>,
+            d: &mut Vec<(String, Measure)>,
+        ) {
+            let (w1, w2) = (w.clone(), w.clone());
+            let mut blocks = vec![T::zeros(); w.len() / T::BLCK_SIZE];
+            q.push((
+                format!("candle {name}"),
+                Box::new(move |b| Some(time(b, || T::from_float(black_box(&w1), &mut blocks)))),
+            ));
+            let blocks: Vec<T> = candle_blocks(&w2);
+            let mut dst = vec![0.0f32; w2.len()];
+            d.push((
+                format!("candle {name}"),
+                Box::new(move |b| Some(time(b, || T::to_float(black_box(&blocks), &mut dst)))),
+            ));
+        }
+        let ggml_types: &[&str] = if int8 {
+            candle::<BlockQ8_0>("Q8_0", w, &mut q_rows, &mut d_rows);
+            &["q8_0"]
+        } else {
+            candle::<BlockQ4_0>("Q4_0", w, &mut q_rows, &mut d_rows);
+            candle::<BlockQ4_1>("Q4_1", w, &mut q_rows, &mut d_rows);
+            &["q4_0", "q4_1", "iq4_nl"]
+        };
+        if let Some(g) = ggml {
+            for t in ggml_types {
+                q_rows.push((format!("ggml {t}"), g.measure(strings(&[&"quantize", t, &out, &inp]))));
+                d_rows.push((format!("ggml {t}"), g.measure(strings(&[&"dequantize", t, &out, &inp]))));
+            }
+        }
+        let (lq, ld, fmt): (Measure, Measure, &'static str) = if int8 {
+            let (w1, w2) = (w.clone(), w.clone());
+            let gran = Granularity::PerChannel;
+            let mut codes = vec![0u8; w.len()];
+            let mut params = vec![affine::AffineParams::EMPTY; gran.num_params(out, inp)];
+            let q = affine::quantize(&w2, &[out, inp], gran).unwrap();
+            let mut dst = vec![0.0f32; w.len()];
+            (
+                Box::new(move |b| {
+                    Some(time(b, || {
+                        affine::quantize_into_with(black_box(&w1[..]), &[out, inp], gran, &mut codes, &mut params, one)
+                            .unwrap()
+                    }))
+                }),
+                Box::new(move |b| Some(time(b, || q.dequantize_into_with(black_box(&mut dst[..]), one).unwrap()))),
+                "int8 channel",
+            )
+        } else {
+            let (w1, w2) = (w.clone(), w.clone());
+            let q = lowbit::nf4::quantize_nf4(&w2[..], &[out, inp], 64, false).unwrap();
+            let mut dst = vec![0.0f32; w.len()];
+            (
+                Box::new(move |b| {
+                    Some(time(b, || {
+                        black_box(
+                            lowbit::nf4::quantize_nf4_with(black_box(&w1[..]), &[out, inp], 64, false, one).unwrap(),
+                        );
+                    }))
+                }),
+                Box::new(move |b| Some(time(b, || q.dequantize_into_with(black_box(&mut dst[..]), one).unwrap()))),
+                "nf4 b64",
+            )
+        };
+        for (op, l, peers) in [("quantize", lq, q_rows), ("dequantize", ld, d_rows)] {
+            rows.push(Row {
+                op: op.into(),
+                shape: shape.into(),
+                threads: 1,
+                lowbit_fmt: fmt,
+                lowbit: vec![("f32", l)],
+                peers,
+            });
+        }
+    }
+}
+
+/// lowbit's forward into caller buffers on `pool`, with `activations`.
+fn lowbit_forward(layer: Arc<QuantLinear>, m: usize, threads: usize, activations: Activations) -> Measure {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let inp = layer.in_features();
+    let x = data(m * inp, inp, 9);
+    let mut y = vec![0.0f32; m * layer.out_features()];
+    let mut ws = Workspace::default();
+    let path = if threads == 1 { KernelPath::single(Isa::best()) } else { KernelPath::best() };
+    Box::new(move |b| {
+        let opts = ForwardOptions::default().path(path).activations(activations);
+        Some(pool.install(|| time(b, || layer.forward_into_with(black_box(&x[..]), &mut y, &mut ws, opts).unwrap())))
+    })
+}
+
+fn candle_matmul<T: GgmlType + 'static>(w: &[f32], m: usize, out: usize, inp: usize, threads: usize) -> Measure {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     let blocks: Vec<T> = candle_blocks(w);
     let x = data(m * inp, inp, 9);
     let mut y = vec![0.0f32; m * out];
-    for (threads, pool) in pools {
-        let path = if threads == "1" { KernelPath::single(Isa::best()) } else { KernelPath::best() };
-        let l = pool.install(|| {
-            time(budget, || {
-                drop(black_box(
-                    layer.forward_with(black_box(&x), lowbit::linear::ForwardOptions::default().path(path)).unwrap(),
-                ))
-            })
-        });
-        let c =
-            pool.install(|| time(budget, || k_quants::matmul((m, inp, out), black_box(&x), &blocks, &mut y).unwrap()));
-        rows.push(Row {
-            op: format!("{} M={m}", if m == 1 { "gemv" } else { "gemm" }),
-            shape: format!("{out}x{inp}"),
-            threads: threads.clone(),
-            lowbit_fmt: lf,
-            lowbit_s: l,
-            candle_fmt: name,
-            candle_s: c,
-        });
+    Box::new(move |b| {
+        Some(pool.install(|| time(b, || k_quants::matmul((m, inp, out), black_box(&x), &blocks, &mut y).unwrap())))
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_rows(
+    rows: &mut Vec<Row>,
+    w: &[f32],
+    shape: &str,
+    ms: &[usize],
+    threads: &[usize],
+    int8: &Arc<QuantLinear>,
+    nf4: &Arc<QuantLinear>,
+    ggml: Option<&Ggml>,
+) {
+    let (out, inp) = parse(shape);
+    for &m in ms {
+        for &t in threads {
+            for is_int8 in [true, false] {
+                let layer = if is_int8 { int8 } else { nf4 };
+                let mut peers: Vec<(String, Measure)> = Vec::new();
+                let ggml_types: &[&str] = if is_int8 {
+                    peers.push(("candle Q8_0".into(), candle_matmul::<BlockQ8_0>(w, m, out, inp, t)));
+                    &["q8_0"]
+                } else {
+                    peers.push(("candle Q4_0".into(), candle_matmul::<BlockQ4_0>(w, m, out, inp, t)));
+                    peers.push(("candle Q4_1".into(), candle_matmul::<BlockQ4_1>(w, m, out, inp, t)));
+                    &["q4_0", "q4_1", "iq4_nl"]
+                };
+                if let Some(g) = ggml {
+                    for ty in ggml_types {
+                        for buft in std::iter::once("CPU").chain(g.bufts.iter().map(String::as_str)) {
+                            let label = if buft == "CPU" { format!("ggml {ty}") } else { format!("ggml {ty} {buft}") };
+                            peers.push((label, g.measure(strings(&[&"mul_mat", ty, &out, &inp, &m, &t, &buft]))));
+                        }
+                    }
+                }
+                rows.push(Row {
+                    op: format!("{} M={m}", if m == 1 { "gemv" } else { "gemm" }),
+                    shape: shape.into(),
+                    threads: t,
+                    lowbit_fmt: if is_int8 { "int8 channel" } else { "nf4 b64" },
+                    lowbit: vec![
+                        ("f32", lowbit_forward(layer.clone(), m, t, Activations::F32)),
+                        ("act8", lowbit_forward(layer.clone(), m, t, Activations::Int8)),
+                    ],
+                    peers,
+                });
+            }
+        }
     }
 }
 
@@ -152,48 +300,83 @@ fn parse(shape: &str) -> (usize, usize) {
     (o.parse().unwrap(), i.parse().unwrap())
 }
 
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn arg_value(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let budget = Duration::from_millis(if quick { 150 } else { 500 });
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let rounds: usize = arg_value(&args, "--rounds").map_or(3, |r| r.parse().expect("--rounds N"));
+    let ggml = arg_value(&args, "--ggml").map(|p| Ggml::new(PathBuf::from(p)));
+    let budget = Duration::from_millis(if quick { 150 } else { 400 });
     let all = rayon::current_num_threads();
-    let pools: Vec<(String, rayon::ThreadPool)> = [1, all]
-        .iter()
-        .map(|&n| (n.to_string(), rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()))
-        .collect();
+    let threads: Vec<usize> = if all > 1 { vec![1, all] } else { vec![1] };
     let limits = membw::measure(membw::DEFAULT_BYTES, if quick { 2 } else { 4 });
     let shapes: &[&str] = if quick { &["4096x4096"] } else { &["4096x4096", "4096x14336"] };
     let mut rows = Vec::new();
     for &shape in shapes {
         let (out, inp) = parse(shape);
-        let w = data(out * inp, inp, 1);
+        let w = Arc::new(data(out * inp, inp, 1));
         if shape == "4096x4096" {
-            quant_dequant::<BlockQ8_0>(&mut rows, budget, "Q8_0", &w, shape);
-            quant_dequant::<BlockQ4_0>(&mut rows, budget, "Q4_0", &w, shape);
-            quant_dequant::<BlockQ4_1>(&mut rows, budget, "Q4_1", &w, shape);
+            convert_rows(&mut rows, &w, shape, ggml.as_ref());
         }
-        let int8 = QuantLinear::new(
-            QuantWeight::Int8(affine::quantize(&w, &[out, inp], Granularity::PerChannel).unwrap()),
-            None,
-        )
-        .unwrap();
-        let nf4 = QuantLinear::new(
-            QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, false).unwrap()),
-            None,
-        )
-        .unwrap();
-        for m in [1, 8] {
-            gemm::<BlockQ8_0>(&mut rows, budget, "Q8_0", &int8, "int8 channel", &w, m, &pools);
-            gemm::<BlockQ4_0>(&mut rows, budget, "Q4_0", &nf4, "nf4 b64", &w, m, &pools);
-            gemm::<BlockQ4_1>(&mut rows, budget, "Q4_1", &nf4, "nf4 b64", &w, m, &pools);
+        let int8 = Arc::new(
+            QuantLinear::new(
+                QuantWeight::Int8(affine::quantize(&w[..], &[out, inp], Granularity::PerChannel).unwrap()),
+                None,
+            )
+            .unwrap(),
+        );
+        let nf4 = Arc::new(
+            QuantLinear::new(
+                QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w[..], &[out, inp], 64, false).unwrap()),
+                None,
+            )
+            .unwrap(),
+        );
+        let ms: &[usize] = if shape == "4096x14336" || quick { &[1, 8, 64] } else { &[1, 8] };
+        matmul_rows(&mut rows, &w, shape, ms, &threads, &int8, &nf4, ggml.as_ref());
+    }
+
+    // Interleaved rounds: every measurement once per round, in the same order.
+    let mut lowbit_t: Vec<Vec<Vec<Option<f64>>>> = rows.iter().map(|r| vec![Vec::new(); r.lowbit.len()]).collect();
+    let mut peer_t: Vec<Vec<Vec<Option<f64>>>> = rows.iter().map(|r| vec![Vec::new(); r.peers.len()]).collect();
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        for (i, r) in rows.iter_mut().enumerate() {
+            for (j, (_, f)) in r.lowbit.iter_mut().enumerate() {
+                lowbit_t[i][j].push(f(budget));
+            }
+            for (j, (_, f)) in r.peers.iter_mut().enumerate() {
+                peer_t[i][j].push(f(budget));
+            }
         }
     }
+    let med = |v: &Vec<Option<f64>>| -> Option<f64> {
+        let t: Vec<f64> = v.iter().flatten().copied().collect();
+        (!t.is_empty()).then(|| median(&t))
+    };
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "lowbit vs candle-core 0.9 (quantized CPU kernels), best ISA {}; {all} threads; load average {}",
+        "lowbit vs candle-core 0.9{} (quantized CPU kernels), best ISA {}; {all} threads; {rounds} interleaved rounds; load average {}",
+        if ggml.is_some() { " and ggml" } else { "" },
         Isa::best(),
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
+    if let Some(g) = &ggml {
+        println!(
+            "ggml extra CPU buffer types in this build: {}",
+            if g.bufts.is_empty() { "none".into() } else { g.bufts.join(", ") }
+        );
+    }
     println!(
         "memory limits (GB/s, {} MiB buffers): 1 thread read {:.1} write {:.1} copy {:.1}; {} threads read {:.1} write {:.1} copy {:.1}\n",
         limits.bytes >> 20,
@@ -205,21 +388,47 @@ fn main() {
         membw::gb_s(limits.all.write),
         membw::gb_s(limits.all.copy),
     );
-    println!(
-        "| op | shape | threads | lowbit format | lowbit ms | candle format | candle ms | ratio (lowbit/candle time) |"
-    );
-    println!("|---|---|---:|---|---:|---|---:|---:|");
-    for r in &rows {
+    let ms = |t: Option<f64>| t.map_or("–".to_string(), |t| format!("{:.3}", t * 1e3));
+    println!("| op | shape | threads | lowbit format | lowbit f32 ms | lowbit act8 ms | best candle ms | best ggml ms | ratio (lowbit best ÷ best peer) |");
+    println!("|---|---|---:|---|---:|---:|---|---|---:|");
+    let mut details = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let lb: Vec<Option<f64>> = lowbit_t[i].iter().map(med).collect();
+        let peers: Vec<(String, Option<f64>)> =
+            r.peers.iter().zip(&peer_t[i]).map(|((name, _), t)| (name.clone(), med(t))).collect();
+        let best_of = |prefix: &str| {
+            peers
+                .iter()
+                .filter(|(n, t)| n.starts_with(prefix) && t.is_some())
+                .min_by(|a, b| a.1.unwrap().total_cmp(&b.1.unwrap()))
+                .map(|(n, t)| (n.clone(), t.unwrap()))
+        };
+        let show = |b: &Option<(String, f64)>, prefix: &str| {
+            b.as_ref().map_or("–".into(), |(n, t)| format!("{:.3} ({})", t * 1e3, n.trim_start_matches(prefix)))
+        };
+        let (candle, gg) = (best_of("candle "), best_of("ggml "));
+        let lowbit_best = lb.iter().flatten().copied().fold(f64::INFINITY, f64::min);
+        let peer_best = [&candle, &gg].iter().filter_map(|b| b.as_ref().map(|x| x.1)).fold(f64::INFINITY, f64::min);
         println!(
-            "| {} | {} | {} | {} | {:.3} | {} | {:.3} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |",
             r.op,
             r.shape,
             r.threads,
             r.lowbit_fmt,
-            r.lowbit_s * 1e3,
-            r.candle_fmt,
-            r.candle_s * 1e3,
-            r.lowbit_s / r.candle_s
+            ms(lb[0]),
+            ms(lb.get(1).copied().flatten()),
+            show(&candle, "candle "),
+            show(&gg, "ggml "),
+            lowbit_best / peer_best
         );
+        for (n, t) in &peers {
+            details.push(format!("| {} | {} | {} | {n} | {} |", r.op, r.shape, r.threads, ms(*t)));
+        }
+    }
+    println!("\nEvery peer measurement (median over rounds; – where the build has no kernel for it):\n");
+    println!("| op | shape | threads | peer | ms |");
+    println!("|---|---|---:|---|---:|");
+    for d in details {
+        println!("{d}");
     }
 }
