@@ -138,6 +138,27 @@ fn large_tensors_take_the_threaded_and_streaming_paths() {
 }
 
 #[test]
+fn streamed_channel_and_group_runs_equal_the_reference_in_any_alignment() {
+    // 1031 x 12291 (51 MB of f32 out) takes the streaming path; rows of 12291 and groups of 51 elements are not
+    // whole vectors, so runs start mid-vector (assembled element by element), and an output one float past
+    // an aligned start moves every run against the vector grid.
+    let (rows, cols) = (1031, 12291);
+    let x = data(6, rows * cols, 5);
+    for g in [Granularity::PerChannel, Granularity::PerGroup(51)] {
+        let (_, _, values) = reference_of(&x, &[rows, cols], g);
+        let q = affine::quantize(&x, &[rows, cols], g).unwrap();
+        for path in KernelPath::all_available().into_iter().filter(|p| *p != KernelPath::REFERENCE) {
+            let mut buf = vec![f32::NAN; rows * cols + 16];
+            for offset in [0, 1] {
+                let out = &mut buf[offset..offset + rows * cols];
+                q.dequantize_into_with(out, path).unwrap();
+                assert!(bits(out) == bits(&values), "streamed {g} dequantization differs on {path} at +{offset}");
+            }
+        }
+    }
+}
+
+#[test]
 fn thread_count_does_not_change_results() {
     let x = data(6, 513 * 777, 3);
     let run = |threads: usize| {

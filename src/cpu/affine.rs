@@ -251,6 +251,23 @@ pub(crate) fn dequantize<T: Element>(t: &AffineTensor, out: &mut [T], path: Kern
             }
             let gl = g.group_len(cols);
             let per_row = g.num_params(1, cols);
+            if let (true, 0, Some(of)) = (stream, cols % gl, as_f32_mut(out)) {
+                // Equal runs into f32: spans of whole rows, each streamed with one fence at its end.
+                let rows_per_span = (PAR_CHUNK / cols).max(1);
+                let span = rows_per_span * cols;
+                let runs = kernels(path.isa).affine.dequantize_runs;
+                let job = |(k, (c, o)): (usize, (&[u8], &mut [f32]))| {
+                    let entries = k * rows_per_span * per_row..(k * rows_per_span + c.len() / cols) * per_row;
+                    runs(c, &t.scales[entries.clone()], &t.zero_points[entries], gl, o, true)
+                };
+                let it = codes.chunks(span).zip(of.chunks_mut(span)).enumerate();
+                if use_threads(path, codes.len()) {
+                    par_rows(it.collect(), job);
+                } else {
+                    it.for_each(job);
+                }
+                return;
+            }
             let job = |(r, (c, o)): (usize, (&[u8], &mut [T]))| {
                 let entries = r * per_row..(r + 1) * per_row;
                 let params = t.scales[entries.clone()].iter().zip(&t.zero_points[entries]);

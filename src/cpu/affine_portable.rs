@@ -77,6 +77,62 @@ pub(crate) fn dequantize_run_portable(codes: &[u8], p: AffineParams, out: &mut [
     }
 }
 
+/// Walks consecutive runs of `run` elements: the parameters of element `i` are entry `i / run`, found without
+/// a division (indices must not decrease between calls).
+pub(crate) struct RunCursor<'a> {
+    scales: &'a [f32],
+    zero_points: &'a [u8],
+    run: usize,
+    entry: usize,
+    end: usize,
+}
+
+impl<'a> RunCursor<'a> {
+    pub(crate) fn new(scales: &'a [f32], zero_points: &'a [u8], run: usize) -> Self {
+        assert!(run > 0 && scales.len() == zero_points.len());
+        RunCursor { scales, zero_points, run, entry: 0, end: run }
+    }
+
+    /// The parameters of element `i`.
+    #[inline(always)]
+    pub(crate) fn at(&mut self, i: usize) -> AffineParams {
+        while i >= self.end {
+            self.entry += 1;
+            self.end += self.run;
+        }
+        AffineParams { scale: self.scales[self.entry], zero_point: self.zero_points[self.entry] }
+    }
+
+    /// Whether elements `i..i + len` share the parameters of the last [`RunCursor::at`]`(i)`.
+    #[inline(always)]
+    pub(crate) fn holds(&self, i: usize, len: usize) -> bool {
+        i + len <= self.end
+    }
+
+    /// Reference values of `codes[range]` into `out[range]`.
+    #[inline(always)]
+    pub(crate) fn scalar(&mut self, codes: &[u8], out: &mut [f32], range: std::ops::Range<usize>) {
+        for j in range {
+            out[j] = reference::dequantize_value(codes[j], self.at(j));
+        }
+    }
+}
+
+/// [`AffineKernels::dequantize_runs`] through a run kernel, one run at a time (no streaming).
+pub(crate) fn dequantize_runs_with(
+    run_kernel: fn(&[u8], AffineParams, &mut [f32]),
+    codes: &[u8],
+    scales: &[f32],
+    zero_points: &[u8],
+    run: usize,
+    out: &mut [f32],
+) {
+    assert!(run > 0 && codes.len() == out.len() && codes.len() == scales.len() * run);
+    for (((c, o), &scale), &zero_point) in codes.chunks(run).zip(out.chunks_mut(run)).zip(scales).zip(zero_points) {
+        run_kernel(c, AffineParams { scale, zero_point }, o);
+    }
+}
+
 // ---------------------------------------------------------------- tables and dispatch of run kernels
 
 /// The scalar reference run kernels.
@@ -92,6 +148,10 @@ pub(crate) const SCALAR: AffineKernels = AffineKernels {
             *d = reference::dequantize_value(s, p);
         }
     },
+    dequantize_runs: |codes, scales, zero_points, run, out, _stream| {
+        assert!(codes.len() == out.len() && codes.len() == scales.len() * run);
+        RunCursor::new(scales, zero_points, run).scalar(codes, out, 0..codes.len())
+    },
 };
 
 /// The portable (`wide`) run kernels.
@@ -99,4 +159,7 @@ pub(crate) const PORTABLE: AffineKernels = AffineKernels {
     minmax: minmax_portable,
     quantize: quantize_run_portable,
     dequantize: |codes, p, out, _stream| dequantize_run_portable(codes, p, out),
+    dequantize_runs: |codes, scales, zero_points, run, out, _stream| {
+        dequantize_runs_with(dequantize_run_portable, codes, scales, zero_points, run, out)
+    },
 };

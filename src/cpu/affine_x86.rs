@@ -7,6 +7,7 @@
 //! conversion, so the code is the reference's. Dequantize converts the code and the zero point to f32 exactly,
 //! subtracts (exact) and multiplies once: the reference's single rounding.
 
+use super::affine_portable::{dequantize_runs_with, RunCursor};
 use super::table::AffineKernels;
 use super::x86_features::{avx2_fn, avx512_fn, Avx2, Avx512};
 use crate::format::affine::AffineParams;
@@ -28,6 +29,17 @@ pub(crate) fn avx2(_: Avx2) -> AffineKernels {
         // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
         // checked by the drivers (and asserted inside the kernels).
         dequantize: |c, p, out, stream| unsafe { dequantize_avx2(c, p, out, stream && out.len() >= STREAM_MIN_RUN) },
+        dequantize_runs: |c, scales, zero_points, run, out, stream| {
+            if stream {
+                // SAFETY: this table is built only from an `Avx2` token (its features were detected); the
+                // kernel asserts its length invariants.
+                unsafe { dequantize_runs_stream_avx2(c, scales, zero_points, run, out) }
+            } else {
+                // SAFETY: as above; each run has its own `out` slice of the same length.
+                let kernel: fn(&[u8], AffineParams, &mut [f32]) = |c, p, o| unsafe { dequantize_avx2(c, p, o, false) };
+                dequantize_runs_with(kernel, c, scales, zero_points, run, out)
+            }
+        },
     }
 }
 
@@ -43,6 +55,18 @@ pub(crate) fn avx512(_: Avx512) -> AffineKernels {
         // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
         // checked by the drivers (and asserted inside the kernels).
         dequantize: |c, p, out, stream| unsafe { dequantize_avx512(c, p, out, stream && out.len() >= STREAM_MIN_RUN) },
+        dequantize_runs: |c, scales, zero_points, run, out, stream| {
+            if stream {
+                // SAFETY: this table is built only from an `Avx512` token (its features were detected); the
+                // kernel asserts its length invariants.
+                unsafe { dequantize_runs_stream_avx512(c, scales, zero_points, run, out) }
+            } else {
+                // SAFETY: as above; each run has its own `out` slice of the same length.
+                let kernel: fn(&[u8], AffineParams, &mut [f32]) =
+                    |c, p, o| unsafe { dequantize_avx512(c, p, o, false) };
+                dequantize_runs_with(kernel, c, scales, zero_points, run, out)
+            }
+        },
     }
 }
 
@@ -225,6 +249,78 @@ unsafe fn dequantize_avx512(codes: &[u8], p: AffineParams, out: &mut [f32], stre
         // SAFETY: masked load/store touch only the n - i remaining elements.
         unsafe { _mm512_mask_storeu_ps(op.add(i), m, value(_mm_maskz_loadu_epi8(m, cp.add(i) as *const i8))) };
     }
+}
+}
+
+avx512_fn! {
+/// Streams the values of consecutive equal runs: a scalar head to the first 64-byte boundary, then aligned
+/// 16-float non-temporal stores (a vector that straddles two runs is assembled element by element), a plain
+/// tail, and one fence.
+unsafe fn dequantize_runs_stream_avx512(codes: &[u8], scales: &[f32], zero_points: &[u8], run: usize, out: &mut [f32]) {
+    let n = codes.len();
+    assert!(out.len() == n && scales.len() * run == n);
+    let mut cur = RunCursor::new(scales, zero_points, run);
+    let (cp, op) = (codes.as_ptr(), out.as_mut_ptr());
+    let head = op.align_offset(64).min(n);
+    cur.scalar(codes, out, 0..head);
+    let mut i = head;
+    while i + 16 <= n {
+        let p = cur.at(i);
+        let v = if cur.holds(i, 16) {
+            let (scale, zp) = (_mm512_set1_ps(p.scale), _mm512_set1_ps(p.zero_point as f32));
+            // SAFETY: i + 16 <= n: the 16 code bytes are inside `codes`.
+            let c = unsafe { _mm_loadu_si128(cp.add(i) as *const __m128i) };
+            _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c)), zp), scale)
+        } else {
+            let mut tmp = [0.0f32; 16];
+            for (k, t) in tmp.iter_mut().enumerate() {
+                *t = crate::reference::affine::dequantize_value(codes[i + k], cur.at(i + k));
+            }
+            // SAFETY: a 16-float read of a local array.
+            unsafe { _mm512_loadu_ps(tmp.as_ptr()) }
+        };
+        // SAFETY: i + 16 <= n; op + i is 64-byte aligned (the head above, then steps of 16 floats).
+        unsafe { _mm512_stream_ps(op.add(i), v) };
+        i += 16;
+    }
+    cur.scalar(codes, out, i..n);
+    // Orders the streaming stores before any later store or a hand-off to another thread.
+    _mm_sfence();
+}
+}
+
+avx2_fn! {
+/// [`dequantize_runs_stream_avx512`] with 8-float vectors and 32-byte alignment.
+unsafe fn dequantize_runs_stream_avx2(codes: &[u8], scales: &[f32], zero_points: &[u8], run: usize, out: &mut [f32]) {
+    let n = codes.len();
+    assert!(out.len() == n && scales.len() * run == n);
+    let mut cur = RunCursor::new(scales, zero_points, run);
+    let (cp, op) = (codes.as_ptr(), out.as_mut_ptr());
+    let head = op.align_offset(32).min(n);
+    cur.scalar(codes, out, 0..head);
+    let mut i = head;
+    while i + 8 <= n {
+        let p = cur.at(i);
+        let v = if cur.holds(i, 8) {
+            let (scale, zp) = (_mm256_set1_ps(p.scale), _mm256_set1_ps(p.zero_point as f32));
+            // SAFETY: i + 8 <= n: the 8 code bytes are inside `codes`.
+            let c = unsafe { _mm_loadl_epi64(cp.add(i) as *const __m128i) };
+            _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), zp), scale)
+        } else {
+            let mut tmp = [0.0f32; 8];
+            for (k, t) in tmp.iter_mut().enumerate() {
+                *t = crate::reference::affine::dequantize_value(codes[i + k], cur.at(i + k));
+            }
+            // SAFETY: an 8-float read of a local array.
+            unsafe { _mm256_loadu_ps(tmp.as_ptr()) }
+        };
+        // SAFETY: i + 8 <= n; op + i is 32-byte aligned (the head above, then steps of 8 floats).
+        unsafe { _mm256_stream_ps(op.add(i), v) };
+        i += 8;
+    }
+    cur.scalar(codes, out, i..n);
+    // Orders the streaming stores before any later store or a hand-off to another thread.
+    _mm_sfence();
 }
 }
 

@@ -47,7 +47,14 @@ pub(crate) struct AffineKernels {
     pub quantize: fn(&[f32], AffineParams, &mut [u8]),
     /// Values of a run (`codes.len() == out.len()`); the flag asks for non-temporal stores.
     pub dequantize: fn(&[u8], AffineParams, &mut [f32], bool),
+    /// Values of consecutive runs of equal length (`codes.len() == out.len() == scales.len() · run`, one
+    /// zero point per scale): the per-channel and per-group layouts. With the flag, non-temporal stores over
+    /// the whole span and one fence at its end (a fence per run stalls on every short run).
+    pub dequantize_runs: AffineDequantizeRuns,
 }
+
+/// Values of equal runs: (codes, scales, zero points, run length, out, stream).
+pub(crate) type AffineDequantizeRuns = fn(&[u8], &[f32], &[u8], usize, &mut [f32], bool);
 
 /// Dequantizes a 4-bit span starting at a block boundary: (packed, decoded scales, blocksize, table, out, stream).
 pub(crate) type FourBitDequantize = fn(&[u8], &[f32], usize, &[f32; 16], OutSlice<'_>, bool);
