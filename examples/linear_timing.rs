@@ -26,6 +26,10 @@ fn main() -> lowbit::Result<()> {
         let b: Vec<f32> = (0..out * r).map(|i| ((i % 11) as f32 - 5.0) / 100.0).collect();
         layer.add_adapter(lowbit::lora::LoraAdapter::new("lora", r, a, b, 2.0 * r as f32, false)?)?;
     }
+    // LAYOUT=1: the interleaved int8-activation layout (`QuantLinear::build_act8_layout`).
+    if std::env::var("LAYOUT").is_ok_and(|v| v == "1") {
+        eprintln!("act8 layout built: {}", layer.build_act8_layout());
+    }
     let x: Vec<f32> = (0..m * inp).map(|i| (i % 17) as f32 / 17.0).collect();
     let only = std::env::var("ONLY").ok();
     // ACT8=1: int8 activations (`docs/formats.md` §12).

@@ -55,10 +55,16 @@ proptest! {
         let want = layer.forward_with(&x, ForwardOptions::reference()).unwrap();
         let int8 = ForwardOptions::default().activations(Activations::Int8);
         let bound = layer.error_bound(&x, int8, BoundTarget::Cpu).unwrap();
-        for path in KernelPath::all_available() {
-            let got = layer.forward_with(&x, int8.path(path)).unwrap();
-            let a = Agreement::compare(&got, &want, &bound);
-            prop_assert!(a.outside == 0, "{scheme:?} {out}x{inp} M={m} {path}: {a:?}");
+        // And with the interleaved layout (`build_act8_layout`; built only where the CPU has AVX-512 VNNI and
+        // the weight fits it, else the same kernels run again).
+        let mut interleaved = layer.clone();
+        let built = interleaved.build_act8_layout();
+        for (l, name) in [(&layer, "plain"), (&interleaved, if built { "interleaved" } else { "plain again" })] {
+            for path in KernelPath::all_available() {
+                let got = l.forward_with(&x, int8.path(path)).unwrap();
+                let a = Agreement::compare(&got, &want, &bound);
+                prop_assert!(a.outside == 0, "{scheme:?} {out}x{inp} M={m} {path} {name}: {a:?}");
+            }
         }
     }
 }

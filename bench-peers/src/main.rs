@@ -262,6 +262,12 @@ fn matmul_rows(
         for &t in threads {
             for is_int8 in [true, false] {
                 let layer = if is_int8 { int8 } else { nf4 };
+                // The int8-activation rows with the interleaved layout built, as an engine would at load.
+                let act8_layer = Arc::new({
+                    let mut l = QuantLinear::clone(layer);
+                    l.build_act8_layout();
+                    l
+                });
                 let mut peers: Vec<(String, Measure)> = Vec::new();
                 let ggml_types: &[&str] = if is_int8 {
                     peers.push(("candle Q8_0".into(), candle_matmul::<BlockQ8_0>(w, m, out, inp, t)));
@@ -286,7 +292,7 @@ fn matmul_rows(
                     lowbit_fmt: if is_int8 { "int8 channel" } else { "nf4 b64" },
                     lowbit: vec![
                         ("f32", lowbit_forward(layer.clone(), m, t, Activations::F32)),
-                        ("act8", lowbit_forward(layer.clone(), m, t, Activations::Int8)),
+                        ("act8", lowbit_forward(act8_layer.clone(), m, t, Activations::Int8)),
                     ],
                     peers,
                 });

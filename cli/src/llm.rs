@@ -63,7 +63,13 @@ pub fn load(args: &ModelArgs) -> Result<Loaded, CliError> {
     let weights = scheme.map_or(WeightMode::AsStored, WeightMode::Quantize);
     let opts =
         LoadOptions { weights, adapters: args.adapter.clone(), lm_head: args.lm_head, embedding: args.embedding };
-    let model = Model::load(path, &opts)?;
+    let mut model = Model::load(path, &opts)?;
+    if args.act8 {
+        let bytes = model.build_act8_layouts();
+        if bytes > 0 {
+            eprintln!("int8 activations: interleaved 4-bit layout built ({:.1} MiB)", bytes as f64 / (1 << 20) as f64);
+        }
+    }
     let tokenizer = Tokenizer::for_model(path)?;
     let c = model.config();
     eprintln!(

@@ -212,6 +212,27 @@ impl Model {
         &self.blocks
     }
 
+    /// Builds the interleaved copy of every 4-bit layer that the AVX-512 VNNI int8-activation kernel reads
+    /// ([`QuantLinear::build_act8_layout`](lowbit::linear::QuantLinear::build_act8_layout)), for a model run
+    /// with [`Activations::Int8`]; the f32 mode is unchanged. Returns the bytes the copies hold (0 where the
+    /// CPU has no VNNI or no layer fits).
+    pub fn build_act8_layouts(&mut self) -> usize {
+        let mut bytes = 0;
+        let mut build = |l: &mut Linear| {
+            if let Linear::Quant(q) = l {
+                q.build_act8_layout();
+                bytes += q.act8_layout_bytes();
+            }
+        };
+        for b in &mut self.blocks {
+            b.linears_mut().into_iter().for_each(&mut build);
+        }
+        if let LmHead::Own(l) = &mut self.lm_head {
+            build(l);
+        }
+        bytes
+    }
+
     /// Mutable blocks (to attach adapters).
     pub fn blocks_mut(&mut self) -> &mut [Block] {
         &mut self.blocks

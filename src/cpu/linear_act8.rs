@@ -37,6 +37,8 @@ pub(crate) struct Act8X {
     pub vq: Vec<i8>,
     /// Sum of each 4 consecutive `vq` codes, `[m, in / 4]` (`Vnni` only).
     pub lanes: Vec<i32>,
+    /// Sum of each 32-block's codes, `[m, in / 32]` (`Vnni` only: the interleaved kernel's offset term).
+    pub sums: Vec<i32>,
 }
 
 impl Act8X {
@@ -57,6 +59,7 @@ impl Act8X {
         }
         self.vq.clear();
         self.lanes.clear();
+        self.sums.clear();
         if layout == Act8Layout::Natural || !vnni_eligible(weight, n_in) {
             return;
         }
@@ -73,13 +76,14 @@ impl Act8X {
             QuantWeight::Int8(_) => self.vq.extend_from_slice(&self.q),
         }
         if layout == Act8Layout::Vnni {
+            self.sums.extend(self.q.chunks_exact(BLOCK).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
             self.lanes.extend(self.vq.chunks_exact(4).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
         }
     }
 
     /// The borrowed view a kernel reads.
     pub fn view(&self) -> Act8View<'_> {
-        Act8View { q: &self.q, d: &self.d, vq: &self.vq, lanes: &self.lanes }
+        Act8View { q: &self.q, d: &self.d, vq: &self.vq, lanes: &self.lanes, sums: &self.sums }
     }
 }
 
@@ -99,6 +103,8 @@ pub(crate) struct Act8View<'a> {
     pub vq: &'a [i8],
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub lanes: &'a [i32],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub sums: &'a [i32],
 }
 
 /// Whether the VNNI kernel takes this layer: rows of whole 64-code chunks, and int8 parameters constant over
@@ -366,5 +372,89 @@ mod tests {
             }
         }
         assert!(checked >= 9 * 6 * 6);
+    }
+
+    /// The interleaved layout (`QuantLinear::build_act8_layout`) on every path: within the same bound of the
+    /// exact int8 value, partial groups of 16 rows included; and its kernel on any row range `o0..o0 + ob`
+    /// (how the threaded driver splits rows) gives the whole call's bits for those rows.
+    #[test]
+    fn interleaved_layout_matches_the_exact_int8_value_and_any_row_split() {
+        use crate::cpu::linear_act8_interleaved::Act8Interleaved;
+        if !Act8Interleaved::used_here() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU (the interleaved layout is not built)");
+            let mut seed = 1u64;
+            assert!(!layer(Scheme::nf4(64, true), 16, 64, &[], &mut seed).build_act8_layout());
+            return;
+        }
+        let schemes = [Scheme::nf4(64, true), Scheme::nf4(32, false), Scheme::fp4(128, false), Scheme::nf4(256, true)];
+        let mut seed = 11u64;
+        for scheme in schemes {
+            for (out, inp) in [(1, 256), (15, 256), (16, 512), (17, 256), (63, 256), (64, 512), (70, 256), (133, 768)] {
+                let mut l = layer(scheme, out, inp, &[2], &mut seed);
+                assert!(l.build_act8_layout(), "{scheme:?} {out}x{inp} fits the layout");
+                assert!(l.act8_layout_bytes() >= out * inp / 2);
+                for m in [1, 2, 3, 4, 5, 9] {
+                    let mut x: Vec<f32> =
+                        (0..m * inp).map(|i| rng(&mut seed, if (i / 32) % 3 == 0 { 4.0 } else { 0.05 })).collect();
+                    x[..32].fill(0.0);
+                    let want = l.forward_with(&x, ForwardOptions::reference().activations(Activations::Int8)).unwrap();
+                    let bound = crate::reference::act8::kernel_bound(l.view(), &x, AdapterSelection::Enabled);
+                    for path in KernelPath::all_available() {
+                        let got =
+                            l.forward_with(&x, ForwardOptions::default().path(path).activations(Activations::Int8));
+                        for (i, ((&g, &w), &b)) in got.unwrap().iter().zip(&want).zip(&bound).enumerate() {
+                            let err = (g as f64 - w as f64).abs();
+                            let allowed = b + w.abs() as f64 * f32::EPSILON as f64 * 0.5;
+                            assert!(err <= allowed, "{scheme:?} {out}x{inp} M={m} {path}: y[{i}] = {g}, exact {w}");
+                        }
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        let mut act = super::Act8X::default();
+                        act.prepare(&x, m, inp, l.weight(), super::Act8Layout::Vnni);
+                        let il = l.view().act8_interleaved.unwrap();
+                        let mut whole = vec![0f32; m * out];
+                        // SAFETY: `used_here` means AVX-512 VNNI was detected.
+                        unsafe {
+                            crate::cpu::linear_act8_interleaved_x86::base_interleaved(
+                                act.view(),
+                                il,
+                                m,
+                                0,
+                                out,
+                                &mut whole,
+                            )
+                        };
+                        for (o0, ob) in [(0, 1), (3, 17), (16, 16), (5, 60), (out - 1, 1), (1, out - 1)] {
+                            if o0 + ob > out || ob == 0 {
+                                continue;
+                            }
+                            let mut part = vec![0f32; m * ob];
+                            // SAFETY: as above.
+                            unsafe {
+                                crate::cpu::linear_act8_interleaved_x86::base_interleaved(
+                                    act.view(),
+                                    il,
+                                    m,
+                                    o0,
+                                    ob,
+                                    &mut part,
+                                )
+                            };
+                            for r in 0..m {
+                                let want = &whole[r * out + o0..r * out + o0 + ob];
+                                assert!(
+                                    part[r * ob..(r + 1) * ob]
+                                        .iter()
+                                        .zip(want)
+                                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                                    "{scheme:?} {out}x{inp} M={m} rows {o0}+{ob}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

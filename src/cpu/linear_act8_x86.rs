@@ -12,6 +12,7 @@
 use super::linear_act8::{
     add_tiles, base_portable, vnni_eligible, Act8Layout, Act8Tile, Act8View, Int8ParamIndex, INV127,
 };
+use super::linear_act8_interleaved_x86::base_interleaved;
 use super::linear_kernels::output_pass;
 use super::linear_x86::GEMV_PREFETCH;
 use super::table::{Job, LinearKernels};
@@ -119,6 +120,8 @@ unsafe fn block_vnni(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
     let n_in = job.layer.in_features;
     if !vnni_eligible(job.layer.weight, n_in) || act.vq.len() != job.m * n_in {
         base_portable(job, o0, ob, out);
+    } else if let Some(il) = job.layer.act8_interleaved {
+        base_interleaved(act, il, job.m, o0, ob, out);
     } else {
         match job.layer.weight {
             QuantWeight::FourBit(t) => {

@@ -62,6 +62,8 @@ pub(crate) struct LayerView<'a> {
     pub in_features: usize,
     pub bias: Option<&'a [f32]>,
     pub adapters: &'a [LoraAdapter],
+    /// The interleaved copy of a 4-bit weight for the VNNI int8-activation kernel, when built.
+    pub act8_interleaved: Option<&'a crate::cpu::linear_act8_interleaved::Act8Interleaved>,
 }
 
 impl<'a> LayerView<'a> {

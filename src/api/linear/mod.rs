@@ -71,6 +71,8 @@ pub struct QuantLinear {
     in_features: usize,
     bias: Option<Vec<f32>>,
     pub(super) adapters: Vec<LoraAdapter>,
+    /// Built by [`QuantLinear::build_act8_layout`].
+    act8_interleaved: Option<Box<crate::cpu::linear_act8_interleaved::Act8Interleaved>>,
 }
 
 impl QuantLinear {
@@ -88,7 +90,44 @@ impl QuantLinear {
             }
             check_finite("bias", b)?;
         }
-        Ok(QuantLinear { weight, out_features, in_features, bias, adapters: Vec::new() })
+        Ok(QuantLinear { weight, out_features, in_features, bias, adapters: Vec::new(), act8_interleaved: None })
+    }
+
+    /// Builds the interleaved copy of a 4-bit weight that the AVX-512 VNNI int8-activation kernel reads
+    /// (16 rows per 64-byte load; `src/cpu/linear_act8_interleaved.rs` documents the layout), as an engine
+    /// would at load time for a model it runs with [`Activations::Int8`](crate::linear::Activations). Forwards
+    /// with int8 activations then use it; their results stay within the same bound. It costs the weight's
+    /// packed bytes and its block scales a second time (see [`QuantLinear::act8_layout_bytes`]); the f32
+    /// mode, the backward, `weight()` and every file are unchanged. Returns whether a copy was built: `false`
+    /// (and nothing held) when this CPU's int8-activation kernel is not the VNNI one, or the weight does not
+    /// fit the layout (int8 weights; rows not a multiple of 64; block sizes below 32, not powers of two, or not
+    /// dividing the row), where the default kernels run as before.
+    ///
+    /// ```
+    /// # use lowbit::linear::{Activations, ForwardOptions, QuantLinear, QuantWeight};
+    /// # let w = vec![0.25f32; 32 * 128];
+    /// let mut layer = QuantLinear::new(QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[32, 128], 64, true)?), None)?;
+    /// let built = layer.build_act8_layout();
+    /// assert_eq!(built, layer.act8_layout_bytes() > 0);
+    /// let y = layer.forward_with(&vec![1.0f32; 128], ForwardOptions::default().activations(Activations::Int8))?;
+    /// assert_eq!(y.len(), 32);
+    /// # Ok::<(), lowbit::Error>(())
+    /// ```
+    pub fn build_act8_layout(&mut self) -> bool {
+        use crate::cpu::linear_act8_interleaved::Act8Interleaved;
+        let built = if Act8Interleaved::used_here() {
+            let scales = self.view().block_scales();
+            Act8Interleaved::build(&self.weight, self.out_features, self.in_features, scales).map(Box::new)
+        } else {
+            None
+        };
+        self.act8_interleaved = built;
+        self.act8_interleaved.is_some()
+    }
+
+    /// Heap bytes held by the copy [`QuantLinear::build_act8_layout`] built (0 when none).
+    pub fn act8_layout_bytes(&self) -> usize {
+        self.act8_interleaved.as_ref().map_or(0, |l| l.bytes())
     }
 
     /// The quantized weight.
@@ -161,6 +200,7 @@ impl QuantLinear {
             in_features: self.in_features,
             bias: self.bias.as_deref(),
             adapters: &self.adapters,
+            act8_interleaved: self.act8_interleaved.as_deref(),
         }
     }
 

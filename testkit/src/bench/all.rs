@@ -368,6 +368,12 @@ fn linear(
         for rank in [None, Some(LORA_RANK)] {
             let layer = synthetic::layer_from(weight.clone(), rank).context(|| format!("building a {name} layer"))?;
             let layers = vec![layer; copies];
+            // The int8-activation rows run on layers with the interleaved layout built (where the CPU's kernel
+            // reads one), as an engine would at load.
+            let layers_act8: Vec<QuantLinear> = match rank {
+                None => layers.iter().cloned().map(|mut l| (l.build_act8_layout(), l).1).collect(),
+                Some(_) => Vec::new(),
+            };
             for &m in batches {
                 let x = synthetic::input(m, inp);
                 let lora_elems = rank.map_or(0, |r| r * (inp + out));
@@ -391,10 +397,11 @@ fn linear(
                             continue;
                         }
                         let mut next = 0;
+                        let ls = if act == Activations::Int8 { &layers_act8 } else { &layers };
                         let t = r.pool.install(|| {
                             median(budget, || {
                                 next = (next + 1) % copies;
-                                forward(&layers[next], &x, r.path, act)
+                                forward(&ls[next], &x, r.path, act)
                             })
                         })?;
                         rec.push(kernel.clone(), &name, (out, inp), m, r, t, (read, written), Some(flops));
