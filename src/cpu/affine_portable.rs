@@ -104,6 +104,7 @@ impl<'a> RunCursor<'a> {
     }
 
     /// Whether elements `i..i + len` share the parameters of the last [`RunCursor::at`]`(i)`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     #[inline(always)]
     pub(crate) fn holds(&self, i: usize, len: usize) -> bool {
         i + len <= self.end

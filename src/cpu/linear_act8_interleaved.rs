@@ -26,12 +26,14 @@ pub(crate) struct Act8Interleaved {
     pub groups: usize,
     pub n_in: usize,
     /// `log2(blocksize / 32)`: the weight block of `x`'s 32-block `kb` (within a row) is `kb >> block_shift`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub block_shift: u32,
     /// `[groups][in / 8][64]` packed code bytes.
     pub nibbles: Vec<u8>,
     /// `[groups][in / blocksize][16]` block scales / 127 (zero on padding rows).
     pub scales: Vec<f32>,
     /// The int8 table plus 128, as the unsigned bytes `vpdpbusd` multiplies.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub table: [u8; 16],
 }
 

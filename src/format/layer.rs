@@ -63,6 +63,7 @@ pub(crate) struct LayerView<'a> {
     pub bias: Option<&'a [f32]>,
     pub adapters: &'a [LoraAdapter],
     /// The interleaved copy of a 4-bit weight for the VNNI int8-activation kernel, when built.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub act8_interleaved: Option<&'a crate::cpu::linear_act8_interleaved::Act8Interleaved>,
 }
 
