@@ -13,6 +13,7 @@
 //! `wide::f32x8`) and `linear_x86.rs` (AVX2 / AVX-512 with register-table 4-bit decode).
 
 use super::dispatch::kernels;
+use super::linear_act8::Act8Layout;
 use super::table::Job;
 use crate::api::linear::{Activations, ForwardOptions};
 use crate::cpu::KernelPath;
@@ -109,7 +110,8 @@ pub(crate) fn forward_into<O: Element>(
         let table = &kernels(path.isa).linear;
         let Scratch { shrink, used, acc, act8 } = scratch;
         if int8 {
-            act8.prepare(x, m, layer.in_features, layer.weight, table.act8_layout);
+            let interleaved = layer.act8_interleaved.is_some() && table.act8_layout == Act8Layout::Vnni;
+            act8.prepare(x, m, layer.in_features, layer.weight, table.act8_layout, interleaved);
         }
         let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel, act8: int8.then(|| act8.view()) };
         // Block-major accumulator: block b (outputs o0..o0+ob) is `[m, ob]` at offset o0 * m, so every block

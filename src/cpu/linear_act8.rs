@@ -37,14 +37,23 @@ pub(crate) struct Act8X {
     pub vq: Vec<i8>,
     /// Sum of each 4 consecutive `vq` codes, `[m, in / 4]` (`Vnni` only).
     pub lanes: Vec<i32>,
-    /// Sum of each 32-block's codes, `[m, in / 32]` (`Vnni` only: the interleaved kernel's offset term).
+    /// Sum of each 32-block's codes, `[m, in / 32]` (only for the interleaved kernel: its offset term).
     pub sums: Vec<i32>,
 }
 
 impl Act8X {
     /// Quantizes `x` (`[m, n_in]`, finite) and, for `layout` `EvenOdd` or `Vnni` when [`vnni_eligible`], that
-    /// layout.
-    pub fn prepare(&mut self, x: &[f32], m: usize, n_in: usize, weight: &QuantWeight, layout: Act8Layout) {
+    /// layout; with `interleaved` (a `Vnni` table and a layer with the interleaved layout) only the block sums
+    /// that kernel reads besides the codes.
+    pub fn prepare(
+        &mut self,
+        x: &[f32],
+        m: usize,
+        n_in: usize,
+        weight: &QuantWeight,
+        layout: Act8Layout,
+        interleaved: bool,
+    ) {
         let nb = n_in.div_ceil(BLOCK);
         self.q.clear();
         self.q.resize(m * n_in, 0);
@@ -63,6 +72,10 @@ impl Act8X {
         if layout == Act8Layout::Natural || !vnni_eligible(weight, n_in) {
             return;
         }
+        if interleaved && layout == Act8Layout::Vnni {
+            self.sums.extend(self.q.chunks_exact(BLOCK).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
+            return;
+        }
         match weight {
             QuantWeight::FourBit(_) => {
                 self.vq.resize(m * n_in, 0);
@@ -76,7 +89,6 @@ impl Act8X {
             QuantWeight::Int8(_) => self.vq.extend_from_slice(&self.q),
         }
         if layout == Act8Layout::Vnni {
-            self.sums.extend(self.q.chunks_exact(BLOCK).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
             self.lanes.extend(self.vq.chunks_exact(4).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
         }
     }
@@ -411,7 +423,7 @@ mod tests {
                     #[cfg(target_arch = "x86_64")]
                     {
                         let mut act = super::Act8X::default();
-                        act.prepare(&x, m, inp, l.weight(), super::Act8Layout::Vnni);
+                        act.prepare(&x, m, inp, l.weight(), super::Act8Layout::Vnni, true);
                         let il = l.view().act8_interleaved.unwrap();
                         let mut whole = vec![0f32; m * out];
                         // SAFETY: `used_here` means AVX-512 VNNI was detected.

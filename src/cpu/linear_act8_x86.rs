@@ -118,10 +118,11 @@ avx512vnni_fn! {
 unsafe fn block_vnni(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
     let act = job.act8.expect("int8 activations prepared");
     let n_in = job.layer.in_features;
-    if !vnni_eligible(job.layer.weight, n_in) || act.vq.len() != job.m * n_in {
-        base_portable(job, o0, ob, out);
-    } else if let Some(il) = job.layer.act8_interleaved {
+    let interleaved = job.layer.act8_interleaved.filter(|_| act.sums.len() == job.m * (n_in / 32));
+    if let Some(il) = interleaved {
         base_interleaved(act, il, job.m, o0, ob, out);
+    } else if !vnni_eligible(job.layer.weight, n_in) || act.vq.len() != job.m * n_in {
+        base_portable(job, o0, ob, out);
     } else {
         match job.layer.weight {
             QuantWeight::FourBit(t) => {
