@@ -67,7 +67,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded, CliError> {
     if args.act8 {
         let bytes = model.build_act8_layouts();
         if bytes > 0 {
-            eprintln!("int8 activations: interleaved 4-bit layout built ({:.1} MiB)", bytes as f64 / (1 << 20) as f64);
+            eprintln!("int8 activations: interleaved weight layout built ({:.1} MiB)", bytes as f64 / (1 << 20) as f64);
         }
     }
     let tokenizer = Tokenizer::for_model(path)?;

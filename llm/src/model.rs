@@ -212,7 +212,7 @@ impl Model {
         &self.blocks
     }
 
-    /// Builds the interleaved copy of every 4-bit layer that the AVX-512 VNNI int8-activation kernel reads
+    /// Builds the interleaved copy of every quantized layer that the AVX-512 VNNI int8-activation kernel reads
     /// ([`QuantLinear::build_act8_layout`](lowbit::linear::QuantLinear::build_act8_layout)), for a model run
     /// with [`Activations::Int8`]; the f32 mode is unchanged. Returns the bytes the copies hold (0 where the
     /// CPU has no VNNI or no layer fits).

@@ -69,11 +69,11 @@ impl Act8X {
         self.vq.clear();
         self.lanes.clear();
         self.sums.clear();
-        if layout == Act8Layout::Natural || !vnni_eligible(weight, n_in) {
+        if interleaved && layout == Act8Layout::Vnni && n_in.is_multiple_of(BLOCK) {
+            self.sums.extend(self.q.chunks_exact(BLOCK).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
             return;
         }
-        if interleaved && layout == Act8Layout::Vnni {
-            self.sums.extend(self.q.chunks_exact(BLOCK).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
+        if layout == Act8Layout::Natural || !vnni_eligible(weight, n_in) {
             return;
         }
         match weight {
@@ -386,7 +386,7 @@ mod tests {
         assert!(checked >= 9 * 6 * 6);
     }
 
-    /// The interleaved layout (`QuantLinear::build_act8_layout`) on every path: within the same bound of the
+    /// The interleaved layout (`QuantLinear::build_act8_layout`, 4-bit and int8 weights) on every path: within the same bound of the
     /// exact int8 value, partial groups of 16 rows included; and its kernel on any row range `o0..o0 + ob`
     /// (how the threaded driver splits rows) gives the whole call's bits for those rows.
     #[test]
@@ -398,7 +398,16 @@ mod tests {
             assert!(!layer(Scheme::nf4(64, true), 16, 64, &[], &mut seed).build_act8_layout());
             return;
         }
-        let schemes = [Scheme::nf4(64, true), Scheme::nf4(32, false), Scheme::fp4(128, false), Scheme::nf4(256, true)];
+        let schemes = [
+            Scheme::nf4(64, true),
+            Scheme::nf4(32, false),
+            Scheme::fp4(128, false),
+            Scheme::nf4(256, true),
+            Scheme::Int8(Granularity::PerTensor),
+            Scheme::Int8(Granularity::PerChannel),
+            Scheme::Int8(Granularity::PerGroup(32)),
+            Scheme::Int8(Granularity::PerGroup(128)),
+        ];
         let mut seed = 11u64;
         for scheme in schemes {
             for (out, inp) in [(1, 256), (15, 256), (16, 512), (17, 256), (63, 256), (64, 512), (70, 256), (133, 768)] {

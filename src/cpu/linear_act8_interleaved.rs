@@ -1,6 +1,6 @@
-//! The interleaved 4-bit layout of the AVX-512 VNNI int8-activation GEMV/GEMM
+//! The interleaved weight layout of the AVX-512 VNNI int8-activation GEMV/GEMM
 //! ([`QuantLinear::build_act8_layout`](crate::linear::QuantLinear::build_act8_layout)): a private copy of a
-//! 4-bit weight in which 16 output rows share every 64-byte load, so that one `vpdpbusd` adds 4 products into
+//! 4-bit or int8 weight in which 16 output rows share every 64-byte load, so that one `vpdpbusd` adds 4 products into
 //! each of 16 rows' lanes, the block scales of 16 rows are one vector, and no horizontal sum is left at the end
 //! (ggml's repacked `_8x8` / AMX layouts follow the same idea). Files, `packed()` and the dequantized values
 //! are unchanged; the f32 mode never reads this copy.
@@ -12,7 +12,11 @@
 //! `x` codes `8p..8p+4` broadcast to every lane; the high nibbles go with `x` codes `8p+4..8p+8`.
 //! Scales: `[groups][in / blocksize][16]`, each the block's absmax / 127 (the kernel's int8 table is
 //! `round(127·T)`).
+//!
+//! Int8 weights: pieces of 4 columns, byte `4r + j` of piece `p` the code of row `16g + r` at column `4p + j`
+//! (the `vpdpbusd` operand as loaded); scales and zero points `[groups][entries per row][16]`.
 
+use crate::format::affine::Granularity;
 use crate::format::layer::QuantWeight;
 use crate::reference::act8::int8_table;
 use crate::reference::nf4::code_at;
@@ -20,76 +24,141 @@ use crate::reference::nf4::code_at;
 /// Output rows per interleaved group: the 16 i32 lanes of a 512-bit register.
 pub(crate) const ROWS: usize = 16;
 
-/// A 4-bit weight in the interleaved layout (see the module documentation).
+/// A 4-bit or int8 weight in the interleaved layout (see the module documentation).
 #[derive(Clone)]
 pub(crate) struct Act8Interleaved {
     pub groups: usize,
     pub n_in: usize,
-    /// `log2(blocksize / 32)`: the weight block of `x`'s 32-block `kb` (within a row) is `kb >> block_shift`.
+    /// Per 32-block `kb` of a row, its parameter entry within the row (`kb >> log2(blocksize / 32)` for 4-bit
+    /// weights; 0 per channel or tensor, `32·kb / g` per int8 group of `g`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub block_shift: u32,
-    /// `[groups][in / 8][64]` packed code bytes.
-    pub nibbles: Vec<u8>,
-    /// `[groups][in / blocksize][16]` block scales / 127 (zero on padding rows).
+    pub param_of_block: Vec<u32>,
+    /// Parameter entries per row.
+    pub per_row: usize,
+    /// 4-bit: `[groups][in / 8][64]` packed code bytes. Int8: `[groups][in / 4][64]` codes, byte `4r + j` of
+    /// piece `p` the code of row `16g + r` at column `4p + j`.
+    pub bytes: Vec<u8>,
+    /// `[groups][per_row][16]` scales: 4-bit block absmax / 127, int8 scales (zero on padding rows).
     pub scales: Vec<f32>,
-    /// The int8 table plus 128, as the unsigned bytes `vpdpbusd` multiplies.
+    /// Int8 only: `[groups][per_row][16]` zero points (empty for 4-bit weights).
+    pub zero_points: Vec<i32>,
+    /// 4-bit only: the int8 table plus 128, as the unsigned bytes `vpdpbusd` multiplies.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub table: [u8; 16],
 }
 
 impl Act8Interleaved {
-    /// Whether a weight fits the layout: 4-bit, rows of whole 64-column chunks, and a power-of-two block size
-    /// of at least 32 that divides the row (so every block lies inside one row).
+    /// Whether a weight fits the layout: rows of whole 64-column chunks, and parameters constant over every
+    /// 32-block of a row: 4-bit block sizes that are powers of two of at least 32 dividing the row; int8 per
+    /// tensor, per channel, or groups that are multiples of 32 dividing the row.
     pub fn fits(weight: &QuantWeight, n_in: usize) -> bool {
-        match weight {
-            QuantWeight::FourBit(t) => {
-                let bs = t.blocksize();
-                n_in.is_multiple_of(64) && bs.is_power_of_two() && bs >= 32 && n_in.is_multiple_of(bs)
+        n_in.is_multiple_of(64)
+            && match weight {
+                QuantWeight::FourBit(t) => {
+                    let bs = t.blocksize();
+                    bs.is_power_of_two() && bs >= 32 && n_in.is_multiple_of(bs)
+                }
+                QuantWeight::Int8(t) => match t.granularity() {
+                    Granularity::PerGroup(g) => g.is_multiple_of(32) && n_in.is_multiple_of(g),
+                    _ => true,
+                },
             }
-            QuantWeight::Int8(_) => false,
-        }
     }
 
-    /// The layout of `weight` (`[out, n_in]`, decoded block scales `scales`), or `None` when it does not
-    /// [`fit`](Self::fits).
+    /// The layout of `weight` (`[out, n_in]`; `scales`: a 4-bit weight's decoded block scales), or `None` when
+    /// it does not [`fit`](Self::fits).
     pub fn build(weight: &QuantWeight, out: usize, n_in: usize, scales: &[f32]) -> Option<Act8Interleaved> {
         if !Self::fits(weight, n_in) {
             return None;
         }
-        let QuantWeight::FourBit(t) = weight else { return None };
-        let bs = t.blocksize();
         let groups = out.div_ceil(ROWS);
-        let pieces = n_in / 8;
-        let packed = t.packed();
-        let mut nibbles = vec![0u8; groups * pieces * 64];
-        for o in 0..out {
-            let (g, r) = (o / ROWS, o % ROWS);
-            for p in 0..pieces {
-                let at = (g * pieces + p) * 64 + 4 * r;
-                for j in 0..4 {
-                    let lo = code_at(packed, o * n_in + 8 * p + j);
-                    let hi = code_at(packed, o * n_in + 8 * p + 4 + j);
-                    nibbles[at + j] = lo | (hi << 4);
+        let nb = n_in / 32;
+        match weight {
+            QuantWeight::FourBit(t) => {
+                let bs = t.blocksize();
+                let pieces = n_in / 8;
+                let packed = t.packed();
+                let mut bytes = vec![0u8; groups * pieces * 64];
+                for o in 0..out {
+                    let (g, r) = (o / ROWS, o % ROWS);
+                    for p in 0..pieces {
+                        let at = (g * pieces + p) * 64 + 4 * r;
+                        for j in 0..4 {
+                            let lo = code_at(packed, o * n_in + 8 * p + j);
+                            let hi = code_at(packed, o * n_in + 8 * p + 4 + j);
+                            bytes[at + j] = lo | (hi << 4);
+                        }
+                    }
                 }
+                let per_row = n_in / bs;
+                let mut interleaved = vec![0f32; groups * per_row * ROWS];
+                for o in 0..out {
+                    let (g, r) = (o / ROWS, o % ROWS);
+                    for b in 0..per_row {
+                        interleaved[(g * per_row + b) * ROWS + r] =
+                            scales[o * per_row + b] * super::linear_act8::INV127;
+                    }
+                }
+                let c = int8_table(t.table());
+                let shift = (bs / 32).trailing_zeros();
+                Some(Act8Interleaved {
+                    groups,
+                    n_in,
+                    param_of_block: (0..nb as u32).map(|kb| kb >> shift).collect(),
+                    per_row,
+                    bytes,
+                    scales: interleaved,
+                    zero_points: Vec::new(),
+                    table: std::array::from_fn(|i| (c[i] as i16 + 128) as u8),
+                })
+            }
+            QuantWeight::Int8(t) => {
+                let pieces = n_in / 4;
+                let codes = t.codes();
+                let mut bytes = vec![0u8; groups * pieces * 64];
+                for o in 0..out {
+                    let (g, r) = (o / ROWS, o % ROWS);
+                    for p in 0..pieces {
+                        let at = (g * pieces + p) * 64 + 4 * r;
+                        bytes[at..at + 4].copy_from_slice(&codes[o * n_in + 4 * p..o * n_in + 4 * p + 4]);
+                    }
+                }
+                let (per_row, group) = match t.granularity() {
+                    Granularity::PerGroup(g) => (n_in / g, g),
+                    _ => (1, n_in),
+                };
+                let entry = |o: usize, b: usize| match t.granularity() {
+                    Granularity::PerTensor => 0,
+                    Granularity::PerChannel => o,
+                    Granularity::PerGroup(_) => o * per_row + b,
+                };
+                let mut interleaved = vec![0f32; groups * per_row * ROWS];
+                let mut zero_points = vec![0i32; groups * per_row * ROWS];
+                for o in 0..out {
+                    let (g, r) = (o / ROWS, o % ROWS);
+                    for b in 0..per_row {
+                        let at = (g * per_row + b) * ROWS + r;
+                        interleaved[at] = t.scales()[entry(o, b)];
+                        zero_points[at] = t.zero_points()[entry(o, b)] as i32;
+                    }
+                }
+                Some(Act8Interleaved {
+                    groups,
+                    n_in,
+                    param_of_block: (0..nb).map(|kb| (32 * kb / group) as u32).collect(),
+                    per_row,
+                    bytes,
+                    scales: interleaved,
+                    zero_points,
+                    table: [0; 16],
+                })
             }
         }
-        let per_row = n_in / bs;
-        let mut interleaved_scales = vec![0f32; groups * per_row * ROWS];
-        for o in 0..out {
-            let (g, r) = (o / ROWS, o % ROWS);
-            for b in 0..per_row {
-                interleaved_scales[(g * per_row + b) * ROWS + r] = scales[o * per_row + b] * super::linear_act8::INV127;
-            }
-        }
-        let c = int8_table(t.table());
-        Some(Act8Interleaved {
-            groups,
-            n_in,
-            block_shift: (bs / 32).trailing_zeros(),
-            nibbles,
-            scales: interleaved_scales,
-            table: std::array::from_fn(|i| (c[i] as i16 + 128) as u8),
-        })
+    }
+
+    /// Whether the weight is int8 (else 4-bit).
+    pub fn is_int8(&self) -> bool {
+        !self.zero_points.is_empty()
     }
 
     /// Whether this machine's int8-activation kernel reads the layout (AVX-512 VNNI).
@@ -106,7 +175,7 @@ impl Act8Interleaved {
 
     /// Heap bytes held.
     pub fn bytes(&self) -> usize {
-        self.nibbles.len() + 4 * self.scales.len()
+        self.bytes.len() + 4 * (self.scales.len() + self.zero_points.len() + self.param_of_block.len())
     }
 }
 

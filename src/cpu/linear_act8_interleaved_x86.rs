@@ -1,9 +1,10 @@
-//! The AVX-512 VNNI int8-activation kernel over the interleaved 4-bit layout
+//! The AVX-512 VNNI int8-activation kernel over the interleaved weight layout
 //! ([`Act8Interleaved`](super::linear_act8_interleaved::Act8Interleaved)). Per 32-block of `x` and group of 16
 //! weight rows: 4 loads of 64 bytes, each split into its low and high nibbles and looked up in the int8 table
 //! (+128) with `vpshufb`, 8 `vpdpbusd` against 4 `x` codes broadcast to every lane, one i32 → f32 conversion and
 //! one multiply-add with the 16 rows' block scales times the block's `d`. Each lane's accumulator starts at
-//! `−128 · Σ(the block's x codes)`, so it ends with the exact `Σ q·c`: the same integers as the other kernels;
+//! `−128 · Σ(the block's x codes)`, so it ends with the exact `Σ q·c`: the same integers as the other kernels
+//! (int8 weights: 8 loads of the codes themselves, and the start `−zero_point · Σ x`);
 //! only the order of the f32 block sums differs (blocks in column order, one chain per row).
 
 use super::linear_act8::Act8View;
@@ -19,8 +20,11 @@ pub(crate) unsafe fn base_interleaved(act: Act8View<'_>, il: &Act8Interleaved, m
     let n_in = il.n_in;
     let nb = n_in / BLOCK;
     assert!(n_in.is_multiple_of(64) && act.q.len() == m * n_in && act.d.len() == m * nb && act.sums.len() == m * nb);
-    assert!(il.nibbles.len() == il.groups * n_in * 8);
-    assert!(il.scales.len() == il.groups * (nb >> il.block_shift) * ROWS);
+    let piece_bytes = if il.is_int8() { 16 } else { 8 }; // bytes of a group per column
+    assert!(il.bytes.len() == il.groups * n_in * piece_bytes);
+    assert!(il.scales.len() == il.groups * il.per_row * ROWS);
+    assert!(!il.is_int8() || il.zero_points.len() == il.scales.len());
+    assert!(il.param_of_block.len() == nb && il.param_of_block.iter().all(|&p| (p as usize) < il.per_row));
     assert!(o0 + ob <= il.groups * ROWS && out.len() >= m * ob);
     if ob == 0 {
         return;
@@ -40,30 +44,12 @@ pub(crate) unsafe fn base_interleaved(act: Act8View<'_>, il: &Act8Interleaved, m
         let rr = (m - r0).min(4);
         let mut g = g0;
         // Several groups per pass for independent accumulator chains; fewer when several x rows share them.
-        if rr == 1 {
-            while g + 4 <= g1 {
-                k.groups::<4, 1>(g, r0);
-                g += 4;
-            }
+        if il.is_int8() {
+            g = k.all_groups::<Int8Pieces>(g, g1, r0, rr);
         } else {
-            while g + 2 <= g1 {
-                match rr {
-                    2 => k.groups::<2, 2>(g, r0),
-                    3 => k.groups::<2, 3>(g, r0),
-                    _ => k.groups::<2, 4>(g, r0),
-                }
-                g += 2;
-            }
+            g = k.all_groups::<FourBitPieces>(g, g1, r0, rr);
         }
-        while g < g1 {
-            match rr {
-                1 => k.groups::<1, 1>(g, r0),
-                2 => k.groups::<1, 2>(g, r0),
-                3 => k.groups::<1, 3>(g, r0),
-                _ => k.groups::<1, 4>(g, r0),
-            }
-            g += 1;
-        }
+        debug_assert_eq!(g, g1);
         r0 += rr;
     }
 }
@@ -78,59 +64,140 @@ struct Kernel<'a> {
     out: *mut f32,
 }
 
+/// How a weight kind feeds `vpdpbusd`: per group and 32-block of `x`, `PER_BLOCK` pieces (64-byte loads),
+/// each giving `OPERANDS` weight operands against consecutive 4-code groups of `x`, and the accumulator start
+/// that removes the weights' offset.
+trait Pieces {
+    const PER_BLOCK: usize;
+    const OPERANDS: usize;
+    /// The start of a lane's accumulator for a block whose `x` codes sum to `sum`.
+    unsafe fn start(k: &Kernel<'_>, group: usize, param: usize, sum: i32) -> __m512i;
+    /// The weight operands of piece `p` (of the block `kb`) of `group`.
+    unsafe fn operands(k: &Kernel<'_>, group: usize, kb: usize, p: usize) -> [__m512i; 2];
+}
+
+struct FourBitPieces;
+struct Int8Pieces;
+
+impl Pieces for FourBitPieces {
+    const PER_BLOCK: usize = BLOCK / 8;
+    const OPERANDS: usize = 2;
+    #[inline(always)]
+    unsafe fn start(_: &Kernel<'_>, _: usize, _: usize, sum: i32) -> __m512i {
+        // Weights are c + 128: start at −128·Σx so each lane ends with Σ c·x.
+        _mm512_set1_epi32(-128 * sum)
+    }
+    #[inline(always)]
+    unsafe fn operands(k: &Kernel<'_>, group: usize, kb: usize, p: usize) -> [__m512i; 2] {
+        let pieces = k.il.n_in / 8;
+        // SAFETY: group < groups and kb·4 + p < pieces: the 64 bytes are inside `bytes` (asserted).
+        let v = unsafe {
+            _mm512_loadu_si512(k.il.bytes.as_ptr().add((group * pieces + kb * Self::PER_BLOCK + p) * 64) as *const _)
+        };
+        let m15 = _mm512_set1_epi8(15);
+        [
+            _mm512_shuffle_epi8(k.table, _mm512_and_si512(v, m15)),
+            _mm512_shuffle_epi8(k.table, _mm512_and_si512(_mm512_srli_epi16::<4>(v), m15)),
+        ]
+    }
+}
+
+impl Pieces for Int8Pieces {
+    const PER_BLOCK: usize = BLOCK / 4;
+    const OPERANDS: usize = 1;
+    #[inline(always)]
+    unsafe fn start(k: &Kernel<'_>, group: usize, param: usize, sum: i32) -> __m512i {
+        // Weights are the u8 codes: start at −zero_point·Σx so each lane ends with Σ (code − zero_point)·x.
+        // SAFETY: group < groups and param < per_row: 16 zero points inside `zero_points` (asserted).
+        let zp = unsafe {
+            _mm512_loadu_si512(k.il.zero_points.as_ptr().add((group * k.il.per_row + param) * ROWS) as *const _)
+        };
+        _mm512_mullo_epi32(zp, _mm512_set1_epi32(-sum))
+    }
+    #[inline(always)]
+    unsafe fn operands(k: &Kernel<'_>, group: usize, kb: usize, p: usize) -> [__m512i; 2] {
+        let pieces = k.il.n_in / 4;
+        // SAFETY: group < groups and kb·8 + p < pieces: the 64 bytes are inside `bytes` (asserted).
+        let v = unsafe {
+            _mm512_loadu_si512(k.il.bytes.as_ptr().add((group * pieces + kb * Self::PER_BLOCK + p) * 64) as *const _)
+        };
+        [v, v]
+    }
+}
+
 impl Kernel<'_> {
+    /// Groups `g..g1` against rows `r0..r0 + rr` of `x` (`rr` ≤ 4), several groups per pass for independent
+    /// accumulator chains (fewer when several rows of `x` share them). Returns `g1`.
+    #[inline(always)]
+    unsafe fn all_groups<P: Pieces>(&self, mut g: usize, g1: usize, r0: usize, rr: usize) -> usize {
+        if rr == 1 {
+            while g + 4 <= g1 {
+                self.groups::<P, 4, 1>(g, r0);
+                g += 4;
+            }
+        } else {
+            while g + 2 <= g1 {
+                match rr {
+                    2 => self.groups::<P, 2, 2>(g, r0),
+                    3 => self.groups::<P, 2, 3>(g, r0),
+                    _ => self.groups::<P, 2, 4>(g, r0),
+                }
+                g += 2;
+            }
+        }
+        while g < g1 {
+            match rr {
+                1 => self.groups::<P, 1, 1>(g, r0),
+                2 => self.groups::<P, 1, 2>(g, r0),
+                3 => self.groups::<P, 1, 3>(g, r0),
+                _ => self.groups::<P, 1, 4>(g, r0),
+            }
+            g += 1;
+        }
+        g
+    }
+
     /// Groups `g..g + G` against rows `r0..r0 + RR` of `x`; adds into the lanes of `out` inside `o0..o0 + ob`.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // gg and i index several arrays in step
-    unsafe fn groups<const G: usize, const RR: usize>(&self, g: usize, r0: usize) {
+    unsafe fn groups<P: Pieces, const G: usize, const RR: usize>(&self, g: usize, r0: usize) {
         let (act, il) = (self.act, self.il);
         let n_in = il.n_in;
-        let (nb, pieces) = (n_in / BLOCK, n_in / 8);
-        let per_row = nb >> il.block_shift;
-        let m15 = _mm512_set1_epi8(15);
+        let nb = n_in / BLOCK;
         let mut y = [[_mm512_setzero_ps(); G]; RR];
-        let nib = il.nibbles.as_ptr();
-        let q = act.q.as_ptr();
         for kb in 0..nb {
+            let param = il.param_of_block[kb] as usize;
             let mut acc = [[_mm512_setzero_si512(); G]; RR];
-            for (i, a) in acc.iter_mut().enumerate() {
-                // SAFETY: r0 + i < m and kb < nb: inside `sums` (asserted by the caller).
-                let start = _mm512_set1_epi32(-128 * unsafe { *act.sums.get_unchecked((r0 + i) * nb + kb) });
-                *a = [start; G];
+            for i in 0..RR {
+                let sum = act.sums[(r0 + i) * nb + kb];
+                for gg in 0..G {
+                    acc[i][gg] = P::start(self, g + gg, param, sum);
+                }
             }
-            for p4 in 0..BLOCK / 8 {
-                let p = kb * (BLOCK / 8) + p4;
-                let mut xlo = [_mm512_setzero_si512(); RR];
-                let mut xhi = [_mm512_setzero_si512(); RR];
+            for p in 0..P::PER_BLOCK {
+                // The piece's x codes: 4 per operand, broadcast to every lane.
+                let mut xs = [[_mm512_setzero_si512(); 2]; RR];
                 for i in 0..RR {
-                    // SAFETY: 8p + 8 <= n_in and r0 + i < m: the 8 codes are inside row r0 + i of `q` (length
-                    // m · n_in), read as two unaligned i32.
-                    let (lo, hi) = unsafe {
-                        let at = q.add((r0 + i) * n_in + 8 * p) as *const i32;
-                        (at.read_unaligned(), at.add(1).read_unaligned())
-                    };
-                    xlo[i] = _mm512_set1_epi32(lo);
-                    xhi[i] = _mm512_set1_epi32(hi);
+                    for (o, x) in xs[i].iter_mut().enumerate().take(P::OPERANDS) {
+                        let col = (r0 + i) * n_in + kb * BLOCK + P::OPERANDS * 4 * p + 4 * o;
+                        // SAFETY: r0 + i < m and col + 4 <= the row's end: inside `q` (asserted).
+                        *x = _mm512_set1_epi32(unsafe { (act.q.as_ptr().add(col) as *const i32).read_unaligned() });
+                    }
                 }
                 for gg in 0..G {
-                    // SAFETY: g + gg < groups and p < pieces: the 64 bytes are inside `nibbles`.
-                    let v = unsafe { _mm512_loadu_si512(nib.add(((g + gg) * pieces + p) * 64) as *const _) };
-                    let lo = _mm512_shuffle_epi8(self.table, _mm512_and_si512(v, m15));
-                    let hi = _mm512_shuffle_epi8(self.table, _mm512_and_si512(_mm512_srli_epi16::<4>(v), m15));
+                    let w = P::operands(self, g + gg, kb, p);
                     for i in 0..RR {
-                        acc[i][gg] = _mm512_dpbusd_epi32(acc[i][gg], lo, xlo[i]);
-                        acc[i][gg] = _mm512_dpbusd_epi32(acc[i][gg], hi, xhi[i]);
+                        for o in 0..P::OPERANDS {
+                            acc[i][gg] = _mm512_dpbusd_epi32(acc[i][gg], w[o], xs[i][o]);
+                        }
                     }
                 }
             }
             for gg in 0..G {
-                // SAFETY: g + gg < groups and kb >> block_shift < per_row: 16 scales inside `scales`.
-                let ws = unsafe {
-                    _mm512_loadu_ps(il.scales.as_ptr().add(((g + gg) * per_row + (kb >> il.block_shift)) * ROWS))
-                };
+                // SAFETY: g + gg < groups and param < per_row: 16 scales inside `scales`.
+                let ws = unsafe { _mm512_loadu_ps(il.scales.as_ptr().add(((g + gg) * il.per_row + param) * ROWS)) };
                 for i in 0..RR {
-                    // SAFETY: r0 + i < m and kb < nb: inside `d`.
-                    let d = _mm512_set1_ps(unsafe { *act.d.get_unchecked((r0 + i) * nb + kb) });
+                    let d = _mm512_set1_ps(act.d[(r0 + i) * nb + kb]);
                     y[i][gg] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][gg]), _mm512_mul_ps(ws, d), y[i][gg]);
                 }
             }
