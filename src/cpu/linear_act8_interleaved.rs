@@ -34,6 +34,7 @@ pub(crate) struct Act8Interleaved {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub param_of_block: Vec<u32>,
     /// Parameter entries per row.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub per_row: usize,
     /// 4-bit: `[groups][in / 8][64]` packed code bytes. Int8: `[groups][in / 4][64]` codes, byte `4r + j` of
     /// piece `p` the code of row `16g + r` at column `4p + j`.
@@ -157,6 +158,7 @@ impl Act8Interleaved {
     }
 
     /// Whether the weight is int8 (else 4-bit).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub fn is_int8(&self) -> bool {
         !self.zero_points.is_empty()
     }
