@@ -120,11 +120,7 @@ pub(crate) fn calibrate<T: Element>(
                 }
             };
             let rows_iter = x.chunks(cols).zip(out.chunks_mut(per_row));
-            if use_threads(path, x.len()) {
-                par_rows(rows_iter.collect(), row_job);
-            } else {
-                rows_iter.for_each(row_job);
-            }
+            for_each_item(path, x.len(), rows_iter, row_job);
         }
     }
     finite.into_inner().then_some(out)
@@ -179,11 +175,7 @@ pub(crate) fn calibrate_quantize<T: Element>(
                 }
             };
             let it = x.chunks(cols).zip(codes.chunks_mut(cols)).zip(params.chunks_mut(per_row));
-            if use_threads(path, x.len()) {
-                par_rows(it.collect(), job);
-            } else {
-                it.for_each(job);
-            }
+            for_each_item(path, x.len(), it, job);
         }
     }
     finite.into_inner()
@@ -221,11 +213,7 @@ pub(crate) fn quantize<T: Element>(
                 }
             };
             let it = x.chunks(cols).zip(codes.chunks_mut(cols)).zip(params.chunks(per_row));
-            if use_threads(path, x.len()) {
-                par_rows(it.collect(), job);
-            } else {
-                it.for_each(job);
-            }
+            for_each_item(path, x.len(), it, job);
         }
     }
 }
@@ -261,11 +249,7 @@ pub(crate) fn dequantize<T: Element>(t: &AffineTensor, out: &mut [T], path: Kern
                     runs(c, &t.scales[entries.clone()], &t.zero_points[entries], gl, o, true)
                 };
                 let it = codes.chunks(span).zip(of.chunks_mut(span)).enumerate();
-                if use_threads(path, codes.len()) {
-                    par_rows(it.collect(), job);
-                } else {
-                    it.for_each(job);
-                }
+                for_each_item(path, codes.len(), it, job);
                 return;
             }
             let job = |(r, (c, o)): (usize, (&[u8], &mut [T]))| {
@@ -276,11 +260,7 @@ pub(crate) fn dequantize<T: Element>(t: &AffineTensor, out: &mut [T], path: Kern
                 }
             };
             let it = codes.chunks(cols).zip(out.chunks_mut(cols)).enumerate();
-            if use_threads(path, codes.len()) {
-                par_rows(it.collect(), job);
-            } else {
-                it.for_each(job);
-            }
+            for_each_item(path, codes.len(), it, job);
         }
     }
 }
@@ -295,6 +275,16 @@ const PAR_CHUNK: usize = 1 << 16;
 
 fn use_threads(path: KernelPath, n: usize) -> bool {
     cfg!(feature = "rayon") && path.parallel && n >= super::PARALLEL_MIN_ELEMS
+}
+
+/// Runs `job` over every item of `items`: through [`par_rows`] when a tensor of `n` elements is worth threads
+/// on `path`, else in order on this thread.
+fn for_each_item<I: Send, F: Fn(I) + Sync + Send>(path: KernelPath, n: usize, items: impl Iterator<Item = I>, job: F) {
+    if use_threads(path, n) {
+        par_rows(items.collect(), job);
+    } else {
+        items.for_each(job);
+    }
 }
 
 /// Runs `job` over every item, in parallel when the `rayon` feature is on. Each item owns disjoint output,
