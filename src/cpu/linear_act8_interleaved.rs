@@ -77,29 +77,16 @@ impl Act8Interleaved {
         match weight {
             QuantWeight::FourBit(t) => {
                 let bs = t.blocksize();
-                let pieces = n_in / 8;
                 let packed = t.packed();
-                let mut bytes = vec![0u8; groups * pieces * 64];
-                for o in 0..out {
-                    let (g, r) = (o / ROWS, o % ROWS);
-                    for p in 0..pieces {
-                        let at = (g * pieces + p) * 64 + 4 * r;
-                        for j in 0..4 {
-                            let lo = code_at(packed, o * n_in + 8 * p + j);
-                            let hi = code_at(packed, o * n_in + 8 * p + 4 + j);
-                            bytes[at + j] = lo | (hi << 4);
-                        }
-                    }
-                }
+                let code = |o: usize, col: usize| code_at(packed, o * n_in + col);
+                // Piece p: columns 8p..8p+4 in the low nibbles, 8p+4..8p+8 in the high ones.
+                let bytes = interleave_pieces(out, groups, n_in / 8, |o, p, j| {
+                    code(o, 8 * p + j) | (code(o, 8 * p + 4 + j) << 4)
+                });
                 let per_row = n_in / bs;
-                let mut interleaved = vec![0f32; groups * per_row * ROWS];
-                for o in 0..out {
-                    let (g, r) = (o / ROWS, o % ROWS);
-                    for b in 0..per_row {
-                        interleaved[(g * per_row + b) * ROWS + r] =
-                            scales[o * per_row + b] * super::linear_act8::INV127;
-                    }
-                }
+                let scales = interleave_params(out, groups, per_row, |o, b| {
+                    scales[o * per_row + b] * super::linear_act8::INV127
+                });
                 let c = int8_table(t.table());
                 let shift = (bs / 32).trailing_zeros();
                 Some(Act8Interleaved {
@@ -108,22 +95,14 @@ impl Act8Interleaved {
                     param_of_block: (0..nb as u32).map(|kb| kb >> shift).collect(),
                     per_row,
                     bytes,
-                    scales: interleaved,
+                    scales,
                     zero_points: Vec::new(),
                     table: std::array::from_fn(|i| (c[i] as i16 + 128) as u8),
                 })
             }
             QuantWeight::Int8(t) => {
-                let pieces = n_in / 4;
                 let codes = t.codes();
-                let mut bytes = vec![0u8; groups * pieces * 64];
-                for o in 0..out {
-                    let (g, r) = (o / ROWS, o % ROWS);
-                    for p in 0..pieces {
-                        let at = (g * pieces + p) * 64 + 4 * r;
-                        bytes[at..at + 4].copy_from_slice(&codes[o * n_in + 4 * p..o * n_in + 4 * p + 4]);
-                    }
-                }
+                let bytes = interleave_pieces(out, groups, n_in / 4, |o, p, j| codes[o * n_in + 4 * p + j]);
                 let (per_row, group) = match t.granularity() {
                     Granularity::PerGroup(g) => (n_in / g, g),
                     _ => (1, n_in),
@@ -133,24 +112,14 @@ impl Act8Interleaved {
                     Granularity::PerChannel => o,
                     Granularity::PerGroup(_) => o * per_row + b,
                 };
-                let mut interleaved = vec![0f32; groups * per_row * ROWS];
-                let mut zero_points = vec![0i32; groups * per_row * ROWS];
-                for o in 0..out {
-                    let (g, r) = (o / ROWS, o % ROWS);
-                    for b in 0..per_row {
-                        let at = (g * per_row + b) * ROWS + r;
-                        interleaved[at] = t.scales()[entry(o, b)];
-                        zero_points[at] = t.zero_points()[entry(o, b)] as i32;
-                    }
-                }
                 Some(Act8Interleaved {
                     groups,
                     n_in,
                     param_of_block: (0..nb).map(|kb| (32 * kb / group) as u32).collect(),
                     per_row,
                     bytes,
-                    scales: interleaved,
-                    zero_points,
+                    scales: interleave_params(out, groups, per_row, |o, b| t.scales()[entry(o, b)]),
+                    zero_points: interleave_params(out, groups, per_row, |o, b| t.zero_points()[entry(o, b)] as i32),
                     table: [0; 16],
                 })
             }
@@ -179,6 +148,40 @@ impl Act8Interleaved {
     pub fn bytes(&self) -> usize {
         self.bytes.len() + 4 * (self.scales.len() + self.zero_points.len() + self.param_of_block.len())
     }
+}
+
+/// `[groups][pieces][64]` bytes: byte `4r + j` of piece `p` of group `g` is `byte(16g + r, p, j)` (0 on padding
+/// rows).
+fn interleave_pieces(out: usize, groups: usize, pieces: usize, byte: impl Fn(usize, usize, usize) -> u8) -> Vec<u8> {
+    let mut bytes = vec![0u8; groups * pieces * 64];
+    for o in 0..out {
+        let (g, r) = (o / ROWS, o % ROWS);
+        for p in 0..pieces {
+            let at = (g * pieces + p) * 64 + 4 * r;
+            for (j, b) in bytes[at..at + 4].iter_mut().enumerate() {
+                *b = byte(o, p, j);
+            }
+        }
+    }
+    bytes
+}
+
+/// `[groups][per_row][16]` parameters: entry `b` of row `16g + r` at `(g·per_row + b)·16 + r` (default on padding
+/// rows).
+fn interleave_params<T: Copy + Default>(
+    out: usize,
+    groups: usize,
+    per_row: usize,
+    param: impl Fn(usize, usize) -> T,
+) -> Vec<T> {
+    let mut v = vec![T::default(); groups * per_row * ROWS];
+    for o in 0..out {
+        let (g, r) = (o / ROWS, o % ROWS);
+        for b in 0..per_row {
+            v[(g * per_row + b) * ROWS + r] = param(o, b);
+        }
+    }
+    v
 }
 
 impl std::fmt::Debug for Act8Interleaved {
