@@ -342,6 +342,26 @@ mod tests {
         l
     }
 
+    /// Asserts that the int8-activation forward of `l` on every available path is within the kernels' rounding
+    /// bound of the exact int8 value; returns the number of paths checked.
+    fn every_path_within_the_kernel_bound(l: &QuantLinear, x: &[f32], label: &str) -> usize {
+        let want = l.forward_with(x, ForwardOptions::reference().activations(Activations::Int8)).unwrap();
+        let bound = crate::reference::act8::kernel_bound(l.view(), x, AdapterSelection::Enabled);
+        let paths = KernelPath::all_available();
+        for &path in &paths {
+            let got = l.forward_with(x, ForwardOptions::default().path(path).activations(Activations::Int8)).unwrap();
+            for (i, ((&g, &w), &b)) in got.iter().zip(&want).zip(&bound).enumerate() {
+                let err = (g as f64 - w as f64).abs();
+                let allowed = b + w.abs() as f64 * f32::EPSILON as f64 * 0.5;
+                assert!(
+                    err <= allowed,
+                    "{label} {path}: y[{i}] = {g}, exact int8 value {w}, |err| {err:e} > {allowed:e}"
+                );
+            }
+        }
+        paths.len()
+    }
+
     #[test]
     fn int8_activation_paths_match_the_exact_int8_value() {
         let schemes = [
@@ -365,21 +385,7 @@ mod tests {
                     let mut x: Vec<f32> =
                         (0..m * inp).map(|i| rng(&mut seed, if (i / 32) % 3 == 0 { 4.0 } else { 0.05 })).collect();
                     x[..inp.min(32)].fill(0.0);
-                    let want = l.forward_with(&x, ForwardOptions::reference().activations(Activations::Int8)).unwrap();
-                    let bound = crate::reference::act8::kernel_bound(l.view(), &x, AdapterSelection::Enabled);
-                    for path in KernelPath::all_available() {
-                        let opts = ForwardOptions::default().path(path).activations(Activations::Int8);
-                        let got = l.forward_with(&x, opts).unwrap();
-                        for (i, ((&g, &w), &b)) in got.iter().zip(&want).zip(&bound).enumerate() {
-                            let err = (g as f64 - w as f64).abs();
-                            let allowed = b + w.abs() as f64 * f32::EPSILON as f64 * 0.5;
-                            assert!(
-                                err <= allowed,
-                                "{scheme:?} {out}x{inp} M={m} {path}: y[{i}] = {g}, exact int8 value {w}, |err| {err:e} > {allowed:e}"
-                            );
-                        }
-                        checked += 1;
-                    }
+                    checked += every_path_within_the_kernel_bound(&l, &x, &format!("{scheme:?} {out}x{inp} M={m}"));
                 }
             }
         }
@@ -418,40 +424,16 @@ mod tests {
                     let mut x: Vec<f32> =
                         (0..m * inp).map(|i| rng(&mut seed, if (i / 32) % 3 == 0 { 4.0 } else { 0.05 })).collect();
                     x[..32].fill(0.0);
-                    let want = l.forward_with(&x, ForwardOptions::reference().activations(Activations::Int8)).unwrap();
-                    let bound = crate::reference::act8::kernel_bound(l.view(), &x, AdapterSelection::Enabled);
-                    for path in KernelPath::all_available() {
-                        let got =
-                            l.forward_with(&x, ForwardOptions::default().path(path).activations(Activations::Int8));
-                        for (i, ((&g, &w), &b)) in got.unwrap().iter().zip(&want).zip(&bound).enumerate() {
-                            let err = (g as f64 - w as f64).abs();
-                            let allowed = b + w.abs() as f64 * f32::EPSILON as f64 * 0.5;
-                            assert!(err <= allowed, "{scheme:?} {out}x{inp} M={m} {path}: y[{i}] = {g}, exact {w}");
-                        }
-                    }
+                    every_path_within_the_kernel_bound(&l, &x, &format!("{scheme:?} {out}x{inp} M={m}"));
                     #[cfg(target_arch = "x86_64")]
                     {
                         let mut act = super::Act8X::default();
                         act.prepare(&x, m, inp, l.weight(), super::Act8Layout::Vnni, true);
                         let il = l.view().act8_interleaved.unwrap();
-                        let mut whole = vec![0f32; m * out];
-                        // SAFETY: `used_here` means AVX-512 VNNI was detected.
-                        unsafe {
-                            crate::cpu::linear_act8_interleaved_x86::base_interleaved(
-                                act.view(),
-                                il,
-                                m,
-                                0,
-                                out,
-                                &mut whole,
-                            )
-                        };
-                        for (o0, ob) in [(0, 1), (3, 17), (16, 16), (5, 60), (out - 1, 1), (1, out - 1)] {
-                            if o0 + ob > out || ob == 0 {
-                                continue;
-                            }
-                            let mut part = vec![0f32; m * ob];
-                            // SAFETY: as above.
+                        // The kernel alone on rows o0..o0 + ob, into a zeroed `[m, ob]`.
+                        let rows = |o0: usize, ob: usize| {
+                            let mut y = vec![0f32; m * ob];
+                            // SAFETY: `used_here` means AVX-512 VNNI was detected.
                             unsafe {
                                 crate::cpu::linear_act8_interleaved_x86::base_interleaved(
                                     act.view(),
@@ -459,9 +441,17 @@ mod tests {
                                     m,
                                     o0,
                                     ob,
-                                    &mut part,
+                                    &mut y,
                                 )
                             };
+                            y
+                        };
+                        let whole = rows(0, out);
+                        for (o0, ob) in [(0, 1), (3, 17), (16, 16), (5, 60), (out - 1, 1), (1, out - 1)] {
+                            if o0 + ob > out || ob == 0 {
+                                continue;
+                            }
+                            let part = rows(o0, ob);
                             for r in 0..m {
                                 let want = &whole[r * out + o0..r * out + o0 + ob];
                                 assert!(
