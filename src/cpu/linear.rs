@@ -111,7 +111,7 @@ pub(crate) fn forward_into<O: Element>(
         let Scratch { shrink, used, acc, act8 } = scratch;
         if int8 {
             let interleaved = layer.act8_interleaved.is_some() && table.act8_layout == Act8Layout::Vnni;
-            act8.prepare(x, m, layer.in_features, layer.weight, table.act8_layout, interleaved);
+            act8.prepare(x, m, layer.in_features, layer.weight, table, interleaved);
         }
         let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel, act8: int8.then(|| act8.view()) };
         // Block-major accumulator: block b (outputs o0..o0+ob) is `[m, ob]` at offset o0 * m, so every block

@@ -7,7 +7,7 @@
 //! the f32 accumulation of the block terms differs (bound: `reference::act8::kernel_bound`).
 
 use super::linear_kernels::output_pass;
-use super::table::Job;
+use super::table::{Job, LinearKernels};
 use crate::format::affine::Granularity;
 use crate::format::layer::QuantWeight;
 use crate::reference::act8::{int8_table, quantize_row, BLOCK};
@@ -42,35 +42,41 @@ pub(crate) struct Act8X {
 }
 
 impl Act8X {
-    /// Quantizes `x` (`[m, n_in]`, finite) and, for `layout` `EvenOdd` or `Vnni` when [`vnni_eligible`], that
-    /// layout; with `interleaved` (a `Vnni` table and a layer with the interleaved layout) only the block sums
-    /// that kernel reads besides the codes.
+    /// Quantizes `x` (`[m, n_in]`, finite) with `table`'s quantizer and, for its layout `EvenOdd` or `Vnni` when
+    /// [`vnni_eligible`], that layout; with `interleaved` (a `Vnni` table and a layer with the interleaved layout)
+    /// only the block sums that kernel reads besides the codes.
     pub fn prepare(
         &mut self,
         x: &[f32],
         m: usize,
         n_in: usize,
         weight: &QuantWeight,
-        layout: Act8Layout,
+        table: &LinearKernels,
         interleaved: bool,
     ) {
+        let layout = table.act8_layout;
         let nb = n_in.div_ceil(BLOCK);
+        let sums = interleaved && layout == Act8Layout::Vnni && n_in.is_multiple_of(BLOCK);
         self.q.clear();
         self.q.resize(m * n_in, 0);
         self.d.clear();
         self.d.resize(m * nb, 0.0);
+        self.sums.clear();
+        if sums {
+            self.sums.resize(m * nb, 0);
+        }
         for r in 0..m {
-            quantize_row(
+            let s = if sums { &mut self.sums[r * nb..(r + 1) * nb] } else { &mut [] };
+            (table.act8_quantize)(
                 &x[r * n_in..(r + 1) * n_in],
                 &mut self.q[r * n_in..(r + 1) * n_in],
                 &mut self.d[r * nb..(r + 1) * nb],
+                s,
             );
         }
         self.vq.clear();
         self.lanes.clear();
-        self.sums.clear();
-        if interleaved && layout == Act8Layout::Vnni && n_in.is_multiple_of(BLOCK) {
-            self.sums.extend(self.q.chunks_exact(BLOCK).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
+        if sums {
             return;
         }
         if layout == Act8Layout::Natural || !vnni_eligible(weight, n_in) {
@@ -96,6 +102,14 @@ impl Act8X {
     /// The borrowed view a kernel reads.
     pub fn view(&self) -> Act8View<'_> {
         Act8View { q: &self.q, d: &self.d, vq: &self.vq, lanes: &self.lanes, sums: &self.sums }
+    }
+}
+
+/// The portable quantizer ([`crate::cpu::table::Act8Quantize`]): the reference row, then the block sums.
+pub(crate) fn quantize_portable(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    quantize_row(x, q, d);
+    for (s, c) in sums.iter_mut().zip(q.chunks(BLOCK)) {
+        *s = c.iter().map(|&v| v as i32).sum();
     }
 }
 
@@ -342,6 +356,46 @@ mod tests {
         l
     }
 
+    /// Every ISA's quantizer of `x` gives the reference's codes, scales and block sums bit for bit: random rows of
+    /// every length 1..=100 and 4096 (short last blocks, whole rows), zero blocks, blocks whose `127 / amax`
+    /// overflows (amax below ~3.7e-37), exact ties `v·inv = k + 0.5`, ±0 and the f32 extremes.
+    #[test]
+    fn every_quantizer_of_x_equals_the_reference_bit_for_bit() {
+        let mut seed = 7u64;
+        let mut rows: Vec<Vec<f32>> =
+            (1..=100).chain([4096]).map(|n| (0..n).map(|_| rng(&mut seed, 3.0)).collect()).collect();
+        let mut special = vec![0f32; 32];
+        special.extend((0..32).map(|i| if i % 3 == 0 { -0.0 } else { 1e-38 * (i as f32 - 16.0) }));
+        special.extend((0..32).map(|i| f32::from_bits(1 + i as u32) * if i % 2 == 0 { 1.0 } else { -1.0 }));
+        // amax 127 makes inv 1: codes are the values, so k + 0.5 is an exact tie.
+        special.extend((0..32).map(|i| if i == 0 { -127.0 } else { (i as f32 - 16.0) * 2.5 + 0.5 }));
+        special.extend((0..32).map(|i| if i == 5 { f32::MAX } else { f32::MIN_POSITIVE * i as f32 }));
+        special.extend((0..32).map(|i| if i == 7 { f32::MIN } else { rng(&mut seed, 1e30) }));
+        special.extend([3.0, -1.5, 0.0, 2.25, 1e-40]);
+        rows.push(special);
+        for isa in crate::cpu::Isa::available() {
+            let quantize = crate::cpu::dispatch::kernels(isa).linear.act8_quantize;
+            for x in &rows {
+                let nb = x.len().div_ceil(super::BLOCK);
+                let (mut wq, mut wd) = (vec![0i8; x.len()], vec![0f32; nb]);
+                super::quantize_row(x, &mut wq, &mut wd);
+                let ws: Vec<i32> = wq.chunks(super::BLOCK).map(|c| c.iter().map(|&v| v as i32).sum()).collect();
+                for with_sums in [false, true] {
+                    let (mut q, mut d) = (vec![99i8; x.len()], vec![f32::NAN; nb]);
+                    let mut sums = vec![i32::MIN; if with_sums { nb } else { 0 }];
+                    quantize(x, &mut q, &mut d, &mut sums);
+                    let n = x.len();
+                    assert_eq!(q, wq, "{isa:?} codes, len {n}");
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&d), bits(&wd), "{isa:?} scales, len {n}");
+                    if with_sums {
+                        assert_eq!(sums, ws, "{isa:?} block sums, len {n}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Asserts that the int8-activation forward of `l` on every available path is within the kernels' rounding
     /// bound of the exact int8 value; returns the number of paths checked.
     fn every_path_within_the_kernel_bound(l: &QuantLinear, x: &[f32], label: &str) -> usize {
@@ -428,7 +482,14 @@ mod tests {
                     #[cfg(target_arch = "x86_64")]
                     {
                         let mut act = super::Act8X::default();
-                        act.prepare(&x, m, inp, l.weight(), super::Act8Layout::Vnni, true);
+                        act.prepare(
+                            &x,
+                            m,
+                            inp,
+                            l.weight(),
+                            &crate::cpu::dispatch::kernels(crate::cpu::Isa::best()).linear,
+                            true,
+                        );
                         let il = l.view().act8_interleaved.unwrap();
                         // The kernel alone on rows o0..o0 + ob, into a zeroed `[m, ob]`.
                         let rows = |o0: usize, ob: usize| {

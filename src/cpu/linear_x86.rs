@@ -13,7 +13,7 @@ use crate::format::layer::QuantWeight;
 use std::arch::x86_64::*;
 
 /// The AVX2 + FMA linear kernels (the token proves detection).
-pub(crate) fn avx2(_: Avx2) -> LinearKernels {
+pub(crate) fn avx2(t: Avx2) -> LinearKernels {
     LinearKernels {
         // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
         // checked by the drivers (and asserted inside the kernels).
@@ -22,6 +22,7 @@ pub(crate) fn avx2(_: Avx2) -> LinearKernels {
         // checked by the drivers (and asserted inside the kernels).
         dot: |a, b| unsafe { dot_avx2(a, b) },
         act8_block: super::linear_act8::block_portable,
+        act8_quantize: super::linear_act8_quantize_x86::avx2(t),
         act8_layout: super::linear_act8::Act8Layout::Natural,
         // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
         // asserted inside the kernel.
@@ -30,7 +31,7 @@ pub(crate) fn avx2(_: Avx2) -> LinearKernels {
 }
 
 /// The AVX-512 linear kernels (the token proves detection).
-pub(crate) fn avx512(_: Avx512) -> LinearKernels {
+pub(crate) fn avx512(t: Avx512) -> LinearKernels {
     LinearKernels {
         // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
         // checked by the drivers (and asserted inside the kernels).
@@ -39,6 +40,7 @@ pub(crate) fn avx512(_: Avx512) -> LinearKernels {
         // checked by the drivers (and asserted inside the kernels).
         dot: |a, b| unsafe { dot_avx512(a, b) },
         act8_block: super::linear_act8::block_portable,
+        act8_quantize: super::linear_act8_quantize_x86::avx512(t),
         act8_layout: super::linear_act8::Act8Layout::Natural,
         // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
         // asserted inside the kernel.

@@ -24,6 +24,8 @@ pub(crate) mod linear_act8_avx2;
 pub(crate) mod linear_act8_interleaved;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_act8_interleaved_x86;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod linear_act8_quantize_x86;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 pub(crate) mod linear_act8_wasm;
 #[cfg(target_arch = "x86_64")]

@@ -56,6 +56,10 @@ pub(crate) struct AffineKernels {
 /// Values of equal runs: (codes, scales, zero points, run length, out, stream).
 pub(crate) type AffineDequantizeRuns = fn(&[u8], &[f32], &[u8], usize, &mut [f32], bool);
 
+/// The int8-activation quantizer of one row of `x`: `(x, q, d, sums)` writes `reference::act8::quantize_row`'s
+/// codes `q` and scales `d` and, when `sums` is not empty (then one entry per 32-block), each block's code sum.
+pub(crate) type Act8Quantize = fn(&[f32], &mut [i8], &mut [f32], &mut [i32]);
+
 /// Dequantizes a 4-bit span starting at a block boundary: (packed, decoded scales, blocksize, table, out, stream).
 pub(crate) type FourBitDequantize = fn(&[u8], &[f32], usize, &[f32; 16], OutSlice<'_>, bool);
 
@@ -81,6 +85,8 @@ pub(crate) struct LinearKernels {
     pub act8_block: fn(&Job<'_>, usize, usize, &mut [f32]),
     /// `out[r, c] = Σ_o dy[r, o]·W[o, k0 + c]`: one column chunk of the backward's `dx` (`linear_backward.rs`).
     pub backward_cols: fn(&Job<'_>, &[f32], usize, &mut [f32]),
+    /// Quantizes one row of `x` for `act8_block` (bit-identical to `reference::act8::quantize_row`).
+    pub act8_quantize: Act8Quantize,
     /// The layout of the quantized `x` that `act8_block` reads.
     pub act8_layout: super::linear_act8::Act8Layout,
 }

@@ -15,30 +15,36 @@ pub(crate) const BLOCK: usize = 32;
 /// (`amax` below ~3.7e-37) the product is formed in f64. `q.len() == x.len()`, `d.len() == x.len().div_ceil(32)`.
 pub(crate) fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     for ((xb, qb), db) in x.chunks(BLOCK).zip(q.chunks_mut(BLOCK)).zip(d.iter_mut()) {
-        // For finite values the order of |x| is the order of its bits as u32 (a loop that vectorizes).
-        let amax = f32::from_bits(xb.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)));
-        if amax == 0.0 {
-            qb.fill(0);
-            *db = 0.0;
-            continue;
-        }
-        *db = amax / 127.0;
-        let inv = 127.0 / amax;
-        if inv.is_finite() {
-            // |v·inv| ≤ 127·(1 + ε) < 2²²: adding and subtracting 1.5·2²³ rounds the f32 product to an integer,
-            // half to even, exactly as `round_ties_even` (which is a libm call without SSE4.1).
-            const MAGIC: f32 = 12_582_912.0;
-            for (c, &v) in qb.iter_mut().zip(xb) {
-                *c = ((v * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
-            }
-        } else {
-            let inv = 127.0 / amax as f64;
-            for (c, &v) in qb.iter_mut().zip(xb) {
-                *c = (v as f64 * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-            }
-        }
+        *db = quantize_block(xb, qb);
     }
 }
+
+/// One block of [`quantize_row`] (`xb.len() == qb.len() ≤ BLOCK`, finite): writes the codes, returns `d`.
+pub(crate) fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
+    // For finite values the order of |x| is the order of its bits as u32 (a loop that vectorizes).
+    let amax = f32::from_bits(xb.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)));
+    if amax == 0.0 {
+        qb.fill(0);
+        return 0.0;
+    }
+    let inv = 127.0 / amax;
+    if inv.is_finite() {
+        // |v·inv| ≤ 127·(1 + ε) < 2²²: adding and subtracting 1.5·2²³ rounds the f32 product to an integer,
+        // half to even, exactly as `round_ties_even` (which is a libm call without SSE4.1).
+        for (c, &v) in qb.iter_mut().zip(xb) {
+            *c = ((v * inv + ROUND_MAGIC) - ROUND_MAGIC).clamp(-127.0, 127.0) as i8;
+        }
+    } else {
+        let inv = 127.0 / amax as f64;
+        for (c, &v) in qb.iter_mut().zip(xb) {
+            *c = (v as f64 * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+    }
+    amax / 127.0
+}
+
+/// 1.5·2²³: for |v| < 2²², `(v + ROUND_MAGIC) − ROUND_MAGIC` in f32 is `v` rounded to an integer, half to even.
+const ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// The int8 stand-ins of a 4-bit table: `round_half_even(127 · T[i])` (|T[i]| ≤ 1 for NF4 and FP4), so a
 /// weight `T[i]·absmax` becomes `c[i] · absmax / 127`, off by at most `absmax / 254`.

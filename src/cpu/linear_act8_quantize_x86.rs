@@ -1,0 +1,126 @@
+//! The int8-activation quantizer of `x` ([`crate::reference::act8::quantize_row`]) in AVX-512 and AVX2: the
+//! same IEEE operations per element (`|x|` maximum as bits, one f32 division per block, the f32 product
+//! `v·inv`), then `cvtps2dq`, which rounds half to even in the default rounding mode (the reference's
+//! add-and-subtract of 1.5·2²³ does the same); its clamp to ±127 is a no-op for a finite `inv`
+//! (`|v·inv| ≤ 127·(1 + ε)` rounds to 127), so the codes and scales are bit-identical. A block whose
+//! `127 / amax` overflows, and a row's short last block, go through the reference block.
+//!
+//! It also writes each block's code sum when asked (the interleaved kernel's offset term), from the same
+//! registers.
+
+use super::table::Act8Quantize;
+use super::x86_features::{avx2_fn, avx512_fn, Avx2, Avx512};
+use crate::reference::act8::{quantize_block, BLOCK};
+use std::arch::x86_64::*;
+
+/// The AVX-512 quantizer (the token proves detection).
+pub(crate) fn avx512(_: Avx512) -> Act8Quantize {
+    // SAFETY: built only from an `Avx512` token; the kernel asserts the slice lengths it writes through.
+    |x, q, d, sums| unsafe { quantize_512(x, q, d, sums) }
+}
+
+/// The AVX2 quantizer (the token proves detection).
+pub(crate) fn avx2(_: Avx2) -> Act8Quantize {
+    // SAFETY: built only from an `Avx2` token; the kernel asserts the slice lengths it writes through.
+    |x, q, d, sums| unsafe { quantize_256(x, q, d, sums) }
+}
+
+/// Checks the lengths every kernel relies on: `q` as `x`, one `d` per block, `sums` empty or one per block.
+fn check_lengths(x: &[f32], q: &[i8], d: &[f32], sums: &[i32]) {
+    assert_eq!(q.len(), x.len(), "act8 quantize: codes");
+    assert_eq!(d.len(), x.len().div_ceil(BLOCK), "act8 quantize: scales");
+    assert!(sums.is_empty() || sums.len() == d.len(), "act8 quantize: sums");
+}
+
+/// The reference block `b` (the rows' short last block or an overflowing `127 / amax`), with its sum.
+fn reference_block(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32], b: usize) {
+    let end = x.len().min((b + 1) * BLOCK);
+    d[b] = quantize_block(&x[b * BLOCK..end], &mut q[b * BLOCK..end]);
+    if !sums.is_empty() {
+        sums[b] = q[b * BLOCK..end].iter().map(|&c| c as i32).sum();
+    }
+}
+
+avx512_fn! {
+    /// # Safety
+    /// AVX-512 F/BW is available.
+    unsafe fn quantize_512(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+        check_lengths(x, q, d, sums);
+        let abs = _mm512_set1_epi32(0x7fff_ffff);
+        for b in 0..x.len() / BLOCK {
+            // SAFETY: block b is whole (b < len / 32), so its 32 floats and 32 codes are in bounds.
+            let (xp, qp) = unsafe { (x.as_ptr().add(b * BLOCK), q.as_mut_ptr().add(b * BLOCK)) };
+            // SAFETY: the block's 32 floats (as above).
+            let (v0, v1) = unsafe { (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16))) };
+            let bits = _mm512_max_epu32(
+                _mm512_and_si512(_mm512_castps_si512(v0), abs),
+                _mm512_and_si512(_mm512_castps_si512(v1), abs),
+            );
+            let amax = f32::from_bits(_mm512_reduce_max_epu32(bits));
+            let inv = 127.0 / amax;
+            if amax == 0.0 || !inv.is_finite() {
+                reference_block(x, q, d, sums, b);
+                continue;
+            }
+            d[b] = amax / 127.0;
+            let inv = _mm512_set1_ps(inv);
+            let code = |v: __m512| _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+            let (c0, c1) = (code(v0), code(v1));
+            // SAFETY: 16 + 16 codes of block b (in bounds, as above).
+            unsafe {
+                _mm_storeu_si128(qp.cast(), _mm512_cvtepi32_epi8(c0));
+                _mm_storeu_si128(qp.add(16).cast(), _mm512_cvtepi32_epi8(c1));
+            }
+            if !sums.is_empty() {
+                sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+            }
+        }
+        if !x.len().is_multiple_of(BLOCK) {
+            reference_block(x, q, d, sums, x.len() / BLOCK);
+        }
+    }
+}
+
+avx2_fn! {
+    /// # Safety
+    /// AVX2 is available.
+    unsafe fn quantize_256(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+        check_lengths(x, q, d, sums);
+        let abs = _mm256_set1_epi32(0x7fff_ffff);
+        // After the two packs the 32 codes are in 4-byte groups 0, 2, 4, 6, 1, 3, 5, 7 of the block.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for b in 0..x.len() / BLOCK {
+            // SAFETY: block b is whole (b < len / 32), so its 32 floats and 32 codes are in bounds.
+            let (xp, qp) = unsafe { (x.as_ptr().add(b * BLOCK), q.as_mut_ptr().add(b * BLOCK)) };
+            // SAFETY: the block's 32 floats (as above).
+            let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(xp.add(8 * i)) });
+            let a: [__m256i; 4] = std::array::from_fn(|i| _mm256_and_si256(_mm256_castps_si256(v[i]), abs));
+            let m = _mm256_max_epu32(_mm256_max_epu32(a[0], a[1]), _mm256_max_epu32(a[2], a[3]));
+            let m = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256::<1>(m));
+            let m = _mm_max_epu32(m, _mm_shuffle_epi32::<0b01_00_11_10>(m));
+            let m = _mm_max_epu32(m, _mm_shuffle_epi32::<0b10_11_00_01>(m));
+            let amax = f32::from_bits(_mm_cvtsi128_si32(m) as u32);
+            let inv = 127.0 / amax;
+            if amax == 0.0 || !inv.is_finite() {
+                reference_block(x, q, d, sums, b);
+                continue;
+            }
+            d[b] = amax / 127.0;
+            let inv = _mm256_set1_ps(inv);
+            let c: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)));
+            let packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+            // SAFETY: the 32 codes of block b (in bounds, as above).
+            unsafe { _mm256_storeu_si256(qp.cast(), _mm256_permutevar8x32_epi32(packed, order)) };
+            if !sums.is_empty() {
+                let s = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+                sums[b] = _mm_cvtsi128_si32(s);
+            }
+        }
+        if !x.len().is_multiple_of(BLOCK) {
+            reference_block(x, q, d, sums, x.len() / BLOCK);
+        }
+    }
+}
