@@ -14,7 +14,7 @@
 
 use super::dispatch::kernels;
 use super::linear_act8::Act8Layout;
-use super::table::Job;
+use super::table::{Job, LinearKernels};
 use crate::api::linear::{Activations, ForwardOptions};
 use crate::cpu::KernelPath;
 use crate::element::Element;
@@ -31,6 +31,8 @@ pub(crate) struct Scratch {
     used: Vec<bool>,
     acc: Vec<f32>,
     act8: super::linear_act8::Act8X,
+    /// `x` as the f32 block kernel asked for it (`LinearKernels::pack_x`).
+    x_packed: Vec<f32>,
 }
 
 /// The LoRA shrink `t = x·Aᵀ` for every adapter used by some row (rows that do not use it stay zero), into
@@ -108,12 +110,16 @@ pub(crate) fn forward_into<O: Element>(
     on_pool(split, || {
         shrink_all(layer, x, m, sel, path, split, scratch);
         let table = &kernels(path.isa).linear;
-        let Scratch { shrink, used, acc, act8 } = scratch;
+        let Scratch { shrink, used, acc, act8, x_packed } = scratch;
         if int8 {
             let interleaved = layer.act8_interleaved.is_some() && table.act8_layout == Act8Layout::Vnni;
             act8.prepare(x, m, layer.in_features, layer.weight, table, interleaved);
+            x_packed.clear();
+        } else {
+            pack_x(table, x, m, layer.in_features, split, x_packed);
         }
-        let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel, act8: int8.then(|| act8.view()) };
+        let act8 = int8.then(|| act8.view());
+        let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel, act8, x_packed };
         // Block-major accumulator: block b (outputs o0..o0+ob) is `[m, ob]` at offset o0 * m, so every block
         // owns one contiguous piece (disjoint pieces for the threads).
         acc.clear();
@@ -133,6 +139,21 @@ pub(crate) fn forward_into<O: Element>(
         for r in 0..m {
             O::narrow_slice(&part[r * ob..(r + 1) * ob], &mut y[r * n_out + o0..r * n_out + o0 + ob]);
         }
+    }
+}
+
+/// Writes `x` (`[m, n_in]`) into `out` as `table`'s f32 block kernel asked for it (`LinearKernels::pack_x`), its
+/// groups of rows over the pool when `split`; leaves `out` empty when the kernel asks for nothing at this `m`.
+fn pack_x(table: &LinearKernels, x: &[f32], m: usize, n_in: usize, split: bool, out: &mut Vec<f32>) {
+    out.clear();
+    let Some(p) = table.pack_x.filter(|p| m >= p.min_m && n_in > 0) else { return };
+    out.resize(m * n_in, 0.0);
+    let group = p.group_rows * n_in;
+    let one = |g: usize, dst: &mut [f32]| (p.pack_group)(&x[g * group..g * group + dst.len()], n_in, dst);
+    if split {
+        par_chunks_for_each(out, group, one);
+    } else {
+        out.chunks_mut(group).enumerate().for_each(|(g, dst)| one(g, dst));
     }
 }
 

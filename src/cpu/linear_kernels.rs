@@ -427,6 +427,7 @@ pub(crate) const PORTABLE: LinearKernels = LinearKernels {
     block: block_job::<wide::f32x8, PortableDecoder>,
     dot: dot::<wide::f32x8>,
     act8_block: super::linear_act8::block_portable,
+    pack_x: None,
     act8_quantize: super::linear_act8::quantize_portable,
     act8_layout: super::linear_act8::Act8Layout::Natural,
     backward_cols: super::linear_backward_kernels::backward_cols::<wide::f32x8, PortableDecoder>,

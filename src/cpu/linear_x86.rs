@@ -6,7 +6,7 @@ use super::linear_kernels::{
     dot as generic_dot, four_bit_segments, output_pass, row_slices, tiled_product, Decoder, Int8Runs, Vf,
 };
 use super::table::Job;
-use super::table::LinearKernels;
+use super::table::{LinearKernels, PackX};
 use super::x86_features::{avx2_fn, avx512_fn, Avx2, Avx512};
 use crate::format::affine::Granularity;
 use crate::format::layer::QuantWeight;
@@ -22,6 +22,7 @@ pub(crate) fn avx2(t: Avx2) -> LinearKernels {
         // checked by the drivers (and asserted inside the kernels).
         dot: |a, b| unsafe { dot_avx2(a, b) },
         act8_block: super::linear_act8::block_portable,
+        pack_x: None,
         act8_quantize: super::linear_act8_quantize_x86::avx2(t),
         act8_layout: super::linear_act8::Act8Layout::Natural,
         // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
@@ -40,6 +41,11 @@ pub(crate) fn avx512(t: Avx512) -> LinearKernels {
         // checked by the drivers (and asserted inside the kernels).
         dot: |a, b| unsafe { dot_avx512(a, b) },
         act8_block: super::linear_act8::block_portable,
+        pack_x: Some(PackX {
+            min_m: PANEL_MIN_M,
+            group_rows: super::linear_gemm_x86::MR,
+            pack_group: super::linear_gemm_x86::pack_x_group,
+        }),
         act8_quantize: super::linear_act8_quantize_x86::avx512(t),
         act8_layout: super::linear_act8::Act8Layout::Natural,
         // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
@@ -64,7 +70,7 @@ unsafe fn block_job_avx512(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32])
         && !gemv_int8_avx512(job, o0, ob, out)
         && !fused_gemv::<V512, Avx512Decoder>(job, o0, ob, out)
     {
-        if job.m > PANEL_MIN_M - 1 {
+        if job.m >= PANEL_MIN_M && job.x_packed.len() == job.m * job.layer.in_features {
             super::linear_gemm_x86::panel_gemm::<Avx512Decoder>(job, o0, ob, out);
         } else {
             tiled_product::<V512, Avx512Decoder>(job, o0, ob, out);

@@ -85,6 +85,8 @@ pub(crate) struct LinearKernels {
     pub act8_block: fn(&Job<'_>, usize, usize, &mut [f32]),
     /// `out[r, c] = Σ_o dy[r, o]·W[o, k0 + c]`: one column chunk of the backward's `dx` (`linear_backward.rs`).
     pub backward_cols: fn(&Job<'_>, &[f32], usize, &mut [f32]),
+    /// The copy of `x` that `block` reads besides `x` in f32 forwards, if it wants one.
+    pub pack_x: Option<PackX>,
     /// Quantizes one row of `x` for `act8_block` (bit-identical to `reference::act8::quantize_row`).
     pub act8_quantize: Act8Quantize,
     /// The layout of the quantized `x` that `act8_block` reads.
@@ -107,6 +109,15 @@ pub(crate) struct Kernels {
     pub ggml: GgmlKernels,
 }
 
+/// How a block kernel wants `x` packed (f32 forwards with `m ≥ min_m`): the rows in groups of `group_rows`
+/// (the last one shorter), each group at offset `first row · in`, written by `pack_group(rows of x, in, out)`.
+#[derive(Clone, Copy)]
+pub(crate) struct PackX {
+    pub min_m: usize,
+    pub group_rows: usize,
+    pub pack_group: fn(&[f32], usize, &mut [f32]),
+}
+
 /// Everything a block job needs, borrowed from the layer and the scratch.
 pub(crate) struct Job<'a> {
     pub layer: LayerView<'a>,
@@ -120,4 +131,6 @@ pub(crate) struct Job<'a> {
     pub sel: AdapterSelection<'a>,
     /// `x` quantized to int8 (int8-activation forwards only).
     pub act8: Option<super::linear_act8::Act8View<'a>>,
+    /// `x` as the f32 block kernel asked for it through [`LinearKernels::pack_x`] (empty: not asked).
+    pub x_packed: &'a [f32],
 }
