@@ -83,8 +83,7 @@ pub(crate) unsafe fn panel_gemm<D: Decoder>(job: &Job<'_>, o0: usize, ob: usize,
 }
 
 /// Writes the transpose of the 16×16 block at `src` (rows `src_stride` apart) to `dst` (rows `dst_stride` apart):
-/// `dst[c·dst_stride + r] = src[r·src_stride + c]`, with 64 shuffles (unpack 32-bit, unpack 64-bit, two rounds
-/// of 128-bit block shuffles).
+/// `dst[c·dst_stride + r] = src[r·src_stride + c]`.
 #[inline(always)]
 unsafe fn transpose16(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
     // Loops, not `array::from_fn`: a closure is compiled without this function's target features, so its
@@ -93,6 +92,15 @@ unsafe fn transpose16(src: *const f32, src_stride: usize, dst: *mut f32, dst_str
     for (i, v) in r.iter_mut().enumerate() {
         *v = _mm512_loadu_ps(src.add(i * src_stride));
     }
+    for (c, v) in transpose16_regs(&r).iter().enumerate() {
+        _mm512_storeu_ps(dst.add(c * dst_stride), *v);
+    }
+}
+
+/// The transpose of 16 rows of 16 lanes: lane `r` of result `c` is lane `c` of row `r`, with 64 shuffles
+/// (unpack 32-bit, unpack 64-bit, two rounds of 128-bit block shuffles).
+#[inline(always)]
+unsafe fn transpose16_regs(r: &[__m512; 16]) -> [__m512; 16] {
     // t[2p], t[2p+1]: rows 2p and 2p+1 interleaved (per 128-bit block L: columns 4L, 4L+1 / 4L+2, 4L+3).
     let mut t = [_mm512_setzero_ps(); 16];
     for p in (0..16).step_by(2) {
@@ -106,27 +114,47 @@ unsafe fn transpose16(src: *const f32, src_stride: usize, dst: *mut f32, dst_str
         let (a, b) = (_mm512_castps_pd(t[4 * g + q / 2]), _mm512_castps_pd(t[4 * g + 2 + q / 2]));
         *v = _mm512_castpd_ps(if q % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) });
     }
+    let mut out = [_mm512_setzero_ps(); 16];
     for q in 0..4 {
         // [g0.L0, g0.L1, g1.L0, g1.L1] and [g0.L2, g0.L3, g1.L2, g1.L3], likewise for groups 2 and 3.
         let v01 = _mm512_shuffle_f32x4::<0x44>(u[q], u[4 + q]);
         let w01 = _mm512_shuffle_f32x4::<0xee>(u[q], u[4 + q]);
         let v23 = _mm512_shuffle_f32x4::<0x44>(u[8 + q], u[12 + q]);
         let w23 = _mm512_shuffle_f32x4::<0xee>(u[8 + q], u[12 + q]);
-        _mm512_storeu_ps(dst.add(q * dst_stride), _mm512_shuffle_f32x4::<0x88>(v01, v23));
-        _mm512_storeu_ps(dst.add((4 + q) * dst_stride), _mm512_shuffle_f32x4::<0xdd>(v01, v23));
-        _mm512_storeu_ps(dst.add((8 + q) * dst_stride), _mm512_shuffle_f32x4::<0x88>(w01, w23));
-        _mm512_storeu_ps(dst.add((12 + q) * dst_stride), _mm512_shuffle_f32x4::<0xdd>(w01, w23));
+        out[q] = _mm512_shuffle_f32x4::<0x88>(v01, v23);
+        out[4 + q] = _mm512_shuffle_f32x4::<0xdd>(v01, v23);
+        out[8 + q] = _mm512_shuffle_f32x4::<0x88>(w01, w23);
+        out[12 + q] = _mm512_shuffle_f32x4::<0xdd>(w01, w23);
     }
+    out
 }
 
 /// Writes one group of rows of `x` (`[rows, n_in]`, rows ≤ `MR`) into `out` as [`panel_gemm`] reads it:
-/// `[n_in][rows]` (the groups of `MR` rows lie at `first row · n_in`, see `table::PackX`).
-pub(crate) fn pack_x_group(x: &[f32], n_in: usize, out: &mut [f32]) {
+/// `[n_in][rows]` (the groups of `MR` rows lie at `first row · n_in`, see `table::PackX`): 16 columns at a
+/// time through a register transpose and masked stores of `rows` lanes.
+///
+/// # Safety
+/// AVX-512 F is available (call inside an `avx512_fn!`).
+#[inline(always)]
+pub(crate) unsafe fn pack_x_group(x: &[f32], n_in: usize, out: &mut [f32]) {
     let rows = x.len() / n_in.max(1);
-    assert!(out.len() == x.len() && rows <= MR);
-    for (k, d) in out.chunks_exact_mut(rows).enumerate() {
-        for (i, v) in d.iter_mut().enumerate() {
-            *v = x[i * n_in + k];
+    assert!(out.len() == x.len() && rows <= MR && x.len() == rows * n_in);
+    let keep: __mmask16 = (1u16 << rows) - 1;
+    let full = n_in / 16 * 16;
+    let mut r = [_mm512_setzero_ps(); 16];
+    for c in (0..full).step_by(16) {
+        for (i, v) in r.iter_mut().enumerate().take(rows) {
+            // SAFETY: row i < rows, columns c..c+16 ≤ n_in.
+            *v = _mm512_loadu_ps(x.as_ptr().add(i * n_in + c));
+        }
+        for (k, v) in transpose16_regs(&r).iter().enumerate() {
+            // SAFETY: `rows` lanes at (c + k)·rows, inside out (len rows·n_in, c + k < n_in).
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add((c + k) * rows), keep, *v);
+        }
+    }
+    for k in full..n_in {
+        for i in 0..rows {
+            out[k * rows + i] = x[i * n_in + k];
         }
     }
 }

@@ -44,7 +44,8 @@ pub(crate) fn avx512(t: Avx512) -> LinearKernels {
         pack_x: Some(PackX {
             min_m: PANEL_MIN_M,
             group_rows: super::linear_gemm_x86::MR,
-            pack_group: super::linear_gemm_x86::pack_x_group,
+            // SAFETY: built only from an `Avx512` token (its features were detected).
+            pack_group: |x, n_in, out| unsafe { pack_x_group_avx512(x, n_in, out) },
         }),
         act8_quantize: super::linear_act8_quantize_x86::avx512(t),
         act8_layout: super::linear_act8::Act8Layout::Natural,
@@ -63,6 +64,12 @@ pub(crate) const GEMV_PREFETCH: usize = 2048;
 /// (`linear_gemm_x86.rs`). Measured at 4096×4096 NF4, one thread: M = 5 and 8 took 3.9 / 8.0 ms through the
 /// tiled inner-product kernel and 2.9 / 3.3 ms through panels; M ≤ 4 has the register GEMVs.
 const PANEL_MIN_M: usize = 5;
+
+avx512_fn! {
+unsafe fn pack_x_group_avx512(x: &[f32], n_in: usize, out: &mut [f32]) {
+    super::linear_gemm_x86::pack_x_group(x, n_in, out)
+}
+}
 
 avx512_fn! {
 unsafe fn block_job_avx512(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
