@@ -74,7 +74,7 @@ fn avx2_kernels(t: super::x86_features::Avx2) -> Kernels {
     Kernels {
         affine: super::affine_x86::avx2(t),
         four_bit: super::nf4_x86::avx2(t),
-        linear: super::linear_act8_avx2::avx2(t, super::linear_x86::avx2(t)),
+        linear: super::linear_act8_avx2::avx2(t, super::x86_features::AvxVnni::detect(), super::linear_x86::avx2(t)),
         ggml: super::ggml_x86::avx2(t),
     }
 }
@@ -88,7 +88,11 @@ fn avx512_kernels(t: super::x86_features::Avx512) -> Kernels {
             Some(v) => super::linear_act8_x86::vnni(v, super::linear_x86::avx512(t)),
             // Without VNNI the AVX2 int8-activation kernel (AVX-512 implies AVX2).
             None => match super::x86_features::Avx2::detect() {
-                Some(a) => super::linear_act8_avx2::avx2(a, super::linear_x86::avx512(t)),
+                Some(a) => super::linear_act8_avx2::avx2(
+                    a,
+                    super::x86_features::AvxVnni::detect(),
+                    super::linear_x86::avx512(t),
+                ),
                 None => super::linear_x86::avx512(t),
             },
         },

@@ -13,7 +13,6 @@
 //! `wide::f32x8`) and `linear_x86.rs` (AVX2 / AVX-512 with register-table 4-bit decode).
 
 use super::dispatch::kernels;
-use super::linear_act8::Act8Layout;
 use super::table::{Job, LinearKernels};
 use crate::api::linear::{Activations, ForwardOptions};
 use crate::cpu::KernelPath;
@@ -123,7 +122,7 @@ pub(crate) fn forward_into<O: Element>(
         let table = &kernels(path.isa).linear;
         let Scratch { shrink, used, acc, act8, x_packed } = scratch;
         if int8 {
-            let interleaved = layer.act8_interleaved.is_some() && table.act8_layout == Act8Layout::Vnni;
+            let interleaved = layer.act8_interleaved.is_some() && table.act8_interleaved;
             act8.prepare(x, m, layer.in_features, layer.weight, table, interleaved);
             x_packed.clear();
         } else {

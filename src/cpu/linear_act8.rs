@@ -1,10 +1,12 @@
-//! Int8 activations (`Activations::Int8`): `x` quantized once per forward by the reference quantizer
-//! ([`crate::reference::act8::quantize_row`], blocks of 32), then integer dot products against the weight's
-//! integer codes (4-bit: the int8 table `round(127·T)`; int8: `code − zero_point`), one f32 scale multiply per
-//! block. This file holds the quantized `x` (and the layout the SIMD kernels read) and the portable kernel;
-//! `linear_act8_x86.rs` has the AVX-512 VNNI one, `linear_act8_avx2.rs` the AVX2 one, `linear_act8_neon.rs`
-//! the NEON one, `linear_act8_wasm.rs` the simd128 one. Every path computes the same exact integer sums; only
-//! the f32 accumulation of the block terms differs (bound: `reference::act8::kernel_bound`).
+//! Int8 activations (`Activations::Int8`): `x` quantized once per forward (in blocks of 32, bit-identical to
+//! [`crate::reference::act8::quantize_row`]; AVX-512 / AVX2 copies in `linear_act8_quantize_x86.rs`), then
+//! integer dot products against the weight's integer codes (4-bit: the int8 table `round(127·T)`; int8:
+//! `code − zero_point`), one f32 scale multiply per block. This file holds the quantized `x` (and the layout
+//! the SIMD kernels read) and the portable kernel; `linear_act8_x86.rs` has the AVX-512 VNNI one,
+//! `linear_act8_avx2.rs` the AVX2 one (and, with AVX-VNNI, the 256-bit kernel over the interleaved layout),
+//! `linear_act8_neon.rs` the NEON one, `linear_act8_wasm.rs` the simd128 one. Every path computes the same
+//! exact integer sums; only the f32 accumulation of the block terms differs (bound:
+//! `reference::act8::kernel_bound`).
 
 use super::linear_kernels::output_pass;
 use super::table::{Job, LinearKernels};
@@ -43,8 +45,8 @@ pub(crate) struct Act8X {
 
 impl Act8X {
     /// Quantizes `x` (`[m, n_in]`, finite) with `table`'s quantizer and, for its layout `EvenOdd` or `Vnni` when
-    /// [`vnni_eligible`], that layout; with `interleaved` (a `Vnni` table and a layer with the interleaved layout)
-    /// only the block sums that kernel reads besides the codes.
+    /// [`vnni_eligible`], that layout; with `interleaved` (a table that reads the interleaved layout and a layer
+    /// that has it) only the block sums that kernel reads besides the codes.
     pub fn prepare(
         &mut self,
         x: &[f32],
@@ -56,7 +58,7 @@ impl Act8X {
     ) {
         let layout = table.act8_layout;
         let nb = n_in.div_ceil(BLOCK);
-        let sums = interleaved && layout == Act8Layout::Vnni && n_in.is_multiple_of(BLOCK);
+        let sums = interleaved && n_in.is_multiple_of(BLOCK);
         self.q.clear();
         self.q.resize(m * n_in, 0);
         self.d.clear();
@@ -453,7 +455,7 @@ mod tests {
     fn interleaved_layout_matches_the_exact_int8_value_and_any_row_split() {
         use crate::cpu::linear_act8_interleaved::Act8Interleaved;
         if !Act8Interleaved::used_here() {
-            eprintln!("skipped: no AVX-512 VNNI on this CPU (the interleaved layout is not built)");
+            eprintln!("skipped: no AVX-512 VNNI or AVX-VNNI on this CPU (the interleaved layout is not built)");
             let mut seed = 1u64;
             assert!(!layer(Scheme::nf4(64, true), 16, 64, &[], &mut seed).build_act8_layout());
             return;
@@ -491,38 +493,63 @@ mod tests {
                             true,
                         );
                         let il = l.view().act8_interleaved.unwrap();
-                        // The kernel alone on rows o0..o0 + ob, into a zeroed `[m, ob]`.
-                        let rows = |o0: usize, ob: usize| {
+                        // The kernel alone (`wide`: the 512- or the 256-bit one) on rows o0..o0 + ob, into a
+                        // zeroed `[m, ob]`.
+                        let rows = |wide: bool, o0: usize, ob: usize| {
                             let mut y = vec![0f32; m * ob];
-                            // SAFETY: `used_here` means AVX-512 VNNI was detected.
+                            // SAFETY: each kernel runs only where its features were detected (below).
                             unsafe {
-                                crate::cpu::linear_act8_interleaved_x86::base_interleaved(
-                                    act.view(),
-                                    il,
-                                    m,
-                                    o0,
-                                    ob,
-                                    &mut y,
-                                )
+                                if wide {
+                                    crate::cpu::linear_act8_interleaved_x86::base_interleaved(
+                                        act.view(),
+                                        il,
+                                        m,
+                                        o0,
+                                        ob,
+                                        &mut y,
+                                    )
+                                } else {
+                                    crate::cpu::linear_act8_interleaved_avxvnni::base_interleaved_256(
+                                        act.view(),
+                                        il,
+                                        m,
+                                        o0,
+                                        ob,
+                                        &mut y,
+                                    )
+                                }
                             };
                             y
                         };
-                        let whole = rows(0, out);
-                        for (o0, ob) in [(0, 1), (3, 17), (16, 16), (5, 60), (out - 1, 1), (1, out - 1)] {
-                            if o0 + ob > out || ob == 0 {
-                                continue;
+                        let kernels = [
+                            (true, crate::cpu::x86_features::Avx512Vnni::detect().is_some()),
+                            (false, crate::cpu::x86_features::AvxVnni::detect().is_some()),
+                        ];
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        let mut first: Option<Vec<f32>> = None;
+                        for (wide, _) in kernels.into_iter().filter(|k| k.1) {
+                            let whole = rows(wide, 0, out);
+                            // Both kernels make the same f32 operations per lane: the same bits.
+                            if let Some(f) = &first {
+                                assert_eq!(bits(f), bits(&whole), "{scheme:?} {out}x{inp} M={m}: 512 vs 256 bits");
                             }
-                            let part = rows(o0, ob);
-                            for r in 0..m {
-                                let want = &whole[r * out + o0..r * out + o0 + ob];
-                                assert!(
-                                    part[r * ob..(r + 1) * ob]
-                                        .iter()
-                                        .zip(want)
-                                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                                    "{scheme:?} {out}x{inp} M={m} rows {o0}+{ob}"
-                                );
+                            for (o0, ob) in [(0, 1), (3, 17), (16, 16), (5, 60), (out - 1, 1), (1, out - 1)] {
+                                if o0 + ob > out || ob == 0 {
+                                    continue;
+                                }
+                                let part = rows(wide, o0, ob);
+                                for r in 0..m {
+                                    let want = &whole[r * out + o0..r * out + o0 + ob];
+                                    assert!(
+                                        part[r * ob..(r + 1) * ob]
+                                            .iter()
+                                            .zip(want)
+                                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                                        "{scheme:?} {out}x{inp} M={m} rows {o0}+{ob} (512-bit: {wide})"
+                                    );
+                                }
                             }
+                            first.get_or_insert(whole);
                         }
                     }
                 }

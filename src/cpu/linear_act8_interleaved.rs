@@ -132,16 +132,9 @@ impl Act8Interleaved {
         !self.zero_points.is_empty()
     }
 
-    /// Whether this machine's int8-activation kernel reads the layout (AVX-512 VNNI).
+    /// Whether this machine's int8-activation kernel reads the layout (AVX-512 VNNI, or AVX-VNNI).
     pub fn used_here() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            super::dispatch::kernels(crate::cpu::Isa::best()).linear.act8_layout == super::linear_act8::Act8Layout::Vnni
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        super::dispatch::kernels(crate::cpu::Isa::best()).linear.act8_interleaved
     }
 
     /// Heap bytes held.

@@ -28,6 +28,7 @@ pub(crate) fn vnni(_: Avx512Vnni, base: LinearKernels) -> LinearKernels {
         // lengths of every slice it reads through raw pointers before its loops.
         act8_block: |job, o0, ob, out| unsafe { block_vnni(job, o0, ob, out) },
         act8_layout: Act8Layout::Vnni,
+        act8_interleaved: true,
         ..base
     }
 }

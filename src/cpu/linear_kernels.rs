@@ -429,6 +429,7 @@ pub(crate) const PORTABLE: LinearKernels = LinearKernels {
     act8_block: super::linear_act8::block_portable,
     pack_x: None,
     act8_quantize: super::linear_act8::quantize_portable,
+    act8_interleaved: false,
     act8_layout: super::linear_act8::Act8Layout::Natural,
     backward_cols: super::linear_backward_kernels::backward_cols::<wide::f32x8, PortableDecoder>,
 };

@@ -23,6 +23,7 @@ pub(crate) const SIMD128: LinearKernels = LinearKernels {
     act8_block: super::linear_act8_wasm::block_simd128,
     pack_x: None,
     act8_quantize: super::linear_act8::quantize_portable,
+    act8_interleaved: false,
     act8_layout: super::linear_act8::Act8Layout::EvenOdd,
     backward_cols: super::linear_backward_kernels::backward_cols::<wide::f32x8, super::linear_kernels::PortableDecoder>,
 };

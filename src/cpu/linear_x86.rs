@@ -24,6 +24,7 @@ pub(crate) fn avx2(t: Avx2) -> LinearKernels {
         act8_block: super::linear_act8::block_portable,
         pack_x: None,
         act8_quantize: super::linear_act8_quantize_x86::avx2(t),
+        act8_interleaved: false,
         act8_layout: super::linear_act8::Act8Layout::Natural,
         // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
         // asserted inside the kernel.
@@ -48,6 +49,7 @@ pub(crate) fn avx512(t: Avx512) -> LinearKernels {
             pack_group: |x, n_in, out| unsafe { pack_x_group_avx512(x, n_in, out) },
         }),
         act8_quantize: super::linear_act8_quantize_x86::avx512(t),
+        act8_interleaved: false,
         act8_layout: super::linear_act8::Act8Layout::Natural,
         // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
         // asserted inside the kernel.

@@ -23,6 +23,8 @@ pub(crate) mod linear_act8;
 pub(crate) mod linear_act8_avx2;
 pub(crate) mod linear_act8_interleaved;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod linear_act8_interleaved_avxvnni;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_act8_interleaved_x86;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_act8_quantize_x86;

@@ -89,6 +89,9 @@ pub(crate) struct LinearKernels {
     pub pack_x: Option<PackX>,
     /// Quantizes one row of `x` for `act8_block` (bit-identical to `reference::act8::quantize_row`).
     pub act8_quantize: Act8Quantize,
+    /// Whether `act8_block` reads the interleaved weight layout where a layer has it (then `x` comes with its
+    /// block sums; `QuantLinear::build_act8_layout` builds the layout only where the best table does).
+    pub act8_interleaved: bool,
     /// The layout of the quantized `x` that `act8_block` reads.
     pub act8_layout: super::linear_act8::Act8Layout,
 }

@@ -15,6 +15,18 @@ pub(crate) struct Avx512(());
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512Vnni(());
 
+/// Proof that this CPU has AVX-VNNI (the VEX-encoded 256-bit `vpdpbusd`) on top of [`Avx2`]'s features
+/// (`avxvnni_fn!`'s feature list).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AvxVnni(());
+
+impl AvxVnni {
+    /// The token, if the CPU has every feature of `avxvnni_fn!`.
+    pub fn detect() -> Option<AvxVnni> {
+        (Avx2::detect().is_some() && std::arch::is_x86_feature_detected!("avxvnni")).then_some(AvxVnni(()))
+    }
+}
+
 impl Avx2 {
     /// The token, if the CPU has every feature of `avx2_fn!`.
     pub fn detect() -> Option<Avx2> {
@@ -63,3 +75,9 @@ macro_rules! avx512vnni_fn {
     };
 }
 pub(crate) use avx512vnni_fn;
+
+/// Compiles the wrapped functions for AVX-VNNI (+ AVX2, FMA, F16C).
+macro_rules! avxvnni_fn {
+    ($($item:item)*) => { $( #[target_feature(enable = "avx2,fma,f16c,avxvnni")] $item )* };
+}
+pub(crate) use avxvnni_fn;

@@ -93,13 +93,13 @@ impl QuantLinear {
         Ok(QuantLinear { weight, out_features, in_features, bias, adapters: Vec::new(), act8_interleaved: None })
     }
 
-    /// Builds the interleaved copy of the weight (4-bit or int8) that the AVX-512 VNNI int8-activation kernel
-    /// reads (16 rows per 64-byte load; `docs/formats.md` §12 documents the layout), as an engine
+    /// Builds the interleaved copy of the weight (4-bit or int8) that the VNNI int8-activation kernels (AVX-512
+    /// VNNI, or AVX-VNNI on CPUs without AVX-512) read (16 rows per 64-byte load; `docs/formats.md` §12 documents the layout), as an engine
     /// would at load time for a model it runs with [`Activations::Int8`](crate::linear::Activations). Forwards
     /// with int8 activations then use it; their results stay within the same bound. It costs the weight's
     /// packed bytes and its scales a second time (see [`QuantLinear::act8_layout_bytes`]); the f32 mode, the
     /// backward, `weight()` and every file are unchanged. Returns whether a copy was built: `false` (and
-    /// nothing held) when this CPU's int8-activation kernel is not the VNNI one, or the weight does not fit the
+    /// nothing held) when this CPU has neither VNNI kernel, or the weight does not fit the
     /// layout (rows not a multiple of 64; 4-bit block sizes below 32, not powers of two, or not dividing the
     /// row; int8 groups not multiples of 32 dividing the row), where the default kernels run as before.
     ///
