@@ -135,5 +135,6 @@ pub(crate) struct Job<'a> {
     /// `x` quantized to int8 (int8-activation forwards only).
     pub act8: Option<super::linear_act8::Act8View<'a>>,
     /// `x` as the f32 block kernel asked for it through [`LinearKernels::pack_x`] (empty: not asked).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub x_packed: &'a [f32],
 }
