@@ -1,12 +1,13 @@
 //! Fused dequantize-matmul-plus-LoRA on the CPU.
 //!
 //! Work is split by output features into fixed blocks of [`out_block`] rows of `W` (one rayon task each, the
-//! size a function of the layer's shape only), so results never depend on the thread count. Inside a block the loop runs over chunks of [`KC`] input
-//! features: each `[TILE_ROWS × KC]` tile of `W` is decoded once into L1-resident scratch (values bit-identical
-//! to the reference dequantization) and multiplied against every row of `x` by a register-blocked micro-kernel
-//! (`MR` rows of `x` × `NR` rows of `W`, one SIMD accumulator each). At M = 1 this streams the packed weight once (a GEMV);
-//! at larger M the same decoded tile is reused by all M rows (a GEMM). The LoRA shrink `t = x·Aᵀ` is computed
-//! once per row before the pass; bias and the expand `s·t·Bᵀ` are added in the same output pass.
+//! size a function of the layer's shape only), so results never depend on the thread count. Inside a block
+//! the loop runs over chunks of [`KC`] input features: each `[TILE_ROWS × KC]` tile of `W` is decoded once
+//! into L1-resident scratch (values bit-identical to the reference dequantization) and multiplied against
+//! every row of `x` by a register-blocked micro-kernel (`MR` rows of `x` × `NR` rows of `W`, one SIMD
+//! accumulator each). At M = 1 this streams the packed weight once (a GEMV); at larger M the same decoded tile
+//! is reused by all M rows (a GEMM). The LoRA shrink `t = x·Aᵀ` is computed once per row before the pass;
+//! bias and the expand `s·t·Bᵀ` are added in the same output pass.
 //!
 //! This file is the driver (scratch, the LoRA shrink, blocks over threads, the output conversion); the kernel
 //! bodies are in `linear_kernels.rs` (generic over a small vector trait, instantiated portable with

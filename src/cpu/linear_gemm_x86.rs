@@ -6,9 +6,9 @@
 //! reduces each accumulator once per chunk).
 //!
 //! `x` comes packed once per forward ([`pack_x_group`]): the rows in groups of `MR`, each group `[k][rows]`,
-//! so the `MR` broadcasts of one `k` read one cache line and each group is one sequential stream (read from
-//! the rows of `x` directly, `MR` strided streams of a row longer than L2 holds ran 25% slower: 4096×14336,
-//! M = 64, one thread, 118 against 155 GFLOP/s with `x` L1-resident).
+//! so the `MR` broadcasts of one `k` read one cache line and each group is one sequential stream. 4096×14336,
+//! M = 64, one thread: 118 GFLOP/s reading the `MR` strided rows of `x` directly (a row longer than L2 holds),
+//! 138 packed, 155 with `x` made L1-resident (a bound, not a result).
 //!
 //! Order of the sums: each output adds its products in ascending `k` within a panel and the panels in
 //! ascending `k`: fixed, independent of M's split and the thread count; a different order than the GEMV's,

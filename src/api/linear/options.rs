@@ -79,8 +79,9 @@ impl<'a> ForwardOptions<'a> {
 
 /// Every scratch buffer a [`QuantLinear::forward_into`](super::QuantLinear::forward_into) call needs, owned by
 /// the caller and reused across calls (and layers): after the first call with a given shape, a forward
-/// allocates nothing proportional to M. Not shared between threads at once (it is `&mut`); keep one per
-/// thread that runs forwards.
+/// allocates nothing proportional to M. It grows to the largest call's `[M, out]` f32 accumulators plus one
+/// copy of `x` in the layout the kernels read (f32 at M ≥ 5 on AVX-512, int8 codes with int8 activations).
+/// Not shared between threads at once (it is `&mut`); keep one per thread that runs forwards.
 #[derive(Debug, Default)]
 pub struct Workspace {
     /// `x` widened to f32 (unused when `x` already is f32).
