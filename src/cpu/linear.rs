@@ -59,7 +59,7 @@ fn shrink_all(
 ) {
     let n_in = layer.in_features;
     let n_ad = layer.adapters.len();
-    let dot_fn = kernels(path.isa).linear.dot;
+    let dots = kernels(path.isa).linear.dots;
     scratch.used.clear();
     scratch.used.extend((0..n_ad).map(|a| (0..m).any(|r| layer.uses(sel, r, a))));
     if scratch.shrink.len() < n_ad {
@@ -73,16 +73,19 @@ fn shrink_all(
         let t = &mut scratch.shrink[a];
         t.clear();
         t.resize(m * rank, 0.0);
-        let one = |i: usize, v: &mut f32| {
-            let (r, k) = (i / rank, i % rank);
+        // Pieces of 16 consecutive entries of a row of `t` (whole rows when the rank is not a multiple of 16):
+        // one `dots` call each.
+        let piece = if rank.is_multiple_of(16) { 16 } else { rank };
+        let one = |i: usize, out: &mut [f32]| {
+            let (r, k0) = (i * piece / rank, i * piece % rank);
             if layer.uses(sel, r, a) {
-                *v = dot_fn(&x[r * n_in..(r + 1) * n_in], &ad.a()[k * n_in..(k + 1) * n_in]);
+                dots(&x[r * n_in..(r + 1) * n_in], &ad.a()[k0 * n_in..(k0 + out.len()) * n_in], out);
             }
         };
         if split && m * rank * n_in >= 1 << 16 {
-            par_for_each(t, one);
+            par_chunks_for_each(t, piece, one);
         } else {
-            t.iter_mut().enumerate().for_each(|(i, v)| one(i, v));
+            t.chunks_mut(piece).enumerate().for_each(|(i, out)| one(i, out));
         }
     }
 }
@@ -199,17 +202,6 @@ fn on_pool(split: bool, f: impl FnOnce() + Send) {
     }
     let _ = split;
     f()
-}
-
-/// `f(i, &mut items[i])` for every item, over the rayon pool when the feature is on.
-fn par_for_each(items: &mut [f32], f: impl Fn(usize, &mut f32) + Sync + Send) {
-    #[cfg(feature = "rayon")]
-    {
-        use rayon::prelude::*;
-        items.par_iter_mut().enumerate().for_each(|(i, v)| f(i, v));
-    }
-    #[cfg(not(feature = "rayon"))]
-    items.iter_mut().enumerate().for_each(|(i, v)| f(i, v));
 }
 
 /// `f(b, chunk_b)` for consecutive chunks of `chunk` items, over the rayon pool when the feature is on.

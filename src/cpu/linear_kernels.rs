@@ -178,6 +178,16 @@ pub(crate) trait Vf: Copy {
     fn fmadd(a: Self, b: Self, c: Self) -> Self;
     /// Sum of the lanes in a fixed order.
     fn hsum(self) -> f32;
+    /// The LoRA expand of one row over a block: `y[j] += s · Σ_k t[k]·b[j·rank + k]` for every `j`
+    /// (`t.len() == rank`, `b.len() == y.len() · rank`). One [`dot`] per output unless a vector type has a
+    /// faster form.
+    #[inline(always)]
+    fn expand(t: &[f32], b: &[f32], s: f32, y: &mut [f32]) {
+        let rank = t.len();
+        for (j, y) in y.iter_mut().enumerate() {
+            *y += s * dot::<Self>(t, &b[j * rank..(j + 1) * rank]);
+        }
+    }
 }
 
 impl Vf for wide::f32x8 {
@@ -244,6 +254,17 @@ fn micro_kernel<V: Vf, const R: usize>(xs: [&[f32]; MR], ws: [&[f32]; NR], kc: u
             }
             acc[i][j] += v[i][j].hsum() + tail;
         }
+    }
+}
+
+/// `out[k] = dot(x, rows[k·n..(k + 1)·n])` for every `k < out.len()`, `n = x.len()` (the LoRA shrink of
+/// one row of `x` against consecutive rows of `A`).
+#[inline(always)]
+pub(crate) fn dots<V: Vf>(x: &[f32], rows: &[f32], out: &mut [f32]) {
+    let n = x.len();
+    assert!(rows.len() >= out.len() * n);
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = dot::<V>(x, &rows[k * n..(k + 1) * n]);
     }
 }
 
@@ -373,11 +394,7 @@ pub(crate) fn output_pass<V: Vf>(job: &Job<'_>, o0: usize, ob: usize, out: &mut 
             let t = &job.shrink[a];
             let rank = ad.rank();
             let t_row = &t[r * rank..(r + 1) * rank];
-            let s = ad.scaling();
-            for (j, y) in y_row.iter_mut().enumerate() {
-                let o = o0 + j;
-                *y += s * dot::<V>(t_row, &ad.b()[o * rank..(o + 1) * rank]);
-            }
+            V::expand(t_row, &ad.b()[o0 * rank..(o0 + ob) * rank], ad.scaling(), y_row);
         }
     }
 }
@@ -426,6 +443,7 @@ impl Int8Runs {
 pub(crate) const PORTABLE: LinearKernels = LinearKernels {
     block: block_job::<wide::f32x8, PortableDecoder>,
     dot: dot::<wide::f32x8>,
+    dots: super::linear_kernels::dots::<wide::f32x8>,
     act8_block: super::linear_act8::block_portable,
     pack_x: None,
     act8_quantize: super::linear_act8::quantize_portable,

@@ -19,6 +19,7 @@ use core::arch::aarch64::*;
 pub(crate) const NEON: LinearKernels = LinearKernels {
     block: block_job_neon,
     dot: dot::<wide::f32x8>,
+    dots: super::linear_kernels::dots::<wide::f32x8>,
     act8_block: super::linear_act8_neon::block_neon,
     pack_x: None,
     act8_quantize: super::linear_act8::quantize_portable,

@@ -20,6 +20,7 @@ use core::arch::wasm32::*;
 pub(crate) const SIMD128: LinearKernels = LinearKernels {
     block: block_job_simd128,
     dot: dot::<wide::f32x8>,
+    dots: super::linear_kernels::dots::<wide::f32x8>,
     act8_block: super::linear_act8_wasm::block_simd128,
     pack_x: None,
     act8_quantize: super::linear_act8::quantize_portable,

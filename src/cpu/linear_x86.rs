@@ -21,6 +21,8 @@ pub(crate) fn avx2(t: Avx2) -> LinearKernels {
         // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
         // checked by the drivers (and asserted inside the kernels).
         dot: |a, b| unsafe { dot_avx2(a, b) },
+        // SAFETY: as `dot`.
+        dots: |x, rows, out| unsafe { dots_avx2(x, rows, out) },
         act8_block: super::linear_act8::block_portable,
         pack_x: None,
         act8_quantize: super::linear_act8_quantize_x86::avx2(t),
@@ -41,6 +43,8 @@ pub(crate) fn avx512(t: Avx512) -> LinearKernels {
         // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
         // checked by the drivers (and asserted inside the kernels).
         dot: |a, b| unsafe { dot_avx512(a, b) },
+        // SAFETY: as `dot`.
+        dots: |x, rows, out| unsafe { dots_avx512(x, rows, out) },
         act8_block: super::linear_act8::block_portable,
         pack_x: Some(PackX {
             min_m: PANEL_MIN_M,
@@ -589,10 +593,70 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 }
 
+avx2_fn! {
+unsafe fn dots_avx2(x: &[f32], rows: &[f32], out: &mut [f32]) {
+    super::linear_kernels::dots::<V256>(x, rows, out)
+}
+}
+
+avx512_fn! {
+/// `out[k] = dot(x, rows[k·n..])`: 16 rows at a time with 16 independent accumulators (one FMA chain per
+/// dot product is latency-bound) and one [`sum16`] reduction; the rest one [`generic_dot`] each.
+unsafe fn dots_avx512(x: &[f32], rows: &[f32], out: &mut [f32]) {
+    let n = x.len();
+    assert!(rows.len() >= out.len() * n);
+    let (full_rows, full_cols) = (out.len() / 16 * 16, n / 16 * 16);
+    for k0 in (0..full_rows).step_by(16) {
+        let mut p = [_mm512_setzero_ps(); 16];
+        for c in (0..full_cols).step_by(16) {
+            // SAFETY: c + 16 ≤ n, and row k0 + j < out.len() of `rows` holds n floats (asserted).
+            let xv = _mm512_loadu_ps(x.as_ptr().add(c));
+            for (j, pj) in p.iter_mut().enumerate() {
+                *pj = _mm512_fmadd_ps(xv, _mm512_loadu_ps(rows.as_ptr().add((k0 + j) * n + c)), *pj);
+            }
+        }
+        let mut sums = [0f32; 16];
+        _mm512_storeu_ps(sums.as_mut_ptr(), sum16(&p));
+        for (j, o) in out[k0..k0 + 16].iter_mut().enumerate() {
+            let row = &rows[(k0 + j) * n..(k0 + j + 1) * n];
+            *o = sums[j] + x[full_cols..].iter().zip(&row[full_cols..]).map(|(a, b)| a * b).sum::<f32>();
+        }
+    }
+    for (k, o) in out.iter_mut().enumerate().skip(full_rows) {
+        *o = generic_dot::<V512>(x, &rows[k * n..(k + 1) * n]);
+    }
+}
+}
+
 /// 16 f32 lanes in an AVX-512 register. Only used inside `block_job_avx512` / `dot_avx512`, which enable
 /// AVX-512 after a run-time check, so the intrinsics below always run on a CPU that has them.
 #[derive(Clone, Copy)]
 struct V512(__m512);
+
+/// Lane `j` of the result is the sum of the 16 lanes of `p[j]` (30 shuffles and 15 adds for 16 sums, where one
+/// horizontal sum each takes 4 shuffles and 4 adds in series).
+///
+/// # Safety
+/// AVX-512F is available.
+#[inline(always)]
+unsafe fn sum16(p: &[__m512; 16]) -> __m512 {
+    // Pairs (2i, 2i+1): per 128-bit block, [a0 + a2, b0 + b2, a1 + a3, b1 + b3].
+    let mut q = [_mm512_setzero_ps(); 8];
+    for (i, qi) in q.iter_mut().enumerate() {
+        let (a, b) = (p[2 * i], p[2 * i + 1]);
+        *qi = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    // Quads: per 128-bit block, the 4 outputs' block sums.
+    let mut r = [_mm512_setzero_ps(); 4];
+    for (i, ri) in r.iter_mut().enumerate() {
+        let (a, b) = (_mm512_castps_pd(q[2 * i]), _mm512_castps_pd(q[2 * i + 1]));
+        *ri = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    // Across the 4 blocks: [r0 (L0+L2), r0 (L1+L3), r1 (L0+L2), r1 (L1+L3)], then the pairs of those.
+    let u = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(r[0], r[1]), _mm512_shuffle_f32x4::<0xee>(r[0], r[1]));
+    let w = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(r[2], r[3]), _mm512_shuffle_f32x4::<0xee>(r[2], r[3]));
+    _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(u, w), _mm512_shuffle_f32x4::<0xdd>(u, w))
+}
 
 impl Vf for V512 {
     const LANES: usize = 16;
@@ -632,6 +696,39 @@ impl Vf for V512 {
     fn hsum(self) -> f32 {
         // SAFETY: AVX-512F enabled in every caller.
         unsafe { _mm512_reduce_add_ps(self.0) }
+    }
+    #[inline(always)]
+    fn expand(t: &[f32], b: &[f32], s: f32, y: &mut [f32]) {
+        let rank = t.len();
+        if !rank.is_multiple_of(16) || rank == 0 {
+            for (j, y) in y.iter_mut().enumerate() {
+                *y += s * generic_dot::<V512>(t, &b[j * rank..(j + 1) * rank]);
+            }
+            return;
+        }
+        assert_eq!(b.len(), y.len() * rank);
+        let full = y.len() / 16 * 16;
+        // SAFETY: AVX-512F is enabled in every caller (see the type's docs); every load reads 16 floats of `t`
+        // (k + 16 ≤ rank) or of row j0 + j of `b` (inside: j0 + j < full ≤ y.len()), every store 16 of `y`.
+        unsafe {
+            let sv = _mm512_set1_ps(s);
+            for j0 in (0..full).step_by(16) {
+                // Each output's products, 16 lanes per output, then one reduction tree for all 16.
+                let mut p = [_mm512_setzero_ps(); 16];
+                for k in (0..rank).step_by(16) {
+                    let tv = _mm512_loadu_ps(t.as_ptr().add(k));
+                    for (j, pj) in p.iter_mut().enumerate() {
+                        *pj = _mm512_fmadd_ps(tv, _mm512_loadu_ps(b.as_ptr().add((j0 + j) * rank + k)), *pj);
+                    }
+                }
+                let sums = sum16(&p);
+                let yp = y.as_mut_ptr().add(j0);
+                _mm512_storeu_ps(yp, _mm512_add_ps(_mm512_loadu_ps(yp), _mm512_mul_ps(sv, sums)));
+            }
+        }
+        for j in full..y.len() {
+            y[j] += s * generic_dot::<V512>(t, &b[j * rank..(j + 1) * rank]);
+        }
     }
 }
 

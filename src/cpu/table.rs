@@ -81,6 +81,8 @@ pub(crate) struct LinearKernels {
     pub block: fn(&Job<'_>, usize, usize, &mut [f32]),
     /// A dot product (LoRA shrink).
     pub dot: fn(&[f32], &[f32]) -> f32,
+    /// `out[k] = dot(x, rows[k·n..(k + 1)·n])` for every `k < out.len()`, `n = x.len()` (the LoRA shrink).
+    pub dots: fn(&[f32], &[f32], &mut [f32]),
     /// [`block`](Self::block) with int8 activations (`Job::act8` prepared in `act8_layout`).
     pub act8_block: fn(&Job<'_>, usize, usize, &mut [f32]),
     /// `out[r, c] = Σ_o dy[r, o]·W[o, k0 + c]`: one column chunk of the backward's `dx` (`linear_backward.rs`).
