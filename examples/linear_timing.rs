@@ -30,6 +30,9 @@ fn main() -> lowbit::Result<()> {
     if std::env::var("LAYOUT").is_ok_and(|v| v == "1") {
         eprintln!("act8 layout built: {}", layer.build_act8_layout());
     }
+    // COPIES=N: cycle through N clones of the layer (weights read from memory rather than cache).
+    let copies: usize = std::env::var("COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
+    let layers: Vec<QuantLinear> = (0..copies).map(|_| layer.clone()).collect();
     let x: Vec<f32> = (0..m * inp).map(|i| (i % 17) as f32 / 17.0).collect();
     let only = std::env::var("ONLY").ok();
     // ACT8=1: int8 activations (`docs/formats.md` §12).
@@ -51,10 +54,16 @@ fn main() -> lowbit::Result<()> {
         let mut times = Vec::with_capacity(reps);
         // IN_POOL=1: calls start on a pool worker, as inside an engine's `rayon::scope`.
         let in_pool = std::env::var("IN_POOL").is_ok_and(|v| v == "1");
+        // ALLOC=1: `forward_with` (a fresh output and workspace per call) instead of caller-owned buffers.
+        let alloc = std::env::var("ALLOC").is_ok_and(|v| v == "1");
         let mut run = || -> lowbit::Result<()> {
-            for _ in 0..reps {
+            for i in 0..reps {
                 let t = Instant::now();
-                layer.forward_into_with(std::hint::black_box(&x), &mut y, &mut ws, opts)?;
+                if alloc {
+                    std::hint::black_box(layers[i % copies].forward_with(std::hint::black_box(&x), opts)?);
+                } else {
+                    layers[i % copies].forward_into_with(std::hint::black_box(&x), &mut y, &mut ws, opts)?;
+                }
                 times.push(t.elapsed().as_secs_f64());
             }
             Ok(())
