@@ -496,29 +496,21 @@ mod tests {
                         // The kernel alone (`wide`: the 512- or the 256-bit one) on rows o0..o0 + ob, into a
                         // zeroed `[m, ob]`.
                         let rows = |wide: bool, o0: usize, ob: usize| {
+                            let kernel: unsafe fn(
+                                super::Act8View<'_>,
+                                &Act8Interleaved,
+                                usize,
+                                usize,
+                                usize,
+                                &mut [f32],
+                            ) = if wide {
+                                crate::cpu::linear_act8_interleaved_x86::base_interleaved
+                            } else {
+                                crate::cpu::linear_act8_interleaved_avxvnni::base_interleaved_256
+                            };
                             let mut y = vec![0f32; m * ob];
                             // SAFETY: each kernel runs only where its features were detected (below).
-                            unsafe {
-                                if wide {
-                                    crate::cpu::linear_act8_interleaved_x86::base_interleaved(
-                                        act.view(),
-                                        il,
-                                        m,
-                                        o0,
-                                        ob,
-                                        &mut y,
-                                    )
-                                } else {
-                                    crate::cpu::linear_act8_interleaved_avxvnni::base_interleaved_256(
-                                        act.view(),
-                                        il,
-                                        m,
-                                        o0,
-                                        ob,
-                                        &mut y,
-                                    )
-                                }
-                            };
+                            unsafe { kernel(act.view(), il, m, o0, ob, &mut y) };
                             y
                         };
                         let kernels = [

@@ -137,6 +137,31 @@ impl Act8Interleaved {
         super::dispatch::kernels(crate::cpu::Isa::best()).linear.act8_interleaved
     }
 
+    /// Asserts what the interleaved kernels read through raw pointers: rows of whole 64-column chunks, `x`
+    /// quantized with its block sums for `m` rows, the layout's arrays at their sizes, every block's parameter
+    /// entry inside a row, rows `o0..o0 + ob` inside the groups and an `out` of at least `[m, ob]`.
+    #[cfg(target_arch = "x86_64")]
+    pub fn check_kernel_call(
+        &self,
+        act: super::linear_act8::Act8View<'_>,
+        m: usize,
+        o0: usize,
+        ob: usize,
+        out_len: usize,
+    ) {
+        let n_in = self.n_in;
+        let nb = n_in / crate::reference::act8::BLOCK;
+        assert!(
+            n_in.is_multiple_of(64) && act.q.len() == m * n_in && act.d.len() == m * nb && act.sums.len() == m * nb
+        );
+        let piece_bytes = if self.is_int8() { 16 } else { 8 }; // bytes of a group per column
+        assert!(self.bytes.len() == self.groups * n_in * piece_bytes);
+        assert!(self.scales.len() == self.groups * self.per_row * ROWS);
+        assert!(!self.is_int8() || self.zero_points.len() == self.scales.len());
+        assert!(self.param_of_block.len() == nb && self.param_of_block.iter().all(|&p| (p as usize) < self.per_row));
+        assert!(o0 + ob <= self.groups * ROWS && out_len >= m * ob);
+    }
+
     /// Heap bytes held.
     pub fn bytes(&self) -> usize {
         self.bytes.len() + 4 * (self.scales.len() + self.zero_points.len() + self.param_of_block.len())

@@ -25,15 +25,7 @@ pub(crate) unsafe fn base_interleaved_256(
     ob: usize,
     out: &mut [f32],
 ) {
-    let n_in = il.n_in;
-    let nb = n_in / BLOCK;
-    assert!(n_in.is_multiple_of(64) && act.q.len() == m * n_in && act.d.len() == m * nb && act.sums.len() == m * nb);
-    let piece_bytes = if il.is_int8() { 16 } else { 8 }; // bytes of a group per column
-    assert!(il.bytes.len() == il.groups * n_in * piece_bytes);
-    assert!(il.scales.len() == il.groups * il.per_row * ROWS);
-    assert!(!il.is_int8() || il.zero_points.len() == il.scales.len());
-    assert!(il.param_of_block.len() == nb && il.param_of_block.iter().all(|&p| (p as usize) < il.per_row));
-    assert!(o0 + ob <= il.groups * ROWS && out.len() >= m * ob);
+    il.check_kernel_call(act, m, o0, ob, out.len());
     // SAFETY: 16 readable bytes.
     let table = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(il.table.as_ptr() as *const __m128i) });
     let mut k = Kernel { act, il, table, o0, ob, out };

@@ -607,16 +607,9 @@ unsafe fn dots_avx512(x: &[f32], rows: &[f32], out: &mut [f32]) {
     assert!(rows.len() >= out.len() * n);
     let (full_rows, full_cols) = (out.len() / 16 * 16, n / 16 * 16);
     for k0 in (0..full_rows).step_by(16) {
-        let mut p = [_mm512_setzero_ps(); 16];
-        for c in (0..full_cols).step_by(16) {
-            // SAFETY: c + 16 ≤ n, and row k0 + j < out.len() of `rows` holds n floats (asserted).
-            let xv = _mm512_loadu_ps(x.as_ptr().add(c));
-            for (j, pj) in p.iter_mut().enumerate() {
-                *pj = _mm512_fmadd_ps(xv, _mm512_loadu_ps(rows.as_ptr().add((k0 + j) * n + c)), *pj);
-            }
-        }
         let mut sums = [0f32; 16];
-        _mm512_storeu_ps(sums.as_mut_ptr(), sum16(&p));
+        // SAFETY: full_cols ≤ n, and rows k0..k0 + 16 ≤ out.len() of `rows` hold n floats each (asserted).
+        _mm512_storeu_ps(sums.as_mut_ptr(), dot16(x.as_ptr(), rows.as_ptr().add(k0 * n), n, full_cols));
         for (j, o) in out[k0..k0 + 16].iter_mut().enumerate() {
             let row = &rows[(k0 + j) * n..(k0 + j + 1) * n];
             *o = sums[j] + x[full_cols..].iter().zip(&row[full_cols..]).map(|(a, b)| a * b).sum::<f32>();
@@ -656,6 +649,23 @@ unsafe fn sum16(p: &[__m512; 16]) -> __m512 {
     let u = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(r[0], r[1]), _mm512_shuffle_f32x4::<0xee>(r[0], r[1]));
     let w = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(r[2], r[3]), _mm512_shuffle_f32x4::<0xee>(r[2], r[3]));
     _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(u, w), _mm512_shuffle_f32x4::<0xdd>(u, w))
+}
+
+/// The 16 dot products `Σ_{c < cols} x[c]·rows[j·stride + c]` (lane `j`), `cols` a multiple of 16: one FMA chain
+/// per row, then one [`sum16`] (the LoRA shrink and expand).
+///
+/// # Safety
+/// AVX-512F is available; `x` holds `cols` floats and `rows` 16 rows of `cols` floats, `stride` apart.
+#[inline(always)]
+unsafe fn dot16(x: *const f32, rows: *const f32, stride: usize, cols: usize) -> __m512 {
+    let mut p = [_mm512_setzero_ps(); 16];
+    for c in (0..cols).step_by(16) {
+        let xv = _mm512_loadu_ps(x.add(c));
+        for (j, pj) in p.iter_mut().enumerate() {
+            *pj = _mm512_fmadd_ps(xv, _mm512_loadu_ps(rows.add(j * stride + c)), *pj);
+        }
+    }
+    sum16(&p)
 }
 
 impl Vf for V512 {
@@ -708,20 +718,12 @@ impl Vf for V512 {
         }
         assert_eq!(b.len(), y.len() * rank);
         let full = y.len() / 16 * 16;
-        // SAFETY: AVX-512F is enabled in every caller (see the type's docs); every load reads 16 floats of `t`
-        // (k + 16 ≤ rank) or of row j0 + j of `b` (inside: j0 + j < full ≤ y.len()), every store 16 of `y`.
+        // SAFETY: AVX-512F is enabled in every caller (see the type's docs); `dot16` reads `t` (rank floats) and
+        // rows j0..j0 + 16 of `b` (inside: j0 + 16 ≤ full ≤ y.len()); every store writes 16 of `y`.
         unsafe {
             let sv = _mm512_set1_ps(s);
             for j0 in (0..full).step_by(16) {
-                // Each output's products, 16 lanes per output, then one reduction tree for all 16.
-                let mut p = [_mm512_setzero_ps(); 16];
-                for k in (0..rank).step_by(16) {
-                    let tv = _mm512_loadu_ps(t.as_ptr().add(k));
-                    for (j, pj) in p.iter_mut().enumerate() {
-                        *pj = _mm512_fmadd_ps(tv, _mm512_loadu_ps(b.as_ptr().add((j0 + j) * rank + k)), *pj);
-                    }
-                }
-                let sums = sum16(&p);
+                let sums = dot16(t.as_ptr(), b.as_ptr().add(j0 * rank), rank, rank);
                 let yp = y.as_mut_ptr().add(j0);
                 _mm512_storeu_ps(yp, _mm512_add_ps(_mm512_loadu_ps(yp), _mm512_mul_ps(sv, sums)));
             }
