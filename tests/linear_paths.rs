@@ -110,13 +110,23 @@ fn nf4_blocks_crossing_rows_and_odd_sizes() {
 fn thread_count_does_not_change_results() {
     let mut rng = Rng::new(7);
     let layer = make_layer(Scheme::nf4(64, true), 300, 520, true, &[8], &mut rng);
-    let x = rng.vec(9 * 520, 1.0);
-    let run = |threads| {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| layer.forward(&x).unwrap())
-    };
-    let one = run(1);
-    assert_eq!(one, run(2));
-    assert_eq!(one, run(3));
+    // M = 1 takes its own route (each block task rounds straight into y), so it is checked too, with a
+    // half-precision output that must be the f32 output rounded.
+    for m in [9, 1] {
+        let x = rng.vec(m * 520, 1.0);
+        let run = |threads| {
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
+                let mut ws = lowbit::linear::Workspace::default();
+                let mut y16 = vec![lowbit::bf16::ZERO; m * 300];
+                layer.forward_into(&x, &mut y16, &mut ws).unwrap();
+                (layer.forward(&x).unwrap(), y16)
+            })
+        };
+        let (one, one16) = run(1);
+        assert_eq!(one16, one.iter().map(|&v| lowbit::bf16::from_f32(v)).collect::<Vec<_>>(), "m = {m}");
+        assert_eq!((one.clone(), one16.clone()), run(2), "m = {m}");
+        assert_eq!((one, one16), run(3), "m = {m}");
+    }
 }
 
 #[test]

@@ -135,17 +135,39 @@ pub(crate) fn forward_into<O: Element>(
         let act8 = int8.then(|| act8.view());
         let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel, act8, x_packed };
         // Block-major accumulator: block b (outputs o0..o0+ob) is `[m, ob]` at offset o0 * m, so every block
-        // owns one contiguous piece (disjoint pieces for the threads).
-        acc.clear();
+        // owns one contiguous piece (disjoint pieces for the threads), zeroed by the task that fills it.
         acc.resize(m * n_out, 0.0);
         let block = if int8 { table.act8_block } else { table.block };
-        let run = |b: usize, out: &mut [f32]| block(&job, b * block_rows, out.len() / m, out);
-        if split {
+        let run = |b: usize, out: &mut [f32]| {
+            out.fill(0.0);
+            block(&job, b * block_rows, out.len() / m, out)
+        };
+        if m == 1 {
+            // One row: block b is also y's slice b, so each task rounds its own block into y.
+            let run_into_y = |b: usize, out: &mut [f32], y_part: &mut [O]| {
+                run(b, out);
+                O::narrow_slice(out, y_part);
+            };
+            if split {
+                par_zip_chunks_for_each(acc, chunk, &mut *y, block_rows, run_into_y);
+            } else {
+                acc.chunks_mut(chunk)
+                    .zip(y.chunks_mut(block_rows))
+                    .enumerate()
+                    .for_each(|(b, (o, p))| run_into_y(b, o, p));
+            }
+        } else if split {
             par_chunks_for_each(acc, chunk, run);
         } else {
             acc.chunks_mut(chunk).enumerate().for_each(|(b, out)| run(b, out));
         }
+        if split {
+            super::pool_linger::linger();
+        }
     });
+    if m == 1 {
+        return;
+    }
     // Scatter the blocks into y's rows, rounding to O.
     let acc = &scratch.acc;
     for (b, part) in acc.chunks(chunk).enumerate() {
@@ -202,6 +224,24 @@ fn on_pool(split: bool, f: impl FnOnce() + Send) {
     }
     let _ = split;
     f()
+}
+
+/// `f(b, a_b, b_b)` for consecutive chunks of `a` (`ca` items) zipped with those of `b` (`cb` items), over the
+/// rayon pool when the feature is on.
+fn par_zip_chunks_for_each<B: Send>(
+    a: &mut [f32],
+    ca: usize,
+    b: &mut [B],
+    cb: usize,
+    f: impl Fn(usize, &mut [f32], &mut [B]) + Sync + Send,
+) {
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        a.par_chunks_mut(ca).zip(b.par_chunks_mut(cb)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    }
+    #[cfg(not(feature = "rayon"))]
+    a.chunks_mut(ca).zip(b.chunks_mut(cb)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
 }
 
 /// `f(b, chunk_b)` for consecutive chunks of `chunk` items, over the rayon pool when the feature is on.
