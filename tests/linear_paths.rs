@@ -283,14 +283,15 @@ fn forward_into_writes_f32_f16_bf16_outputs_and_checks_y() {
     }
 }
 
-/// Ranks that are multiples of 16 take the grouped LoRA kernels on AVX-512 (16 shrink dot products at once,
-/// 16 expand outputs per reduction tree): every output position in a 16-group and the tails past it, inputs
-/// shorter and longer than a vector, a mixed multi-adapter batch.
+/// Ranks that are multiples of the vector width take the grouped LoRA kernels (16 on AVX-512, 8 on AVX2: that
+/// many shrink dot products at once, that many expand outputs per reduction tree): every output position in a
+/// group and the tails past it, ranks that are multiples of 8 but not 16, inputs shorter and longer than a
+/// vector, a mixed multi-adapter batch.
 #[test]
 fn lora_ranks_of_sixteens_match_reference_on_every_path() {
     let mut rng = Rng::new(7);
     for (out, inp) in [(1, 16), (15, 33), (16, 1), (17, 256), (40, 15), (64, 100)] {
-        let layer = make_layer(Scheme::nf4(32, false), out, inp, true, &[16, 32, 48, 5], &mut rng);
+        let layer = make_layer(Scheme::nf4(32, false), out, inp, true, &[16, 32, 48, 5, 24], &mut rng);
         for m in [1, 2, 9] {
             let x = rng.vec(m * inp, 1.5);
             let ids: Vec<Option<usize>> = (0..m).map(|r| if r % 5 == 4 { None } else { Some(r % 4) }).collect();

@@ -8,9 +8,10 @@
 //! It also writes each block's code sum when asked (the interleaved kernel's offset term), from the same
 //! registers.
 
+use super::linear_act8::quantize_portable;
 use super::table::Act8Quantize;
 use super::x86_features::{avx2_fn, avx512_fn, Avx2, Avx512};
-use crate::reference::act8::{quantize_block, BLOCK};
+use crate::reference::act8::BLOCK;
 use std::arch::x86_64::*;
 
 /// The AVX-512 quantizer (the token proves detection).
@@ -32,13 +33,12 @@ fn check_lengths(x: &[f32], q: &[i8], d: &[f32], sums: &[i32]) {
     assert!(sums.is_empty() || sums.len() == d.len(), "act8 quantize: sums");
 }
 
-/// The reference block `b` (the rows' short last block or an overflowing `127 / amax`), with its sum.
+/// Block `b` (the row's short last block or an overflowing `127 / amax`) through the portable quantizer, with
+/// its sum when `sums` is asked for.
 fn reference_block(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32], b: usize) {
     let end = x.len().min((b + 1) * BLOCK);
-    d[b] = quantize_block(&x[b * BLOCK..end], &mut q[b * BLOCK..end]);
-    if !sums.is_empty() {
-        sums[b] = q[b * BLOCK..end].iter().map(|&c| c as i32).sum();
-    }
+    let sum = if sums.is_empty() { &mut [][..] } else { &mut sums[b..=b] };
+    quantize_portable(&x[b * BLOCK..end], &mut q[b * BLOCK..end], &mut d[b..=b], sum);
 }
 
 avx512_fn! {

@@ -70,10 +70,8 @@ pub(crate) fn backward_into(
         let par = parallel && m > 1;
         par_chunks(par, ta, rank, |r, tr| {
             if layer.uses(sel, r, a) {
-                let xr = &x[r * n_in..(r + 1) * n_in];
-                for (k, tk) in tr.iter_mut().enumerate() {
-                    *tk = (table.dot)(xr, &ad.a()[k * n_in..(k + 1) * n_in]);
-                }
+                // The forward's shrink kernel, so t has the forward's bits.
+                (table.dots)(&x[r * n_in..(r + 1) * n_in], ad.a(), tr);
             }
         });
         par_chunks(par, ua, rank, |r, ur| {

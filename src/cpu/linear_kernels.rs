@@ -442,7 +442,6 @@ impl Int8Runs {
 /// The portable (`wide`) linear kernels.
 pub(crate) const PORTABLE: LinearKernels = LinearKernels {
     block: block_job::<wide::f32x8, PortableDecoder>,
-    dot: dot::<wide::f32x8>,
     dots: super::linear_kernels::dots::<wide::f32x8>,
     act8_block: super::linear_act8::block_portable,
     pack_x: None,

@@ -10,7 +10,7 @@
 //! is scaled by its absmax once per block, as the x86 register GEMVs do (error: inside the stated bound, which
 //! allows fused or unfused multiply-adds).
 
-use super::linear_kernels::{dot, output_pass, row_slices, tiled_product, Int8Runs, PortableDecoder};
+use super::linear_kernels::{output_pass, row_slices, tiled_product, Int8Runs, PortableDecoder};
 use super::table::{Job, LinearKernels};
 use crate::format::layer::QuantWeight;
 use core::arch::aarch64::*;
@@ -18,7 +18,6 @@ use core::arch::aarch64::*;
 /// The NEON linear kernels (NEON is part of the aarch64 baseline: no detection needed).
 pub(crate) const NEON: LinearKernels = LinearKernels {
     block: block_job_neon,
-    dot: dot::<wide::f32x8>,
     dots: super::linear_kernels::dots::<wide::f32x8>,
     act8_block: super::linear_act8_neon::block_neon,
     pack_x: None,

@@ -11,7 +11,7 @@
 //! `+relaxed-simd` (web/build.sh makes one for browsers that validate it) multiplies and adds with
 //! `f32x4.relaxed_madd`, fused where the hardware has FMA; the error bound covers both.
 
-use super::linear_kernels::{dot, output_pass, row_slices, tiled_product, PortableDecoder};
+use super::linear_kernels::{output_pass, row_slices, tiled_product, PortableDecoder};
 use super::table::{Job, LinearKernels};
 use crate::format::layer::QuantWeight;
 use core::arch::wasm32::*;
@@ -19,7 +19,6 @@ use core::arch::wasm32::*;
 /// The simd128 linear kernels (selected at compile time: this module exists only in a `+simd128` build).
 pub(crate) const SIMD128: LinearKernels = LinearKernels {
     block: block_job_simd128,
-    dot: dot::<wide::f32x8>,
     dots: super::linear_kernels::dots::<wide::f32x8>,
     act8_block: super::linear_act8_wasm::block_simd128,
     pack_x: None,

@@ -19,9 +19,7 @@ pub(crate) fn avx2(t: Avx2) -> LinearKernels {
         // checked by the drivers (and asserted inside the kernels).
         block: |job, o0, ob, out| unsafe { block_job_avx2(job, o0, ob, out) },
         // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
-        // checked by the drivers (and asserted inside the kernels).
-        dot: |a, b| unsafe { dot_avx2(a, b) },
-        // SAFETY: as `dot`.
+        // asserted inside the kernel.
         dots: |x, rows, out| unsafe { dots_avx2(x, rows, out) },
         act8_block: super::linear_act8::block_portable,
         pack_x: None,
@@ -41,9 +39,7 @@ pub(crate) fn avx512(t: Avx512) -> LinearKernels {
         // checked by the drivers (and asserted inside the kernels).
         block: |job, o0, ob, out| unsafe { block_job_avx512(job, o0, ob, out) },
         // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
-        // checked by the drivers (and asserted inside the kernels).
-        dot: |a, b| unsafe { dot_avx512(a, b) },
-        // SAFETY: as `dot`.
+        // asserted inside the kernel.
         dots: |x, rows, out| unsafe { dots_avx512(x, rows, out) },
         act8_block: super::linear_act8::block_portable,
         pack_x: Some(PackX {
@@ -581,47 +577,74 @@ unsafe fn backward_cols_avx2(job: &Job<'_>, dy: &[f32], k0: usize, out: &mut [f3
 }
 }
 
-avx512_fn! {
-unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    generic_dot::<V512>(a, b)
-}
-}
-
-avx2_fn! {
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    generic_dot::<V256>(a, b)
-}
-}
-
 avx2_fn! {
 unsafe fn dots_avx2(x: &[f32], rows: &[f32], out: &mut [f32]) {
-    super::linear_kernels::dots::<V256>(x, rows, out)
+    grouped_dots::<V256>(x, rows, out)
 }
 }
 
 avx512_fn! {
-/// `out[k] = dot(x, rows[k·n..])`: 16 rows at a time with 16 independent accumulators (one FMA chain per
-/// dot product is latency-bound) and one [`sum16`] reduction; the rest one [`generic_dot`] each.
 unsafe fn dots_avx512(x: &[f32], rows: &[f32], out: &mut [f32]) {
-    let n = x.len();
+    grouped_dots::<V512>(x, rows, out)
+}
+}
+
+/// A vector type that computes `LANES` dot products at once, one FMA chain each (a single chain per dot product
+/// is latency-bound), reduced in one shuffle tree: lane `j` is the dot product with row `j`.
+trait DotLanes: Vf {
+    /// `Σ_{c < cols} x[c]·rows[j·stride + c]` in lane `j` (`j < LANES`).
+    ///
+    /// # Safety
+    /// The type's instruction set is enabled; `cols` is a multiple of `LANES`; `x` holds `cols` floats and
+    /// `rows` `LANES` rows of `cols` floats, `stride` apart.
+    unsafe fn dot_lanes(x: *const f32, rows: *const f32, stride: usize, cols: usize) -> Self;
+}
+
+/// `out[k] = dot(x, rows[k·n..(k + 1)·n])`, `n = x.len()` (the LoRA shrink): `LANES` rows at a time through
+/// [`DotLanes::dot_lanes`] plus a scalar column tail; rows after the last whole group one [`generic_dot`] each.
+/// Inlined into each instruction set's `#[target_feature]` wrapper.
+#[inline(always)]
+fn grouped_dots<V: DotLanes>(x: &[f32], rows: &[f32], out: &mut [f32]) {
+    let (n, g) = (x.len(), V::LANES);
     assert!(rows.len() >= out.len() * n);
-    let (full_rows, full_cols) = (out.len() / 16 * 16, n / 16 * 16);
-    for k0 in (0..full_rows).step_by(16) {
-        let mut sums = [0f32; 16];
-        // SAFETY: full_cols ≤ n, and rows k0..k0 + 16 ≤ out.len() of `rows` hold n floats each (asserted).
-        _mm512_storeu_ps(sums.as_mut_ptr(), dot16(x.as_ptr(), rows.as_ptr().add(k0 * n), n, full_cols));
-        for (j, o) in out[k0..k0 + 16].iter_mut().enumerate() {
+    let (full_rows, full_cols) = (out.len() / g * g, n / g * g);
+    let mut sums = [0f32; 16];
+    for k0 in (0..full_rows).step_by(g) {
+        // SAFETY: the caller enabled V's instruction set; full_cols ≤ n is a multiple of LANES, and rows
+        // k0..k0 + LANES ≤ out.len() of `rows` hold n floats each (asserted).
+        unsafe { V::dot_lanes(x.as_ptr(), rows.as_ptr().add(k0 * n), n, full_cols) }.store(&mut sums);
+        for (j, o) in out[k0..k0 + g].iter_mut().enumerate() {
             let row = &rows[(k0 + j) * n..(k0 + j + 1) * n];
             *o = sums[j] + x[full_cols..].iter().zip(&row[full_cols..]).map(|(a, b)| a * b).sum::<f32>();
         }
     }
     for (k, o) in out.iter_mut().enumerate().skip(full_rows) {
-        *o = generic_dot::<V512>(x, &rows[k * n..(k + 1) * n]);
+        *o = generic_dot::<V>(x, &rows[k * n..(k + 1) * n]);
     }
 }
+
+/// The LoRA expand `y[j] += s · Σ_k t[k]·b[j·rank + k]` ([`Vf::expand`]): `LANES` outputs per
+/// [`DotLanes::dot_lanes`] when the rank is a multiple of `LANES`, one [`generic_dot`] per output otherwise
+/// and for the tail.
+#[inline(always)]
+fn grouped_expand<V: DotLanes>(t: &[f32], b: &[f32], s: f32, y: &mut [f32]) {
+    let (rank, g) = (t.len(), V::LANES);
+    let full = if rank > 0 && rank.is_multiple_of(g) { y.len() / g * g } else { 0 };
+    assert!(b.len() >= y.len() * rank);
+    let (sv, one) = (V::splat(s), V::splat(1.0));
+    for j0 in (0..full).step_by(g) {
+        // SAFETY: the caller enabled V's instruction set; `t` holds rank floats (a multiple of LANES) and rows
+        // j0..j0 + LANES ≤ y.len() of `b` hold rank floats each (asserted).
+        let sums = unsafe { V::dot_lanes(t.as_ptr(), b.as_ptr().add(j0 * rank), rank, rank) };
+        // y + s·sums, rounded once after the product as a plain add would (the fma's `1 · y` is exact).
+        V::fmadd(one, V::load(&y[j0..]), V::mul(sv, sums)).store(&mut y[j0..]);
+    }
+    for j in full..y.len() {
+        y[j] += s * generic_dot::<V>(t, &b[j * rank..(j + 1) * rank]);
+    }
 }
 
-/// 16 f32 lanes in an AVX-512 register. Only used inside `block_job_avx512` / `dot_avx512`, which enable
+/// 16 f32 lanes in an AVX-512 register. Only used inside `block_job_avx512` / `dots_avx512`, which enable
 /// AVX-512 after a run-time check, so the intrinsics below always run on a CPU that has them.
 #[derive(Clone, Copy)]
 struct V512(__m512);
@@ -651,21 +674,21 @@ unsafe fn sum16(p: &[__m512; 16]) -> __m512 {
     _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(u, w), _mm512_shuffle_f32x4::<0xdd>(u, w))
 }
 
-/// The 16 dot products `Σ_{c < cols} x[c]·rows[j·stride + c]` (lane `j`), `cols` a multiple of 16: one FMA chain
-/// per row, then one [`sum16`] (the LoRA shrink and expand).
-///
-/// # Safety
-/// AVX-512F is available; `x` holds `cols` floats and `rows` 16 rows of `cols` floats, `stride` apart.
-#[inline(always)]
-unsafe fn dot16(x: *const f32, rows: *const f32, stride: usize, cols: usize) -> __m512 {
-    let mut p = [_mm512_setzero_ps(); 16];
-    for c in (0..cols).step_by(16) {
-        let xv = _mm512_loadu_ps(x.add(c));
-        for (j, pj) in p.iter_mut().enumerate() {
-            *pj = _mm512_fmadd_ps(xv, _mm512_loadu_ps(rows.add(j * stride + c)), *pj);
+impl DotLanes for V512 {
+    #[inline(always)]
+    unsafe fn dot_lanes(x: *const f32, rows: *const f32, stride: usize, cols: usize) -> Self {
+        // SAFETY: AVX-512F is enabled and the reads are in bounds (the caller's contract).
+        unsafe {
+            let mut p = [_mm512_setzero_ps(); 16];
+            for c in (0..cols).step_by(16) {
+                let xv = _mm512_loadu_ps(x.add(c));
+                for (j, pj) in p.iter_mut().enumerate() {
+                    *pj = _mm512_fmadd_ps(xv, _mm512_loadu_ps(rows.add(j * stride + c)), *pj);
+                }
+            }
+            V512(sum16(&p))
         }
     }
-    sum16(&p)
 }
 
 impl Vf for V512 {
@@ -709,28 +732,7 @@ impl Vf for V512 {
     }
     #[inline(always)]
     fn expand(t: &[f32], b: &[f32], s: f32, y: &mut [f32]) {
-        let rank = t.len();
-        if !rank.is_multiple_of(16) || rank == 0 {
-            for (j, y) in y.iter_mut().enumerate() {
-                *y += s * generic_dot::<V512>(t, &b[j * rank..(j + 1) * rank]);
-            }
-            return;
-        }
-        assert_eq!(b.len(), y.len() * rank);
-        let full = y.len() / 16 * 16;
-        // SAFETY: AVX-512F is enabled in every caller (see the type's docs); `dot16` reads `t` (rank floats) and
-        // rows j0..j0 + 16 of `b` (inside: j0 + 16 ≤ full ≤ y.len()); every store writes 16 of `y`.
-        unsafe {
-            let sv = _mm512_set1_ps(s);
-            for j0 in (0..full).step_by(16) {
-                let sums = dot16(t.as_ptr(), b.as_ptr().add(j0 * rank), rank, rank);
-                let yp = y.as_mut_ptr().add(j0);
-                _mm512_storeu_ps(yp, _mm512_add_ps(_mm512_loadu_ps(yp), _mm512_mul_ps(sv, sums)));
-            }
-        }
-        for j in full..y.len() {
-            y[j] += s * generic_dot::<V512>(t, &b[j * rank..(j + 1) * rank]);
-        }
+        grouped_expand::<Self>(t, b, s, y)
     }
 }
 
@@ -779,6 +781,47 @@ impl Vf for V256 {
             let s = _mm_add_ps(_mm256_castps256_ps128(self.0), _mm256_extractf128_ps::<1>(self.0));
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+        }
+    }
+    #[inline(always)]
+    fn expand(t: &[f32], b: &[f32], s: f32, y: &mut [f32]) {
+        grouped_expand::<Self>(t, b, s, y)
+    }
+}
+
+/// Lane `j` of the result is the sum of the 8 lanes of `p[j]` (14 shuffles and 7 adds for 8 sums).
+///
+/// # Safety
+/// AVX is available.
+#[inline(always)]
+unsafe fn sum8(p: &[__m256; 8]) -> __m256 {
+    // Pairs (2i, 2i+1): per 128-bit half, [a0 + a2, b0 + b2, a1 + a3, b1 + b3].
+    let q: [__m256; 4] = std::array::from_fn(|i| {
+        let (a, b) = (p[2 * i], p[2 * i + 1]);
+        _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b))
+    });
+    // Quads: per 128-bit half, the 4 outputs' half sums.
+    let r: [__m256; 2] = std::array::from_fn(|i| {
+        let (a, b) = (_mm256_castps_pd(q[2 * i]), _mm256_castps_pd(q[2 * i + 1]));
+        _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)))
+    });
+    // Low halves + high halves: outputs 0..4 from r0, 4..8 from r1.
+    _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(r[0], r[1]), _mm256_permute2f128_ps::<0x31>(r[0], r[1]))
+}
+
+impl DotLanes for V256 {
+    #[inline(always)]
+    unsafe fn dot_lanes(x: *const f32, rows: *const f32, stride: usize, cols: usize) -> Self {
+        // SAFETY: AVX and FMA are enabled and the reads are in bounds (the caller's contract).
+        unsafe {
+            let mut p = [_mm256_setzero_ps(); 8];
+            for c in (0..cols).step_by(8) {
+                let xv = _mm256_loadu_ps(x.add(c));
+                for (j, pj) in p.iter_mut().enumerate() {
+                    *pj = _mm256_fmadd_ps(xv, _mm256_loadu_ps(rows.add(j * stride + c)), *pj);
+                }
+            }
+            V256(sum8(&p))
         }
     }
 }

@@ -79,8 +79,6 @@ pub(crate) struct FourBitKernels {
 pub(crate) struct LinearKernels {
     /// Computes one output block `[m, ob]` (base product, bias, LoRA expand) into a zeroed slice.
     pub block: fn(&Job<'_>, usize, usize, &mut [f32]),
-    /// A dot product (LoRA shrink).
-    pub dot: fn(&[f32], &[f32]) -> f32,
     /// `out[k] = dot(x, rows[k·n..(k + 1)·n])` for every `k < out.len()`, `n = x.len()` (the LoRA shrink).
     pub dots: fn(&[f32], &[f32], &mut [f32]),
     /// [`block`](Self::block) with int8 activations (`Job::act8` prepared in `act8_layout`).
