@@ -169,6 +169,8 @@ fn gemv_row_group<V: Vf, D: Table16<V>, const R: usize, const J: usize>(
     let tab = D::load_table(t.table());
     let scales = job.layer.block_scales();
     let rows: [&[u8]; J] = row_slices(packed, n_in / 2, o0 + j0);
+    // Each row's scales as a slice, indexed by block: no division per block (rows hold whole blocks).
+    let row_scales: [&[f32]; J] = row_slices(scales, n_in / bs, o0 + j0);
     let mut total = [[V::zero(); J]; R];
     for b in 0..n_in / bs {
         let mut acc = [[V::zero(); J]; R];
@@ -188,7 +190,7 @@ fn gemv_row_group<V: Vf, D: Table16<V>, const R: usize, const J: usize>(
             }
         }
         for i in 0..J {
-            let s = V::splat(scales[((o0 + j0 + i) * n_in) / bs + b]);
+            let s = V::splat(row_scales[i][b]);
             for r in 0..R {
                 total[r][i] = V::fmadd(acc[r][i], s, total[r][i]);
             }
@@ -955,13 +957,18 @@ impl Table16<V256> for Avx2Decoder {
     }
     #[inline(always)]
     fn decode(bytes: &[u8; 8], tab: &(__m256, __m256)) -> [V256; 2] {
+        // Each half: its 4 bytes broadcast to every lane (a load, no shuffle), lane l shifted right so code l
+        // (byte l / 2, the high nibble for even l) is in its low 4 bits; the lookup reads only those bits (the
+        // blend takes bit 3 to the sign, the rest shift out). 4 shuffle-port µops per 16 codes where unpacking
+        // and widening the nibbles took 7 (4096×14336 NF4, M = 1, one thread: 7.76 → 4.6 ms).
         // SAFETY: reads the 8 bytes of `bytes`; AVX2 enabled in every caller.
         unsafe {
-            let codes = nibbles16(_mm_loadl_epi64(bytes.as_ptr() as *const __m128i));
-            [
-                V256(lookup16_avx2(tab, _mm256_cvtepu8_epi32(codes))),
-                V256(lookup16_avx2(tab, _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes)))),
-            ]
+            let shift = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+            let half = |h: usize| {
+                let four = (bytes.as_ptr().add(4 * h) as *const i32).read_unaligned();
+                V256(lookup16_avx2(tab, _mm256_srlv_epi32(_mm256_set1_epi32(four), shift)))
+            };
+            [half(0), half(1)]
         }
     }
     #[inline(always)]
