@@ -30,12 +30,14 @@ pub(crate) struct Act8Interleaved {
     pub groups: usize,
     pub n_in: usize,
     /// Per 32-block `kb` of a row, its parameter entry within the row (`kb >> log2(blocksize / 32)` for 4-bit
-    /// weights; 0 per channel or tensor, `32·kb / g` per int8 group of `g`).
+    /// weights; 0 per channel or tensor, `32·kb / g` per int8 group of `g`). Private, like `per_row`: every
+    /// entry is below `per_row` (checked once in [`build`](Self::build), the only constructor), which the
+    /// kernels' raw-pointer reads rely on without a per-call scan.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub param_of_block: Vec<u32>,
+    param_of_block: Vec<u32>,
     /// Parameter entries per row.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub per_row: usize,
+    per_row: usize,
     /// 4-bit: `[groups][in / 8][64]` packed code bytes. Int8: `[groups][in / 4][64]` codes, byte `4r + j` of
     /// piece `p` the code of row `16g + r` at column `4p + j`.
     pub bytes: Vec<u8>,
@@ -89,7 +91,7 @@ impl Act8Interleaved {
                 });
                 let c = int8_table(t.table());
                 let shift = (bs / 32).trailing_zeros();
-                Some(Act8Interleaved {
+                Some(Self::checked(Act8Interleaved {
                     groups,
                     n_in,
                     param_of_block: (0..nb as u32).map(|kb| kb >> shift).collect(),
@@ -98,7 +100,7 @@ impl Act8Interleaved {
                     scales,
                     zero_points: Vec::new(),
                     table: std::array::from_fn(|i| (c[i] as i16 + 128) as u8),
-                })
+                }))
             }
             QuantWeight::Int8(t) => {
                 let codes = t.codes();
@@ -112,7 +114,7 @@ impl Act8Interleaved {
                     Granularity::PerChannel => o,
                     Granularity::PerGroup(_) => o * per_row + b,
                 };
-                Some(Act8Interleaved {
+                Some(Self::checked(Act8Interleaved {
                     groups,
                     n_in,
                     param_of_block: (0..nb).map(|kb| (32 * kb / group) as u32).collect(),
@@ -121,9 +123,27 @@ impl Act8Interleaved {
                     scales: interleave_params(out, groups, per_row, |o, b| t.scales()[entry(o, b)]),
                     zero_points: interleave_params(out, groups, per_row, |o, b| t.zero_points()[entry(o, b)] as i32),
                     table: [0; 16],
-                })
+                }))
             }
         }
+    }
+
+    /// `il` after asserting the invariant the kernels rely on: every block's parameter entry is inside a row.
+    fn checked(il: Act8Interleaved) -> Act8Interleaved {
+        assert!(il.param_of_block.iter().all(|&p| (p as usize) < il.per_row), "act8 layout: parameter entries");
+        il
+    }
+
+    /// Per 32-block of a row, its parameter entry within the row (each below [`per_row`](Self::per_row)).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub fn param_of_block(&self) -> &[u32] {
+        &self.param_of_block
+    }
+
+    /// Parameter entries per row.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub fn per_row(&self) -> usize {
+        self.per_row
     }
 
     /// Whether the weight is int8 (else 4-bit).
@@ -158,7 +178,8 @@ impl Act8Interleaved {
         assert!(self.bytes.len() == self.groups * n_in * piece_bytes);
         assert!(self.scales.len() == self.groups * self.per_row * ROWS);
         assert!(!self.is_int8() || self.zero_points.len() == self.scales.len());
-        assert!(self.param_of_block.len() == nb && self.param_of_block.iter().all(|&p| (p as usize) < self.per_row));
+        // Every entry of `param_of_block` is below `per_row`: checked once when the layout was built.
+        assert!(self.param_of_block.len() == nb);
         assert!(o0 + ob <= self.groups * ROWS && out_len >= m * ob);
     }
 

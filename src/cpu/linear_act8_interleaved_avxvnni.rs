@@ -76,7 +76,7 @@ impl Kernel<'_, '_> {
         let m15 = _mm256_set1_epi8(15);
         let mut y = [[[_mm256_setzero_ps(); 2]; G]; R];
         for kb in 0..nb {
-            let param = il.param_of_block[kb] as usize;
+            let param = il.param_of_block()[kb] as usize;
             let mut acc = [[[_mm256_setzero_si256(); 2]; G]; R];
             for i in 0..R {
                 let sum = act.sums[(r0 + i) * nb + kb];
@@ -84,7 +84,7 @@ impl Kernel<'_, '_> {
                     for h in 0..2 {
                         acc[i][gg][h] = if int8 {
                             // Weights are the u8 codes: start at −zero_point·Σx.
-                            let at = ((g + gg) * il.per_row + param) * ROWS + 8 * h;
+                            let at = ((g + gg) * il.per_row() + param) * ROWS + 8 * h;
                             // SAFETY: at + 8 ≤ zero_points.len() (g + gg < groups, param < per_row; asserted).
                             let zp = unsafe { _mm256_loadu_si256(il.zero_points.as_ptr().add(at) as *const __m256i) };
                             _mm256_mullo_epi32(zp, _mm256_set1_epi32(-sum))
@@ -130,7 +130,7 @@ impl Kernel<'_, '_> {
                 }
             }
             for gg in 0..G {
-                let at = ((g + gg) * il.per_row + param) * ROWS;
+                let at = ((g + gg) * il.per_row() + param) * ROWS;
                 for h in 0..2 {
                     // SAFETY: at + 16 ≤ scales.len() (asserted).
                     let ws = unsafe { _mm256_loadu_ps(il.scales.as_ptr().add(at + 8 * h)) };

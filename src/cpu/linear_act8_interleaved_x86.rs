@@ -102,7 +102,7 @@ impl Pieces for Int8Pieces {
         // Weights are the u8 codes: start at −zero_point·Σx so each lane ends with Σ (code − zero_point)·x.
         // SAFETY: group < groups and param < per_row: 16 zero points inside `zero_points` (asserted).
         let zp = unsafe {
-            _mm512_loadu_si512(k.il.zero_points.as_ptr().add((group * k.il.per_row + param) * ROWS) as *const _)
+            _mm512_loadu_si512(k.il.zero_points.as_ptr().add((group * k.il.per_row() + param) * ROWS) as *const _)
         };
         _mm512_mullo_epi32(zp, _mm512_set1_epi32(-sum))
     }
@@ -158,7 +158,7 @@ impl Kernel<'_> {
         let nb = n_in / BLOCK;
         let mut y = [[_mm512_setzero_ps(); G]; RR];
         for kb in 0..nb {
-            let param = il.param_of_block[kb] as usize;
+            let param = il.param_of_block()[kb] as usize;
             let mut acc = [[_mm512_setzero_si512(); G]; RR];
             for i in 0..RR {
                 let sum = act.sums[(r0 + i) * nb + kb];
@@ -187,7 +187,7 @@ impl Kernel<'_> {
             }
             for gg in 0..G {
                 // SAFETY: g + gg < groups and param < per_row: 16 scales inside `scales`.
-                let ws = unsafe { _mm512_loadu_ps(il.scales.as_ptr().add(((g + gg) * il.per_row + param) * ROWS)) };
+                let ws = unsafe { _mm512_loadu_ps(il.scales.as_ptr().add(((g + gg) * il.per_row() + param) * ROWS)) };
                 for i in 0..RR {
                     let d = _mm512_set1_ps(act.d[(r0 + i) * nb + kb]);
                     y[i][gg] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][gg]), _mm512_mul_ps(ws, d), y[i][gg]);

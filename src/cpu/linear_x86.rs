@@ -960,7 +960,7 @@ impl Table16<V256> for Avx2Decoder {
         // Each half: its 4 bytes broadcast to every lane (a load, no shuffle), lane l shifted right so code l
         // (byte l / 2, the high nibble for even l) is in its low 4 bits; the lookup reads only those bits (the
         // blend takes bit 3 to the sign, the rest shift out). 4 shuffle-port µops per 16 codes where unpacking
-        // and widening the nibbles took 7 (4096×14336 NF4, M = 1, one thread: 7.76 → 4.6 ms).
+        // and widening the nibbles took 7 (4096×14336 NF4, M = 1, one thread: 7.78 → 5.93 ms).
         // SAFETY: reads the 8 bytes of `bytes`; AVX2 enabled in every caller.
         unsafe {
             let shift = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
