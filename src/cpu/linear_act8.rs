@@ -3,7 +3,8 @@
 //! integer dot products against the weight's integer codes (4-bit: the int8 table `round(127·T)`; int8:
 //! `code − zero_point`), one f32 scale multiply per block. This file holds the quantized `x` (and the layout
 //! the SIMD kernels read) and the portable kernel; `linear_act8_x86.rs` has the AVX-512 VNNI one,
-//! `linear_act8_avx2.rs` the AVX2 one (and, with AVX-VNNI, the 256-bit kernel over the interleaved layout),
+//! `linear_act8_avx2.rs` the AVX2 one (and the 256-bit kernels over the interleaved layout, AVX-VNNI or AVX2,
+//! in `linear_act8_interleaved_256.rs`),
 //! `linear_act8_neon.rs` the NEON one, `linear_act8_wasm.rs` the simd128 one. Every path computes the same
 //! exact integer sums; only the f32 accumulation of the block terms differs (bound:
 //! `reference::act8::kernel_bound`).
@@ -448,14 +449,15 @@ mod tests {
         assert!(checked >= 9 * 6 * 6);
     }
 
-    /// The interleaved layout (`QuantLinear::build_act8_layout`, 4-bit and int8 weights) on every path: within the same bound of the
-    /// exact int8 value, partial groups of 16 rows included; and its kernel on any row range `o0..o0 + ob`
-    /// (how the threaded driver splits rows) gives the whole call's bits for those rows.
+    /// The interleaved layout (`QuantLinear::build_act8_layout`, 4-bit and int8 weights) on every path: within the
+    /// same bound of the exact int8 value, partial groups of 16 rows included; every kernel over it that this CPU
+    /// runs (512-bit VNNI, 256-bit AVX-VNNI, 256-bit maddubs) gives the same bits; and each on any row range
+    /// `o0..o0 + ob` (how the threaded driver splits rows) gives the whole call's bits for those rows.
     #[test]
     fn interleaved_layout_matches_the_exact_int8_value_and_any_row_split() {
         use crate::cpu::linear_act8_interleaved::Act8Interleaved;
         if !Act8Interleaved::used_here() {
-            eprintln!("skipped: no AVX-512 VNNI or AVX-VNNI on this CPU (the interleaved layout is not built)");
+            eprintln!("skipped: no AVX2 on this CPU (the interleaved layout is not built)");
             let mut seed = 1u64;
             assert!(!layer(Scheme::nf4(64, true), 16, 64, &[], &mut seed).build_act8_layout());
             return;
@@ -493,43 +495,39 @@ mod tests {
                             true,
                         );
                         let il = l.view().act8_interleaved.unwrap();
-                        // The kernel alone (`wide`: the 512- or the 256-bit one) on rows o0..o0 + ob, into a
-                        // zeroed `[m, ob]`.
-                        let rows = |wide: bool, o0: usize, ob: usize| {
-                            let kernel: unsafe fn(
-                                super::Act8View<'_>,
-                                &Act8Interleaved,
-                                usize,
-                                usize,
-                                usize,
-                                &mut [f32],
-                            ) = if wide {
-                                crate::cpu::linear_act8_interleaved_x86::base_interleaved
-                            } else {
-                                crate::cpu::linear_act8_interleaved_avxvnni::base_interleaved_256
-                            };
+                        type Kernel = unsafe fn(super::Act8View<'_>, &Act8Interleaved, usize, usize, usize, &mut [f32]);
+                        use crate::cpu::linear_act8_interleaved_256 as k256;
+                        use crate::cpu::x86_features as f;
+                        let kernels: [(&str, Kernel, bool); 3] = [
+                            (
+                                "512-bit VNNI",
+                                crate::cpu::linear_act8_interleaved_x86::base_interleaved,
+                                f::Avx512Vnni::detect().is_some(),
+                            ),
+                            ("256-bit AVX-VNNI", k256::base_interleaved_256, f::AvxVnni::detect().is_some()),
+                            ("256-bit maddubs", k256::base_interleaved_256_maddubs, f::Avx2::detect().is_some()),
+                        ];
+                        // The kernel alone on rows o0..o0 + ob, into a zeroed `[m, ob]`.
+                        let rows = |kernel: Kernel, o0: usize, ob: usize| {
                             let mut y = vec![0f32; m * ob];
-                            // SAFETY: each kernel runs only where its features were detected (below).
+                            // SAFETY: each kernel runs only where its features were detected (the filter below).
                             unsafe { kernel(act.view(), il, m, o0, ob, &mut y) };
                             y
                         };
-                        let kernels = [
-                            (true, crate::cpu::x86_features::Avx512Vnni::detect().is_some()),
-                            (false, crate::cpu::x86_features::AvxVnni::detect().is_some()),
-                        ];
                         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                         let mut first: Option<Vec<f32>> = None;
-                        for (wide, _) in kernels.into_iter().filter(|k| k.1) {
-                            let whole = rows(wide, 0, out);
-                            // Both kernels make the same f32 operations per lane: the same bits.
+                        for (name, kernel, _) in kernels.into_iter().filter(|k| k.2) {
+                            let whole = rows(kernel, 0, out);
+                            // Every kernel makes the same integers and the same f32 operations per lane: the same
+                            // bits.
                             if let Some(f) = &first {
-                                assert_eq!(bits(f), bits(&whole), "{scheme:?} {out}x{inp} M={m}: 512 vs 256 bits");
+                                assert_eq!(bits(f), bits(&whole), "{scheme:?} {out}x{inp} M={m}: {name} bits");
                             }
                             for (o0, ob) in [(0, 1), (3, 17), (16, 16), (5, 60), (out - 1, 1), (1, out - 1)] {
                                 if o0 + ob > out || ob == 0 {
                                     continue;
                                 }
-                                let part = rows(wide, o0, ob);
+                                let part = rows(kernel, o0, ob);
                                 for r in 0..m {
                                     let want = &whole[r * out + o0..r * out + o0 + ob];
                                     assert!(
@@ -537,7 +535,7 @@ mod tests {
                                             .iter()
                                             .zip(want)
                                             .all(|(a, b)| a.to_bits() == b.to_bits()),
-                                        "{scheme:?} {out}x{inp} M={m} rows {o0}+{ob} (512-bit: {wide})"
+                                        "{scheme:?} {out}x{inp} M={m} rows {o0}+{ob} ({name})"
                                     );
                                 }
                             }

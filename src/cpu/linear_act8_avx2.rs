@@ -15,7 +15,8 @@
 use super::linear_act8::{
     add_tiles, base_portable, vnni_eligible, Act8Layout, Act8Tile, Act8View, Int8ParamIndex, INV127,
 };
-use super::linear_act8_interleaved_avxvnni::base_interleaved_256;
+use super::linear_act8_interleaved::Act8Interleaved;
+use super::linear_act8_interleaved_256::{base_interleaved_256, base_interleaved_256_maddubs};
 use super::linear_kernels::output_pass;
 use super::linear_x86::GEMV_PREFETCH;
 use super::table::{Job, LinearKernels};
@@ -24,44 +25,58 @@ use crate::format::layer::QuantWeight;
 use crate::reference::act8::{int8_table, BLOCK};
 use std::arch::x86_64::*;
 
-/// `base` with the AVX2 int8-activation block (the token proves detection); with an AVX-VNNI token, layers with
-/// the interleaved layout take the AVX-VNNI kernel over it.
+/// `base` with the AVX2 int8-activation blocks (the token proves detection): layers with the interleaved layout
+/// take the 256-bit kernel over it (its AVX-VNNI form with an AVX-VNNI token, else its `vpmaddubsw` form),
+/// others the AVX2 kernel below.
 pub(crate) fn avx2(_: Avx2, vnni: Option<AvxVnni>, base: LinearKernels) -> LinearKernels {
-    match vnni {
-        Some(_) => LinearKernels {
+    LinearKernels {
+        act8_block: match vnni {
             // SAFETY: built only from an `AvxVnni` token (its features were detected); the kernels check the
             // lengths of every slice they read through raw pointers before their loops.
-            act8_block: |job, o0, ob, out| unsafe { block_avxvnni(job, o0, ob, out) },
-            act8_layout: Act8Layout::EvenOdd,
-            act8_interleaved: true,
-            ..base
+            Some(_) => |job, o0, ob, out| unsafe { block_avxvnni(job, o0, ob, out) },
+            // SAFETY: built only from an `Avx2` token (its features were detected); as above.
+            None => |job, o0, ob, out| unsafe { block_avx2_interleaved(job, o0, ob, out) },
         },
-        None => LinearKernels {
-            // SAFETY: built only from an `Avx2` token (its features were detected); the kernel checks the
-            // lengths of every slice it reads through raw pointers before its loops.
-            act8_block: |job, o0, ob, out| unsafe { block_avx2(job, o0, ob, out) },
-            act8_layout: Act8Layout::EvenOdd,
-            act8_interleaved: false,
-            ..base
-        },
+        act8_layout: Act8Layout::EvenOdd,
+        act8_interleaved: true,
+        ..base
     }
 }
 
 avxvnni_fn! {
-/// The int8-activation block on AVX-VNNI: the interleaved kernel where the layer has the layout (and `x` its
-/// block sums), else the AVX2 block.
 unsafe fn block_avxvnni(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
+    block_interleaved(job, o0, ob, out, base_interleaved_256)
+}
+}
+
+avx2_fn! {
+unsafe fn block_avx2_interleaved(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
+    block_interleaved(job, o0, ob, out, base_interleaved_256_maddubs)
+}
+}
+
+/// The 256-bit interleaved `kernel` where the layer has the layout (and `x` its block sums), else the AVX2
+/// block; inlined into each form's `#[target_feature]` wrapper.
+///
+/// # Safety
+/// `kernel`'s instruction set and AVX2 are available.
+#[inline(always)]
+unsafe fn block_interleaved(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32], kernel: InterleavedKernel) {
     let act = job.act8.expect("int8 activations prepared");
     let n_in = job.layer.in_features;
     match job.layer.act8_interleaved.filter(|_| act.sums.len() == job.m * (n_in / BLOCK)) {
         Some(il) => {
-            base_interleaved_256(act, il, job.m, o0, ob, out);
+            // SAFETY: the caller's contract.
+            unsafe { kernel(act, il, job.m, o0, ob, out) };
             output_pass::<wide::f32x8>(job, o0, ob, out);
         }
-        None => block_avx2(job, o0, ob, out),
+        // SAFETY: AVX2 is available (the caller's contract).
+        None => unsafe { block_avx2(job, o0, ob, out) },
     }
 }
-}
+
+/// The signature of the 256-bit interleaved kernels.
+type InterleavedKernel = unsafe fn(Act8View<'_>, &Act8Interleaved, usize, usize, usize, &mut [f32]);
 
 /// Weight rows handled together (their decoded blocks stay in registers for every row of `x`).
 const J: usize = 4;

@@ -152,7 +152,8 @@ impl Act8Interleaved {
         !self.zero_points.is_empty()
     }
 
-    /// Whether this machine's int8-activation kernel reads the layout (AVX-512 VNNI, or AVX-VNNI).
+    /// Whether this machine's int8-activation kernel reads the layout (x86 with AVX2: AVX-512 VNNI, AVX-VNNI or
+    /// the AVX2 `vpmaddubsw` form).
     pub fn used_here() -> bool {
         super::dispatch::kernels(crate::cpu::Isa::best()).linear.act8_interleaved
     }

@@ -23,7 +23,7 @@ pub(crate) mod linear_act8;
 pub(crate) mod linear_act8_avx2;
 pub(crate) mod linear_act8_interleaved;
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod linear_act8_interleaved_avxvnni;
+pub(crate) mod linear_act8_interleaved_256;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_act8_interleaved_x86;
 #[cfg(target_arch = "x86_64")]

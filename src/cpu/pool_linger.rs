@@ -89,16 +89,28 @@ mod tests {
                 LINGERING.load(Ordering::Relaxed) >= 1,
                 "a split in a two-thread pool should leave a lingering task"
             );
-            // Give the other worker time to pick the task up, then push work it must steal and run.
-            std::thread::sleep(Duration::from_millis(1));
+            // Push work only the other worker can run: the first half waits (bounded) until the second has
+            // started, so a lingering task that hogged its worker would fail the test, not hang it.
+            let started = std::sync::atomic::AtomicBool::new(false);
             let me = rayon::current_thread_index();
-            let (_, other) = rayon::join(|| std::thread::sleep(Duration::from_millis(2)), rayon::current_thread_index);
+            let (_, other) = rayon::join(
+                || {
+                    let t = Instant::now();
+                    while !started.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(30) {
+                        std::thread::yield_now();
+                    }
+                },
+                || {
+                    started.store(true, Ordering::Release);
+                    rayon::current_thread_index()
+                },
+            );
             (me, other)
         });
-        assert_ne!(spawner, runner, "the lingering worker should have stolen the second half of the join");
+        assert_ne!(spawner, runner, "the other worker should have stolen the second half of the join");
         let start = Instant::now();
         while LINGERING.load(Ordering::Relaxed) > 0 {
-            assert!(start.elapsed() < Duration::from_secs(5), "a lingering task never returned");
+            assert!(start.elapsed() < Duration::from_secs(30), "a lingering task never returned");
             std::thread::sleep(Duration::from_millis(1));
         }
     }

@@ -93,8 +93,9 @@ impl QuantLinear {
         Ok(QuantLinear { weight, out_features, in_features, bias, adapters: Vec::new(), act8_interleaved: None })
     }
 
-    /// Builds the interleaved copy of the weight (4-bit or int8) that the VNNI int8-activation kernels (AVX-512
-    /// VNNI, or AVX-VNNI on CPUs without AVX-512) read (16 rows per 64-byte load; `docs/formats.md` §12 documents the layout), as an engine
+    /// Builds the interleaved copy of the weight (4-bit or int8) that the x86 int8-activation kernels (AVX-512
+    /// VNNI; without it AVX-VNNI, or AVX2's `vpmaddubsw`) read (16 rows per 64-byte load; `docs/formats.md` §12
+    /// documents the layout), as an engine
     /// would at load time for a model it runs with [`Activations::Int8`](crate::linear::Activations). Forwards
     /// with int8 activations then use it; their results stay within the same bound. It costs the weight's
     /// packed bytes and its scales a second time (see [`QuantLinear::act8_layout_bytes`]); the f32 mode, the

@@ -1,22 +1,86 @@
-//! The AVX-VNNI (256-bit) int8-activation kernel over the interleaved weight layout
-//! ([`Act8Interleaved`](super::linear_act8_interleaved::Act8Interleaved)), for CPUs with AVX-VNNI but without
-//! AVX-512 (Intel's hybrid client cores). The same layout and integers as the AVX-512 kernel
-//! (`linear_act8_interleaved_x86.rs`): each 64-byte piece is loaded as two 32-byte halves, rows 0–7 and 8–15
-//! of the group, each looked up in the int8 table (+128) with `vpshufb` and fed to the VEX `vpdpbusd` against
-//! 4 `x` codes broadcast to every lane; lanes start at `−offset · Σ(the block's x codes)` and end with the exact
-//! `Σ q·c`; one i32 → f32 conversion and one multiply-add per block with the rows' scales times the block's
-//! `d`. Only the order of the f32 block sums differs from the portable kernel (blocks in column order, one
-//! chain per row), inside `reference::act8::kernel_bound`.
+//! The 256-bit int8-activation kernels over the interleaved weight layout
+//! ([`Act8Interleaved`](super::linear_act8_interleaved::Act8Interleaved)), for CPUs without AVX-512: the same
+//! layout and integers as the AVX-512 kernel (`linear_act8_interleaved_x86.rs`). Each 64-byte piece is loaded
+//! as two 32-byte halves, rows 0–7 and 8–15 of the group; 4-bit halves are looked up in the int8 table with
+//! `vpshufb`; each 32-bit lane adds the 4 products of its row's bytes with 4 `x` codes broadcast to every lane.
+//! Lanes end with the exact `Σ q·c` of the block; then one i32 → f32 conversion and one multiply-add per block
+//! with the rows' scales times the block's `d`. Only the order of the f32 block sums differs from the portable
+//! kernel (blocks in column order, one chain per row), inside `reference::act8::kernel_bound`.
+//!
+//! The 4-product step comes in two forms ([`Dot4`]), which give the same integers and so the same bits:
+//! - [`Vnni`] (AVX-VNNI, Intel's hybrid client cores): one `vpdpbusd` of the unsigned bytes (`c + 128` for
+//!   4-bit weights, the codes for int8) with the signed `x` codes; lanes start at `−offset · Σ(x codes)`.
+//! - [`Maddubs`] (plain AVX2: Zen 2/3, Intel before Alder Lake): 4-bit weights take the signed table `c` and
+//!   ggml's `vpmaddubsw(|x|, sign(c, x))` (both factors ≤ 127 in magnitude, so a pair sum ≤ 32258 never
+//!   saturates the i16) then `vpmaddwd` by ones, from lanes at 0; int8 codes split into their low 7 bits and
+//!   their top bit (each `vpmaddubsw` pair sum then fits an i16), summed in i32 from lanes at
+//!   `−zero point · Σ(x codes)`: exactly `vpdpbusd`.
 
 use super::linear_act8::Act8View;
 use super::linear_act8_interleaved::{Act8Interleaved, ROWS};
-use super::x86_features::avxvnni_fn;
+use super::x86_features::{avx2_fn, avxvnni_fn};
 use crate::reference::act8::BLOCK;
 use std::arch::x86_64::*;
 
+/// `acc + Σ_{j < 4} w[4l + j] · x[4l + j]` in each i32 lane `l`, exactly.
+pub(crate) trait Dot4 {
+    /// Whether 4-bit weights are multiplied as the signed table values `c` (else as `c + 128`, corrected by
+    /// the lanes' start).
+    const SIGNED_TABLE: bool;
+    /// The 4-bit step: `w` bytes from the table lookup (signed `c` or unsigned `c + 128`, see
+    /// [`SIGNED_TABLE`](Self::SIGNED_TABLE)), `x` signed codes.
+    ///
+    /// # Safety
+    /// The implementation's instruction set is enabled in the caller.
+    unsafe fn table_dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
+    /// The int8 step: `w` unsigned codes, `x` signed codes.
+    ///
+    /// # Safety
+    /// As [`table_dot`](Self::table_dot).
+    unsafe fn code_dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
+}
+
+/// AVX-VNNI's `vpdpbusd`.
+pub(crate) struct Vnni;
+
+impl Dot4 for Vnni {
+    const SIGNED_TABLE: bool = false;
+    #[inline(always)]
+    unsafe fn table_dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, w, x)
+    }
+    #[inline(always)]
+    unsafe fn code_dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, w, x)
+    }
+}
+
+/// AVX2's `vpmaddubsw` + `vpmaddwd` (see the module documentation).
+pub(crate) struct Maddubs;
+
+impl Dot4 for Maddubs {
+    const SIGNED_TABLE: bool = true;
+    #[inline(always)]
+    unsafe fn table_dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x));
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+    #[inline(always)]
+    unsafe fn code_dot(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        // w = low + high with low ≤ 127 and high ∈ {0, 128}; x codes are in −127..=127 (the quantizer's clamp), so
+        // each pair sum is at most 2·128·127 = 32512 in magnitude.
+        let top = _mm256_set1_epi8(-128);
+        let low = _mm256_maddubs_epi16(_mm256_andnot_si256(top, w), x);
+        let high = _mm256_maddubs_epi16(_mm256_and_si256(top, w), x);
+        let ones = _mm256_set1_epi16(1);
+        _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(low, ones), _mm256_madd_epi16(high, ones)))
+    }
+}
+
 avxvnni_fn! {
 /// `out[r, j] += Σ_k x̂[r, k] · ŵ[o0 + j, k]` for the `ob` rows from `o0` and the `m` rows of `x` (`out` is
-/// `[m, ob]`), from the interleaved layout `il` and `x` quantized in `act` (codes, `d`, block sums).
+/// `[m, ob]`), from the interleaved layout `il` and `x` quantized in `act` (codes, `d`, block sums): the
+/// AVX-VNNI form.
 pub(crate) unsafe fn base_interleaved_256(
     act: Act8View<'_>,
     il: &Act8Interleaved,
@@ -25,10 +89,33 @@ pub(crate) unsafe fn base_interleaved_256(
     ob: usize,
     out: &mut [f32],
 ) {
+    base::<Vnni>(act, il, m, o0, ob, out)
+}
+}
+
+avx2_fn! {
+/// [`base_interleaved_256`] in the plain AVX2 form (the same bits).
+pub(crate) unsafe fn base_interleaved_256_maddubs(
+    act: Act8View<'_>,
+    il: &Act8Interleaved,
+    m: usize,
+    o0: usize,
+    ob: usize,
+    out: &mut [f32],
+) {
+    base::<Maddubs>(act, il, m, o0, ob, out)
+}
+}
+
+/// The body of both forms, inlined into each `#[target_feature]` wrapper.
+#[inline(always)]
+unsafe fn base<D: Dot4>(act: Act8View<'_>, il: &Act8Interleaved, m: usize, o0: usize, ob: usize, out: &mut [f32]) {
     il.check_kernel_call(act, m, o0, ob, out.len());
     // SAFETY: 16 readable bytes.
     let table = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(il.table.as_ptr() as *const __m128i) });
-    let mut k = Kernel { act, il, table, o0, ob, out };
+    // The stored table is c + 128; flipping the top bit gives c.
+    let table = if D::SIGNED_TABLE { _mm256_xor_si256(table, _mm256_set1_epi8(-128)) } else { table };
+    let mut k = Kernel { act, il, table, o0, ob, out, dot: std::marker::PhantomData::<D> };
     let (mut g, g1) = (o0 / ROWS, (o0 + ob).div_ceil(ROWS));
     // One row of x: two groups per pass (four independent accumulator chains); more rows: one group, two rows.
     if m == 1 {
@@ -50,18 +137,18 @@ pub(crate) unsafe fn base_interleaved_256(
         g += 1;
     }
 }
-}
 
-struct Kernel<'a, 'o> {
+struct Kernel<'a, 'o, D> {
     act: Act8View<'a>,
     il: &'a Act8Interleaved,
     table: __m256i,
     o0: usize,
     ob: usize,
     out: &'o mut [f32],
+    dot: std::marker::PhantomData<D>,
 }
 
-impl Kernel<'_, '_> {
+impl<D: Dot4> Kernel<'_, '_, D> {
     /// Groups `g..g + G` (16 weight rows each, two halves of 8 lanes) against rows `r0..r0 + R` of `x` (all
     /// below `m`); adds the sums of the group rows inside `o0..o0 + ob` into `out`.
     #[inline(always)]
@@ -88,6 +175,8 @@ impl Kernel<'_, '_> {
                             // SAFETY: at + 8 ≤ zero_points.len() (g + gg < groups, param < per_row; asserted).
                             let zp = unsafe { _mm256_loadu_si256(il.zero_points.as_ptr().add(at) as *const __m256i) };
                             _mm256_mullo_epi32(zp, _mm256_set1_epi32(-sum))
+                        } else if D::SIGNED_TABLE {
+                            _mm256_setzero_si256()
                         } else {
                             // Weights are c + 128: start at −128·Σx.
                             _mm256_set1_epi32(-128 * sum)
@@ -116,14 +205,14 @@ impl Kernel<'_, '_> {
                         let v = unsafe { _mm256_loadu_si256(piece.add(32 * h) as *const __m256i) };
                         if int8 {
                             for i in 0..R {
-                                acc[i][gg][h] = _mm256_dpbusd_avx_epi32(acc[i][gg][h], v, xs[i][0]);
+                                acc[i][gg][h] = D::code_dot(acc[i][gg][h], v, xs[i][0]);
                             }
                         } else {
                             let lo = _mm256_shuffle_epi8(self.table, _mm256_and_si256(v, m15));
                             let hi = _mm256_shuffle_epi8(self.table, _mm256_and_si256(_mm256_srli_epi16::<4>(v), m15));
                             for i in 0..R {
-                                acc[i][gg][h] = _mm256_dpbusd_avx_epi32(acc[i][gg][h], lo, xs[i][0]);
-                                acc[i][gg][h] = _mm256_dpbusd_avx_epi32(acc[i][gg][h], hi, xs[i][1]);
+                                acc[i][gg][h] = D::table_dot(acc[i][gg][h], lo, xs[i][0]);
+                                acc[i][gg][h] = D::table_dot(acc[i][gg][h], hi, xs[i][1]);
                             }
                         }
                     }
