@@ -4,6 +4,9 @@ use lowbit::linear::{QuantLinear, QuantWeight};
 use std::time::Instant;
 
 fn main() -> lowbit::Result<()> {
+    // LINGER_US=N: how long a worker polls after a split (`lowbit::cpu::set_thread_linger`; 300 as the tool).
+    let linger_us = std::env::var("LINGER_US").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    lowbit::cpu::set_thread_linger(std::time::Duration::from_micros(linger_us));
     let m: usize = std::env::var("M").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     // SHAPE=OUTxIN (default 4096x14336).
     let shape = std::env::var("SHAPE").unwrap_or_else(|_| "4096x14336".into());

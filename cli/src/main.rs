@@ -764,6 +764,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A process that runs layers back to back: keep the second thread awake between splits (README §Performance).
+    lowbit::cpu::set_thread_linger(std::time::Duration::from_micros(300));
     let uses_gpu = match &cli.command {
         Command::Demo { .. } => true,
         Command::Forward { device, .. } | Command::Bench { device, .. } => *device == Device::Gpu,
