@@ -15,12 +15,14 @@ fn main() -> lowbit::Result<()> {
         .and_then(|(o, i)| Some((o.parse::<usize>().ok()?, i.parse::<usize>().ok()?)))
         .unwrap_or((4096, 14336));
     let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 5000.0).collect();
+    // BS=N: the 4-bit block size (default 64).
+    let bs: usize = std::env::var("BS").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
     let weight = match std::env::var("FORMAT").as_deref() {
         Ok("int8") => {
             QuantWeight::Int8(lowbit::affine::quantize(&w, &[out, inp], lowbit::affine::Granularity::PerChannel)?)
         }
-        Ok("nf4-dq") => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, true)?),
-        _ => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], 64, false)?),
+        Ok("nf4-dq") => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], bs, true)?),
+        _ => QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w, &[out, inp], bs, false)?),
     };
     let mut layer = QuantLinear::new(weight, None)?;
     // LORA=R: one rank-R adapter.

@@ -255,13 +255,20 @@ fn matmul_rows(
     threads: &[usize],
     int8: &Arc<QuantLinear>,
     nf4: &Arc<QuantLinear>,
+    nf4_dq: &Arc<QuantLinear>,
     ggml: Option<&Ggml>,
 ) {
     let (out, inp) = parse(shape);
     for &m in ms {
         for &t in threads {
-            for is_int8 in [true, false] {
-                let layer = if is_int8 { int8 } else { nf4 };
+            // NF4 with double-quantized scales (QLoRA's default) at M = 1, where the bytes read set the time.
+            let formats: &[(&'static str, &Arc<QuantLinear>)] = if m == 1 {
+                &[("int8 channel", int8), ("nf4 b64", nf4), ("nf4 b64+dq", nf4_dq)]
+            } else {
+                &[("int8 channel", int8), ("nf4 b64", nf4)]
+            };
+            for &(fmt, layer) in formats {
+                let is_int8 = fmt.starts_with("int8");
                 // The int8-activation rows with the interleaved layout built, as an engine would at load.
                 let act8_layer = Arc::new({
                     let mut l = QuantLinear::clone(layer);
@@ -289,7 +296,7 @@ fn matmul_rows(
                     op: format!("{} M={m}", if m == 1 { "gemv" } else { "gemm" }),
                     shape: shape.into(),
                     threads: t,
-                    lowbit_fmt: if is_int8 { "int8 channel" } else { "nf4 b64" },
+                    lowbit_fmt: fmt,
                     lowbit: vec![
                         ("f32", lowbit_forward(layer.clone(), m, t, Activations::F32)),
                         ("act8", lowbit_forward(act8_layer.clone(), m, t, Activations::Int8)),
@@ -349,8 +356,15 @@ fn main() {
             )
             .unwrap(),
         );
+        let nf4_dq = Arc::new(
+            QuantLinear::new(
+                QuantWeight::FourBit(lowbit::nf4::quantize_nf4(&w[..], &[out, inp], 64, true).unwrap()),
+                None,
+            )
+            .unwrap(),
+        );
         let ms: &[usize] = if shape == "4096x14336" || quick { &[1, 8, 64] } else { &[1, 8] };
-        matmul_rows(&mut rows, &w, shape, ms, &threads, &int8, &nf4, ggml.as_ref());
+        matmul_rows(&mut rows, &w, shape, ms, &threads, &int8, &nf4, &nf4_dq, ggml.as_ref());
     }
 
     // Interleaved rounds: every measurement once per round, in the same order.

@@ -495,6 +495,12 @@ mod tests {
                             true,
                         );
                         let il = l.view().act8_interleaved.unwrap();
+                        // Double-quantized scales stay codes in the layout; the same layout with f32 scales must
+                        // give the same bits on every kernel (direct decode at m ≤ 2 / 4, decoded ahead above).
+                        let f32_scales = matches!(scheme, Scheme::FourBit { double_quant: true, .. }).then(|| {
+                            Act8Interleaved::build_with(l.weight(), out, inp, l.view().block_scales(), false).unwrap()
+                        });
+                        assert_eq!(il.scales_are_codes(), f32_scales.is_some(), "{scheme:?}: coded scales");
                         type Kernel = unsafe fn(super::Act8View<'_>, &Act8Interleaved, usize, usize, usize, &mut [f32]);
                         use crate::cpu::linear_act8_interleaved_256 as k256;
                         use crate::cpu::x86_features as f;
@@ -508,16 +514,25 @@ mod tests {
                             ("256-bit maddubs", k256::base_interleaved_256_maddubs, f::Avx2::detect().is_some()),
                         ];
                         // The kernel alone on rows o0..o0 + ob, into a zeroed `[m, ob]`.
-                        let rows = |kernel: Kernel, o0: usize, ob: usize| {
+                        let rows_of = |il: &Act8Interleaved, kernel: Kernel, o0: usize, ob: usize| {
                             let mut y = vec![0f32; m * ob];
                             // SAFETY: each kernel runs only where its features were detected (the filter below).
                             unsafe { kernel(act.view(), il, m, o0, ob, &mut y) };
                             y
                         };
+                        let rows = |kernel: Kernel, o0: usize, ob: usize| rows_of(il, kernel, o0, ob);
                         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                         let mut first: Option<Vec<f32>> = None;
                         for (name, kernel, _) in kernels.into_iter().filter(|k| k.2) {
                             let whole = rows(kernel, 0, out);
+                            if let Some(plain) = &f32_scales {
+                                let want = rows_of(plain, kernel, 0, out);
+                                assert_eq!(
+                                    bits(&want),
+                                    bits(&whole),
+                                    "{scheme:?} {out}x{inp} M={m}: {name} coded scales"
+                                );
+                            }
                             // Every kernel makes the same integers and the same f32 operations per lane: the same
                             // bits.
                             if let Some(f) = &first {

@@ -11,12 +11,17 @@
 //! looked up in the int8 table, are 16 lanes × 4 consecutive columns: the `vpdpbusd` operand against the 4
 //! `x` codes `8p..8p+4` broadcast to every lane; the high nibbles go with `x` codes `8p+4..8p+8`.
 //! Scales: `[groups][in / blocksize][16]`, each the block's absmax / 127 (the kernel's int8 table is
-//! `round(127·T)`).
+//! `round(127·T)`). Double-quantized scales (`docs/formats.md` §3) stay 8-bit codes in the same order
+//! ([`LaneScales::Codes`]), one byte per block and row instead of four: the kernel decodes 16 at once with one
+//! gather from the 256-entry map and the same f32 operations as the weight's decoded scales, so the same bits,
+//! and the layout reads 4.16 bits per weight instead of 4.5 at block 64 (the GEMV is bound by those bytes).
 //!
 //! Int8 weights: pieces of 4 columns, byte `4r + j` of piece `p` the code of row `16g + r` at column `4p + j`
 //! (the `vpdpbusd` operand as loaded); scales and zero points `[groups][entries per row][16]`.
 
 use crate::format::affine::Granularity;
+use crate::format::double_quant::DoubleQuantScales;
+use crate::format::four_bit::BlockScales;
 use crate::format::layer::QuantWeight;
 use crate::reference::act8::int8_table;
 use crate::reference::nf4::code_at;
@@ -41,13 +46,51 @@ pub(crate) struct Act8Interleaved {
     /// 4-bit: `[groups][in / 8][64]` packed code bytes. Int8: `[groups][in / 4][64]` codes, byte `4r + j` of
     /// piece `p` the code of row `16g + r` at column `4p + j`.
     pub bytes: Vec<u8>,
-    /// `[groups][per_row][16]` scales: 4-bit block absmax / 127, int8 scales (zero on padding rows).
-    pub scales: Vec<f32>,
+    /// Every group's 16 scales per parameter entry.
+    pub scales: LaneScales,
     /// Int8 only: `[groups][per_row][16]` zero points (empty for 4-bit weights).
     pub zero_points: Vec<i32>,
     /// 4-bit only: the int8 table plus 128, as the unsigned bytes `vpdpbusd` multiplies.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub table: [u8; 16],
+}
+
+/// The scales of a group's 16 rows, per parameter entry.
+#[derive(Clone)]
+pub(crate) enum LaneScales {
+    /// `[groups][per_row][16]` f32: a 4-bit block's absmax / 127, or an int8 scale (zero on padding rows).
+    F32(Vec<f32>),
+    /// A double-quantized 4-bit weight's scales as their codes, decoded per lane as
+    /// `((map[code] · nested) + offset) · (1/127)` (three separately rounded f32 operations): the same bits as the
+    /// decoded scale times 1/127 (checked for every entry when built).
+    Codes(CodedScales),
+}
+
+/// Double-quantized block scales in the interleaved order (see [`LaneScales::Codes`]).
+#[derive(Clone)]
+pub(crate) struct CodedScales {
+    /// `[groups][per_row][16]` 8-bit codes (0 on padding rows).
+    pub codes: Vec<u8>,
+    /// The 256-entry map the codes index.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub map: Box<[f32; 256]>,
+    /// The weight's offset, added after the nested scaling.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub offset: f32,
+    /// `[groups][per_row]`: the run of 16 nested scales (an index into `nested`) that entry's lanes take. Private:
+    /// every index is below `nested.len() / 16` (checked when built), which the kernels' raw reads rely on.
+    run_of: Vec<u32>,
+    /// `[runs][16]` nested absmax per lane (0 on padding rows); a new run starts wherever a lane's nested block
+    /// changes along a group's entries.
+    pub nested: Vec<f32>,
+}
+
+impl CodedScales {
+    /// The run of nested scales of every `[group][entry]` (each below `nested.len() / 16`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub fn run_of(&self) -> &[u32] {
+        &self.run_of
+    }
 }
 
 impl Act8Interleaved {
@@ -70,7 +113,19 @@ impl Act8Interleaved {
 
     /// The layout of `weight` (`[out, n_in]`; `scales`: a 4-bit weight's decoded block scales), or `None` when
     /// it does not [`fit`](Self::fits).
+    /// Double-quantized scales are kept as codes ([`LaneScales::Codes`]) wherever they decode to the same bits.
     pub fn build(weight: &QuantWeight, out: usize, n_in: usize, scales: &[f32]) -> Option<Act8Interleaved> {
+        Self::build_with(weight, out, n_in, scales, true)
+    }
+
+    /// [`build`](Self::build), with 4-bit scales always as f32 when `codes` is false (tests compare both forms).
+    pub(crate) fn build_with(
+        weight: &QuantWeight,
+        out: usize,
+        n_in: usize,
+        scales: &[f32],
+        codes: bool,
+    ) -> Option<Act8Interleaved> {
         if !Self::fits(weight, n_in) {
             return None;
         }
@@ -86,8 +141,15 @@ impl Act8Interleaved {
                     code(o, 8 * p + j) | (code(o, 8 * p + 4 + j) << 4)
                 });
                 let per_row = n_in / bs;
-                let scales = interleave_params(out, groups, per_row, |o, b| {
-                    scales[o * per_row + b] * super::linear_act8::INV127
+                let scales = match t.scales() {
+                    BlockScales::Double(dq) if codes => coded_scales(dq, out, groups, per_row, scales),
+                    _ => None,
+                }
+                .map(LaneScales::Codes)
+                .unwrap_or_else(|| {
+                    LaneScales::F32(interleave_params(out, groups, per_row, |o, b| {
+                        scales[o * per_row + b] * super::linear_act8::INV127
+                    }))
                 });
                 let c = int8_table(t.table());
                 let shift = (bs / 32).trailing_zeros();
@@ -120,7 +182,7 @@ impl Act8Interleaved {
                     param_of_block: (0..nb).map(|kb| (32 * kb / group) as u32).collect(),
                     per_row,
                     bytes,
-                    scales: interleave_params(out, groups, per_row, |o, b| t.scales()[entry(o, b)]),
+                    scales: LaneScales::F32(interleave_params(out, groups, per_row, |o, b| t.scales()[entry(o, b)])),
                     zero_points: interleave_params(out, groups, per_row, |o, b| t.zero_points()[entry(o, b)] as i32),
                     table: [0; 16],
                 }))
@@ -128,10 +190,26 @@ impl Act8Interleaved {
         }
     }
 
-    /// `il` after asserting the invariant the kernels rely on: every block's parameter entry is inside a row.
+    /// `il` after asserting the invariants the kernels rely on: every block's parameter entry is inside a row,
+    /// the scales have an entry per group, parameter entry and row, and every coded entry's run is inside `nested`.
     fn checked(il: Act8Interleaved) -> Act8Interleaved {
         assert!(il.param_of_block.iter().all(|&p| (p as usize) < il.per_row), "act8 layout: parameter entries");
+        let entries = il.groups * il.per_row;
+        match &il.scales {
+            LaneScales::F32(v) => assert_eq!(v.len(), entries * ROWS, "act8 layout: scales"),
+            LaneScales::Codes(c) => {
+                assert!(c.codes.len() == entries * ROWS && c.run_of.len() == entries, "act8 layout: coded scales");
+                let runs = c.nested.len() / ROWS;
+                assert!(c.run_of.iter().all(|&r| (r as usize) < runs), "act8 layout: nested runs");
+            }
+        }
         il
+    }
+
+    /// Whether the scales are kept as double-quantization codes ([`LaneScales::Codes`]).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub fn scales_are_codes(&self) -> bool {
+        matches!(self.scales, LaneScales::Codes(_))
     }
 
     /// Per 32-block of a row, its parameter entry within the row (each below [`per_row`](Self::per_row)).
@@ -177,16 +255,20 @@ impl Act8Interleaved {
         );
         let piece_bytes = if self.is_int8() { 16 } else { 8 }; // bytes of a group per column
         assert!(self.bytes.len() == self.groups * n_in * piece_bytes);
-        assert!(self.scales.len() == self.groups * self.per_row * ROWS);
-        assert!(!self.is_int8() || self.zero_points.len() == self.scales.len());
-        // Every entry of `param_of_block` is below `per_row`: checked once when the layout was built.
+        assert!(!self.is_int8() || self.zero_points.len() == self.groups * self.per_row * ROWS);
+        // Every entry of `param_of_block` is below `per_row`, the scales' sizes and the coded scales' runs: checked
+        // once when the layout was built.
         assert!(self.param_of_block.len() == nb);
         assert!(o0 + ob <= self.groups * ROWS && out_len >= m * ob);
     }
 
     /// Heap bytes held.
     pub fn bytes(&self) -> usize {
-        self.bytes.len() + 4 * (self.scales.len() + self.zero_points.len() + self.param_of_block.len())
+        let scales = match &self.scales {
+            LaneScales::F32(v) => 4 * v.len(),
+            LaneScales::Codes(c) => c.codes.len() + 4 * (256 + c.run_of.len() + c.nested.len()),
+        };
+        self.bytes.len() + scales + 4 * (self.zero_points.len() + self.param_of_block.len())
     }
 }
 
@@ -204,6 +286,74 @@ fn interleave_pieces(out: usize, groups: usize, pieces: usize, byte: impl Fn(usi
         }
     }
     bytes
+}
+
+thread_local! {
+    static DECODED_SCALES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's buffer for decoded scales, `len` floats long (grown when a call needs more, kept for
+/// the thread's next call: no allocation once it is large enough). Kernels that pass over the same groups several
+/// times (several rows of `x`) decode coded scales into it once per call.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn with_decoded_scales<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    DECODED_SCALES.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// A double-quantized weight's scales in the interleaved order, or `None` when some entry's decode
+/// `((map[code] · nested) + offset) · (1/127)` would not give the bits of `decoded[i] · (1/127)` (it always does
+/// for the formats' arithmetic; the check keeps the kernels exact whatever a file holds).
+fn coded_scales(
+    dq: &DoubleQuantScales,
+    out: usize,
+    groups: usize,
+    per_row: usize,
+    decoded: &[f32],
+) -> Option<CodedScales> {
+    use super::linear_act8::INV127;
+    let (codes, nested_absmax, offset, map) = (dq.codes(), dq.nested_absmax(), dq.offset(), dq.map());
+    let nbs = dq.nested_blocksize().max(1);
+    let nested_of = |o: usize, b: usize| nested_absmax.get((o * per_row + b) / nbs).copied();
+    for o in 0..out {
+        for b in 0..per_row {
+            let i = o * per_row + b;
+            let lane = ((map[*codes.get(i)? as usize] * nested_of(o, b)?) + offset) * INV127;
+            if lane.to_bits() != (decoded.get(i)? * INV127).to_bits() {
+                return None;
+            }
+        }
+    }
+    let mut run_of = Vec::with_capacity(groups * per_row);
+    let mut nested: Vec<f32> = Vec::new();
+    for g in 0..groups {
+        let rows = g * ROWS..((g + 1) * ROWS).min(out);
+        // The nested block of each lane at entry b (None on padding rows).
+        let blocks = |b: usize| -> [Option<usize>; ROWS] {
+            std::array::from_fn(|r| rows.contains(&(g * ROWS + r)).then(|| ((g * ROWS + r) * per_row + b) / nbs))
+        };
+        let mut last = None;
+        for b in 0..per_row {
+            let now = blocks(b);
+            if last != Some(now) {
+                nested.extend(now.map(|n| n.map_or(0.0, |n| nested_absmax[n])));
+                last = Some(now);
+            }
+            run_of.push((nested.len() / ROWS - 1) as u32);
+        }
+    }
+    Some(CodedScales {
+        codes: interleave_params(out, groups, per_row, |o, b| codes[o * per_row + b]),
+        map: Box::new(*map),
+        offset,
+        run_of,
+        nested,
+    })
 }
 
 /// `[groups][per_row][16]` parameters: entry `b` of row `16g + r` at `(g·per_row + b)·16 + r` (default on padding
@@ -227,5 +377,41 @@ fn interleave_params<T: Copy + Default>(
 impl std::fmt::Debug for Act8Interleaved {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Act8Interleaved {{ groups: {}, in: {}, bytes: {} }}", self.groups, self.n_in, self.bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::scheme::Scheme;
+
+    /// Coded scales are kept only when every entry decodes to the bits of the decoded scale, so a layout never
+    /// silently changes a kernel's result; runs follow each lane's nested block.
+    #[test]
+    fn coded_scales_are_kept_only_where_they_decode_to_the_same_bits() {
+        use super::super::linear_act8::INV127;
+        // 40 rows × 320 columns at block 32: 10 entries per row, nested blocks of 256 entries (25.6 rows). Group 0
+        // (rows 0..16) lies in nested block 0; in group 1 row 25 changes block at entry 6 (rows 26.. are in block
+        // 1): two runs; group 2 (rows 32..40, then padding) lies in block 1.
+        let (out, n_in, per_row) = (40, 320, 10);
+        let w: Vec<f32> = (0..out * n_in).map(|i| ((i * 37 % 101) as f32 - 50.0) * (1.0 + (i / 977) as f32)).collect();
+        let weight = QuantWeight::quantize(&w, &[out, n_in], Scheme::nf4(32, true)).unwrap();
+        let QuantWeight::FourBit(t) = &weight else { panic!("4-bit") };
+        let BlockScales::Double(dq) = t.scales() else { panic!("double-quantized") };
+        let decoded = t.decoded_scales();
+        let c = coded_scales(dq, out, 3, per_row, decoded).expect("the formats' decode gives the same bits");
+        assert_eq!(c.nested.len() / ROWS, 4);
+        for o in 0..out {
+            for b in 0..per_row {
+                let (g, r) = (o / ROWS, o % ROWS);
+                let run = c.run_of()[g * per_row + b] as usize;
+                let code = c.codes[(g * per_row + b) * ROWS + r] as usize;
+                let got = ((c.map[code] * c.nested[run * ROWS + r]) + c.offset) * INV127;
+                assert_eq!(got.to_bits(), (decoded[o * per_row + b] * INV127).to_bits(), "row {o} entry {b}");
+            }
+        }
+        let mut tampered = decoded.to_vec();
+        tampered[77] = f32::from_bits(tampered[77].to_bits() ^ 1);
+        assert!(coded_scales(dq, out, 3, per_row, &tampered).is_none());
     }
 }

@@ -16,8 +16,8 @@
 //!   their top bit (each `vpmaddubsw` pair sum then fits an i16), summed in i32 from lanes at
 //!   `−zero point · Σ(x codes)`: exactly `vpdpbusd`.
 
-use super::linear_act8::Act8View;
-use super::linear_act8_interleaved::{Act8Interleaved, ROWS};
+use super::linear_act8::{Act8View, INV127};
+use super::linear_act8_interleaved::{with_decoded_scales, Act8Interleaved, LaneScales, ROWS};
 use super::x86_features::{avx2_fn, avxvnni_fn};
 use crate::reference::act8::BLOCK;
 use std::arch::x86_64::*;
@@ -115,26 +115,70 @@ unsafe fn base<D: Dot4>(act: Act8View<'_>, il: &Act8Interleaved, m: usize, o0: u
     let table = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(il.table.as_ptr() as *const __m128i) });
     // The stored table is c + 128; flipping the top bit gives c.
     let table = if D::SIGNED_TABLE { _mm256_xor_si256(table, _mm256_set1_epi8(-128)) } else { table };
-    let mut k = Kernel { act, il, table, o0, ob, out, dot: std::marker::PhantomData::<D> };
-    let (mut g, g1) = (o0 / ROWS, (o0 + ob).div_ceil(ROWS));
-    // One row of x: two groups per pass (four independent accumulator chains); more rows: one group, two rows.
-    if m == 1 {
-        while g + 2 <= g1 {
-            k.groups::<1, 2>(g, 0);
-            g += 2;
-        }
-    }
-    while g < g1 {
-        let mut r0 = 0;
-        while r0 < m {
-            if m - r0 == 1 {
-                k.groups::<1, 1>(g, r0);
-            } else {
-                k.groups::<2, 1>(g, r0);
+    let (g0, g1) = (o0 / ROWS, (o0 + ob).div_ceil(ROWS));
+    let mut k = Kernel {
+        act,
+        il,
+        table,
+        o0,
+        ob,
+        out,
+        f32_scales: match &il.scales {
+            LaneScales::F32(v) => v.as_ptr(),
+            LaneScales::Codes(_) => std::ptr::null(),
+        },
+        f32_group0: 0,
+        dot: std::marker::PhantomData::<D>,
+    };
+    if m > 2 && il.scales_are_codes() {
+        // Several passes over each group (2 rows of x each): decode the coded scales once, not once per pass.
+        let len = (g1 - g0) * il.per_row() * ROWS;
+        return with_decoded_scales(len, |buf| {
+            for g in g0..g1 {
+                for param in 0..il.per_row() {
+                    // SAFETY: g < groups, param < per_row; the 16 floats are inside `buf` (len above).
+                    unsafe {
+                        let at = buf.as_mut_ptr().add(((g - g0) * il.per_row() + param) * ROWS);
+                        let [lo, hi] = k.scales(g, param);
+                        _mm256_storeu_ps(at, lo);
+                        _mm256_storeu_ps(at.add(8), hi);
+                    }
+                }
             }
-            r0 += (m - r0).min(2);
+            (k.f32_scales, k.f32_group0) = (buf.as_ptr(), g0);
+            // SAFETY: as the caller's.
+            unsafe { k.passes(m, g0, g1) }
+        });
+    }
+    // SAFETY: as the caller's.
+    unsafe { k.passes(m, g0, g1) }
+}
+
+impl<D: Dot4> Kernel<'_, '_, D> {
+    /// Every group from `g0` to `g1` against every row of `x`.
+    #[inline(always)]
+    unsafe fn passes(&mut self, m: usize, g0: usize, g1: usize) {
+        let mut g = g0;
+        let k = self;
+        // One row of x: two groups per pass (four independent accumulator chains); more rows: one group, two rows.
+        if m == 1 {
+            while g + 2 <= g1 {
+                k.groups::<1, 2>(g, 0);
+                g += 2;
+            }
         }
-        g += 1;
+        while g < g1 {
+            let mut r0 = 0;
+            while r0 < m {
+                if m - r0 == 1 {
+                    k.groups::<1, 1>(g, r0);
+                } else {
+                    k.groups::<2, 1>(g, r0);
+                }
+                r0 += (m - r0).min(2);
+            }
+            g += 1;
+        }
     }
 }
 
@@ -145,10 +189,42 @@ struct Kernel<'a, 'o, D> {
     o0: usize,
     ob: usize,
     out: &'o mut [f32],
+    /// f32 scales `[groups from f32_group0][per_row][16]`: the layout's, or the call's coded scales decoded ahead;
+    /// null while coded scales are decoded where they are used.
+    f32_scales: *const f32,
+    f32_group0: usize,
     dot: std::marker::PhantomData<D>,
 }
 
 impl<D: Dot4> Kernel<'_, '_, D> {
+    /// The 16 rows' scales (two halves of 8) of parameter entry `param` of `group` (both in range): loaded, or
+    /// decoded from double-quantization codes with a gather per half and the decoded scales' f32 operations.
+    #[inline(always)]
+    unsafe fn scales(&self, group: usize, param: usize) -> [__m256; 2] {
+        if !self.f32_scales.is_null() {
+            let at = ((group - self.f32_group0) * self.il.per_row() + param) * ROWS;
+            // SAFETY: f32_group0 ≤ group and param < per_row: inside the f32 scales (the layout's, sized when built,
+            // or the call's decoded buffer).
+            return std::array::from_fn(|h| unsafe { _mm256_loadu_ps(self.f32_scales.add(at + 8 * h)) });
+        }
+        let entry = group * self.il.per_row() + param;
+        std::array::from_fn(|h| match &self.il.scales {
+            LaneScales::F32(_) => _mm256_setzero_ps(), // never: f32 scales are read through `f32_scales`
+            LaneScales::Codes(c) => {
+                // SAFETY: entry < groups · per_row: 16 codes inside `codes` and a run index below `nested.len() / 16`
+                // (checked when built); the codes are below 256, inside `map`.
+                unsafe {
+                    let run = *c.run_of().get_unchecked(entry) as usize;
+                    let nested = _mm256_loadu_ps(c.nested.as_ptr().add(run * ROWS + 8 * h));
+                    let codes = _mm_loadl_epi64(c.codes.as_ptr().add(entry * ROWS + 8 * h) as *const __m128i);
+                    let mapped = _mm256_i32gather_ps::<4>(c.map.as_ptr(), _mm256_cvtepu8_epi32(codes));
+                    let absmax = _mm256_add_ps(_mm256_mul_ps(mapped, nested), _mm256_set1_ps(c.offset));
+                    _mm256_mul_ps(absmax, _mm256_set1_ps(INV127))
+                }
+            }
+        })
+    }
+
     /// Groups `g..g + G` (16 weight rows each, two halves of 8 lanes) against rows `r0..r0 + R` of `x` (all
     /// below `m`); adds the sums of the group rows inside `o0..o0 + ob` into `out`.
     #[inline(always)]
@@ -162,8 +238,18 @@ impl<D: Dot4> Kernel<'_, '_, D> {
         let (pieces, per_block) = if int8 { (n_in / 4, BLOCK / 4) } else { (n_in / 8, BLOCK / 8) };
         let m15 = _mm256_set1_epi8(15);
         let mut y = [[[_mm256_setzero_ps(); 2]; G]; R];
+        // The groups' scales of the current parameter entry (decoded again only when the entry changes).
+        let mut ws = [[_mm256_setzero_ps(); 2]; G];
+        let mut ws_param = usize::MAX;
         for kb in 0..nb {
             let param = il.param_of_block()[kb] as usize;
+            if param != ws_param {
+                for gg in 0..G {
+                    // SAFETY: g + gg < groups and param < per_row.
+                    ws[gg] = unsafe { self.scales(g + gg, param) };
+                }
+                ws_param = param;
+            }
             let mut acc = [[[_mm256_setzero_si256(); 2]; G]; R];
             for i in 0..R {
                 let sum = act.sums[(r0 + i) * nb + kb];
@@ -219,14 +305,14 @@ impl<D: Dot4> Kernel<'_, '_, D> {
                 }
             }
             for gg in 0..G {
-                let at = ((g + gg) * il.per_row() + param) * ROWS;
                 for h in 0..2 {
-                    // SAFETY: at + 16 ≤ scales.len() (asserted).
-                    let ws = unsafe { _mm256_loadu_ps(il.scales.as_ptr().add(at + 8 * h)) };
                     for i in 0..R {
                         let d = _mm256_set1_ps(act.d[(r0 + i) * nb + kb]);
-                        y[i][gg][h] =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][gg][h]), _mm256_mul_ps(ws, d), y[i][gg][h]);
+                        y[i][gg][h] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(acc[i][gg][h]),
+                            _mm256_mul_ps(ws[gg][h], d),
+                            y[i][gg][h],
+                        );
                     }
                 }
             }

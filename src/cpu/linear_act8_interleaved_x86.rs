@@ -7,8 +7,8 @@
 //! (int8 weights: 8 loads of the codes themselves, and the start `−zero_point · Σ x`);
 //! only the order of the f32 block sums differs (blocks in column order, one chain per row).
 
-use super::linear_act8::Act8View;
-use super::linear_act8_interleaved::{Act8Interleaved, ROWS};
+use super::linear_act8::{Act8View, INV127};
+use super::linear_act8_interleaved::{with_decoded_scales, Act8Interleaved, LaneScales, ROWS};
 use super::x86_features::avx512vnni_fn;
 use crate::reference::act8::BLOCK;
 use std::arch::x86_64::*;
@@ -21,7 +21,8 @@ pub(crate) unsafe fn base_interleaved(act: Act8View<'_>, il: &Act8Interleaved, m
     if ob == 0 {
         return;
     }
-    let k = Kernel {
+    let (g0, g1) = (o0 / ROWS, (o0 + ob).div_ceil(ROWS));
+    let mut k = Kernel {
         act,
         il,
         // SAFETY: 16 readable bytes.
@@ -29,22 +30,54 @@ pub(crate) unsafe fn base_interleaved(act: Act8View<'_>, il: &Act8Interleaved, m
         o0,
         ob,
         out: out.as_mut_ptr(),
+        f32_scales: match &il.scales {
+            LaneScales::F32(v) => v.as_ptr(),
+            LaneScales::Codes(_) => std::ptr::null(),
+        },
+        f32_group0: 0,
     };
-    let (g0, g1) = (o0 / ROWS, (o0 + ob).div_ceil(ROWS));
-    let mut r0 = 0;
-    while r0 < m {
-        let rr = (m - r0).min(4);
-        let mut g = g0;
-        // Several groups per pass for independent accumulator chains; fewer when several x rows share them.
-        if il.is_int8() {
-            g = k.all_groups::<Int8Pieces>(g, g1, r0, rr);
-        } else {
-            g = k.all_groups::<FourBitPieces>(g, g1, r0, rr);
-        }
-        debug_assert_eq!(g, g1);
-        r0 += rr;
+    if m > 4 && il.scales_are_codes() {
+        // Several passes over the groups (4 rows of x each): decode the coded scales once, not once per pass.
+        let len = (g1 - g0) * il.per_row() * ROWS;
+        return with_decoded_scales(len, |buf| {
+            for g in g0..g1 {
+                for param in 0..il.per_row() {
+                    // SAFETY: g < groups, param < per_row; the 16 floats are inside `buf` (len above).
+                    unsafe {
+                        let at = buf.as_mut_ptr().add(((g - g0) * il.per_row() + param) * ROWS);
+                        _mm512_storeu_ps(at, k.scales(g, param));
+                    }
+                }
+            }
+            (k.f32_scales, k.f32_group0) = (buf.as_ptr(), g0);
+            // SAFETY: as the caller's.
+            unsafe { k.passes(m, g0, g1) }
+        });
     }
+    // SAFETY: as the caller's.
+    unsafe { k.passes(m, g0, g1) }
 }
+}
+
+impl Kernel<'_> {
+    /// Every pass of 4 rows of `x` over groups `g0..g1`.
+    #[inline(always)]
+    unsafe fn passes(&self, m: usize, g0: usize, g1: usize) {
+        let (k, il) = (self, self.il);
+        let mut r0 = 0;
+        while r0 < m {
+            let rr = (m - r0).min(4);
+            let mut g = g0;
+            // Several groups per pass for independent accumulator chains; fewer when several x rows share them.
+            if il.is_int8() {
+                g = k.all_groups::<Int8Pieces>(g, g1, r0, rr);
+            } else {
+                g = k.all_groups::<FourBitPieces>(g, g1, r0, rr);
+            }
+            debug_assert_eq!(g, g1);
+            r0 += rr;
+        }
+    }
 }
 
 struct Kernel<'a> {
@@ -54,6 +87,10 @@ struct Kernel<'a> {
     o0: usize,
     ob: usize,
     out: *mut f32,
+    /// f32 scales `[groups from f32_group0][per_row][16]`: the layout's, or the call's coded scales decoded ahead;
+    /// null while coded scales are decoded where they are used.
+    f32_scales: *const f32,
+    f32_group0: usize,
 }
 
 /// How a weight kind feeds `vpdpbusd`: per group and 32-block of `x`, `PER_BLOCK` pieces (64-byte loads),
@@ -149,6 +186,35 @@ impl Kernel<'_> {
         g
     }
 
+    /// The 16 rows' scales of parameter entry `param` of `group` (both in range): loaded, or decoded from
+    /// double-quantization codes with one gather and the decoded scales' f32 operations (the same bits).
+    #[inline(always)]
+    unsafe fn scales(&self, group: usize, param: usize) -> __m512 {
+        if !self.f32_scales.is_null() {
+            let at = ((group - self.f32_group0) * self.il.per_row() + param) * ROWS;
+            // SAFETY: f32_group0 ≤ group and param < per_row: inside the f32 scales (the layout's, sized when built,
+            // or the call's decoded buffer).
+            return unsafe { _mm512_loadu_ps(self.f32_scales.add(at)) };
+        }
+        let entry = group * self.il.per_row() + param;
+        match &self.il.scales {
+            LaneScales::F32(_) => _mm512_setzero_ps(), // never: f32 scales are read through `f32_scales`
+            LaneScales::Codes(c) => {
+                // SAFETY: entry < groups · per_row: 16 codes inside `codes` and a run index below `nested.len() / 16`
+                // (checked when built); the codes are below 256, inside `map`.
+                unsafe {
+                    let run = *c.run_of().get_unchecked(entry) as usize;
+                    let nested = _mm512_loadu_ps(c.nested.as_ptr().add(run * ROWS));
+                    let codes =
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128(c.codes.as_ptr().add(entry * ROWS) as *const __m128i));
+                    let mapped = _mm512_i32gather_ps::<4>(codes, c.map.as_ptr());
+                    let absmax = _mm512_add_ps(_mm512_mul_ps(mapped, nested), _mm512_set1_ps(c.offset));
+                    _mm512_mul_ps(absmax, _mm512_set1_ps(INV127))
+                }
+            }
+        }
+    }
+
     /// Groups `g..g + G` against rows `r0..r0 + RR` of `x`; adds into the lanes of `out` inside `o0..o0 + ob`.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // gg and i index several arrays in step
@@ -157,8 +223,18 @@ impl Kernel<'_> {
         let n_in = il.n_in;
         let nb = n_in / BLOCK;
         let mut y = [[_mm512_setzero_ps(); G]; RR];
+        // The groups' scales of the current parameter entry (decoded again only when the entry changes).
+        let mut ws = [_mm512_setzero_ps(); G];
+        let mut ws_param = usize::MAX;
         for kb in 0..nb {
             let param = il.param_of_block()[kb] as usize;
+            if param != ws_param {
+                for gg in 0..G {
+                    // SAFETY: g + gg < groups and param < per_row.
+                    ws[gg] = unsafe { self.scales(g + gg, param) };
+                }
+                ws_param = param;
+            }
             let mut acc = [[_mm512_setzero_si512(); G]; RR];
             for i in 0..RR {
                 let sum = act.sums[(r0 + i) * nb + kb];
@@ -186,11 +262,9 @@ impl Kernel<'_> {
                 }
             }
             for gg in 0..G {
-                // SAFETY: g + gg < groups and param < per_row: 16 scales inside `scales`.
-                let ws = unsafe { _mm512_loadu_ps(il.scales.as_ptr().add(((g + gg) * il.per_row() + param) * ROWS)) };
                 for i in 0..RR {
                     let d = _mm512_set1_ps(act.d[(r0 + i) * nb + kb]);
-                    y[i][gg] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][gg]), _mm512_mul_ps(ws, d), y[i][gg]);
+                    y[i][gg] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][gg]), _mm512_mul_ps(ws[gg], d), y[i][gg]);
                 }
             }
         }

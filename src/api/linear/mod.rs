@@ -98,7 +98,8 @@ impl QuantLinear {
     /// documents the layout), as an engine
     /// would at load time for a model it runs with [`Activations::Int8`](crate::linear::Activations). Forwards
     /// with int8 activations then use it; their results stay within the same bound. It costs the weight's
-    /// packed bytes and its scales a second time (see [`QuantLinear::act8_layout_bytes`]); the f32 mode, the
+    /// packed bytes and its scales a second time (see [`QuantLinear::act8_layout_bytes`]; double-quantized scales
+    /// stay 8-bit codes there, decoded by the kernel to the same bits); the f32 mode, the
     /// backward, `weight()` and every file are unchanged. Returns whether a copy was built: `false` (and
     /// nothing held) when this CPU has neither VNNI kernel, or the weight does not fit the
     /// layout (rows not a multiple of 64; 4-bit block sizes below 32, not powers of two, or not dividing the
