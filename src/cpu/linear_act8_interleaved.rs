@@ -74,6 +74,9 @@ pub(crate) struct CodedScales {
     /// The 256-entry map the codes index.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub map: Box<[f32; 256]>,
+    /// Byte `k` (little-endian) of every map entry's f32 bits, plane by plane (the VBMI decode's lookup tables).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub map_planes: Box<[[u8; 256]; 4]>,
     /// The weight's offset, added after the nested scaling.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub offset: f32,
@@ -266,7 +269,7 @@ impl Act8Interleaved {
     pub fn bytes(&self) -> usize {
         let scales = match &self.scales {
             LaneScales::F32(v) => 4 * v.len(),
-            LaneScales::Codes(c) => c.codes.len() + 4 * (256 + c.run_of.len() + c.nested.len()),
+            LaneScales::Codes(c) => c.codes.len() + 4 * 256 + 4 * (256 + c.run_of.len() + c.nested.len()),
         };
         self.bytes.len() + scales + 4 * (self.zero_points.len() + self.param_of_block.len())
     }
@@ -350,6 +353,7 @@ fn coded_scales(
     Some(CodedScales {
         codes: interleave_params(out, groups, per_row, |o, b| codes[o * per_row + b]),
         map: Box::new(*map),
+        map_planes: Box::new(std::array::from_fn(|k| std::array::from_fn(|i| (map[i].to_bits() >> (8 * k)) as u8))),
         offset,
         run_of,
         nested,

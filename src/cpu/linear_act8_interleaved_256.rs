@@ -16,7 +16,8 @@
 //!   their top bit (each `vpmaddubsw` pair sum then fits an i16), summed in i32 from lanes at
 //!   `−zero point · Σ(x codes)`: exactly `vpdpbusd`.
 
-use super::linear_act8::{Act8View, INV127};
+use super::linear_act8::Act8View;
+use super::linear_act8_coded_scales_x86::entry_half_256;
 use super::linear_act8_interleaved::{with_decoded_scales, Act8Interleaved, LaneScales, ROWS};
 use super::x86_features::{avx2_fn, avxvnni_fn};
 use crate::reference::act8::BLOCK;
@@ -210,18 +211,8 @@ impl<D: Dot4> Kernel<'_, '_, D> {
         let entry = group * self.il.per_row() + param;
         std::array::from_fn(|h| match &self.il.scales {
             LaneScales::F32(_) => _mm256_setzero_ps(), // never: f32 scales are read through `f32_scales`
-            LaneScales::Codes(c) => {
-                // SAFETY: entry < groups · per_row: 16 codes inside `codes` and a run index below `nested.len() / 16`
-                // (checked when built); the codes are below 256, inside `map`.
-                unsafe {
-                    let run = *c.run_of().get_unchecked(entry) as usize;
-                    let nested = _mm256_loadu_ps(c.nested.as_ptr().add(run * ROWS + 8 * h));
-                    let codes = _mm_loadl_epi64(c.codes.as_ptr().add(entry * ROWS + 8 * h) as *const __m128i);
-                    let mapped = _mm256_i32gather_ps::<4>(c.map.as_ptr(), _mm256_cvtepu8_epi32(codes));
-                    let absmax = _mm256_add_ps(_mm256_mul_ps(mapped, nested), _mm256_set1_ps(c.offset));
-                    _mm256_mul_ps(absmax, _mm256_set1_ps(INV127))
-                }
-            }
+            // SAFETY: entry < groups · per_row, h < 2.
+            LaneScales::Codes(c) => unsafe { entry_half_256(c, entry, h) },
         })
     }
 

@@ -7,7 +7,8 @@
 //! (int8 weights: 8 loads of the codes themselves, and the start `−zero_point · Σ x`);
 //! only the order of the f32 block sums differs (blocks in column order, one chain per row).
 
-use super::linear_act8::{Act8View, INV127};
+use super::linear_act8::Act8View;
+use super::linear_act8_coded_scales_x86::{decode_entries_512, entry_512};
 use super::linear_act8_interleaved::{with_decoded_scales, Act8Interleaved, LaneScales, ROWS};
 use super::x86_features::avx512vnni_fn;
 use crate::reference::act8::BLOCK;
@@ -36,19 +37,12 @@ pub(crate) unsafe fn base_interleaved(act: Act8View<'_>, il: &Act8Interleaved, m
         },
         f32_group0: 0,
     };
-    if m > 4 && il.scales_are_codes() {
+    if let (true, LaneScales::Codes(c)) = (m > 4, &il.scales) {
         // Several passes over the groups (4 rows of x each): decode the coded scales once, not once per pass.
         let len = (g1 - g0) * il.per_row() * ROWS;
         return with_decoded_scales(len, |buf| {
-            for g in g0..g1 {
-                for param in 0..il.per_row() {
-                    // SAFETY: g < groups, param < per_row; the 16 floats are inside `buf` (len above).
-                    unsafe {
-                        let at = buf.as_mut_ptr().add(((g - g0) * il.per_row() + param) * ROWS);
-                        _mm512_storeu_ps(at, k.scales(g, param));
-                    }
-                }
-            }
+            // SAFETY: entries g0·per_row.. for the len / 16 entries of groups g0..g1 < groups; AVX-512 enabled.
+            unsafe { decode_entries_512(c, g0 * il.per_row(), buf) };
             (k.f32_scales, k.f32_group0) = (buf.as_ptr(), g0);
             // SAFETY: as the caller's.
             unsafe { k.passes(m, g0, g1) }
@@ -199,19 +193,8 @@ impl Kernel<'_> {
         let entry = group * self.il.per_row() + param;
         match &self.il.scales {
             LaneScales::F32(_) => _mm512_setzero_ps(), // never: f32 scales are read through `f32_scales`
-            LaneScales::Codes(c) => {
-                // SAFETY: entry < groups · per_row: 16 codes inside `codes` and a run index below `nested.len() / 16`
-                // (checked when built); the codes are below 256, inside `map`.
-                unsafe {
-                    let run = *c.run_of().get_unchecked(entry) as usize;
-                    let nested = _mm512_loadu_ps(c.nested.as_ptr().add(run * ROWS));
-                    let codes =
-                        _mm512_cvtepu8_epi32(_mm_loadu_si128(c.codes.as_ptr().add(entry * ROWS) as *const __m128i));
-                    let mapped = _mm512_i32gather_ps::<4>(codes, c.map.as_ptr());
-                    let absmax = _mm512_add_ps(_mm512_mul_ps(mapped, nested), _mm512_set1_ps(c.offset));
-                    _mm512_mul_ps(absmax, _mm512_set1_ps(INV127))
-                }
-            }
+            // SAFETY: entry < groups · per_row.
+            LaneScales::Codes(c) => unsafe { entry_512(c, entry) },
         }
     }
 

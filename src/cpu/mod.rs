@@ -21,6 +21,8 @@ pub(crate) mod ggml_x86;
 pub(crate) mod linear_act8;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_act8_avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod linear_act8_coded_scales_x86;
 pub(crate) mod linear_act8_interleaved;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear_act8_interleaved_256;

@@ -15,6 +15,11 @@ pub(crate) struct Avx512(());
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Avx512Vnni(());
 
+/// Proof that this CPU has AVX-512 VBMI (byte permutes) on top of [`Avx512`]'s features (`avx512vbmi_fn!`'s
+/// feature list).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512Vbmi(());
+
 /// Proof that this CPU has AVX-VNNI (the VEX-encoded 256-bit `vpdpbusd`) on top of [`Avx2`]'s features
 /// (`avxvnni_fn!`'s feature list).
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +54,13 @@ impl Avx512 {
     }
 }
 
+impl Avx512Vbmi {
+    /// The token, if the CPU has every feature of `avx512vbmi_fn!`.
+    pub fn detect() -> Option<Avx512Vbmi> {
+        (Avx512::detect().is_some() && std::arch::is_x86_feature_detected!("avx512vbmi")).then_some(Avx512Vbmi(()))
+    }
+}
+
 impl Avx512Vnni {
     /// The token, if the CPU has every feature of `avx512vnni_fn!`.
     pub fn detect() -> Option<Avx512Vnni> {
@@ -75,6 +87,14 @@ macro_rules! avx512vnni_fn {
     };
 }
 pub(crate) use avx512vnni_fn;
+
+/// Compiles the wrapped functions for AVX-512 F/BW/VL/DQ + VBMI (+ AVX2, FMA, F16C).
+macro_rules! avx512vbmi_fn {
+    ($($item:item)*) => {
+        $( #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,f16c")] $item )*
+    };
+}
+pub(crate) use avx512vbmi_fn;
 
 /// Compiles the wrapped functions for AVX-VNNI (+ AVX2, FMA, F16C).
 macro_rules! avxvnni_fn {
