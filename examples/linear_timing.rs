@@ -73,13 +73,24 @@ fn main() -> lowbit::Result<()> {
             }
             Ok(())
         };
-        if in_pool {
+        if std::env::var("OWN_POOL").is_ok_and(|v| v == "1") {
+            // OWN_POOL=1: a pool of RAYON_NUM_THREADS built for this measurement, entered with `install` (as
+            // bench-peers measures).
+            let pool = rayon::ThreadPoolBuilder::new().build().expect("a thread pool");
+            pool.install(run)?;
+        } else if in_pool {
             rayon::scope(|_| run())?;
         } else {
             run()?;
         }
         times.sort_by(f64::total_cmp);
-        println!("{path}: {:.4} ms (median of {reps})", times[reps / 2] * 1e3);
+        println!(
+            "{path}: {:.4} ms (median of {reps}; min {:.4}, p10 {:.4}, p90 {:.4})",
+            times[reps / 2] * 1e3,
+            times[0] * 1e3,
+            times[reps / 10] * 1e3,
+            times[reps * 9 / 10] * 1e3
+        );
     }
     // Memory proxy: one pass summing the packed bytes (what a memory-bound GEMV must read).
     if let QuantWeight::FourBit(t) = layer.weight() {

@@ -21,8 +21,9 @@
 //! (every measurement once per round, in the same order); the tables give medians over rounds, and
 //! `ratio` = lowbit's best time ÷ the best peer's time: below 1.0 lowbit is faster.
 //!
-//! `cargo run --release -- [--ggml PATH] [--rounds N] [--quick]` in this directory (its own workspace: the
-//! lowbit workspace never compiles candle); `--quick` for the 4096×4096 shape only.
+//! `cargo run --release -- [--ggml PATH] [--rounds N] [--quick] [--only TEXT]` in this directory (its own
+//! workspace: the lowbit workspace never compiles candle); `--quick` for the 4096×4096 shape only; `--only` keeps
+//! the rows whose "op shape threads format" contains TEXT (e.g. `--only "gemv M=1 4096x4096 2"`).
 //!
 //! candle chooses its SIMD at compile time (`#[cfg(target_feature = "avx2")]` in `k_quants.rs`): a default
 //! build runs its scalar code. For the fair comparison build with
@@ -365,6 +366,11 @@ fn main() {
         );
         let ms: &[usize] = if shape == "4096x14336" || quick { &[1, 8, 64] } else { &[1, 8] };
         matmul_rows(&mut rows, &w, shape, ms, &threads, &int8, &nf4, &nf4_dq, ggml.as_ref());
+    }
+
+    // --only TEXT: keep the rows whose "op shape threads format" contains TEXT (e.g. "gemv M=1 4096x4096 2").
+    if let Some(only) = arg_value(&args, "--only") {
+        rows.retain(|r| format!("{} {} {} {}", r.op, r.shape, r.threads, r.lowbit_fmt).contains(&only));
     }
 
     // Interleaved rounds: every measurement once per round, in the same order.

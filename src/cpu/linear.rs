@@ -117,7 +117,9 @@ pub(crate) fn forward_into<O: Element>(
     let ForwardOptions { path, adapters: sel, activations, .. } = opts;
     let int8 = activations == Activations::Int8;
     let block_rows = out_block(n_out);
-    let split = path.parallel && n_out > block_rows && worth_threads(m, n_out, layer.in_features, int8);
+    // Int8 activations over the interleaved layout (about a quarter of the f32 mode's time per multiply-add).
+    let interleaved = int8 && layer.act8_interleaved.is_some() && kernels(path.isa).linear.act8_interleaved;
+    let split = path.parallel && n_out > block_rows && worth_threads(m, n_out, layer.in_features, int8, interleaved);
     let chunk = m * block_rows;
     // One entry into the pool for the shrink and the blocks (the shrink's split is then ~1 µs, not a second
     // wake-up of the workers).
@@ -205,13 +207,22 @@ fn pack_x(table: &LinearKernels, x: &[f32], m: usize, n_in: usize, split: bool, 
 /// splitting). Results never depend on it (the blocks are fixed either way).
 const PARALLEL_MIN_MACS: usize = 4 << 20;
 
-/// Whether splitting the base product over the pool pays (see [`PARALLEL_MIN_MACS`]).
-fn worth_threads(m: usize, n_out: usize, n_in: usize, int8_activations: bool) -> bool {
+/// Multiply-adds below which an int8-activation forward over the interleaved layout stays on its thread even
+/// on a pool worker: its whole product is a few µs, and the split (~1 µs) plus a block of imbalance cost more
+/// than the second thread saves. Measured inside the pool (NF4+DQ, M = 1 unless noted, one / two threads):
+/// 192×576 2.5 / 3.3 µs, 576×576 6.7 / 7.0 µs (M = 2: 7.2 / 7.0 µs); above the line 576×1536 15.5 / 11.9 µs,
+/// 1536×576 16.3 / 13.7 µs. The f32 mode splits them all (192×576 6.0 / 4.8 µs, 576×576 17.1 / 11.6 µs).
+const IN_POOL_INTERLEAVED_MIN_MACS: usize = 768 << 10;
+
+/// Whether splitting the base product over the pool pays (see [`PARALLEL_MIN_MACS`] and
+/// [`IN_POOL_INTERLEAVED_MIN_MACS`]).
+fn worth_threads(m: usize, n_out: usize, n_in: usize, int8_activations: bool, interleaved: bool) -> bool {
+    let macs = m.saturating_mul(n_out).saturating_mul(n_in);
     #[cfg(feature = "rayon")]
     if rayon::current_thread_index().is_some() {
-        return true;
+        return !interleaved || macs >= IN_POOL_INTERLEAVED_MIN_MACS;
     }
-    let macs = m.saturating_mul(n_out).saturating_mul(n_in);
+    let _ = interleaved;
     macs >= if int8_activations { 3 * PARALLEL_MIN_MACS } else { PARALLEL_MIN_MACS }
 }
 
@@ -253,4 +264,28 @@ fn par_chunks_for_each(items: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [
     }
     #[cfg(not(feature = "rayon"))]
     items.chunks_mut(chunk).enumerate().for_each(|(b, c)| f(b, c));
+}
+
+#[cfg(all(test, feature = "rayon"))]
+mod tests {
+    use super::worth_threads;
+
+    /// On a pool worker every forward splits except an int8-activation one over the interleaved layout below
+    /// its line; outside the pool the plain line holds (int8 activations at 3×).
+    #[test]
+    fn small_interleaved_act8_products_stay_on_their_thread_inside_the_pool() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| {
+            for (m, out, inp) in [(1, 192, 576), (1, 576, 576), (2, 576, 576)] {
+                assert!(!worth_threads(m, out, inp, true, true), "{m}x{out}x{inp} interleaved act8");
+                assert!(worth_threads(m, out, inp, true, false), "{m}x{out}x{inp} act8 without the layout");
+                assert!(worth_threads(m, out, inp, false, false), "{m}x{out}x{inp} f32");
+            }
+            for (m, out, inp) in [(1, 576, 1536), (1, 1536, 576), (8, 576, 576)] {
+                assert!(worth_threads(m, out, inp, true, true), "{m}x{out}x{inp} interleaved act8");
+            }
+        });
+        assert!(!worth_threads(1, 576, 1536, false, false) && worth_threads(1, 4096, 4096, false, false));
+        assert!(!worth_threads(1, 2048, 2048, true, true) && worth_threads(1, 4096, 4096, true, true));
+    }
 }
