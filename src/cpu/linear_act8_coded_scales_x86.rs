@@ -45,6 +45,23 @@ pub(crate) unsafe fn entry_half_256(c: &CodedScales, entry: usize, h: usize) -> 
     }
 }
 
+/// Decodes entries `first..first + out.len() / 16` into `out` (16 floats per entry), two gathers each: the values
+/// [`entry_half_256`] gives.
+///
+/// # Safety
+/// AVX2 is enabled in the caller; `first + out.len() / 16` is at most the layout's `groups · per_row`, and
+/// `out.len()` is a multiple of 16.
+#[inline(always)]
+pub(crate) unsafe fn decode_entries_256(c: &CodedScales, first: usize, out: &mut [f32]) {
+    debug_assert!(out.len().is_multiple_of(ROWS));
+    for e in 0..out.len() / ROWS {
+        for h in 0..2 {
+            // SAFETY: first + e is below the caller's bound; 8 floats at 16e + 8h are inside `out`.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(e * ROWS + 8 * h), entry_half_256(c, first + e, h)) };
+        }
+    }
+}
+
 /// `((mapped · nested) + offset) · (1/127)`, each operation rounded (no FMA).
 #[inline(always)]
 unsafe fn finish_512(mapped: __m512, nested: __m512, offset: f32) -> __m512 {

@@ -210,7 +210,7 @@ impl Act8Interleaved {
     }
 
     /// Whether the scales are kept as double-quantization codes ([`LaneScales::Codes`]).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[cfg(all(test, target_arch = "x86_64"))]
     pub fn scales_are_codes(&self) -> bool {
         matches!(self.scales, LaneScales::Codes(_))
     }

@@ -17,7 +17,7 @@
 //!   `−zero point · Σ(x codes)`: exactly `vpdpbusd`.
 
 use super::linear_act8::Act8View;
-use super::linear_act8_coded_scales_x86::entry_half_256;
+use super::linear_act8_coded_scales_x86::{decode_entries_256, entry_half_256};
 use super::linear_act8_interleaved::{with_decoded_scales, Act8Interleaved, LaneScales, ROWS};
 use super::x86_features::{avx2_fn, avxvnni_fn};
 use crate::reference::act8::BLOCK;
@@ -131,21 +131,12 @@ unsafe fn base<D: Dot4>(act: Act8View<'_>, il: &Act8Interleaved, m: usize, o0: u
         f32_group0: 0,
         dot: std::marker::PhantomData::<D>,
     };
-    if m > 2 && il.scales_are_codes() {
+    if let (true, LaneScales::Codes(c)) = (m > 2, &il.scales) {
         // Several passes over each group (2 rows of x each): decode the coded scales once, not once per pass.
         let len = (g1 - g0) * il.per_row() * ROWS;
         return with_decoded_scales(len, |buf| {
-            for g in g0..g1 {
-                for param in 0..il.per_row() {
-                    // SAFETY: g < groups, param < per_row; the 16 floats are inside `buf` (len above).
-                    unsafe {
-                        let at = buf.as_mut_ptr().add(((g - g0) * il.per_row() + param) * ROWS);
-                        let [lo, hi] = k.scales(g, param);
-                        _mm256_storeu_ps(at, lo);
-                        _mm256_storeu_ps(at.add(8), hi);
-                    }
-                }
-            }
+            // SAFETY: entries g0·per_row.. for the len / 16 entries of groups g0..g1 < groups; AVX2 enabled.
+            unsafe { decode_entries_256(c, g0 * il.per_row(), buf) };
             (k.f32_scales, k.f32_group0) = (buf.as_ptr(), g0);
             // SAFETY: as the caller's.
             unsafe { k.passes(m, g0, g1) }
