@@ -17,15 +17,16 @@ cd "$dir"
 src="llama_cpp_python-$version/vendor/llama.cpp"
 if [ ! -d "$src/ggml" ]; then
   # `pip download --no-binary :all:` would build the package's metadata (and cmake from source) first; the
-  # sdist is all that is needed, so take its address from PyPI's JSON API.
+  # sdist is all that is needed, so take its address from the index.
   python3 - "$version" <<'PY'
-import json, sys, urllib.parse, urllib.request
+import re, sys, urllib.parse, urllib.request
 v = sys.argv[1]
-api = f"https://pypi.org/pypi/llama-cpp-python/{v}/json"
-meta = json.load(urllib.request.urlopen(api))
-url = next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist")
-url = urllib.parse.urljoin(api, url)
-name = url.rsplit("/", 1)[1]
+# The simple index (PEP 503), which every PyPI mirror serves (the JSON API is missing on some).
+index = "https://pypi.org/simple/llama-cpp-python/"
+page = urllib.request.urlopen(index).read().decode()
+url = next(urllib.parse.urljoin(index, h) for h in re.findall(r'href="([^"]+)"', page)
+           if urllib.parse.urlparse(h).path.endswith(f"/llama_cpp_python-{v}.tar.gz"))
+name = urllib.parse.urlparse(url).path.rsplit("/", 1)[1]
 print("downloading", url, file=sys.stderr)
 urllib.request.urlretrieve(url, name)
 PY

@@ -303,3 +303,56 @@ fn chunked_prefill_matches_cpu() {
     assert!(d <= BOUND_CPU, "chunked prefill: {d:e} > {BOUND_CPU:e}");
     assert_eq!((gpu.len(), gpu.submissions(), gpu.readbacks()), (7, 2, 2));
 }
+
+/// An f32 embedding (the tied head too) larger than one storage binding of the device is a typed error that
+/// names the remedy, not wgpu's validation panic (found on a real GPU with Llama-3.2-1B's shapes: a 1 GB
+/// table against the 128 MiB binding of the WebGPU default limits); with the embedding int8 on the host the
+/// same model uploads.
+#[test]
+fn an_embedding_past_one_binding_is_an_error_not_a_panic() {
+    let Some(ctx) = ctx() else { return };
+    let limits = ctx.limits();
+    let max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+    let hidden = 1024;
+    let vocab = (max / 4 / hidden as u64 + 1) as usize;
+    let c = Config {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        num_hidden_layers: 1,
+        num_attention_heads: 1,
+        num_key_value_heads: 1,
+        intermediate_size: 8,
+        ..config()
+    };
+    let dense = |o: usize, i: usize| Linear::Dense(DenseLinear::new(vec![0.01; o * i], o, i, None).unwrap());
+    let block = || Block {
+        attn_norm: vec![1.0; hidden],
+        q: dense(HEAD_DIM, hidden),
+        k: dense(HEAD_DIM, hidden),
+        v: dense(HEAD_DIM, hidden),
+        o: dense(hidden, HEAD_DIM),
+        mlp_norm: vec![1.0; hidden],
+        gate: dense(8, hidden),
+        up: dense(8, hidden),
+        down: dense(hidden, 8),
+    };
+    let model = Model::from_parts(c.clone(), vec![0.5; vocab * hidden], vec![block()], vec![1.0; hidden], LmHead::Tied)
+        .unwrap();
+    let e = GpuModel::upload(ctx, &model, 8, 2).unwrap_err();
+    assert!(
+        matches!(&e, Error::Model(m) if m.contains("embed_tokens") && m.contains(&max.to_string()) && m.contains("--embedding int8")),
+        "{e}"
+    );
+    drop(model);
+    // The remedy: an int8 embedding (the tied head runs on it) stays on the host and uploads.
+    let w = vec![0.5f32; vocab * hidden];
+    let q =
+        QuantLinear::new(QuantWeight::quantize(&w, &[vocab, hidden], "int8:channel".parse().unwrap()).unwrap(), None)
+            .unwrap();
+    drop(w);
+    let emb = Embedding::int8(q).unwrap();
+    let model = Model::from_parts_with_embedding(c, emb, vec![block()], vec![1.0; hidden], LmHead::Tied).unwrap();
+    let mut gpu = GpuModel::upload(ctx, &model, 8, 2).unwrap();
+    let id = gpu.forward_greedy(ctx, &[1, 2]).unwrap();
+    assert!((id as usize) < vocab);
+}

@@ -27,6 +27,12 @@ impl GpuLin {
                         "{name}: adapters on dense layers need --scheme on the GPU (quantize the weights)"
                     )));
                 }
+                fits_one_binding(
+                    ctx,
+                    name,
+                    d.weight().len(),
+                    "quantize it (--scheme, or --lm-head for the output layer)",
+                )?;
                 Ok(GpuLin::Dense {
                     w: storage_f32(ctx, name, d.weight()),
                     bias: l.bias().map(|b| storage_f32(ctx, name, b)),
@@ -143,6 +149,21 @@ pub struct GpuModel {
     pub(super) readbacks: u64,
 }
 
+/// An f32 matrix of `floats` values must fit one storage buffer binding (a dense layer's kernel binds it
+/// whole): else [`Error::Model`] naming the matrix, both sizes and `remedy`, instead of wgpu's validation panic.
+fn fits_one_binding(ctx: &GpuContext, name: &str, floats: usize, remedy: &str) -> Result<()> {
+    let limits = ctx.limits();
+    let max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+    let bytes = (floats as u64).saturating_mul(4);
+    if bytes > max {
+        return Err(Error::Model(format!(
+            "{name}: the f32 matrix is {bytes} bytes, more than this device's largest storage buffer binding \
+             ({max} bytes); {remedy}"
+        )));
+    }
+    Ok(())
+}
+
 /// Where the embedding rows come from.
 #[derive(Debug)]
 pub(super) enum GpuEmbed {
@@ -167,8 +188,10 @@ impl GpuModel {
     /// buffers for forwards of up to `max_batch` tokens. Compiles the small kernels ([`GpuOps`]).
     ///
     /// Errors: [`Error::Invalid`] for `capacity` or `max_batch` of 0 or a `capacity` past the model's RoPE
-    /// table; [`Error::Model`] for LoRA adapters on a dense layer (quantize it to run adapters on the GPU);
-    /// [`Error::Lowbit`] when a quantized layer cannot be uploaded.
+    /// table; [`Error::Model`] for LoRA adapters on a dense layer (quantize it to run adapters on the GPU) and
+    /// for an f32 embedding or dense layer larger than one storage buffer binding of this device (128 MiB at
+    /// the WebGPU default limits, e.g. Llama-3.2-1B's `128256 × 2048` embedding: keep it int8, quantize the
+    /// layer); [`Error::Lowbit`] when a quantized layer cannot be uploaded.
     pub fn upload(ctx: &GpuContext, model: &Model, capacity: usize, max_batch: usize) -> Result<GpuModel> {
         let c = model.config().clone();
         if capacity == 0 || max_batch == 0 {
@@ -196,7 +219,12 @@ impl GpuModel {
         let neg_sin: Vec<f32> = host_rope.sin()[..capacity * half].iter().map(|s| -s).collect();
         let rope_inv = RopeTable::from_slices(ctx, &host_rope.cos()[..capacity * half], &neg_sin, capacity, half)?;
         let embed = match model.embedding() {
-            Embedding::F32(e) => GpuEmbed::Table(storage_f32(ctx, "embed_tokens", e)),
+            Embedding::F32(e) => {
+                let remedy = "keep the embedding as int8 on the host (LoadOptions::embedding, --embedding int8; a \
+                              tied lm_head then runs on that int8 matrix)";
+                fits_one_binding(ctx, "embed_tokens", e.len(), remedy)?;
+                GpuEmbed::Table(storage_f32(ctx, "embed_tokens", e))
+            }
             Embedding::Int8(q) => GpuEmbed::Host(q.clone()),
         };
         let kv_len = c.num_key_value_heads * capacity * c.head_dim;
