@@ -12,7 +12,9 @@
 //!
 //! Last, the layers of the last (square) shape are chained the way an engine runs a token: every layer
 //! recorded with `GpuLinear::encode_forward` into one encoder (activations ping-pong between two device
-//! buffers), one submit, one readback; wall time per chain next to the same layers as separate `forward`s.
+//! buffers), one submit, one readback; wall time per chain (and the host's share spent recording it) next to
+//! the same layers as separate `forward`s. Then 64 small layers (576×576 NF4+DQ) chained the same way: the
+//! fixed cost per recorded forward, which bounds a small model's decode.
 
 use lowbit::gpu::{block_on, read_f32, wgpu, GpuContext, GpuLinear, KernelChoice};
 use lowbit::linear::{QuantLinear, QuantWeight};
@@ -102,6 +104,19 @@ fn main() {
         }
     }
     chained(&ctx, &layers, reps);
+    if !quick {
+        // The fixed cost per recorded forward: 64 small layers (SmolLM2's 576×576, NF4+DQ) in one submission.
+        let n = 576;
+        let scheme: Scheme = "nf4:64+dq".parse().unwrap();
+        let small: Vec<(String, GpuLinear)> = (0..64)
+            .map(|i| {
+                let w = weights(n * n, 1000 + i);
+                let layer = QuantLinear::new(QuantWeight::quantize(&w, &[n, n], scheme).unwrap(), None).unwrap();
+                (scheme.to_string(), GpuLinear::upload(&ctx, &layer).unwrap())
+            })
+            .collect();
+        chained(&ctx, &small, reps);
+    }
 }
 
 /// Wall time of all `layers` (square, same size) chained in one submission vs run as separate forwards.
@@ -123,22 +138,29 @@ fn chained(ctx: &GpuContext, layers: &[(String, GpuLinear)], reps: usize) {
         let x = weights(m * n, 11);
         let acts = [buf(m * n, U::STORAGE | U::COPY_DST | U::COPY_SRC), buf(m * n, U::STORAGE | U::COPY_SRC)];
         let read = buf(m * n, U::MAP_READ | U::COPY_DST);
+        // Returns the host time spent recording (encode_forward calls and `finish`), in seconds.
         let chain = || {
             ctx.queue().write_buffer(&acts[0], 0, lowbit::gpu::bytes_of_f32(&x));
+            let t = Instant::now();
             let mut enc = ctx.device().create_command_encoder(&Default::default());
             for (i, (_, l)) in layers.iter().enumerate() {
                 l.encode_forward(ctx, &mut enc, &acts[i % 2], &acts[(i + 1) % 2], m).unwrap();
             }
             enc.copy_buffer_to_buffer(&acts[layers.len() % 2], 0, &read, 0, (m * n * 4) as u64);
-            ctx.queue().submit([enc.finish()]);
-            block_on(read_f32(ctx.device(), &read, m * n)).unwrap()
+            let cmd = enc.finish();
+            let rec = t.elapsed().as_secs_f64();
+            ctx.queue().submit([cmd]);
+            block_on(read_f32(ctx.device(), &read, m * n)).unwrap();
+            rec
         };
         chain(); // warm-up: pipelines, bind groups
         let t = Instant::now();
+        let mut record = 0.0;
         for _ in 0..reps {
-            chain();
+            record += chain();
         }
         let one = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+        let record = record * 1e6 / reps as f64;
         let t = Instant::now();
         for _ in 0..reps {
             let mut v = x.clone();
@@ -148,7 +170,8 @@ fn chained(ctx: &GpuContext, layers: &[(String, GpuLinear)], reps: usize) {
         }
         let separate = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
         println!(
-            "chain of {} layers {n}x{n} M={m}: one submission {one:.1} us, separate forwards {separate:.1} us (wall)",
+            "chain of {} layers {n}x{n} M={m}: one submission {one:.1} us (of which recording {record:.1} us), \
+             separate forwards {separate:.1} us (wall)",
             layers.len()
         );
     }
