@@ -358,6 +358,8 @@ pub(crate) const GEMM_LOADS: u32 = GEMM_TILE_LEN / (GEMM_WG_SIDE * GEMM_WG_SIDE)
 const _: () =
     assert!(GEMM_TILE.is_multiple_of(GEMM_THREAD) && GEMM_TILE_LEN.is_multiple_of(GEMM_WG_SIDE * GEMM_WG_SIDE));
 const _: () = assert!(WG.is_power_of_two() && MAXM <= WG);
+// gemv.wgsl keeps a batch's row sums in two vec4 registers (`x_rows`, `spill`).
+const _: () = assert!(MAXM == 8);
 
 /// The WGSL declarations prepended to every kernel: constants, uniform structs (those `set` binds), bindings.
 pub(crate) fn wgsl_prelude(set: BindingSet) -> String {
