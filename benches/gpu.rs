@@ -66,14 +66,7 @@ fn main() {
     for &(m, out, inp) in &cases {
         if (out, inp) != last_shape {
             let w = weights(out * inp, (out * 31 + inp) as u64);
-            layers = formats
-                .iter()
-                .map(|&scheme| {
-                    let layer =
-                        QuantLinear::new(QuantWeight::quantize(&w, &[out, inp], scheme).unwrap(), None).unwrap();
-                    (scheme.to_string(), GpuLinear::upload(&ctx, &layer).unwrap())
-                })
-                .collect();
+            layers = formats.iter().map(|&scheme| upload(&ctx, &w, [out, inp], scheme)).collect();
             last_shape = (out, inp);
         }
         let x = weights(m * inp, 7);
@@ -108,15 +101,16 @@ fn main() {
         // The fixed cost per recorded forward: 64 small layers (SmolLM2's 576×576, NF4+DQ) in one submission.
         let n = 576;
         let scheme: Scheme = "nf4:64+dq".parse().unwrap();
-        let small: Vec<(String, GpuLinear)> = (0..64)
-            .map(|i| {
-                let w = weights(n * n, 1000 + i);
-                let layer = QuantLinear::new(QuantWeight::quantize(&w, &[n, n], scheme).unwrap(), None).unwrap();
-                (scheme.to_string(), GpuLinear::upload(&ctx, &layer).unwrap())
-            })
-            .collect();
+        let small: Vec<(String, GpuLinear)> =
+            (0..64).map(|i| upload(&ctx, &weights(n * n, 1000 + i), [n, n], scheme)).collect();
         chained(&ctx, &small, reps);
     }
+}
+
+/// `w` (`[out, in]`) quantized with `scheme` and uploaded, named by the scheme.
+fn upload(ctx: &GpuContext, w: &[f32], shape: [usize; 2], scheme: Scheme) -> (String, GpuLinear) {
+    let layer = QuantLinear::new(QuantWeight::quantize(w, &shape, scheme).unwrap(), None).unwrap();
+    (scheme.to_string(), GpuLinear::upload(ctx, &layer).unwrap())
 }
 
 /// Wall time of all `layers` (square, same size) chained in one submission vs run as separate forwards.

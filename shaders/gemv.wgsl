@@ -50,10 +50,8 @@ fn main(
     let mcount = min(MAXM, call.m - mb);
     let e_start = o * ck.n_in;
     let e_end = e_start + ck.n_in;
+    // Filled below (acc[0] for one row, all MAXM for more); the reduction reads the batch's mcount rows only.
     var acc: array<f32, MAXM>;
-    for (var i = 0u; i < MAXM; i = i + 1u) {
-        acc[i] = 0.0;
-    }
 #if FOURBIT
     let w_first = e_start >> 3u;
     let w_last = (e_end + 7u) >> 3u;
