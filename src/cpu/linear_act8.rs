@@ -361,7 +361,8 @@ mod tests {
 
     /// Every ISA's quantizer of `x` gives the reference's codes, scales and block sums bit for bit: random rows of
     /// every length 1..=100 and 4096 (short last blocks, whole rows), zero blocks, blocks whose `127 / amax`
-    /// overflows (amax below ~3.7e-37), exact ties `v·inv = k + 0.5`, ±0 and the f32 extremes.
+    /// overflows (amax below ~3.7e-37), exact ties `v·inv = k + 0.5`, ±0 and the f32 extremes, alone and inside
+    /// long rows at every position of a 16-block batch.
     #[test]
     fn every_quantizer_of_x_equals_the_reference_bit_for_bit() {
         let mut seed = 7u64;
@@ -374,6 +375,14 @@ mod tests {
         special.extend((0..32).map(|i| if i == 0 { -127.0 } else { (i as f32 - 16.0) * 2.5 + 0.5 }));
         special.extend((0..32).map(|i| if i == 5 { f32::MAX } else { f32::MIN_POSITIVE * i as f32 }));
         special.extend((0..32).map(|i| if i == 7 { f32::MIN } else { rng(&mut seed, 1e30) }));
+        // The special blocks again inside long rows, at every offset of a 16-block batch (AVX-512 quantizes 16
+        // whole blocks at once) and across a batch's end.
+        for start in [0, 5, 11, 15] {
+            let mut long: Vec<f32> = (0..start * 32).map(|_| rng(&mut seed, 3.0)).collect();
+            long.extend_from_slice(&special);
+            long.extend((0..1024).map(|_| rng(&mut seed, 3.0)));
+            rows.push(long);
+        }
         special.extend([3.0, -1.5, 0.0, 2.25, 1e-40]);
         rows.push(special);
         for isa in crate::cpu::Isa::available() {

@@ -47,7 +47,14 @@ avx512_fn! {
     unsafe fn quantize_512(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
         check_lengths(x, q, d, sums);
         let abs = _mm512_set1_epi32(0x7fff_ffff);
-        for b in 0..x.len() / BLOCK {
+        let whole = x.len() / BLOCK;
+        let mut b0 = 0;
+        while b0 + BATCH <= whole {
+            // SAFETY: blocks b0..b0 + 16 are whole; AVX-512 as the caller's.
+            unsafe { batch_512(x, q, d, sums, b0) };
+            b0 += BATCH;
+        }
+        for b in b0..whole {
             // SAFETY: block b is whole (b < len / 32), so its 32 floats and 32 codes are in bounds.
             let (xp, qp) = unsafe { (x.as_ptr().add(b * BLOCK), q.as_mut_ptr().add(b * BLOCK)) };
             // SAFETY: the block's 32 floats (as above).
@@ -77,6 +84,89 @@ avx512_fn! {
         }
         if !x.len().is_multiple_of(BLOCK) {
             reference_block(x, q, d, sums, x.len() / BLOCK);
+        }
+    }
+}
+
+/// Blocks per batch of [`batch_512`]: one per lane of a 512-bit register.
+const BATCH: usize = 16;
+
+/// Reduces 16 vectors to one whose lane `b` is `op` over all lanes of `v[b]` (a transposing tree: 15 `op`s and
+/// 30 shuffles, where 16 separate horizontal reductions are 16 serial chains).
+#[inline(always)]
+unsafe fn reduce_16(v: [__m512i; 16], op: impl Fn(__m512i, __m512i) -> __m512i) -> __m512i {
+    // Level 1: vector k holds block 2k's 8 partials in its low half and block 2k + 1's in its high half.
+    let l1: [__m512i; 8] = std::array::from_fn(|k| {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        op(_mm512_shuffle_i32x4::<0x44>(a, b), _mm512_shuffle_i32x4::<0xEE>(a, b))
+    });
+    // Level 2: 128-bit lane L of vector k holds block 4k + L's 4 partials.
+    let l2: [__m512i; 4] = std::array::from_fn(|k| {
+        let (a, b) = (l1[2 * k], l1[2 * k + 1]);
+        op(_mm512_shuffle_i32x4::<0x88>(a, b), _mm512_shuffle_i32x4::<0xDD>(a, b))
+    });
+    // Level 3: lane L of vector k holds 2 partials of block 8k + L, then 2 of block 8k + 4 + L.
+    let l3: [__m512i; 2] = std::array::from_fn(|k| {
+        let (a, b) = (l2[2 * k], l2[2 * k + 1]);
+        op(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b))
+    });
+    // Level 4: dword 4L + j holds block 4j + L.
+    let (a, b) = (_mm512_castsi512_ps(l3[0]), _mm512_castsi512_ps(l3[1]));
+    let r =
+        op(_mm512_castps_si512(_mm512_shuffle_ps::<0x88>(a, b)), _mm512_castps_si512(_mm512_shuffle_ps::<0xDD>(a, b)));
+    // Lane b takes dword 4·(b mod 4) + b / 4.
+    _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r)
+}
+
+avx512_fn! {
+    /// Blocks `b0..b0 + 16` (all whole) as `quantize_512`'s loop does them one by one, with the 16 maxima and
+    /// sums reduced together and both divisions done as one vector each (the same IEEE operations per lane).
+    /// # Safety
+    /// AVX-512 F/BW is available; `check_lengths` held and `(b0 + 16)·32 ≤ x.len()`.
+    unsafe fn batch_512(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32], b0: usize) {
+        assert!((b0 + BATCH) * BLOCK <= x.len() && q.len() == x.len() && d.len() >= b0 + BATCH);
+        let abs = _mm512_set1_epi32(0x7fff_ffff);
+        // SAFETY: b < 16 and h < 2 at every call: blocks b0..b0 + 16 are inside x (asserted).
+        let load = |b: usize, h: usize| unsafe { _mm512_loadu_ps(x.as_ptr().add((b0 + b) * BLOCK + 16 * h)) };
+        let maxima: [__m512i; BATCH] = std::array::from_fn(|b| {
+            let bits = |v: __m512| _mm512_and_si512(_mm512_castps_si512(v), abs);
+            _mm512_max_epu32(bits(load(b, 0)), bits(load(b, 1)))
+        });
+        // SAFETY: AVX-512 as the caller's.
+        let amax = _mm512_castsi512_ps(unsafe { reduce_16(maxima, |a, b| _mm512_max_epu32(a, b)) });
+        let inv = _mm512_div_ps(_mm512_set1_ps(127.0), amax);
+        // Blocks the reference quantizes itself: amax zero, or 127 / amax not finite (overflow; NaN input).
+        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(inv), _mm512_set1_ps(f32::INFINITY));
+        let zero = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(amax, _mm512_setzero_ps());
+        let special = !finite | zero;
+        // SAFETY: d[b0..b0 + 16] (asserted).
+        unsafe { _mm512_storeu_ps(d.as_mut_ptr().add(b0), _mm512_div_ps(amax, _mm512_set1_ps(127.0))) };
+        let mut invs = [0f32; BATCH];
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(invs.as_mut_ptr(), inv) };
+        let block_sums: [__m512i; BATCH] = std::array::from_fn(|b| {
+            let inv = _mm512_set1_ps(invs[b]);
+            let code = |v: __m512| _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+            let (c0, c1) = (code(load(b, 0)), code(load(b, 1)));
+            let qp = q.as_mut_ptr().wrapping_add((b0 + b) * BLOCK);
+            // SAFETY: the block's 32 codes (asserted).
+            unsafe {
+                _mm_storeu_si128(qp.cast(), _mm512_cvtepi32_epi8(c0));
+                _mm_storeu_si128(qp.add(16).cast(), _mm512_cvtepi32_epi8(c1));
+            }
+            _mm512_add_epi32(c0, c1)
+        });
+        if !sums.is_empty() {
+            // SAFETY: AVX-512 as the caller's; sums[b0..b0 + 16] (sums has one entry per block of x).
+            unsafe {
+                let total = reduce_16(block_sums, |a, b| _mm512_add_epi32(a, b));
+                _mm512_storeu_si512(sums.as_mut_ptr().add(b0).cast(), total);
+            }
+        }
+        let mut special = special;
+        while special != 0 {
+            reference_block(x, q, d, sums, b0 + special.trailing_zeros() as usize);
+            special &= special - 1;
         }
     }
 }
