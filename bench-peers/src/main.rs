@@ -336,6 +336,15 @@ fn main() {
     let threads: Vec<usize> = if all > 1 { vec![1, all] } else { vec![1] };
     let limits = membw::measure(membw::DEFAULT_BYTES, if quick { 2 } else { 4 });
     let shapes: &[&str] = if quick { &["4096x4096"] } else { &["4096x4096", "4096x14336"] };
+    // The read limit of a buffer the size of each shape's 4-bit weight: where the weight stays in a large
+    // last-level cache (as 9–33 MB do on many servers), this, not the 256 MiB figure, bounds a GEMV.
+    let weight_limits: Vec<(&str, membw::Limits)> = shapes
+        .iter()
+        .map(|&s| {
+            let (o, i) = parse(s);
+            (s, membw::measure(format_bytes("nf4 b64", o * i) as usize, if quick { 4 } else { 8 }))
+        })
+        .collect();
     let mut rows = Vec::new();
     for &shape in shapes {
         let (out, inp) = parse(shape);
@@ -458,5 +467,56 @@ fn main() {
     println!("|---|---|---:|---|---:|");
     for d in details {
         println!("{d}");
+    }
+    println!(
+        "\nGEMV M=1 against the read limit of a buffer the size of the 4-bit weight (the same probe as the memory \
+         limits above; GB/s = the format's bytes ÷ time):\n"
+    );
+    println!("| shape | threads | read limit GB/s (buffer MB) | lowbit format | lowbit act8 GB/s (% of limit) | best ggml GB/s (% of limit) |");
+    println!("|---|---:|---|---|---|---|");
+    for (i, r) in rows.iter().enumerate() {
+        let Some((_, lim)) = weight_limits.iter().find(|(s, _)| *s == r.shape) else { continue };
+        if r.op != "gemv M=1" {
+            continue;
+        }
+        let (o, inp) = parse(&r.shape);
+        let limit = lim.for_threads(r.threads).read;
+        let rate = |bytes: f64, t: f64| format!("{:.1} ({:.0}%)", bytes / t / 1e9, 100.0 * bytes / t / limit);
+        let act8 = lowbit_t[i].get(1).and_then(med);
+        let ggml_best = r
+            .peers
+            .iter()
+            .zip(&peer_t[i])
+            .filter_map(|((n, _), t)| Some((n.strip_prefix("ggml ")?, med(t)?)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        println!(
+            "| {} | {} | {:.1} ({:.1}) | {} | {} | {} |",
+            r.shape,
+            r.threads,
+            limit / 1e9,
+            lim.bytes as f64 / 1e6,
+            r.lowbit_fmt,
+            act8.map_or("–".into(), |t| rate(format_bytes(r.lowbit_fmt, o * inp), t)),
+            ggml_best.map_or("–".into(), |(n, t)| {
+                let ty = n.split_whitespace().next().unwrap_or(n);
+                format!("{} {n}", rate(format_bytes(ty, o * inp), t))
+            }),
+        );
+    }
+}
+
+/// Bytes a GEMV reads for `n` weights in `format` (a lowbit format of the tables, or a ggml type): codes plus
+/// scales (nf4 b64: f32 per 64; b64+dq: the act8 layout's 8-bit code per 64, its 256-block f32 scales
+/// negligible; int8 channel: codes only at this size; q4_0 / iq4_nl 18 bytes per 32, q4_1 20, q8_0 34).
+fn format_bytes(format: &str, n: usize) -> f64 {
+    let n = n as f64;
+    match format {
+        "nf4 b64" => n / 2.0 + n / 64.0 * 4.0,
+        "nf4 b64+dq" => n / 2.0 + n / 64.0,
+        "int8 channel" => n,
+        "q4_0" | "iq4_nl" => n / 32.0 * 18.0,
+        "q4_1" => n / 32.0 * 20.0,
+        "q8_0" => n / 32.0 * 34.0,
+        _ => f64::NAN,
     }
 }
