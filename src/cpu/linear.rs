@@ -208,10 +208,13 @@ const PARALLEL_MIN_MACS: usize = 4 << 20;
 
 /// Multiply-adds below which an int8-activation forward over the interleaved layout stays on its thread even
 /// on a pool worker: its whole product is a few µs, and the split (~1 µs) plus a block of imbalance cost more
-/// than the second thread saves. Measured inside the pool (NF4+DQ, M = 1 unless noted, one / two threads):
-/// 192×576 2.5 / 3.3 µs, 576×576 6.7 / 7.0 µs (M = 2: 7.2 / 7.0 µs); above the line 576×1536 15.5 / 11.9 µs,
-/// 1536×576 16.3 / 13.7 µs. The f32 mode splits them all (192×576 6.0 / 4.8 µs, 576×576 17.1 / 11.6 µs).
-const IN_POOL_INTERLEAVED_MIN_MACS: usize = 768 << 10;
+/// than the second thread saves. Measured inside the pool with the weights read from the last-level cache, as a
+/// decode reads them (NF4+DQ, M = 1 unless noted, one layer cycled through 64 copies, staying / splitting at two
+/// threads): 192×576 3.1 / 3.6 µs; above the line 384×576 6.5 / 6.0 µs, 288×1024 8.9 / 7.7 µs, 576×576 10.4 /
+/// 8.4 µs (M = 2: 9.8 / 7.5 µs). SmolLM2-135M `--act8` decode at two threads, this line against the earlier
+/// 768 K (set from one layer timed in L2, where 576×576 gained nothing): 77–85 against 70–73 tokens/s. The f32
+/// mode splits them all.
+const IN_POOL_INTERLEAVED_MIN_MACS: usize = 192 << 10;
 
 /// Whether splitting the base product over the pool pays (see [`PARALLEL_MIN_MACS`] and
 /// [`IN_POOL_INTERLEAVED_MIN_MACS`]).
@@ -275,12 +278,14 @@ mod tests {
     fn small_interleaved_act8_products_stay_on_their_thread_inside_the_pool() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         pool.install(|| {
-            for (m, out, inp) in [(1, 192, 576), (1, 576, 576), (2, 576, 576)] {
+            for (m, out, inp) in [(1, 192, 576), (1, 128, 576), (2, 96, 576)] {
                 assert!(!worth_threads(m, out, inp, true, true), "{m}x{out}x{inp} interleaved act8");
                 assert!(worth_threads(m, out, inp, true, false), "{m}x{out}x{inp} act8 without the layout");
                 assert!(worth_threads(m, out, inp, false, false), "{m}x{out}x{inp} f32");
             }
-            for (m, out, inp) in [(1, 576, 1536), (1, 1536, 576), (8, 576, 576)] {
+            for (m, out, inp) in
+                [(1, 384, 576), (1, 576, 576), (2, 576, 576), (1, 576, 1536), (1, 1536, 576), (8, 576, 576)]
+            {
                 assert!(worth_threads(m, out, inp, true, true), "{m}x{out}x{inp} interleaved act8");
             }
         });
