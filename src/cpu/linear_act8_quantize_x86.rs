@@ -6,7 +6,7 @@
 //! `127 / amax` overflows, and a row's short last block, go through the reference block.
 //!
 //! It also writes each block's code sum when asked (the interleaved kernel's offset term), from the same
-//! registers.
+//! registers. The AVX-512 form takes 16 whole blocks at a time, reducing their maxima and sums together.
 
 use super::linear_act8::quantize_portable;
 use super::table::Act8Quantize;
@@ -93,6 +93,8 @@ const BATCH: usize = 16;
 
 /// Reduces 16 vectors to one whose lane `b` is `op` over all lanes of `v[b]` (a transposing tree: 15 `op`s and
 /// 30 shuffles, where 16 separate horizontal reductions are 16 serial chains).
+/// # Safety
+/// AVX-512 F is available (it is inlined into the `avx512_fn!` kernel that calls it).
 #[inline(always)]
 unsafe fn reduce_16(v: [__m512i; 16], op: impl Fn(__m512i, __m512i) -> __m512i) -> __m512i {
     // Level 1: vector k holds block 2k's 8 partials in its low half and block 2k + 1's in its high half.
@@ -125,6 +127,7 @@ avx512_fn! {
     /// AVX-512 F/BW is available; `check_lengths` held and `(b0 + 16)·32 ≤ x.len()`.
     unsafe fn batch_512(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32], b0: usize) {
         assert!((b0 + BATCH) * BLOCK <= x.len() && q.len() == x.len() && d.len() >= b0 + BATCH);
+        assert!(sums.is_empty() || sums.len() >= b0 + BATCH, "act8 quantize: sums");
         let abs = _mm512_set1_epi32(0x7fff_ffff);
         // SAFETY: b < 16 and h < 2 at every call: blocks b0..b0 + 16 are inside x (asserted).
         let load = |b: usize, h: usize| unsafe { _mm512_loadu_ps(x.as_ptr().add((b0 + b) * BLOCK + 16 * h)) };
@@ -138,7 +141,7 @@ avx512_fn! {
         // Blocks the reference quantizes itself: amax zero, or 127 / amax not finite (overflow; NaN input).
         let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(inv), _mm512_set1_ps(f32::INFINITY));
         let zero = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(amax, _mm512_setzero_ps());
-        let special = !finite | zero;
+        let mut special = !finite | zero;
         // SAFETY: d[b0..b0 + 16] (asserted).
         unsafe { _mm512_storeu_ps(d.as_mut_ptr().add(b0), _mm512_div_ps(amax, _mm512_set1_ps(127.0))) };
         let mut invs = [0f32; BATCH];
@@ -157,13 +160,12 @@ avx512_fn! {
             _mm512_add_epi32(c0, c1)
         });
         if !sums.is_empty() {
-            // SAFETY: AVX-512 as the caller's; sums[b0..b0 + 16] (sums has one entry per block of x).
+            // SAFETY: AVX-512 as the caller's; sums[b0..b0 + 16] (asserted).
             unsafe {
                 let total = reduce_16(block_sums, |a, b| _mm512_add_epi32(a, b));
                 _mm512_storeu_si512(sums.as_mut_ptr().add(b0).cast(), total);
             }
         }
-        let mut special = special;
         while special != 0 {
             reference_block(x, q, d, sums, b0 + special.trailing_zeros() as usize);
             special &= special - 1;
