@@ -125,7 +125,7 @@ pub fn measure(bytes: usize, reps: usize) -> Limits {
     let mut dst: Vec<u64> = vec![1; words];
     let threads = rayon::current_num_threads().max(1);
     let chunk = words.div_ceil(threads).next_multiple_of(512);
-    let sweeps = ((64 << 20) / (words * 8)).max(1);
+    let sweeps = ((64 << 20) / (words * 8).max(1)).max(1);
     let n = (words * 8 * sweeps) as f64;
     let reps = reps.max(1);
     let read = |x: &[u64]| (0..sweeps).fold(0u64, |a, _| a.wrapping_add(sum(black_box(x))));
