@@ -46,7 +46,6 @@ avx512_fn! {
     /// AVX-512 F/BW is available.
     unsafe fn quantize_512(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
         check_lengths(x, q, d, sums);
-        let abs = _mm512_set1_epi32(0x7fff_ffff);
         let whole = x.len() / BLOCK;
         let mut b0 = 0;
         while b0 + BATCH <= whole {
@@ -59,33 +58,49 @@ avx512_fn! {
             let (xp, qp) = unsafe { (x.as_ptr().add(b * BLOCK), q.as_mut_ptr().add(b * BLOCK)) };
             // SAFETY: the block's 32 floats (as above).
             let (v0, v1) = unsafe { (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16))) };
-            let bits = _mm512_max_epu32(
-                _mm512_and_si512(_mm512_castps_si512(v0), abs),
-                _mm512_and_si512(_mm512_castps_si512(v1), abs),
-            );
-            let amax = f32::from_bits(_mm512_reduce_max_epu32(bits));
+            // SAFETY: AVX-512 as the caller's.
+            let amax = f32::from_bits(_mm512_reduce_max_epu32(unsafe { abs_max_bits(v0, v1) }));
             let inv = 127.0 / amax;
             if amax == 0.0 || !inv.is_finite() {
                 reference_block(x, q, d, sums, b);
                 continue;
             }
             d[b] = amax / 127.0;
-            let inv = _mm512_set1_ps(inv);
-            let code = |v: __m512| _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
-            let (c0, c1) = (code(v0), code(v1));
-            // SAFETY: 16 + 16 codes of block b (in bounds, as above).
-            unsafe {
-                _mm_storeu_si128(qp.cast(), _mm512_cvtepi32_epi8(c0));
-                _mm_storeu_si128(qp.add(16).cast(), _mm512_cvtepi32_epi8(c1));
-            }
+            // SAFETY: the block's 32 codes (in bounds, as above); AVX-512 as the caller's.
+            let codes = unsafe { store_codes(v0, v1, _mm512_set1_ps(inv), qp) };
             if !sums.is_empty() {
-                sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+                sums[b] = _mm512_reduce_add_epi32(codes);
             }
         }
         if !x.len().is_multiple_of(BLOCK) {
             reference_block(x, q, d, sums, x.len() / BLOCK);
         }
     }
+}
+
+/// The largest `|x|` of a block's two halves as bits, lane by lane (f32 bits of non-negative values order as
+/// unsigned integers).
+/// # Safety
+/// AVX-512 F is available (inlined into the `avx512_fn!` kernels).
+#[inline(always)]
+unsafe fn abs_max_bits(v0: __m512, v1: __m512) -> __m512i {
+    let abs = |v: __m512| _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fff_ffff));
+    _mm512_max_epu32(abs(v0), abs(v1))
+}
+
+/// Writes a block's 32 codes `cvt(v·inv)` (halves `v0`, `v1`) to `qp`; returns their lane-wise sum `c0 + c1`.
+/// # Safety
+/// AVX-512 F is available (inlined into the `avx512_fn!` kernels); `qp` points at 32 writable bytes.
+#[inline(always)]
+unsafe fn store_codes(v0: __m512, v1: __m512, inv: __m512, qp: *mut i8) -> __m512i {
+    let code = |v: __m512| _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+    let (c0, c1) = (code(v0), code(v1));
+    // SAFETY: 16 + 16 bytes at qp (the caller's condition).
+    unsafe {
+        _mm_storeu_si128(qp.cast(), _mm512_cvtepi32_epi8(c0));
+        _mm_storeu_si128(qp.add(16).cast(), _mm512_cvtepi32_epi8(c1));
+    }
+    _mm512_add_epi32(c0, c1)
 }
 
 /// Blocks per batch of [`batch_512`]: one per lane of a 512-bit register.
@@ -128,13 +143,10 @@ avx512_fn! {
     unsafe fn batch_512(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32], b0: usize) {
         assert!((b0 + BATCH) * BLOCK <= x.len() && q.len() == x.len() && d.len() >= b0 + BATCH);
         assert!(sums.is_empty() || sums.len() >= b0 + BATCH, "act8 quantize: sums");
-        let abs = _mm512_set1_epi32(0x7fff_ffff);
         // SAFETY: b < 16 and h < 2 at every call: blocks b0..b0 + 16 are inside x (asserted).
         let load = |b: usize, h: usize| unsafe { _mm512_loadu_ps(x.as_ptr().add((b0 + b) * BLOCK + 16 * h)) };
-        let maxima: [__m512i; BATCH] = std::array::from_fn(|b| {
-            let bits = |v: __m512| _mm512_and_si512(_mm512_castps_si512(v), abs);
-            _mm512_max_epu32(bits(load(b, 0)), bits(load(b, 1)))
-        });
+        // SAFETY: AVX-512 as the caller's.
+        let maxima: [__m512i; BATCH] = std::array::from_fn(|b| unsafe { abs_max_bits(load(b, 0), load(b, 1)) });
         // SAFETY: AVX-512 as the caller's.
         let amax = _mm512_castsi512_ps(unsafe { reduce_16(maxima, |a, b| _mm512_max_epu32(a, b)) });
         let inv = _mm512_div_ps(_mm512_set1_ps(127.0), amax);
@@ -148,16 +160,9 @@ avx512_fn! {
         // SAFETY: 16 floats.
         unsafe { _mm512_storeu_ps(invs.as_mut_ptr(), inv) };
         let block_sums: [__m512i; BATCH] = std::array::from_fn(|b| {
-            let inv = _mm512_set1_ps(invs[b]);
-            let code = |v: __m512| _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
-            let (c0, c1) = (code(load(b, 0)), code(load(b, 1)));
             let qp = q.as_mut_ptr().wrapping_add((b0 + b) * BLOCK);
-            // SAFETY: the block's 32 codes (asserted).
-            unsafe {
-                _mm_storeu_si128(qp.cast(), _mm512_cvtepi32_epi8(c0));
-                _mm_storeu_si128(qp.add(16).cast(), _mm512_cvtepi32_epi8(c1));
-            }
-            _mm512_add_epi32(c0, c1)
+            // SAFETY: the block's 32 codes are inside q (asserted); AVX-512 as the caller's.
+            unsafe { store_codes(load(b, 0), load(b, 1), _mm512_set1_ps(invs[b]), qp) }
         });
         if !sums.is_empty() {
             // SAFETY: AVX-512 as the caller's; sums[b0..b0 + 16] (asserted).
