@@ -429,6 +429,8 @@ fn main() {
     println!("| op | shape | threads | lowbit format | lowbit f32 ms | lowbit act8 ms | best candle ms | best ggml ms | ratio (lowbit best ÷ best peer) |");
     println!("|---|---|---:|---|---:|---:|---|---|---:|");
     let mut details = Vec::new();
+    // Per GEMV M=1 row: its index, lowbit's act8 time and the best ggml peer (for the read-limit table).
+    let mut gemv_rows = Vec::new();
     for (i, r) in rows.iter().enumerate() {
         let lb: Vec<Option<f64>> = lowbit_t[i].iter().map(med).collect();
         let peers: Vec<(String, Option<f64>)> =
@@ -461,6 +463,9 @@ fn main() {
         for (n, t) in &peers {
             details.push(format!("| {} | {} | {} | {n} | {} |", r.op, r.shape, r.threads, ms(*t)));
         }
+        if r.op == "gemv M=1" {
+            gemv_rows.push((i, lb.get(1).copied().flatten(), gg));
+        }
     }
     println!("\nEvery peer measurement (median over rounds; – where the build has no kernel for it):\n");
     println!("| op | shape | threads | peer | ms |");
@@ -474,21 +479,12 @@ fn main() {
     );
     println!("| shape | threads | read limit GB/s (buffer MB) | lowbit format | lowbit act8 GB/s (% of limit) | best ggml GB/s (% of limit) |");
     println!("|---|---:|---|---|---|---|");
-    for (i, r) in rows.iter().enumerate() {
+    for (i, act8, ggml_best) in gemv_rows {
+        let r = &rows[i];
         let Some((_, lim)) = weight_limits.iter().find(|(s, _)| *s == r.shape) else { continue };
-        if r.op != "gemv M=1" {
-            continue;
-        }
         let (o, inp) = parse(&r.shape);
         let limit = lim.for_threads(r.threads).read;
         let rate = |bytes: f64, t: f64| format!("{:.1} ({:.0}%)", bytes / t / 1e9, 100.0 * bytes / t / limit);
-        let act8 = lowbit_t[i].get(1).and_then(med);
-        let ggml_best = r
-            .peers
-            .iter()
-            .zip(&peer_t[i])
-            .filter_map(|((n, _), t)| Some((n.strip_prefix("ggml ")?, med(t)?)))
-            .min_by(|a, b| a.1.total_cmp(&b.1));
         println!(
             "| {} | {} | {:.1} ({:.1}) | {} | {} | {} |",
             r.shape,
@@ -498,6 +494,7 @@ fn main() {
             r.lowbit_fmt,
             act8.map_or("–".into(), |t| rate(format_bytes(r.lowbit_fmt, o * inp), t)),
             ggml_best.map_or("–".into(), |(n, t)| {
+                let n = n.trim_start_matches("ggml ");
                 let ty = n.split_whitespace().next().unwrap_or(n);
                 format!("{} {n}", rate(format_bytes(ty, o * inp), t))
             }),
