@@ -36,6 +36,12 @@ fn check_all_paths<T: Element>(x: &[T], shape: &[usize], g: Granularity) -> Affi
         let mut got = vec![AffineParams { scale: 3.0, zero_point: 9 }; params.len()];
         affine::quantize_into_with(x, shape, g, &mut got_codes, &mut got, path).unwrap();
         assert_eq!((&got, &got_codes), (&params, &codes), "quantize_into differs on {path} for {g} {shape:?}");
+        // With the parameters known: the same codes, allocated or into a buffer holding garbage.
+        let known = affine::quantize_with_params(x, shape, g, &params, path).unwrap();
+        assert_eq!(known.codes(), &codes[..], "quantize_with_params differs on {path} for {g} {shape:?}");
+        got_codes.fill(0x5A);
+        affine::quantize_with_params_into(x, shape, g, &params, &mut got_codes, path).unwrap();
+        assert_eq!(got_codes, codes, "quantize_with_params_into differs on {path} for {g} {shape:?}");
         let d: Vec<f32> = q.dequantize_with(path).unwrap();
         assert_eq!(bits(&d), bits(&values), "f32 dequantization differs on {path}");
         let d: Vec<f16> = q.dequantize_with(path).unwrap();
@@ -274,6 +280,16 @@ fn non_finite_values_are_found_by_every_path_at_every_position() {
         check_non_finite(&x, &[1024, 1024], Granularity::PerTensor, path, (1 << 20) - 3);
         check_non_finite(&x, &[1024, 1024], Granularity::PerChannel, path, (1 << 20) - 3);
     }
+    // Rows longer than the known-parameter quantizer's 4096-element check pieces: a value in a later piece of a
+    // row, with a later row also bad (threads may meet that one first; the first must be named).
+    let mut x = vec![-0.5f32; 8 * 10_000];
+    x[3 * 10_000 + 9_000] = f32::NAN;
+    x[7 * 10_000 + 5] = f32::INFINITY;
+    for path in KernelPath::all_available() {
+        for g in [Granularity::PerTensor, Granularity::PerChannel, Granularity::PerGroup(5_000)] {
+            check_non_finite(&x, &[8, 10_000], g, path, 3 * 10_000 + 9_000);
+        }
+    }
 }
 
 #[track_caller]
@@ -288,6 +304,12 @@ fn check_non_finite<T: Element>(x: &[T], shape: &[usize], g: Granularity, path: 
     let mut params = vec![AffineParams::EMPTY; g.num_params(rows, cols)];
     let e = affine::quantize_into_with(x, shape, g, &mut codes, &mut params, path).unwrap_err().to_string();
     assert!(e.contains(&want), "quantize_into on {path} {g}: {e}");
+    // With valid parameters given, the quantizer's own per-piece check finds it.
+    let given = vec![AffineParams { scale: 0.01, zero_point: 128 }; params.len()];
+    let e = affine::quantize_with_params(x, shape, g, &given, path).unwrap_err().to_string();
+    assert!(e.contains(&want), "quantize_with_params on {path} {g}: {e}");
+    let e = affine::quantize_with_params_into(x, shape, g, &given, &mut codes, path).unwrap_err().to_string();
+    assert!(e.contains(&want), "quantize_with_params_into on {path} {g}: {e}");
 }
 
 /// Caller buffers of the wrong length are errors, and then nothing is written.

@@ -86,15 +86,9 @@ impl AffineTensor {
     }
 }
 
-/// Validates the inputs shared by every quantize entry point and returns `(rows, cols)`.
-pub(crate) fn check_inputs<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<(usize, usize)> {
-    let dims = check_shape(x, shape, granularity)?;
-    check_finite("x", x)?;
-    Ok(dims)
-}
-
-/// [`check_inputs`] without the finiteness scan, for the entry points whose min / max pass finds a NaN or an
-/// infinity itself (then [`non_finite`] names it).
+/// Validates the shape and granularity shared by every quantize entry point and returns `(rows, cols)`. `x`'s
+/// values are checked by the passes themselves: the min / max pass, or the per-piece check of the known-parameter
+/// quantizer (then [`non_finite`] names the first NaN or infinity).
 fn check_shape<T: Element>(x: &[T], shape: &[usize], granularity: Granularity) -> Result<(usize, usize)> {
     granularity.validate()?;
     shape::check_len("x", x.len(), shape)
@@ -223,14 +217,20 @@ pub fn quantize_with_params<T: Element>(
     params: &[AffineParams],
     path: KernelPath,
 ) -> Result<AffineTensor> {
-    let (rows, cols) = check_inputs(x, shape, granularity)?;
+    let (rows, cols) = check_shape(x, shape, granularity)?;
     path.check()?;
     check_params(params, shape, granularity, rows, cols)?;
-    quantize_with_params_unchecked(x, shape, granularity, params, path)
+    let mut codes = vec![0u8; x.len()];
+    if !crate::cpu::affine::quantize_checked(x, rows, cols, granularity, params, &mut codes, path) {
+        return Err(non_finite(x));
+    }
+    Ok(tensor_of(shape, granularity, codes, params))
 }
 
 /// Quantizes `x` with given parameters into a caller-provided `codes` buffer (length = number of elements),
-/// so that repeated calls reuse one allocation. Same codes as [`quantize_with_params`].
+/// so that repeated calls reuse one allocation. Same codes as [`quantize_with_params`]. One pass over `x`: each
+/// piece is checked for NaN / infinity while it is in cache, just before its codes are written, so after that
+/// error `codes` is partly written (after any other error it is untouched).
 pub fn quantize_with_params_into<T: Element>(
     x: &[T],
     shape: &[usize],
@@ -239,13 +239,15 @@ pub fn quantize_with_params_into<T: Element>(
     codes: &mut [u8],
     path: KernelPath,
 ) -> Result<()> {
-    let (rows, cols) = check_inputs(x, shape, granularity)?;
+    let (rows, cols) = check_shape(x, shape, granularity)?;
     path.check()?;
     check_params(params, shape, granularity, rows, cols)?;
     if codes.len() != x.len() {
         return Err(Error::shape("length of `codes`", codes.len(), x.len()));
     }
-    crate::cpu::affine::quantize(x, rows, cols, granularity, params, codes, path);
+    if !crate::cpu::affine::quantize_checked(x, rows, cols, granularity, params, codes, path) {
+        return Err(non_finite(x));
+    }
     Ok(())
 }
 
@@ -264,17 +266,4 @@ fn check_params(
         return Err(Error::invalid("params", format!("scale {} at index {i}", params[i].scale), SCALE_RULE));
     }
     Ok(())
-}
-
-fn quantize_with_params_unchecked<T: Element>(
-    x: &[T],
-    shape: &[usize],
-    granularity: Granularity,
-    params: &[AffineParams],
-    path: KernelPath,
-) -> Result<AffineTensor> {
-    let (rows, cols) = shape::as_matrix(shape)?;
-    let mut codes = vec![0u8; x.len()];
-    crate::cpu::affine::quantize(x, rows, cols, granularity, params, &mut codes, path);
-    Ok(tensor_of(shape, granularity, codes, params))
 }

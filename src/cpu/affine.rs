@@ -181,7 +181,8 @@ pub(crate) fn calibrate_quantize<T: Element>(
     finite.into_inner()
 }
 
-/// Codes for every element; identical to [`reference::quantize`] for every path.
+/// Codes for every element; identical to [`reference::quantize`] for every path. `x` must be finite (the
+/// callers found it so).
 pub(crate) fn quantize<T: Element>(
     x: &[T],
     rows: usize,
@@ -191,10 +192,58 @@ pub(crate) fn quantize<T: Element>(
     codes: &mut [u8],
     path: KernelPath,
 ) {
+    let all_finite = quantize_pieces(x, rows, cols, g, params, codes, path, false);
+    debug_assert!(all_finite);
+}
+
+/// [`quantize`] for an `x` not yet checked: each piece of [`FINITE_PIECE`] elements is checked for NaN and
+/// infinity and then quantized while it is in L1, so the check costs no second pass over memory. Returns
+/// false when `x` holds a non-finite value (then `codes` is partly written).
+pub(crate) fn quantize_checked<T: Element>(
+    x: &[T],
+    rows: usize,
+    cols: usize,
+    g: Granularity,
+    params: &[AffineParams],
+    codes: &mut [u8],
+    path: KernelPath,
+) -> bool {
+    quantize_pieces(x, rows, cols, g, params, codes, path, true)
+}
+
+/// Elements per piece that [`quantize_checked`] checks and then quantizes: 16 KiB of f32, in L1.
+const FINITE_PIECE: usize = 4096;
+
+/// The driver of [`quantize`] and [`quantize_checked`]: runs over threads as the granularity splits them, each
+/// run quantized elementwise (pieces do not change the codes), checked piece by piece when `check`.
+#[allow(clippy::too_many_arguments)]
+fn quantize_pieces<T: Element>(
+    x: &[T],
+    rows: usize,
+    cols: usize,
+    g: Granularity,
+    params: &[AffineParams],
+    codes: &mut [u8],
+    path: KernelPath,
+    check: bool,
+) -> bool {
     let _ = rows;
+    let finite = AtomicBool::new(true);
+    let run = |c: &[T], p: AffineParams, o: &mut [u8]| {
+        if !check {
+            return quantize_elems(path.isa, c, p, o);
+        }
+        for (c, o) in c.chunks(FINITE_PIECE).zip(o.chunks_mut(FINITE_PIECE)) {
+            // Stop at the first non-finite piece (of this run, or of another thread's).
+            if !finite.load(Ordering::Relaxed) || !minmax_elems(path.isa, c).is_none_or(|m| m.2) {
+                return finite.store(false, Ordering::Relaxed);
+            }
+            quantize_elems(path.isa, c, p, o);
+        }
+    };
     match g {
         Granularity::PerTensor => {
-            let job = |(c, o): (&[T], &mut [u8])| quantize_elems(path.isa, c, params[0], o);
+            let job = |(c, o): (&[T], &mut [u8])| run(c, params[0], o);
             if use_threads(path, x.len()) {
                 par_rows(x.chunks(PAR_CHUNK).zip(codes.chunks_mut(PAR_CHUNK)).collect(), job);
             } else {
@@ -203,19 +252,20 @@ pub(crate) fn quantize<T: Element>(
         }
         _ => {
             if cols == 0 {
-                return;
+                return true;
             }
             let gl = g.group_len(cols);
             let per_row = g.num_params(1, cols);
             let job = |((row, out), ps): ((&[T], &mut [u8]), &[AffineParams])| {
                 for ((c, o), p) in row.chunks(gl).zip(out.chunks_mut(gl)).zip(ps) {
-                    quantize_elems(path.isa, c, *p, o);
+                    run(c, *p, o);
                 }
             };
             let it = x.chunks(cols).zip(codes.chunks_mut(cols)).zip(params.chunks(per_row));
             for_each_item(path, x.len(), it, job);
         }
     }
+    finite.into_inner()
 }
 
 /// Dequantized values; identical bits to [`reference::dequantize`] for every path.
