@@ -136,91 +136,98 @@ fn strings(a: &[&dyn ToString]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
-/// Quantize and dequantize rows (one thread): lowbit int8 per channel against Q8_0, NF4 block 64 against the
-/// 4-bit formats.
+/// The conversion rows of issue 16's table, on one thread (candle's and ggml's converters are single-threaded):
+/// int8 calibrate + quantize per channel, int8 quantize with known parameters, int8 dequantize per tensor /
+/// channel / group:128 (all against Q8_0, one f16 scale per 32 weights), and NF4 block 64 quantize and dequantize
+/// (against the 4-bit formats). lowbit's int8 conversions and every dequantize write into buffers allocated
+/// once; NF4 quantize returns a new tensor per call (its API has no `_into` form), while candle's and ggml's
+/// write into preallocated blocks. Each row measures its peers itself (the same peer may appear in several rows).
 fn convert_rows(rows: &mut Vec<Row>, w: &Arc<Vec<f32>>, shape: &str, ggml: Option<&Ggml>) {
     let one = KernelPath::single(Isa::best());
     let (out, inp) = parse(shape);
-    for int8 in [true, false] {
-        let mut q_rows: Vec<(String, Measure)> = Vec::new();
-        let mut d_rows: Vec<(String, Measure)> = Vec::new();
-        fn candle<T: GgmlType + 'static>(
-            name: &str,
-            w: &Arc<Vec<f32>>,
-            q: &mut Vec<(String, Measure)>,
-            d: &mut Vec<(String, Measure)>,
-        ) {
-            let (w1, w2) = (w.clone(), w.clone());
+    let dims = [out, inp];
+    let n = w.len();
+    fn candle<T: GgmlType + 'static>(name: &str, w: &Arc<Vec<f32>>, quantize: bool, v: &mut Vec<(String, Measure)>) {
+        let m: Measure = if quantize {
+            let w = w.clone();
             let mut blocks = vec![T::zeros(); w.len() / T::BLCK_SIZE];
-            q.push((
-                format!("candle {name}"),
-                Box::new(move |b| Some(time(b, || T::from_float(black_box(&w1), &mut blocks)))),
-            ));
-            let blocks: Vec<T> = candle_blocks(&w2);
-            let mut dst = vec![0.0f32; w2.len()];
-            d.push((
-                format!("candle {name}"),
-                Box::new(move |b| Some(time(b, || T::to_float(black_box(&blocks), &mut dst)))),
-            ));
-        }
+            Box::new(move |b| Some(time(b, || T::from_float(black_box(&w), &mut blocks))))
+        } else {
+            let blocks: Vec<T> = candle_blocks(w);
+            let mut dst = vec![0.0f32; w.len()];
+            Box::new(move |b| Some(time(b, || T::to_float(black_box(&blocks), &mut dst))))
+        };
+        v.push((format!("candle {name}"), m));
+    }
+    let peers = |quantize: bool, int8: bool| {
+        let mut v: Vec<(String, Measure)> = Vec::new();
         let ggml_types: &[&str] = if int8 {
-            candle::<BlockQ8_0>("Q8_0", w, &mut q_rows, &mut d_rows);
+            candle::<BlockQ8_0>("Q8_0", w, quantize, &mut v);
             &["q8_0"]
         } else {
-            candle::<BlockQ4_0>("Q4_0", w, &mut q_rows, &mut d_rows);
-            candle::<BlockQ4_1>("Q4_1", w, &mut q_rows, &mut d_rows);
+            candle::<BlockQ4_0>("Q4_0", w, quantize, &mut v);
+            candle::<BlockQ4_1>("Q4_1", w, quantize, &mut v);
             &["q4_0", "q4_1", "iq4_nl"]
         };
         if let Some(g) = ggml {
+            let op = if quantize { "quantize" } else { "dequantize" };
             for t in ggml_types {
-                q_rows.push((format!("ggml {t}"), g.measure(strings(&[&"quantize", t, &out, &inp]))));
-                d_rows.push((format!("ggml {t}"), g.measure(strings(&[&"dequantize", t, &out, &inp]))));
+                v.push((format!("ggml {t}"), g.measure(strings(&[&op, t, &out, &inp]))));
             }
         }
-        let (lq, ld, fmt): (Measure, Measure, &'static str) = if int8 {
-            let (w1, w2) = (w.clone(), w.clone());
-            let gran = Granularity::PerChannel;
-            let mut codes = vec![0u8; w.len()];
-            let mut params = vec![affine::AffineParams::EMPTY; gran.num_params(out, inp)];
-            let q = affine::quantize(&w2, &[out, inp], gran).unwrap();
-            let mut dst = vec![0.0f32; w.len()];
-            (
-                Box::new(move |b| {
-                    Some(time(b, || {
-                        affine::quantize_into_with(black_box(&w1[..]), &[out, inp], gran, &mut codes, &mut params, one)
-                            .unwrap()
-                    }))
-                }),
-                Box::new(move |b| Some(time(b, || q.dequantize_into_with(black_box(&mut dst[..]), one).unwrap()))),
-                "int8 channel",
-            )
-        } else {
-            let (w1, w2) = (w.clone(), w.clone());
-            let q = lowbit::nf4::quantize_nf4(&w2[..], &[out, inp], 64, false).unwrap();
-            let mut dst = vec![0.0f32; w.len()];
-            (
-                Box::new(move |b| {
-                    Some(time(b, || {
-                        black_box(
-                            lowbit::nf4::quantize_nf4_with(black_box(&w1[..]), &[out, inp], 64, false, one).unwrap(),
-                        );
-                    }))
-                }),
-                Box::new(move |b| Some(time(b, || q.dequantize_into_with(black_box(&mut dst[..]), one).unwrap()))),
-                "nf4 b64",
-            )
-        };
-        for (op, l, peers) in [("quantize", lq, q_rows), ("dequantize", ld, d_rows)] {
-            rows.push(Row {
-                op: op.into(),
-                shape: shape.into(),
-                threads: 1,
-                lowbit_fmt: fmt,
-                lowbit: vec![("f32", l)],
-                peers,
-            });
-        }
+        v
+    };
+    let mut push = |op: &str, fmt: &'static str, lowbit: Measure, peers: Vec<(String, Measure)>| {
+        rows.push(Row {
+            op: op.into(),
+            shape: shape.into(),
+            threads: 1,
+            lowbit_fmt: fmt,
+            lowbit: vec![("f32", lowbit)],
+            peers,
+        })
+    };
+
+    // int8: calibrate + quantize, and quantize with the parameters known (the calibration done once).
+    let channel = Granularity::PerChannel;
+    let (w1, mut codes) = (w.clone(), vec![0u8; n]);
+    let mut params = vec![affine::AffineParams::EMPTY; channel.num_params(out, inp)];
+    let calibrate_and_quantize: Measure = Box::new(move |b| {
+        Some(time(b, || {
+            affine::quantize_into_with(black_box(&w1[..]), &dims, channel, &mut codes, &mut params, one).unwrap()
+        }))
+    });
+    push("quantize", "int8 channel", calibrate_and_quantize, peers(true, true));
+    let (w1, mut codes) = (w.clone(), vec![0u8; n]);
+    let params = affine::calibrate(&w[..], &dims, channel).unwrap();
+    let known_params: Measure = Box::new(move |b| {
+        Some(time(b, || {
+            affine::quantize_with_params_into(black_box(&w1[..]), &dims, channel, &params, &mut codes, one).unwrap()
+        }))
+    });
+    push("quantize", "int8 channel, known params", known_params, peers(true, true));
+    for (gran, fmt) in [
+        (Granularity::PerTensor, "int8 tensor"),
+        (channel, "int8 channel"),
+        (Granularity::PerGroup(128), "int8 group:128"),
+    ] {
+        let (q, mut dst) = (affine::quantize(&w[..], &dims, gran).unwrap(), vec![0.0f32; n]);
+        let d: Measure =
+            Box::new(move |b| Some(time(b, || q.dequantize_into_with(black_box(&mut dst[..]), one).unwrap())));
+        push("dequantize", fmt, d, peers(false, true));
     }
+
+    // NF4, block 64, f32 absmax.
+    let w1 = w.clone();
+    let q: Measure = Box::new(move |b| {
+        Some(time(b, || {
+            black_box(lowbit::nf4::quantize_nf4_with(black_box(&w1[..]), &dims, 64, false, one).unwrap());
+        }))
+    });
+    push("quantize", "nf4 b64", q, peers(true, false));
+    let (q, mut dst) = (lowbit::nf4::quantize_nf4(&w[..], &dims, 64, false).unwrap(), vec![0.0f32; n]);
+    let d: Measure = Box::new(move |b| Some(time(b, || q.dequantize_into_with(black_box(&mut dst[..]), one).unwrap())));
+    push("dequantize", "nf4 b64", d, peers(false, false));
 }
 
 /// lowbit's forward into caller buffers on `pool`, with `activations`.
@@ -349,9 +356,7 @@ fn main() {
     for &shape in shapes {
         let (out, inp) = parse(shape);
         let w = Arc::new(data(out * inp, inp, 1));
-        if shape == "4096x4096" {
-            convert_rows(&mut rows, &w, shape, ggml.as_ref());
-        }
+        convert_rows(&mut rows, &w, shape, ggml.as_ref());
         let int8 = Arc::new(
             QuantLinear::new(
                 QuantWeight::Int8(affine::quantize(&w[..], &[out, inp], Granularity::PerChannel).unwrap()),
