@@ -431,8 +431,8 @@ fn main() {
         membw::gb_s(limits.all.copy),
     );
     let ms = |t: Option<f64>| t.map_or("–".to_string(), |t| format!("{:.3}", t * 1e3));
-    println!("| op | shape | threads | lowbit format | lowbit f32 ms | lowbit act8 ms | best candle ms | best ggml ms | ratio (lowbit best ÷ best peer) |");
-    println!("|---|---|---:|---|---:|---:|---|---|---:|");
+    println!("| op | shape | threads | lowbit format | lowbit f32 ms | lowbit act8 ms | best candle ms | best ggml ms | ratio (lowbit best ÷ best peer) | per-round ratios (min–max) |");
+    println!("|---|---|---:|---|---:|---:|---|---|---:|---|");
     let mut details = Vec::new();
     // Per GEMV M=1 row: its index, lowbit's act8 time and the best ggml peer (for the read-limit table).
     let mut gemv_rows = Vec::new();
@@ -453,8 +453,25 @@ fn main() {
         let (candle, gg) = (best_of("candle "), best_of("ggml "));
         let lowbit_best = lb.iter().flatten().copied().fold(f64::INFINITY, f64::min);
         let peer_best = [&candle, &gg].iter().filter_map(|b| b.as_ref().map(|x| x.1)).fold(f64::INFINITY, f64::min);
+        // The same ratio within each round (lowbit's best mode and the best peer of that round, measured minutes
+        // apart rather than a whole run apart): its spread says how much of a ratio near 1.0 is the host's noise.
+        let per_round: Vec<f64> = (0..rounds)
+            .filter_map(|k| {
+                let best = |ts: &[Vec<Option<f64>>]| {
+                    ts.iter().filter_map(|t| t.get(k).copied().flatten()).fold(f64::INFINITY, f64::min)
+                };
+                let (l, p) = (best(&lowbit_t[i]), best(&peer_t[i]));
+                (l.is_finite() && p.is_finite()).then(|| l / p)
+            })
+            .collect();
+        let spread = if per_round.is_empty() {
+            "–".to_string()
+        } else {
+            let (lo, hi) = per_round.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+            format!("{lo:.2}–{hi:.2}")
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {spread} |",
             r.op,
             r.shape,
             r.threads,
