@@ -158,6 +158,11 @@ impl Kernel<'_> {
                 self.groups::<P, 4, 1>(g, r0);
                 g += 4;
             }
+            // A block of 32 rows (layers under 3072 outputs) is two groups: two chains, not one at a time.
+            if g + 2 <= g1 {
+                self.groups::<P, 2, 1>(g, r0);
+                g += 2;
+            }
         } else {
             while g + 2 <= g1 {
                 match rr {
