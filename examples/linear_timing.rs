@@ -14,7 +14,13 @@ fn main() -> lowbit::Result<()> {
         .split_once('x')
         .and_then(|(o, i)| Some((o.parse::<usize>().ok()?, i.parse::<usize>().ok()?)))
         .unwrap_or((4096, 14336));
-    let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 5000.0).collect();
+    // DATA=peers: bench-peers' generator (a sum of four xorshift uniforms, scaled per row) for `w` and `x`.
+    let peers_data = std::env::var("DATA").is_ok_and(|v| v == "peers");
+    let w: Vec<f32> = if peers_data {
+        peers_like(out * inp, inp, 1)
+    } else {
+        (0..out * inp).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 5000.0).collect()
+    };
     // BS=N: the 4-bit block size (default 64).
     let bs: usize = std::env::var("BS").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
     let weight = match std::env::var("FORMAT").as_deref() {
@@ -38,7 +44,8 @@ fn main() -> lowbit::Result<()> {
     // COPIES=N: cycle through N clones of the layer (weights read from memory rather than cache).
     let copies: usize = std::env::var("COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let layers: Vec<QuantLinear> = (0..copies).map(|_| layer.clone()).collect();
-    let x: Vec<f32> = (0..m * inp).map(|i| (i % 17) as f32 / 17.0).collect();
+    let x: Vec<f32> =
+        if peers_data { peers_like(m * inp, inp, 9) } else { (0..m * inp).map(|i| (i % 17) as f32 / 17.0).collect() };
     let only = std::env::var("ONLY").ok();
     // ACT8=1: int8 activations (`docs/formats.md` §12).
     let act = if std::env::var("ACT8").is_ok_and(|v| v == "1") {
@@ -110,4 +117,21 @@ fn main() -> lowbit::Result<()> {
         );
     }
     Ok(())
+}
+
+/// bench-peers' `data`: normal-ish values (a sum of four xorshift uniforms) with a per-row scale.
+fn peers_like(n: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    let mut u = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    (0..n)
+        .map(|i| {
+            let v = u() + u() + u() + u();
+            v * 0.02 * (1.0 + (i / cols % 5) as f32 * 0.3)
+        })
+        .collect()
 }
