@@ -221,7 +221,7 @@ pub fn quantize_with_params<T: Element>(
     path.check()?;
     check_params(params, shape, granularity, rows, cols)?;
     let mut codes = vec![0u8; x.len()];
-    if !crate::cpu::affine::quantize_checked(x, rows, cols, granularity, params, &mut codes, path) {
+    if !crate::cpu::affine::quantize(x, rows, cols, granularity, params, &mut codes, path, true) {
         return Err(non_finite(x));
     }
     Ok(tensor_of(shape, granularity, codes, params))
@@ -245,7 +245,7 @@ pub fn quantize_with_params_into<T: Element>(
     if codes.len() != x.len() {
         return Err(Error::shape("length of `codes`", codes.len(), x.len()));
     }
-    if !crate::cpu::affine::quantize_checked(x, rows, cols, granularity, params, codes, path) {
+    if !crate::cpu::affine::quantize(x, rows, cols, granularity, params, codes, path, true) {
         return Err(non_finite(x));
     }
     Ok(())

@@ -160,7 +160,7 @@ pub(crate) fn calibrate_quantize<T: Element>(
             if !finite.load(Ordering::Relaxed) {
                 return false;
             }
-            quantize(x, rows, cols, g, params, codes, path);
+            quantize(x, rows, cols, g, params, codes, path, false);
         }
         _ => {
             if cols == 0 {
@@ -181,43 +181,17 @@ pub(crate) fn calibrate_quantize<T: Element>(
     finite.into_inner()
 }
 
-/// Codes for every element; identical to [`reference::quantize`] for every path. `x` must be finite (the
-/// callers found it so).
-pub(crate) fn quantize<T: Element>(
-    x: &[T],
-    rows: usize,
-    cols: usize,
-    g: Granularity,
-    params: &[AffineParams],
-    codes: &mut [u8],
-    path: KernelPath,
-) {
-    let all_finite = quantize_pieces(x, rows, cols, g, params, codes, path, false);
-    debug_assert!(all_finite);
-}
-
-/// [`quantize`] for an `x` not yet checked: each piece of [`FINITE_PIECE`] elements is checked for NaN and
-/// infinity and then quantized while it is in L1, so the check costs no second pass over memory. Returns
-/// false when `x` holds a non-finite value (then `codes` is partly written).
-pub(crate) fn quantize_checked<T: Element>(
-    x: &[T],
-    rows: usize,
-    cols: usize,
-    g: Granularity,
-    params: &[AffineParams],
-    codes: &mut [u8],
-    path: KernelPath,
-) -> bool {
-    quantize_pieces(x, rows, cols, g, params, codes, path, true)
-}
-
-/// Elements per piece that [`quantize_checked`] checks and then quantizes: 16 KiB of f32, in L1.
+/// Elements per piece that [`quantize`] checks and then quantizes when asked to: 16 KiB of f32, in L1.
 const FINITE_PIECE: usize = 4096;
 
-/// The driver of [`quantize`] and [`quantize_checked`]: runs over threads as the granularity splits them, each
-/// run quantized elementwise (pieces do not change the codes), checked piece by piece when `check`.
+/// Codes for every element; identical to [`reference::quantize`] for every path. Runs over threads as the
+/// granularity splits them, each run quantized elementwise. With `check` (an `x` not yet found finite), each
+/// piece of [`FINITE_PIECE`] elements is checked for NaN and infinity just before it is quantized, while it is
+/// in L1, so the check costs no second pass over memory; returns false when `x` holds a non-finite value (then
+/// `codes` is partly written). Without `check`, `x` must be finite (the caller's min / max pass found it so)
+/// and the result is true.
 #[allow(clippy::too_many_arguments)]
-fn quantize_pieces<T: Element>(
+pub(crate) fn quantize<T: Element>(
     x: &[T],
     rows: usize,
     cols: usize,
