@@ -1,6 +1,7 @@
 //! Times one fused forward per path (a quick look; the criterion bench `linear` is the real measurement).
 use lowbit::cpu::KernelPath;
 use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit_testkit::synthetic::peers_data;
 use std::time::Instant;
 
 fn main() -> lowbit::Result<()> {
@@ -15,9 +16,9 @@ fn main() -> lowbit::Result<()> {
         .and_then(|(o, i)| Some((o.parse::<usize>().ok()?, i.parse::<usize>().ok()?)))
         .unwrap_or((4096, 14336));
     // DATA=peers: bench-peers' generator (a sum of four xorshift uniforms, scaled per row) for `w` and `x`.
-    let peers_data = std::env::var("DATA").is_ok_and(|v| v == "peers");
-    let w: Vec<f32> = if peers_data {
-        peers_like(out * inp, inp, 1)
+    let use_peers_data = std::env::var("DATA").is_ok_and(|v| v == "peers");
+    let w: Vec<f32> = if use_peers_data {
+        peers_data(out * inp, inp, 1)
     } else {
         (0..out * inp).map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 5000.0).collect()
     };
@@ -44,8 +45,11 @@ fn main() -> lowbit::Result<()> {
     // COPIES=N: cycle through N clones of the layer (weights read from memory rather than cache).
     let copies: usize = std::env::var("COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let layers: Vec<QuantLinear> = (0..copies).map(|_| layer.clone()).collect();
-    let x: Vec<f32> =
-        if peers_data { peers_like(m * inp, inp, 9) } else { (0..m * inp).map(|i| (i % 17) as f32 / 17.0).collect() };
+    let x: Vec<f32> = if use_peers_data {
+        peers_data(m * inp, inp, 9)
+    } else {
+        (0..m * inp).map(|i| (i % 17) as f32 / 17.0).collect()
+    };
     let only = std::env::var("ONLY").ok();
     // ACT8=1: int8 activations (`docs/formats.md` §12).
     let act = if std::env::var("ACT8").is_ok_and(|v| v == "1") {
@@ -117,21 +121,4 @@ fn main() -> lowbit::Result<()> {
         );
     }
     Ok(())
-}
-
-/// bench-peers' `data`: normal-ish values (a sum of four xorshift uniforms) with a per-row scale.
-fn peers_like(n: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    let mut u = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
-    (0..n)
-        .map(|i| {
-            let v = u() + u() + u() + u();
-            v * 0.02 * (1.0 + (i / cols % 5) as f32 * 0.3)
-        })
-        .collect()
 }

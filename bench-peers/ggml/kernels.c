@@ -54,7 +54,7 @@ static double median_time(double budget, bench_fn f, void *arg) {
     return t[n / 2];
 }
 
-// bench-peers' `data`: a sum of four xorshift uniforms, scaled per row.
+// `lowbit_testkit::synthetic::peers_data`, bench-peers' data: a sum of four xorshift uniforms, scaled per row.
 static float *gen_data(size_t n, size_t cols, uint64_t seed) {
     float *v = malloc(n * sizeof(float));
     uint64_t s = seed | 1;

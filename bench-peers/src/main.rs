@@ -31,6 +31,7 @@
 //! dispatches at run time and is not changed by the flag). Report both.
 
 use lowbit_testkit::membw;
+use lowbit_testkit::synthetic::peers_data;
 
 use candle_core::quantized::k_quants::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType};
 use lowbit::affine::{self, Granularity};
@@ -54,23 +55,6 @@ fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
     }
     t.sort_by(f64::total_cmp);
     t[t.len() / 2]
-}
-
-/// Deterministic LLM-like data: normal-ish values (sum of uniforms) with a per-row scale.
-fn data(n: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    let mut u = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
-    (0..n)
-        .map(|i| {
-            let v = u() + u() + u() + u();
-            v * 0.02 * (1.0 + (i / cols % 5) as f32 * 0.3)
-        })
-        .collect()
 }
 
 /// One measurement: seconds per call, or `None` when the kernel does not exist for that case (printed as `–`).
@@ -234,7 +218,7 @@ fn convert_rows(rows: &mut Vec<Row>, w: &Arc<Vec<f32>>, shape: &str, ggml: Optio
 fn lowbit_forward(layer: Arc<QuantLinear>, m: usize, threads: usize, activations: Activations) -> Measure {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     let inp = layer.in_features();
-    let x = data(m * inp, inp, 9);
+    let x = peers_data(m * inp, inp, 9);
     let mut y = vec![0.0f32; m * layer.out_features()];
     let mut ws = Workspace::default();
     let path = if threads == 1 { KernelPath::single(Isa::best()) } else { KernelPath::best() };
@@ -247,7 +231,7 @@ fn lowbit_forward(layer: Arc<QuantLinear>, m: usize, threads: usize, activations
 fn candle_matmul<T: GgmlType + 'static>(w: &[f32], m: usize, out: usize, inp: usize, threads: usize) -> Measure {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     let blocks: Vec<T> = candle_blocks(w);
-    let x = data(m * inp, inp, 9);
+    let x = peers_data(m * inp, inp, 9);
     let mut y = vec![0.0f32; m * out];
     Box::new(move |b| {
         Some(pool.install(|| time(b, || k_quants::matmul((m, inp, out), black_box(&x), &blocks, &mut y).unwrap())))
@@ -359,7 +343,7 @@ fn main() {
     let mut rows = Vec::new();
     for &shape in shapes {
         let (out, inp) = parse(shape);
-        let w = Arc::new(data(out * inp, inp, 1));
+        let w = Arc::new(peers_data(out * inp, inp, 1));
         convert_rows(&mut rows, &w, shape, ggml.as_ref());
         let int8 = Arc::new(
             QuantLinear::new(

@@ -80,6 +80,24 @@ pub fn layer(scheme: Scheme, out: usize, inp: usize, lora_rank: Option<usize>) -
     layer_from(QuantWeight::quantize(&w, &[out, inp], scheme)?, lora_rank)
 }
 
+/// bench-peers' data (`ggml/kernels.c` generates the same numbers in C): LLM-like, normal-ish values (a sum of
+/// four xorshift uniforms) times 0.02, with a per-row scale of 1 to 2.2 (`n` values in rows of `cols`).
+pub fn peers_data(n: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    let mut u = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    (0..n)
+        .map(|i| {
+            let v = u() + u() + u() + u();
+            v * 0.02 * (1.0 + (i / cols % 5) as f32 * 0.3)
+        })
+        .collect()
+}
+
 /// Activations `x: [m, inp]`, standard normal.
 pub fn input(m: usize, inp: usize) -> Vec<f32> {
     Rng::new(SEED ^ 0x78).normal_vec(m * inp, 1.0)
