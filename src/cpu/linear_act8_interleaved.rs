@@ -43,9 +43,9 @@ pub(crate) struct Act8Interleaved {
     /// Parameter entries per row.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     per_row: usize,
-    /// 4-bit: `[groups][in / 8][64]` packed code bytes. Int8: `[groups][in / 4][64]` codes, byte `4r + j` of
-    /// piece `p` the code of row `16g + r` at column `4p + j`.
-    pub bytes: Vec<u8>,
+    /// 4-bit: `[groups][in / 8]` pieces of packed code bytes. Int8: `[groups][in / 4]` pieces of codes, byte
+    /// `4r + j` of piece `p` the code of row `16g + r` at column `4p + j`.
+    pub bytes: Vec<Piece>,
     /// Every group's 16 scales per parameter entry.
     pub scales: LaneScales,
     /// Int8 only: `[groups][per_row][16]` zero points (empty for 4-bit weights).
@@ -54,6 +54,13 @@ pub(crate) struct Act8Interleaved {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub table: [u8; 16],
 }
+
+/// One 64-byte piece of the layout on a 64-byte boundary: every load of the kernels is one cache line. (A
+/// `Vec<u8>` is placed where the allocator likes, often 16 bytes past a line, and then each 64-byte load
+/// touches two lines.)
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+#[repr(C, align(64))]
+pub(crate) struct Piece(pub [u8; 64]);
 
 /// The scales of a group's 16 rows, per parameter entry.
 #[derive(Clone)]
@@ -257,7 +264,7 @@ impl Act8Interleaved {
             n_in.is_multiple_of(64) && act.q.len() == m * n_in && act.d.len() == m * nb && act.sums.len() == m * nb
         );
         let piece_bytes = if self.is_int8() { 16 } else { 8 }; // bytes of a group per column
-        assert!(self.bytes.len() == self.groups * n_in * piece_bytes);
+        assert!(self.bytes.len() * 64 == self.groups * n_in * piece_bytes);
         assert!(!self.is_int8() || self.zero_points.len() == self.groups * self.per_row * ROWS);
         // Every entry of `param_of_block` is below `per_row`, the scales' sizes and the coded scales' runs: checked
         // once when the layout was built.
@@ -271,19 +278,18 @@ impl Act8Interleaved {
             LaneScales::F32(v) => 4 * v.len(),
             LaneScales::Codes(c) => c.codes.len() + 4 * 256 + 4 * (256 + c.run_of.len() + c.nested.len()),
         };
-        self.bytes.len() + scales + 4 * (self.zero_points.len() + self.param_of_block.len())
+        64 * self.bytes.len() + scales + 4 * (self.zero_points.len() + self.param_of_block.len())
     }
 }
 
-/// `[groups][pieces][64]` bytes: byte `4r + j` of piece `p` of group `g` is `byte(16g + r, p, j)` (0 on padding
+/// `[groups][pieces]` pieces: byte `4r + j` of piece `p` of group `g` is `byte(16g + r, p, j)` (0 on padding
 /// rows).
-fn interleave_pieces(out: usize, groups: usize, pieces: usize, byte: impl Fn(usize, usize, usize) -> u8) -> Vec<u8> {
-    let mut bytes = vec![0u8; groups * pieces * 64];
+fn interleave_pieces(out: usize, groups: usize, pieces: usize, byte: impl Fn(usize, usize, usize) -> u8) -> Vec<Piece> {
+    let mut bytes = vec![Piece([0; 64]); groups * pieces];
     for o in 0..out {
         let (g, r) = (o / ROWS, o % ROWS);
         for p in 0..pieces {
-            let at = (g * pieces + p) * 64 + 4 * r;
-            for (j, b) in bytes[at..at + 4].iter_mut().enumerate() {
+            for (j, b) in bytes[g * pieces + p].0[4 * r..4 * r + 4].iter_mut().enumerate() {
                 *b = byte(o, p, j);
             }
         }

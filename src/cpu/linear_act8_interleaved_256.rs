@@ -267,7 +267,8 @@ impl<D: Dot4> Kernel<'_, '_, D> {
                 }
                 for gg in 0..G {
                     // SAFETY: g + gg < groups and kb·per_block + p < pieces: the 64 bytes are inside `bytes`.
-                    let piece = unsafe { il.bytes.as_ptr().add(((g + gg) * pieces + kb * per_block + p) * 64) };
+                    let piece =
+                        unsafe { il.bytes.as_ptr().cast::<u8>().add(((g + gg) * pieces + kb * per_block + p) * 64) };
                     for h in 0..2 {
                         // SAFETY: bytes 32·h..32·h + 32 of the piece.
                         let v = unsafe { _mm256_loadu_si256(piece.add(32 * h) as *const __m256i) };

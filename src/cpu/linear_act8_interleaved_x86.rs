@@ -115,7 +115,9 @@ impl Pieces for FourBitPieces {
         let pieces = k.il.n_in / 8;
         // SAFETY: group < groups and kb·4 + p < pieces: the 64 bytes are inside `bytes` (asserted).
         let v = unsafe {
-            _mm512_loadu_si512(k.il.bytes.as_ptr().add((group * pieces + kb * Self::PER_BLOCK + p) * 64) as *const _)
+            _mm512_loadu_si512(
+                k.il.bytes.as_ptr().cast::<u8>().add((group * pieces + kb * Self::PER_BLOCK + p) * 64) as *const _
+            )
         };
         let m15 = _mm512_set1_epi8(15);
         [
@@ -142,7 +144,9 @@ impl Pieces for Int8Pieces {
         let pieces = k.il.n_in / 4;
         // SAFETY: group < groups and kb·8 + p < pieces: the 64 bytes are inside `bytes` (asserted).
         let v = unsafe {
-            _mm512_loadu_si512(k.il.bytes.as_ptr().add((group * pieces + kb * Self::PER_BLOCK + p) * 64) as *const _)
+            _mm512_loadu_si512(
+                k.il.bytes.as_ptr().cast::<u8>().add((group * pieces + kb * Self::PER_BLOCK + p) * 64) as *const _
+            )
         };
         [v, v]
     }
