@@ -239,8 +239,21 @@ fn on_pool(split: bool, f: impl FnOnce() + Send) {
     f()
 }
 
+/// Chunks per task when `chunks` chunks go over the pool: one run of consecutive chunks per thread.
+///
+/// rayon's adaptive split of an indexed iterator cuts a forward's 18–64 blocks into at least twice as many
+/// tasks as threads, each a `join`, and lets the threads steal them back and forth: 0.8–2.3 µs per call at two
+/// threads against ~0.2 µs for one `join` (measured with the second worker lingering). That was most of the
+/// ~2.7 µs a split forward paid over a perfect halving, which kept two threads on SmolLM2's small layers
+/// well under 2× one thread. Fixed runs give up stealing between the threads: a thread the host deschedules
+/// delays the forward, as it would delay its own half anyway.
+#[cfg(feature = "rayon")]
+fn chunks_per_task(chunks: usize) -> usize {
+    chunks.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
 /// `f(b, a_b, b_b)` for consecutive chunks of `a` (`ca` items) zipped with those of `b` (`cb` items), over the
-/// rayon pool when the feature is on.
+/// rayon pool when the feature is on (one run of chunks per thread, [`chunks_per_task`]).
 fn par_zip_chunks_for_each<B: Send>(
     a: &mut [f32],
     ca: usize,
@@ -251,18 +264,25 @@ fn par_zip_chunks_for_each<B: Send>(
     #[cfg(feature = "rayon")]
     {
         use rayon::prelude::*;
-        a.par_chunks_mut(ca).zip(b.par_chunks_mut(cb)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+        let per_task = chunks_per_task(a.len().div_ceil(ca.max(1)));
+        a.par_chunks_mut(ca)
+            .zip(b.par_chunks_mut(cb))
+            .enumerate()
+            .with_min_len(per_task)
+            .for_each(|(i, (x, y))| f(i, x, y));
     }
     #[cfg(not(feature = "rayon"))]
     a.chunks_mut(ca).zip(b.chunks_mut(cb)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
 }
 
-/// `f(b, chunk_b)` for consecutive chunks of `chunk` items, over the rayon pool when the feature is on.
+/// `f(b, chunk_b)` for consecutive chunks of `chunk` items, over the rayon pool when the feature is on (one run
+/// of chunks per thread, [`chunks_per_task`]).
 fn par_chunks_for_each(items: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     #[cfg(feature = "rayon")]
     {
         use rayon::prelude::*;
-        items.par_chunks_mut(chunk).enumerate().for_each(|(b, c)| f(b, c));
+        let per_task = chunks_per_task(items.len().div_ceil(chunk.max(1)));
+        items.par_chunks_mut(chunk).enumerate().with_min_len(per_task).for_each(|(b, c)| f(b, c));
     }
     #[cfg(not(feature = "rayon"))]
     items.chunks_mut(chunk).enumerate().for_each(|(b, c)| f(b, c));
