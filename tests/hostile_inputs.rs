@@ -102,6 +102,44 @@ fn finite_inputs_whose_result_overflows_are_errors_on_every_path() {
     assert_overflow(layer.forward(&x).map(|_| ()), "LoRA A = 3e38, forward");
 }
 
+/// An overflow in one late block of a forward split over two threads (each block's output is checked by the
+/// thread that wrote it at M = 1, the rows of y by the caller at M > 1) is still an error naming its index,
+/// in both activation modes; the same forward narrowed to f32 is fine.
+#[test]
+fn an_overflow_in_one_block_of_a_split_forward_is_found() {
+    let (out, inp) = (512, 64);
+    // Rows of 1 and a last row of 4: with x = 500, 64 × 500 = 32000 fits f16, 4 × that does not.
+    let mut w = vec![1.0f32; out * inp];
+    w[(out - 1) * inp..].fill(4.0);
+    let mut layer =
+        QuantLinear::new(QuantWeight::FourBit(quantize_nf4(&w, &[out, inp], 64, false).unwrap()), None).unwrap();
+    layer.build_act8_layout();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    pool.install(|| {
+        let mut ws = Workspace::default();
+        for m in [1usize, 3] {
+            let x = vec![500.0f32; m * inp];
+            for path in KernelPath::all_available() {
+                for act in [lowbit::linear::Activations::F32, lowbit::linear::Activations::Int8] {
+                    let opts = ForwardOptions::default().path(path).activations(act);
+                    let what = format!("M = {m}, {path:?}, {act:?}");
+                    let mut y16 = vec![lowbit::f16::ZERO; m * out];
+                    match layer.forward_into_with(&x, &mut y16, &mut ws, opts) {
+                        Err(Error::NonFinite { arg, index, .. }) => {
+                            assert!(arg.starts_with('y'), "{what}: {arg}");
+                            assert_eq!(index, out - 1, "{what}: the first non-finite output");
+                        }
+                        other => panic!("{what}: expected a NonFinite error for y, got {other:?}"),
+                    }
+                    let mut y32 = vec![0.0f32; m * out];
+                    layer.forward_into_with(&x, &mut y32, &mut ws, opts).unwrap();
+                    assert!(y32.iter().all(|v| v.is_finite()), "{what}");
+                }
+            }
+        }
+    });
+}
+
 #[test]
 fn int8_scale_that_overflows_dequantization_is_refused() {
     let codes = vec![0u8, 255, 7, 128];

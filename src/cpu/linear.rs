@@ -14,11 +14,13 @@
 //! `wide::f32x8`) and `linear_x86.rs` (AVX2 / AVX-512 with register-table 4-bit decode).
 
 use super::dispatch::kernels;
+use super::pool_split::{for_each_chunk, for_each_chunk_zip};
 use super::table::{Job, LinearKernels};
-use crate::api::linear::{Activations, ForwardOptions};
+use crate::api::linear::{all_finite, Activations, ForwardOptions};
 use crate::cpu::KernelPath;
 use crate::element::Element;
 use crate::format::layer::{AdapterSelection, LayerView, QuantWeight};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Output features per task: a function of `n_out` only (results never depend on the thread count). 64 rows,
 /// or 32 below 3072 outputs: SmolLM2's 576-row layers in blocks of 64 are 9 tasks, and a 5 : 4 split left the
@@ -82,11 +84,7 @@ fn shrink_all(
                 dots(&x[r * n_in..(r + 1) * n_in], &ad.a()[k0 * n_in..(k0 + out.len()) * n_in], out);
             }
         };
-        if split && m * rank * n_in >= 1 << 16 {
-            par_chunks_for_each(t, piece, one);
-        } else {
-            t.chunks_mut(piece).enumerate().for_each(|(i, out)| one(i, out));
-        }
+        for_each_chunk(split && m * rank * n_in >= 1 << 16, t, piece, one);
     }
 }
 
@@ -97,7 +95,8 @@ pub(crate) fn pair_table(table: &[f32; 16]) -> [[f32; 2]; 256] {
 
 /// The fused forward into `y` (`[m, out]` row-major, rounded to `O`) with `opts`' path, adapter selection and
 /// activation mode. `x` is `[m, in]` f32, already validated together with the selection; `y.len() == m * out`.
-/// Allocates only when `scratch` must grow.
+/// Allocates only when `scratch` must grow. Returns whether every element of `y` is finite (checked per block
+/// by the thread that wrote it at `m == 1`, while the block is in its cache).
 pub(crate) fn forward_into<O: Element>(
     layer: LayerView<'_>,
     x: &[f32],
@@ -105,10 +104,10 @@ pub(crate) fn forward_into<O: Element>(
     opts: ForwardOptions<'_>,
     scratch: &mut Scratch,
     y: &mut [O],
-) {
+) -> bool {
     let n_out = layer.out_features;
     if m == 0 {
-        return;
+        return true;
     }
     let pairs = match layer.weight {
         QuantWeight::FourBit(t) => pair_table(t.table()),
@@ -124,6 +123,8 @@ pub(crate) fn forward_into<O: Element>(
     let chunk = m * block_rows;
     // One entry into the pool for the shrink and the blocks (the shrink's split is then ~1 µs, not a second
     // wake-up of the workers).
+    // Cleared by a block of `y` (at m == 1) that is not all finite; read after the blocks are joined.
+    let finite = AtomicBool::new(true);
     on_pool(split, || {
         shrink_all(layer, x, m, sel, path, split, scratch);
         let Scratch { shrink, used, acc, act8, x_packed } = scratch;
@@ -148,26 +149,20 @@ pub(crate) fn forward_into<O: Element>(
             let run_into_y = |b: usize, out: &mut [f32], y_part: &mut [O]| {
                 run(b, out);
                 O::narrow_slice(out, y_part);
+                if !all_finite(y_part) {
+                    finite.store(false, Ordering::Relaxed);
+                }
             };
-            if split {
-                par_zip_chunks_for_each(acc, chunk, &mut *y, block_rows, run_into_y);
-            } else {
-                acc.chunks_mut(chunk)
-                    .zip(y.chunks_mut(block_rows))
-                    .enumerate()
-                    .for_each(|(b, (o, p))| run_into_y(b, o, p));
-            }
-        } else if split {
-            par_chunks_for_each(acc, chunk, run);
+            for_each_chunk_zip(split, acc, chunk, &mut *y, block_rows, run_into_y);
         } else {
-            acc.chunks_mut(chunk).enumerate().for_each(|(b, out)| run(b, out));
+            for_each_chunk(split, acc, chunk, run);
         }
         if split {
             super::pool_linger::linger();
         }
     });
     if m == 1 {
-        return;
+        return finite.into_inner();
     }
     // Scatter the blocks into y's rows, rounding to O.
     let acc = &scratch.acc;
@@ -177,6 +172,7 @@ pub(crate) fn forward_into<O: Element>(
             O::narrow_slice(&part[r * ob..(r + 1) * ob], &mut y[r * n_out + o0..r * n_out + o0 + ob]);
         }
     }
+    all_finite(y)
 }
 
 /// Writes `x` (`[m, n_in]`) into `out` as `table`'s f32 block kernel asked for it (`LinearKernels::pack_x`), its
@@ -187,11 +183,7 @@ fn pack_x(table: &LinearKernels, x: &[f32], m: usize, n_in: usize, split: bool, 
     out.resize(m * n_in, 0.0);
     let group = p.group_rows * n_in;
     let one = |g: usize, dst: &mut [f32]| (p.pack_group)(&x[g * group..g * group + dst.len()], n_in, dst);
-    if split {
-        par_chunks_for_each(out, group, one);
-    } else {
-        out.chunks_mut(group).enumerate().for_each(|(g, dst)| one(g, dst));
-    }
+    for_each_chunk(split, out, group, one);
 }
 
 /// Multiply-adds of the base product below which a forward called from outside the thread pool runs on the
@@ -214,6 +206,7 @@ const PARALLEL_MIN_MACS: usize = 4 << 20;
 /// 8.4 µs (M = 2: 9.8 / 7.5 µs). SmolLM2-135M `--act8` decode at two threads, this line against the earlier
 /// 768 K (set from one layer timed in L2, where 576×576 gained nothing): 77–85 against 70–73 tokens/s. The f32
 /// mode splits them all.
+#[cfg_attr(not(feature = "rayon"), allow(dead_code))]
 const IN_POOL_INTERLEAVED_MIN_MACS: usize = 192 << 10;
 
 /// Whether splitting the base product over the pool pays (see [`PARALLEL_MIN_MACS`] and
@@ -237,55 +230,6 @@ fn on_pool(split: bool, f: impl FnOnce() + Send) {
     }
     let _ = split;
     f()
-}
-
-/// Chunks per task when `chunks` chunks go over the pool: one run of consecutive chunks per thread.
-///
-/// rayon's adaptive split of an indexed iterator cuts a forward's 18–64 blocks into at least twice as many
-/// tasks as threads, each a `join`, and lets the threads steal them back and forth: 0.8–2.3 µs per call at two
-/// threads against ~0.2 µs for one `join` (measured with the second worker lingering). That was most of the
-/// ~2.7 µs a split forward paid over a perfect halving, which kept two threads on SmolLM2's small layers
-/// well under 2× one thread. Fixed runs give up stealing between the threads: a thread the host deschedules
-/// delays the forward, as it would delay its own half anyway.
-#[cfg(feature = "rayon")]
-fn chunks_per_task(chunks: usize) -> usize {
-    chunks.div_ceil(rayon::current_num_threads().max(1)).max(1)
-}
-
-/// `f(b, a_b, b_b)` for consecutive chunks of `a` (`ca` items) zipped with those of `b` (`cb` items), over the
-/// rayon pool when the feature is on (one run of chunks per thread, [`chunks_per_task`]).
-fn par_zip_chunks_for_each<B: Send>(
-    a: &mut [f32],
-    ca: usize,
-    b: &mut [B],
-    cb: usize,
-    f: impl Fn(usize, &mut [f32], &mut [B]) + Sync + Send,
-) {
-    #[cfg(feature = "rayon")]
-    {
-        use rayon::prelude::*;
-        let per_task = chunks_per_task(a.len().div_ceil(ca.max(1)));
-        a.par_chunks_mut(ca)
-            .zip(b.par_chunks_mut(cb))
-            .enumerate()
-            .with_min_len(per_task)
-            .for_each(|(i, (x, y))| f(i, x, y));
-    }
-    #[cfg(not(feature = "rayon"))]
-    a.chunks_mut(ca).zip(b.chunks_mut(cb)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
-}
-
-/// `f(b, chunk_b)` for consecutive chunks of `chunk` items, over the rayon pool when the feature is on (one run
-/// of chunks per thread, [`chunks_per_task`]).
-fn par_chunks_for_each(items: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    #[cfg(feature = "rayon")]
-    {
-        use rayon::prelude::*;
-        let per_task = chunks_per_task(items.len().div_ceil(chunk.max(1)));
-        items.par_chunks_mut(chunk).enumerate().with_min_len(per_task).for_each(|(b, c)| f(b, c));
-    }
-    #[cfg(not(feature = "rayon"))]
-    items.chunks_mut(chunk).enumerate().for_each(|(b, c)| f(b, c));
 }
 
 #[cfg(all(test, feature = "rayon"))]

@@ -61,6 +61,7 @@ pub(crate) mod linear_backward;
 pub(crate) mod linear_neon;
 pub(crate) mod nf4;
 mod pool_linger;
+mod pool_split;
 pub use pool_linger::{set_thread_linger, thread_linger};
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod nf4_neon;

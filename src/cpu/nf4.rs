@@ -167,7 +167,9 @@ fn par_all<I: Send, F: Fn(I) -> bool + Sync + Send>(items: Vec<I>, job: F) -> bo
         use rayon::prelude::*;
         items.into_par_iter().with_min_len(1).map(job).reduce(|| true, |a, b| a && b)
     }
+    // Every job runs (`all` would stop at the first `false`).
     #[cfg(not(feature = "rayon"))]
+    #[allow(clippy::unnecessary_fold)]
     items.into_iter().map(job).fold(true, |a, b| a && b)
 }
 

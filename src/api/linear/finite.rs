@@ -43,7 +43,7 @@ pub(crate) fn alloc_output(m: usize, out: usize) -> Result<Vec<f32>> {
 /// branch-free, vectorisable pass over `y` (`M × out` elements, about 1/`in` of the kernels' multiply-adds);
 /// the index is searched only when the pass finds something.
 pub(crate) fn check_output<O: Element>(y: &[O]) -> Result<()> {
-    if y.iter().fold(true, |ok, v| ok & v.to_f32().is_finite()) {
+    if all_finite(y) {
         return Ok(());
     }
     let index = y.iter().position(|v| !v.to_f32().is_finite()).unwrap_or(0);
@@ -53,4 +53,9 @@ pub(crate) fn check_output<O: Element>(y: &[O]) -> Result<()> {
         index,
         value: y[index].to_f32(),
     })
+}
+
+/// Whether every element of `y` is finite: one branch-free, vectorisable pass.
+pub(crate) fn all_finite<O: Element>(y: &[O]) -> bool {
+    y.iter().fold(true, |ok, v| ok & v.to_f32().is_finite())
 }

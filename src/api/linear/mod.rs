@@ -35,8 +35,8 @@ mod options;
 pub use crate::format::layer::{AdapterSelection, QuantWeight};
 pub use backward::{AdapterGrad, BackwardBound, BackwardOptions, LinearGrads};
 pub use bound::{Agreement, BoundTarget};
-pub(crate) use finite::check_output;
 pub use finite::MAX_FORWARD_OUTPUT_BYTES;
+pub(crate) use finite::{all_finite, check_output};
 pub use options::{Activations, ForwardOptions, Workspace};
 
 use crate::cpu::KernelPath;
@@ -256,8 +256,13 @@ impl QuantLinear {
             O::narrow_slice(&r, y);
             return check_output(y);
         }
-        crate::cpu::linear::forward_into(self.view(), xf, m, opts, scratch, y);
-        check_output(y)
+        // The CPU forward checks each block of `y` on the thread that wrote it (a pass here would read the
+        // other threads' blocks from their caches); `check_output` then only finds the index.
+        if crate::cpu::linear::forward_into(self.view(), xf, m, opts, scratch, y) {
+            Ok(())
+        } else {
+            check_output(y)
+        }
     }
 
     /// Convenience wrapper of [`forward_into`](Self::forward_into): returns a new `y: [M, out]` in f32.
