@@ -214,7 +214,10 @@ fn convert_rows(rows: &mut Vec<Row>, w: &Arc<Vec<f32>>, shape: &str, ggml: Optio
     push("dequantize", "nf4 b64", d, peers(false, false));
 }
 
-/// lowbit's forward into caller buffers on `pool`, with `activations`.
+/// lowbit's forward into caller buffers on `pool`, with `activations`. Each measurement times a fresh copy of
+/// the layer (made before the clock starts): ggml's figures come from a new process per measurement, so each
+/// round draws new memory for both libraries (one run kept a plain NF4 layer's placement for all of its rounds
+/// at 1.12–1.19× ggml's time where other runs of the same code measured 0.99–1.02×).
 fn lowbit_forward(layer: Arc<QuantLinear>, m: usize, threads: usize, activations: Activations) -> Measure {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     let inp = layer.in_features();
@@ -224,7 +227,8 @@ fn lowbit_forward(layer: Arc<QuantLinear>, m: usize, threads: usize, activations
     let path = if threads == 1 { KernelPath::single(Isa::best()) } else { KernelPath::best() };
     Box::new(move |b| {
         let opts = ForwardOptions::default().path(path).activations(activations);
-        Some(pool.install(|| time(b, || layer.forward_into_with(black_box(&x[..]), &mut y, &mut ws, opts).unwrap())))
+        let fresh = QuantLinear::clone(&layer);
+        Some(pool.install(|| time(b, || fresh.forward_into_with(black_box(&x[..]), &mut y, &mut ws, opts).unwrap())))
     })
 }
 
