@@ -121,10 +121,10 @@ pub(crate) fn forward_into<O: Element>(
     let interleaved = int8 && layer.act8_interleaved.is_some() && table.act8_interleaved;
     let split = path.parallel && n_out > block_rows && worth_threads(m, n_out, layer.in_features, int8, interleaved);
     let chunk = m * block_rows;
-    // One entry into the pool for the shrink and the blocks (the shrink's split is then ~1 µs, not a second
-    // wake-up of the workers).
     // Cleared by a block of `y` (at m == 1) that is not all finite; read after the blocks are joined.
     let finite = AtomicBool::new(true);
+    // One entry into the pool for the shrink and the blocks (the shrink's split is then ~1 µs, not a second
+    // wake-up of the workers).
     on_pool(split, || {
         shrink_all(layer, x, m, sel, path, split, scratch);
         let Scratch { shrink, used, acc, act8, x_packed } = scratch;

@@ -58,7 +58,7 @@ pub(crate) struct Act8Interleaved {
 /// One 64-byte piece of the layout on a 64-byte boundary: every load of the kernels is one cache line. (A
 /// `Vec<u8>` is placed where the allocator likes, often 16 bytes past a line, and then each 64-byte load
 /// touches two lines.)
-#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+#[derive(Clone, Copy)]
 #[repr(C, align(64))]
 pub(crate) struct Piece(pub [u8; 64]);
 
