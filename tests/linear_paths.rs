@@ -129,6 +129,31 @@ fn thread_count_does_not_change_results() {
     }
 }
 
+/// Int8 activations over the interleaved layout split a forward of up to 4 rows of `x` into one block per thread
+/// (whole groups of 16 rows; here 392 rows, the last group half padding); the bits stay those of one thread, for
+/// 1–3 threads, with the forward run inside the pool, as an engine's decode runs it (where this size splits).
+#[test]
+fn thread_count_does_not_change_int8_activation_results() {
+    use lowbit::linear::{Activations, ForwardOptions};
+    let mut rng = Rng::new(17);
+    let mut layer = make_layer(Scheme::nf4(64, true), 392, 576, true, &[8], &mut rng);
+    layer.build_act8_layout();
+    let opts = ForwardOptions::default().activations(Activations::Int8);
+    for m in [1, 3, 4, 5] {
+        let x = rng.vec(m * 576, 1.0);
+        let run = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| layer.forward_with(&x, opts).unwrap())
+        };
+        let one = run(1);
+        assert_eq!(one, run(2), "m = {m}");
+        assert_eq!(one, run(3), "m = {m}");
+    }
+}
+
 #[test]
 fn half_inputs_are_widened_exactly() {
     let mut rng = Rng::new(9);

@@ -35,6 +35,21 @@ fn out_block(n_out: usize) -> usize {
     }
 }
 
+/// Output rows per block of the int8-activation kernel over the interleaved layout at `m` ≤ 4 (one pass over
+/// the weight): one block per thread (whole groups of 16 rows), so that each thread makes one kernel call with
+/// four groups' accumulator chains in flight, where 32-row blocks gave small layers two chains and a call per
+/// 32 rows.
+fn interleaved_rows(n_out: usize, split: bool) -> usize {
+    #[cfg(feature = "rayon")]
+    let threads = if split { rayon::current_num_threads().max(1) } else { 1 };
+    #[cfg(not(feature = "rayon"))]
+    let threads = {
+        let _ = split;
+        1
+    };
+    n_out.div_ceil(threads).next_multiple_of(super::linear_act8_interleaved::ROWS).max(1)
+}
+
 /// Scratch a forward reuses across calls: per-adapter shrink results and the block-major accumulator. After
 /// the first call with a given shape, a call allocates nothing.
 #[derive(Debug, Default)]
@@ -109,17 +124,19 @@ pub(crate) fn forward_into<O: Element>(
     if m == 0 {
         return true;
     }
-    let pairs = match layer.weight {
-        QuantWeight::FourBit(t) => pair_table(t.table()),
-        QuantWeight::Int8(_) => [[0.0; 2]; 256],
-    };
     let ForwardOptions { path, adapters: sel, activations, .. } = opts;
     let int8 = activations == Activations::Int8;
+    // The f32 kernels' table of decoded code pairs (the int8-activation kernels never read it).
+    let pairs = match layer.weight {
+        QuantWeight::FourBit(t) if !int8 => pair_table(t.table()),
+        _ => [[0.0; 2]; 256],
+    };
     let block_rows = out_block(n_out);
     let table = &kernels(path.isa).linear;
     // Int8 activations over the interleaved layout (about a quarter of the f32 mode's time per multiply-add).
     let interleaved = int8 && layer.act8_interleaved.is_some() && table.act8_interleaved;
     let split = path.parallel && n_out > block_rows && worth_threads(m, n_out, layer.in_features, int8, interleaved);
+    let block_rows = if interleaved && m <= 4 { interleaved_rows(n_out, split) } else { block_rows };
     let chunk = m * block_rows;
     // Cleared by a block of `y` (at m == 1) that is not all finite; read after the blocks are joined.
     let finite = AtomicBool::new(true);
