@@ -17,8 +17,7 @@ use super::linear_act8::{
 };
 use super::linear_act8_interleaved::Act8Interleaved;
 use super::linear_act8_interleaved_256::{base_interleaved_256, base_interleaved_256_maddubs};
-use super::linear_kernels::output_pass;
-use super::linear_x86::GEMV_PREFETCH;
+use super::linear_x86::{output_pass_avx2, GEMV_PREFETCH};
 use super::table::{Job, LinearKernels};
 use super::x86_features::{avx2_fn, avxvnni_fn, Avx2, AvxVnni};
 use crate::format::layer::QuantWeight;
@@ -68,7 +67,8 @@ unsafe fn block_interleaved(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]
         Some(il) => {
             // SAFETY: the caller's contract.
             unsafe { kernel(act, il, job.m, o0, ob, out) };
-            output_pass::<wide::f32x8>(job, o0, ob, out);
+            // SAFETY: AVX2 and FMA are available (the caller's contract).
+            unsafe { output_pass_avx2(job, o0, ob, out) };
         }
         // SAFETY: AVX2 is available (the caller's contract).
         None => unsafe { block_avx2(job, o0, ob, out) },
@@ -233,7 +233,8 @@ unsafe fn block_avx2(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
             }
         }
     }
-    output_pass::<wide::f32x8>(job, o0, ob, out);
+    // SAFETY: AVX2 and FMA are available (the caller's contract).
+    unsafe { output_pass_avx2(job, o0, ob, out) };
 }
 
 /// `out[r, j] += Σ_c Σ_lanes scale · (exact lane sum)` for rows `o0..o0+ob` of `W`, `J` weight rows × up to

@@ -13,7 +13,6 @@ use super::linear_act8::{
     add_tiles, base_portable, vnni_eligible, Act8Layout, Act8Tile, Act8View, Int8ParamIndex, INV127,
 };
 use super::linear_act8_interleaved_x86::base_interleaved;
-use super::linear_kernels::output_pass;
 use super::linear_x86::GEMV_PREFETCH;
 use super::table::{Job, LinearKernels};
 use super::x86_features::{avx512vnni_fn, Avx512Vnni};
@@ -148,7 +147,8 @@ unsafe fn block_vnni(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
             }
         }
     }
-    output_pass::<wide::f32x8>(job, o0, ob, out);
+    // SAFETY: AVX-512 F/BW/VL/DQ, AVX2 and FMA come with the caller's AVX-512 VNNI.
+    unsafe { super::linear_x86::output_pass_avx512(job, o0, ob, out) };
 }
 
 /// `out[r, j] += Σ_c Σ_lanes scale · (exact lane sum)` for rows `o0..o0+ob` of `W`, `J` weight rows × up to

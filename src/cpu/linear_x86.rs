@@ -586,6 +586,26 @@ unsafe fn dots_avx2(x: &[f32], rows: &[f32], out: &mut [f32]) {
 }
 
 avx512_fn! {
+/// The output pass (bias, then the LoRA expand 16 outputs at a time) with AVX-512 vectors, for the
+/// int8-activation blocks.
+/// # Safety
+/// AVX-512 F/BW/VL/DQ, AVX2 and FMA are available.
+pub(crate) unsafe fn output_pass_avx512(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
+    output_pass::<V512>(job, o0, ob, out)
+}
+}
+
+avx2_fn! {
+/// The output pass (bias, then the LoRA expand 8 outputs at a time) with AVX2 vectors, for the int8-activation
+/// blocks.
+/// # Safety
+/// AVX2 and FMA are available.
+pub(crate) unsafe fn output_pass_avx2(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
+    output_pass::<V256>(job, o0, ob, out)
+}
+}
+
+avx512_fn! {
 unsafe fn dots_avx512(x: &[f32], rows: &[f32], out: &mut [f32]) {
     grouped_dots::<V512>(x, rows, out)
 }
