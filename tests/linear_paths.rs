@@ -129,32 +129,34 @@ fn thread_count_does_not_change_results() {
     }
 }
 
-/// Int8 activations over the interleaved layout split a forward of up to 4 rows of `x` into one block per thread
-/// (whole groups of 16 rows; here 392 rows, the last group half padding); the bits stay those of one thread, for
-/// 1–3 threads, with the forward run inside the pool, as an engine's decode runs it (where this size splits),
-/// with two adapters applied.
+/// A forward of up to 4 rows of `x` splits into one block per thread (whole groups of 16 rows; here 392 rows,
+/// the last group half padding), in both activation modes (int8 over the interleaved layout); the bits stay
+/// those of one thread, for 1–3 threads, with the forward run inside the pool, as an engine's decode runs it
+/// (where this size splits), with two adapters applied.
 #[test]
-fn thread_count_does_not_change_int8_activation_results() {
+fn thread_count_does_not_change_results_of_one_block_per_thread() {
     use lowbit::linear::{Activations, ForwardOptions};
     let mut rng = Rng::new(17);
     // Rank 16 takes the expand's 16-output groups, rank 8 its one-dot-per-output form.
     let mut layer = make_layer(Scheme::nf4(64, true), 392, 576, true, &[8, 16], &mut rng);
     layer.build_act8_layout();
-    let opts = ForwardOptions::default().activations(Activations::Int8);
-    for m in [1, 3, 4, 5] {
-        let x = rng.vec(m * 576, 1.0);
-        let run = |threads| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| layer.forward_with(&x, opts).unwrap())
-        };
-        let one = run(1);
-        for threads in [2, 3] {
-            let got = run(threads);
-            let first_difference = (0..one.len()).find(|&i| one[i].to_bits() != got[i].to_bits());
-            assert_eq!(first_difference, None, "m = {m}, {threads} threads");
+    for activations in [Activations::F32, Activations::Int8] {
+        let opts = ForwardOptions::default().activations(activations);
+        for m in [1, 3, 4, 5] {
+            let x = rng.vec(m * 576, 1.0);
+            let run = |threads| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| layer.forward_with(&x, opts).unwrap())
+            };
+            let one = run(1);
+            for threads in [2, 3] {
+                let got = run(threads);
+                let first_difference = (0..one.len()).find(|&i| one[i].to_bits() != got[i].to_bits());
+                assert_eq!(first_difference, None, "{activations:?} m = {m}, {threads} threads");
+            }
         }
     }
 }

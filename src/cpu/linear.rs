@@ -22,7 +22,7 @@ use crate::element::Element;
 use crate::format::layer::{AdapterSelection, LayerView, QuantWeight};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Output features per task: a function of `n_out` only (results never depend on the thread count). 64 rows,
+/// Output features per task where [`rows_per_thread`] does not apply: a function of `n_out` only. 64 rows,
 /// or 32 below 3072 outputs: SmolLM2's 576-row layers in blocks of 64 are 9 tasks, and a 5 : 4 split left the
 /// second thread idle long enough to fall asleep (NF4, M = 8, 576×1536, one / two threads, inside the pool:
 /// 0.219 / 0.179 ms in blocks of 64, 0.219 / 0.149 in blocks of 32). Large layers keep 64 (4096×14336 with
@@ -35,11 +35,18 @@ fn out_block(n_out: usize) -> usize {
     }
 }
 
-/// Output rows per block of the int8-activation kernel over the interleaved layout at `m` ≤ 4 (one pass over
-/// the weight): one block per thread (whole groups of 16 rows), so that each thread makes one kernel call with
-/// four groups' accumulator chains in flight, where 32-row blocks gave small layers two chains and a call per
-/// 32 rows.
-fn interleaved_rows(n_out: usize, split: bool) -> usize {
+/// Output rows per block at `m` ≤ 4 (the kernels make one pass over the weight) where one block per thread
+/// was measured to pay: int8 activations over the interleaved layout, where each thread then makes one kernel
+/// call with four groups' accumulator chains in flight (32-row blocks gave small layers two chains and a call
+/// per 32 rows: NF4+DQ M = 1 from L3, 1 / 2 threads, 576×576 7.8 → 6.8 / 5.4 → 5.05 µs, 1536×576 20.8 → 17.2 /
+/// 11.9 → 10.4 µs; 4096×4096 0.1645 → 0.1637 ms at two threads), and the f32 kernels' layers under 3072 outputs
+/// (576×576 17.6 → 17.0 / 10.7 → 10.6 µs, 1536×576 48.5 → 46.5 / 25.4 → 24.7 µs; at 4096×4096 int8 weights
+/// took 1–2% longer, so larger layers keep their blocks). Blocks are whole groups of 16 rows, so the LoRA
+/// expand groups the same outputs whatever the thread count (the same bits). `None`: keep [`out_block`].
+fn rows_per_thread(m: usize, n_out: usize, int8: bool, interleaved: bool, split: bool) -> Option<usize> {
+    if m > 4 || !(interleaved || (!int8 && out_block(n_out) < 64)) {
+        return None;
+    }
     #[cfg(feature = "rayon")]
     let threads = if split { rayon::current_num_threads().max(1) } else { 1 };
     #[cfg(not(feature = "rayon"))]
@@ -47,7 +54,7 @@ fn interleaved_rows(n_out: usize, split: bool) -> usize {
         let _ = split;
         1
     };
-    n_out.div_ceil(threads).next_multiple_of(super::linear_act8_interleaved::ROWS).max(1)
+    Some(n_out.div_ceil(threads).next_multiple_of(16).max(1))
 }
 
 /// Scratch a forward reuses across calls: per-adapter shrink results and the block-major accumulator. After
@@ -136,7 +143,7 @@ pub(crate) fn forward_into<O: Element>(
     // Int8 activations over the interleaved layout (about a quarter of the f32 mode's time per multiply-add).
     let interleaved = int8 && layer.act8_interleaved.is_some() && table.act8_interleaved;
     let split = path.parallel && n_out > block_rows && worth_threads(m, n_out, layer.in_features, int8, interleaved);
-    let block_rows = if interleaved && m <= 4 { interleaved_rows(n_out, split) } else { block_rows };
+    let block_rows = rows_per_thread(m, n_out, int8, interleaved, split).unwrap_or(block_rows);
     let chunk = m * block_rows;
     // Cleared by a block of `y` (at m == 1) that is not all finite; read after the blocks are joined.
     let finite = AtomicBool::new(true);
