@@ -129,8 +129,8 @@ fn thread_count_does_not_change_results() {
     }
 }
 
-/// A forward of up to 4 rows of `x` splits into one block per thread (whole groups of 16 rows; here 392 rows,
-/// the last group half padding), in both activation modes (int8 over the interleaved layout); the bits stay
+/// A forward of up to 4 rows of `x` (up to 8 with int8 activations over the interleaved layout) splits into one
+/// block per thread (whole groups of 16 rows; here 392 rows, the last group half padding); the bits stay
 /// those of one thread, for 1–3 threads, with the forward run inside the pool, as an engine's decode runs it
 /// (where this size splits), with two adapters applied.
 #[test]
@@ -142,7 +142,7 @@ fn thread_count_does_not_change_results_of_one_block_per_thread() {
     layer.build_act8_layout();
     for activations in [Activations::F32, Activations::Int8] {
         let opts = ForwardOptions::default().activations(activations);
-        for m in [1, 3, 4, 5] {
+        for m in [1, 3, 4, 5, 8, 9] {
             let x = rng.vec(m * 576, 1.0);
             let run = |threads| {
                 rayon::ThreadPoolBuilder::new()
