@@ -354,20 +354,13 @@ impl Model {
         let act = s.activations;
         for (l, b) in self.blocks.iter().enumerate() {
             norm_rows(&s.x, &b.attn_norm, c.rms_norm_eps, &mut s.xn, d);
-            if side_by_side(m) {
-                let (xn, ws, ws2) = (&s.xn, &mut s.ws, &mut s.ws2);
-                let (q, (k, v)) = (&mut s.q, (&mut s.k, &mut s.v));
-                let (a, b2) = rayon::join(
-                    || b.q.forward_with(xn, q, ws, act),
-                    || b.k.forward_with(xn, k, ws2, act).and_then(|_| b.v.forward_with(xn, v, ws2, act)),
-                );
-                a?;
-                b2?;
-            } else {
-                b.q.forward_with(&s.xn, &mut s.q, &mut s.ws, act)?;
-                b.k.forward_with(&s.xn, &mut s.k, &mut s.ws, act)?;
-                b.v.forward_with(&s.xn, &mut s.v, &mut s.ws, act)?;
-            }
+            let (xn, q, k, v) = (&s.xn, &mut s.q, &mut s.k, &mut s.v);
+            pair(
+                side_by_side(m),
+                (&mut s.ws, &mut s.ws2),
+                |ws| b.q.forward_with(xn, q, ws, act),
+                |ws| b.k.forward_with(xn, k, ws, act).and_then(|_| b.v.forward_with(xn, v, ws, act)),
+            )?;
             for r in 0..m {
                 let (cos, sin) = self.rope.row(pos0 + r);
                 apply_rope(&mut s.q[r * c.q_width()..(r + 1) * c.q_width()], c.head_dim, cos, sin);
@@ -379,17 +372,13 @@ impl Model {
             b.o.forward_with(&s.att, &mut s.tmp, &mut s.ws, act)?;
             add(&mut s.x, &s.tmp);
             norm_rows(&s.x, &b.mlp_norm, c.rms_norm_eps, &mut s.xn, d);
-            if side_by_side(m) {
-                let (xn, ws, ws2) = (&s.xn, &mut s.ws, &mut s.ws2);
-                let (gate, up) = (&mut s.gate, &mut s.up);
-                let (a, b2) =
-                    rayon::join(|| b.gate.forward_with(xn, gate, ws, act), || b.up.forward_with(xn, up, ws2, act));
-                a?;
-                b2?;
-            } else {
-                b.gate.forward_with(&s.xn, &mut s.gate, &mut s.ws, act)?;
-                b.up.forward_with(&s.xn, &mut s.up, &mut s.ws, act)?;
-            }
+            let (xn, gate, up) = (&s.xn, &mut s.gate, &mut s.up);
+            pair(
+                side_by_side(m),
+                (&mut s.ws, &mut s.ws2),
+                |ws| b.gate.forward_with(xn, gate, ws, act),
+                |ws| b.up.forward_with(xn, up, ws, act),
+            )?;
             silu_mul(&mut s.gate, &s.up);
             b.down.forward_with(&s.gate, &mut s.tmp, &mut s.ws, act)?;
             add(&mut s.x, &s.tmp);
@@ -424,6 +413,23 @@ impl Model {
 /// (164 → 168). The same bits either way. Prefill (many rows) keeps one layer at a time.
 fn side_by_side(m: usize) -> bool {
     m <= 4
+}
+
+/// `first` then `second` on the first workspace, or side by side (`rayon::join`, one workspace each) when
+/// `side_by_side`; the first error of the two.
+fn pair(
+    side_by_side: bool,
+    (ws, ws2): (&mut Workspace, &mut Workspace),
+    first: impl FnOnce(&mut Workspace) -> Result<()> + Send,
+    second: impl FnOnce(&mut Workspace) -> Result<()> + Send,
+) -> Result<()> {
+    if side_by_side {
+        let (a, b) = rayon::join(|| first(ws), || second(ws2));
+        a.and(b)
+    } else {
+        first(&mut *ws)?;
+        second(ws)
+    }
 }
 
 fn norm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], d: usize) {
