@@ -96,7 +96,7 @@ fn main() -> lowbit::Result<()> {
         }
         times.sort_by(f64::total_cmp);
         println!(
-            "{path}: {:.4} ms (median of {reps}; min {:.4}, p10 {:.4}, p90 {:.4})",
+            "{path}: {:.5} ms (median of {reps}; min {:.5}, p10 {:.5}, p90 {:.5})",
             times[reps / 2] * 1e3,
             times[0] * 1e3,
             times[reps / 10] * 1e3,

@@ -114,7 +114,7 @@ fn shrink_all(
         // Pieces of 16 consecutive entries of a row of `t` (whole rows when the rank is not a multiple of 16):
         // one `dots` call each.
         let piece = if rank.is_multiple_of(16) { 16 } else { rank };
-        let one = |i: usize, out: &mut [f32]| {
+        let one = move |i: usize, out: &mut [f32]| {
             let (r, k0) = (i * piece / rank, i * piece % rank);
             if layer.uses(sel, r, a) {
                 dots(&x[r * n_in..(r + 1) * n_in], &ad.a()[k0 * n_in..(k0 + out.len()) * n_in], out);
@@ -178,13 +178,14 @@ pub(crate) fn forward_into<O: Element>(
         // owns one contiguous piece (disjoint pieces for the threads), zeroed by the task that fills it.
         acc.resize(m * n_out, 0.0);
         let block = if int8 { table.act8_block } else { table.block };
-        let run = |b: usize, out: &mut [f32]| {
+        let run = move |b: usize, out: &mut [f32]| {
             out.fill(0.0);
             block(&job, b * block_rows, out.len() / m, out)
         };
         if m == 1 {
             // One row: block b is also y's slice b, so each task rounds its own block into y.
-            let run_into_y = |b: usize, out: &mut [f32], y_part: &mut [O]| {
+            let finite = &finite;
+            let run_into_y = move |b: usize, out: &mut [f32], y_part: &mut [O]| {
                 run(b, out);
                 O::narrow_slice(out, y_part);
                 if !all_finite(y_part) {
@@ -220,7 +221,7 @@ fn pack_x(table: &LinearKernels, x: &[f32], m: usize, n_in: usize, split: bool, 
     let Some(p) = table.pack_x.filter(|p| m >= p.min_m && n_in > 0) else { return };
     out.resize(m * n_in, 0.0);
     let group = p.group_rows * n_in;
-    let one = |g: usize, dst: &mut [f32]| (p.pack_group)(&x[g * group..g * group + dst.len()], n_in, dst);
+    let one = move |g: usize, dst: &mut [f32]| (p.pack_group)(&x[g * group..g * group + dst.len()], n_in, dst);
     for_each_chunk(split, out, group, one);
 }
 

@@ -121,7 +121,9 @@ pub(crate) struct PackX {
     pub pack_group: fn(&[f32], usize, &mut [f32]),
 }
 
-/// Everything a block job needs, borrowed from the layer and the scratch.
+/// Everything a block job needs, borrowed from the layer and the scratch (`Copy`: a split hands each thread its
+/// own copy, see [`super::pool_split`]).
+#[derive(Clone, Copy)]
 pub(crate) struct Job<'a> {
     pub layer: LayerView<'a>,
     pub x: &'a [f32],
