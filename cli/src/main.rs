@@ -202,13 +202,15 @@ With --all, runs a fixed suite instead (about 6 minutes on 2 cores; --quick: und
 dequantize (int8 tensor/channel/group:128, NF4, NF4+DQ; 4096x4096), GEMV (M=1) and GEMM (M=8, 64) for NF4,
 NF4+DQ and int8 channel at 4096x4096 and 4096x14336 with and without a rank-16 LoRA adapter, and without LoRA
 also with int8 activations (kernels gemv-act8, gemm-act8), on the scalar path (small cases only), the best
-instruction set on one thread and on all threads. It first measures the memory read, write and copy
+instruction set on one thread and on all threads; then SmolLM2's small layers (576x576, 1536x576, 576x1536,
+NF4+DQ, both activation modes, M=1 and 8, M=1 with LoRA, and +pair: two layers side by side with rayon::join)
+from a pool worker. It first measures the memory read, write and copy
 bandwidth over 256 MiB buffers and the compute peaks (f32 FMA; int8 dot where the CPU has AVX-512 VNNI), one
 thread and all threads, and prints one Markdown table: median ms, GB/s = (bytes read + written) / median,
 GFLOP/s, GB/s as a percentage of the measured bandwidth in the kernel's dominant direction, and GFLOP/s as a
-percentage of the compute peak (int8 for -act8 kernels), at the same thread count. --json prints the same as
-JSON records (kernel, format, shape, batch, path, threads, median_s, gb_s, gflop_s, frac_of_limit, limit,
-frac_of_compute).
+percentage of the compute peak (int8 for -act8 kernels), at the same thread count, and on all threads the
+speedup over the same case on one thread. --json prints the same as JSON records (kernel, format, shape,
+batch, path, threads, median_s, gb_s, gflop_s, frac_of_limit, limit, frac_of_compute, speedup_over_1_thread).
 
 With --device gpu the layer runs on the preferred GPU adapter (fused WGSL kernels): the time is the median
 kernel time from GPU timestamp queries when the adapter has them, else the median wall time of a whole

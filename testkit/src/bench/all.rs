@@ -10,6 +10,13 @@
 //! minutes), the best instruction set on one thread, and the best instruction set on every thread of the pool.
 //! `--quick`: 4096×4096 only, M = 1 and 8, no scalar path, shorter timing.
 //!
+//! Small layers (SmolLM2-135M's 576×576, 1536×576 and 576×1536, NF4+DQ, both activation modes): M = 1 and 8,
+//! M = 1 with a rank-16 adapter, and `+pair` (two layers of the shape side by side with `rayon::join`, as an
+//! engine runs the layers that read the same input), called from a pool worker into caller-owned buffers, each
+//! case cycling through 64 copies (read from the last-level cache). `--quick`: 576×576 at M = 1. The
+//! `× 1 thread` column (`speedup_over_1_thread` in JSON) divides the one-thread median of the same case by the
+//! row's: issue 16's target for small layers is ≥ 1.6 at two threads.
+//!
 //! Cold weights: a GEMV / GEMM case cycles through copies of its layer adding up to twice the last-level cache,
 //! so every call reads its weight from memory, as a model's layer-after-layer forward does (a 4096×4096 NF4
 //! weight is 9 MiB and would otherwise be timed from cache). Quantize / dequantize stream 64 MiB of f32.
@@ -74,6 +81,9 @@ pub struct Record {
     pub frac_of_compute: Option<f64>,
     /// Bytes (read, written) per call.
     pub traffic: (f64, f64),
+    /// On more than one thread: the same case's median on one thread (the best instruction set) over this
+    /// median; `None` on one thread.
+    pub speedup_over_1_thread: Option<f64>,
 }
 
 impl Record {
@@ -93,6 +103,7 @@ impl Record {
             "frac_of_limit": num(self.frac_of_limit),
             "limit": self.limit,
             "frac_of_compute": self.frac_of_compute.map_or(serde_json::Value::Null, num),
+            "speedup_over_1_thread": self.speedup_over_1_thread.map_or(serde_json::Value::Null, num),
         })
     }
 }
@@ -175,6 +186,7 @@ impl Recorder {
             limit: Direction::of(read, written).name(),
             frac_of_compute: None, // once the peaks are known
             traffic: (read, written),
+            speedup_over_1_thread: None, // once every case has run
         });
     }
 }
@@ -207,6 +219,7 @@ pub fn run(s: Suite) -> Result<(), Error> {
     for &(out, inp) in shapes {
         linear(&mut rec, &runners, budget, (out, inp), batches)?;
     }
+    small_layers(&mut rec, &runners, Budget { max: 1_000_000, ..budget }, s.quick)?;
     let limits = before.max(&all_pool.install(|| membw::measure(membw::DEFAULT_BYTES, 3)));
     let peaks = best_peaks(peaks_before, all_pool.install(|| compute::measure(3)));
     for r in &mut rec.records {
@@ -214,6 +227,17 @@ pub fn run(s: Suite) -> Result<(), Error> {
         r.frac_of_limit = limits.fraction(r.threads, read, written, r.median_s);
         let peak = if r.kernel.contains("-act8") { peaks.int8_for(r.threads) } else { None };
         r.frac_of_compute = r.gflop_s.map(|g| g / peak.unwrap_or_else(|| peaks.f32_for(r.threads)));
+    }
+    let one_thread = rec.records.clone();
+    for r in rec.records.iter_mut().filter(|r| r.threads > 1) {
+        r.speedup_over_1_thread = one_thread
+            .iter()
+            .find(|o| {
+                o.threads == 1
+                    && o.path != KernelPath::REFERENCE.name()
+                    && (&o.kernel, &o.format, &o.shape, o.batch) == (&r.kernel, &r.format, &r.shape, r.batch)
+            })
+            .map(|o| o.median_s / r.median_s);
     }
     rec.records.splice(0..0, limit_records(&limits).into_iter().chain(peak_records(&peaks)));
 
@@ -277,6 +301,7 @@ fn peak_records(p: &ComputePeaks) -> Vec<Record> {
                 limit: "compute",
                 frac_of_compute: Some(1.0),
                 traffic: (0.0, 0.0),
+                speedup_over_1_thread: None,
             });
         }
     }
@@ -303,6 +328,7 @@ fn limit_records(l: &Limits) -> Vec<Record> {
                 limit: d.name(),
                 frac_of_compute: None,
                 traffic: (0.0, 0.0),
+                speedup_over_1_thread: None,
             });
         }
     }
@@ -351,6 +377,93 @@ fn quant_dequant(rec: &mut Recorder, runners: &[Runner], budget: Budget, out: us
 }
 
 const LORA_RANK: usize = 16;
+
+/// SmolLM2-135M's layer shapes (out × in): attention 576×576, the MLP's gate / up 1536×576 and down 576×1536.
+const SMALL_SHAPES: [(usize, usize); 3] = [(576, 576), (1536, 576), (576, 1536)];
+
+/// Copies of a small layer that its cases cycle through: more than a core's L2 holds (64 NF4+DQ 576×576 layers
+/// are 11 MiB), so each call reads its weight from the last-level cache, as the decode of a model that fits
+/// there does.
+const SMALL_COPIES: usize = 64;
+
+/// Small layers as an engine runs them (NF4+DQ, the interleaved int8-activation layout built): from a pool
+/// worker (inside `install`, as in an engine's `rayon::scope`), into caller-owned outputs and workspaces, both
+/// activation modes; M = 1 and 8, M = 1 with a rank-16 adapter (`+lora16`), and `+pair`: two different layers of
+/// the shape forwarded side by side with `rayon::join`, as an engine runs the layers that read the same input
+/// (lowbit-llm's `q` beside `k`, `gate` beside `up`), timed per pair. `--quick`: 576×576 at M = 1 only.
+fn small_layers(rec: &mut Recorder, runners: &[Runner], budget: Budget, quick: bool) -> Result<(), Error> {
+    let scheme = lowbit::Scheme::nf4(64, true);
+    let name = scheme.to_string();
+    let shapes = if quick { &SMALL_SHAPES[..1] } else { &SMALL_SHAPES[..] };
+    for &(out, inp) in shapes {
+        let w = synthetic::synthetic_weight(out, inp, synthetic::SEED);
+        let weight = QuantWeight::quantize(&w, &[out, inp], scheme).context(|| format!("quantizing to {name}"))?;
+        let packed = weight.packed_bytes() as f64;
+        for rank in [None, Some(LORA_RANK)] {
+            let mut layer =
+                synthetic::layer_from(weight.clone(), rank).context(|| format!("building a {name} layer"))?;
+            layer.build_act8_layout();
+            let layers = vec![layer; SMALL_COPIES];
+            let batches: &[usize] = if quick || rank.is_some() { &[1] } else { &[1, 8] };
+            for &m in batches {
+                let x = synthetic::input(m, inp);
+                let lora_elems = rank.map_or(0, |r| r * (inp + out));
+                let read = packed + 4.0 * (m * inp + out + lora_elems) as f64;
+                let written = 4.0 * (m * out) as f64;
+                let flops = 2.0 * (m * (out * inp + lora_elems)) as f64;
+                for act in [Activations::F32, Activations::Int8] {
+                    for pair in [false, true] {
+                        if pair && (m > 1 || rank.is_some()) {
+                            continue;
+                        }
+                        let kernel = format!(
+                            "{}{}{}{}",
+                            if m == 1 { "gemv" } else { "gemm" },
+                            if act == Activations::Int8 { "-act8" } else { "" },
+                            if rank.is_some() { "+lora16" } else { "" },
+                            if pair { "+pair" } else { "" },
+                        );
+                        let calls = if pair { 2.0 } else { 1.0 };
+                        for r in runners.iter().filter(|r| r.path.isa != Isa::Scalar) {
+                            let opts = ForwardOptions::default().path(r.path).activations(act);
+                            let t = r.pool.install(|| side_by_side(budget, &layers, &x, m * out, pair, opts))?;
+                            let traffic = (calls * read, calls * written);
+                            rec.push(kernel.clone(), &name, (out, inp), m, r, t, traffic, Some(calls * flops));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Median seconds of one forward of the next layer of `layers` (cycled), or with `pair` of the next two side
+/// by side (`rayon::join`), each into its own output (`y_len` values) and workspace.
+fn side_by_side(
+    budget: Budget,
+    layers: &[QuantLinear],
+    x: &[f32],
+    y_len: usize,
+    pair: bool,
+    opts: ForwardOptions<'_>,
+) -> lowbit::Result<f64> {
+    let (mut y1, mut y2) = (vec![0.0f32; y_len], vec![0.0f32; y_len]);
+    let (mut ws1, mut ws2) = (lowbit::linear::Workspace::default(), lowbit::linear::Workspace::default());
+    let mut next = 0;
+    median(budget, || {
+        let (a, b) = (&layers[next], &layers[(next + 1) % layers.len()]);
+        next = (next + if pair { 2 } else { 1 }) % layers.len();
+        if !pair {
+            return a.forward_into_with(black_box(x), &mut y1, &mut ws1, opts);
+        }
+        let (ra, rb) = rayon::join(
+            || a.forward_into_with(black_box(x), &mut y1, &mut ws1, opts),
+            || b.forward_into_with(black_box(x), &mut y2, &mut ws2, opts),
+        );
+        ra.and(rb)
+    })
+}
 
 fn linear(
     rec: &mut Recorder,
@@ -449,19 +562,20 @@ fn finite(v: f64, digits: usize) -> String {
 /// The records as one Markdown table.
 pub fn markdown(records: &[Record]) -> String {
     let mut s = String::from(
-        "| kernel | format | shape | batch | path | threads | median ms | GB/s | GFLOP/s | % of limit | % of compute |\n\
-         |---|---|---|---:|---|---:|---:|---:|---:|---:|---:|\n",
+        "| kernel | format | shape | batch | path | threads | median ms | GB/s | GFLOP/s | % of limit | % of compute | × 1 thread |\n\
+         |---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in records {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.kernel,
             r.format,
             r.shape,
             r.batch,
             r.path,
             r.threads,
-            finite(r.median_s * 1e3, 3),
+            // Five decimals below 0.1 ms (small layers take µs).
+            finite(r.median_s * 1e3, if r.median_s < 1e-4 { 5 } else { 3 }),
             finite(r.gb_s, 2),
             r.gflop_s.map_or_else(|| "-".to_string(), |g| format!("{g:.1}")),
             if r.frac_of_limit.is_finite() {
@@ -470,6 +584,7 @@ pub fn markdown(records: &[Record]) -> String {
                 "-".into()
             },
             r.frac_of_compute.map_or_else(|| "-".to_string(), |f| format!("{:.0}%", f * 100.0)),
+            r.speedup_over_1_thread.map_or_else(|| "-".to_string(), |x| format!("{x:.2}")),
         ));
     }
     s
@@ -494,6 +609,7 @@ mod tests {
             limit: "read",
             frac_of_compute: None,
             traffic: (1.0, 0.0),
+            speedup_over_1_thread: None,
         }
     }
 
@@ -511,6 +627,7 @@ mod tests {
             "gflop_s",
             "frac_of_limit",
             "frac_of_compute",
+            "speedup_over_1_thread",
         ] {
             assert!(v.get(k).is_some(), "{k} missing in {v}");
         }
@@ -521,7 +638,9 @@ mod tests {
     fn markdown_has_one_line_per_record() {
         let t = markdown(&[record(), record()]);
         assert_eq!(t.lines().count(), 4);
-        assert!(t.contains("| gemv | nf4 | 8x16 | 1 | avx2 | 1 | 500.000 | 2.00 | - | 25% read | - |"), "{t}");
+        assert!(t.contains("| gemv | nf4 | 8x16 | 1 | avx2 | 1 | 500.000 | 2.00 | - | 25% read | - | - |"), "{t}");
+        let two = Record { threads: 2, speedup_over_1_thread: Some(1.75), ..record() };
+        assert!(markdown(&[two]).contains("| avx2 | 2 | 500.000 | 2.00 | - | 25% read | - | 1.75 |"));
     }
 
     #[test]
