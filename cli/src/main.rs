@@ -203,7 +203,7 @@ dequantize (int8 tensor/channel/group:128, NF4, NF4+DQ; 4096x4096), GEMV (M=1) a
 NF4+DQ and int8 channel at 4096x4096 and 4096x14336 with and without a rank-16 LoRA adapter, and without LoRA
 also with int8 activations (kernels gemv-act8, gemm-act8), on the scalar path (small cases only), the best
 instruction set on one thread and on all threads; then SmolLM2's small layers (576x576, 1536x576, 576x1536,
-NF4+DQ, both activation modes, M=1 and 8, M=1 with LoRA, and +pair: two layers side by side with rayon::join)
+NF4+DQ, both activation modes, M=1 and 8, M=1 with LoRA, and +pair: two layers side by side with lowbit::cpu::join)
 from a pool worker. It first measures the memory read, write and copy
 bandwidth over 256 MiB buffers and the compute peaks (f32 FMA; int8 dot where the CPU has AVX-512 VNNI), one
 thread and all threads, and prints one Markdown table: median ms, GB/s = (bytes read + written) / median,

@@ -404,7 +404,7 @@ impl Model {
 }
 
 /// Whether the layers that read the same input run side by side (`q` beside `k` then `v`, `gate` beside `up`:
-/// two `rayon::join` branches, each forward splitting further inside the pool) rather than one after another,
+/// two [`lowbit::cpu::join`] branches, each forward splitting further inside the pool) rather than one after another,
 /// each split over every thread. At decode sizes a layer's split costs a fixed ~1.5 µs at two threads (quantizing
 /// `x`, the second worker picking up its half, the join) against 5–10 µs of work on SmolLM2's layers, and `k` and
 /// `v` (192×576) are too small to split with int8 activations; side by side, the two branches keep both threads
@@ -415,8 +415,8 @@ fn side_by_side(m: usize) -> bool {
     m <= 4
 }
 
-/// `first` then `second` on the first workspace, or side by side (`rayon::join`, one workspace each) when
-/// `side_by_side`; the first error of the two.
+/// `first` then `second` on the first workspace, or side by side ([`lowbit::cpu::join`], one workspace each)
+/// when `side_by_side`; the first error of the two.
 fn pair(
     side_by_side: bool,
     (ws, ws2): (&mut Workspace, &mut Workspace),
@@ -424,7 +424,7 @@ fn pair(
     second: impl FnOnce(&mut Workspace) -> Result<()> + Send,
 ) -> Result<()> {
     if side_by_side {
-        let (a, b) = rayon::join(|| first(ws), || second(ws2));
+        let (a, b) = lowbit::cpu::join(|| first(ws), || second(ws2));
         a.and(b)
     } else {
         first(&mut *ws)?;

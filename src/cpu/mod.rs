@@ -63,6 +63,7 @@ pub(crate) mod nf4;
 mod pool_linger;
 mod pool_split;
 pub use pool_linger::{set_thread_linger, thread_linger};
+pub use pool_split::join;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod nf4_neon;
 

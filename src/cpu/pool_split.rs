@@ -19,7 +19,7 @@
 //! delay its own half anyway. The spin is bounded ([`SPIN_LIMIT`]), and only happens while the other half is
 //! running on another worker. Which thread runs a block never changes a result: the blocks are fixed.
 
-/// The longest the caller spins for the other half before falling back to rayon's wait (which also runs
+/// The longest [`join`]'s caller spins for the other half before falling back to rayon's wait (which also runs
 /// other work meanwhile): a half that takes longer has been descheduled or is much larger than the caller's.
 #[cfg(feature = "rayon")]
 const SPIN_LIMIT: std::time::Duration = std::time::Duration::from_micros(20);
@@ -82,46 +82,74 @@ fn split<B: Send>(
     // Each half takes its own copy of `f` (what the closure captured, by value: `move`), so the thread that
     // steals the right half finds everything it needs in rayon's job on this thread's stack, instead of
     // following references from one closure to the next across this thread's stack, one cache miss each.
-    join_spinning(
-        move || split(al, ca, bl, cb, first, per_task, f),
-        move || split(ar, ca, br, cb, first + left, per_task, f),
-    );
+    join(move || split(al, ca, bl, cb, first, per_task, f), move || split(ar, ca, br, cb, first + left, per_task, f));
 }
 
-/// `rayon::join(left, right)`, except that when `right` was taken by another worker and is still running
-/// once `left` is done, this thread spins for it (up to [`SPIN_LIMIT`]) instead of entering rayon's wait.
-#[cfg(feature = "rayon")]
-fn join_spinning(left: impl FnOnce() + Send, right: impl FnOnce() + Send) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let (started, done) = (AtomicBool::new(false), AtomicBool::new(false));
-    rayon::join(
-        || {
-            left();
-            // `started` is only set by a worker that runs `right` (this thread runs it after `left` returns
-            // when nobody took it), so the spin waits for work in progress elsewhere.
-            if started.load(Ordering::Acquire) {
-                let t0 = std::time::Instant::now();
-                let mut spins = 0u32;
-                while !done.load(Ordering::Acquire) {
-                    std::hint::spin_loop();
-                    spins = spins.wrapping_add(1);
-                    if spins.is_multiple_of(256) && t0.elapsed() >= SPIN_LIMIT {
-                        break;
+/// Runs `a` and `b`, on two threads of the current rayon pool when one is free, and returns both results:
+/// `rayon::join(a, b)`, except that when `b` was taken by another worker and is still running once `a` is done,
+/// this thread spins for it (up to 20 µs) before entering rayon's wait, whose `sched_yield` calls cost µs each
+/// in a VM. For an engine that runs independent forwards side by side (lowbit-llm runs the layers that read the
+/// same input so: `q` beside `k`, `gate` beside `up`); forwards inside either branch still split over the pool.
+/// Without the `rayon` feature: `a`, then `b`, on this thread.
+///
+/// ```
+/// let x = vec![1.0f32; 8];
+/// let (s, p) = lowbit::cpu::join(|| x.iter().sum::<f32>(), || x.iter().product::<f32>());
+/// assert_eq!((s, p), (8.0, 1.0));
+/// ```
+pub fn join<RA: Send, RB: Send>(a: impl FnOnce() -> RA + Send, b: impl FnOnce() -> RB + Send) -> (RA, RB) {
+    #[cfg(feature = "rayon")]
+    {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (started, done) = (AtomicBool::new(false), AtomicBool::new(false));
+        rayon::join(
+            || {
+                let ra = a();
+                // `started` is only set by a worker that runs `b` (this thread runs it after `a` returns when
+                // nobody took it), so the spin waits for work in progress elsewhere.
+                if started.load(Ordering::Acquire) {
+                    let t0 = std::time::Instant::now();
+                    let mut spins = 0u32;
+                    while !done.load(Ordering::Acquire) {
+                        std::hint::spin_loop();
+                        spins = spins.wrapping_add(1);
+                        if spins.is_multiple_of(256) && t0.elapsed() >= SPIN_LIMIT {
+                            break;
+                        }
                     }
                 }
-            }
-        },
-        || {
-            started.store(true, Ordering::Release);
-            right();
-            done.store(true, Ordering::Release);
-        },
-    );
+                ra
+            },
+            || {
+                started.store(true, Ordering::Release);
+                let rb = b();
+                done.store(true, Ordering::Release);
+                rb
+            },
+        )
+    }
+    #[cfg(not(feature = "rayon"))]
+    (a(), b())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{for_each_chunk, for_each_chunk_zip};
+    use super::{for_each_chunk, for_each_chunk_zip, join};
+
+    /// `join` returns both results, in order, from outside a pool and inside pools of 1–3 threads, nested too.
+    #[test]
+    fn join_returns_both_results() {
+        let check = || {
+            let v: Vec<u64> = (1..=1000).collect();
+            let (s, (mx, n)) = join(|| v.iter().sum::<u64>(), || join(|| v.iter().max().copied(), || v.len()));
+            assert_eq!((s, mx, n), (500_500, Some(1000), 1000));
+        };
+        check();
+        #[cfg(feature = "rayon")]
+        for threads in [1, 2, 3] {
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(check);
+        }
+    }
 
     /// Every chunk is visited once with its index, its own piece of both slices, on one thread or many, for
     /// chunk counts that do and do not divide evenly over the threads, with a shorter partner slice.

@@ -11,7 +11,7 @@
 //! `--quick`: 4096×4096 only, M = 1 and 8, no scalar path, shorter timing.
 //!
 //! Small layers (SmolLM2-135M's 576×576, 1536×576 and 576×1536, NF4+DQ, both activation modes): M = 1 and 8,
-//! M = 1 with a rank-16 adapter, and `+pair` (two layers of the shape side by side with `rayon::join`, as an
+//! M = 1 with a rank-16 adapter, and `+pair` (two layers of the shape side by side with `lowbit::cpu::join`, as an
 //! engine runs the layers that read the same input), called from a pool worker into caller-owned buffers, each
 //! case cycling through 64 copies (read from the last-level cache). `--quick`: 576×576 at M = 1. The
 //! `× 1 thread` column (`speedup_over_1_thread` in JSON) divides the one-thread median of the same case by the
@@ -389,7 +389,7 @@ const SMALL_COPIES: usize = 64;
 /// Small layers as an engine runs them (NF4+DQ, the interleaved int8-activation layout built): from a pool
 /// worker (inside `install`, as in an engine's `rayon::scope`), into caller-owned outputs and workspaces, both
 /// activation modes; M = 1 and 8, M = 1 with a rank-16 adapter (`+lora16`), and `+pair`: two different layers of
-/// the shape forwarded side by side with `rayon::join`, as an engine runs the layers that read the same input
+/// the shape forwarded side by side with `lowbit::cpu::join`, as an engine runs the layers that read the same input
 /// (lowbit-llm's `q` beside `k`, `gate` beside `up`), timed per pair. `--quick`: 576×576 at M = 1 only.
 fn small_layers(rec: &mut Recorder, runners: &[Runner], budget: Budget, quick: bool) -> Result<(), Error> {
     let scheme = lowbit::Scheme::nf4(64, true);
@@ -439,7 +439,7 @@ fn small_layers(rec: &mut Recorder, runners: &[Runner], budget: Budget, quick: b
 }
 
 /// Median seconds of one forward of the next layer of `layers` (cycled), or with `pair` of the next two side
-/// by side (`rayon::join`), each into its own output (`y_len` values) and workspace.
+/// by side ([`lowbit::cpu::join`]), each into its own output (`y_len` values) and workspace.
 fn side_by_side(
     budget: Budget,
     layers: &[QuantLinear],
@@ -457,7 +457,7 @@ fn side_by_side(
         if !pair {
             return a.forward_into_with(black_box(x), &mut y1, &mut ws1, opts);
         }
-        let (ra, rb) = rayon::join(
+        let (ra, rb) = lowbit::cpu::join(
             || a.forward_into_with(black_box(x), &mut y1, &mut ws1, opts),
             || b.forward_into_with(black_box(x), &mut y2, &mut ws2, opts),
         );
