@@ -131,8 +131,9 @@ fn thread_count_does_not_change_results() {
 
 /// A forward of up to 4 rows of `x` (up to 8 with int8 activations over the interleaved layout) splits into one
 /// block per thread (whole groups of 16 rows; here 392 rows, the last group half padding); the bits stay
-/// those of one thread, for 1–3 threads, with the forward run inside the pool, as an engine's decode runs it
-/// (where this size splits), with two adapters applied.
+/// those of the same instruction set without threads (no split), for 1–3 threads, with the forward run inside
+/// the pool, as an engine's decode runs it (where this size splits), with two adapters applied (a split forward's
+/// blocks compute their LoRA shrink in pieces: the same bits as the whole shrink).
 #[test]
 fn thread_count_does_not_change_results_of_one_block_per_thread() {
     use lowbit::linear::{Activations, ForwardOptions};
@@ -151,8 +152,11 @@ fn thread_count_does_not_change_results_of_one_block_per_thread() {
                     .unwrap()
                     .install(|| layer.forward_with(&x, opts).unwrap())
             };
-            let one = run(1);
-            for threads in [2, 3] {
+            // The same path without threads: no split, the LoRA shrink computed whole before the blocks (a split
+            // forward's blocks compute it in pieces, with the same bits).
+            let single = KernelPath { parallel: false, ..KernelPath::best() };
+            let one = layer.forward_with(&x, opts.path(single)).unwrap();
+            for threads in [1, 2, 3] {
                 let got = run(threads);
                 let first_difference = (0..one.len()).find(|&i| one[i].to_bits() != got[i].to_bits());
                 assert_eq!(first_difference, None, "{activations:?} m = {m}, {threads} threads");

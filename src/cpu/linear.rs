@@ -81,6 +81,8 @@ pub(crate) struct Scratch {
     act8: super::linear_act8::Act8X,
     /// `x` as the f32 block kernel asked for it (`LinearKernels::pack_x`).
     x_packed: Vec<f32>,
+    /// The shrink's pieces when the blocks of a split forward compute it.
+    deferred: super::linear_shrink::DeferredShrink,
 }
 
 /// The LoRA shrink `t = x·Aᵀ` for every adapter used by some row (rows that do not use it stay zero), into
@@ -98,8 +100,7 @@ fn shrink_all(
     let n_in = layer.in_features;
     let n_ad = layer.adapters.len();
     let dots = kernels(path.isa).linear.dots;
-    scratch.used.clear();
-    scratch.used.extend((0..n_ad).map(|a| (0..m).any(|r| layer.uses(sel, r, a))));
+    mark_used(layer, m, sel, &mut scratch.used);
     if scratch.shrink.len() < n_ad {
         scratch.shrink.resize_with(n_ad, Vec::new);
     }
@@ -122,6 +123,12 @@ fn shrink_all(
         };
         for_each_chunk(split && m * rank * n_in >= 1 << 16, t, piece, one);
     }
+}
+
+/// `used[a]`: whether some row of `x` uses adapter `a`.
+fn mark_used(layer: LayerView<'_>, m: usize, sel: AdapterSelection<'_>, used: &mut Vec<bool>) {
+    used.clear();
+    used.extend((0..layer.adapters.len()).map(|a| (0..m).any(|r| layer.uses(sel, r, a))));
 }
 
 /// Byte → (value of the high nibble, value of the low nibble).
@@ -164,8 +171,15 @@ pub(crate) fn forward_into<O: Element>(
     // One entry into the pool for the shrink and the blocks (the shrink's split is then ~1 µs, not a second
     // wake-up of the workers).
     on_pool(split, || {
-        shrink_all(layer, x, m, sel, path, split, scratch);
-        let Scratch { shrink, used, acc, act8, x_packed } = scratch;
+        // Split: the blocks compute the shrink's pieces themselves (`linear_shrink.rs`) where there are two or more.
+        let defer = split && scratch.deferred.plan(layer, m, sel) >= 2;
+        if defer {
+            mark_used(layer, m, sel, &mut scratch.used);
+        } else {
+            shrink_all(layer, x, m, sel, path, split, scratch);
+        }
+        let Scratch { shrink, used, acc, act8, x_packed, deferred } = scratch;
+        let deferred = defer.then(|| deferred.view(layer, x, table, n_out.div_ceil(block_rows)));
         if int8 {
             act8.prepare(x, m, layer.in_features, layer.weight, table, interleaved);
             x_packed.clear();
@@ -173,12 +187,15 @@ pub(crate) fn forward_into<O: Element>(
             pack_x(table, x, m, layer.in_features, split, x_packed);
         }
         let act8 = int8.then(|| act8.view());
-        let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel, act8, x_packed };
+        let job = Job { layer, x, m, pairs: &pairs, shrink, used, sel, act8, x_packed, deferred };
         // Block-major accumulator: block b (outputs o0..o0+ob) is `[m, ob]` at offset o0 * m, so every block
         // owns one contiguous piece (disjoint pieces for the threads), zeroed by the task that fills it.
         acc.resize(m * n_out, 0.0);
         let block = if int8 { table.act8_block } else { table.block };
         let run = move |b: usize, out: &mut [f32]| {
+            if let Some(d) = &job.deferred {
+                d.claim_share();
+            }
             out.fill(0.0);
             block(&job, b * block_rows, out.len() / m, out)
         };

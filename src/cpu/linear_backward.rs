@@ -90,7 +90,8 @@ pub(crate) fn backward_into(
             QuantWeight::FourBit(w) => super::linear::pair_table(w.table()),
             QuantWeight::Int8(_) => [[0.0; 2]; 256],
         };
-        let job = Job { layer, x, m, pairs: &pairs, shrink: &[], used: &[], sel, act8: None, x_packed: &[] };
+        let job =
+            Job { layer, x, m, pairs: &pairs, shrink: &[], used: &[], sel, act8: None, x_packed: &[], deferred: None };
         // Chunk-major accumulator: chunk c (columns k0..k0+kb) is `[m, kb]` at offset k0·m.
         acc.clear();
         acc.resize(m * n_in, 0.0);

@@ -379,6 +379,9 @@ pub(crate) fn tiled_product<V: Vf, D: Decoder>(job: &Job<'_>, o0: usize, ob: usi
 #[inline(always)]
 pub(crate) fn output_pass<V: Vf>(job: &Job<'_>, o0: usize, ob: usize, out: &mut [f32]) {
     let layer = job.layer;
+    if let Some(d) = &job.deferred {
+        d.finish();
+    }
     for r in 0..job.m {
         let y_row = &mut out[r * ob..(r + 1) * ob];
         if let Some(b) = layer.bias {
@@ -391,9 +394,11 @@ pub(crate) fn output_pass<V: Vf>(job: &Job<'_>, o0: usize, ob: usize, out: &mut 
             if !job.used[a] {
                 continue;
             }
-            let t = &job.shrink[a];
             let rank = ad.rank();
-            let t_row = &t[r * rank..(r + 1) * rank];
+            let t_row = match &job.deferred {
+                Some(d) => d.row(a, r, rank),
+                None => &job.shrink[a][r * rank..(r + 1) * rank],
+            };
             V::expand(t_row, &ad.b()[o0 * rank..(o0 + ob) * rank], ad.scaling(), y_row);
         }
     }
@@ -443,6 +448,8 @@ impl Int8Runs {
 pub(crate) const PORTABLE: LinearKernels = LinearKernels {
     block: block_job::<wide::f32x8, PortableDecoder>,
     dots: super::linear_kernels::dots::<wide::f32x8>,
+    // One dot product per row: a row's bits never depend on the rows beside it.
+    dots_half: |x, rows, out, _| super::linear_kernels::dots::<wide::f32x8>(x, rows, out),
     act8_block: super::linear_act8::block_portable,
     pack_x: None,
     act8_quantize: super::linear_act8::quantize_portable,

@@ -19,6 +19,8 @@ use core::arch::aarch64::*;
 pub(crate) const NEON: LinearKernels = LinearKernels {
     block: block_job_neon,
     dots: super::linear_kernels::dots::<wide::f32x8>,
+    // One dot product per row: a row's bits never depend on the rows beside it.
+    dots_half: |x, rows, out, _| super::linear_kernels::dots::<wide::f32x8>(x, rows, out),
     act8_block: super::linear_act8_neon::block_neon,
     pack_x: None,
     act8_quantize: super::linear_act8::quantize_portable,

@@ -20,6 +20,8 @@ use core::arch::wasm32::*;
 pub(crate) const SIMD128: LinearKernels = LinearKernels {
     block: block_job_simd128,
     dots: super::linear_kernels::dots::<wide::f32x8>,
+    // One dot product per row: a row's bits never depend on the rows beside it.
+    dots_half: |x, rows, out, _| super::linear_kernels::dots::<wide::f32x8>(x, rows, out),
     act8_block: super::linear_act8_wasm::block_simd128,
     pack_x: None,
     act8_quantize: super::linear_act8::quantize_portable,

@@ -21,6 +21,8 @@ pub(crate) fn avx2(t: Avx2) -> LinearKernels {
         // SAFETY: this table is built only from an `Avx2` token (its features were detected); lengths are
         // asserted inside the kernel.
         dots: |x, rows, out| unsafe { dots_avx2(x, rows, out) },
+        // SAFETY: as `dots`. A 16-row call is two 8-lane groups: the half is one of them, the same bits.
+        dots_half: |x, rows, out, _| unsafe { dots_avx2(x, rows, out) },
         act8_block: super::linear_act8::block_portable,
         pack_x: None,
         act8_quantize: super::linear_act8_quantize_x86::avx2(t),
@@ -41,6 +43,8 @@ pub(crate) fn avx512(t: Avx512) -> LinearKernels {
         // SAFETY: this table is built only from an `Avx512` token (its features were detected); lengths are
         // asserted inside the kernel.
         dots: |x, rows, out| unsafe { dots_avx512(x, rows, out) },
+        // SAFETY: as `dots`.
+        dots_half: |x, rows, out, half| unsafe { dots_half_avx512(x, rows, out, half) },
         act8_block: super::linear_act8::block_portable,
         pack_x: Some(PackX {
             min_m: PANEL_MIN_M,
@@ -608,6 +612,36 @@ pub(crate) unsafe fn output_pass_avx2(job: &Job<'_>, o0: usize, ob: usize, out: 
 avx512_fn! {
 unsafe fn dots_avx512(x: &[f32], rows: &[f32], out: &mut [f32]) {
     grouped_dots::<V512>(x, rows, out)
+}
+}
+
+avx512_fn! {
+/// Rows `8·half .. 8·half + 8` of a 16-row [`dots_avx512`] call, given those 8 rows: the same 16 FMA chains
+/// with the other half's chains left at zero, and the same shuffle tree, which never adds two rows' partial sums
+/// together, so each row's lane gets the bits of the whole call (tested against it).
+unsafe fn dots_half_avx512(x: &[f32], rows: &[f32], out: &mut [f32], half: usize) {
+    let n = x.len();
+    assert!(out.len() == 8 && half < 2 && rows.len() >= 8 * n);
+    let full_cols = n / 16 * 16;
+    let mut q = [_mm512_setzero_ps(); 8];
+    for c in (0..full_cols).step_by(16) {
+        // SAFETY: c + 16 ≤ full_cols ≤ n: inside `x` and inside each of the 8 rows of n floats (asserted).
+        unsafe {
+            let xv = _mm512_loadu_ps(x.as_ptr().add(c));
+            for (j, qj) in q.iter_mut().enumerate() {
+                *qj = _mm512_fmadd_ps(xv, _mm512_loadu_ps(rows.as_ptr().add(j * n + c)), *qj);
+            }
+        }
+    }
+    let mut p = [_mm512_setzero_ps(); 16];
+    p[8 * half..8 * half + 8].copy_from_slice(&q);
+    let mut sums = [0f32; 16];
+    // SAFETY: AVX-512F is enabled (this function's features).
+    V512(unsafe { sum16(&p) }).store(&mut sums);
+    for (j, o) in out.iter_mut().enumerate() {
+        let row = &rows[j * n..(j + 1) * n];
+        *o = sums[8 * half + j] + x[full_cols..].iter().zip(&row[full_cols..]).map(|(a, b)| a * b).sum::<f32>();
+    }
 }
 }
 

@@ -59,6 +59,7 @@ pub(crate) mod linear_act8_neon;
 pub(crate) mod linear_backward;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod linear_neon;
+pub(crate) mod linear_shrink;
 pub(crate) mod nf4;
 mod pool_linger;
 mod pool_split;

@@ -81,6 +81,10 @@ pub(crate) struct LinearKernels {
     pub block: fn(&Job<'_>, usize, usize, &mut [f32]),
     /// `out[k] = dot(x, rows[k·n..(k + 1)·n])` for every `k < out.len()`, `n = x.len()` (the LoRA shrink).
     pub dots: fn(&[f32], &[f32], &mut [f32]),
+    /// `(x, rows, out, half)`: the 8 dot products of rows `8·half .. 8·half + 8` of a 16-row [`dots`](Self::dots)
+    /// call, given those 8 rows (`out.len() == 8`, `half < 2`), with the same bits as that call gives them: the
+    /// LoRA shrink of a split forward, half a 16-rank piece per thread.
+    pub dots_half: fn(&[f32], &[f32], &mut [f32], usize),
     /// [`block`](Self::block) with int8 activations (`Job::act8` prepared in `act8_layout`).
     pub act8_block: fn(&Job<'_>, usize, usize, &mut [f32]),
     /// `out[r, c] = Σ_o dy[r, o]·W[o, k0 + c]`: one column chunk of the backward's `dx` (`linear_backward.rs`).
@@ -139,4 +143,7 @@ pub(crate) struct Job<'a> {
     /// `x` as the f32 block kernel asked for it through [`LinearKernels::pack_x`] (empty: not asked).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub x_packed: &'a [f32],
+    /// A split forward's LoRA shrink, computed by the blocks (`shrink` is then unused): each block claims its
+    /// share before its base product, and the output pass reads `t` from here once every piece is done.
+    pub deferred: Option<super::linear_shrink::SharedShrink<'a>>,
 }
