@@ -176,8 +176,10 @@ impl SharedShrink<'_> {
         self.state[p].compare_exchange(FREE, TAKEN, Ordering::Acquire, Ordering::Relaxed).is_ok()
     }
 
-    /// Computes piece `p` (claimed by this thread) into its cells and marks it done.
+    /// Computes piece `p` (claimed by this thread) into its cells and marks it done (also if a kernel panics, so
+    /// that a thread waiting for the piece reaches the join that carries the panic instead of spinning forever).
     fn compute(&self, p: usize) {
+        let _done = MarkDone(&self.state[p]);
         let Piece { adapter, row, k0, len, half } = self.pieces[p];
         let ad = &self.layer.adapters[adapter];
         let (n_in, rank) = (self.layer.in_features, ad.rank());
@@ -196,7 +198,6 @@ impl SharedShrink<'_> {
                 // stores DONE (see `Cell`); `Cell` is a transparent `UnsafeCell<f32>`: `len` consecutive f32s.
                 let dst = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(&cells[0].0), len) };
                 (self.dots)(x, a_rows, dst);
-                self.state[p].store(DONE, Ordering::Release);
                 return;
             }
         }
@@ -204,7 +205,15 @@ impl SharedShrink<'_> {
             // SAFETY: as above: this thread claimed the piece; no other thread reads or writes the cell yet.
             unsafe { *c.0.get() = *v };
         }
-        self.state[p].store(DONE, Ordering::Release);
+    }
+}
+
+/// Marks a piece done when dropped: after its values are written, or while a panic unwinds.
+struct MarkDone<'a>(&'a AtomicU8);
+
+impl Drop for MarkDone<'_> {
+    fn drop(&mut self) {
+        self.0.store(DONE, Ordering::Release);
     }
 }
 
