@@ -54,7 +54,7 @@ pub struct Suite {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
     /// `quantize`, `dequantize`, `gemv`, `gemm`, `gemv-act8`, `gemm-act8` (int8 activations), with `+lora16`
-    /// when an adapter is attached.
+    /// when an adapter is attached and `+pair` for two small layers forwarded side by side.
     pub kernel: String,
     /// Weight format, e.g. `int8 group:128`, `nf4`, `nf4+dq`.
     pub format: String,
@@ -407,22 +407,13 @@ fn small_layers(rec: &mut Recorder, runners: &[Runner], budget: Budget, quick: b
             let batches: &[usize] = if quick || rank.is_some() { &[1] } else { &[1, 8] };
             for &m in batches {
                 let x = synthetic::input(m, inp);
-                let lora_elems = rank.map_or(0, |r| r * (inp + out));
-                let read = packed + 4.0 * (m * inp + out + lora_elems) as f64;
-                let written = 4.0 * (m * out) as f64;
-                let flops = 2.0 * (m * (out * inp + lora_elems)) as f64;
+                let (read, written, flops) = linear_traffic(packed, (out, inp), m, rank);
                 for act in [Activations::F32, Activations::Int8] {
                     for pair in [false, true] {
                         if pair && (m > 1 || rank.is_some()) {
                             continue;
                         }
-                        let kernel = format!(
-                            "{}{}{}{}",
-                            if m == 1 { "gemv" } else { "gemm" },
-                            if act == Activations::Int8 { "-act8" } else { "" },
-                            if rank.is_some() { "+lora16" } else { "" },
-                            if pair { "+pair" } else { "" },
-                        );
+                        let kernel = linear_kernel_name(m, act, rank.is_some(), pair);
                         let calls = if pair { 2.0 } else { 1.0 };
                         for r in runners.iter().filter(|r| r.path.isa != Isa::Scalar) {
                             let opts = ForwardOptions::default().path(r.path).activations(act);
@@ -489,20 +480,12 @@ fn linear(
             };
             for &m in batches {
                 let x = synthetic::input(m, inp);
-                let lora_elems = rank.map_or(0, |r| r * (inp + out));
-                let read = packed + 4.0 * (m * inp + out + lora_elems) as f64;
-                let written = 4.0 * (m * out) as f64;
-                let flops = 2.0 * (m * (out * inp + lora_elems)) as f64;
+                let (read, written, flops) = linear_traffic(packed, (out, inp), m, rank);
                 // Int8 activations (`gemv-act8`, `gemm-act8`) beside the default f32 mode, without LoRA.
                 let modes: &[Activations] =
                     if rank.is_none() { &[Activations::F32, Activations::Int8] } else { &[Activations::F32] };
                 for &act in modes {
-                    let kernel = format!(
-                        "{}{}{}",
-                        if m == 1 { "gemv" } else { "gemm" },
-                        if act == Activations::Int8 { "-act8" } else { "" },
-                        if rank.is_some() { "+lora16" } else { "" }
-                    );
+                    let kernel = linear_kernel_name(m, act, rank.is_some(), false);
                     for r in runners {
                         let scalar_skip =
                             rank.is_some() || m > 1 || (out, inp) != (4096, 4096) || act != Activations::F32;
@@ -524,6 +507,26 @@ fn linear(
         }
     }
     Ok(())
+}
+
+/// A forward's minimum traffic and work: (bytes read: packed weight, `x`, bias, LoRA factors; bytes written: `y`;
+/// FLOPs: the base product and the adapter's two products).
+fn linear_traffic(packed: f64, (out, inp): (usize, usize), m: usize, rank: Option<usize>) -> (f64, f64, f64) {
+    let lora_elems = rank.map_or(0, |r| r * (inp + out));
+    let read = packed + 4.0 * (m * inp + out + lora_elems) as f64;
+    let written = 4.0 * (m * out) as f64;
+    (read, written, 2.0 * (m * (out * inp + lora_elems)) as f64)
+}
+
+/// `gemv` / `gemm`, `-act8` with int8 activations, `+lora16` with the adapter, `+pair` for two side by side.
+fn linear_kernel_name(m: usize, act: Activations, lora: bool, pair: bool) -> String {
+    format!(
+        "{}{}{}{}",
+        if m == 1 { "gemv" } else { "gemm" },
+        if act == Activations::Int8 { "-act8" } else { "" },
+        if lora { "+lora16" } else { "" },
+        if pair { "+pair" } else { "" },
+    )
 }
 
 /// Bytes of weights a GEMV / GEMM case cycles through: twice the last-level cache (Linux sysfs; 32 MiB when
