@@ -18,14 +18,13 @@ const FREE: u8 = 0;
 const TAKEN: u8 = 1;
 const DONE: u8 = 2;
 
-/// One piece: entries `k0 .. k0 + len` of row `row` of adapter `adapter`'s `t`; `half` is `Some(h)` for half
-/// `h` of a 16-entry group (8 entries), `None` for a whole rank computed by `dots`.
+/// One piece of row `row` of adapter `adapter`'s `t`: with `half: Some(h)`, the 8 entries from `k0`, half `h` of a
+/// 16-entry group (`dots_half`); with `None`, the whole rank (`dots`, `k0 == 0`).
 #[derive(Clone, Copy, Debug)]
 struct Piece {
     adapter: usize,
     row: usize,
     k0: usize,
-    len: usize,
     half: Option<usize>,
 }
 
@@ -69,10 +68,10 @@ impl DeferredShrink {
             for row in (0..m).filter(|&r| layer.uses(sel, r, a)) {
                 if rank.is_multiple_of(16) {
                     for k0 in (0..rank).step_by(8) {
-                        self.pieces.push(Piece { adapter: a, row, k0, len: 8, half: Some(k0 / 8 % 2) });
+                        self.pieces.push(Piece { adapter: a, row, k0, half: Some(k0 / 8 % 2) });
                     }
                 } else {
-                    self.pieces.push(Piece { adapter: a, row, k0: 0, len: rank, half: None });
+                    self.pieces.push(Piece { adapter: a, row, k0: 0, half: None });
                 }
             }
         }
@@ -180,30 +179,21 @@ impl SharedShrink<'_> {
     /// that a thread waiting for the piece reaches the join that carries the panic instead of spinning forever).
     fn compute(&self, p: usize) {
         let _done = MarkDone(&self.state[p]);
-        let Piece { adapter, row, k0, len, half } = self.pieces[p];
+        let Piece { adapter, row, k0, half } = self.pieces[p];
         let ad = &self.layer.adapters[adapter];
         let (n_in, rank) = (self.layer.in_features, ad.rank());
+        let len = if half.is_some() { 8 } else { rank };
         let x = &self.x[row * n_in..(row + 1) * n_in];
         let a_rows = &ad.a()[k0 * n_in..(k0 + len) * n_in];
-        let mut buf = [0f32; 16];
-        let out = &mut buf[..len.min(16)];
         let at = self.offset[adapter] + row * rank + k0;
+        let cells = &self.t[at..at + len];
+        // SAFETY: this thread claimed the piece, so it is the only one touching these cells until it stores DONE
+        // (see `Cell`); `Cell` is a transparent `UnsafeCell<f32>`, so the cells are `len` consecutive f32s (a piece
+        // has at least one entry: ranks are positive).
+        let dst = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(&cells[0].0), len) };
         match half {
-            Some(h) => (self.dots_half)(x, a_rows, out, h),
-            None if len <= 16 => (self.dots)(x, a_rows, out),
-            None => {
-                // A rank above 16 that is not a multiple of 16: straight into the cells.
-                let cells = &self.t[at..at + len];
-                // SAFETY: this thread claimed the piece, so it is the only one touching these cells until it
-                // stores DONE (see `Cell`); `Cell` is a transparent `UnsafeCell<f32>`: `len` consecutive f32s.
-                let dst = unsafe { std::slice::from_raw_parts_mut(UnsafeCell::raw_get(&cells[0].0), len) };
-                (self.dots)(x, a_rows, dst);
-                return;
-            }
-        }
-        for (c, v) in self.t[at..at + out.len()].iter().zip(out.iter()) {
-            // SAFETY: as above: this thread claimed the piece; no other thread reads or writes the cell yet.
-            unsafe { *c.0.get() = *v };
+            Some(h) => (self.dots_half)(x, a_rows, dst, h),
+            None => (self.dots)(x, a_rows, dst),
         }
     }
 }
