@@ -16,6 +16,7 @@
 
 use super::linear_kernels::{decode_tile, Decoder};
 use super::table::Job;
+use crate::format::layer::QuantWeight;
 use std::arch::x86_64::*;
 
 /// Inputs per panel (32 outputs × 128 inputs × 4 bytes = 16 KiB: L1 beside the rows of `x`).
@@ -37,6 +38,13 @@ pub(crate) unsafe fn panel_gemm<D: Decoder>(job: &Job<'_>, o0: usize, ob: usize,
         let ns = NP.min(ob - s0);
         for k0 in (0..n_in).step_by(KP) {
             let kc = KP.min(n_in - k0);
+            // The next panel's weight lines, one stream per row (too many streams for the hardware prefetcher
+            // at this stride: without this, the first load of each row's line waited on memory).
+            if k0 + KP < n_in {
+                prefetch_panel(job, o0 + s0, ns, k0 + KP);
+            } else if s0 + NP < ob {
+                prefetch_panel(job, o0 + s0 + NP, NP.min(ob - s0 - NP), 0);
+            }
             for half in 0..NP / 16 {
                 for j in 0..16 {
                     let row = &mut rows[j * KP..(j + 1) * KP];
@@ -77,6 +85,30 @@ pub(crate) unsafe fn panel_gemm<D: Decoder>(job: &Job<'_>, o0: usize, ob: usize,
                     _ => micro::<1>(&args, &panel, out),
                 }
                 r0 += rows;
+            }
+        }
+    }
+}
+
+/// Asks for the cache lines that hold inputs `k0..k0 + KP` of rows `o0..o0 + rows` of the weight (codes and,
+/// for 4-bit weights, the block scales): a hint, no loads.
+#[inline(always)]
+unsafe fn prefetch_panel(job: &Job<'_>, o0: usize, rows: usize, k0: usize) {
+    let n_in = job.layer.in_features;
+    for o in o0..o0 + rows {
+        let flat = o * n_in + k0;
+        match job.layer.weight {
+            QuantWeight::Int8(t) => {
+                // SAFETY: a prefetch does not access memory; the addresses are computed with wrapping arithmetic.
+                let p = t.codes().as_ptr().wrapping_add(flat);
+                _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64) as *const i8);
+            }
+            QuantWeight::FourBit(t) => {
+                let p = t.packed().as_ptr().wrapping_add(flat / 2);
+                _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                let s = job.layer.block_scales().as_ptr().wrapping_add(flat / t.blocksize());
+                _mm_prefetch::<_MM_HINT_T0>(s as *const i8);
             }
         }
     }
