@@ -884,7 +884,7 @@ impl DotLanes for V256 {
 
 /// Expands 8 packed bytes (16 codes, first in the high nibble) to 16 bytes in element order.
 #[inline(always)]
-unsafe fn nibbles16(bytes: __m128i) -> __m128i {
+pub(crate) unsafe fn nibbles16(bytes: __m128i) -> __m128i {
     let mask = _mm_set1_epi8(0x0f);
     let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
     let lo = _mm_and_si128(bytes, mask);
