@@ -49,7 +49,7 @@ pub(crate) unsafe fn panel_gemm<D: Decoder>(job: &Job<'_>, o0: usize, ob: usize,
             }
             for half in 0..NP / 16 {
                 if let QuantWeight::FourBit(t) = job.layer.weight {
-                    if kc == KP && n_in % 16 == 0 && half * 16 + 16 <= ns {
+                    if kc == KP && n_in.is_multiple_of(16) && half * 16 + 16 <= ns {
                         let first = o0 + s0 + half * 16;
                         decode_transposed_4bit(t, job.layer.block_scales(), n_in, first, k0, &mut panel, half * 16);
                         continue;
@@ -117,7 +117,7 @@ unsafe fn decode_transposed_4bit(
 ) {
     let (packed, shift) = (t.packed(), t.blocksize().trailing_zeros());
     let last = (o0 + 15) * n_in + k0 + KP;
-    assert!(n_in % 16 == 0 && k0 % 16 == 0 && lane0 + 16 <= NP);
+    assert!(n_in.is_multiple_of(16) && k0.is_multiple_of(16) && lane0 + 16 <= NP);
     assert!(last / 2 <= packed.len() && (last - 1) >> shift < scales.len());
     let tab = _mm512_loadu_ps(t.table().as_ptr());
     let mut r = [_mm512_setzero_ps(); 16];
