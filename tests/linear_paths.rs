@@ -108,12 +108,22 @@ fn nf4_blocks_crossing_rows_and_odd_sizes() {
 
 #[test]
 fn gemm_panels_of_whole_16_row_groups_match_reference() {
-    // in % 16 == 0 with whole 128-input panels and at least 16 rows: the AVX-512 GEMM decodes 4-bit rows straight
-    // into its transposed panels (the other cases decode row by row); 33 rows leave a 1-row strip, 384 inputs
-    // three whole panels, 272 a whole panel and a 16-input tail.
+    // Whole 128-input panels and at least 16 rows: the AVX-512 GEMM decodes 4-bit rows (in % 16 == 0) and int8
+    // rows (groups of whole sixteens; group 24 is not) straight into its transposed panels (the other cases
+    // decode row by row); 33 rows leave a 1-row strip, 384 inputs three whole panels, 272 a whole panel and a
+    // 16-input tail.
     for (out, inp) in [(48, 256), (33, 384), (16, 272)] {
         let mut rng = Rng::new(7 + out as u64);
-        for format in [Scheme::nf4(64, false), Scheme::nf4(64, true), Scheme::fp4(128, true), Scheme::nf4(32, false)] {
+        for format in [
+            Scheme::nf4(64, false),
+            Scheme::nf4(64, true),
+            Scheme::fp4(128, true),
+            Scheme::nf4(32, false),
+            Scheme::Int8(Granularity::PerTensor),
+            Scheme::Int8(Granularity::PerChannel),
+            Scheme::Int8(Granularity::PerGroup(48)),
+            Scheme::Int8(Granularity::PerGroup(24)),
+        ] {
             let layer = make_layer(format, out, inp, true, &[], &mut rng);
             for m in [5, 12, 64] {
                 let x = rng.vec(m * inp, 2.0);

@@ -17,6 +17,8 @@
 use super::linear_kernels::{decode_tile, Decoder};
 use super::linear_x86::nibbles16;
 use super::table::Job;
+use crate::affine::Granularity;
+use crate::format::affine::AffineTensor;
 use crate::format::four_bit::FourBitTensor;
 use crate::format::layer::QuantWeight;
 use std::arch::x86_64::*;
@@ -48,11 +50,18 @@ pub(crate) unsafe fn panel_gemm<D: Decoder>(job: &Job<'_>, o0: usize, ob: usize,
                 prefetch_panel(job, o0 + s0 + NP, NP.min(ob - s0 - NP), 0);
             }
             for half in 0..NP / 16 {
-                if let QuantWeight::FourBit(t) = job.layer.weight {
-                    if kc == KP && n_in.is_multiple_of(16) && half * 16 + 16 <= ns {
-                        let first = o0 + s0 + half * 16;
-                        decode_transposed_4bit(t, job.layer.block_scales(), n_in, first, k0, &mut panel, half * 16);
-                        continue;
+                let first = o0 + s0 + half * 16;
+                if kc == KP && half * 16 + 16 <= ns {
+                    match job.layer.weight {
+                        QuantWeight::FourBit(t) if n_in.is_multiple_of(16) => {
+                            decode_transposed_4bit(t, job.layer.block_scales(), n_in, first, k0, &mut panel, half * 16);
+                            continue;
+                        }
+                        QuantWeight::Int8(t) if groups_of_sixteens(t.granularity()) => {
+                            decode_transposed_int8(t, n_in, first, k0, &mut panel, half * 16);
+                            continue;
+                        }
+                        _ => {}
                     }
                 }
                 for j in 0..16 {
@@ -129,6 +138,57 @@ unsafe fn decode_transposed_4bit(
             let bytes = _mm_loadl_epi64(packed.as_ptr().add(f / 2) as *const __m128i);
             let w = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nibbles16(bytes)), tab);
             *v = _mm512_mul_ps(w, _mm512_set1_ps(*scales.get_unchecked(f >> shift)));
+        }
+        for (k, v) in transpose16_regs(&r).iter().enumerate() {
+            // SAFETY: (c + k)·NP + lane0 + 16 ≤ KP·NP.
+            _mm512_storeu_ps(panel.as_mut_ptr().add((c + k) * NP + lane0), *v);
+        }
+    }
+}
+
+/// Whether every 16 inputs starting at a multiple of 16 share one scale and zero point.
+fn groups_of_sixteens(g: Granularity) -> bool {
+    match g {
+        Granularity::PerTensor | Granularity::PerChannel => true,
+        Granularity::PerGroup(g) => g.is_multiple_of(16),
+    }
+}
+
+/// [`decode_transposed_4bit`] for an int8 weight whose groups are multiples of 16 (or per tensor / channel):
+/// `(q − zero point) · scale` as the reference computes it (the exact integer difference, one rounding).
+/// `k0 % 16 == 0`.
+#[inline(always)]
+unsafe fn decode_transposed_int8(
+    t: &AffineTensor,
+    n_in: usize,
+    o0: usize,
+    k0: usize,
+    panel: &mut [f32; KP * NP],
+    lane0: usize,
+) {
+    let (codes, scales, zps) = (t.codes(), t.scales(), t.zero_points());
+    let per_row = match t.granularity() {
+        Granularity::PerGroup(g) => n_in.div_ceil(g),
+        _ => 1,
+    };
+    let entry = |o: usize, k: usize| match t.granularity() {
+        Granularity::PerTensor => 0,
+        Granularity::PerChannel => o,
+        Granularity::PerGroup(g) => o * per_row + k / g,
+    };
+    assert!(k0.is_multiple_of(16) && lane0 + 16 <= NP && groups_of_sixteens(t.granularity()));
+    assert!((o0 + 15) * n_in + k0 + KP <= codes.len());
+    assert!(entry(o0 + 15, k0 + KP - 1) < scales.len() && scales.len() == zps.len());
+    let mut r = [_mm512_setzero_ps(); 16];
+    for c in (0..KP).step_by(16) {
+        for (j, v) in r.iter_mut().enumerate() {
+            let f = (o0 + j) * n_in + k0 + c;
+            let e = entry(o0 + j, k0 + c);
+            // SAFETY: f + 16 ≤ (o0 + 15)·n_in + k0 + KP ≤ codes.len(), and e ≤ the last entry (asserted above;
+            // a group holds whole sixteens, so inputs k0 + c.. k0 + c + 16 share entry e).
+            let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(f) as *const __m128i)));
+            let zp = _mm512_set1_ps(*zps.get_unchecked(e) as f32);
+            *v = _mm512_mul_ps(_mm512_sub_ps(q, zp), _mm512_set1_ps(*scales.get_unchecked(e)));
         }
         for (k, v) in transpose16_regs(&r).iter().enumerate() {
             // SAFETY: (c + k)·NP + lane0 + 16 ≤ KP·NP.
