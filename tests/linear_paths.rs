@@ -37,6 +37,17 @@ fn check(got: &[f32], want: &[f32], bound: &[f64], what: &str) {
     }
 }
 
+/// `layer`'s forward of `x` on every available path against the reference, within the stated bound.
+fn every_path_matches_reference(layer: &QuantLinear, x: &[f32], what: &str) {
+    let want = layer.forward_with(x, lowbit::linear::ForwardOptions::reference()).unwrap();
+    let bound =
+        layer.error_bound(x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu).unwrap();
+    for path in KernelPath::all_available() {
+        let got = layer.forward_with(x, lowbit::linear::ForwardOptions::default().path(path)).unwrap();
+        check(&got, &want, &bound, &format!("{what} {path}"));
+    }
+}
+
 fn format_strategy() -> impl Strategy<Value = Scheme> {
     prop_oneof![
         Just(Scheme::Int8(Granularity::PerTensor)),
@@ -89,18 +100,7 @@ fn nf4_blocks_crossing_rows_and_odd_sizes() {
             let layer = make_layer(format, out, inp, true, &[3, 16], &mut rng);
             for m in [1, 4, 5] {
                 let x = rng.vec(m * inp, 2.0);
-                let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
-                let bound = layer
-                    .error_bound(&x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu)
-                    .unwrap();
-                for path in KernelPath::all_available() {
-                    check(
-                        &layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap(),
-                        &want,
-                        &bound,
-                        &format!("{out}x{inp} M={m} {path}"),
-                    );
-                }
+                every_path_matches_reference(&layer, &x, &format!("{out}x{inp} M={m}"));
             }
         }
     }
@@ -127,18 +127,7 @@ fn gemm_panels_of_whole_16_row_groups_match_reference() {
             let layer = make_layer(format, out, inp, true, &[], &mut rng);
             for m in [5, 12, 64] {
                 let x = rng.vec(m * inp, 2.0);
-                let want = layer.forward_with(&x, lowbit::linear::ForwardOptions::reference()).unwrap();
-                let bound = layer
-                    .error_bound(&x, lowbit::linear::ForwardOptions::default(), lowbit::linear::BoundTarget::Cpu)
-                    .unwrap();
-                for path in KernelPath::all_available() {
-                    check(
-                        &layer.forward_with(&x, lowbit::linear::ForwardOptions::default().path(path)).unwrap(),
-                        &want,
-                        &bound,
-                        &format!("{format:?} {out}x{inp} M={m} {path}"),
-                    );
-                }
+                every_path_matches_reference(&layer, &x, &format!("{format:?} {out}x{inp} M={m}"));
             }
         }
     }
