@@ -108,11 +108,11 @@ fn nf4_blocks_crossing_rows_and_odd_sizes() {
 
 #[test]
 fn gemm_panels_of_whole_16_row_groups_match_reference() {
-    // Whole 128-input panels and at least 16 rows: the AVX-512 GEMM decodes 4-bit rows (in % 16 == 0) and int8
+    // Panels of whole sixteens of inputs and 16 rows: the AVX-512 GEMM decodes 4-bit rows (in % 16 == 0) and int8
     // rows (groups of whole sixteens; group 24 is not) straight into its transposed panels (the other cases
-    // decode row by row); 33 rows leave a 1-row strip, 384 inputs three whole panels, 272 a whole panel and a
-    // 16-input tail.
-    for (out, inp) in [(48, 256), (33, 384), (16, 272)] {
+    // decode row by row); 33 rows leave a 1-row strip, 384 inputs make three whole 128-input panels, 272 two and
+    // a 16-input tail, 576 (SmolLM2) four and a 64-input tail, 200 a 72-input tail (row by row).
+    for (out, inp) in [(48, 256), (33, 384), (16, 272), (32, 576), (17, 200)] {
         let mut rng = Rng::new(7 + out as u64);
         for format in [
             Scheme::nf4(64, false),

@@ -51,14 +51,22 @@ pub(crate) unsafe fn panel_gemm<D: Decoder>(job: &Job<'_>, o0: usize, ob: usize,
             }
             for half in 0..NP / 16 {
                 let first = o0 + s0 + half * 16;
-                if kc == KP && half * 16 + 16 <= ns {
+                if kc.is_multiple_of(16) && half * 16 + 16 <= ns {
                     match job.layer.weight {
                         QuantWeight::FourBit(t) if n_in.is_multiple_of(16) => {
-                            decode_transposed_4bit(t, job.layer.block_scales(), n_in, first, k0, &mut panel, half * 16);
+                            decode_transposed_4bit(
+                                t,
+                                job.layer.block_scales(),
+                                n_in,
+                                first,
+                                (k0, kc),
+                                &mut panel,
+                                half * 16,
+                            );
                             continue;
                         }
                         QuantWeight::Int8(t) if groups_of_sixteens(t.granularity()) => {
-                            decode_transposed_int8(t, n_in, first, k0, &mut panel, half * 16);
+                            decode_transposed_int8(t, n_in, first, (k0, kc), &mut panel, half * 16);
                             continue;
                         }
                         _ => {}
@@ -108,29 +116,30 @@ pub(crate) unsafe fn panel_gemm<D: Decoder>(job: &Job<'_>, o0: usize, ob: usize,
     }
 }
 
-/// Decodes inputs `k0..k0 + KP` of the 16 rows `o0..o0 + 16` of a 4-bit weight straight into lanes
+/// Decodes inputs `k0..k0 + kc` of the 16 rows `o0..o0 + 16` of a 4-bit weight straight into lanes
 /// `lane0..lane0 + 16` of the panel (`panel[k·NP + lane0 + r]` = row `o0 + r`, input `k0 + k`): per 16 inputs,
 /// 16 codes of each row decoded as the reference does (`table[q] · scale`, one rounding), a register transpose
 /// and 16 stores. One bound check for the whole call instead of three per 16 codes, and no row buffer.
-/// Needs `n_in % 16 == 0` and `k0 % 16 == 0`, so a group of 16 codes is 8 whole bytes inside one block
-/// (blocks are multiples of 16).
+/// Needs `n_in`, `k0` and `kc` (≤ `KP`) to be multiples of 16, so a group of 16 codes is 8 whole bytes inside
+/// one block (blocks are multiples of 16).
 #[inline(always)]
 unsafe fn decode_transposed_4bit(
     t: &FourBitTensor,
     scales: &[f32],
     n_in: usize,
     o0: usize,
-    k0: usize,
+    (k0, kc): (usize, usize),
     panel: &mut [f32; KP * NP],
     lane0: usize,
 ) {
     let (packed, shift) = (t.packed(), t.blocksize().trailing_zeros());
-    let last = (o0 + 15) * n_in + k0 + KP;
-    assert!(n_in.is_multiple_of(16) && k0.is_multiple_of(16) && lane0 + 16 <= NP);
+    let last = (o0 + 15) * n_in + k0 + kc;
+    assert!(n_in.is_multiple_of(16) && k0.is_multiple_of(16) && kc.is_multiple_of(16) && kc <= KP);
+    assert!(kc > 0 && lane0 + 16 <= NP);
     assert!(last / 2 <= packed.len() && (last - 1) >> shift < scales.len());
     let tab = _mm512_loadu_ps(t.table().as_ptr());
     let mut r = [_mm512_setzero_ps(); 16];
-    for c in (0..KP).step_by(16) {
+    for c in (0..kc).step_by(16) {
         for (j, v) in r.iter_mut().enumerate() {
             let f = (o0 + j) * n_in + k0 + c;
             // SAFETY: f + 16 ≤ last, so bytes f/2..f/2 + 8 are inside `packed` and f >> shift inside `scales`
@@ -140,7 +149,7 @@ unsafe fn decode_transposed_4bit(
             *v = _mm512_mul_ps(w, _mm512_set1_ps(*scales.get_unchecked(f >> shift)));
         }
         for (k, v) in transpose16_regs(&r).iter().enumerate() {
-            // SAFETY: (c + k)·NP + lane0 + 16 ≤ KP·NP.
+            // SAFETY: (c + k)·NP + lane0 + 16 ≤ kc·NP ≤ KP·NP.
             _mm512_storeu_ps(panel.as_mut_ptr().add((c + k) * NP + lane0), *v);
         }
     }
@@ -156,13 +165,13 @@ fn groups_of_sixteens(g: Granularity) -> bool {
 
 /// [`decode_transposed_4bit`] for an int8 weight whose groups are multiples of 16 (or per tensor / channel):
 /// `(q − zero point) · scale` as the reference computes it (the exact integer difference, one rounding).
-/// `k0 % 16 == 0`.
+/// `k0` and `kc` (≤ `KP`) are multiples of 16.
 #[inline(always)]
 unsafe fn decode_transposed_int8(
     t: &AffineTensor,
     n_in: usize,
     o0: usize,
-    k0: usize,
+    (k0, kc): (usize, usize),
     panel: &mut [f32; KP * NP],
     lane0: usize,
 ) {
@@ -176,22 +185,22 @@ unsafe fn decode_transposed_int8(
         Granularity::PerChannel => o,
         Granularity::PerGroup(g) => o * per_row + k / g,
     };
-    assert!(k0.is_multiple_of(16) && lane0 + 16 <= NP && groups_of_sixteens(t.granularity()));
-    assert!((o0 + 15) * n_in + k0 + KP <= codes.len());
-    assert!(entry(o0 + 15, k0 + KP - 1) < scales.len() && scales.len() == zps.len());
+    assert!(k0.is_multiple_of(16) && kc.is_multiple_of(16) && kc > 0 && kc <= KP && lane0 + 16 <= NP);
+    assert!(groups_of_sixteens(t.granularity()) && (o0 + 15) * n_in + k0 + kc <= codes.len());
+    assert!(entry(o0 + 15, k0 + kc - 1) < scales.len() && scales.len() == zps.len());
     let mut r = [_mm512_setzero_ps(); 16];
-    for c in (0..KP).step_by(16) {
+    for c in (0..kc).step_by(16) {
         for (j, v) in r.iter_mut().enumerate() {
             let f = (o0 + j) * n_in + k0 + c;
             let e = entry(o0 + j, k0 + c);
-            // SAFETY: f + 16 ≤ (o0 + 15)·n_in + k0 + KP ≤ codes.len(), and e ≤ the last entry (asserted above;
+            // SAFETY: f + 16 ≤ (o0 + 15)·n_in + k0 + kc ≤ codes.len(), and e ≤ the last entry (asserted above;
             // a group holds whole sixteens, so inputs k0 + c.. k0 + c + 16 share entry e).
             let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(f) as *const __m128i)));
             let zp = _mm512_set1_ps(*zps.get_unchecked(e) as f32);
             *v = _mm512_mul_ps(_mm512_sub_ps(q, zp), _mm512_set1_ps(*scales.get_unchecked(e)));
         }
         for (k, v) in transpose16_regs(&r).iter().enumerate() {
-            // SAFETY: (c + k)·NP + lane0 + 16 ≤ KP·NP.
+            // SAFETY: (c + k)·NP + lane0 + 16 ≤ kc·NP ≤ KP·NP.
             _mm512_storeu_ps(panel.as_mut_ptr().add((c + k) * NP + lane0), *v);
         }
     }
