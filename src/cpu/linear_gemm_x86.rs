@@ -19,7 +19,7 @@
 //! ascending `k`: fixed, independent of M's split and the thread count; a different order than the GEMV's,
 //! inside the same stated bound (any order of a K-term f32 sum is).
 
-use super::linear_kernels::{decode_tile, Decoder};
+use super::linear_kernels::{decode_tile, Decoder, Int8Runs};
 use super::linear_x86::nibbles16;
 use super::table::Job;
 use crate::affine::Granularity;
@@ -181,15 +181,8 @@ unsafe fn decode_transposed_int8(
     lane0: usize,
 ) {
     let (codes, scales, zps) = (t.codes(), t.scales(), t.zero_points());
-    let per_row = match t.granularity() {
-        Granularity::PerGroup(g) => n_in.div_ceil(g),
-        _ => 1,
-    };
-    let entry = |o: usize, k: usize| match t.granularity() {
-        Granularity::PerTensor => 0,
-        Granularity::PerChannel => o,
-        Granularity::PerGroup(g) => o * per_row + k / g,
-    };
+    let runs = Int8Runs::of(t.granularity(), n_in);
+    let entry = |o: usize, k: usize| runs.entry(o, k / runs.run);
     assert!(k0.is_multiple_of(16) && kc.is_multiple_of(16) && kc > 0 && kc <= KP && lane0 + 16 <= NP);
     assert!(groups_of_sixteens(t.granularity()) && (o0 + 15) * n_in + k0 + kc <= codes.len());
     assert!(entry(o0 + 15, k0 + kc - 1) < scales.len() && scales.len() == zps.len());
