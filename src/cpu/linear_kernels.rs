@@ -126,19 +126,15 @@ pub(crate) fn decode_tile<D: Decoder>(job: &Job<'_>, o0: usize, rows: usize, k0:
         match job.layer.weight {
             QuantWeight::Int8(t) => {
                 let codes = &t.codes()[o * n_in + k0..o * n_in + k0 + kc];
-                let run = |e: usize, c: &[u8], o: &mut [f32]| int8_run(c, t.scales()[e], t.zero_points()[e], o);
-                match t.granularity() {
-                    Granularity::PerTensor => run(0, codes, out),
-                    Granularity::PerChannel => run(o, codes, out),
-                    Granularity::PerGroup(g) => {
-                        let per_row = n_in.div_ceil(g);
-                        let mut k = k0;
-                        while k < k0 + kc {
-                            let end = ((k / g + 1) * g).min(k0 + kc);
-                            run(o * per_row + k / g, &codes[k - k0..end - k0], &mut out[k - k0..end - k0]);
-                            k = end;
-                        }
-                    }
+                // Runs of one scale and zero point (the whole row per tensor and per channel: one pass).
+                let runs = Int8Runs::of(t.granularity(), n_in);
+                let mut k = k0;
+                while k < k0 + kc {
+                    let end = ((k / runs.run + 1) * runs.run).min(k0 + kc);
+                    let e = runs.entry(o, k / runs.run);
+                    let (c, d) = (&codes[k - k0..end - k0], &mut out[k - k0..end - k0]);
+                    int8_run(c, t.scales()[e], t.zero_points()[e], d);
+                    k = end;
                 }
             }
             QuantWeight::FourBit(t) => {
@@ -407,14 +403,12 @@ pub(crate) fn output_pass<V: Vf>(job: &Job<'_>, o0: usize, ob: usize, out: &mut 
 /// How the rows of an int8 weight split into runs of one scale and zero point: `run` inputs each (the whole
 /// row per tensor and per channel, a group otherwise), `per_row` runs per row (the last group may be short).
 #[derive(Clone, Copy)]
-#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 pub(crate) struct Int8Runs {
     granularity: Granularity,
     pub run: usize,
     per_row: usize,
 }
 
-#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 impl Int8Runs {
     pub(crate) fn of(granularity: Granularity, n_in: usize) -> Int8Runs {
         let (run, per_row) = match granularity {
@@ -436,6 +430,7 @@ impl Int8Runs {
 
     /// Whether `job` suits the register int8 GEMVs that share `x` across weight rows: an int8 weight, M ≤ 4,
     /// and rows made of whole runs that are multiples of 16 inputs.
+    #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
     pub(crate) fn whole_sixteens(job: &Job<'_>) -> bool {
         let QuantWeight::Int8(t) = job.layer.weight else { return false };
         let (n_in, m) = (job.layer.in_features, job.m);
