@@ -1,6 +1,7 @@
 //! `QuantLinear` with arbitrary weight shapes and formats, biases, adapters (ranks, shapes that do or do not
 //! fit, duplicate names, disabled ones, removals) and inputs (arbitrary lengths, raw f32 bit patterns,
-//! f16/bf16), through `forward` and `forward_batch` with arbitrary adapter ids, and
+//! f16/bf16), through `forward` and `forward_batch` with arbitrary adapter ids, with f32 or int8 activations
+//! (and the interleaved int8-activation layout built or not), and
 //! `merge::merge_into_layer`. Must return Ok or Err; an Ok output has `M × out` values.
 #![no_main]
 
@@ -10,7 +11,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use lowbit::bf16;
 use lowbit::cpu::KernelPath;
-use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit::linear::{Activations, ForwardOptions, QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
 
 #[derive(Arbitrary, Debug)]
@@ -30,7 +31,11 @@ struct Adapter {
 enum Op {
     Forward {
         bf16_input: bool,
+        /// Int8 activations (`Activations::Int8`).
+        act8: bool,
     },
+    /// `QuantLinear::build_act8_layout` (later int8-activation forwards read the interleaved layout).
+    BuildAct8Layout,
     Batch {
         ids: Vec<Option<u8>>,
     },
@@ -82,12 +87,17 @@ fuzz_target!(|input: Input| {
     let x = common::make_values(len.max(0) as usize, &input.raw, input.x_fill, input.seed ^ 77);
     for op in input.ops.iter().take(4) {
         match op {
-            Op::Forward { bf16_input } => {
+            Op::Forward { bf16_input, act8 } => {
+                let opts = if *act8 {
+                    ForwardOptions::default().activations(Activations::Int8)
+                } else {
+                    ForwardOptions::default()
+                };
                 let r = if *bf16_input {
                     let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
-                    layer.forward(&xb)
+                    layer.forward_with(&xb, opts)
                 } else {
-                    layer.forward(&x)
+                    layer.forward_with(&x, opts)
                 };
                 if let Ok(y) = r {
                     assert_eq!(y.len(), x.len() / inp * out);
@@ -107,6 +117,9 @@ fuzz_target!(|input: Input| {
                         }
                     }
                 }
+            }
+            Op::BuildAct8Layout => {
+                layer.build_act8_layout();
             }
             Op::Remove(i) => {
                 let _ = layer.remove_adapter(&format!("a{}", i % 3));

@@ -5,7 +5,10 @@
 //!   / dequantize: identical codes, scales and dequantized bits (f32, f16, bf16 outputs), and identical
 //!   errors (the same first non-finite index) on invalid input;
 //! * `QuantLinear::forward` / `forward_batch`: within the f32 accumulation bound of tests/linear_paths.rs,
-//!   `(K+3)·ε·Σ|x·w| + ε·|bias| + Σ_lora (K+r+3)·ε·|s|·Σ_r(Σ_k|x·A|)·|B|` plus half an ulp of the reference.
+//!   `(K+3)·ε·Σ|x·w| + ε·|bias| + Σ_lora (K+r+3)·ε·|s|·Σ_r(Σ_k|x·A|)·|B|` plus half an ulp of the reference;
+//! * the same forwards with int8 activations (`Activations::Int8`), with and without the interleaved layout
+//!   (`build_act8_layout`): within their derived bound `QuantLinear::error_bound(.., Int8, Cpu)` of the exact
+//!   reference (`docs/formats.md` §12).
 #![no_main]
 
 mod common;
@@ -14,7 +17,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use lowbit::affine::{self, Granularity};
 use lowbit::cpu::KernelPath;
-use lowbit::linear::{QuantLinear, QuantWeight};
+use lowbit::linear::{Activations, BoundTarget, ForwardOptions, QuantLinear, QuantWeight};
 use lowbit::lora::LoraAdapter;
 use lowbit::nf4::{self, FourBitFormat, FourBitTensor};
 use lowbit::{bf16, f16, Element, Scheme};
@@ -231,6 +234,7 @@ fn linear(
             check_linear(&got, &want, &bound, &what);
         }
     }
+    act8(&layer, &x, &want, ForwardOptions::default(), &format!("{out}x{inp} M={m}"));
     let n_ad = layer.adapters().len();
     let ids: Vec<Option<usize>> =
         (0..m).map(|r| ids.get(r).copied().flatten().filter(|_| n_ad > 0).map(|i| i as usize % n_ad.max(1))).collect();
@@ -244,6 +248,30 @@ fn linear(
         let r = layer.forward_with(&x, lowbit::linear::ForwardOptions::default().adapter_ids(&ids).path(path));
         if let Some(got) = path_result(r, &want, &bound, &what) {
             check_linear(&got, &want, &bound, &what);
+        }
+    }
+    act8(&layer, &x, &want, ForwardOptions::default().adapter_ids(&ids), &format!("batch {out}x{inp} M={m}"));
+}
+
+/// `opts` with int8 activations on every path, on `layer` and on a copy with the interleaved layout (built only
+/// where the best kernels read it), against `want` (the exact reference with `opts`' adapters) within the
+/// derived bound. Elements whose bound leaves f32's range are not compared, as in [`bounds`].
+fn act8(layer: &QuantLinear, x: &[f32], want: &[f32], opts: ForwardOptions<'_>, what: &str) {
+    let int8 = opts.activations(Activations::Int8);
+    let bound: Vec<Option<f64>> = layer
+        .error_bound(x, int8, BoundTarget::Cpu)
+        .expect("a bound for a valid input")
+        .into_iter()
+        .map(|b| (b < 1e30).then_some(b))
+        .collect();
+    let mut interleaved = layer.clone();
+    let name = if interleaved.build_act8_layout() { "interleaved" } else { "plain again" };
+    for (l, layout) in [(layer, "plain"), (&interleaved, name)] {
+        for path in KernelPath::all_available() {
+            let what = format!("act8 {what} {path} {layout}");
+            if let Some(got) = path_result(l.forward_with(x, int8.path(path)), want, &bound, &what) {
+                check_linear(&got, want, &bound, &what);
+            }
         }
     }
 }
